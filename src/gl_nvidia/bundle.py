@@ -1,0 +1,140 @@
+"""The driver bundle: what `build` writes and `image` (and, inside the image, `node`) reads.
+
+Standard library only: the node runtime ships this module inside the driver image.
+The on-disk layout is documented in docs/bundle.md; this module is its single reader and writer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+MODULE_TYPES = ("open", "proprietary")
+
+
+@dataclass(frozen=True)
+class ModuleFile:
+    name: str  # "nvidia.ko"
+    sha256: str  # of the shipped (stripped) file
+    size: int  # shipped (stripped) bytes
+    size_unstripped: int  # as compiled, with debug info
+    vermagic: str
+    srcversion: str
+
+
+@dataclass(frozen=True)
+class AbiGate:
+    ok: bool
+    problems: tuple[str, ...] = ()  # one human line per offending symbol or vermagic mismatch
+
+
+@dataclass(frozen=True)
+class ModuleSet:
+    module_type: str  # "open" | "proprietary"
+    source_version: str  # version of the kernel-module source tree it was built from
+    status: str  # "ok" | "failed"
+    modules: tuple[ModuleFile, ...] = ()
+    abi_gate: AbiGate | None = None
+    error: str | None = None  # first compiler error or gate summary when status == "failed"
+    log: str | None = None  # bundle-relative path of the build log
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    kernel: str  # uname -r
+    toolchain: str  # compiler the modules were built with ("gcc (Debian 12.2.0-14) 12.2.0")
+    kernel_compiler: str  # compiler the kernel itself was built with (from its headers)
+    headers_digest: str  # sha256 over the headers packages/tree used
+    module_sets: dict[str, ModuleSet] = field(default_factory=dict)  # keyed by module type
+
+
+@dataclass(frozen=True)
+class UserspaceFile:
+    path: str  # root-relative: "usr/bin/nvidia-smi", "usr/lib/x86_64-linux-gnu/libcuda.so.535.309.01"
+    sha256: str
+    size: int
+    mode: int
+    link: str | None = None  # symlink target, when the entry is a symlink
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    driver_version: str  # userspace driver version ("535.309.01")
+    driver_branch: str  # "535"
+    arch: str  # "amd64" | "arm64"
+    source: str  # "nvidia" | "dir" | "debian"
+    source_digests: dict[str, str]  # input file name -> sha256 (the .run, or each .deb)
+    userspace: tuple[UserspaceFile, ...] = ()
+    firmware: tuple[UserspaceFile, ...] = ()  # paths relative to the bundle's firmware/ dir
+    kernels: dict[str, KernelBuild] = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BundleManifest:
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"unsupported bundle manifest schema {d.get('schema')!r} (expected {SCHEMA})")
+        kernels = {
+            k: KernelBuild(
+                kernel=kb["kernel"],
+                toolchain=kb["toolchain"],
+                kernel_compiler=kb["kernel_compiler"],
+                headers_digest=kb["headers_digest"],
+                module_sets={t: _module_set(ms) for t, ms in kb["module_sets"].items()},
+            )
+            for k, kb in d["kernels"].items()
+        }
+        return cls(
+            driver_version=d["driver_version"],
+            driver_branch=d["driver_branch"],
+            arch=d["arch"],
+            source=d["source"],
+            source_digests=dict(d["source_digests"]),
+            userspace=tuple(UserspaceFile(**f) for f in d["userspace"]),
+            firmware=tuple(UserspaceFile(**f) for f in d["firmware"]),
+            kernels=kernels,
+            schema=d["schema"],
+        )
+
+    @classmethod
+    def load(cls, bundle_dir: Path) -> BundleManifest:
+        return cls.from_dict(json.loads((bundle_dir / MANIFEST).read_text()))
+
+
+def _module_set(d: dict[str, Any]) -> ModuleSet:
+    gate = d.get("abi_gate")
+    return ModuleSet(
+        module_type=d["module_type"],
+        source_version=d["source_version"],
+        status=d["status"],
+        modules=tuple(ModuleFile(**m) for m in d.get("modules", ())),
+        abi_gate=AbiGate(ok=gate["ok"], problems=tuple(gate["problems"])) if gate else None,
+        error=d.get("error"),
+        log=d.get("log"),
+    )
+
+
+# Paths inside a bundle directory (see docs/bundle.md).
+def userspace_dir(bundle: Path) -> Path:
+    return bundle / "userspace"
+
+
+def firmware_dir(bundle: Path) -> Path:
+    return bundle / "firmware"
+
+
+def modules_dir(bundle: Path, kernel: str, module_type: str) -> Path:
+    return bundle / "kernels" / kernel / module_type
+
+
+def debug_dir(bundle: Path, kernel: str, module_type: str) -> Path:
+    return bundle / "debug" / kernel / module_type

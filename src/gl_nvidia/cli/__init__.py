@@ -1,0 +1,54 @@
+"""The `gl-nvidia` command line: a thin layer that parses options and calls one stage per command.
+
+Each stage's commands live in a module of this package named after the stage.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from gl_nvidia import __version__, ui
+from gl_nvidia.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gl-nvidia")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (command lines, HTTP requests).")
+def cli(verbose: bool) -> None:
+    """NVIDIA GPU drivers for Garden Linux: catalog, build, image, publish, deploy."""
+    ui.setup_logging(verbose)
+
+
+def _register() -> None:
+    from gl_nvidia.cli import build, catalog, deploy, image
+
+    for module in (catalog, build, image, deploy):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line (and a hint) and exit non-zero; bugs keep their traceback."""
+    _register()
+    try:
+        cli.main(args=argv, prog_name="gl-nvidia", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"gl-nvidia: error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"gl-nvidia: hint: {exc.hint}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("gl-nvidia: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

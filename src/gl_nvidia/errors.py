@@ -1,0 +1,44 @@
+"""The one way a user-facing failure leaves the program: a message, an optional hint, an exit code.
+
+Bugs raise anything else and keep their traceback; `UserError` is for what the user can fix.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with input or environment, shown as one line (plus a hint) without a traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class CommandError(UserError):
+    """An external command failed; carries its command line and the end of its output."""
+
+    exit_code = 3
+
+    def __init__(self, argv: list[str], returncode: int, output: str, hint: str | None = None) -> None:
+        first = _first_error_line(output)
+        super().__init__(
+            f"command failed with exit {returncode}: {' '.join(argv)}" + (f": {first}" if first else ""),
+            hint,
+        )
+        self.argv = argv
+        self.returncode = returncode
+        self.output = output
+
+
+def _first_error_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower():
+            return line
+    return lines[-1] if lines else ""

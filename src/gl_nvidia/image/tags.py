@@ -1,0 +1,43 @@
+"""The GPU Operator's precompiled tag rule (contract 2 in DESIGN.md), as pure functions."""
+
+from __future__ import annotations
+
+import re
+
+# OCI distribution spec: a tag is [A-Za-z0-9_][A-Za-z0-9._-]{0,127}
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def os_tag(os_id: str, version_id: str) -> str:
+    """NFD's `system-os_release.ID` + `VERSION_ID`: Garden Linux nodes report VERSION_ID=0 via the custom rule."""
+    return f"{os_id}{version_id}"
+
+
+def operator_tag(driver_version: str, kernel: str, os_id: str, version_id: str) -> str:
+    """The tag the operator pulls: `<driver.version>-<kernel>-<osTag>` (driver.version: branch or full)."""
+    return f"{driver_version}-{kernel}-{os_tag(os_id, version_id)}"
+
+
+def image_tags(
+    driver_version: str, driver_branch: str, kernel: str, os_id: str, os_versions: tuple[str, ...]
+) -> list[str]:
+    """Every tag one (driver, kernel) image is published under.
+
+    Garden Linux nodes report VERSION_ID=0 (the GL values' NFD rule), so the operator asks for
+    `...-gardenlinux0`; `...-gardenlinux<GL version>` tags let a human see which GL releases it serves.
+    Other OSes (the debian profile) get their real VERSION_ID.
+    """
+    pulled = ("0",) if os_id == "gardenlinux" else tuple(sorted(set(os_versions)))
+    tags = [operator_tag(v, kernel, os_id, vid) for vid in pulled for v in (driver_branch, driver_version)]
+    if os_id == "gardenlinux":
+        tags += [operator_tag(driver_branch, kernel, os_id, glv) for glv in sorted(set(os_versions))]
+    return list(dict.fromkeys(tags))
+
+
+def validate_tag(tag: str) -> str:
+    if not _TAG.match(tag):
+        raise ValueError(
+            f"invalid tag {tag!r}: tags are 1-128 characters of letters, digits, '_', '.', '-' "
+            "and may not start with '.' or '-'"
+        )
+    return tag

@@ -1,0 +1,101 @@
+"""Human and machine output: tables and progress on a terminal, plain log lines otherwise, JSON on request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+stdout = Console()
+log = logging.getLogger("gl_nvidia")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # Library chatter (HTTP connection pools) is noise at INFO.
+    for noisy in ("httpx", "httpcore", "urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    stdout.print(table)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+class Task:
+    """One progress line: a bar on a terminal, start/finish log lines otherwise."""
+
+    def __init__(self, progress: Progress | None, description: str, total: float | None) -> None:
+        self._progress = progress
+        self._description = description
+        self._id = progress.add_task(description, total=total) if progress else None
+        self._done = 0.0
+        self._total = total
+        self._last_logged = -1
+
+    def advance(self, amount: float) -> None:
+        self._done += amount
+        if self._progress is not None and self._id is not None:
+            self._progress.update(self._id, advance=amount)
+        elif self._total:
+            # Log at most every 25% so non-terminal logs stay readable.
+            step = int(self._done * 4 // self._total)
+            if step != self._last_logged and step < 4:
+                self._last_logged = step
+                log.info("%s: %d%%", self._description, step * 25)
+
+    def set_total(self, total: float) -> None:
+        self._total = total
+        if self._progress is not None and self._id is not None:
+            self._progress.update(self._id, total=total)
+
+
+@contextmanager
+def progress(transfer: bool = False) -> Iterator[Progress | None]:
+    """A shared progress display when stderr is a terminal; None (plain logging) otherwise."""
+    if not console.is_terminal:
+        yield None
+        return
+    columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
+    columns += [DownloadColumn(), TransferSpeedColumn()] if transfer else []
+    columns.append(TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as prog:
+        yield prog
+
+
+@contextmanager
+def task(prog: Progress | None, description: str, total: float | None = None) -> Iterator[Task]:
+    if prog is None:
+        log.info("%s ...", description)
+    t = Task(prog, description, total)
+    yield t
+    if prog is None:
+        log.info("%s: done", description)

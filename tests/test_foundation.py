@@ -1,0 +1,86 @@
+"""The shared seams every stage relies on: atomic writes, the command runner, the tag rule, the CLI's error line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gl_nvidia.cli import main
+from gl_nvidia.errors import CommandError, UserError
+from gl_nvidia.fs import atomic_dir, atomic_write_text
+from gl_nvidia.image.tags import image_tags, operator_tag, validate_tag
+from gl_nvidia.run import run
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "versions.yaml"
+    target.write_text("old\n")
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["versions.yaml"]
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "manifest.json").write_text("{}")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "half-written").write_text("x")
+        raise RuntimeError("compile failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json"]
+
+
+def test_atomic_dir_replaces_existing(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "old").write_text("x")
+    with atomic_dir(target) as tmp:
+        (tmp / "new").write_text("y")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+
+
+def test_run_failure_names_command_and_first_error() -> None:
+    with pytest.raises(CommandError) as exc:
+        run(["sh", "-c", "echo 'nv-pci.c:12: error: too few arguments'; exit 2"])
+    assert "exit 2" in str(exc.value)
+    assert "too few arguments" in str(exc.value)
+
+
+def test_run_missing_program_is_user_error() -> None:
+    with pytest.raises(UserError, match="required program not found: no-such-tool"):
+        run(["no-such-tool"])
+
+
+def test_operator_tags_for_garden_linux() -> None:
+    tags = image_tags("590.48.01", "590", "6.12.72-cloud-amd64", "gardenlinux", ("1877.3", "1877.4"))
+    assert tags == [
+        "590-6.12.72-cloud-amd64-gardenlinux0",
+        "590.48.01-6.12.72-cloud-amd64-gardenlinux0",
+        "590-6.12.72-cloud-amd64-gardenlinux1877.3",
+        "590-6.12.72-cloud-amd64-gardenlinux1877.4",
+    ]
+    assert operator_tag("590", "6.12.72-cloud-amd64", "gardenlinux", "0") in tags
+
+
+def test_operator_tags_for_debian_use_real_version_id() -> None:
+    assert image_tags("535.309.01", "535", "6.1.0-47-cloud-amd64", "debian", ("12",)) == [
+        "535-6.1.0-47-cloud-amd64-debian12",
+        "535.309.01-6.1.0-47-cloud-amd64-debian12",
+    ]
+
+
+@pytest.mark.parametrize("bad", ["", "-x", ".x", "a/b", "a:b", "x" * 129])
+def test_invalid_tags_rejected(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid tag"):
+        validate_tag(bad)
+
+
+def test_cli_unknown_command_exits_non_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["no-such-command"]) != 0
+    assert "No such command" in capsys.readouterr().err
