@@ -22,13 +22,19 @@ class Cell:
         return asdict(self)
 
 
+MODULE_TYPES: tuple[str, ...] = ("open", "proprietary")
+
+
 @dataclass(frozen=True)
 class Exclusion:
+    """A cell (or only some of its module types) that must not be built, and why."""
+
     cell: Cell
     reason: str
+    module_types: tuple[str, ...] = MODULE_TYPES  # the excluded module types; both = the whole cell
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.cell.as_dict(), "reason": self.reason}
+        return {**self.cell.as_dict(), "reason": self.reason, "module_types": list(self.module_types)}
 
 
 @dataclass(frozen=True, order=True)
@@ -42,6 +48,7 @@ class BuildUnit:
     flavour: str
     os_id: str
     os_versions: tuple[str, ...] = field(default=())  # every OS release whose cells this unit serves
+    module_types: tuple[str, ...] = MODULE_TYPES  # what to compile; an exclusion may drop one type
 
     @property
     def key(self) -> str:
@@ -50,6 +57,7 @@ class BuildUnit:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["os_versions"] = list(self.os_versions)
+        d["module_types"] = list(self.module_types)
         return d
 
 

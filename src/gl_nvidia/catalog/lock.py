@@ -1,0 +1,249 @@
+"""The lock file `versions.yaml`: policy, sources and what was resolved from them.
+
+Humans edit the policy (with comments); `gl-nvidia update` rewrites the `resolved` section. Reads are
+validated with pydantic, writes are round-trip YAML (comments and key order kept) and atomic, so a
+rejected input never changes a byte of the file.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
+
+from gl_nvidia.catalog.model import MODULE_TYPES, Cell
+from gl_nvidia.errors import UserError
+from gl_nvidia.fs import atomic_write_text
+
+DEFAULT_BRANCH_TYPES = ["production branch", "lts branch", "new feature branch"]
+Arch = Literal["amd64", "arm64"]
+Flavour = Literal["cloud", "metal"]
+_RANGE_CLAUSE = re.compile(r"^\s*(>=|<=|==|!=|>|<)?\s*([^\s<>=!,]+)\s*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExclusionRule(_Strict):
+    """Cells matching every given field are excluded. Range fields take clauses like ">=2150.8,<2200"."""
+
+    reason: str = Field(min_length=1)
+    module_type: Literal["open", "proprietary"] | None = None  # None: the whole cell
+    os_version: str | None = None  # range over GL versions (or Debian's VERSION_ID)
+    kernel: str | None = None  # range over kernel releases, Debian version order
+    driver_branch: str | None = None  # range over branch numbers
+    driver_version: str | None = None  # range over full driver versions
+    flavour: str | None = None
+    arch: str | None = None
+
+    @field_validator("os_version", "kernel", "driver_branch", "driver_version")
+    @classmethod
+    def _valid_range(cls, value: str | None) -> str | None:
+        if value is not None:
+            for clause in value.split(","):
+                if not _RANGE_CLAUSE.match(clause):
+                    raise ValueError(f"bad range clause {clause!r} (use e.g. '>=2150.8' or '570')")
+        return value
+
+    @property
+    def module_types(self) -> tuple[str, ...]:
+        return MODULE_TYPES if self.module_type is None else (self.module_type,)
+
+
+class KernelEntry(_Strict):
+    """The kernel of one (OS version, flavour, arch)."""
+
+    os_version: str
+    flavour: Flavour
+    arch: Arch
+    kernel: str = Field(pattern=r"^\d+\.\d+\S*$")
+
+
+class Policy(_Strict):
+    branches: int = Field(default=3, ge=1)
+    branch_types: list[str] = Field(default_factory=lambda: list(DEFAULT_BRANCH_TYPES))
+    arches: list[Arch] = Field(min_length=1)
+    flavours: list[Flavour] = Field(min_length=1)
+    # Full driver versions held instead of their branch's newest; a pinned branch stays in the matrix.
+    pins: list[str] = Field(default_factory=list)
+    kernel_pins: list[KernelEntry] = Field(default_factory=list)  # kernels built besides the resolved ones
+    kernel_overrides: list[KernelEntry] = Field(default_factory=list)  # replace what the repository says
+    exclusions: list[ExclusionRule] = Field(default_factory=list)
+
+    @field_validator("pins")
+    @classmethod
+    def _pins_are_versions(cls, pins: list[str]) -> list[str]:
+        for pin in pins:
+            if not re.fullmatch(r"\d+(\.\d+)+", pin):
+                raise ValueError(f"pin {pin!r} is not a full driver version like 570.172.08")
+        return pins
+
+
+class Sources(_Strict):
+    # GLRD JSON documents (URL or file), merged; empty for an OS that is not Garden Linux.
+    glrd: list[str] = Field(default_factory=list)
+    # NVIDIA's releases.json (URL or file), or "apt:<package>" for a distribution's driver source package.
+    nvidia: str
+    # apt repository base URL (per-OS-version suites); "${VAR}" is read from the environment;
+    # "system:<codename>" is this machine's configured archive, suites <codename> and <codename>-*.
+    apt: str
+
+
+class OSInfo(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9]+$")
+    version: str | None = None  # fixed version (Debian "12"); None: resolved from GLRD
+    codename: str | None = None
+
+
+class ResolvedOSVersion(_Strict):
+    version: str
+    major: int | None = None
+    released: date | None = None
+    eol: date | None = None
+
+
+class ResolvedDriver(_Strict):
+    branch: str
+    type: str
+    version: str
+    release_date: str | None = None
+
+
+class Resolved(_Strict):
+    today: date
+    os_versions: list[ResolvedOSVersion]
+    drivers: list[ResolvedDriver]
+    kernels: list[KernelEntry]
+
+
+class Lock(_Strict):
+    schema_: Literal[1] = Field(alias="schema")
+    os: OSInfo
+    policy: Policy
+    sources: Sources
+    resolved: Resolved | None = None
+
+
+def _yaml() -> YAML:
+    y = YAML()  # round-trip: comments, order and quoting survive a rewrite
+    y.preserve_quotes = True
+    y.width = 4096
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+def parse_lock_text(text: str, where: str) -> tuple[Lock, CommentedMap]:
+    """Validate lock text; return the typed lock and the round-trip document to edit."""
+    try:
+        doc = _yaml().load(text)
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: malformed YAML{at}: {problem}", "fix the YAML syntax") from exc
+    if not isinstance(doc, CommentedMap):
+        raise UserError(f"{where}: expected a mapping at the top level", "see versions.yaml in the repository")
+    try:
+        lock = Lock.model_validate(doc)
+    except ValidationError as exc:
+        raise UserError(f"{where}: {describe_validation_error(exc)}", "fix the lock file") from exc
+    return lock, doc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{loc}: {first['msg']}{more}"
+
+
+def read_lock(path: Path) -> tuple[Lock, CommentedMap]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"lock file not found: {path}", "pass --lock FILE or run in the repository root") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from exc
+    return parse_lock_text(text, str(path))
+
+
+def dump(doc: Any) -> str:
+    buf = io.StringIO()
+    _yaml().dump(doc, buf)
+    return buf.getvalue()
+
+
+def write_lock(path: Path, doc: CommentedMap) -> None:
+    """Validate the edited document again, then replace the file atomically."""
+    text = dump(doc)
+    parse_lock_text(text, str(path))  # a bug that produced an invalid lock must not reach the disk
+    atomic_write_text(path, text)
+
+
+def resolved_to_yaml(resolved: Resolved) -> CommentedMap:
+    data = resolved.model_dump(mode="json", exclude_none=True)
+    data["today"] = resolved.today  # a YAML date, not a string
+    out = CommentedMap()
+    for key, value in data.items():
+        out[key] = _flow_rows(value) if isinstance(value, list) else value
+    return out
+
+
+def _flow_rows(rows: list[Any]) -> CommentedSeq:
+    """One line per row: a reviewer reads the diff of a resolved list at a glance."""
+    seq = CommentedSeq()
+    for row in rows:
+        m = CommentedMap(row)
+        m.fa.set_flow_style()
+        seq.append(m)
+    return seq
+
+
+def add_exclusion(
+    lock_path: Path,
+    target: Cell | ExclusionRule,
+    reason: str | None = None,
+    module_type: Literal["open", "proprietary"] | None = None,
+) -> bool:
+    """Exclude a cell (or a rule's cells) in the lock's policy, keeping comments; atomic rewrite.
+
+    `gl-nvidia build --exclude-failed` calls this for a cell whose build failed: pass the `Cell`, the
+    reason (e.g. the compiler's first error line) and, when only one module type failed, `module_type`.
+    A `Cell` becomes an exact rule (its OS version, kernel, driver version, flavour and arch), so a
+    newer driver patch release of the same branch is tried again. An `ExclusionRule` is added as given
+    (`reason`/`module_type` then must be None). Returns False when an equal rule is already there.
+    """
+    if isinstance(target, Cell):
+        if not reason:
+            raise UserError("an exclusion needs a reason", "say why the cell must not be built")
+        rule = ExclusionRule(
+            reason=reason.strip().splitlines()[0],
+            module_type=module_type,
+            os_version=f"=={target.os_version}",
+            kernel=f"=={target.kernel}",
+            driver_version=f"=={target.driver_version}",
+            flavour=target.flavour,
+            arch=target.arch,
+        )
+    else:
+        if reason is not None or module_type is not None:
+            raise ValueError("pass reason and module_type inside the ExclusionRule")
+        rule = target
+    lock, doc = read_lock(lock_path)
+    if rule in lock.policy.exclusions:
+        return False
+    policy = doc["policy"]
+    if not policy.get("exclusions"):
+        policy["exclusions"] = CommentedSeq()  # block style, even where the file said `[]`
+    policy["exclusions"].append(CommentedMap(rule.model_dump(exclude_none=True)))
+    write_lock(lock_path, doc)
+    return True
