@@ -1,0 +1,89 @@
+"""Which kernel an OS version ships, read from the `Packages` index of its apt repository.
+
+The flavour's headers meta-package (`linux-headers-cloud-amd64`; metal: `linux-headers-amd64`) depends on
+the current `linux-headers-<kernel>`; without a meta-package the newest `linux-headers-<kernel>` by Debian
+version order wins. Works against any Debian-style repository through `gl_nvidia.apt`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from debian.debian_support import Version, version_compare
+
+from gl_nvidia.apt import AptRepo, AptSource, system_sources
+from gl_nvidia.errors import UserError
+
+
+def meta_package(flavour: str, arch: str) -> str:
+    return f"linux-headers-cloud-{arch}" if flavour == "cloud" else f"linux-headers-{arch}"
+
+
+def kernel_suffix(flavour: str, arch: str) -> str:
+    return f"-cloud-{arch}" if flavour == "cloud" else f"-{arch}"
+
+
+def expand_env(value: str) -> str:
+    """Replace `${VAR}` with the environment's value; a missing variable is a clear error."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if not os.environ.get(name):
+            raise UserError(f"environment variable {name} is not set (needed for {value})",
+                            f"export {name}=<base URL of the apt repository>, or pass --apt-repository")
+        return os.environ[name]
+
+    return re.sub(r"\$\{(\w+)\}", sub, value)
+
+
+def apt_sources(spec: str, os_version: str, etc_apt: Path = Path("/etc/apt")) -> list[AptSource]:
+    """The apt sources of one OS version.
+
+    `system:<codename>`: this machine's configured archive, only the suites `<codename>` and
+    `<codename>-*` (other vendors' entries are not the OS's kernels). Anything else is the base URL (or
+    directory) of a repository with one suite per OS version, as Garden Linux publishes them.
+    """
+    if spec.startswith("system:"):
+        codename = spec.removeprefix("system:")
+        chosen = [s for s in system_sources(etc_apt) if s.suite == codename or s.suite.startswith(f"{codename}-")]
+        if not chosen:
+            raise UserError(f"this machine's apt sources have no {codename} suites", "configure Debian's archive in /etc/apt")
+        return chosen
+    return [AptSource(expand_env(spec), os_version, ("main",))]
+
+
+def kernel_from_index(repo: AptRepo, flavour: str, arch: str) -> str:
+    suffix = kernel_suffix(flavour, arch)
+    meta = meta_package(flavour, arch)
+    if repo.versions(meta):
+        depends = repo.find(meta).depends
+        for alternative in re.split(r"[,|]", depends):
+            name = alternative.strip().split(" ", 1)[0]
+            if name.startswith("linux-headers-") and name.endswith(suffix) and name != meta:
+                return name.removeprefix("linux-headers-")
+    # Without a meta-package: the newest headers package of this flavour and arch.
+    candidates = repo.search(rf"linux-headers-\d\S*{re.escape(suffix)}")
+    if not candidates:
+        raise UserError(
+            f"no linux-headers-*{suffix} package in {repo.describe()}",
+            "check the repository URL and that this version ships the flavour",
+        )
+    newest = max(candidates, key=lambda p: (Version(p.version), kernel_sort_key(p.name)))
+    return newest.name.removeprefix("linux-headers-")
+
+
+def resolve_kernel(spec: str, os_version: str, flavour: str, arch: str) -> str:
+    """The kernel release (`uname -r`) of one OS version, flavour and arch."""
+    repo = AptRepo(apt_sources(spec, os_version), arch=arch)
+    return kernel_from_index(repo, flavour, arch)
+
+
+def kernel_sort_key(kernel: str) -> Version:
+    """Debian version order of a kernel release without its flavour suffix ("6.1.0-56", "6.12.38+deb12")."""
+    return Version(re.sub(r"-(cloud-)?(amd64|arm64)$", "", kernel.removeprefix("linux-headers-")))
+
+
+def compare_kernels(a: str, b: str) -> int:
+    return int(version_compare(str(kernel_sort_key(a)), str(kernel_sort_key(b))))

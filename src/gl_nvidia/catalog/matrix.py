@@ -1,0 +1,114 @@
+"""The build matrix: cells from the resolved lock, exclusions applied, cells sharing a build merged.
+
+`load_matrix` is what the build and release stages call.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from datetime import date
+from importlib import resources
+from pathlib import Path
+
+from gl_nvidia.catalog.kernels import compare_kernels
+from gl_nvidia.catalog.lock import ExclusionRule, Lock, Resolved, parse_lock_text, read_lock
+from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Cell, Exclusion, Matrix
+from gl_nvidia.catalog.resolve import SourceOverrides, refresh
+from gl_nvidia.catalog.sources import version_key
+
+PROFILES = ("debian", "gardenlinux")
+_OPS: dict[str, Callable[[int, int], bool]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne,
+}
+
+
+def _cmp_versions(a: str, b: str) -> int:
+    ka, kb = version_key(a), version_key(b)
+    return (ka > kb) - (ka < kb)
+
+
+def in_range(value: str, spec: str, compare: Callable[[str, str], int]) -> bool:
+    """Whether `value` satisfies every clause of `spec` (">=2150.8,<2200"; a bare value means ==)."""
+    for clause in spec.split(","):
+        clause = clause.strip()
+        op = next((o for o in (">=", "<=", "==", "!=", ">", "<") if clause.startswith(o)), "==")
+        operand = clause.removeprefix(op).strip() if clause.startswith(op) else clause
+        if not _OPS[op](compare(value, operand), 0):
+            return False
+    return True
+
+
+def rule_matches(rule: ExclusionRule, cell: Cell) -> bool:
+    checks: list[tuple[str | None, str, Callable[[str, str], int]]] = [
+        (rule.os_version, cell.os_version, _cmp_versions),
+        (rule.kernel, cell.kernel, compare_kernels),
+        (rule.driver_branch, cell.driver_branch, _cmp_versions),
+        (rule.driver_version, cell.driver_version, _cmp_versions),
+    ]
+    if rule.flavour is not None and rule.flavour != cell.flavour:
+        return False
+    if rule.arch is not None and rule.arch != cell.arch:
+        return False
+    return all(spec is None or in_range(value, spec, cmp) for spec, value, cmp in checks)
+
+
+def build_matrix(os_id: str, resolved: Resolved, exclusions: list[ExclusionRule]) -> Matrix:
+    """Every (kernel, driver) cell; rules drop cells or module types; units are built once per
+    (kernel, driver, arch) and compile the module types any of their cells still needs."""
+    cells: list[Cell] = []
+    excluded: list[Exclusion] = []
+    allowed: dict[Cell, tuple[str, ...]] = {}
+    for k in resolved.kernels:
+        for d in resolved.drivers:
+            cell = Cell(os_id=os_id, os_version=k.os_version, flavour=k.flavour, arch=k.arch,
+                        kernel=k.kernel, driver_version=d.version, driver_branch=d.branch)
+            types = list(MODULE_TYPES)
+            for rule in exclusions:
+                hit = [t for t in rule.module_types if t in types]
+                if hit and rule_matches(rule, cell):
+                    excluded.append(Exclusion(cell, rule.reason, tuple(hit)))
+                    types = [t for t in types if t not in hit]
+            if types:
+                cells.append(cell)
+                allowed[cell] = tuple(types)
+    groups: dict[tuple[str, str, str], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.kernel, cell.driver_version, cell.arch), []).append(cell)
+    units = []
+    for (kernel, version, arch), members in groups.items():
+        first = members[0]
+        types = tuple(t for t in MODULE_TYPES if any(t in allowed[c] for c in members))
+        os_versions = tuple(sorted({c.os_version for c in members}, key=version_key))
+        units.append(BuildUnit(kernel=kernel, driver_version=version, driver_branch=first.driver_branch,
+                               arch=arch, flavour=first.flavour, os_id=os_id, os_versions=os_versions,
+                               module_types=types))
+    return Matrix(cells=tuple(sorted(cells)), excluded=tuple(excluded), units=tuple(sorted(units)))
+
+
+def profile_text(name: str) -> str:
+    return resources.files("gl_nvidia.catalog").joinpath("profiles", f"{name}.yaml").read_text()
+
+
+def load_lock(profile_or_lock_path: str | Path) -> Lock:
+    """An embedded profile by name ("debian"), "gardenlinux" (./versions.yaml), or a lock file path."""
+    if profile_or_lock_path == "debian":
+        return parse_lock_text(profile_text("debian"), "embedded profile debian")[0]
+    path = Path("versions.yaml") if profile_or_lock_path == "gardenlinux" else Path(profile_or_lock_path)
+    return read_lock(path)[0]
+
+
+def load_matrix(
+    profile_or_lock_path: str | Path,
+    today: date | None = None,
+    overrides: SourceOverrides = SourceOverrides(),
+) -> Matrix:
+    """The matrix of a profile or lock file, for `matrix`, `build` and `release`.
+
+    A lock with a `resolved` section (written by `gl-nvidia update`) is used as it is, offline. A
+    profile without one (the embedded `debian`) is resolved now from its sources; `today` (default: the
+    current date) decides which releases are in maintenance.
+    """
+    lock = load_lock(profile_or_lock_path)
+    resolved = lock.resolved or refresh(lock, today or date.today(), overrides)
+    return build_matrix(lock.os.id, resolved, lock.policy.exclusions)

@@ -1,0 +1,127 @@
+"""From sources and policy to the resolved OS versions, drivers and kernels (what `update` writes).
+
+The decisions are pure functions over parsed sources; `refresh` is the one place that reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import date
+
+from gl_nvidia import ui
+from gl_nvidia.apt import AptRepo
+from gl_nvidia.catalog.kernels import apt_sources, resolve_kernel
+from gl_nvidia.catalog.lock import KernelEntry, Lock, Policy, Resolved, ResolvedDriver, ResolvedOSVersion
+from gl_nvidia.catalog.sources import DriverBranch, DriverRelease, GLMajor, fetch, parse_glrd, parse_nvidia
+from gl_nvidia.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def select_os_versions(majors: list[GLMajor], today: date) -> list[ResolvedOSVersion]:
+    """The newest released minor of every major in maintenance, oldest major first."""
+    out = []
+    for major in majors:
+        if not major.in_maintenance(today):
+            continue
+        latest = major.latest(today)
+        if latest is None:
+            log.warning("GL %d is in maintenance but has no minor release yet", major.major)
+            continue
+        out.append(ResolvedOSVersion(version=latest.version, major=major.major,
+                                     released=latest.released, eol=major.eol))
+    if not out:
+        raise UserError(f"no Garden Linux major is in maintenance on {today}", "check the GLRD source and --today")
+    return out
+
+
+def select_drivers(branches: list[DriverBranch], policy: Policy) -> list[ResolvedDriver]:
+    """The newest release of the top `policy.branches` branches of the allowed types, plus pinned ones."""
+    by_branch = {b.branch: b for b in branches}
+    held: dict[str, DriverRelease] = {}
+    for pin in policy.pins:
+        owner = next((b for b in branches if any(r.version == pin for r in b.releases)), None)
+        if owner is None:
+            raise UserError(f"pinned driver {pin} is in no branch of NVIDIA's releases.json",
+                            "fix or remove the pin in policy.pins")
+        held[owner.branch] = next(r for r in owner.releases if r.version == pin)
+    eligible = [b for b in branches if b.type in policy.branch_types and b.releases]
+    top = sorted(eligible, key=lambda b: b.number, reverse=True)[: policy.branches]
+    chosen = {b.branch for b in top} | set(held)
+    out = []
+    for name in sorted(chosen, key=int, reverse=True):
+        branch = by_branch[name]
+        release = held.get(name, branch.releases[0])
+        out.append(ResolvedDriver(branch=name, type=branch.type, version=release.version,
+                                  release_date=release.release_date))
+    return out
+
+
+def drivers_from_package(repo: AptRepo, package: str) -> list[ResolvedDriver]:
+    """A distribution's driver: the upstream version of its kernel-module source package."""
+    pkg = repo.find(package)
+    upstream = re.sub(r"^\d+:", "", pkg.version).split("-", 1)[0]
+    if not re.fullmatch(r"\d+(\.\d+)+", upstream):
+        raise UserError(f"{package} {pkg.version} is not an NVIDIA driver version")
+    return [ResolvedDriver(branch=upstream.split(".", 1)[0], type=f"package {package}", version=upstream)]
+
+
+def apply_kernel_policy(resolved: list[KernelEntry], policy: Policy, os_versions: list[str]) -> list[KernelEntry]:
+    """Overrides replace the repository's answer; pins are kernels built besides it."""
+    def wanted(k: KernelEntry) -> bool:
+        return k.os_version in os_versions and k.flavour in policy.flavours and k.arch in policy.arches
+
+    overridden = {(k.os_version, k.flavour, k.arch) for k in policy.kernel_overrides}
+    out = [k for k in resolved if (k.os_version, k.flavour, k.arch) not in overridden]
+    out += [k for k in policy.kernel_overrides if wanted(k)]
+    out += [k for k in policy.kernel_pins if wanted(k) and k not in out]
+    return sorted(out, key=lambda k: (k.os_version, k.flavour, k.arch, k.kernel))
+
+
+@dataclass(frozen=True)
+class SourceOverrides:
+    """Command-line replacements for the lock's sources (offline snapshots, tests)."""
+
+    glrd: tuple[str, ...] = ()
+    nvidia: str | None = None
+    apt: str | None = None
+
+
+def refresh(lock: Lock, today: date, overrides: SourceOverrides = SourceOverrides()) -> Resolved:
+    """Read every source and apply the policy: the new `resolved` section."""
+    sources = lock.sources
+    glrd = list(overrides.glrd) or sources.glrd
+    nvidia = overrides.nvidia or sources.nvidia
+    apt = overrides.apt or sources.apt
+    policy = lock.policy
+
+    with ui.progress() as prog:
+        if lock.os.version is not None:
+            os_versions = [ResolvedOSVersion(version=lock.os.version)]
+        else:
+            if not glrd:
+                raise UserError("the lock names no GLRD source and no fixed os.version", "set sources.glrd")
+            with ui.task(prog, "read Garden Linux releases (GLRD)"):
+                majors = parse_glrd([(loc, fetch(loc, "GLRD data")) for loc in glrd])
+            os_versions = select_os_versions(majors, today)
+
+        with ui.task(prog, "read NVIDIA driver releases"):
+            if nvidia.startswith("apt:"):
+                repo = AptRepo(apt_sources(apt, os_versions[0].version), arch=policy.arches[0])
+                drivers = drivers_from_package(repo, nvidia.removeprefix("apt:"))
+            else:
+                drivers = select_drivers(parse_nvidia(fetch(nvidia, "NVIDIA releases.json"), nvidia), policy)
+
+        combos = [(v.version, f, a) for v in os_versions for f in policy.flavours for a in policy.arches]
+        overridden = {(k.os_version, k.flavour, k.arch) for k in policy.kernel_overrides}
+        kernels = []
+        with ui.task(prog, "resolve kernels from apt repositories", total=len(combos)) as t:
+            for os_version, flavour, arch in combos:
+                if (os_version, flavour, arch) not in overridden:
+                    kernel = resolve_kernel(apt, os_version, flavour, arch)
+                    kernels.append(KernelEntry(os_version=os_version, flavour=flavour, arch=arch, kernel=kernel))
+                t.advance(1)
+    kernels = apply_kernel_policy(kernels, policy, [v.version for v in os_versions])
+    return Resolved(today=today, os_versions=os_versions, drivers=drivers, kernels=kernels)
