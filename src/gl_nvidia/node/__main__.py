@@ -1,11 +1,73 @@
-"""`nvidia-driver`: placeholder until the node runtime lands."""
+"""`nvidia-driver`: the entrypoint the GPU Operator runs in the driver container (contract 1)."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import signal
 import sys
+from pathlib import Path
+
+from .decide import NodeError
+from .host import Host
+from .image import Image
+from .log import Log
+from .runtime import Runtime
+
+DESCRIPTION = """\
+Load the NVIDIA driver this image carries into the node's kernel and expose it to the GPU Operator.
+
+commands:
+  init                   pick the module set for the running kernel and the GPUs, load it, make the
+                         driver root visible at /run/nvidia/driver (a bind mount), start the daemons,
+                         then wait; SIGTERM/SIGINT undoes it (modules stay loaded while in use)
+  init --dry-run         print the detection (kernel, GPUs, module type and why, module sets) and stop
+  check-load             insert nvidia.ko into the running kernel and report: loaded / ABI OK, no GPU /
+                         rejected by the kernel (with the kernel's reason)
+  reload_nvidia_peermem  sidecar: load nvidia-peermem once MOFED and the driver are ready, then wait
+  probe_nvidia_peermem   exit 0 unless MOFED is loaded and nvidia-peermem is not
+
+environment: KERNEL_MODULE_TYPE (auto|open|proprietary), GPU_DIRECT_RDMA_ENABLED, DRIVER_CONFIG_DIGEST,
+  USE_HOST_MOFED, NODE_NAME; module parameters from /drivers/<module>.conf
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nvidia-driver", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    init = sub.add_parser("init", help="load the driver and wait")
+    init.add_argument("--dry-run", action="store_true", help="print the detection and what init would do")
+    sub.add_parser("check-load", help="insert nvidia.ko and classify the kernel's answer")
+    sub.add_parser("reload_nvidia_peermem", help="load nvidia-peermem when MOFED is ready, then wait")
+    sub.add_parser("probe_nvidia_peermem", help="startup/liveness probe for nvidia-peermem")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log = Log()
+    # Signals stay pending until init waits for them, so a SIGTERM mid-setup tears down a consistent state.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        rt = Runtime(Host(), Image.load(Path("/")), dict(os.environ), log)
+        if args.command == "init":
+            if args.dry_run:
+                return 0 if rt.dry_run() else 1
+            rt.init()
+        elif args.command == "check-load":
+            return 0 if rt.check_load() else 1
+        elif args.command == "reload_nvidia_peermem":
+            rt.reload_peermem()
+        elif args.command == "probe_nvidia_peermem":
+            return 0 if rt.probe_peermem() else 1
+    except NodeError as exc:
+        log.error(exc.message, **({"hint": exc.hint} if exc.hint else {}))
+        print(f"nvidia-driver: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"nvidia-driver: hint: {exc.hint}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,247 @@
+"""Pure decisions of the node runtime: plain data in, a choice (with its reason) or a NodeError out."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+
+NVIDIA = 0x10DE
+MELLANOX = 0x15B3
+TURING_FIRST_DEVICE = 0x1E00  # open kernel modules need Turing or newer
+OPEN_DEFAULT_BRANCH = 560  # from this branch on, NVIDIA defaults to the open modules
+MODULE_TYPES = ("open", "proprietary")
+# Load order: each module depends on the ones before it.
+MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
+PEERMEM = "nvidia-peermem"
+CONF_DIR = "/drivers"
+
+
+class NodeError(Exception):
+    """A condition the node cannot proceed past: one line saying what is wrong, and a hint what to do."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    address: str  # "0000:3b:00.0"
+    vendor: int
+    device: int
+    pci_class: int  # 24-bit class code, 0x030200
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.vendor == NVIDIA and self.pci_class >> 8 in (0x0300, 0x0302)
+
+    @property
+    def is_nvswitch(self) -> bool:
+        return self.vendor == NVIDIA and self.pci_class >> 8 == 0x0680
+
+    @property
+    def pci_id(self) -> str:
+        return f"{self.vendor:04x}:{self.device:04x}"
+
+
+@dataclass(frozen=True)
+class Node:
+    kernel: str  # uname -r
+    devices: tuple[PciDevice, ...]
+    loaded: dict[str, str | None] = field(default_factory=dict)  # module name -> version (if it has one)
+    os_release: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> tuple[PciDevice, ...]:
+        return tuple(d for d in self.devices if d.is_gpu)
+
+    @property
+    def nvswitches(self) -> tuple[PciDevice, ...]:
+        return tuple(d for d in self.devices if d.is_nvswitch)
+
+    @property
+    def mellanox(self) -> tuple[PciDevice, ...]:
+        return tuple(d for d in self.devices if d.vendor == MELLANOX)
+
+
+# Device-id ranges by architecture, for humans; the open/proprietary rule uses TURING_FIRST_DEVICE only.
+# Ordered: the first range that contains the id wins (GH100 sits inside the Ampere GA10x span).
+_ARCHES = (
+    (0x2300, 0x233F, "Hopper"),
+    (0x2900, 0x2FFF, "Blackwell"),
+    (0x2680, 0x28FF, "Ada Lovelace"),
+    (0x2200, 0x25FF, "Ampere"),
+    (0x2180, 0x21FF, "Turing"),
+    (0x2000, 0x20FF, "Ampere"),
+    (0x1E00, 0x1FFF, "Turing"),
+    (0x1D80, 0x1DFF, "Volta"),
+    (0x15F0, 0x15FF, "Pascal"),
+    (0x1B00, 0x1D7F, "Pascal"),
+    (0x1340, 0x17FF, "Maxwell"),
+)
+
+
+def architecture(device: int) -> str:
+    for lo, hi, name in _ARCHES:
+        if lo <= device <= hi:
+            return name
+    return "newer than Blackwell" if device > 0x2FFF else "older than Maxwell"
+
+
+def describe_gpu(gpu: PciDevice) -> str:
+    return f"{gpu.address} [{gpu.pci_id}] {architecture(gpu.device)}"
+
+
+def os_tag(os_release: dict[str, str]) -> str:
+    """The GPU Operator's `<ID><VERSION_ID>`; Garden Linux nodes report VERSION_ID=0 (the NFD rule)."""
+    os_id = os_release.get("ID", "unknown")
+    if os_id == "gardenlinux" or "GARDENLINUX_VERSION" in os_release:
+        return "gardenlinux0"
+    return f"{os_id}{os_release.get('VERSION_ID', '')}"
+
+
+def select_kernel(node: Node, image_kernels: list[str], driver_branch: str) -> str:
+    """The kernel directory this image holds for the running kernel, or the one-line reason there is none."""
+    if node.kernel in image_kernels:
+        return node.kernel
+    held = ", ".join(image_kernels) if image_kernels else "none"
+    raise NodeError(
+        f"no modules for kernel {node.kernel} in this image (it holds {held}); "
+        f"the node needs driver:{driver_branch}-{node.kernel}-{os_tag(node.os_release)}",
+        "build and publish that image (gl-nvidia build/image/publish for this kernel), "
+        "or check the node's kernel-version label",
+    )
+
+
+@dataclass(frozen=True)
+class TypeChoice:
+    module_type: str
+    reason: str
+
+
+def choose_module_type(
+    requested: str, driver_branch: str, gpus: tuple[PciDevice, ...], available: list[str]
+) -> TypeChoice:
+    """KERNEL_MODULE_TYPE -> the module type to load, given the GPUs and what the image holds for this kernel."""
+    req = (requested or "auto").strip().lower()
+    if req not in ("auto", *MODULE_TYPES):
+        raise NodeError(
+            f"KERNEL_MODULE_TYPE={requested!r} is not one of auto, open, proprietary",
+            "set driver.kernelModuleType in the ClusterPolicy to auto, open or proprietary",
+        )
+    pre_turing = [g for g in gpus if g.device < TURING_FIRST_DEVICE]
+    if req == "open" and pre_turing:
+        raise NodeError(
+            "KERNEL_MODULE_TYPE=open, but the open kernel modules need Turing or newer "
+            f"(PCI device id >= 0x{TURING_FIRST_DEVICE:04x}) and this node has "
+            + ", ".join(describe_gpu(g) for g in pre_turing),
+            "use KERNEL_MODULE_TYPE=auto or proprietary on this node",
+        )
+    held = ", ".join(available) or "none"
+    if req != "auto":
+        if req not in available:
+            raise NodeError(
+                f"KERNEL_MODULE_TYPE={req}, but this image holds no {req} modules for this kernel (it holds: {held})",
+                "use KERNEL_MODULE_TYPE=auto, or an image built with that module type",
+            )
+        return TypeChoice(req, f"KERNEL_MODULE_TYPE={req}")
+
+    branch = int(driver_branch) if driver_branch.isdigit() else 0
+    if pre_turing:
+        preferred, why = "proprietary", "a pre-Turing GPU is present (" + describe_gpu(pre_turing[0]) + ")"
+    elif branch >= OPEN_DEFAULT_BRANCH:
+        preferred, why = "open", f"branch {driver_branch} >= {OPEN_DEFAULT_BRANCH} and every GPU is Turing or newer"
+    else:
+        preferred, why = "proprietary", f"branch {driver_branch} < {OPEN_DEFAULT_BRANCH} defaults to proprietary"
+    if preferred in available:
+        return TypeChoice(preferred, f"auto: {why}")
+    if preferred == "proprietary" and "open" in available and not pre_turing:
+        return TypeChoice("open", f"auto: {why}, but this image holds only open modules for this kernel")
+    raise NodeError(
+        f"KERNEL_MODULE_TYPE=auto chose {preferred} ({why}), but this image holds no {preferred} modules "
+        f"for this kernel (it holds: {held})",
+        "use an image built with proprietary modules for this kernel",
+    )
+
+
+def check_loaded(loaded_version: str | None, ours: str) -> None:
+    if loaded_version is not None and loaded_version != ours:
+        raise NodeError(
+            f"nvidia {loaded_version} is already loaded on this node; this image carries {ours}",
+            "drain the GPU pods and unload the old driver (the k8s-driver-manager init container does this), "
+            "or deploy the image for driver " + loaded_version,
+        )
+
+
+def fast_path(loaded_version: str | None, ours: str, digest: str, state: str | None) -> bool:
+    """Same driver already loaded with the same configuration: keep the modules, running GPU jobs survive."""
+    return bool(digest) and loaded_version == ours and state is not None and state.strip() == digest
+
+
+_PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(=.*)?$")
+
+
+@dataclass(frozen=True)
+class ModuleParams:
+    params: dict[str, tuple[str, ...]]  # module name -> parameters, in file order
+    problems: tuple[str, ...]  # "<file>:<line>: <what is wrong>"
+
+
+def parse_module_conf(name: str, text: str, path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """One `<module>.conf`: parameters, one or more per line; comments (#) and blank lines skipped."""
+    params: list[str] = []
+    problems: list[str] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as exc:
+            problems.append(f"{path}:{n}: {exc} in {raw.strip()!r}")
+            continue
+        bad = [w for w in words if not _PARAM.match(w)]
+        if bad:
+            problems.append(f"{path}:{n}: {bad[0]!r} is not a {name} parameter (expected name=value)")
+            continue
+        params += words
+    return tuple(params), tuple(problems)
+
+
+def module_params(confs: dict[str, tuple[str, str]]) -> ModuleParams:
+    """`confs`: module name -> (path, text) for each /drivers/<module>.conf present."""
+    params: dict[str, tuple[str, ...]] = {}
+    problems: list[str] = []
+    for name, (path, text) in sorted(confs.items()):
+        p, bad = parse_module_conf(name, text, path)
+        params[name] = p
+        problems += bad
+    return ModuleParams(params, tuple(problems))
+
+
+def firmware_path_action(current: str, ours: str, nvidia_params: tuple[str, ...]) -> str:
+    """What to do with /sys/module/firmware_class/parameters/path: "set", "keep" (already ours), "skip", "retain"."""
+    if "NVreg_EnableGpuFirmware=0" in nvidia_params:
+        return "skip"
+    cur = current.strip()
+    if not cur:
+        return "set"
+    return "keep" if cur == ours else "retain"
+
+
+def modules_to_load(node: Node, rdma_enabled: bool) -> tuple[str, ...]:
+    if rdma_enabled and node.mellanox:
+        return (*MODULES, PEERMEM)
+    return MODULES
+
+
+def sysfs_name(module: str) -> str:
+    return module.replace("-", "_")
+
+
+def in_use(refcnt: dict[str, int]) -> bool:
+    """Refcounts by module (loaded ones only): nvidia is held by its own dependants, nothing else may hold."""
+    deps = sum(1 for m in refcnt if m != "nvidia")
+    return refcnt.get("nvidia", 0) > deps or any(v > 0 for m, v in refcnt.items() if m != "nvidia")

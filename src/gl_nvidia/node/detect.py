@@ -1,0 +1,54 @@
+"""Read the node through the host seam: kernel, PCI devices, loaded modules, os-release."""
+
+from __future__ import annotations
+
+from .decide import Node, PciDevice
+from .host import Host
+
+PCI_DEVICES = "/sys/bus/pci/devices"
+HOST_OS_RELEASE = "/host-etc/os-release"
+
+
+def _hex(host: Host, path: str) -> int:
+    text = host.read_opt(path)
+    try:
+        return int(text.strip(), 16) if text else 0
+    except ValueError:
+        return 0
+
+
+def pci_devices(host: Host) -> tuple[PciDevice, ...]:
+    return tuple(
+        PciDevice(
+            address=addr,
+            vendor=_hex(host, f"{PCI_DEVICES}/{addr}/vendor"),
+            device=_hex(host, f"{PCI_DEVICES}/{addr}/device"),
+            pci_class=_hex(host, f"{PCI_DEVICES}/{addr}/class"),
+        )
+        for addr in host.listdir(PCI_DEVICES)
+    )
+
+
+def loaded_modules(host: Host) -> dict[str, str | None]:
+    """Module name -> its version (from /sys/module/<name>/version) for every module in /proc/modules."""
+    names = [line.split()[0] for line in (host.read_opt("/proc/modules") or "").splitlines() if line.strip()]
+    return {n: (v.strip() if (v := host.read_opt(f"/sys/module/{n}/version")) else None) for n in names}
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and not key.startswith("#"):
+            out[key] = value.strip().strip('"').strip("'")
+    return out
+
+
+def read_node(host: Host) -> Node:
+    kernel = (host.read_opt("/proc/sys/kernel/osrelease") or "").strip()
+    return Node(
+        kernel=kernel,
+        devices=pci_devices(host),
+        loaded=loaded_modules(host),
+        os_release=parse_os_release(host.read_opt(HOST_OS_RELEASE) or ""),
+    )

@@ -1,0 +1,109 @@
+"""The one seam between the node runtime and the host: commands, host paths, signals.
+
+Every host effect goes through `Host`: tests point `root` at a fake host tree (sysfs, procfs,
+/run/nvidia, /drivers fixtures) and give it a `Runner` that records commands, so the decision logic
+runs without root. Nothing else in `gl_nvidia.node` calls subprocess or touches host paths directly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+Runner = Callable[[Sequence[str]], Result]
+
+
+def subprocess_runner(argv: Sequence[str]) -> Result:
+    try:
+        p = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", check=False)
+    except FileNotFoundError:
+        return Result(127, "", f"{argv[0]}: command not found")
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+class Host:
+    """Host paths are absolute ("/sys/bus/pci/devices") and resolve under `root`; commands go to `runner`.
+
+    Commands receive resolved paths (`host.path(...)`), so a test runner sees the fake tree's paths.
+    """
+
+    def __init__(self, root: Path = Path("/"), runner: Runner = subprocess_runner) -> None:
+        self.root = root
+        self.runner = runner
+
+    def path(self, p: str | os.PathLike[str]) -> Path:
+        return self.root / str(p).lstrip("/")
+
+    def run(self, *argv: str) -> Result:
+        return self.runner(argv)
+
+    def exists(self, p: str) -> bool:
+        return self.path(p).exists()
+
+    def read(self, p: str) -> str:
+        return self.path(p).read_text(errors="replace")
+
+    def read_opt(self, p: str) -> str | None:
+        try:
+            return self.read(p)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def listdir(self, p: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.path(p)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def readlink(self, p: str) -> str | None:
+        try:
+            return os.readlink(self.path(p))
+        except OSError:
+            return None
+
+    def write(self, p: str, text: str) -> None:
+        """Plain write: sysfs attributes cannot be replaced by rename."""
+        self.path(p).write_text(text)
+
+    def write_atomic(self, p: str, text: str) -> None:
+        target = self.path(p)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+
+    def makedirs(self, p: str) -> None:
+        self.path(p).mkdir(parents=True, exist_ok=True)
+
+    def remove(self, p: str) -> bool:
+        try:
+            self.path(p).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def is_mountpoint(self, p: str) -> bool:
+        return self.run("mountpoint", "-q", str(self.path(p))).rc == 0
+
+    def kill(self, pid: int, sig: int = signal.SIGTERM) -> bool:
+        try:
+            os.kill(pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def alive(self, pid: int) -> bool:
+        return self.kill(pid, 0)
+

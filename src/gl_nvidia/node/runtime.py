@@ -1,0 +1,440 @@
+"""The `nvidia-driver` verbs: init (load, expose, wait, tear down), check-load, the peermem helpers.
+
+Decisions come from decide.py; every host effect goes through Host; every step logs one line.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import decide
+from .decide import MODULES, PEERMEM, Node, NodeError, TypeChoice, sysfs_name
+from .detect import read_node
+from .host import Host
+from .image import Image
+from .log import Log
+from .modinfo import depends, modinfo
+
+RUN_DIR = "/run/nvidia"
+DRIVER_ROOT = "/run/nvidia/driver"
+STATE_FILE = "/run/nvidia/nvidia-driver.state"
+READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
+FIRMWARE_PARAM = "/sys/module/firmware_class/parameters/path"
+FIRMWARE_SEARCH_PATH = DRIVER_ROOT + "/lib/firmware"
+MELLANOX_READY = "/run/mellanox/drivers/.driver-ready"
+NVSWITCH_PROC = "/proc/driver/nvidia-nvswitch/devices"
+FABRICMANAGER_CFG = "/usr/share/nvidia/nvswitch/fabricmanager.cfg"
+# Daemons write their own pid files; teardown stops what these name.
+DAEMONS = {
+    "nvidia-persistenced": "/var/run/nvidia-persistenced/nvidia-persistenced.pid",
+    "nv-fabricmanager": "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid",
+}
+HOST_NS = ("nsenter", "-t", "1", "-m", "--")  # hostPID: PID 1 is the host's init, its mount ns the host's
+
+
+def wait_for_signal() -> None:
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `init` decided for this node (also what `--dry-run` prints)."""
+
+    node: Node
+    kernel: str
+    module_type: TypeChoice
+    modules: tuple[str, ...]
+    available: dict[str, list[str]]  # kernel -> module types this image holds
+
+
+@dataclass
+class Runtime:
+    host: Host
+    image: Image
+    env: dict[str, str]
+    log: Log = field(default_factory=Log)
+    wait: Callable[[], None] = wait_for_signal
+    sleep: Callable[[float], None] = time.sleep
+    # what this run started, undone on teardown or failure
+    _mounted: bool = False
+    _loaded: list[str] = field(default_factory=list)
+    _daemons: list[str] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- decisions
+
+    def plan(self) -> Plan:
+        node = read_node(self.host)
+        available = {k: self.image.module_types(k) for k in self.image.kernels()}
+        self.log.info("node", kernel=node.kernel, gpus=len(node.gpus), os=decide.os_tag(node.os_release))
+        kernel = decide.select_kernel(node, [k for k, t in available.items() if t], self.image.driver_branch)
+        if not node.gpus:
+            raise NodeError(
+                f"no NVIDIA GPU on this node (no PCI device with vendor 0x10de and a display class in "
+                f"/sys/bus/pci/devices); nothing loaded into kernel {node.kernel}",
+                "run the driver only on GPU nodes (node label nvidia.com/gpu.deploy.driver=true)",
+            )
+        choice = decide.choose_module_type(
+            self.env.get("KERNEL_MODULE_TYPE", "auto"), self.image.driver_branch, node.gpus, available[kernel]
+        )
+        modules = decide.modules_to_load(node, self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true")
+        return Plan(node, kernel, choice, modules, available)
+
+    def dry_run(self) -> Plan | None:
+        """Detection only: print what init would do, touch nothing."""
+        node = read_node(self.host)
+        out = self.log.info
+        out("dry-run: kernel", kernel=node.kernel, os=decide.os_tag(node.os_release))
+        for gpu in node.gpus:
+            out("dry-run: gpu", address=gpu.address, pci_id=gpu.pci_id, architecture=decide.architecture(gpu.device))
+        for sw in node.nvswitches:
+            out("dry-run: nvswitch", address=sw.address, pci_id=sw.pci_id)
+        out("dry-run: mellanox nics", count=len(node.mellanox))
+        for k in self.image.kernels():
+            out("dry-run: image holds", kernel=k, types=",".join(self.image.module_types(k)) or "none",
+                driver=self.image.driver_version)
+        out("dry-run: loaded nvidia", version=_loaded_version(node) or "none")
+        try:
+            plan = self.plan()
+        except NodeError as exc:
+            self.log.error("dry-run: init would stop", reason=exc.message)
+            return None
+        out("dry-run: module type", type=plan.module_type.module_type, reason=plan.module_type.reason)
+        out("dry-run: would load", modules=",".join(plan.modules), kernel=plan.kernel)
+        return plan
+
+    # ---------------------------------------------------------------- init
+
+    def init(self) -> None:
+        self.log.info("nvidia-driver init", driver=self.image.driver_version, node=self.env.get("NODE_NAME", ""))
+        plan = self.plan()
+        ours = self.image.driver_version
+        loaded = _loaded_version(plan.node)
+        decide.check_loaded(loaded, ours)
+        digest = self.env.get("DRIVER_CONFIG_DIGEST", "")
+        state = self.host.read_opt(STATE_FILE)
+        try:
+            if decide.fast_path(loaded, ours, digest, state):
+                self.log.info("fast path: driver already loaded with this configuration, not reloading",
+                              version=ours, digest=digest)
+                self._expose()
+                self._start_daemons(plan)
+            else:
+                if loaded is not None:
+                    self.log.info("driver loaded with another configuration, reloading", version=loaded,
+                                  digest=digest or "unset", state=(state or "absent").strip())
+                    if not self._unload():
+                        raise NodeError(
+                            f"nvidia {loaded} is loaded with another configuration and in use; "
+                            "cannot reload it", "drain the GPU pods on this node and restart the driver pod",
+                        )
+                self.host.remove(STATE_FILE)
+                self._install(plan)
+                if digest:
+                    self.host.write_atomic(STATE_FILE, digest + "\n")
+        except BaseException:
+            self.teardown(failed=True)
+            raise
+        self.log.info("driver ready, waiting for SIGTERM", version=ours, type=plan.module_type.module_type)
+        self.wait()
+        self.log.info("signal received, shutting down")
+        self.teardown()
+
+    def _install(self, plan: Plan) -> None:
+        self.log.info("module type", type=plan.module_type.module_type, reason=plan.module_type.reason)
+        params = self._params()
+        self._firmware_path(params.params.get("nvidia", ()))
+        self._expose()  # before insmod: GSP firmware is read through the driver root at GPU init
+        if PEERMEM in plan.modules:
+            self._iommu_identity(plan.node)
+        self._load(plan, params)
+        self._device_nodes(plan.node)
+        self._start_daemons(plan)
+
+    def _params(self) -> decide.ModuleParams:
+        confs = {}
+        for m in (*MODULES, PEERMEM):
+            path = f"{decide.CONF_DIR}/{m}.conf"
+            text = self.host.read_opt(path)
+            if text is not None:
+                confs[m] = (path, text)
+        params = decide.module_params(confs)
+        if params.problems:
+            raise NodeError(
+                "malformed module parameters: " + "; ".join(params.problems),
+                "fix the ConfigMap behind /drivers (one or more name=value per line, # comments)",
+            )
+        for m, p in params.params.items():
+            self.log.info("module parameters", module=m, params=" ".join(p))
+        return params
+
+    def _firmware_path(self, nvidia_params: tuple[str, ...]) -> None:
+        current = self.host.read_opt(FIRMWARE_PARAM)
+        if current is None:
+            self.log.warn("no firmware search path parameter; the kernel must find GSP firmware elsewhere",
+                          path=FIRMWARE_PARAM)
+            return
+        action = decide.firmware_path_action(current, FIRMWARE_SEARCH_PATH, nvidia_params)
+        if action == "set":
+            self.host.write(FIRMWARE_PARAM, FIRMWARE_SEARCH_PATH)
+        elif action == "retain":
+            self.log.warn("firmware search path already set by someone else, retaining it",
+                          current=current.strip(), ours=FIRMWARE_SEARCH_PATH)
+            return
+        self.log.info("firmware search path", action=action, path=FIRMWARE_SEARCH_PATH)
+
+    def _expose(self) -> None:
+        """The image's root at /run/nvidia/driver on the host: a bind mount, no copy of the userspace."""
+        self._ensure_ld_cache()
+        if self.host.is_mountpoint(DRIVER_ROOT):
+            self.log.info("driver root still mounted from an earlier run, replacing it", path=DRIVER_ROOT)
+            self._umount()
+        self.host.makedirs(DRIVER_ROOT)
+        self._cmd("mount", "--bind", str(self.image.root), str(self.host.path(DRIVER_ROOT)), what="bind-mount the driver root")
+        self._mounted = True
+        self.log.info("driver root visible", path=DRIVER_ROOT, source=str(self.image.root))
+
+    def _ensure_ld_cache(self) -> None:
+        """The container toolkit finds the libraries through the driver root's etc/ld.so.cache."""
+        cache = self.image.at("/etc/ld.so.cache")
+        if cache.is_file() and b"libnvidia-ml.so.1" in cache.read_bytes():
+            return
+        self.log.info("etc/ld.so.cache does not list libnvidia-ml.so.1, running ldconfig")
+        self._cmd("ldconfig", what="rebuild the driver root's loader cache")
+
+    def _iommu_identity(self, node: Node) -> None:
+        """GPUDirect RDMA: peer DMA between NIC and GPU needs the GPUs' IOMMU groups in identity mode."""
+        for gpu in node.gpus:
+            group = self.host.readlink(f"/sys/bus/pci/devices/{gpu.address}/iommu_group")
+            if not group:
+                continue
+            type_file = f"/sys/kernel/iommu_groups/{group.rsplit('/', 1)[-1]}/type"
+            current = (self.host.read_opt(type_file) or "").strip()
+            if current in ("DMA", "DMA-FQ"):
+                try:
+                    self.host.write(type_file, "identity")
+                    self.log.info("iommu group set to identity", gpu=gpu.address, was=current)
+                except OSError as exc:
+                    self.log.warn("could not set iommu group to identity", gpu=gpu.address, error=str(exc))
+
+    def _load(self, plan: Plan, params: decide.ModuleParams) -> None:
+        kos = [self.image.ko(plan.kernel, plan.module_type.module_type, m) for m in plan.modules]
+        missing = [k.name for k in kos if not k.is_file()]
+        if missing:
+            raise NodeError(f"this image lacks {', '.join(missing)} for kernel {plan.kernel}",
+                            "rebuild the image from a complete bundle")
+        ours = {sysfs_name(m) for m in plan.modules}
+        host_deps = sorted({d for k in kos for d in depends(k)} - ours - set(plan.node.loaded))
+        if host_deps:
+            self._cmd(*HOST_NS, "modprobe", "-a", *host_deps, what="load host modules " + ",".join(host_deps))
+            self.log.info("host modules loaded", modules=",".join(host_deps))
+        for m, ko in zip(plan.modules, kos, strict=True):
+            if sysfs_name(m) in plan.node.loaded:
+                continue
+            p = params.params.get(m, ())
+            res = self.host.run("insmod", str(ko), *p)
+            if res.rc != 0:
+                raise NodeError(f"the kernel refused {ko.name}: {_reason(res.stderr)}; kernel log: {self._kernel_log()}",
+                                "run `nvidia-driver check-load` for a diagnosis")
+            self._loaded.append(m)
+            self.log.info("module loaded", module=m, type=plan.module_type.module_type, params=" ".join(p))
+
+    def _device_nodes(self, node: Node) -> None:
+        tool = DRIVER_ROOT + "/usr/bin/nvidia-modprobe"
+        if not self.image.has("nvidia-modprobe"):
+            self.log.warn("nvidia-modprobe not in this image; device nodes are left to the kernel")
+            return
+        args = ["-u", "-m"] + [a for i in range(len(node.gpus)) for a in ("-c", str(i))]
+        self._cmd(*HOST_NS, tool, *args, what="create /dev/nvidia* on the host")
+        self.log.info("device nodes created", gpus=len(node.gpus))
+
+    def _start_daemons(self, plan: Plan) -> None:
+        if self.image.has("nvidia-persistenced"):
+            self._daemon("nvidia-persistenced", "--persistence-mode")
+        else:
+            self.log.warn("nvidia-persistenced not in this image; persistence mode stays off")
+        if plan.node.nvswitches or self.host.listdir(NVSWITCH_PROC):
+            if not self.image.has("nv-fabricmanager"):
+                raise NodeError(
+                    f"this node has {len(plan.node.nvswitches)} NVSwitch(es) but the image has no nv-fabricmanager; "
+                    "CUDA cannot use the GPUs without it",
+                    "build the image with fabric manager for this driver version",
+                )
+            self._daemon("nv-fabricmanager", "-c", FABRICMANAGER_CFG)
+
+    def _daemon(self, name: str, *args: str) -> None:
+        pid = self._pid(name)
+        if pid is not None and self.host.alive(pid):
+            self.log.info("daemon already running", daemon=name, pid=pid)
+        else:
+            self._cmd(name, *args, what=f"start {name}")
+            self.log.info("daemon started", daemon=name, pid=self._pid(name) or "unknown")
+        self._daemons.append(name)
+
+    def _pid(self, daemon: str) -> int | None:
+        text = self.host.read_opt(DAEMONS[daemon])
+        return int(text.strip()) if text and text.strip().isdigit() else None
+
+    # ---------------------------------------------------------------- teardown
+
+    def teardown(self, failed: bool = False) -> None:
+        """Stop daemons, unload modules unless in use, undo the mount, remove the ready file. Never raises."""
+        for name in reversed(self._daemons):
+            pid = self._pid(name)
+            if pid is None or not self.host.alive(pid):
+                continue
+            self.host.kill(pid)
+            for _ in range(50):
+                if not self.host.alive(pid):
+                    break
+                self.sleep(0.1)
+            self.log.info("daemon stopped", daemon=name, pid=pid, stopped=not self.host.alive(pid))
+        self._daemons.clear()
+        if not failed or self._loaded:
+            unloaded = self._unload()
+            if unloaded:
+                self.host.remove(STATE_FILE)
+        if self._mounted or (not failed and self.host.is_mountpoint(DRIVER_ROOT)):
+            self._umount()
+        self.host.remove(READY_FILE)
+        self.log.info("teardown done", failed=failed)
+
+    def _umount(self) -> None:
+        res = self.host.run("umount", "--lazy", str(self.host.path(DRIVER_ROOT)))
+        if res.rc != 0:
+            self.log.warn("could not unmount the driver root", path=DRIVER_ROOT, error=_reason(res.stderr))
+        else:
+            self.log.info("driver root unmounted", path=DRIVER_ROOT)
+        self._mounted = False
+
+    def _unload(self) -> bool:
+        """rmmod the NVIDIA modules unless something holds them; then say who does. True when none is left."""
+        order = [PEERMEM, "nvidia-modeset", "nvidia-uvm", "nvidia", "nvidia-drm"]
+        refcnt = {}
+        for m in order:
+            text = self.host.read_opt(f"/sys/module/{sysfs_name(m)}/refcnt")
+            if text is not None and text.strip().isdigit():
+                refcnt[m] = int(text.strip())
+        if not refcnt:
+            return True
+        if decide.in_use(refcnt) or "nvidia-drm" in refcnt:
+            self.log.warn("driver in use, modules stay loaded", holders=self._holders() or "unknown",
+                          refcnt=",".join(f"{m}={n}" for m, n in refcnt.items()))
+            return False
+        res = self.host.run("rmmod", *[m for m in order if m in refcnt])
+        if res.rc != 0:
+            self.log.warn("rmmod failed, modules stay loaded", error=_reason(res.stderr), holders=self._holders() or "unknown")
+            return False
+        self._loaded.clear()
+        self.log.info("modules unloaded", modules=",".join(m for m in order if m in refcnt))
+        return True
+
+    def _holders(self) -> str:
+        """Modules stacked on nvidia and processes with /dev/nvidia* open (hostPID shows the host's)."""
+        who = [f"module {h}" for h in self.host.listdir("/sys/module/nvidia/holders")]
+        for pid in self.host.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            fds = self.host.listdir(f"/proc/{pid}/fd")
+            if any((self.host.readlink(f"/proc/{pid}/fd/{fd}") or "").startswith("/dev/nvidia") for fd in fds):
+                comm = (self.host.read_opt(f"/proc/{pid}/comm") or "?").strip()
+                who.append(f"pid {pid} ({comm})")
+        return ", ".join(who)
+
+    # ---------------------------------------------------------------- other verbs
+
+    def check_load(self) -> bool:
+        """insmod nvidia.ko into the running kernel and classify; leaves the kernel as it found it."""
+        node = read_node(self.host)
+        kernel = decide.select_kernel(node, [k for k in self.image.kernels() if self.image.module_types(k)],
+                                      self.image.driver_branch)
+        if "nvidia" in node.loaded:
+            raise NodeError("nvidia is already loaded; check-load needs a kernel without it",
+                            "run it on a node (or VM) where the driver is not loaded")
+        ok = True
+        for t in self.image.module_types(kernel):
+            ko = self.image.ko(kernel, t, "nvidia")
+            deps = [d for d in depends(ko) if d not in node.loaded]
+            if deps:
+                self.host.run(*HOST_NS, "modprobe", "-a", *deps)
+            before = self._kernel_log_lines()
+            res = self.host.run("insmod", str(ko))
+            fields = {"kernel": kernel, "type": t, "version": modinfo(ko).get("version", "?")}
+            if res.rc == 0:
+                self.host.run("rmmod", "nvidia")
+                self.log.info("check-load: loaded (and unloaded again)", **fields)
+            elif "No such device" in res.stderr:
+                self.log.info("check-load: ABI OK, no GPU on this machine", **fields,
+                              kernel_log=self._kernel_log(before))
+            else:
+                ok = False
+                self.log.error("check-load: rejected by the kernel", **fields, error=_reason(res.stderr),
+                               kernel_log=self._kernel_log(before))
+        return ok
+
+    def probe_peermem(self) -> bool:
+        if "mlx5_core" not in read_node(self.host).loaded:
+            self.log.info("MOFED drivers are not ready, skipping the nvidia-peermem probe")
+            return True
+        if self.host.exists("/sys/module/nvidia_peermem/refcnt"):
+            return True
+        self.log.error("nvidia-peermem module is not loaded")
+        return False
+
+    def reload_peermem(self) -> None:
+        """Sidecar: (re)load nvidia-peermem once MOFED and the driver are ready, then wait."""
+        host_mofed = self.env.get("USE_HOST_MOFED", "false") == "true"
+        while not (
+            self.host.exists(READY_FILE)
+            and ("mlx5_core" in read_node(self.host).loaded if host_mofed else self.host.exists(MELLANOX_READY))
+        ):
+            self.log.info("waiting for the Mellanox OFED and NVIDIA drivers")
+            self.sleep(10)
+        node = read_node(self.host)
+        if "nvidia_peermem" not in node.loaded:
+            kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch)
+            module_type = self._loaded_type(kernel)
+            ko = self.image.ko(kernel, module_type, PEERMEM)
+            p = self._params().params.get(PEERMEM, ())
+            deps = [d for d in depends(ko) if d not in node.loaded]
+            if deps:
+                self._cmd(*HOST_NS, "modprobe", "-a", *deps, what="load host modules " + ",".join(deps))
+            self._cmd("insmod", str(ko), *p, what="load nvidia-peermem")
+        self.log.info("nvidia-peermem loaded, waiting for SIGTERM")
+        self.wait()
+
+    def _loaded_type(self, kernel: str) -> str:
+        """Which of the image's module sets the loaded nvidia came from (by srcversion)."""
+        loaded = (self.host.read_opt("/sys/module/nvidia/srcversion") or "").strip()
+        for t in self.image.module_types(kernel):
+            if modinfo(self.image.ko(kernel, t, "nvidia")).get("srcversion") == loaded:
+                return t
+        raise NodeError("the loaded nvidia module is not one of this image's", "restart the driver pod first")
+
+    # ---------------------------------------------------------------- helpers
+
+    def _cmd(self, *argv: str, what: str) -> None:
+        res = self.host.run(*argv)
+        if res.rc != 0:
+            raise NodeError(f"could not {what}: `{' '.join(argv)}` failed: {_reason(res.stderr or res.stdout)}")
+
+    def _kernel_log_lines(self) -> list[str]:
+        return self.host.run("dmesg").stdout.splitlines()
+
+    def _kernel_log(self, before: list[str] | None = None) -> str:
+        lines = self._kernel_log_lines()
+        new = lines[len(before):] if before is not None and lines[: len(before)] == before else lines[-5:]
+        return " | ".join(line.strip() for line in new[-5:]) or "nothing new"
+
+
+def _loaded_version(node: Node) -> str | None:
+    if "nvidia" not in node.loaded:
+        return None
+    return node.loaded["nvidia"] or "unknown"
+
+
+def _reason(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
