@@ -1,0 +1,59 @@
+"""What a live node tells us through its labels (set by NFD and the GPU Operator)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gl_nvidia.deploy.resolve import NodeOS
+from gl_nvidia.deploy.values import KERNEL_LABEL, OS_ID_LABEL, OS_VERSION_LABEL
+
+# The operator labels GPU nodes `nvidia.com/gpu.present=true`; before it has, NFD's PCI label
+# for NVIDIA's vendor id (10de) says the same.
+GPU_LABELS = ("nvidia.com/gpu.present", "feature.node.kubernetes.io/pci-10de.present")
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    name: str
+    arch: str
+    gpu: bool
+    kernel: str | None  # NFD's kernel-version.full label
+    os_id: str | None
+    version_id: str | None
+    kubelet_kernel: str  # status.nodeInfo.kernelVersion: known even without NFD
+
+    @property
+    def has_nfd_labels(self) -> bool:
+        return bool(self.kernel and self.os_id and self.version_id is not None)
+
+    def node_os(self) -> NodeOS:
+        assert self.kernel and self.os_id and self.version_id is not None
+        return NodeOS(self.os_id, self.version_id, self.kernel)
+
+    @property
+    def flavour(self) -> str:
+        # Garden Linux names cloud kernels `<version>-cloud-<arch>`; metal kernels have no flavour infix.
+        return "cloud" if "-cloud-" in (self.kernel or self.kubelet_kernel) else "metal"
+
+
+def node_facts(node: dict[str, Any]) -> NodeFacts:
+    meta = node.get("metadata") or {}
+    labels: dict[str, str] = meta.get("labels") or {}
+    info = (node.get("status") or {}).get("nodeInfo") or {}
+    return NodeFacts(
+        name=str(meta.get("name", "")),
+        arch=labels.get("kubernetes.io/arch") or str(info.get("architecture", "")),
+        gpu=any(labels.get(k) == "true" for k in GPU_LABELS),
+        kernel=labels.get(KERNEL_LABEL),
+        os_id=labels.get(OS_ID_LABEL),
+        version_id=labels.get(OS_VERSION_LABEL),
+        kubelet_kernel=str(info.get("kernelVersion", "")),
+    )
+
+
+def gpu_nodes(nodes: list[dict[str, Any]], only: str | None = None) -> list[NodeFacts]:
+    facts = [node_facts(n) for n in nodes]
+    if only is not None:
+        return [f for f in facts if f.name == only]
+    return [f for f in facts if f.gpu]

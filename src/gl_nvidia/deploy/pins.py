@@ -1,0 +1,35 @@
+"""Which driver versions deploy names, read from the catalog's typed lock (`versions.yaml` or a profile)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from gl_nvidia.catalog.lock import Lock, Resolved
+from gl_nvidia.catalog.resolve import refresh
+from gl_nvidia.catalog.sources import version_key
+from gl_nvidia.deploy.values import Variant
+from gl_nvidia.errors import UserError
+
+
+def resolved(lock: Lock) -> Resolved:
+    """The lock's `resolved` section; a profile without one (the embedded debian) is resolved now."""
+    return lock.resolved or refresh(lock, date.today())
+
+
+def default_driver_version(variant: Variant, lock: Lock) -> str:
+    """precompiled: the newest tracked branch (a moving tag); compile: the newest full version;
+    gvisor: the newest pinned version (gVisor's nvproxy accepts only the exact driver versions it
+    was qualified with, which the lock holds as `policy.pins`)."""
+    if variant == "gvisor":
+        if not lock.policy.pins:
+            raise UserError(
+                "the lock pins no driver version for gVisor: nvproxy only accepts driver versions it was "
+                "qualified with",
+                "add the nvproxy-qualified version to policy.pins in versions.yaml, or pass --driver-branch",
+            )
+        return max(lock.policy.pins, key=version_key)
+    drivers = resolved(lock).drivers
+    if not drivers:
+        raise UserError("the lock tracks no driver branch", "run `gl-nvidia update`, or pass --driver-branch")
+    newest = max(drivers, key=lambda d: version_key(d.version))
+    return newest.version if variant == "compile" else newest.branch
