@@ -137,6 +137,7 @@ def _yaml() -> YAML:
     y.preserve_quotes = True
     y.width = 4096
     y.indent(mapping=2, sequence=4, offset=2)
+    y.representer.ignore_aliases = lambda *_: True  # equal dates stay dates, not &id001 anchors
     return y
 
 
@@ -190,8 +191,7 @@ def write_lock(path: Path, doc: CommentedMap) -> None:
 
 
 def resolved_to_yaml(resolved: Resolved) -> CommentedMap:
-    data = resolved.model_dump(mode="json", exclude_none=True)
-    data["today"] = resolved.today  # a YAML date, not a string
+    data = resolved.model_dump(exclude_none=True)  # dates stay YAML dates
     out = CommentedMap()
     for key, value in data.items():
         out[key] = _flow_rows(value) if isinstance(value, list) else value

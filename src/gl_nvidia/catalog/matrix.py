@@ -78,11 +78,11 @@ def build_matrix(os_id: str, resolved: Resolved, exclusions: list[ExclusionRule]
     units = []
     for (kernel, version, arch), members in groups.items():
         first = members[0]
-        types = tuple(t for t in MODULE_TYPES if any(t in allowed[c] for c in members))
+        unit_types = tuple(t for t in MODULE_TYPES if any(t in allowed[c] for c in members))
         os_versions = tuple(sorted({c.os_version for c in members}, key=version_key))
         units.append(BuildUnit(kernel=kernel, driver_version=version, driver_branch=first.driver_branch,
                                arch=arch, flavour=first.flavour, os_id=os_id, os_versions=os_versions,
-                               module_types=types))
+                               module_types=unit_types))
     return Matrix(cells=tuple(sorted(cells)), excluded=tuple(excluded), units=tuple(sorted(units)))
 
 
@@ -101,7 +101,7 @@ def load_lock(profile_or_lock_path: str | Path) -> Lock:
 def load_matrix(
     profile_or_lock_path: str | Path,
     today: date | None = None,
-    overrides: SourceOverrides = SourceOverrides(),
+    overrides: SourceOverrides | None = None,
 ) -> Matrix:
     """The matrix of a profile or lock file, for `matrix`, `build` and `release`.
 

@@ -13,8 +13,22 @@ from datetime import date
 from gl_nvidia import ui
 from gl_nvidia.apt import AptRepo
 from gl_nvidia.catalog.kernels import apt_sources, resolve_kernel
-from gl_nvidia.catalog.lock import KernelEntry, Lock, Policy, Resolved, ResolvedDriver, ResolvedOSVersion
-from gl_nvidia.catalog.sources import DriverBranch, DriverRelease, GLMajor, fetch, parse_glrd, parse_nvidia
+from gl_nvidia.catalog.lock import (
+    KernelEntry,
+    Lock,
+    Policy,
+    Resolved,
+    ResolvedDriver,
+    ResolvedOSVersion,
+)
+from gl_nvidia.catalog.sources import (
+    DriverBranch,
+    DriverRelease,
+    GLMajor,
+    fetch,
+    parse_glrd,
+    parse_nvidia,
+)
 from gl_nvidia.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,8 +103,9 @@ class SourceOverrides:
     apt: str | None = None
 
 
-def refresh(lock: Lock, today: date, overrides: SourceOverrides = SourceOverrides()) -> Resolved:
+def refresh(lock: Lock, today: date, overrides: SourceOverrides | None = None) -> Resolved:
     """Read every source and apply the policy: the new `resolved` section."""
+    overrides = overrides or SourceOverrides()
     sources = lock.sources
     glrd = list(overrides.glrd) or sources.glrd
     nvidia = overrides.nvidia or sources.nvidia

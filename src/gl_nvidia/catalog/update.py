@@ -1,0 +1,41 @@
+"""`gl-nvidia update`: refresh the lock from its sources, rewrite it, record the history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from gl_nvidia.catalog.changelog import Change, diff
+from gl_nvidia.catalog.history import history_path, history_text, read_history, record
+from gl_nvidia.catalog.lock import read_lock, resolved_to_yaml, write_lock
+from gl_nvidia.catalog.matrix import build_matrix
+from gl_nvidia.catalog.model import Matrix
+from gl_nvidia.catalog.resolve import SourceOverrides, refresh
+from gl_nvidia.fs import atomic_write_text
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    changes: list[Change]
+    matrix: Matrix
+    written: tuple[Path, ...]  # files rewritten; empty when nothing changed
+
+
+def update(lock_path: Path, today: date, overrides: SourceOverrides | None = None) -> UpdateResult:
+    """Resolve again; when anything changed, rewrite the lock's `resolved` section and the history.
+
+    Everything is read and validated before the first write, so bad input leaves both files as they were.
+    """
+    lock, doc = read_lock(lock_path)
+    hist_path = history_path(lock_path)
+    history = read_history(hist_path)
+    new = refresh(lock, today, overrides)
+    matrix = build_matrix(lock.os.id, new, lock.policy.exclusions)
+    changes = diff(lock.resolved, new, lock.policy.branches)
+    if not changes:
+        return UpdateResult([], matrix, ())
+    doc["resolved"] = resolved_to_yaml(new)
+    atomic_write_text(hist_path, history_text(record(history, matrix, today)))
+    write_lock(lock_path, doc)
+    return UpdateResult(changes, matrix, (lock_path, hist_path))
