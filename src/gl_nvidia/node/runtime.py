@@ -130,6 +130,7 @@ class Runtime:
                             f"nvidia {loaded} is loaded with another configuration and in use; "
                             "cannot reload it", "drain the GPU pods on this node and restart the driver pod",
                         )
+                    plan = self.plan()
                 self.host.remove(STATE_FILE)
                 self._install(plan)
                 if digest:

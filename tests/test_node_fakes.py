@@ -1,0 +1,165 @@
+"""Fakes for the node runtime's host seam: a copied fake host tree, a kernel that remembers modules.
+
+Kept beside the tests that use them; the decision logic under test is the real one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from gl_nvidia.node import layout
+from gl_nvidia.node.host import Host, Result
+from gl_nvidia.node.image import Image
+from gl_nvidia.node.log import Log
+from gl_nvidia.node.runtime import Runtime
+
+DATA = Path(__file__).parent / "data" / "node"
+KERNEL = "6.1.0-56-cloud-amd64"
+
+
+def make_ko(path: Path, **info: str) -> Path:
+    """A minimal ELF64 relocatable with a `.modinfo` section, as the kernel build writes it."""
+    modinfo = b"".join(f"{k}={v}".encode() + b"\0" for k, v in info.items())
+    shstrtab = b"\0.modinfo\0.shstrtab\0"
+    body_off = 64
+    modinfo_off, shstr_off = body_off, body_off + len(modinfo)
+    shoff = (shstr_off + len(shstrtab) + 7) & ~7
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2)
+
+    def sh(name: int, typ: int, off: int, size: int) -> bytes:
+        return struct.pack("<IIQQQQIIQQ", name, typ, 0, 0, off, size, 0, 0, 1, 0)
+
+    sections = sh(0, 0, 0, 0) + sh(1, 1, modinfo_off, len(modinfo)) + sh(10, 3, shstr_off, len(shstrtab))
+    data = header + modinfo + shstrtab
+    data += bytes(shoff - len(data)) + sections
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def make_image(
+    root: Path,
+    version: str = "535.309.01",
+    kernels: dict[str, tuple[str, ...]] | None = None,
+    binaries: Sequence[str] = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced"),
+) -> Image:
+    """A driver image root as the image stage lays it out (node/layout.py)."""
+    kernels = {KERNEL: ("proprietary", "open")} if kernels is None else kernels
+    manifest = root / str(layout.MANIFEST).lstrip("/")
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"driver_version": version, "driver_branch": version.split(".")[0]}))
+    for kernel, types in kernels.items():
+        for t in types:
+            d = root / str(layout.modules_dir(kernel, t)).lstrip("/")
+            for m, deps in (("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia"),
+                            ("nvidia-peermem", "nvidia,ib_core")):
+                make_ko(d / f"{m}.ko", version=version, depends=deps, srcversion=f"{t}-{m}",
+                        vermagic=f"{kernel} SMP mod_unload modversions ")
+    for b in binaries:
+        p = root / "usr/bin" / b
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("#!/bin/sh\n")
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/ld.so.cache").write_bytes(b"glibc-ld.so.cache1.1\0libnvidia-ml.so.1\0")
+    return Image.load(root)
+
+
+class FakeKernel:
+    """Runner for the fake host: insmod/rmmod update /proc/modules and /sys/module; mounts are remembered."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.calls: list[tuple[str, ...]] = []
+        self.mounts: set[str] = set()
+        self.fail: dict[str, Result] = {}  # argv[0] (or "insmod:<module>") -> forced result
+        self.dmesg: list[str] = ["[    0.000000] Linux version " + KERNEL]
+        self.pids: set[int] = set()
+
+    def names(self) -> list[str]:
+        return [" ".join(c) for c in self.calls]
+
+    def _modules(self) -> list[str]:
+        return (self.root / "proc/modules").read_text().splitlines()
+
+    def _set_modules(self, lines: list[str]) -> None:
+        (self.root / "proc/modules").write_text("".join(line + "\n" for line in lines))
+
+    def __call__(self, argv: Sequence[str]) -> Result:
+        argv = tuple(argv)
+        self.calls.append(argv)
+        cmd = argv[0]
+        if cmd == "insmod":
+            module = Path(argv[1]).stem.replace("-", "_")
+            forced = self.fail.get(f"insmod:{module}") or self.fail.get("insmod")
+            if forced:
+                self.dmesg.append(f"[   12.000000] {module}: forced failure")
+                return forced
+            info = {"version": "535.309.01"}
+            sysmod = self.root / "sys/module" / module
+            sysmod.mkdir(parents=True, exist_ok=True)
+            (sysmod / "refcnt").write_text("0\n")
+            if module == "nvidia":
+                (sysmod / "version").write_text(info["version"] + "\n")
+                (sysmod / "srcversion").write_text(Path(argv[1]).parent.name + "-nvidia\n")
+            else:
+                nv = self.root / "sys/module/nvidia/refcnt"
+                nv.write_text(f"{int(nv.read_text()) + 1}\n")
+            self._set_modules([f"{module} 1 0 - Live 0x0", *self._modules()])
+            return Result(0)
+        if cmd == "rmmod":
+            for m in argv[1:]:
+                name = m.replace("-", "_")
+                shutil.rmtree(self.root / "sys/module" / name, ignore_errors=True)
+                self._set_modules([line for line in self._modules() if line.split()[0] != name])
+            return Result(0)
+        if cmd == "mount":
+            self.mounts.add(argv[-1])
+            return Result(0)
+        if cmd == "umount":
+            self.mounts.discard(argv[-1])
+            return Result(0)
+        if cmd == "mountpoint":
+            return Result(0 if argv[-1] in self.mounts else 1)
+        if cmd == "dmesg":
+            return Result(0, "\n".join(self.dmesg) + "\n")
+        if cmd in self.fail:
+            return self.fail[cmd]
+        if cmd in ("nvidia-persistenced", "nv-fabricmanager"):
+            pid = 4000 + len(self.pids)
+            self.pids.add(pid)
+            d = "nvidia-persistenced" if cmd == "nvidia-persistenced" else "nvidia-fabricmanager"
+            pidfile = self.root / "var/run" / d / f"{cmd}.pid"
+            pidfile.parent.mkdir(parents=True, exist_ok=True)
+            pidfile.write_text(f"{pid}\n")
+            return Result(0)
+        return Result(0)
+
+
+class FakeHost(Host):
+    """Signals go to the fake kernel's pretend daemons, never to real processes."""
+
+    kernel: FakeKernel
+
+    def kill(self, pid: int, sig: int = 15) -> bool:
+        if pid in self.kernel.pids:
+            if sig:
+                self.kernel.pids.discard(pid)
+            return True
+        return False
+
+
+def fake_node(tmp_path: Path, tree: str, image: Image | None = None, **env: str) -> tuple[Runtime, FakeKernel]:
+    root = tmp_path / "host"
+    shutil.copytree(DATA / tree, root, symlinks=True)
+    kernel = FakeKernel(root)
+    host = FakeHost(root, kernel)
+    host.kernel = kernel
+    image = image or make_image(tmp_path / "image")
+    rt = Runtime(host, image, dict(env), Log(stream=io.StringIO()), wait=lambda: None, sleep=lambda s: None)
+    return rt, kernel

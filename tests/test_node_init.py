@@ -1,0 +1,296 @@
+"""`nvidia-driver init` and friends against fake host trees (tests/data/node): every path and its message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gl_nvidia.node.decide import NodeError
+from gl_nvidia.node.host import Result
+from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STATE_FILE, Runtime
+
+from .test_node_fakes import KERNEL, FakeHost, FakeKernel, fake_node, make_image
+
+DIGEST = "2f9c1b7d"
+
+
+def _index(calls: list[str], prefix: str) -> int:
+    return next(i for i, c in enumerate(calls) if c.startswith(prefix))
+
+
+def test_h100_full_start_and_sigterm(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100", DRIVER_CONFIG_DIGEST=DIGEST)
+    host, driver_root = rt.host, str(rt.host.path(DRIVER_ROOT))
+    seen: dict[str, object] = {}
+
+    def wait() -> None:  # the state while "waiting for SIGTERM"
+        seen["mounted"] = driver_root in k.mounts
+        seen["state"] = host.read_opt(STATE_FILE)
+        seen["fw"] = host.read("/sys/module/firmware_class/parameters/path")
+        seen["loaded"] = host.read("/proc/modules")
+        host.write(READY_FILE, "ready")  # what the operator's startup probe writes
+
+    rt.wait = wait
+    rt.init()
+    calls = k.names()
+    assert seen == {
+        "mounted": True,
+        "state": DIGEST + "\n",
+        "fw": "/run/nvidia/driver/lib/firmware",
+        "loaded": seen["loaded"],
+    }
+    assert [line.split()[0] for line in str(seen["loaded"]).splitlines()][:3] == ["nvidia_modeset", "nvidia_uvm", "nvidia"]
+    # the driver root (and its GSP firmware) is visible before the kernel initialises the GPUs
+    assert _index(calls, "mount --bind") < _index(calls, "insmod")
+    assert calls[_index(calls, "mount --bind")] == f"mount --bind {rt.image.root} {driver_root}"
+    inserted = [Path(c.split()[1]) for c in calls if c.startswith("insmod")]
+    assert [p.name for p in inserted] == ["nvidia.ko", "nvidia-uvm.ko", "nvidia-modeset.ko"]
+    assert {p.parent.name for p in inserted} == {"proprietary"}  # branch 535: auto -> proprietary
+    assert "nsenter -t 1 -m -- /run/nvidia/driver/usr/bin/nvidia-modprobe -u -m -c 0 -c 1" in calls
+    assert "nvidia-persistenced --persistence-mode" in calls
+    # teardown: daemon stopped, modules unloaded, mount gone, ready and state files removed
+    assert "rmmod nvidia-modeset nvidia-uvm nvidia" in calls
+    assert not k.pids and not k.mounts
+    assert not host.exists(READY_FILE) and not host.exists(STATE_FILE)
+    assert "nvidia" not in host.read("/proc/modules")
+    assert any("msg=\"driver ready, waiting for SIGTERM\"" in line and "ts=" in line for line in rt.log.lines)
+
+
+def test_branch_570_on_h100_loads_open(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100", image=make_image(tmp_path / "img", version="570.195.03"))
+    rt.init()
+    assert {Path(c.split()[1]).parent.name for c in k.names() if c.startswith("insmod")} == {"open"}
+
+
+def test_v100_explicit_open_is_refused_before_touching_anything(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "v100", KERNEL_MODULE_TYPE="open")
+    with pytest.raises(NodeError, match=r"open kernel modules need Turing or newer .* 0000:3b:00.0 \[10de:1db4\] Volta"):
+        rt.init()
+    assert not [c for c in k.names() if c.split()[0] in ("insmod", "mount", "nsenter")]
+
+
+def test_mixed_node_570_auto_stays_proprietary(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "mixed", image=make_image(tmp_path / "img", version="570.195.03"))
+    rt.init()
+    assert {Path(c.split()[1]).parent.name for c in k.names() if c.startswith("insmod")} == {"proprietary"}
+    assert any("pre-Turing GPU is present" in line for line in rt.log.lines)
+
+
+def test_no_gpu_stops_before_the_kernel(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "no-gpu")
+    with pytest.raises(NodeError) as exc:
+        rt.init()
+    assert exc.value.message.startswith("no NVIDIA GPU on this node (no PCI device with vendor 0x10de")
+    assert exc.value.message.endswith(f"nothing loaded into kernel {KERNEL}")
+    assert k.calls == []
+
+
+def test_foreign_driver_is_refused_naming_both_versions(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "foreign-driver", DRIVER_CONFIG_DIGEST=DIGEST)
+    with pytest.raises(NodeError, match=r"^nvidia 550.54.15 is already loaded on this node; this image carries 535.309.01$"):
+        rt.init()
+    assert k.calls == []
+    assert "nvidia 73728" in rt.host.read("/proc/modules")  # left alone
+
+
+def test_kernel_without_modules_is_refused_naming_the_tag(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", kernels={"6.1.0-47-cloud-amd64": ("proprietary",)})
+    rt, k = fake_node(tmp_path, "h100", image=image)
+    with pytest.raises(NodeError) as exc:
+        rt.init()
+    assert exc.value.message == (
+        f"no modules for kernel {KERNEL} in this image (it holds 6.1.0-47-cloud-amd64); "
+        f"the node needs driver:535-{KERNEL}-gardenlinux0"
+    )
+    assert k.calls == []
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    from gl_nvidia.node.image import Image
+
+    with pytest.raises(NodeError, match=r"this image has no readable driver manifest at /usr/share/gl-nvidia/manifest.json"):
+        Image.load(tmp_path)
+
+
+def _loaded_by_us(tmp_path: Path) -> FakeKernel:
+    """A node where an earlier container loaded our driver and wrote the state file."""
+    rt, k = fake_node(tmp_path, "h100", DRIVER_CONFIG_DIGEST=DIGEST)
+    rt.wait = lambda: None
+    rt.teardown = lambda failed=False: None  # type: ignore[method-assign]  # the old container died
+    rt.init()
+    k.calls.clear()
+    k.mounts.clear()
+    return k
+
+
+def _attach(rt: Runtime, k: FakeKernel) -> None:
+    """Run `rt` on the node (fake host tree and kernel) that `k` is."""
+    assert isinstance(rt.host, FakeHost)
+    rt.host.root, rt.host.runner, rt.host.kernel = k.root, k, k
+
+
+def test_fast_path_keeps_modules_and_sigterm_leaves_nothing_behind(tmp_path: Path) -> None:
+    k = _loaded_by_us(tmp_path / "a")
+    rt, _ = fake_node(tmp_path / "b", "h100", DRIVER_CONFIG_DIGEST=DIGEST)
+    _attach(rt, k)
+    # a GPU job holds /dev/nvidia0 on the host
+    (k.root / "sys/module/nvidia/refcnt").write_text("3\n")
+    job = k.root / "proc/4242"
+    (job / "fd").mkdir(parents=True)
+    (job / "comm").write_text("python3\n")
+    (job / "fd/7").symlink_to("/dev/nvidia0")
+    rt.wait = lambda: rt.host.write(READY_FILE, "ready")
+    rt.init()
+    calls = k.names()
+    assert not [c for c in calls if c.startswith(("insmod", "rmmod"))]
+    assert any("fast path" in line for line in rt.log.lines)
+    assert any("driver in use, modules stay loaded" in line and "pid 4242 (python3)" in line for line in rt.log.lines)
+    assert not k.mounts
+    assert not rt.host.exists(READY_FILE)
+    assert rt.host.read(STATE_FILE) == DIGEST + "\n"  # modules stay loaded: the next start takes the fast path
+
+
+def test_changed_digest_reloads_when_idle(tmp_path: Path) -> None:
+    k = _loaded_by_us(tmp_path / "a")
+    rt, _ = fake_node(tmp_path / "b", "h100", DRIVER_CONFIG_DIGEST="new")
+    _attach(rt, k)
+    rt.init()
+    calls = k.names()
+    assert _index(calls, "rmmod nvidia-modeset nvidia-uvm nvidia") < _index(calls, "insmod")
+
+
+def test_changed_digest_in_use_is_refused_and_leaves_no_state(tmp_path: Path) -> None:
+    k = _loaded_by_us(tmp_path / "a")
+    (k.root / "sys/module/nvidia_uvm/refcnt").write_text("1\n")
+    rt, _ = fake_node(tmp_path / "b", "h100", DRIVER_CONFIG_DIGEST="new")
+    _attach(rt, k)
+    with pytest.raises(NodeError, match=r"^nvidia 535.309.01 is loaded with another configuration and in use; cannot reload it$"):
+        rt.init()
+    assert not [c for c in k.names() if c.startswith(("insmod", "rmmod", "mount "))]
+
+
+def test_insmod_failure_reports_the_kernel_and_undoes_everything(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100", DRIVER_CONFIG_DIGEST=DIGEST)
+    k.fail["insmod:nvidia_uvm"] = Result(1, "", "insmod: ERROR: could not insert module nvidia-uvm.ko: Invalid module format")
+    with pytest.raises(NodeError) as exc:
+        rt.init()
+    assert exc.value.message.startswith("the kernel refused nvidia-uvm.ko: insmod: ERROR: could not insert module nvidia-uvm.ko: Invalid module format; kernel log: ")
+    assert "nvidia_uvm: forced failure" in exc.value.message
+    assert "rmmod nvidia" in k.names()  # the nvidia.ko this run inserted is taken out again
+    assert not k.mounts
+    assert not rt.host.exists(STATE_FILE) and not rt.host.exists(READY_FILE)
+
+
+def test_malformed_module_conf_stops_before_loading(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    (rt.host.path("/drivers")).mkdir()
+    rt.host.path("/drivers/nvidia.conf").write_text("# ok\nNVreg_EnableGpuFirmware=0\nNVreg_X = 1\n")
+    with pytest.raises(NodeError, match=r"^malformed module parameters: /drivers/nvidia.conf:3: '=' is not a nvidia parameter"):
+        rt.init()
+    assert not [c for c in k.names() if c.startswith(("insmod", "mount "))]
+
+
+def test_module_params_reach_insmod_and_firmware_path_is_skipped(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    rt.host.path("/drivers").mkdir()
+    rt.host.path("/drivers/nvidia.conf").write_text("NVreg_EnableGpuFirmware=0\n")
+    rt.host.path("/drivers/nvidia-uvm.conf").write_text("uvm_perf_prefetch_enable=0\n")
+    rt.init()
+    calls = k.names()
+    assert any(c.startswith("insmod") and c.endswith("nvidia.ko NVreg_EnableGpuFirmware=0") for c in calls)
+    assert any(c.endswith("nvidia-uvm.ko uvm_perf_prefetch_enable=0") for c in calls)
+    assert rt.host.read("/sys/module/firmware_class/parameters/path") == "\n"
+
+
+def test_firmware_path_of_someone_else_is_retained(tmp_path: Path) -> None:
+    rt, _ = fake_node(tmp_path, "h100")
+    rt.host.write("/sys/module/firmware_class/parameters/path", "/opt/firmware\n")
+    rt.init()
+    assert rt.host.read("/sys/module/firmware_class/parameters/path") == "/opt/firmware\n"
+    assert any("retaining it" in line for line in rt.log.lines)
+
+
+def test_hgx_with_rdma_loads_peermem_host_deps_and_fabric_manager(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", binaries=("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nv-fabricmanager"))
+    rt, k = fake_node(tmp_path, "hgx-h100", image=image, GPU_DIRECT_RDMA_ENABLED="true")
+    rt.init()
+    calls = k.names()
+    inserted = [Path(c.split()[1]).name for c in calls if c.startswith("insmod")]
+    assert inserted == ["nvidia.ko", "nvidia-uvm.ko", "nvidia-modeset.ko", "nvidia-peermem.ko"]
+    assert "nv-fabricmanager -c /usr/share/nvidia/nvswitch/fabricmanager.cfg" in calls
+    assert "rmmod nvidia-peermem nvidia-modeset nvidia-uvm nvidia" in calls
+    assert not k.pids  # both daemons stopped
+
+
+def test_hgx_host_module_dependency_comes_from_the_host(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", binaries=("nv-fabricmanager",))
+    rt, k = fake_node(tmp_path, "hgx-h100", image=image, GPU_DIRECT_RDMA_ENABLED="true")
+    (rt.host.path("/proc/modules")).write_text("")  # MOFED not loaded yet: ib_core must come from the host
+    rt.init()
+    assert _index(k.names(), "nsenter -t 1 -m -- modprobe -a ib_core") < _index(k.names(), "insmod")
+
+
+def test_nvswitch_without_fabric_manager_is_refused_and_undone(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "hgx-h100")
+    with pytest.raises(NodeError, match=r"^this node has 1 NVSwitch\(es\) but the image has no nv-fabricmanager"):
+        rt.init()
+    assert not k.mounts
+    assert "rmmod nvidia-modeset nvidia-uvm nvidia" in k.names()
+
+
+def test_dry_run_prints_detection_and_touches_nothing(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "mixed")
+    plan = rt.dry_run()
+    assert plan is not None and plan.module_type.module_type == "proprietary"
+    text = "\n".join(rt.log.lines)
+    assert f"kernel={KERNEL}" in text
+    assert "address=0000:1b:00.0 pci_id=10de:2330 architecture=Hopper" in text
+    assert "address=0000:3b:00.0 pci_id=10de:1db4 architecture=Volta" in text
+    assert f"kernel={KERNEL} types=open,proprietary driver=535.309.01" in text
+    assert "type=proprietary reason=\"auto: a pre-Turing GPU is present" in text
+    assert [c for c in k.names() if c.split()[0] != "mountpoint"] == []
+
+
+def test_dry_run_on_a_gpu_less_node_says_why_init_would_stop(tmp_path: Path) -> None:
+    rt, _k = fake_node(tmp_path, "no-gpu")
+    assert rt.dry_run() is None
+    assert any("init would stop" in line and "no NVIDIA GPU" in line for line in rt.log.lines)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "verdict", "ok"),
+    [
+        ("insmod: ERROR: could not insert module nvidia.ko: No such device", "ABI OK, no GPU on this machine", True),
+        ("insmod: ERROR: could not insert module nvidia.ko: Invalid module format", "rejected by the kernel", False),
+    ],
+)
+def test_check_load_classifies_the_kernels_answer(tmp_path: Path, stderr: str, verdict: str, ok: bool) -> None:
+    rt, k = fake_node(tmp_path, "no-gpu", image=make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)}))
+    k.fail["insmod"] = Result(1, "", stderr)
+    assert rt.check_load() is ok
+    assert any(verdict in line and "type=proprietary" in line and "nvidia: forced failure" in line for line in rt.log.lines)
+
+
+def test_check_load_success_unloads_again(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100", image=make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)}))
+    assert rt.check_load()
+    assert k.names()[-1] == "rmmod nvidia"
+    assert any("loaded (and unloaded again)" in line for line in rt.log.lines)
+
+
+def test_probe_and_reload_peermem(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "hgx-h100")
+    assert rt.probe_peermem() is False  # mlx5_core loaded, nvidia_peermem not
+    rt.host.write(READY_FILE, "ready")
+    rt.host.path("/run/mellanox/drivers").mkdir(parents=True)
+    rt.host.path("/run/mellanox/drivers/.driver-ready").write_text("")
+    k(("insmod", str(rt.image.ko(KERNEL, "proprietary", "nvidia"))))  # loaded by init earlier
+    rt.reload_peermem()
+    assert Path(k.names()[-1].split()[1]).parts[-2:] == ("proprietary", "nvidia-peermem.ko")
+    assert rt.probe_peermem() is True
+
+
+def test_probe_peermem_without_mofed_passes(tmp_path: Path) -> None:
+    rt, _ = fake_node(tmp_path, "h100")
+    assert rt.probe_peermem() is True
