@@ -1,0 +1,93 @@
+"""The driver root bind mount and its teardown, for real, in a private mount namespace (`unshare -m`).
+
+The kernel side stays fake (FakeKernel); mount, umount and mountpoint run for real, and SIGTERM is a
+real signal delivered to the process and taken by the runtime's own sigwait.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, os, signal, sys
+from pathlib import Path
+from gl_nvidia.node.host import subprocess_runner
+from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STATE_FILE, wait_for_signal
+from tests.test_node_fakes import fake_node
+
+tmp = Path(sys.argv[1])
+report = {}
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def mounted(path):
+    return any(line.split()[4] == str(path) for line in open("/proc/self/mountinfo"))
+
+
+def real_mounts(rt, k):
+    rt.host.runner = lambda argv: subprocess_runner(argv) if argv[0] in {"mount", "umount", "mountpoint"} else k(argv)
+
+
+def run(rt, k, name):
+    real_mounts(rt, k)
+    target = rt.host.path(DRIVER_ROOT)
+
+    def wait():
+        report[name + ":while-running"] = {
+            "mounted": mounted(target),
+            "nvidia-smi visible": (target / "usr/bin/nvidia-smi").is_file(),
+            "state": rt.host.read_opt(STATE_FILE),
+        }
+        rt.host.write(READY_FILE, "ready")
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for_signal()
+
+    rt.wait = wait
+    rt.init()
+    report[name + ":after-sigterm"] = {
+        "mounted": mounted(target),
+        "ready file": rt.host.exists(READY_FILE),
+        "state": rt.host.read_opt(STATE_FILE),
+        "modules": rt.host.read("/proc/modules").split("\n")[0].split(" ")[0],
+    }
+    return k
+
+
+rt, k = fake_node(tmp / "full", "h100", DRIVER_CONFIG_DIGEST="d1")
+run(rt, k, "full")
+
+# fast path: our driver is loaded, in use by a GPU job, and the state matches: no reload
+rt, k2 = fake_node(tmp / "fast", "h100", DRIVER_CONFIG_DIGEST="d1")
+real_mounts(rt, k2)
+rt.wait, teardown, rt.teardown = (lambda: None), rt.teardown, (lambda failed=False: None)
+rt.init()  # an earlier container, killed without teardown: modules, state and a stale mount stay
+rt.teardown = teardown
+(k2.root / "sys/module/nvidia/refcnt").write_text("5\n")
+report["fast:stale mount before"] = mounted(rt.host.path(DRIVER_ROOT))
+k2.calls.clear()
+run(rt, k2, "fast")
+report["fast:inserted"] = [c for c in k2.names() if c.startswith(("insmod", "rmmod"))]
+print(json.dumps(report))
+"""
+
+
+def test_bind_mount_and_sigterm_teardown_in_a_mount_namespace(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{repo / 'src'}"}
+    p = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", CHILD, str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=repo, timeout=60, check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["full:while-running"] == {"mounted": True, "nvidia-smi visible": True, "state": "d1\n"}
+    assert report["full:after-sigterm"] == {"mounted": False, "ready file": False, "state": None, "modules": "virtio_net"}
+    assert report["fast:while-running"] == {"mounted": True, "nvidia-smi visible": True, "state": "d1\n"}
+    # in use: modules and the state stay for the next start's fast path; the mount and ready file go
+    assert report["fast:after-sigterm"] == {"mounted": False, "ready file": False, "state": "d1\n", "modules": "nvidia_modeset"}
+    assert report["fast:stale mount before"] is True  # replaced, not stacked: none is left after teardown
+    assert report["fast:inserted"] == []
