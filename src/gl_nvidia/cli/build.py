@@ -1,7 +1,168 @@
-"""`gl-nvidia` commands of the build stage."""
+"""`gl-nvidia` commands of the build stage: `build` and `check-modules`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 import click
 
-COMMANDS: list[click.Command] = []
+from gl_nvidia import ui
+from gl_nvidia.build import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, build_all, bundle_name
+from gl_nvidia.build.abi import check_bundle
+from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branch_of
+from gl_nvidia.build.unit import UnitResult
+from gl_nvidia.bundle import MODULE_TYPES
+from gl_nvidia.catalog.model import BuildUnit, Cell
+from gl_nvidia.errors import UserError
+
+
+def _source(kind: str, path: str | None, sha256: str | None) -> DriverSource:
+    if kind == "debian":
+        return DebianSource()
+    if not path:
+        raise UserError(f"--source {kind} needs --source-path", "a .run file or URL (nvidia), or a directory (dir)")
+    if kind == "dir":
+        return DirSource(Path(path))
+    from gl_nvidia.build.nvidia import NvidiaRunSource
+
+    return NvidiaRunSource(path, sha256=sha256)
+
+
+def _env(kind: str, headers: Path | None, unit: BuildUnit) -> KernelEnv:
+    if kind == "apt":
+        return AptEnv()
+    if kind == "dir":
+        if headers is None:
+            raise UserError("--env dir needs --kernel-headers DIR", "the kernel's build headers directory")
+        return DirEnv(headers)
+    if unit.os_id != "gardenlinux":
+        raise UserError(f"--env kmodbuild builds Garden Linux kernels only, not {unit.os_id}", "use --env apt")
+    return KmodbuildEnv(unit.os_versions[-1])
+
+
+def _cells(unit: BuildUnit) -> list[Cell]:
+    return [Cell(unit.os_id, v, unit.flavour, unit.arch, unit.kernel, unit.driver_version, unit.driver_branch)
+            for v in unit.os_versions]
+
+
+def _exclude(lock: Path, results: list[UnitResult]) -> int:
+    from gl_nvidia.catalog.lock import add_exclusion
+
+    added = 0
+    for r in results:
+        failed = [o for o in r.outcomes.values() if o.status != "ok"]
+        if not failed:
+            continue
+        whole = {o.module_type for o in failed} == set(r.unit.module_types)
+        for cell in _cells(r.unit):
+            if whole and len({o.error for o in failed}) == 1:
+                added += add_exclusion(lock, cell, reason=failed[0].error or "build failed")
+                continue
+            for o in failed:
+                mtype: Literal["open", "proprietary"] = "open" if o.module_type == "open" else "proprietary"
+                added += add_exclusion(lock, cell, reason=o.error or "build failed", module_type=mtype)
+    return added
+
+
+@click.command("build")
+@click.option("--kernel", help="Kernel release (uname -r) of one build unit.")
+@click.option("--driver", "driver_version", help="Driver version of one build unit (e.g. 535.309.01).")
+@click.option("--arch", default="amd64", show_default=True, type=click.Choice(["amd64", "arm64"]))
+@click.option("--os-version", default="12", show_default=True, help="OS version of the one unit (GL version for kmodbuild).")
+@click.option("--os-id", default="debian", show_default=True, type=click.Choice(["debian", "gardenlinux"]))
+@click.option("--all", "all_units", is_flag=True, help="Build every unit of the matrix (--profile).")
+@click.option("--profile", default="debian", show_default=True,
+              help="Profile or lock file for --all: 'debian' (embedded), 'gardenlinux' (./versions.yaml) or a path.")
+@click.option("--type", "types", multiple=True, type=click.Choice(MODULE_TYPES),
+              help="Module type(s) to build (default: both, less what the matrix excludes).")
+@click.option("--source", "source_kind", default="debian", show_default=True,
+              type=click.Choice(["debian", "nvidia", "dir"]), help="Where the driver comes from.")
+@click.option("--source-path", help="nvidia: a .run file or URL; dir: an unpacked driver tree.")
+@click.option("--sha256", help="nvidia: the .run's expected sha256.")
+@click.option("--env", "env_kind", default="apt", show_default=True, type=click.Choice(["apt", "dir", "kmodbuild"]),
+              help="Where kernel headers and compiler come from.")
+@click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
+              help="--env dir: the kernel's build headers directory.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("dist/bundles"),
+              show_default=True, help="Bundles are written to OUT/<driver version>-<arch>/.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1), help="Units built in parallel.")
+@click.option("--make-jobs", type=click.IntRange(1), help="make -j per unit (default: cores / --jobs).")
+@click.option("--keep-debug", is_flag=True, help="Also keep the unstripped modules under debug/.")
+@click.option("--exclude-failed", is_flag=True,
+              help="Add every failed cell to the lock file's exclusions (with the first compiler error).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_version: str, os_id: str,
+              all_units: bool, profile: str, types: tuple[str, ...], source_kind: str, source_path: str | None,
+              sha256: str | None, env_kind: str, kernel_headers: Path | None, out: Path, jobs: int,
+              make_jobs: int | None, keep_debug: bool, exclude_failed: bool, as_json: bool) -> None:
+    """Compile NVIDIA kernel modules for one build unit or the whole matrix into driver bundles."""
+    source = _source(source_kind, source_path, sha256)
+    if all_units:
+        if kernel or driver_version:
+            raise UserError("--all builds the matrix; leave out --kernel and --driver")
+        from gl_nvidia.catalog.matrix import load_matrix
+
+        units = list(load_matrix(profile).units)
+    else:
+        if not kernel:
+            raise UserError("say what to build: --kernel K [--driver V], or --all")
+        if not driver_version:
+            if not isinstance(source, DebianSource):
+                raise UserError("--driver is required with --source nvidia or dir")
+            driver_version = source.available_versions(arch)[0]
+        units = [BuildUnit(kernel, driver_version, branch_of(driver_version), arch,
+                           kernel.split("-")[-2] if kernel.count("-") >= 2 else "cloud", os_id, (os_version,))]
+    if exclude_failed and not all_units and profile == "debian":
+        raise UserError("--exclude-failed needs a lock file to write", "pass --profile PATH (or gardenlinux)")
+    results = build_all(units, out, source=source, env_for=lambda u: _env(env_kind, kernel_headers, u),
+                        jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug)
+    if as_json:
+        ui.print_json([{"unit": r.unit.as_dict(), "bundle": str(r.bundle),
+                        "modules": {t: {"status": o.status, "cached": o.cached, "error": o.error,
+                                        "log": str(o.log) if o.log else None} for t, o in r.outcomes.items()}}
+                       for r in results])
+    else:
+        rows = [[r.unit.kernel, r.unit.driver_version, r.unit.arch,
+                 *((r.outcomes[t].cell if t in r.outcomes else "-") for t in MODULE_TYPES)] for r in results]
+        ui.print_table("build results", ["kernel", "driver", "arch", *MODULE_TYPES], rows)
+        for r in results:
+            for o in r.outcomes.values():
+                if o.status != "ok":
+                    ui.stdout.print(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
+    failed = [r for r in results if not r.ok]
+    if exclude_failed and failed:
+        lock = Path("versions.yaml") if profile == "gardenlinux" else Path(profile)
+        added = _exclude(lock, failed)
+        ui.log.info("added %d exclusion(s) to %s", added, lock)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(results)} build unit(s) failed",
+                        "see the table and logs above; --exclude-failed records them as exclusions")
+    ui.log.info("bundles in %s", ", ".join(sorted({str(out / bundle_name(u.driver_version, u.arch)) for u in units})))
+
+
+@click.command("check-modules")
+@click.argument("bundle", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--kernel-headers", required=True, type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Build headers directory of the kernel to check against (holds .config and Module.symvers).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None:
+    """Would the target kernel load this bundle's modules? (vermagic, symbols, modversions CRCs)"""
+    verdicts = check_bundle(bundle, kernel_headers)
+    if as_json:
+        ui.print_json([{"kernel": k, "module_type": t, "ok": g.ok, "problems": list(g.problems)}
+                       for (k, t), g in verdicts.items()])
+    else:
+        ui.print_table(f"ABI gate against {kernel_headers}", ["built for", "type", "loads", "problems"],
+                       [[k, t, "yes" if g.ok else "no", len(g.problems)] for (k, t), g in verdicts.items()])
+        for (k, t), g in verdicts.items():
+            for p in g.problems[:20]:
+                ui.stdout.print(f"{k} {t}: {p}")
+            if len(g.problems) > 20:
+                ui.stdout.print(f"{k} {t}: ... and {len(g.problems) - 20} more")
+    bad = [kt for kt, g in verdicts.items() if not g.ok]
+    if bad:
+        raise UserError(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")
+
+
+COMMANDS: list[click.Command] = [build_cmd, check_modules_cmd]

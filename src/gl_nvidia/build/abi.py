@@ -1,0 +1,162 @@
+"""The ABI gate: would the target kernel accept these modules? Decided from the ELF files alone.
+
+Three checks per module, the same ones the kernel's loader makes: vermagic equals the kernel's release
+and flags; every undefined symbol is exported by the kernel (Module.symvers) or by a sibling module;
+every modversions CRC equals the kernel's.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from gl_nvidia.build.kenv import kernel_release, read_config
+from gl_nvidia.bundle import AbiGate, BundleManifest, modules_dir
+from gl_nvidia.errors import UserError
+
+_KSYMTAB = "__ksymtab_"
+# The kernel appends these per arch after the generic flags (arch/*/include/asm/vermagic.h).
+_ARCH_VERMAGIC = {"CONFIG_ARM64": "aarch64 "}
+
+
+@dataclass(frozen=True)
+class KernelAbi:
+    release: str
+    vermagic: str
+    symvers: dict[str, int]  # exported symbol -> CRC
+
+
+@dataclass(frozen=True)
+class ModuleElf:
+    name: str
+    modinfo: dict[str, str]
+    undefined: frozenset[str]
+    exported: frozenset[str]
+    versions: dict[str, int]  # __versions: symbol -> CRC the module was built against
+
+    @property
+    def vermagic(self) -> str:
+        return self.modinfo.get("vermagic", "")
+
+    @property
+    def srcversion(self) -> str:
+        return self.modinfo.get("srcversion", "")
+
+
+def expected_vermagic(release: str, config: dict[str, str]) -> str:
+    """The kernel's VERMAGIC_STRING (include/linux/vermagic.h) from its release and .config."""
+    on = {k for k, v in config.items() if v == "y"}
+    parts = [release + " "]
+    parts.append("SMP " if "CONFIG_SMP" in on else "")
+    # 6.1 tests PREEMPT_BUILD first, 6.12 PREEMPT_RT first; an RT kernel has both, so RT wins on 6.12.
+    if "CONFIG_PREEMPT_RT" in on:
+        parts.append("preempt_rt ")
+    elif "CONFIG_PREEMPT_BUILD" in on or "CONFIG_PREEMPT" in on:
+        parts.append("preempt ")
+    parts.append("mod_unload " if "CONFIG_MODULE_UNLOAD" in on else "")
+    parts.append("modversions " if "CONFIG_MODVERSIONS" in on else "")
+    parts += [flag for key, flag in _ARCH_VERMAGIC.items() if key in on]
+    return "".join(parts)
+
+
+def kernel_abi(sysout: Path) -> KernelAbi:
+    """Read a kernel's ABI from its build headers: release, vermagic, Module.symvers."""
+    symvers_file = sysout / "Module.symvers"
+    if not symvers_file.is_file():
+        raise UserError(f"{sysout} has no Module.symvers", "point at a kernel's build headers directory")
+    symvers: dict[str, int] = {}
+    for line in symvers_file.read_text(errors="replace").splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 2:
+            symvers[fields[1]] = int(fields[0], 16)
+    release = kernel_release(sysout)
+    return KernelAbi(release, expected_vermagic(release, read_config(sysout)), symvers)
+
+
+def read_module(path: Path) -> ModuleElf:
+    try:
+        with path.open("rb") as fh:
+            elf = ELFFile(fh)
+            modinfo_sec = elf.get_section_by_name(".modinfo")
+            if modinfo_sec is None:
+                raise UserError(f"{path} is not a kernel module (no .modinfo section)")
+            modinfo: dict[str, str] = {}
+            for entry in modinfo_sec.data().split(b"\0"):
+                key, sep, value = entry.decode(errors="replace").partition("=")
+                if sep:
+                    modinfo.setdefault(key, value)
+            undefined: set[str] = set()
+            exported: set[str] = set()
+            symtab = elf.get_section_by_name(".symtab")
+            if isinstance(symtab, SymbolTableSection):
+                for sym in symtab.iter_symbols():
+                    if not sym.name:
+                        continue
+                    if sym["st_shndx"] == "SHN_UNDEF":
+                        undefined.add(sym.name)
+                    elif sym.name.startswith(_KSYMTAB):
+                        exported.add(sym.name[len(_KSYMTAB):])
+            versions: dict[str, int] = {}
+            vsec = elf.get_section_by_name("__versions")
+            if vsec is not None:
+                # struct modversion_info { unsigned long crc; char name[64 - sizeof(unsigned long)]; }
+                word = 8 if elf.elfclass == 64 else 4
+                fmt = ("<" if elf.little_endian else ">") + ("Q" if word == 8 else "I")
+                data = vsec.data()
+                for off in range(0, len(data) - 63, 64):
+                    (crc,) = struct.unpack_from(fmt, data, off)
+                    name = data[off + word: off + 64].split(b"\0", 1)[0].decode(errors="replace")
+                    versions[name] = crc & 0xFFFFFFFF
+    except (ELFError, OSError, struct.error) as exc:
+        raise UserError(f"cannot read kernel module {path}: {exc}") from exc
+    return ModuleElf(path.name, modinfo, frozenset(undefined), frozenset(exported), versions)
+
+
+def gate(modules: Sequence[ModuleElf], abi: KernelAbi) -> AbiGate:
+    """Check one module set (siblings may use each other's exports) against one kernel."""
+    problems: list[str] = []
+    siblings = {sym: m.name for m in modules for sym in m.exported}
+    for m in modules:
+        if m.vermagic.strip() != abi.vermagic.strip():
+            problems.append(f"{m.name}: vermagic {m.vermagic.strip()!r} != kernel's {abi.vermagic.strip()!r}")
+        for sym in sorted(m.undefined):
+            if sym not in abi.symvers and siblings.get(sym, m.name) == m.name:
+                problems.append(f"{m.name}: symbol {sym} is not exported by {abi.release}")
+        for sym, crc in sorted(m.versions.items()):
+            if sym in siblings:
+                continue  # built together with the module that exports it
+            want = abi.symvers.get(sym)
+            if want is None:
+                if sym not in m.undefined:  # undefined ones were reported above
+                    problems.append(f"{m.name}: symbol {sym} is not exported by {abi.release}")
+            elif want != crc:
+                problems.append(f"{m.name}: symbol {sym} CRC {crc:#010x} != kernel's {want:#010x}")
+    return AbiGate(ok=not problems, problems=tuple(problems))
+
+
+def gate_files(paths: Sequence[Path], sysout: Path) -> AbiGate:
+    return gate([read_module(p) for p in paths], kernel_abi(sysout))
+
+
+def check_bundle(bundle: Path, sysout: Path) -> dict[tuple[str, str], AbiGate]:
+    """Gate every built module set of a bundle against another kernel: (kernel, type) -> verdict."""
+    try:
+        manifest = BundleManifest.load(bundle)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{bundle} is not a driver bundle: {exc}", "pass a directory `gl-nvidia build` wrote") from exc
+    abi = kernel_abi(sysout)
+    verdicts: dict[tuple[str, str], AbiGate] = {}
+    for kernel, kb in sorted(manifest.kernels.items()):
+        for mtype, ms in sorted(kb.module_sets.items()):
+            if ms.status == "ok":
+                d = modules_dir(bundle, kernel, mtype)
+                verdicts[(kernel, mtype)] = gate([read_module(d / m.name) for m in ms.modules], abi)
+    if not verdicts:
+        raise UserError(f"{bundle} holds no successfully built modules to check")
+    return verdicts

@@ -1,0 +1,134 @@
+"""Compile one module set (one tree, one kernel), strip it, gate it, and keep the result in the cache.
+
+The cache key is everything the result depends on: the module tree's digest, the module type, the
+kernel headers' digest, the compiler and the recipe. A hit costs no compiling, a miss compiles once.
+Failed compiles are cached too, so an unchanged matrix with a known-bad cell does not retry it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from gl_nvidia.build.abi import gate, kernel_abi, read_module
+from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
+from gl_nvidia.build.sources import ModuleSource
+from gl_nvidia.bundle import AbiGate, ModuleFile
+from gl_nvidia.fs import atomic_dir, cache_dir, sha256_file
+from gl_nvidia.run import run
+
+log = logging.getLogger(__name__)
+
+# Bump when the way modules are built or stripped changes: old cache entries then stop matching.
+RECIPE = 1
+_ERROR = re.compile(r"(\berror\b|\*\*\*)", re.I)
+
+
+@dataclass(frozen=True)
+class CompiledSet:
+    """A module set in the cache: stripped modules under `entry/ko`, optional `entry/debug`, `entry/build.log`."""
+
+    entry: Path
+    module_type: str
+    source_version: str
+    status: str  # "ok" | "failed"
+    modules: tuple[ModuleFile, ...]
+    abi_gate: AbiGate | None
+    error: str | None
+    cached: bool  # True when nothing was compiled for it in this run
+
+    @property
+    def log_file(self) -> Path:
+        return self.entry / "build.log"
+
+    def ko_files(self) -> list[Path]:
+        return [self.entry / "ko" / m.name for m in self.modules]
+
+
+def cache_key(src: ModuleSource, hdrs: KernelHeaders, toolchain: str, env_name: str) -> str:
+    inputs = {"recipe": RECIPE, "source": src.digest, "type": src.module_type, "headers": hdrs.digest,
+              "toolchain": toolchain, "env": env_name}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def first_error(log_text: str) -> str:
+    """The first compiler error of a build log ("nv-pci.c:123: error: too few arguments ...")."""
+    lines = log_text.splitlines()
+    for line in lines:
+        if ": error:" in line or ": fatal error:" in line:
+            return line.strip()
+    for line in lines:
+        if _ERROR.search(line):
+            return line.strip()
+    return lines[-1].strip() if lines else "no output"
+
+
+def compile_set(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchain: str, *,
+                jobs: int, keep_debug: bool = False) -> CompiledSet:
+    """Return the cached module set for these inputs, compiling it first when the cache has none."""
+    entry = cache_dir("build", "modules") / cache_key(src, hdrs, toolchain, env.name)
+    hit = _load(entry, src.module_type)
+    if hit is not None and (not keep_debug or hit.status != "ok" or (entry / "debug").is_dir()):
+        return hit
+    work = Path(tempfile.mkdtemp(prefix=f"{hdrs.kernel}-{src.module_type}-", dir=cache_dir("build", "work")))
+    try:
+        tree = work / "tree"
+        shutil.copytree(src.tree, tree, symlinks=True)
+        build_log = work / "build.log"
+        proc = run(env.make_argv(hdrs, tree, jobs), log_file=build_log, check=False)
+        with atomic_dir(entry) as tmp:
+            shutil.copyfile(build_log, tmp / "build.log")
+            result = _collect(tree, tmp, src, hdrs, proc.returncode, build_log, keep_debug)
+            (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    done = _load(entry, src.module_type)
+    assert done is not None
+    return replace(done, cached=False)
+
+
+def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, returncode: int,
+             build_log: Path, keep_debug: bool) -> dict[str, object]:
+    result: dict[str, object] = {"module_type": src.module_type, "source_version": src.version}
+    kos = sorted(tree.glob("*.ko"))
+    if returncode != 0 or not kos:
+        err = first_error(build_log.read_text(errors="replace")) if returncode else "make built no .ko files"
+        return {**result, "status": "failed", "error": err, "modules": [], "abi_gate": None}
+    (dest / "ko").mkdir()
+    if keep_debug:
+        (dest / "debug").mkdir()
+    modules = []
+    for ko in kos:
+        shipped = dest / "ko" / ko.name
+        run(["strip", "--strip-debug", "-o", shipped, ko])
+        info = read_module(shipped)
+        modules.append(ModuleFile(ko.name, sha256_file(shipped), shipped.stat().st_size, ko.stat().st_size,
+                                  info.vermagic, info.srcversion))
+        if keep_debug:
+            shutil.copyfile(ko, dest / "debug" / ko.name)
+    verdict = gate([read_module(dest / "ko" / m.name) for m in modules], kernel_abi(hdrs.sysout))
+    status, error = "ok", None
+    if not verdict.ok:
+        status, error = "failed", f"ABI gate: {len(verdict.problems)} problem(s), first: {verdict.problems[0]}"
+    return {**result, "status": status, "error": error, "modules": [asdict(m) for m in modules],
+            "abi_gate": asdict(verdict)}
+
+
+def _load(entry: Path, module_type: str) -> CompiledSet | None:
+    try:
+        d = json.loads((entry / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    g = d.get("abi_gate")
+    return CompiledSet(
+        entry=entry, module_type=module_type, source_version=d["source_version"], status=d["status"],
+        modules=tuple(ModuleFile(**m) for m in d["modules"]),
+        abi_gate=AbiGate(g["ok"], tuple(g["problems"])) if g else None,
+        error=d.get("error"), cached=True,
+    )

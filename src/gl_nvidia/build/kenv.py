@@ -1,0 +1,236 @@
+"""Kernel build environments: where a kernel's headers and compiler come from, and how `make` runs.
+
+`apt` unpacks the headers packages into a private tree (no root, no container); `dir` uses headers
+already on disk; `kmodbuild` runs Garden Linux's developer container with podman or docker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from gl_nvidia import apt
+from gl_nvidia.errors import UserError
+from gl_nvidia.fs import atomic_dir, atomic_write_text, cache_dir, sha256_file
+from gl_nvidia.run import output
+
+_INCLUDE = re.compile(r"^include\s+(\S+)/Makefile\s*$", re.M)
+
+
+@dataclass(frozen=True)
+class KernelHeaders:
+    kernel: str  # uname -r
+    syssrc: Path  # the kernel source (common) headers: kbuild's srctree
+    sysout: Path  # the kernel's build output headers: .config, Module.symvers, generated/
+    digest: str  # sha256 over the headers' packages or files
+    kernel_compiler: str  # CONFIG_CC_VERSION_TEXT: the compiler the kernel was built with
+
+    @property
+    def cc(self) -> str:
+        """The compiler command the kernel names (NVIDIA's Makefile picks the same one)."""
+        return self.kernel_compiler.split()[0] if self.kernel_compiler else "cc"
+
+
+class KernelEnv(Protocol):
+    name: str
+
+    def headers(self, kernel: str, arch: str) -> KernelHeaders: ...
+
+    def make_argv(self, hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]: ...
+
+    def toolchain(self, hdrs: KernelHeaders) -> str:
+        """First line of the compiler's --version, as this environment runs it."""
+        ...
+
+
+def make_argv(hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
+    """The recipe DESIGN.md records as working: SYSSRC = the common dir, SYSOUT = the arch dir."""
+    return ["make", f"-j{jobs}", "-C", str(tree), f"SYSSRC={hdrs.syssrc}", f"SYSOUT={hdrs.sysout}", "modules"]
+
+
+def read_config(sysout: Path) -> dict[str, str]:
+    config = sysout / ".config"
+    if not config.is_file():
+        raise UserError(f"{sysout} holds no kernel .config", "point at a kernel's build headers directory")
+    values: dict[str, str] = {}
+    for line in config.read_text(errors="replace").splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key] = value.strip('"')
+    return values
+
+
+def kernel_release(sysout: Path) -> str:
+    """uname -r of the kernel these headers belong to (Debian's include/config/kernel.release lies)."""
+    uts = sysout / "include/generated/utsrelease.h"
+    m = re.search(r'UTS_RELEASE\s+"([^"]+)"', uts.read_text()) if uts.is_file() else None
+    if not m:
+        raise UserError(f"{sysout} has no include/generated/utsrelease.h", "point at a kernel's build headers")
+    return m.group(1)
+
+
+def host_toolchain(cc: str) -> str:
+    if shutil.which(cc) is None:
+        raise UserError(f"the kernel was built with {cc}, which is not installed",
+                        f"install {cc} (scripts/bootstrap) so modules match the kernel's compiler")
+    return output([cc, "--version"]).splitlines()[0].strip()
+
+
+def dir_headers(sysout: Path, syssrc: Path | None = None) -> KernelHeaders:
+    """Headers on disk: `sysout` is the arch dir; `syssrc` defaults to what its Makefile includes."""
+    if syssrc is None:
+        makefile = sysout / "Makefile"
+        m = _INCLUDE.search(makefile.read_text()) if makefile.is_file() else None
+        syssrc = Path(m.group(1)) if m and Path(m.group(1)).is_dir() else sysout
+    h = hashlib.sha256()
+    for name in (".config", "Module.symvers", "include/generated/utsrelease.h"):
+        if (sysout / name).is_file():
+            h.update(sha256_file(sysout / name).encode())
+    return KernelHeaders(kernel_release(sysout), syssrc, sysout, h.hexdigest(),
+                         read_config(sysout).get("CONFIG_CC_VERSION_TEXT", ""))
+
+
+class DirEnv:
+    """Headers already on disk, compiled with this machine's compiler."""
+
+    name = "dir"
+
+    def __init__(self, sysout: Path, syssrc: Path | None = None) -> None:
+        self.sysout, self.syssrc = sysout, syssrc
+
+    def headers(self, kernel: str, arch: str) -> KernelHeaders:
+        hdrs = dir_headers(self.sysout, self.syssrc)
+        if kernel and hdrs.kernel != kernel:
+            raise UserError(f"headers in {self.sysout} are for {hdrs.kernel}, not {kernel}")
+        return hdrs
+
+    def make_argv(self, hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
+        return make_argv(hdrs, tree, jobs)
+
+    def toolchain(self, hdrs: KernelHeaders) -> str:
+        return host_toolchain(hdrs.cc)
+
+
+class AptEnv:
+    """linux-headers-<kernel>, its -common and linux-kbuild packages, unpacked into a private tree."""
+
+    name = "apt"
+
+    def __init__(self, repo: apt.AptRepo | None = None) -> None:
+        self._repo = repo
+
+    def repo(self, arch: str) -> apt.AptRepo:
+        if self._repo is None or self._repo.arch != arch:
+            self._repo = apt.AptRepo(apt.system_sources(), arch=arch)
+        return self._repo
+
+    def headers(self, kernel: str, arch: str) -> KernelHeaders:
+        repo = self.repo(arch)
+        name = f"linux-headers-{kernel}"
+        if not repo.versions(name):
+            raise UserError(f"no kernel headers package {name} in {repo.describe()}",
+                            "check the kernel release (uname -r) and the apt repository of its OS version")
+        pkg = repo.find(name)
+        pkgs = [pkg, *(repo.find(dep) for dep in _header_deps(pkg.depends))]
+        digest = hashlib.sha256("".join(sorted(p.sha256 for p in pkgs)).encode()).hexdigest()
+        tree = cache_dir("build", "headers") / f"{kernel}-{digest[:16]}"
+        if not tree.exists():
+            debs = [repo.download(p) for p in pkgs]
+            with atomic_dir(tree) as tmp:
+                for deb in debs:
+                    apt.extract(deb, tmp)
+                _relocate(tmp, tree, kernel)
+        sysout = tree / "usr/src" / name
+        hdrs = dir_headers(sysout)
+        return KernelHeaders(kernel, hdrs.syssrc, sysout, digest, hdrs.kernel_compiler)
+
+    def make_argv(self, hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
+        return make_argv(hdrs, tree, jobs)
+
+    def toolchain(self, hdrs: KernelHeaders) -> str:
+        return host_toolchain(hdrs.cc)
+
+
+def _header_deps(depends: str) -> list[str]:
+    """The -common headers and linux-kbuild packages a linux-headers package depends on."""
+    names = [alt.strip().split()[0] for alt in depends.split(",") if alt.strip()]
+    return [n for n in names if n.startswith(("linux-headers-", "linux-kbuild-"))]
+
+
+def _relocate(tmp: Path, final: Path, kernel: str) -> None:
+    """Point the arch dir's one-line Makefile at the private common dir (it names /usr/src/...)."""
+    makefile = tmp / "usr/src" / f"linux-headers-{kernel}" / "Makefile"
+    if not makefile.is_file():
+        raise UserError(f"linux-headers-{kernel} has no usr/src/linux-headers-{kernel}/Makefile")
+    text = makefile.read_text()
+    m = _INCLUDE.search(text)
+    if not m:
+        raise UserError(f"unexpected {makefile.name} in linux-headers-{kernel}: no include of the common dir")
+    common = final / m.group(1).lstrip("/")
+    atomic_write_text(makefile, text[: m.start(1)] + str(common) + text[m.end(1):])
+
+
+# --- kmodbuild ----------------------------------------------------------------------------------
+
+KMODBUILD_IMAGE = "ghcr.io/gardenlinux/gardenlinux/kmodbuild"
+
+
+def container_engine() -> str:
+    for engine in ("podman", "docker"):
+        if shutil.which(engine):
+            return engine
+    raise UserError("the kmodbuild environment needs podman or docker, and neither is installed",
+                    "install podman, or use --env apt")
+
+
+def kmodbuild_image(arch: str, gl_version: str) -> str:
+    return f"{KMODBUILD_IMAGE}:{arch}-{gl_version}"
+
+
+def kmodbuild_argv(engine: str, image: str, tree: Path, argv: list[str]) -> list[str]:
+    """Run `argv` in the kmodbuild container with `tree` mounted read-write at the same path."""
+    return [engine, "run", "--rm", "--network=none", "-v", f"{tree}:{tree}:rw", "-w", str(tree), image, *argv]
+
+
+class KmodbuildEnv:
+    """Garden Linux's developer container: its headers and compiler, run with podman or docker."""
+
+    name = "kmodbuild"
+
+    def __init__(self, gl_version: str, engine: str | None = None) -> None:
+        self.gl_version = gl_version
+        self._engine = engine
+
+    @property
+    def engine(self) -> str:
+        if self._engine is None:
+            self._engine = container_engine()
+        return self._engine
+
+    def image(self, arch: str) -> str:
+        return kmodbuild_image(arch, self.gl_version)
+
+    def headers(self, kernel: str, arch: str) -> KernelHeaders:
+        # The gate reads .config and Module.symvers on this side: copy the headers out once.
+        tree = cache_dir("build", "kmodbuild") / f"{self.gl_version}-{arch}-{kernel}"
+        if not tree.exists():
+            with atomic_dir(tree) as tmp:
+                output(kmodbuild_argv(self.engine, self.image(arch), tmp,
+                                      ["sh", "-c", f"cp -a /usr/src/. {tmp}/"]))
+        return dir_headers(tree / f"linux-headers-{kernel}")
+
+    def make_argv(self, hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
+        inner = ["make", f"-j{jobs}", "-C", str(tree), f"KERNEL_UNAME={hdrs.kernel}", "modules"]
+        return kmodbuild_argv(self.engine, self.image(_arch_of(hdrs.kernel)), tree, inner)
+
+    def toolchain(self, hdrs: KernelHeaders) -> str:
+        argv = kmodbuild_argv(self.engine, self.image(_arch_of(hdrs.kernel)), Path("/tmp"), [hdrs.cc, "--version"])
+        return output(argv).splitlines()[0].strip()
+
+
+def _arch_of(kernel: str) -> str:
+    return "arm64" if kernel.endswith("arm64") else "amd64"

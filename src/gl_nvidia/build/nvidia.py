@@ -1,0 +1,127 @@
+"""The `nvidia` driver source: NVIDIA's `.run` installer, downloaded (or a local file), checked, unpacked.
+
+Downloads are retried, checked against an expected sha256 when one is given, cached by version, and
+unpacked with the installer's own `--extract-only` (which also verifies the installer's embedded
+checksum). The unpacked tree is then read like the `dir` source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from gl_nvidia import ui
+from gl_nvidia.build.sources import DriverInputs, run_tree_inputs
+from gl_nvidia.errors import CommandError, UserError
+from gl_nvidia.fs import atomic_dir, cache_dir, sha256_file
+from gl_nvidia.run import run
+
+log = logging.getLogger(__name__)
+
+NVIDIA_URL = "https://us.download.nvidia.com/tesla/{version}/NVIDIA-Linux-{machine}-{version}.run"
+MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
+ATTEMPTS = 4
+
+
+def run_file_name(version: str, arch: str) -> str:
+    return f"NVIDIA-Linux-{MACHINES[arch]}-{version}.run"
+
+
+class NvidiaRunSource:
+    """`location`: a local .run path, or a URL (template with {version} and {machine}) to download."""
+
+    name = "nvidia"
+
+    def __init__(self, location: str = NVIDIA_URL, *, sha256: str | None = None,
+                 client: httpx.Client | None = None, retry_delay: float = 1.0) -> None:
+        self.location = location
+        self.sha256 = sha256.lower() if sha256 else None
+        self._client = client
+        self.retry_delay = retry_delay
+
+    def prepare(self, driver_version: str, arch: str) -> DriverInputs:
+        run_file = self.fetch(driver_version, arch)
+        digest = sha256_file(run_file)
+        if self.sha256 and digest != self.sha256:
+            raise UserError(f"checksum mismatch for {run_file.name}: expected sha256 {self.sha256}, got {digest}",
+                            "check --sha256, or delete the file and download it again")
+        tree = cache_dir("build", "run-trees") / f"{driver_version}-{arch}-{digest[:16]}"
+        if not tree.exists():
+            with ui.progress() as prog, ui.task(prog, f"unpack {run_file.name}"), atomic_dir(tree) as tmp:
+                try:
+                    run(["sh", run_file, "--extract-only", "--target", tmp / "driver"])
+                except CommandError as exc:
+                    raise UserError(f"cannot unpack {run_file}: {exc.message}",
+                                    "the installer is damaged or not an NVIDIA .run; download it again") from exc
+        inputs = run_tree_inputs(tree / "driver", arch, self.name, {run_file.name: digest})
+        if inputs.driver_version != driver_version:
+            raise UserError(f"{run_file.name} holds driver {inputs.driver_version}, not {driver_version}")
+        return inputs
+
+    def fetch(self, driver_version: str, arch: str) -> Path:
+        """The .run file for this version: the local path, or a cached (else downloaded) copy."""
+        url = self.location.format(version=driver_version, machine=MACHINES[arch])
+        if urlparse(url).scheme not in ("http", "https"):
+            path = Path(url)
+            if not path.is_file():
+                raise UserError(f"no such driver installer: {path}", "pass a .run file or an http(s) URL")
+            return path
+        cached = cache_dir("build", "runs") / run_file_name(driver_version, arch)
+        if cached.is_file() and (self.sha256 is None or sha256_file(cached) == self.sha256):
+            return cached
+        self._download(url, cached, driver_version)
+        return cached
+
+    def _download(self, url: str, dest: Path, driver_version: str) -> None:
+        client = self._client or httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
+        error: str | None = None
+        for attempt in range(ATTEMPTS):
+            if error is not None:
+                log.warning("download %s: %s; retrying (%d/%d)", url, error, attempt + 1, ATTEMPTS)
+                time.sleep(self.retry_delay * 2 ** (attempt - 1))
+            try:
+                error = self._try_download(client, url, dest, driver_version)
+            except httpx.HTTPError as exc:
+                error = str(exc) or type(exc).__name__
+            if error is None:
+                return
+        raise UserError(f"download failed after {ATTEMPTS} attempts: {url}: {error}", "check the network and the URL")
+
+    def _try_download(self, client: httpx.Client, url: str, dest: Path, driver_version: str) -> str | None:
+        """One attempt: None when `dest` is in place, else why it failed in a way worth retrying."""
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh, client.stream("GET", url) as resp:
+                if resp.status_code == 404:
+                    raise UserError(f"unknown driver version {driver_version}: {url} does not exist (HTTP 404)",
+                                    "check the version against NVIDIA's releases (gl-nvidia matrix)")
+                if resp.status_code >= 500:
+                    return f"HTTP {resp.status_code}"
+                if resp.status_code != 200:
+                    raise UserError(f"downloading {url} failed: HTTP {resp.status_code}")
+                total = int(resp.headers.get("content-length", 0)) or None
+                with ui.progress(transfer=True) as prog, ui.task(prog, f"download {dest.name}", total) as t:
+                    for chunk in resp.iter_bytes(1 << 20):
+                        fh.write(chunk)
+                        t.advance(len(chunk))
+                if total is not None and fh.tell() != total:
+                    return f"short read ({fh.tell()} of {total} bytes)"
+            got = sha256_file(tmp)
+            if self.sha256 and got != self.sha256:
+                raise UserError(f"checksum mismatch for {url}: expected sha256 {self.sha256}, got {got}",
+                                "check --sha256; the file on the server differs from the one expected")
+            os.replace(tmp, dest)
+            return None
+        except OSError as exc:
+            raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

@@ -1,0 +1,252 @@
+"""Driver sources: where the kernel-module trees, userspace and firmware of one driver version come from.
+
+Every source ends in the same `DriverInputs`: one unpacked module tree per module type, a root-relative
+userspace tree and a firmware tree, plus the digests of what they were made from. Unpacked inputs are
+cached by those digests, so a second build never downloads or unpacks again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from debian.debian_support import Version
+
+from gl_nvidia import apt
+from gl_nvidia.errors import UserError
+from gl_nvidia.fs import atomic_dir, cache_dir
+from gl_nvidia.run import run
+
+TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    """An unpacked kernel-module tree (the directory holding NVIDIA's top-level Makefile and Kbuild)."""
+
+    module_type: str  # "open" | "proprietary"
+    version: str  # version of this tree, which may differ from the userspace version
+    tree: Path
+    digest: str  # sha256 of what the tree was unpacked from
+
+
+@dataclass(frozen=True)
+class DriverInputs:
+    driver_version: str
+    branch: str
+    arch: str
+    source: str  # "debian" | "nvidia" | "dir"
+    digests: dict[str, str]  # input file name -> sha256
+    userspace: Path  # root-relative tree: usr/bin/..., usr/lib/<triplet>/...
+    firmware: Path  # holds nvidia/<version>/gsp_*.bin
+    module_sources: dict[str, ModuleSource] = field(default_factory=dict)  # keyed by module type
+
+
+class DriverSource(Protocol):
+    name: str
+
+    def prepare(self, driver_version: str, arch: str) -> DriverInputs:
+        """Fetch and unpack (or reuse from the cache) everything of `driver_version` for `arch`."""
+        ...
+
+
+def branch_of(version: str) -> str:
+    return version.split(".", 1)[0]
+
+
+def _upstream(deb_version: str) -> str:
+    """Debian version "535.309.01-0+deb12u1" -> NVIDIA version "535.309.01"."""
+    return Version(deb_version).upstream_version or deb_version
+
+
+def _digest_key(digests: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+# --- debian -------------------------------------------------------------------------------------
+
+# Debian's packages for a headless GPU node; all must carry exactly the requested driver version.
+DEBIAN_USERSPACE = ("nvidia-smi", "libcuda1", "libnvidia-ml1", "nvidia-modprobe",
+                    "libnvidia-ptxjitcompiler1", "firmware-nvidia-gsp")
+# Shipped when the archive has them, in whatever version it has (Debian versions them separately).
+DEBIAN_OPTIONAL = ("nvidia-persistenced", "libnvidia-cfg1")
+DEBIAN_MODULE_SOURCES = {"proprietary": "nvidia-kernel-source", "open": "nvidia-open-kernel-source"}
+
+
+class DebianSource:
+    """Debian's non-free NVIDIA packages, downloaded and unpacked without installing them."""
+
+    name = "debian"
+
+    def __init__(self, repo: apt.AptRepo | None = None) -> None:
+        self._repo = repo
+
+    def repo(self, arch: str) -> apt.AptRepo:
+        if self._repo is None or self._repo.arch != arch:
+            self._repo = apt.AptRepo(apt.system_sources(), arch=arch)
+        return self._repo
+
+    def available_versions(self, arch: str) -> list[str]:
+        return [_upstream(p.version) for p in self.repo(arch).versions("nvidia-smi")]
+
+    def prepare(self, driver_version: str, arch: str) -> DriverInputs:
+        repo = self.repo(arch)
+        pkgs: list[apt.AptPackage] = []
+        for name in (*DEBIAN_USERSPACE, DEBIAN_MODULE_SOURCES["proprietary"]):
+            match = [p for p in repo.versions(name) if _upstream(p.version) == driver_version]
+            if not match:
+                have = ", ".join(sorted({_upstream(p.version) for p in repo.versions(name)})) or "none"
+                raise UserError(
+                    f"driver {driver_version} is not in the Debian archive ({name} has: {have})",
+                    "pick a driver version the archive serves, or use --source nvidia",
+                )
+            pkgs.append(match[0])
+        for name in DEBIAN_OPTIONAL:
+            if repo.versions(name):
+                pkgs.append(repo.find(name))
+        # Debian ships the open tree on its own schedule: take the newest of the same branch.
+        open_pkgs = [p for p in repo.versions(DEBIAN_MODULE_SOURCES["open"])
+                     if branch_of(_upstream(p.version)) == branch_of(driver_version)]
+        if open_pkgs:
+            pkgs.append(open_pkgs[0])
+        debs = {p.name: repo.download(p) for p in pkgs}
+        digests = {p.deb_name: p.sha256 for p in pkgs}
+        versions = {p.name: _upstream(p.version) for p in pkgs}
+        root = cache_dir("build", "driver") / f"debian-{driver_version}-{arch}-{_digest_key(digests)[:16]}"
+        if not root.exists():
+            with atomic_dir(root) as tmp:
+                _unpack_debian(debs, tmp, arch)
+        module_sources = {
+            mtype: ModuleSource(mtype, versions[pkg], root / f"kernel-{mtype}",
+                                next(p.sha256 for p in pkgs if p.name == pkg))
+            for mtype, pkg in DEBIAN_MODULE_SOURCES.items() if pkg in debs
+        }
+        return DriverInputs(driver_version, branch_of(driver_version), arch, self.name, digests,
+                            root / "userspace", root / "firmware", module_sources)
+
+
+def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
+    raw = dest / "raw"
+    for deb in debs.values():
+        apt.extract(deb, raw)
+    triplet = TRIPLETS[arch]
+    # nvidia-alternative normally links these into place on install; the bundle ships them in place.
+    alt_bin = raw / "usr/lib/nvidia/current"
+    alt_lib = raw / f"usr/lib/{triplet}/nvidia/current"
+    userspace, firmware = dest / "userspace", dest / "firmware"
+    moves: list[tuple[Path, Path]] = []
+    if alt_bin.is_dir():
+        moves += [(p, userspace / "usr/bin" / p.name) for p in alt_bin.iterdir()
+                  if p.is_file() and os.access(p, os.X_OK)]
+    if alt_lib.is_dir():
+        moves += [(p, userspace / f"usr/lib/{triplet}" / p.name) for p in alt_lib.iterdir()]
+    for sub in ("usr/bin", f"usr/lib/{triplet}"):
+        d = raw / sub
+        if d.is_dir():
+            moves += [(p, userspace / sub / p.name) for p in d.iterdir() if not p.is_dir()]
+    moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/doc/*/copyright")]
+    moves += [(p, firmware / p.relative_to(raw / "lib/firmware")) for p in raw.glob("lib/firmware/nvidia/*/*")]
+    for src, dst in moves:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    for mtype, pkg in DEBIAN_MODULE_SOURCES.items():
+        tar = next((raw / "usr/src").glob(f"{pkg.removesuffix('-source')}.tar.*"), None)
+        if pkg not in debs or tar is None:
+            continue
+        unpacked = dest / f"unpack-{mtype}"
+        unpacked.mkdir()
+        run(["tar", "-xf", tar, "-C", unpacked])
+        trees = [p.parent for p in unpacked.glob("modules/*/Kbuild")]
+        if len(trees) != 1:
+            raise UserError(f"unexpected layout in {pkg}: expected one modules/*/Kbuild")
+        os.replace(trees[0], dest / f"kernel-{mtype}")
+        shutil.rmtree(unpacked)
+    shutil.rmtree(raw)
+
+
+# --- an unpacked NVIDIA installer (dir) and the installer itself (nvidia) ------------------------
+
+def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str]) -> DriverInputs:
+    """Map an unpacked `NVIDIA-Linux-*.run` tree (kernel/, kernel-open/, flat userspace) to DriverInputs."""
+    manifest = tree / ".manifest"
+    if not manifest.is_file() or not (tree / "kernel").is_dir():
+        raise UserError(f"{tree} is not an unpacked NVIDIA driver (no .manifest or kernel/)",
+                        "unpack the installer with: sh NVIDIA-Linux-*.run --extract-only --target DIR")
+    lines = manifest.read_text(errors="replace").splitlines()
+    version = lines[1].strip() if len(lines) > 1 else ""
+    if not re.fullmatch(r"\d+\.\d+(\.\d+)?", version):
+        raise UserError(f"cannot read the driver version from {manifest}")
+    layout = cache_dir("build", "driver") / f"run-{version}-{arch}-{_digest_key(digests)[:16]}"
+    if not layout.exists():
+        with atomic_dir(layout) as tmp:
+            _layout_run_tree(tree, tmp, version, arch)
+    tree_digest = _digest_key(digests)
+    module_sources = {
+        mtype: ModuleSource(mtype, version, tree / sub, tree_digest)
+        for mtype, sub in (("proprietary", "kernel"), ("open", "kernel-open")) if (tree / sub).is_dir()
+    }
+    return DriverInputs(version, branch_of(version), arch, source, digests,
+                        layout / "userspace", layout / "firmware", module_sources)
+
+
+_RUN_TOOLS = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nvidia-debugdump",
+              "nvidia-cuda-mps-control", "nvidia-cuda-mps-server")
+
+
+def _layout_run_tree(tree: Path, dest: Path, version: str, arch: str) -> None:
+    usr = dest / "userspace/usr"
+    libdir = usr / "lib" / TRIPLETS[arch]
+    for d in (usr / "bin", libdir, usr / "share/doc/nvidia", usr / "share/nvidia"):
+        d.mkdir(parents=True, exist_ok=True)
+    for tool in _RUN_TOOLS:
+        if (tree / tool).is_file():
+            shutil.copy2(tree / tool, usr / "bin" / tool)
+    for lib in tree.glob(f"lib*.so.{version}"):
+        shutil.copy2(lib, libdir / lib.name)
+        soname = re.sub(rf"\.so\.{re.escape(version)}$", ".so.1", lib.name)
+        if not (libdir / soname).exists():
+            (libdir / soname).symlink_to(lib.name)
+    if (tree / "LICENSE").is_file():
+        shutil.copy2(tree / "LICENSE", usr / "share/doc/nvidia/LICENSE")
+    gpus = tree / "supported-gpus/supported-gpus.json"
+    if gpus.is_file():
+        shutil.copy2(gpus, usr / "share/nvidia/supported-gpus.json")
+    fw = dest / "firmware/nvidia" / version
+    fw.mkdir(parents=True)
+    for blob in (tree / "firmware").glob("gsp_*.bin"):
+        shutil.copy2(blob, fw / blob.name)
+
+
+class DirSource:
+    """An already-unpacked driver tree on disk (kernel/, kernel-open/, userspace, firmware/)."""
+
+    name = "dir"
+
+    def __init__(self, tree: Path) -> None:
+        self.tree = tree
+
+    def prepare(self, driver_version: str, arch: str) -> DriverInputs:
+        digest = _tree_digest(self.tree)
+        inputs = run_tree_inputs(self.tree, arch, self.name, {self.tree.name: digest})
+        if driver_version and inputs.driver_version != driver_version:
+            raise UserError(f"{self.tree} holds driver {inputs.driver_version}, not {driver_version}")
+        return inputs
+
+
+def _tree_digest(tree: Path) -> str:
+    """Digest over the names, sizes and modes of every file: cheap, and changes when the tree does."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(tree):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.lstat(os.path.join(root, name))
+            rel = os.path.relpath(os.path.join(root, name), tree)
+            h.update(f"{rel}\0{st.st_size}\0{stat.S_IMODE(st.st_mode)}\0{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()

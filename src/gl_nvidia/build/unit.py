@@ -1,0 +1,231 @@
+"""Build units into driver bundles: the public entry points of the build stage.
+
+`build_unit` compiles (or takes from the cache) the module sets of one (kernel, driver, arch) and
+writes them into the bundle of that driver version; `build_all` does that for many units in parallel.
+A failed compile or gate fails its cell, never the run: every other unit still builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gl_nvidia import bundle as b
+from gl_nvidia import ui
+from gl_nvidia.build.compile import CompiledSet, compile_set
+from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
+from gl_nvidia.build.sources import DriverInputs, DriverSource
+from gl_nvidia.catalog.model import BuildUnit
+from gl_nvidia.errors import UserError
+from gl_nvidia.fs import atomic_dir, atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one module type of one unit in this run."""
+
+    module_type: str
+    status: str  # "ok" | "failed"
+    cached: bool  # nothing was compiled for it in this run
+    error: str | None = None
+    log: Path | None = None  # the full build log
+
+    @property
+    def cell(self) -> str:
+        """ok / failed / cached, as the summary table shows it."""
+        return "failed" if self.status != "ok" else "cached" if self.cached else "ok"
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    unit: BuildUnit
+    bundle: Path
+    outcomes: dict[str, Outcome] = field(default_factory=dict)  # keyed by module type
+    manifest: b.BundleManifest | None = None  # None when the unit failed before writing anything
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status == "ok" for o in self.outcomes.values())
+
+
+def build_unit(
+    unit: BuildUnit,
+    out: Path,
+    *,
+    source: DriverSource,
+    env: KernelEnv,
+    jobs: int | None = None,
+    module_types: Sequence[str] | None = None,
+    keep_debug: bool = False,
+) -> UnitResult:
+    """Build `unit`'s module sets and write them into the driver bundle at `out`.
+
+    `out` is the bundle directory of the unit's (driver version, arch): created when missing, updated
+    in place (atomically, part by part) when it already holds that driver. `jobs` is make's -j (default:
+    all cores); `module_types` defaults to the unit's own (the catalog drops excluded types). Failed
+    compiles and gate failures are recorded as `failed` module sets in the manifest and in the returned
+    outcomes; problems with the inputs (unknown driver, missing headers, no space)
+    raise `UserError` and leave `out` as it was.
+    """
+    module_types = unit.module_types if module_types is None else module_types
+    unknown = set(module_types) - set(b.MODULE_TYPES)
+    if unknown:
+        raise UserError(f"unknown module type(s): {', '.join(sorted(unknown))}", "use open and/or proprietary")
+    inputs = source.prepare(unit.driver_version, unit.arch)
+    hdrs = env.headers(unit.kernel, unit.arch)
+    toolchain = env.toolchain(hdrs)
+    if toolchain != hdrs.kernel_compiler:
+        log.warning("compiler mismatch for %s: building with %r, the kernel was built with %r",
+                    unit.kernel, toolchain, hdrs.kernel_compiler)
+    sets: dict[str, CompiledSet] = {}
+    outcomes: dict[str, Outcome] = {}
+    for mtype in module_types:
+        src = inputs.module_sources.get(mtype)
+        if src is None:
+            outcomes[mtype] = Outcome(mtype, "failed", True, f"the {source.name} source has no {mtype} module tree")
+            log.error("%s %s: %s", unit.key, mtype, outcomes[mtype].error)
+            continue
+        with ui.progress() as prog, ui.task(prog, f"{mtype} modules for {unit.kernel} ({src.version})"):
+            cs = compile_set(src, hdrs, env, toolchain, jobs=jobs or os.cpu_count() or 1, keep_debug=keep_debug)
+        sets[mtype] = cs
+        outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, cs.log_file)
+        if cs.status != "ok":
+            log.error("%s %s failed: %s (log: %s)", unit.key, mtype, cs.error, cs.log_file)
+    manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug)
+    return UnitResult(unit, out, outcomes, manifest)
+
+
+def build_all(
+    units: Sequence[BuildUnit],
+    out: Path,
+    *,
+    source: DriverSource,
+    env_for: Callable[[BuildUnit], KernelEnv],
+    jobs: int = 1,
+    make_jobs: int | None = None,
+    module_types: Sequence[str] | None = None,
+    keep_debug: bool = False,
+) -> list[UnitResult]:
+    """Build many units, `jobs` at a time, into `out/<driver version>-<arch>/` bundles.
+
+    A unit whose inputs cannot be had (say, its headers are not in the repository) fails every one of
+    its module types with that reason; the other units go on.
+    """
+    per_unit = make_jobs or max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+    def one(unit: BuildUnit) -> UnitResult:
+        bundle_dir = out / bundle_name(unit.driver_version, unit.arch)
+        types = [t for t in (module_types or unit.module_types) if t in unit.module_types]
+        try:
+            return build_unit(unit, bundle_dir, source=source, env=env_for(unit), jobs=per_unit,
+                              module_types=types, keep_debug=keep_debug)
+        except UserError as exc:
+            log.error("%s: %s", unit.key, exc)
+            return UnitResult(unit, bundle_dir, {t: Outcome(t, "failed", False, str(exc)) for t in types})
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, units))
+
+
+def bundle_name(driver_version: str, arch: str) -> str:
+    return f"{driver_version}-{arch}"
+
+
+# --- writing the bundle -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _locked(bundle: Path) -> Iterator[None]:
+    """One writer per bundle at a time, across threads and processes."""
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    with (bundle.parent / f".{bundle.name}.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_bundle(out: Path, inputs: DriverInputs, hdrs: KernelHeaders, toolchain: str,
+                 sets: dict[str, CompiledSet], *, keep_debug: bool = False) -> b.BundleManifest:
+    """Add one kernel's module sets to the bundle at `out` (created with its userspace when new)."""
+    with _locked(out):
+        old = _existing(out, inputs)
+        if old is None:
+            # A new bundle appears whole or not at all.
+            with atomic_dir(out) as tmp:
+                return _write_parts(tmp, None, inputs, hdrs, toolchain, sets, keep_debug)
+        return _write_parts(out, old, inputs, hdrs, toolchain, sets, keep_debug)
+
+
+def _existing(out: Path, inputs: DriverInputs) -> b.BundleManifest | None:
+    if not (out / b.MANIFEST).is_file():
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not a driver bundle", "choose an empty or new --out")
+        return None
+    old = b.BundleManifest.load(out)
+    if (old.driver_version, old.arch) != (inputs.driver_version, inputs.arch):
+        raise UserError(f"{out} is the bundle of driver {old.driver_version} {old.arch}, "
+                        f"not {inputs.driver_version} {inputs.arch}", "use one --out per driver version and arch")
+    return old
+
+
+def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs, hdrs: KernelHeaders,
+                 toolchain: str, sets: dict[str, CompiledSet], keep_debug: bool) -> b.BundleManifest:
+    if old is None or old.source_digests != inputs.digests:
+        with atomic_dir(b.userspace_dir(root)) as tmp:
+            userspace = _copy_tree(inputs.userspace, tmp)
+        with atomic_dir(b.firmware_dir(root)) as tmp:
+            firmware = _copy_tree(inputs.firmware, tmp)
+    else:
+        userspace, firmware = old.userspace, old.firmware
+    module_sets = dict(old.kernels[hdrs.kernel].module_sets) if old and hdrs.kernel in old.kernels else {}
+    for mtype, cs in sets.items():
+        log_rel = f"logs/{hdrs.kernel}-{mtype}.log"
+        atomic_write_text(root / log_rel, cs.log_file.read_text(errors="replace"))
+        with atomic_dir(b.modules_dir(root, hdrs.kernel, mtype)) as tmp:
+            for ko in cs.ko_files():
+                shutil.copyfile(ko, tmp / ko.name)
+        if keep_debug and (cs.entry / "debug").is_dir():
+            with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
+                for ko in (cs.entry / "debug").iterdir():
+                    shutil.copyfile(ko, tmp / ko.name)
+        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, cs.modules, cs.abi_gate,
+                                         cs.error, log_rel)
+    kernels = dict(old.kernels) if old else {}
+    kernels[hdrs.kernel] = b.KernelBuild(hdrs.kernel, toolchain, hdrs.kernel_compiler, hdrs.digest, module_sets)
+    manifest = b.BundleManifest(
+        driver_version=inputs.driver_version, driver_branch=inputs.branch, arch=inputs.arch,
+        source=inputs.source, source_digests=dict(inputs.digests), userspace=userspace, firmware=firmware,
+        kernels=kernels,
+    )
+    atomic_write_text(root / b.MANIFEST, manifest.to_json())
+    return manifest
+
+
+def _copy_tree(src: Path, dest: Path) -> tuple[b.UserspaceFile, ...]:
+    """Copy a root-relative tree (files keep their modes, setuid included) and list it for the manifest."""
+    entries: list[b.UserspaceFile] = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        target = dest / rel
+        if path.is_symlink():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            link = os.readlink(path)
+            target.symlink_to(link)
+            entries.append(b.UserspaceFile(str(rel), "", 0, 0o777, link))
+        elif path.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            st = path.stat()
+            entries.append(b.UserspaceFile(str(rel), sha256_file(target), st.st_size, stat.S_IMODE(st.st_mode)))
+    return tuple(entries)
