@@ -1,0 +1,467 @@
+"""The catalog stage: sources, lifecycle, policy, exclusions, build units, update diffs, bad input."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import http.server
+import json
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gl_nvidia.catalog.history import history_path, read_history
+from gl_nvidia.catalog.kernels import apt_sources, compare_kernels, resolve_kernel
+from gl_nvidia.catalog.lock import ExclusionRule, add_exclusion, read_lock
+from gl_nvidia.catalog.matrix import build_matrix, in_range, load_matrix, rule_matches
+from gl_nvidia.catalog.model import Cell
+from gl_nvidia.catalog.resolve import select_drivers, select_os_versions
+from gl_nvidia.catalog.sources import parse_glrd, parse_nvidia
+from gl_nvidia.cli import main
+from gl_nvidia.run import output
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data" / "catalog"
+SNAPSHOT_DAY = "2026-11-20"
+
+
+def glrd_docs() -> list[tuple[str, bytes]]:
+    return [(str(p), p.read_bytes()) for p in (DATA / "glrd-releases-major.json", DATA / "glrd-releases-minor.json")]
+
+
+def nvidia_branches() -> Any:
+    return parse_nvidia((DATA / "nvidia-releases.json").read_bytes(), "fixture")
+
+
+def cli(*argv: str) -> int:
+    return main(list(argv))
+
+
+# --- sources and lifecycle ------------------------------------------------------------------------------
+
+
+def test_glrd_fixture_parses_majors_with_their_minor_releases() -> None:
+    majors = {m.major: m for m in parse_glrd(glrd_docs())}
+    assert sorted(majors) == [1592, 1877, 2150]  # "next" and nightlies are not majors
+    assert [r.version for r in majors[1877].releases] == ["1877.0", "1877.1", "1877.2", "1877.3"]
+    assert [r.version for r in majors[2150].releases] == ["2150.0.0", "2150.8.0", "2150.9.0"]
+    assert majors[1877].extended == date(2026, 5, 13)
+
+
+@pytest.mark.parametrize(
+    ("today", "expected"),
+    [
+        ("2026-11-20", ["1877.3", "2150.9.0"]),  # 1592 is eol, 1877 in extended maintenance
+        ("2026-11-29", ["1877.3", "2150.9.0"]),  # the day before 1877's eol
+        ("2026-11-30", ["2150.9.0"]),  # eol today: out of maintenance
+        ("2026-10-01", ["1877.3", "2150.8.0"]),  # 2150.9.0 not released yet
+        ("2025-06-01", ["1592.6", "1877.0"]),  # 1592 in extended maintenance, 2150 not yet released
+    ],
+)
+def test_in_maintenance_is_eol_after_today_and_newest_released_minor(today: str, expected: list[str]) -> None:
+    got = select_os_versions(parse_glrd(glrd_docs()), date.fromisoformat(today))
+    assert [v.version for v in got] == expected
+
+
+def test_major_without_eol_stays_in_maintenance() -> None:
+    major = json.loads((DATA / "glrd-releases-major.json").read_text())
+    for rel in major["releases"]:
+        if rel["name"] == "major-1877":
+            del rel["lifecycle"]["eol"]
+    docs = [("major", json.dumps(major).encode()), glrd_docs()[1]]
+    got = select_os_versions(parse_glrd(docs), date(2030, 1, 1))
+    assert [v.version for v in got] == ["1877.3"]
+    assert got[0].eol is None
+
+
+def test_older_glrd_names_stable_and_patch_with_micro_are_read() -> None:
+    doc = {"releases": [
+        {"name": "stable-2017", "type": "stable", "version": {"major": 2017},
+         "lifecycle": {"released": {"isodate": "2026-01-01", "timestamp": 1767225600},
+                       "extended": {"isodate": "2026-07-01", "timestamp": 1782864000},
+                       "eol": {"isodate": "2027-01-01", "timestamp": 1798761600}}},
+        {"name": "patch-2017.0.1", "type": "patch", "version": {"major": 2017, "minor": 0, "micro": 1},
+         "lifecycle": {"released": {"isodate": "2026-02-01", "timestamp": 1769904000},
+                       "eol": {"isodate": "2027-01-01", "timestamp": 1798761600}}},
+    ]}
+    (major,) = parse_glrd([("old", json.dumps(doc).encode())])
+    assert [r.version for r in major.releases] == ["2017.0.1"]
+
+
+def test_nvidia_fixture_branches_and_top_three_of_allowed_types() -> None:
+    branches = {b.branch: b for b in nvidia_branches()}
+    assert branches["575"].type == "new feature branch"
+    assert branches["535"].type == "lts branch"
+    assert branches["570"].releases[0].version == "570.195.03"  # newest first
+
+    lock = read_lock(REPO / "versions.yaml")[0]
+    chosen = select_drivers(nvidia_branches(), lock.policy)
+    assert [(d.branch, d.version) for d in chosen] == [("580", "580.105.08"), ("575", "575.57.08"), ("570", "570.195.03")]
+
+    only_lts_and_production = lock.policy.model_copy(update={"branch_types": ["production branch", "lts branch"]})
+    chosen = select_drivers(nvidia_branches(), only_lts_and_production)
+    assert [d.branch for d in chosen] == ["580", "570", "550"]
+
+
+def test_a_pin_holds_its_branch_and_keeps_it_in_the_matrix() -> None:
+    policy = read_lock(REPO / "versions.yaml")[0].policy
+    pinned = policy.model_copy(update={"pins": ["570.172.08", "535.261.03"]})
+    chosen = {d.branch: d.version for d in select_drivers(nvidia_branches(), pinned)}
+    assert chosen == {"580": "580.105.08", "575": "575.57.08", "570": "570.172.08", "535": "535.261.03"}
+
+
+# --- kernels ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_gl_apt() -> Iterator[str]:
+    """The fixture Garden Linux apt repository over HTTP on 127.0.0.1, as the real one is reached."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DATA / "gl-apt"))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_gl_kernel_is_what_the_flavour_meta_package_points_to(
+    served_gl_apt: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path))
+    monkeypatch.setenv("GL_APT_REPOSITORY", served_gl_apt)
+    # The index also holds an older 6.12.40 and the -common package; the meta-package decides.
+    assert resolve_kernel("${GL_APT_REPOSITORY}", "1877.3", "cloud", "amd64") == "6.12.44-cloud-amd64"
+    assert resolve_kernel("${GL_APT_REPOSITORY}", "2150.9.0", "metal", "arm64") == "6.12.72-arm64"
+
+
+def test_kernel_from_newest_headers_when_there_is_no_meta_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "repo"
+    shutil.copytree(DATA / "gl-apt", repo)
+    index = repo / "dists/1877.3/main/binary-amd64/Packages"
+    paragraphs = index.read_text().split("\n\n")
+    index.write_text("\n\n".join(p for p in paragraphs if "Package: linux-headers-cloud-amd64\n" not in p))
+    assert resolve_kernel(str(repo), "1877.3", "cloud", "amd64") == "6.12.44-cloud-amd64"
+
+
+def test_unset_repository_variable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GL_APT_REPOSITORY", raising=False)
+    with pytest.raises(Exception, match="GL_APT_REPOSITORY is not set"):
+        apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+
+
+def test_debian_bookworm_cloud_kernel_from_this_machines_archive() -> None:
+    """Integration: the real Debian archive configured in /etc/apt, checked against apt itself."""
+    kernel = resolve_kernel("system:bookworm", "12", "cloud", "amd64")
+    assert re.fullmatch(r"6\.1\.0-\d+-cloud-amd64", kernel)
+    depends = output(["apt-cache", "show", "--no-all-versions", "linux-headers-cloud-amd64"])
+    assert f"linux-headers-{kernel} " in depends
+
+
+def test_kernel_order_is_debian_version_order() -> None:
+    assert compare_kernels("6.1.0-56-cloud-amd64", "6.1.0-47-cloud-amd64") > 0
+    assert compare_kernels("6.1.0-9-cloud-amd64", "6.1.0-10-cloud-amd64") < 0
+    assert compare_kernels("6.12.38+deb12-cloud-amd64", "6.12.9+deb12-cloud-amd64") > 0
+    assert in_range("6.1.0-56-cloud-amd64", ">=6.1.0-56", compare_kernels)
+    assert not in_range("6.1.0-47-cloud-amd64", ">=6.1.0-56", compare_kernels)
+
+
+# --- exclusions and build units -------------------------------------------------------------------------
+
+
+def cell(os_version: str = "2150.9.0", kernel: str = "6.12.72-cloud-amd64", driver: str = "570.195.03") -> Cell:
+    return Cell("gardenlinux", os_version, "cloud", "amd64", kernel, driver, driver.split(".")[0])
+
+
+@pytest.mark.parametrize(
+    ("rule", "hits"),
+    [
+        (dict(os_version=">=2150.8", driver_branch="570"), [True, False, False, True]),
+        (dict(os_version=">=2150.8,<2150.9"), [False, False, False, True]),
+        (dict(driver_branch="<575"), [True, True, False, True]),
+        (dict(kernel=">6.12.44"), [True, False, True, True]),
+        (dict(driver_version="==570.195.03", os_version="==2150.9.0"), [True, False, False, False]),
+        (dict(arch="arm64"), [False, False, False, False]),
+    ],
+)
+def test_exclusion_rules_match_ranges(rule: dict[str, str], hits: list[bool]) -> None:
+    cells = [cell(), cell("1877.3", "6.12.44-cloud-amd64"), cell(driver="580.105.08"), cell("2150.8.0", "6.12.68-cloud-amd64")]
+    r = ExclusionRule(reason="why", **rule)  # type: ignore[arg-type]
+    assert [rule_matches(r, c) for c in cells] == hits
+
+
+def test_bad_range_in_a_rule_is_rejected() -> None:
+    with pytest.raises(ValueError, match="bad range clause"):
+        ExclusionRule(reason="x", os_version=">=>2150")
+
+
+def test_snapshot_matrix_applies_the_570_exclusion_and_dedups_build_units() -> None:
+    m = load_matrix(REPO / "versions.yaml")
+    assert len(m.cells) == 20  # 2 GL versions x 2 flavours x 2 arches x 3 drivers, minus 4 excluded
+    assert {(e.cell.os_version, e.cell.driver_branch) for e in m.excluded} == {("2150.9.0", "570")}
+    assert all(e.module_types == ("open", "proprietary") for e in m.excluded)
+    assert not any(c.os_version == "2150.9.0" and c.driver_branch == "570" for c in m.cells)
+    assert len(m.units) == 20  # every GL version has its own kernel here
+
+
+def test_cells_sharing_kernel_driver_arch_are_one_build_unit() -> None:
+    resolved = read_lock(REPO / "versions.yaml")[0].resolved
+    assert resolved is not None
+    # Two GL versions on the same kernel (a patch release without a kernel bump).
+    same = resolved.model_copy(update={"kernels": [
+        k.model_copy(update={"kernel": "6.12.44-cloud-amd64"}) for k in resolved.kernels
+        if k.flavour == "cloud" and k.arch == "amd64"
+    ]})
+    m = build_matrix("gardenlinux", same, [])
+    assert len(m.cells) == 6 and len(m.units) == 3
+    assert all(u.os_versions == ("1877.3", "2150.9.0") for u in m.units)
+    assert len({u.key for u in m.units}) == 3
+
+
+def test_module_type_exclusion_keeps_the_cell_and_drops_the_type_from_its_unit() -> None:
+    m = load_matrix("debian")  # real: resolved from this machine's Debian archive
+    by_kernel = {u.kernel: u for u in m.units}
+    assert "6.1.0-47-cloud-amd64" in by_kernel
+    assert by_kernel["6.1.0-47-cloud-amd64"].module_types == ("open", "proprietary")
+    current = [k for k in by_kernel if k != "6.1.0-47-cloud-amd64"]
+    assert len(current) == 1 and compare_kernels(current[0], "6.1.0-56-cloud-amd64") >= 0
+    assert by_kernel[current[0]].module_types == ("proprietary",)
+    (excl,) = m.excluded
+    assert excl.module_types == ("open",) and "pci_resize_resource" in excl.reason
+    candidate = re.search(r"Candidate: (\S+)", output(["apt-cache", "policy", "nvidia-kernel-source"]))
+    assert candidate is not None
+    assert {c.driver_version for c in m.cells} == {candidate.group(1).split("-")[0]}
+    assert {c.driver_branch for c in m.cells} == {"535"}
+
+
+def test_add_exclusion_keeps_comments_and_is_idempotent(tmp_path: Path) -> None:
+    lock = tmp_path / "versions.yaml"
+    shutil.copy(REPO / "versions.yaml", lock)
+    before = lock.read_text()
+    target = cell("1877.3", "6.12.44-cloud-amd64", "580.105.08")
+    assert add_exclusion(lock, target, "nv-pci.c: too few arguments to function\nmore lines", module_type="open")
+    assert not add_exclusion(lock, target, "nv-pci.c: too few arguments to function", module_type="open")
+    after = lock.read_text()
+    for line in before.splitlines():
+        if line.lstrip().startswith("#"):
+            assert line in after
+    m = load_matrix(lock)
+    (excl,) = [e for e in m.excluded if e.cell == target]
+    assert excl.module_types == ("open",) and excl.reason == "nv-pci.c: too few arguments to function"
+    unit = next(u for u in m.units if u.kernel == target.kernel and u.driver_version == target.driver_version)
+    assert unit.module_types == ("proprietary",)
+
+
+# --- update: changelog kinds, history, bad input ---------------------------------------------------------
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the repository's lock and history plus editable copies of the snapshot sources."""
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
+    for name in ("versions.yaml", "versions-history.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(DATA, tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_update(workdir: Path, today: str = SNAPSHOT_DAY, *extra: str) -> int:
+    s = workdir / "src"
+    return cli("update", "--lock", str(workdir / "versions.yaml"), "--today", today,
+               "--glrd", str(s / "glrd-releases-major.json"), "--glrd", str(s / "glrd-releases-minor.json"),
+               "--nvidia", str(s / "nvidia-releases.json"), "--apt-repository", str(s / "gl-apt"), *extra)
+
+
+def edit_json(path: Path, change: Any) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def add_gl_minor(workdir: Path, version: str, released: str, eol: str, like: str) -> None:
+    def change(d: dict[str, Any]) -> None:
+        template = next(r for r in d["releases"] if r["name"] == f"minor-{like}")
+        new = copy.deepcopy(template)
+        parts = [int(p) for p in version.split(".")]
+        new["name"] = f"minor-{version}"
+        new["version"] = dict(zip(("major", "minor", "patch"), parts, strict=False))
+        new["lifecycle"] = {"released": {"isodate": released, "timestamp": 0}, "eol": {"isodate": eol, "timestamp": 0}}
+        d["releases"].append(new)
+
+    edit_json(workdir / "src" / "glrd-releases-minor.json", change)
+    shutil.copytree(workdir / "src" / "gl-apt" / "dists" / like, workdir / "src" / "gl-apt" / "dists" / version)
+
+
+def test_unchanged_sources_print_no_changes_and_leave_files_alone(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (workdir / "versions.yaml").read_bytes(), (workdir / "versions-history.yaml").read_bytes()
+    assert run_update(workdir) == 0
+    assert capsys.readouterr().out.strip() == "no changes"
+    assert ((workdir / "versions.yaml").read_bytes(), (workdir / "versions-history.yaml").read_bytes()) == before
+
+
+def test_driver_patch_release_and_gl_patch_release(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit_json(workdir / "src" / "nvidia-releases.json", lambda d: d["580"]["driver_info"].insert(
+        0, {"release_version": "580.105.10", "release_date": "2026-11-19"}))
+    add_gl_minor(workdir, "2150.10.0", "2026-11-18", "2027-02-18", like="2150.9.0")
+    assert run_update(workdir) == 0
+    out = capsys.readouterr().out
+    assert "- new OS patch release 2150.10.0 (was 2150.9.0)" in out
+    assert "- new driver patch release 580.105.10 (was 580.105.08)" in out
+    assert len(out.strip().splitlines()) == 2
+    text = (workdir / "versions.yaml").read_text()
+    assert "version: 580.105.10" in text and "2150.10.0" in text
+    assert "# Humans edit `policy` and `sources`" in text  # comments survive the rewrite
+    history = read_history(history_path(workdir / "versions.yaml"))
+    assert ("2150.10.0", "580.105.10") in {(e.os_version, e.driver_version) for e in history.entries}
+    assert ("1877.3", "580.105.08") in {(e.os_version, e.driver_version) for e in history.entries}  # kept
+
+
+def test_new_branch_enters_the_top_three_and_the_oldest_drops_out(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit_json(workdir / "src" / "nvidia-releases.json", lambda d: d.update({"590": {
+        "type": "new feature branch", "driver_info": [{"release_version": "590.44.01", "release_date": "2026-11-18"}]}}))
+    assert run_update(workdir, SNAPSHOT_DAY, "--json") == 0
+    changes = json.loads(capsys.readouterr().out)["changes"]
+    assert {(c["kind"], c["text"]) for c in changes} == {
+        ("branch-added", "driver branch 590 (new feature branch) enters the top 3: 590.44.01"),
+        ("branch-dropped", "driver branch 570 drops out (last 570.195.03)"),
+    }
+
+
+def test_gl_major_reaching_eol_and_a_new_major(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def new_major(d: dict[str, Any]) -> None:
+        d["releases"].append({"name": "major-2222", "type": "major", "version": {"major": 2222}, "lifecycle": {
+            "released": {"isodate": "2026-11-25", "timestamp": 0}, "extended": {"isodate": "2027-08-25", "timestamp": 0},
+            "eol": {"isodate": "2027-11-25", "timestamp": 0}}})
+
+    edit_json(workdir / "src" / "glrd-releases-major.json", new_major)
+    add_gl_minor(workdir, "2222.0.0", "2026-11-25", "2027-11-25", like="2150.9.0")
+    assert run_update(workdir, "2026-11-30") == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        "- OS 2222 enters maintenance with 2222.0.0",
+        "- OS 1877 reached end of maintenance (eol 2026-11-30): 1877.3 gets no new images",
+    ]
+    assert run_update(workdir, "2026-11-30") == 0  # a second run finds nothing new
+    assert capsys.readouterr().out.strip() == "no changes"
+
+
+def test_kernel_override_replaces_the_repository_answer(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lock = workdir / "versions.yaml"
+    lock.write_text(lock.read_text().replace(
+        "  kernel_overrides: []",
+        "  kernel_overrides:\n    - {os_version: '1877.3', flavour: cloud, arch: amd64, kernel: 6.12.45-cloud-amd64}"))
+    assert run_update(workdir) == 0
+    assert capsys.readouterr().out.strip() == "- kernel of 1877.3 cloud/amd64: 6.12.45-cloud-amd64 (was 6.12.44-cloud-amd64)"
+
+
+def break_json(workdir: Path) -> None:
+    (workdir / "src" / "nvidia-releases.json").write_text('{"580": {"type": "production branch", "driver_info": [')
+
+
+def unknown_gl_version(workdir: Path) -> None:
+    # A GL release with no apt repository suite: the kernel cannot be resolved.
+    add_gl_minor(workdir, "2150.11.0", "2026-11-19", "2027-02-18", like="2150.9.0")
+    shutil.rmtree(workdir / "src" / "gl-apt" / "dists" / "2150.11.0")
+
+
+def bad_pin(workdir: Path) -> None:
+    lock = workdir / "versions.yaml"
+    lock.write_text(lock.read_text().replace("  pins: []", "  pins: ['571.00.01']"))
+
+
+def bad_yaml(workdir: Path) -> None:
+    lock = workdir / "versions.yaml"
+    lock.write_text(lock.read_text().replace("  branches: 3", "  branches: [3"))
+
+
+def bad_schema(workdir: Path) -> None:
+    lock = workdir / "versions.yaml"
+    lock.write_text(lock.read_text().replace("  branches: 3", "  branches: three"))
+
+
+def bad_glrd(workdir: Path) -> None:
+    (workdir / "src" / "glrd-releases-major.json").write_text('{"releases": [{"name": "major-1877"}]}')
+
+
+@pytest.mark.parametrize(
+    ("breaker", "message"),
+    [
+        (break_json, r"NVIDIA releases\.json is not valid JSON: .*nvidia-releases\.json"),
+        (bad_glrd, r"GLRD data .*glrd-releases-major\.json: releases\.0\.type: Field required"),
+        (unknown_gl_version, r"no linux-headers-\*-cloud-amd64 package in .*2150\.11\.0"),
+        (bad_pin, r"pinned driver 571\.00\.01 is in no branch of NVIDIA's releases\.json"),
+        (bad_yaml, r"versions\.yaml: malformed YAML at line \d+"),
+        (bad_schema, r"versions\.yaml: policy\.branches: Input should be a valid integer"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_leaves_versions_yaml_unchanged(
+    workdir: Path, capsys: pytest.CaptureFixture[str], breaker: Any, message: str
+) -> None:
+    breaker(workdir)
+    before = (workdir / "versions.yaml").read_bytes(), (workdir / "versions-history.yaml").read_bytes()
+    assert run_update(workdir) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gl-nvidia: error:")]
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert ((workdir / "versions.yaml").read_bytes(), (workdir / "versions-history.yaml").read_bytes()) == before
+
+
+def test_unreachable_source_leaves_versions_yaml_unchanged(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = (workdir / "versions.yaml").read_bytes()
+    s_ = workdir / "src"
+    code = cli("update", "--lock", "versions.yaml", "--today", SNAPSHOT_DAY,
+               "--glrd", f"http://127.0.0.1:{port}/releases-major.json", "--glrd", str(s_ / "glrd-releases-minor.json"),
+               "--nvidia", str(s_ / "nvidia-releases.json"), "--apt-repository", str(s_ / "gl-apt"))
+    assert code == 2
+    assert f"GLRD data unreachable: http://127.0.0.1:{port}/releases-major.json" in capsys.readouterr().err
+    assert (workdir / "versions.yaml").read_bytes() == before
+
+
+# --- commands on the bundled snapshot ---------------------------------------------------------------------
+
+
+def test_matrix_json_on_the_bundled_snapshot_works_offline(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("GL_APT_REPOSITORY", raising=False)  # no source is read: the lock is resolved
+    assert cli("matrix", "--profile", "gardenlinux", "--format", "json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["cells"]) == 20 and len(data["excluded"]) == 4 and len(data["units"]) == 20
+    assert data["cells"][0] == {"os_id": "gardenlinux", "os_version": "1877.3", "flavour": "cloud", "arch": "amd64",
+                                "kernel": "6.12.44-cloud-amd64", "driver_version": "570.195.03", "driver_branch": "570"}
+    assert data["excluded"][0]["reason"].startswith("kernel API change")
+
+
+def test_matrix_github_format_is_a_strategy_matrix_of_build_units(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("matrix", "--lock", str(REPO / "versions.yaml"), "--format", "github") == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # one line, for $GITHUB_OUTPUT
+    include = json.loads(out)["include"]
+    assert len(include) == 20
+    assert all(isinstance(v, str) for row in include for v in row.values())
+    assert {"kernel": "6.12.72-cloud-arm64", "driver_version": "580.105.08", "arch": "arm64"}.items() <= next(
+        r for r in include if r["kernel"] == "6.12.72-cloud-arm64" and r["driver_branch"] == "580").items()
+
+
+def test_versions_prints_the_support_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("versions", "--lock", str(REPO / "versions.yaml"), "--json") == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table == [
+        {"os_version": "2150.9.0", "driver_versions": ["580.105.08", "575.57.08"]},
+        {"os_version": "1877.3", "driver_versions": ["580.105.08", "575.57.08", "570.195.03"]},
+    ]
+
+
+def test_profile_and_lock_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("matrix", "--profile", "debian", "--lock", "versions.yaml") == 2
+    assert "--profile and --lock exclude each other" in capsys.readouterr().err
