@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,6 +14,9 @@ from gl_nvidia.deploy import values as values_mod
 from gl_nvidia.deploy.pins import default_driver_version
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_text
+
+if TYPE_CHECKING:
+    from gl_nvidia.deploy.preflight import CheckResult
 
 LOCK_OPTION = click.option(
     "--lock", default="gardenlinux", show_default=True,
@@ -94,4 +98,105 @@ def resolve_cmd(os_release: Path, kernel: str, values_file: Path | None, registr
         )
 
 
-COMMANDS: list[click.Command] = [values_cmd, resolve_cmd]
+def _print_checks(title: str, results: list[CheckResult], as_json: bool) -> None:
+    if as_json:
+        ui.print_json([r.as_dict() for r in results])
+    else:
+        ui.print_table(title, ["subject", "image", "status", "digest"],
+                       [[r.subject, r.reference or "-", r.status, (r.digest or "")[:19]] for r in results])
+
+
+@click.command("preflight")
+@click.option("--gl-version", "os_version", default=None,
+              help="The OS version nodes will be upgraded to (Garden Linux MAJOR.MINOR[.PATCH]).")
+@click.option("--registry", default=None,
+              help="Repository holding the driver images (default: driver.repository of the values/ClusterPolicy).")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Check the live cluster's GPU nodes and ClusterPolicy instead of the lock's plan.")
+@click.option("--context", default=None, help="kubeconfig context (default: its current-context).")
+@LOCK_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path | None, context: str | None,
+                  lock: str, as_json: bool) -> None:
+    """Will every GPU node still find its driver image after upgrading to --gl-version? Exit 1 if not."""
+    from gl_nvidia.deploy import preflight
+    from gl_nvidia.deploy.pins import resolved
+    from gl_nvidia.deploy.registry import ImageChecker
+
+    if kubeconfig is None and os_version is None:
+        raise UserError("preflight needs --gl-version (the plan for an OS version) or --kubeconfig (a live cluster)")
+    lk = load_lock(lock)
+    res = resolved(lk)
+    kernels = preflight.kernels_for(lk, res, os_version) if os_version else None
+    with ImageChecker() as checker:
+        if kubeconfig is None:
+            assert os_version is not None and kernels is not None
+            repository = registry or values_mod.DEFAULT_REPOSITORY
+            targets = preflight.plan_targets(lk, res, os_version, kernels)
+            results = preflight.check_targets(targets, repository, values_mod.DEFAULT_IMAGE, checker)
+            title = f"driver images for {lk.os.id} {os_version}"
+        else:
+            from gl_nvidia.deploy.kube import Kube
+            from gl_nvidia.deploy.nodes import gpu_nodes
+
+            kube = Kube(kubeconfig, context)
+            nodes = gpu_nodes(kube.nodes())
+            if not nodes:
+                raise UserError(f"no GPU nodes in the cluster at {kube.server}",
+                                "GPU nodes carry nvidia.com/gpu.present=true or NFD's pci-10de.present=true")
+            policies = kube.cluster_policies()
+            if policies:
+                spec_values = policies[0].get("spec") or {}
+            else:
+                ui.log.warning("no ClusterPolicy in the cluster: checking the values gl-nvidia generates")
+                spec_values = values_mod.helm_values(
+                    values_mod.ValuesSettings(default_driver_version("precompiled", lk)))
+            spec = resolve_mod.DriverSpec.from_values(spec_values)
+            if registry:
+                spec = resolve_mod.DriverSpec(registry, spec.image, spec.version, spec.use_precompiled)
+            upgrade = (os_version, kernels) if os_version and kernels else None
+            results = preflight.check_nodes(nodes, spec, checker, upgrade)
+            title = f"driver images for the GPU nodes of {kube.server}"
+    _print_checks(title, results, as_json)
+    preflight.raise_if_missing(results)
+
+
+@click.command("verify")
+@click.option("--kubeconfig", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--context", default=None, help="kubeconfig context (default: its current-context).")
+@click.option("--node", default=None, help="Only this node (default: every GPU node).")
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds to wait for the pods (the first pull of the sample image takes a while).")
+@click.option("--image", default=None, help="The vectorAdd sample image (a mirror in air-gapped clusters).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespace: str, timeout_s: float,
+               image: str | None, as_json: bool) -> None:
+    """Run the CUDA vectorAdd sample on each GPU node and report "Test PASSED" per node."""
+    from gl_nvidia.deploy.kube import Kube
+    from gl_nvidia.deploy.nodes import gpu_nodes
+    from gl_nvidia.deploy.verify import VECTORADD_IMAGE, verify_nodes
+
+    kube = Kube(kubeconfig, context)
+    nodes = gpu_nodes(kube.nodes(), only=node)
+    if not nodes:
+        if node:
+            raise UserError(f"no node named {node!r} in the cluster at {kube.server}", "see `kubectl get nodes`")
+        raise UserError(f"no GPU nodes in the cluster at {kube.server}",
+                        "GPU nodes carry nvidia.com/gpu.present=true or NFD's pci-10de.present=true")
+    results = verify_nodes(kube, [n.name for n in nodes], namespace, timeout_s, image=image or VECTORADD_IMAGE,
+                           on_result=lambda r: ui.log.info("%s: %s", r.node, r.status))
+    if as_json:
+        ui.print_json([r.as_dict() for r in results])
+    else:
+        ui.print_table("CUDA vectorAdd per node", ["node", "result", "detail"],
+                       [[r.node, r.status, r.detail] for r in results])
+    failed = [r.node for r in results if r.status != "PASSED"]
+    if failed:
+        from gl_nvidia.deploy.preflight import MissingImages
+
+        raise MissingImages(f"vectorAdd did not pass on {', '.join(failed)}",
+                            "see the detail column; `kubectl -n gpu-operator get pods` shows the driver's state")
+
+
+COMMANDS: list[click.Command] = [values_cmd, resolve_cmd, preflight_cmd, verify_cmd]

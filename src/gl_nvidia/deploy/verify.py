@@ -48,7 +48,7 @@ def vectoradd_pod(name: str, node: str, run_id: str, image: str = VECTORADD_IMAG
             "restartPolicy": "Never",
             "nodeName": node,
             "containers": [
-                {"name": "cuda-container", "image": image, "resources": {"limits": {"nvidia.com/gpu": 1}}}
+                {"name": "cuda-container", "image": image, "resources": {"limits": {"nvidia.com/gpu": "1"}}}
             ],
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         },

@@ -1,0 +1,166 @@
+"""Before an OS upgrade: does every driver image the GPU Operator will ask for exist?
+
+Two views: the fleet plan (every tracked branch x flavour x arch of an OS version, from the lock) and
+the live cluster (each GPU node's labels and the ClusterPolicy, now and after the upgrade).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gl_nvidia.catalog.kernels import resolve_kernel
+from gl_nvidia.catalog.lock import Lock, Resolved
+from gl_nvidia.catalog.matrix import rule_matches
+from gl_nvidia.catalog.model import MODULE_TYPES, Cell
+from gl_nvidia.deploy.nodes import NodeFacts
+from gl_nvidia.deploy.registry import ImageChecker
+from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
+from gl_nvidia.errors import UserError
+
+_GL_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
+
+
+class MissingImages(UserError):
+    """The check ran and found images the operator would fail to pull."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """One image the operator will ask for after the upgrade, for one driver, flavour and arch."""
+
+    driver_version: str  # what driver.version says: a branch or a full version
+    driver_branch: str
+    flavour: str
+    arch: str
+    node: NodeOS
+    excluded: str | None = None  # the lock's reason when this cell is known not to build
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    subject: str  # "590 cloud/amd64" or a node name
+    reference: str | None
+    digest: str | None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None and self.digest is not None
+
+    @property
+    def status(self) -> str:
+        if self.ok:
+            return "ok"
+        return self.problem or "MISSING"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"subject": self.subject, "reference": self.reference, "digest": self.digest,
+                "ok": self.ok, "status": self.status}
+
+
+def os_tag_version(lock: Lock, os_version: str) -> str:
+    # Garden Linux nodes report VERSION_ID=0 under our values' NFD rule; other OSes their own.
+    return "0" if lock.os.id == "gardenlinux" else os_version
+
+
+def kernels_for(
+    lock: Lock, resolved: Resolved, os_version: str,
+    resolve_kernel_fn: Callable[[str, str, str, str], str] = resolve_kernel,
+) -> dict[tuple[str, str], str]:
+    """(flavour, arch) -> kernel of an OS version: from the lock when resolved there, else its apt repository."""
+    known: dict[tuple[str, str], str] = {(k.flavour, k.arch): k.kernel for k in resolved.kernels if k.os_version == os_version}
+    if known:
+        return known
+    if lock.os.version is not None:
+        raise UserError(
+            f"unknown {lock.os.id} version {os_version!r}: this lock tracks only {lock.os.version}",
+            f"pass --gl-version {lock.os.version}",
+        )
+    if not _GL_VERSION.match(os_version):
+        raise UserError(f"invalid Garden Linux version {os_version!r}", "write MAJOR.MINOR (1877.3) or MAJOR.MINOR.PATCH")
+    out: dict[tuple[str, str], str] = {}
+    for flavour in lock.policy.flavours:
+        for arch in lock.policy.arches:
+            try:
+                out[(flavour, arch)] = resolve_kernel_fn(lock.sources.apt, os_version, flavour, arch)
+            except UserError as exc:
+                raise UserError(
+                    f"unknown Garden Linux version {os_version}: no {flavour}/{arch} kernel found ({exc.message})",
+                    "check the version (gl-nvidia preflight --gl-version MAJOR.MINOR[.PATCH]) and the apt source",
+                ) from exc
+    return out
+
+
+def plan_targets(lock: Lock, resolved: Resolved, os_version: str, kernels: dict[tuple[str, str], str]) -> list[Target]:
+    """Every (driver.version form, flavour, arch) the tracked branches need on this OS version."""
+    version_id = os_tag_version(lock, os_version)
+    targets = []
+    for driver in sorted(resolved.drivers, key=lambda d: int(d.branch), reverse=True):
+        for (flavour, arch), kernel in sorted(kernels.items()):
+            cell = Cell(lock.os.id, os_version, flavour, arch, kernel, driver.version, driver.branch)
+            reasons = [r.reason for r in lock.policy.exclusions
+                       if set(r.module_types) == set(MODULE_TYPES) and rule_matches(r, cell)]
+            for form in (driver.branch, driver.version):
+                targets.append(Target(form, driver.branch, flavour, arch, NodeOS(lock.os.id, version_id, kernel),
+                                      reasons[0] if reasons else None))
+    return targets
+
+
+def check_targets(targets: list[Target], repository: str, image: str, checker: ImageChecker) -> list[CheckResult]:
+    results = []
+    for t in targets:
+        ref = resolve(DriverSpec(repository, image, t.driver_version, True), t.node).reference
+        digest = checker.digest(ref)
+        problem = None if digest else (f"MISSING (excluded: {t.excluded})" if t.excluded else "MISSING")
+        results.append(CheckResult(f"{t.driver_version} {t.flavour}/{t.arch}", ref, digest, problem))
+    return results
+
+
+def check_nodes(
+    nodes: list[NodeFacts],
+    spec: DriverSpec,
+    checker: ImageChecker,
+    upgrade: tuple[str, dict[tuple[str, str], str]] | None = None,
+) -> list[CheckResult]:
+    """Per GPU node: the image it needs now and, with `upgrade` (OS version, kernels), after upgrading."""
+    results = []
+    for node in nodes:
+        if not node.has_nfd_labels:
+            results.append(CheckResult(node.name, None, None,
+                                       "no NFD kernel/os_release labels: the operator cannot choose an image"))
+            continue
+        now = node.node_os()
+        subjects = [(node.name, now)]
+        if upgrade is not None:
+            os_version, kernels = upgrade
+            kernel = kernels.get((node.flavour, node.arch))
+            if kernel is None:
+                results.append(CheckResult(f"{node.name} after upgrade", None, None,
+                                           f"{os_version} has no {node.flavour}/{node.arch} kernel in the lock"))
+            else:
+                version_id = "0" if now.version_id == "0" else os_version
+                subjects.append((f"{node.name} after upgrade to {os_version}", NodeOS(now.os_id, version_id, kernel)))
+        for subject, node_os in subjects:
+            try:
+                ref = resolve(spec, node_os).reference
+            except UserError as exc:
+                results.append(CheckResult(subject, None, None, exc.message))
+                continue
+            digest = checker.digest(ref)
+            results.append(CheckResult(subject, ref, digest, None if digest else "MISSING"))
+    return results
+
+
+def raise_if_missing(results: list[CheckResult]) -> None:
+    bad = [r for r in results if not r.ok]
+    if bad:
+        refs = ", ".join(r.reference or f"{r.subject} ({r.status})" for r in bad)
+        raise MissingImages(
+            f"{len(bad)} of {len(results)} driver images are missing: {refs}",
+            "build and publish them (gl-nvidia release) before upgrading these nodes",
+        )
