@@ -51,11 +51,11 @@ class GitHub:
         if resp.status_code == 404 and ok_404:
             return None
         if resp.status_code in (401, 403):
-            raise UserError(f"GitHub refused {method} {path} (HTTP {resp.status_code})",
+            raise UserError(f"GitHub refused {method} /repos/{self.repo}{path} (HTTP {resp.status_code})",
                             "the token needs contents and pull-requests write permission")
         if resp.status_code >= 400:
             message = resp.json().get("message", "") if resp.headers.get("content-type", "").startswith("application/json") else ""
-            raise UserError(f"GitHub API {method} {path} failed with HTTP {resp.status_code}: {message}".rstrip(": "))
+            raise UserError(f"GitHub API {method} /repos/{self.repo}{path} failed with HTTP {resp.status_code}: {message}".rstrip(": "))
         return resp.json()
 
     def propose(self, branch: str, files: dict[str, str], title: str, body: str, base: str | None = None) -> PullRequest:
