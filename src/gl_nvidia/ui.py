@@ -78,17 +78,28 @@ class Task:
             self._progress.update(self._id, total=total)
 
 
+_active: list[Progress] = []  # the display in use, shared by nested progress() calls
+
+
 @contextmanager
 def progress(transfer: bool = False) -> Iterator[Progress | None]:
     """A shared progress display when stderr is a terminal; None (plain logging) otherwise."""
     if not console.is_terminal:
         yield None
         return
+    if _active:
+        # Nested (release drives build, image, push): one display; rich allows only one live display.
+        yield _active[-1]
+        return
     columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
     columns += [DownloadColumn(), TransferSpeedColumn()] if transfer else []
     columns.append(TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as prog:
-        yield prog
+        _active.append(prog)
+        try:
+            yield prog
+        finally:
+            _active.remove(prog)
 
 
 @contextmanager
