@@ -99,6 +99,7 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
     kos = sorted(tree.glob("*.ko"))
     if returncode != 0 or not kos:
         err = first_error(build_log.read_text(errors="replace")) if returncode else "make built no .ko files"
+        err = err.replace(f"{tree}/", "")  # the temp work tree's path means nothing later
         return {**result, "status": "failed", "error": err, "modules": [], "abi_gate": None}
     (dest / "ko").mkdir()
     if keep_debug:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
 from gl_nvidia.build.sources import DriverInputs, DriverSource
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
-from gl_nvidia.fs import atomic_dir, atomic_write_text, sha256_file
+from gl_nvidia.fs import atomic_dir, atomic_write_text, cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,9 @@ def bundle_name(driver_version: str, arch: str) -> str:
 
 @contextlib.contextmanager
 def _locked(bundle: Path) -> Iterator[None]:
-    """One writer per bundle at a time, across threads and processes."""
-    bundle.parent.mkdir(parents=True, exist_ok=True)
-    with (bundle.parent / f".{bundle.name}.lock").open("w") as fh:
+    """One writer per bundle at a time, across threads and processes (the lock lives in the cache)."""
+    key = hashlib.sha256(str(bundle.resolve()).encode()).hexdigest()[:32]
+    with (cache_dir("build", "locks") / key).open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -17,6 +17,11 @@ from gl_nvidia.catalog.model import BuildUnit, Cell
 from gl_nvidia.errors import UserError
 
 
+def _line(text: str) -> None:
+    """One unwrapped line of detail under a table (compiler errors hold brackets: no markup)."""
+    ui.stdout.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
 def _source(kind: str, path: str | None, sha256: str | None) -> DriverSource:
     if kind == "debian":
         return DebianSource()
@@ -129,7 +134,7 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
         for r in results:
             for o in r.outcomes.values():
                 if o.status != "ok":
-                    ui.stdout.print(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
+                    _line(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
     failed = [r for r in results if not r.ok]
     if exclude_failed and failed:
         lock = Path("versions.yaml") if profile == "gardenlinux" else Path(profile)
@@ -157,9 +162,9 @@ def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None
                        [[k, t, "yes" if g.ok else "no", len(g.problems)] for (k, t), g in verdicts.items()])
         for (k, t), g in verdicts.items():
             for p in g.problems[:20]:
-                ui.stdout.print(f"{k} {t}: {p}")
+                _line(f"{k} {t}: {p}")
             if len(g.problems) > 20:
-                ui.stdout.print(f"{k} {t}: ... and {len(g.problems) - 20} more")
+                _line(f"{k} {t}: ... and {len(g.problems) - 20} more")
     bad = [kt for kt, g in verdicts.items() if not g.ok]
     if bad:
         raise UserError(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")

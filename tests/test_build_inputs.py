@@ -1,0 +1,231 @@
+"""Driver sources and kernel environments, and bad input: each a clear error and nothing half-written.
+
+NVIDIA's download site is replaced by a local HTTP server serving a small self-made `.run`-shaped
+installer (it answers `--extract-only --target DIR` like NVIDIA's makeself archives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gl_nvidia.build import AptEnv, DebianSource, DirSource, KernelHeaders, build_unit
+from gl_nvidia.build.compile import first_error
+from gl_nvidia.build.kenv import KmodbuildEnv, kmodbuild_image, make_argv
+from gl_nvidia.build.nvidia import NvidiaRunSource
+from gl_nvidia.cli import main
+from gl_nvidia.errors import UserError
+from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
+
+FAKE_VERSION = "999.12.34"
+FAKE_RUN = f"""#!/bin/sh
+# A .run-shaped test installer: only --extract-only --target DIR, like NVIDIA's makeself archives.
+set -e
+[ "$1" = --extract-only ] && [ "$2" = --target ] || {{ echo "usage: $0 --extract-only --target DIR" >&2; exit 2; }}
+d="$3"
+mkdir -p "$d/kernel" "$d/kernel-open" "$d/firmware" "$d/supported-gpus"
+printf 'NVIDIA Accelerated Graphics Driver for Linux-x86_64\\n{FAKE_VERSION}\\n' > "$d/.manifest"
+echo 'obj-m += nvidia.o' > "$d/kernel/Kbuild"
+echo 'obj-m += nvidia.o' > "$d/kernel-open/Kbuild"
+printf '#!/bin/sh\\necho smi\\n' > "$d/nvidia-smi"; chmod 755 "$d/nvidia-smi"
+echo lib > "$d/libcuda.so.{FAKE_VERSION}"
+echo lib > "$d/libnvidia-ml.so.{FAKE_VERSION}"
+echo fw > "$d/firmware/gsp_ga10x.bin"
+echo license > "$d/LICENSE"
+echo '{{"chips": []}}' > "$d/supported-gpus/supported-gpus.json"
+"""
+
+
+class _Server:
+    """Serves one installer; the first `fail` requests answer 503, a path of "missing" answers 404."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body, self.fail, self.requests = body, 0, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests += 1
+                if "missing" in self.path:
+                    self.send_error(404)
+                elif server.fail > 0:
+                    server.fail -= 1
+                    self.send_error(503)
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(server.body)))
+                    self.end_headers()
+                    self.wfile.write(server.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    s = _Server(FAKE_RUN.encode())
+    yield s
+    s.httpd.shutdown()
+
+
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(cache))
+    return cache
+
+
+def _template(server: _Server) -> str:
+    return server.url + "/tesla/{version}/NVIDIA-Linux-{machine}-{version}.run"
+
+
+def test_nvidia_run_is_downloaded_with_retries_checked_and_laid_out(server: _Server, own_cache: Path) -> None:
+    server.fail = 2
+    digest = hashlib.sha256(FAKE_RUN.encode()).hexdigest()
+    source = NvidiaRunSource(_template(server), sha256=digest, retry_delay=0.01)
+    inputs = source.prepare(FAKE_VERSION, "amd64")
+    assert server.requests == 3
+    assert (inputs.driver_version, inputs.branch, inputs.source) == (FAKE_VERSION, "999", "nvidia")
+    assert inputs.digests == {f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run": digest}
+    lib = inputs.userspace / "usr/lib/x86_64-linux-gnu"
+    assert os.access(inputs.userspace / "usr/bin/nvidia-smi", os.X_OK)
+    assert os.readlink(lib / "libcuda.so.1") == f"libcuda.so.{FAKE_VERSION}"
+    assert (inputs.userspace / "usr/share/nvidia/supported-gpus.json").is_file()
+    assert (inputs.userspace / "usr/share/doc/nvidia/LICENSE").is_file()
+    assert (inputs.firmware / "nvidia" / FAKE_VERSION / "gsp_ga10x.bin").is_file()
+    assert sorted(inputs.module_sources) == ["open", "proprietary"]
+    assert (inputs.module_sources["open"].tree / "Kbuild").is_file()
+    # Cached by version: a second prepare does not download again.
+    source.prepare(FAKE_VERSION, "amd64")
+    assert server.requests == 3
+
+
+def test_nvidia_checksum_mismatch_leaves_nothing_behind(server: _Server, own_cache: Path) -> None:
+    source = NvidiaRunSource(_template(server), sha256="0" * 64, retry_delay=0.01)
+    with pytest.raises(UserError, match=r"checksum mismatch for .*NVIDIA-Linux-x86_64-999\.12\.34\.run"):
+        source.prepare(FAKE_VERSION, "amd64")
+    assert list((own_cache / "build" / "runs").iterdir()) == []
+
+
+def test_nvidia_unknown_driver_version(server: _Server, own_cache: Path) -> None:
+    source = NvidiaRunSource(server.url + "/missing/{version}.run", retry_delay=0.01)
+    with pytest.raises(UserError, match=r"unknown driver version 1\.2\.3: .* does not exist \(HTTP 404\)"):
+        source.prepare("1.2.3", "amd64")
+    assert server.requests == 1  # a 404 is an answer, not a reason to retry
+
+
+def test_nvidia_download_gives_up_after_retries(server: _Server, own_cache: Path) -> None:
+    server.fail = 10
+    with pytest.raises(UserError, match=r"download failed after 4 attempts: .*HTTP 503"):
+        NvidiaRunSource(_template(server), retry_delay=0.01).prepare(FAKE_VERSION, "amd64")
+    assert server.requests == 4
+    assert list((own_cache / "build" / "runs").iterdir()) == []
+
+
+def test_local_run_file_and_dir_source(tmp_path: Path, own_cache: Path) -> None:
+    run_file = tmp_path / f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run"
+    run_file.write_text(FAKE_RUN)
+    inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")
+    assert inputs.source == "nvidia" and (inputs.userspace / "usr/bin/nvidia-smi").is_file()
+    with pytest.raises(UserError, match=r"holds driver 999\.12\.34, not 1\.0\.0"):
+        NvidiaRunSource(str(run_file)).prepare("1.0.0", "amd64")
+    with pytest.raises(UserError, match="no such driver installer"):
+        NvidiaRunSource(str(tmp_path / "nope.run")).prepare(FAKE_VERSION, "amd64")
+    tree = tmp_path / "unpacked"
+    subprocess.run(["sh", str(run_file), "--extract-only", "--target", str(tree)], check=True)
+    d = DirSource(tree).prepare(FAKE_VERSION, "amd64")
+    assert d.source == "dir" and (d.module_sources["proprietary"].tree / "Kbuild").is_file()
+    with pytest.raises(UserError, match="is not an unpacked NVIDIA driver"):
+        DirSource(tmp_path).prepare(FAKE_VERSION, "amd64")
+
+
+def test_damaged_installer_is_a_clear_error(tmp_path: Path, own_cache: Path) -> None:
+    bad = tmp_path / "NVIDIA-Linux-x86_64-1.0.0.run"
+    bad.write_text("#!/bin/sh\necho 'Verifying archive integrity... Error in MD5 checksums' >&2\nexit 1\n")
+    with pytest.raises(UserError, match=r"cannot unpack .*: .*Error in MD5 checksums"):
+        NvidiaRunSource(str(bad)).prepare("1.0.0", "amd64")
+    assert not any((own_cache / "build" / "run-trees").iterdir())
+
+
+def test_kmodbuild_runs_make_in_garden_linux_container() -> None:
+    env = KmodbuildEnv("1877.3", engine="podman")
+    hdrs = KernelHeaders("6.12.72-cloud-amd64", Path("/s"), Path("/o"), "d", "gcc-14 (Debian 14.2.0-19) 14.2.0")
+    tree = Path("/cache/work/tree")
+    assert kmodbuild_image("arm64", "2150.9.0") == "ghcr.io/gardenlinux/gardenlinux/kmodbuild:arm64-2150.9.0"
+    assert env.make_argv(hdrs, tree, 8) == [
+        "podman", "run", "--rm", "--network=none", "-v", "/cache/work/tree:/cache/work/tree:rw",
+        "-w", "/cache/work/tree", "ghcr.io/gardenlinux/gardenlinux/kmodbuild:amd64-1877.3",
+        "make", "-j8", "-C", "/cache/work/tree", "KERNEL_UNAME=6.12.72-cloud-amd64", "modules",
+    ]
+    assert make_argv(hdrs, tree, 2) == ["make", "-j2", "-C", "/cache/work/tree", "SYSSRC=/s", "SYSOUT=/o", "modules"]
+    assert hdrs.cc == "gcc-14"
+
+
+def test_first_error_is_the_compiler_error_line() -> None:
+    log = ("  CC [M]  nvidia/nv.o\nwarning: something harmless\n"
+           "nvidia/nv-pci.c:212:13: error: too few arguments to function 'pci_resize_resource'\n"
+           "make[2]: *** [scripts/Makefile.build:250: nvidia/nv-pci.o] Error 1\n")
+    assert first_error(log) == "nvidia/nv-pci.c:212:13: error: too few arguments to function 'pci_resize_resource'"
+    assert first_error("make: *** No rule to make target 'modules'.  Stop.\n").startswith("make: ***")
+
+
+def test_unknown_driver_version_in_debian(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UserError, match=r"driver 999\.1\.1 is not in the Debian archive \(nvidia-smi has: 535\."):
+        DebianSource().prepare("999.1.1", "amd64")
+    out = tmp_path / "bundles"
+    rc = main(["build", "--kernel", "6.1.0-56-cloud-amd64", "--driver", "999.1.1", "--out", str(out)])
+    assert rc != 0
+    assert "driver 999.1.1 is not in the Debian archive" in capsys.readouterr().out
+    assert not (out / "999.1.1-amd64").exists()
+
+
+def test_missing_headers_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UserError, match=r"no kernel headers package linux-headers-6\.1\.0-99-cloud-amd64"):
+        AptEnv().headers("6.1.0-99-cloud-amd64", "amd64")
+    out = tmp_path / "bundles"
+    rc = main(["build", "--kernel", "6.1.0-99-cloud-amd64", "--driver", DEBIAN_DRIVER, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc != 0 and "1 of 1 build unit(s) failed" in captured.err
+    assert "no kernel headers package linux-headers-6.1.0-99-cloud-amd64" in captured.out
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_disk_full_leaves_no_half_written_bundle(debian_bundle: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / f"{DEBIAN_DRIVER}-amd64"
+        with pytest.raises(UserError, match="no space left on device while writing"):
+            build_unit(DEBIAN_UNIT, out, source=DebianSource(), env=AptEnv(), module_types=("proprietary",))
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_bundle_holds_one_driver(debian_bundle: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    manifest = json.loads((debian_bundle / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "driver_version": "1.2.3"}))
+    with pytest.raises(UserError, match=r"is the bundle of driver 1\.2\.3 amd64, not 535\.309\.01 amd64"):
+        build_unit(DEBIAN_UNIT, other, source=DebianSource(), env=AptEnv(), module_types=("proprietary",))
+    assert sorted(p.name for p in other.iterdir()) == ["manifest.json"]
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not a driver bundle"):
+        build_unit(DEBIAN_UNIT, stranger, source=DebianSource(), env=AptEnv(), module_types=("proprietary",))
+    assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt"]

@@ -1,0 +1,139 @@
+"""The build stage end to end on the debian profile: open modules, a real failing cell, the cache, the
+CLI table, --exclude-failed, and the gate against another kernel series.
+
+Cold this compiles the open tree for 6.1.0-47 (about 2.5 min) and 6.1.0-56 (fails after about 1 min)
+and the proprietary set for 6.1.0-47 (about 2.5 min); warm, nothing compiles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from gl_nvidia import bundle as b
+from gl_nvidia.build import AptEnv, DebianSource, KernelHeaders, build_all, build_unit
+from gl_nvidia.catalog.kernels import kernel_sort_key
+from gl_nvidia.catalog.matrix import profile_text
+from gl_nvidia.catalog.model import BuildUnit
+from gl_nvidia.cli import main
+from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT
+
+OPEN_OK_KERNEL = "6.1.0-47-cloud-amd64"  # the open 535.261.03 tree still builds for it
+UNIT_47 = BuildUnit(kernel=OPEN_OK_KERNEL, driver_version=DEBIAN_DRIVER, driver_branch="535", arch="amd64",
+                    flavour="cloud", os_id="debian", os_versions=("12",))
+
+
+@pytest.fixture(scope="session")
+def open_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, object]]]:
+    """Open modules for 6.1.0-47 (builds) and then 6.1.0-56 (fails) into one bundle."""
+    out = tmp_path_factory.mktemp("open") / f"{DEBIAN_DRIVER}-amd64"
+    results = [build_unit(u, out, source=DebianSource(), env=AptEnv(), module_types=("open",))
+               for u in (UNIT_47, DEBIAN_UNIT)]
+    return out, [{"ok": r.ok, "open": r.outcomes["open"]} for r in results]
+
+
+@pytest.fixture(scope="session")
+def headers_612() -> KernelHeaders:
+    env = AptEnv()
+    names = [p.name for p in env.repo("amd64").search(r"linux-headers-6\.12\.\d+\+deb12-cloud-amd64")]
+    assert names, "Debian's archive serves 6.12 cloud headers for bookworm"
+    kernel = max((n.removeprefix("linux-headers-") for n in names), key=kernel_sort_key)
+    return env.headers(kernel, "amd64")
+
+
+def test_open_modules_build_for_a_kernel_they_support(open_bundle: tuple[Path, list[dict[str, object]]]) -> None:
+    bundle_dir, results = open_bundle
+    assert results[0]["ok"]
+    ms = b.BundleManifest.load(bundle_dir).kernels[OPEN_OK_KERNEL].module_sets["open"]
+    assert ms.status == "ok" and ms.source_version == "535.261.03"
+    assert ms.abi_gate is not None and ms.abi_gate.ok
+    nvidia = next(m for m in ms.modules if m.name == "nvidia.ko")
+    assert nvidia.vermagic.startswith(f"{OPEN_OK_KERNEL} SMP ")
+    # Built with the kernel's debug flags: stripping is what makes the open nvidia.ko shippable.
+    assert nvidia.size_unstripped > 100_000_000 and nvidia.size < 20_000_000
+    assert (b.modules_dir(bundle_dir, OPEN_OK_KERNEL, "open") / "nvidia.ko").stat().st_size == nvidia.size
+
+
+def test_open_modules_fail_cleanly_on_a_kernel_that_changed_the_api(
+        open_bundle: tuple[Path, list[dict[str, object]]]) -> None:
+    bundle_dir, results = open_bundle
+    outcome = results[1]["open"]
+    assert not results[1]["ok"]
+    assert outcome.status == "failed" and outcome.error is not None  # type: ignore[attr-defined]
+    assert "pci_resize_resource" in outcome.error and ": error:" in outcome.error  # type: ignore[attr-defined]
+    manifest = b.BundleManifest.load(bundle_dir)
+    ms = manifest.kernels[DEBIAN_KERNEL].module_sets["open"]
+    assert (ms.status, ms.modules, ms.abi_gate) == ("failed", (), None)
+    assert "pci_resize_resource" in (bundle_dir / str(ms.log)).read_text()
+    assert not b.modules_dir(bundle_dir, DEBIAN_KERNEL, "open").exists()
+    # The kernel that did build is untouched by the failure.
+    assert manifest.kernels[OPEN_OK_KERNEL].module_sets["open"].status == "ok"
+
+
+def test_gate_says_61_modules_do_not_load_on_612(debian_bundle: Path, headers_612: KernelHeaders,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["check-modules", str(debian_bundle), "--kernel-headers", str(headers_612.sysout), "--json"])
+    captured = capsys.readouterr()
+    assert rc != 0
+    assert "would not load on the kernel" in captured.err
+    (verdict,) = json.loads(captured.out)
+    assert (verdict["kernel"], verdict["module_type"], verdict["ok"]) == (DEBIAN_KERNEL, "proprietary", False)
+    problems = "\n".join(verdict["problems"])
+    assert f"nvidia.ko: vermagic '{DEBIAN_KERNEL} SMP" in problems and f"{headers_612.kernel} SMP" in problems
+    assert "CRC" in problems or "is not exported" in problems
+
+
+def test_gate_says_the_bundle_loads_on_its_own_kernel(debian_bundle: Path, debian_headers: KernelHeaders,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-modules", str(debian_bundle), "--kernel-headers", str(debian_headers.sysout)]) == 0
+    assert "yes" in capsys.readouterr().out
+
+
+def test_second_build_of_an_unchanged_unit_compiles_nothing(debian_bundle: Path, tmp_path: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in (Path(debian_bundle).parent).rglob("*")}
+    results = build_all([DEBIAN_UNIT], tmp_path, source=DebianSource(), env_for=lambda u: AptEnv(),
+                        module_types=("proprietary",))
+    (r,) = results
+    assert r.ok and r.outcomes["proprietary"].cached and r.outcomes["proprietary"].cell == "cached"
+    assert r.bundle == tmp_path / f"{DEBIAN_DRIVER}-amd64"
+    fresh = b.BundleManifest.load(r.bundle).kernels[DEBIAN_KERNEL].module_sets["proprietary"]
+    assert fresh == b.BundleManifest.load(debian_bundle).kernels[DEBIAN_KERNEL].module_sets["proprietary"]
+    assert before == {p: p.stat().st_mtime_ns for p in (Path(debian_bundle).parent).rglob("*")}
+
+
+def _profile_without_exclusions(path: Path) -> Path:
+    yaml = YAML()
+    doc = yaml.load(profile_text("debian"))
+    doc["policy"]["exclusions"] = []
+    with path.open("w") as fh:
+        yaml.dump(doc, fh)
+    return path
+
+
+def test_build_all_reports_failed_cells_and_excludes_them(
+        open_bundle: tuple[Path, list[dict[str, object]]], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    lock = _profile_without_exclusions(tmp_path / "versions.yaml")
+    out = tmp_path / "bundles"
+    argv = ["build", "--all", "--profile", str(lock), "--out", str(out)]
+    rc = main([*argv, "--exclude-failed"])
+    captured = capsys.readouterr()
+    assert rc != 0 and "1 of 2 build unit(s) failed" in captured.err
+    table = captured.out
+    assert "6.1.0-56-cloud-amd64" in table and "6.1.0-47-cloud-amd64" in table
+    assert "failed" in table and "pci_resize_resource" in table
+    rules = YAML(typ="safe").load(lock.read_text())["policy"]["exclusions"]
+    assert len(rules) == 1
+    assert rules[0]["module_type"] == "open" and rules[0]["kernel"] == f"=={DEBIAN_KERNEL}"
+    assert "pci_resize_resource" in rules[0]["reason"]
+    # With the cell excluded the same matrix builds, entirely from the cache.
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    cells = {(r["unit"]["kernel"], t): m for r in rows for t, m in r["modules"].items()}
+    assert set(cells) == {(DEBIAN_KERNEL, "proprietary"), (OPEN_OK_KERNEL, "proprietary"), (OPEN_OK_KERNEL, "open")}
+    assert all(m["status"] == "ok" and m["cached"] for m in cells.values())
+    manifest = b.BundleManifest.load(out / f"{DEBIAN_DRIVER}-amd64")
+    assert sorted(manifest.kernels) == [DEBIAN_KERNEL, OPEN_OK_KERNEL]
