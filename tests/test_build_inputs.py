@@ -19,7 +19,13 @@ import pytest
 
 from gl_nvidia.build import AptEnv, DebianSource, DirSource, KernelHeaders, build_unit
 from gl_nvidia.build.compile import first_error
-from gl_nvidia.build.kenv import KmodbuildEnv, kmodbuild_image, make_argv
+from gl_nvidia.build.kenv import (
+    KmodbuildEnv,
+    compiler_mismatch,
+    host_toolchain,
+    kmodbuild_image,
+    make_argv,
+)
 from gl_nvidia.build.nvidia import NvidiaRunSource
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
@@ -229,3 +235,12 @@ def test_a_bundle_holds_one_driver(debian_bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="exists and is not a driver bundle"):
         build_unit(DEBIAN_UNIT, stranger, source=DebianSource(), env=AptEnv(), module_types=("proprietary",))
     assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt"]
+
+
+def test_compiler_check_names_both_compilers(debian_headers: KernelHeaders) -> None:
+    # This machine has the kernel's own compiler: no warning.
+    assert compiler_mismatch(host_toolchain(debian_headers.cc), debian_headers.kernel_compiler) is None
+    note = compiler_mismatch("gcc (Debian 14.2.0-19) 14.2.0", debian_headers.kernel_compiler)
+    assert note is not None and "gcc (Debian 14.2.0-19) 14.2.0" in note and "gcc-12 (Debian 12.2.0" in note
+    with pytest.raises(UserError, match="the kernel was built with gcc-99, which is not installed"):
+        host_toolchain("gcc-99")

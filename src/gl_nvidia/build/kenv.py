@@ -73,6 +73,14 @@ def kernel_release(sysout: Path) -> str:
     return m.group(1)
 
 
+def compiler_mismatch(toolchain: str, kernel_compiler: str) -> str | None:
+    """A warning when modules would be built with another compiler than the kernel was (None: same)."""
+    if toolchain == kernel_compiler or not kernel_compiler:
+        return None
+    return (f"building with {toolchain!r}, but the kernel was built with {kernel_compiler!r}; "
+            "modules may differ in ABI-relevant code generation (retpolines, structure layout plugins)")
+
+
 def host_toolchain(cc: str) -> str:
     if shutil.which(cc) is None:
         raise UserError(f"the kernel was built with {cc}, which is not installed",

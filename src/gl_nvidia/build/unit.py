@@ -22,7 +22,7 @@ from pathlib import Path
 from gl_nvidia import bundle as b
 from gl_nvidia import ui
 from gl_nvidia.build.compile import CompiledSet, compile_set
-from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
+from gl_nvidia.build.kenv import KernelEnv, KernelHeaders, compiler_mismatch
 from gl_nvidia.build.sources import DriverInputs, DriverSource
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
@@ -85,9 +85,9 @@ def build_unit(
     inputs = source.prepare(unit.driver_version, unit.arch)
     hdrs = env.headers(unit.kernel, unit.arch)
     toolchain = env.toolchain(hdrs)
-    if toolchain != hdrs.kernel_compiler:
-        log.warning("compiler mismatch for %s: building with %r, the kernel was built with %r",
-                    unit.kernel, toolchain, hdrs.kernel_compiler)
+    mismatch = compiler_mismatch(toolchain, hdrs.kernel_compiler)
+    if mismatch:
+        log.warning("%s: %s", unit.kernel, mismatch)
     sets: dict[str, CompiledSet] = {}
     outcomes: dict[str, Outcome] = {}
     for mtype in module_types:
