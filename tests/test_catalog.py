@@ -312,7 +312,7 @@ def test_driver_patch_release_and_gl_patch_release(workdir: Path, capsys: pytest
     add_gl_minor(workdir, "2150.10.0", "2026-11-18", "2027-02-18", like="2150.9.0")
     assert run_update(workdir) == 0
     out = capsys.readouterr().out
-    assert "- new OS patch release 2150.10.0 (was 2150.9.0)" in out
+    assert "- new GL patch release 2150.10.0 (was 2150.9.0)" in out
     assert "- new driver patch release 580.105.10 (was 580.105.08)" in out
     assert len(out.strip().splitlines()) == 2
     text = (workdir / "versions.yaml").read_text()
@@ -345,8 +345,8 @@ def test_gl_major_reaching_eol_and_a_new_major(workdir: Path, capsys: pytest.Cap
     assert run_update(workdir, "2026-11-30") == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [
-        "- OS 2222 enters maintenance with 2222.0.0",
-        "- OS 1877 reached end of maintenance (eol 2026-11-30): 1877.3 gets no new images",
+        "- GL 2222 enters maintenance with 2222.0.0",
+        "- GL 1877 reached end of maintenance (eol 2026-11-30): 1877.3 gets no new images",
     ]
     assert run_update(workdir, "2026-11-30") == 0  # a second run finds nothing new
     assert capsys.readouterr().out.strip() == "no changes"

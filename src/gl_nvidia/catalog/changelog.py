@@ -27,20 +27,20 @@ def _major(version: str) -> str:
     return version.split(".", 1)[0]
 
 
-def diff(old: Resolved | None, new: Resolved, branches: int) -> list[Change]:
+def diff(old: Resolved | None, new: Resolved, branches: int, os_name: str = "GL") -> list[Change]:
     """Changes from `old` (None: never resolved) to `new`; empty when nothing that matters changed."""
     out: list[Change] = []
     old_gl = {_major(v.version): v for v in (old.os_versions if old else [])}
     new_gl = {_major(v.version): v for v in new.os_versions}
     for major, v in new_gl.items():
         if major not in old_gl:
-            out.append(Change("gl-major-added", f"OS {major} enters maintenance with {v.version}"))
+            out.append(Change("gl-major-added", f"{os_name} {major} enters maintenance with {v.version}"))
         elif old_gl[major].version != v.version:
-            out.append(Change("gl-patch", f"new OS patch release {v.version} (was {old_gl[major].version})"))
+            out.append(Change("gl-patch", f"new {os_name} patch release {v.version} (was {old_gl[major].version})"))
     for major, v in old_gl.items():
         if major not in new_gl:
             eol = f" (eol {v.eol})" if v.eol else ""
-            out.append(Change("gl-eol", f"OS {major} reached end of maintenance{eol}: {v.version} gets no new images"))
+            out.append(Change("gl-eol", f"{os_name} {major} reached end of maintenance{eol}: {v.version} gets no new images"))
 
     old_drv = {d.branch: d for d in (old.drivers if old else [])}
     new_drv = {d.branch: d for d in new.drivers}

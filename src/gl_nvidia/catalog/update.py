@@ -32,7 +32,8 @@ def update(lock_path: Path, today: date, overrides: SourceOverrides | None = Non
     history = read_history(hist_path)
     new = refresh(lock, today, overrides)
     matrix = build_matrix(lock.os.id, new, lock.policy.exclusions)
-    changes = diff(lock.resolved, new, lock.policy.branches)
+    os_name = "GL" if lock.os.id == "gardenlinux" else lock.os.id.capitalize()
+    changes = diff(lock.resolved, new, lock.policy.branches, os_name)
     if not changes:
         return UpdateResult([], matrix, ())
     doc["resolved"] = resolved_to_yaml(new)
