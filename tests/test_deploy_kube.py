@@ -6,6 +6,7 @@ kubelet: a pod on a GPU node runs the vectorAdd sample and prints what it really
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -227,18 +228,25 @@ def make_handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple[FakeCluster, str]]:
-    fake = FakeCluster(nodes=[node_json("gpu-a", gpu=True), node_json("gpu-b", gpu=True),
-                              node_json("cpu-1", gpu=False)])
+@contextlib.contextmanager
+def serve(fake: FakeCluster) -> Iterator[str]:
+    """Answer the API for `fake` on a free loopback port; yields the server URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield fake, f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[FakeCluster, str]]:
+    fake = FakeCluster(nodes=[node_json("gpu-a", gpu=True), node_json("gpu-b", gpu=True),
+                              node_json("cpu-1", gpu=False)])
+    with serve(fake) as url:
+        yield fake, url
 
 
 def write_kubeconfig(path: Path, server: str, token: str = GOOD_TOKEN) -> Path:

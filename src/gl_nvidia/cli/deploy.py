@@ -199,4 +199,46 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
                             "see the detail column; `kubectl -n gpu-operator get pods` shows the driver's state")
 
 
-COMMANDS: list[click.Command] = [values_cmd, resolve_cmd, preflight_cmd, verify_cmd]
+@click.command("release")
+@click.option("--profile", default="debian", show_default=True,
+              help="debian (embedded, Debian's kernel and NVIDIA packages), gardenlinux (./versions.yaml) "
+                   "or a lock file path.")
+@click.option("--registry", default=None,
+              help="Push every image to REGISTRY/PATH/driver (REGISTRY/PATH becomes driver.repository).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
+              help="Work and output directory: bundles/, the OCI layout oci/, gpu-operator-values.yaml.")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Build units in parallel.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_json: bool) -> None:
+    """catalog -> build -> ABI gate -> image -> push for every build unit; a rerun skips what exists."""
+    from gl_nvidia.deploy.release import ReleaseFailed, helm_command, release
+
+    result = release(profile, out, registry, jobs=jobs)
+    if as_json:
+        ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
+                       "repository": result.repository, "compiled": result.compiled,
+                       "blobs_uploaded": result.blobs_uploaded, "manifests_pushed": result.manifests_pushed})
+    else:
+        ui.print_table("release", ["unit", "tags", "digest", "status"],
+                       [[u.unit.key, "\n".join(u.tags), (u.digest or "-")[:19], u.status] for u in result.units])
+    ok = [u for u in result.units if u.ok]
+    if ok:
+        branch = max(ok, key=lambda u: int(u.unit.driver_branch)).unit.driver_branch
+        settings = values_mod.ValuesSettings(branch, repository=registry or values_mod.DEFAULT_REPOSITORY)
+        values_file = out / "gpu-operator-values.yaml"
+        atomic_write_text(values_file, values_mod.to_yaml(values_mod.helm_values(settings)))
+        if registry is None:
+            click.echo(f"images are in the OCI layout {result.layout}; publish them with:\n"
+                       f"  gl-nvidia push {result.layout} REGISTRY/PATH/driver\n"
+                       "then install the GPU Operator with:\n"
+                       f"  {helm_command(values_file)} --set driver.repository=REGISTRY/PATH", err=as_json)
+        else:
+            click.echo(f"install the GPU Operator with:\n  {helm_command(values_file)}", err=as_json)
+    failed = [u for u in result.units if not u.ok]
+    if failed:
+        raise ReleaseFailed(f"{len(failed)} of {len(result.units)} build unit(s) failed: "
+                            + "; ".join(f"{u.unit.key}: {u.error}" for u in failed),
+                            "rerun after fixing the cause: finished units are skipped")
+
+
+COMMANDS: list[click.Command] = [values_cmd, resolve_cmd, preflight_cmd, verify_cmd, release_cmd]

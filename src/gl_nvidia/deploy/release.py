@@ -1,0 +1,229 @@
+"""catalog -> build (with its ABI gate) -> image -> push, for every build unit of a profile's matrix.
+
+Resumable by construction: the build cache skips compiles already done, an image whose tags the
+layout holds is not rebuilt unless its modules were, and a registry whose tags already point at an
+image's digest gets no upload at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gl_nvidia import ui
+from gl_nvidia.build import AptEnv, DebianSource, KernelEnv, KmodbuildEnv, build_all
+from gl_nvidia.build.sources import DriverSource
+from gl_nvidia.build.unit import UnitResult
+from gl_nvidia.catalog.lock import Lock
+from gl_nvidia.catalog.matrix import load_lock, load_matrix
+from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit
+from gl_nvidia.errors import UserError
+from gl_nvidia.image import base as base_mod
+from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
+from gl_nvidia.image.oci import Layout
+from gl_nvidia.image.tags import image_tags
+
+log = logging.getLogger(__name__)
+
+IMAGE = "driver"  # the chart's default driver.image
+
+
+class ReleaseFailed(UserError):
+    """The pipeline ran; some units did not make it to an image (or to the registry)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    unit: BuildUnit
+    tags: tuple[str, ...]
+    digest: str | None
+    build: str  # "compiled" | "cached" | "failed"
+    image: str  # "built" | "exists" | "-"
+    push: str  # "pushed" | "exists" | "-"
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return f"failed: {self.error}"
+        return f"build {self.build}, image {self.image}" + (f", {self.push}" if self.push != "-" else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit.as_dict(), "tags": list(self.tags), "digest": self.digest, "build": self.build,
+                "image": self.image, "push": self.push, "error": self.error}
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    units: tuple[UnitReport, ...]
+    layout: Path
+    repository: str | None  # where images were pushed (driver.repository), None for --out only
+    compiled: int  # module sets compiled in this run
+    blobs_uploaded: int
+    manifests_pushed: int
+
+    @property
+    def ok(self) -> bool:
+        return all(u.ok for u in self.units)
+
+
+def source_for(lock: Lock) -> DriverSource:
+    """Debian's packages when the lock reads drivers from apt; NVIDIA's .run installers otherwise."""
+    if lock.sources.nvidia.startswith("apt:"):
+        return DebianSource()
+    from gl_nvidia.build.nvidia import NvidiaRunSource
+
+    return NvidiaRunSource()
+
+
+def env_for(lock: Lock) -> Callable[[BuildUnit], KernelEnv]:
+    if lock.os.id == "gardenlinux":
+        # Garden Linux kernels are built in its kmodbuild container of the newest GL version using them.
+        return lambda unit: KmodbuildEnv(unit.os_versions[-1])
+    apt_env = AptEnv()
+    return lambda unit: apt_env
+
+
+def base_for(lock: Lock, arch: str, os_version: str) -> base_mod.BaseSpec:
+    if lock.os.id == "gardenlinux":
+        from gl_nvidia.catalog.kernels import expand_env
+
+        return base_mod.gardenlinux_spec(expand_env(lock.sources.apt), os_version, arch)
+    return base_mod.debian_spec(arch)
+
+
+def _module_choice(types: Sequence[str]) -> str:
+    return "both" if set(types) == set(MODULE_TYPES) else types[0]
+
+
+def _build_state(result: UnitResult) -> tuple[str, str | None]:
+    failed = [o for o in result.outcomes.values() if o.status != "ok"]
+    built = [o for o in result.outcomes.values() if o.status == "ok"]
+    if not built:
+        return "failed", "; ".join(f"{o.module_type}: {o.error}" for o in failed) or "nothing built"
+    if failed:  # one type failed its compile or the ABI gate: ship the other, say so
+        log.warning("%s: %s", result.unit.key, "; ".join(f"{o.module_type} failed: {o.error}" for o in failed))
+    return ("cached" if all(o.cached for o in built) else "compiled"), None
+
+
+def release(
+    profile: str | Path,
+    out: Path,
+    registry: str | None = None,
+    *,
+    jobs: int = 1,
+    source: DriverSource | None = None,
+) -> ReleaseResult:
+    """Run the whole pipeline for `profile` into `out` (bundles/, oci/) and, with `registry`
+    (`HOST[:PORT]/PATH`, the values' driver.repository), push every image to `<registry>/driver`."""
+    lock = load_lock(profile)
+    matrix = load_matrix(profile)
+    if not matrix.units:
+        raise UserError(f"the matrix of {profile} has no build units", "check the lock's policy and exclusions")
+    bundles, layout_dir = out / "bundles", out / "oci"
+    reports: dict[BuildUnit, UnitReport] = {}
+    with ui.progress() as prog:
+        with ui.task(prog, f"build {len(matrix.units)} unit(s)"):
+            results = build_all(matrix.units, bundles, source=source or source_for(lock), env_for=env_for(lock),
+                                jobs=jobs)
+        compiled = sum(1 for r in results for o in r.outcomes.values() if o.status == "ok" and not o.cached)
+        images = _images(lock, results, layout_dir, reports, prog)
+        pushed = (0, 0)
+        if registry is not None:
+            pushed = _push(images, layout_dir, registry, reports, prog)
+    ordered = tuple(reports[u] for u in matrix.units)
+    return ReleaseResult(ordered, layout_dir, registry, compiled, *pushed)
+
+
+def _images(lock: Lock, results: list[UnitResult], layout_dir: Path, reports: dict[BuildUnit, UnitReport],
+            prog: Any) -> list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]]:
+    """Build (or find in the layout) each unit's image. Returns (unit, image or None, tags, digest)."""
+    existing = Layout.open(layout_dir).tags() if (layout_dir / "index.json").exists() else {}
+    todo: dict[tuple[Path, ImageOptions, str], list[BuildUnit]] = {}
+    found: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]] = []
+    states: dict[BuildUnit, str] = {}
+    for r in results:
+        unit = r.unit
+        state, error = _build_state(r)
+        states[unit] = state
+        tags = tuple(image_tags(unit.driver_version, unit.driver_branch, unit.kernel, unit.os_id, unit.os_versions))
+        if error is not None:
+            reports[unit] = UnitReport(unit, tags, None, "failed", "-", "-", error)
+            continue
+        digests = {existing.get(t) for t in tags}
+        if state == "cached" and len(digests) == 1 and None not in digests:
+            digest = next(iter(digests))
+            assert digest is not None
+            found.append((unit, None, tags, digest))
+            reports[unit] = UnitReport(unit, tags, digest, state, "exists", "-")
+            continue
+        built_types = tuple(t for t, o in r.outcomes.items() if o.status == "ok")
+        opts = ImageOptions(module_types=_module_choice(built_types), os_id=unit.os_id, os_versions=unit.os_versions)
+        todo.setdefault((r.bundle, opts, unit.os_versions[-1] if unit.os_versions else ""), []).append(unit)
+    with ui.task(prog, f"images for {sum(len(u) for u in todo.values())} unit(s)"):
+        for (bundle, opts, os_version), units in todo.items():
+            arch = units[0].arch
+            try:
+                built = build_images(bundle, [u.kernel for u in units], layout_dir,
+                                     base=base_for(lock, arch, os_version), options=opts)
+            except UserError as exc:
+                for u in units:
+                    reports[u] = UnitReport(u, (), None, states[u], "-", "-", exc.message)
+                continue
+            for u, img in zip(units, built, strict=True):
+                found.append((u, img, img.tags, img.digest))
+                reports[u] = UnitReport(u, img.tags, img.digest, states[u], "built", "-")
+    return found
+
+
+def _push(images: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]], layout_dir: Path, registry: str,
+          reports: dict[BuildUnit, UnitReport], prog: Any) -> tuple[int, int]:
+    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.registry.transfer import ClientOptions, copy_image
+
+    ref = Reference.parse(f"{registry.rstrip('/')}/{IMAGE}")
+    if ref.tag or ref.digest:
+        raise UserError(f"--registry {registry} must be a repository path without tag or digest",
+                        "e.g. --registry registry.example:5000/gl-nvidia")
+    layout = Layout.open(layout_dir)
+    blobs = manifests = 0
+    with ClientOptions(retries=2).client(ref.host) as client, ui.task(prog, f"push to {ref.repository}",
+                                                                         total=len(images)) as t:
+        for unit, _img, tags, digest in images:
+            current = {tag: client.manifest_digest(ref.repo, tag) for tag in tags}
+            if all(d == digest for d in current.values()):
+                reports[unit] = replace(reports[unit], push="exists")
+                t.advance(1)
+                continue
+            manifest = layout.manifest(digest)
+            # Full-version tags never move; branch tags follow the branch's newest release by design.
+            branch_tags = tuple(tag for tag in tags if tag.startswith(f"{unit.driver_branch}-"))
+            fixed = tuple(tag for tag in tags if tag not in branch_tags)
+            try:
+                for group, force in ((fixed, False), (branch_tags, True)):
+                    if group and any(current[tag] != digest for tag in group):
+                        result = copy_image(manifest, lambda b, _s: layout.blob_path(b.digest), client, ref.repo,
+                                            group, force=force)
+                        blobs += result.uploaded
+                        manifests += 1
+                reports[unit] = replace(reports[unit], push="pushed")
+            except UserError as exc:
+                reports[unit] = replace(reports[unit], push="-", error=exc.message)
+            t.advance(1)
+    return blobs, manifests
+
+
+def helm_command(values_file: Path) -> str:
+    return (
+        "helm upgrade --install -n gpu-operator --create-namespace gpu-operator nvidia/gpu-operator "
+        f"--values {values_file}"
+    )

@@ -1,0 +1,106 @@
+"""`release` end to end on the debian profile into a real local registry, then resume, resolve and preflight.
+
+The lock is the debian profile narrowed to the unit the debian_bundle fixture builds (proprietary
+535.309.01 for 6.1.0-56-cloud-amd64), so the modules come from the build cache that fixture fills:
+one compile per CI run, whichever test runs first. Cold cache: about 3 minutes (the compile);
+warm: about 1 minute (base root filesystem, layers, push).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gl_nvidia.cli import main
+from gl_nvidia.deploy.release import release
+from gl_nvidia.run import output
+from tests.fixtures.registry import Registry
+from tests.test_deploy_kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
+
+DATA = Path(__file__).parent / "data" / "deploy"
+LOCK = DATA / "release-debian-lock.yaml"
+KERNEL = "6.1.0-56-cloud-amd64"
+TAGS = (f"535-{KERNEL}-debian12", f"535.309.01-{KERNEL}-debian12")
+
+
+def _uploads(reg: Registry) -> list[Path]:
+    """Every file the registry has stored: an upload of any kind adds to it."""
+    return sorted(p for p in (reg.root / "data").rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    repo = f"{registry.host}/gl-nvidia"
+    out = tmp_path / "out"
+
+    first = release(LOCK, out, repo)
+    assert first.ok, [u.status for u in first.units]
+    (unit,) = first.units
+    assert unit.tags == TAGS
+    assert (unit.image, unit.push) == ("built", "pushed")
+    assert first.blobs_uploaded > 0
+    # An independent OCI client sees the pushed image under both tags, at the reported digest.
+    for tag in TAGS:
+        inspected = json.loads(output(["skopeo", "inspect", "--tls-verify=false", f"docker://{repo}/driver:{tag}"]))
+        assert inspected["Digest"] == unit.digest
+    stored = _uploads(registry)
+
+    # The rerun, through the CLI as a user runs it: nothing compiled, nothing uploaded.
+    assert main(["release", "--profile", str(LOCK), "--out", str(out), "--registry", repo, "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert (report["compiled"], report["blobs_uploaded"], report["manifests_pushed"]) == (0, 0, 0)
+    (again,) = report["units"]
+    assert (again["build"], again["image"], again["push"], again["digest"]) == ("cached", "exists", "exists",
+                                                                                unit.digest)
+    assert _uploads(registry) == stored
+    assert f"--values {out / 'gpu-operator-values.yaml'}" in captured.err
+    values = out / "gpu-operator-values.yaml"
+    assert f"repository: {repo}" in values.read_text()
+
+    # resolve: the node's image exists; a kernel nobody built does not.
+    os_release = str(DATA / "os-release-debian-12")
+    assert main(["resolve", "--os-release", os_release, "--kernel", KERNEL, "--values", str(values), "--json"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["reference"] == f"{repo}/driver:{TAGS[0]}"
+    assert resolved["exists"] is True
+    assert main(["resolve", "--os-release", os_release, "--kernel", "6.1.0-99-cloud-amd64",
+                 "--values", str(values)]) == 2
+    assert f"{repo}/driver:535-6.1.0-99-cloud-amd64-debian12 does not exist" in capsys.readouterr().err
+
+    # preflight for the profile's OS version: every branch form, flavour and arch is there.
+    assert main(["preflight", "--lock", str(LOCK), "--gl-version", "12", "--registry", repo, "--json"]) == 0
+    checks = json.loads(capsys.readouterr().out)
+    assert sorted(c["reference"] for c in checks) == sorted(f"{repo}/driver:{t}" for t in TAGS)
+    assert all(c["ok"] and c["digest"] == unit.digest for c in checks)
+    assert main(["preflight", "--lock", str(LOCK), "--gl-version", "13", "--registry", repo]) == 2
+    assert "unknown debian version '13'" in capsys.readouterr().err
+
+    # preflight against a live cluster: one node is fine, one runs a kernel without an image.
+    fake = FakeCluster(nodes=[
+        node_json("gpu-ok", gpu=True, kernel=KERNEL, os_id="debian", version_id="12"),
+        node_json("gpu-new", gpu=True, kernel="6.1.0-99-cloud-amd64", os_id="debian", version_id="12"),
+        node_json("gpu-bare", gpu=True, nfd=False),
+    ])
+    policy = json.loads(json.dumps(CLUSTER_POLICY))
+    policy["spec"]["driver"] |= {"repository": repo, "version": "535"}
+    fake.policies = [policy]
+    fake.nodes[2]["metadata"]["labels"]["nvidia.com/gpu.present"] = "true"
+    with serve(fake) as url:
+        kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", url))
+        assert main(["preflight", "--kubeconfig", kubeconfig, "--lock", str(LOCK), "--json"]) == 1
+        live = {c["subject"]: c for c in json.loads(capsys.readouterr().out)}
+    assert live["gpu-ok"]["ok"] and live["gpu-ok"]["reference"] == f"{repo}/driver:{TAGS[0]}"
+    assert live["gpu-new"]["status"] == "MISSING"
+    assert live["gpu-new"]["reference"] == f"{repo}/driver:535-6.1.0-99-cloud-amd64-debian12"
+    assert "no NFD" in live["gpu-bare"]["status"]
+
+    # An unreachable registry is one clear line, not a traceback.
+    registry.kill()
+    assert main(["preflight", "--lock", str(LOCK), "--gl-version", "12", "--registry", repo]) == 2
+    err = capsys.readouterr().err
+    assert f"registry {registry.host} is unreachable" in err
+    assert "Traceback" not in err
