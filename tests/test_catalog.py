@@ -376,6 +376,13 @@ def bad_pin(workdir: Path) -> None:
     lock.write_text(lock.read_text().replace("  pins: []", "  pins: ['571.00.01']"))
 
 
+def override_for_unknown_gl_version(workdir: Path) -> None:
+    lock = workdir / "versions.yaml"
+    lock.write_text(lock.read_text().replace(
+        "  kernel_overrides: []",
+        "  kernel_overrides:\n    - {os_version: '2150.99.0', flavour: cloud, arch: amd64, kernel: 6.12.99-cloud-amd64}"))
+
+
 def bad_yaml(workdir: Path) -> None:
     lock = workdir / "versions.yaml"
     lock.write_text(lock.read_text().replace("  branches: 3", "  branches: [3"))
@@ -396,6 +403,7 @@ def bad_glrd(workdir: Path) -> None:
         (break_json, r"NVIDIA releases\.json is not valid JSON: .*nvidia-releases\.json"),
         (bad_glrd, r"GLRD data .*glrd-releases-major\.json: releases\.0\.type: Field required"),
         (unknown_gl_version, r"no linux-headers-\*-cloud-amd64 package in .*2150\.11\.0"),
+        (override_for_unknown_gl_version, r"policy names OS version 2150\.99\.0 \(kernel 6\.12\.99-cloud-amd64\), which the sources do not know"),
         (bad_pin, r"pinned driver 571\.00\.01 is in no branch of NVIDIA's releases\.json"),
         (bad_yaml, r"versions\.yaml: malformed YAML at line \d+"),
         (bad_schema, r"versions\.yaml: policy\.branches: Input should be a valid integer"),

@@ -115,12 +115,18 @@ def refresh(lock: Lock, today: date, overrides: SourceOverrides | None = None) -
     with ui.progress() as prog:
         if lock.os.version is not None:
             os_versions = [ResolvedOSVersion(version=lock.os.version)]
+            known = {lock.os.version}
         else:
             if not glrd:
                 raise UserError("the lock names no GLRD source and no fixed os.version", "set sources.glrd")
             with ui.task(prog, "read Garden Linux releases (GLRD)"):
                 majors = parse_glrd([(loc, fetch(loc, "GLRD data")) for loc in glrd])
             os_versions = select_os_versions(majors, today)
+            known = {r.version for m in majors for r in m.releases}
+        for entry in (*policy.kernel_overrides, *policy.kernel_pins):
+            if entry.os_version not in known:
+                raise UserError(f"policy names OS version {entry.os_version} (kernel {entry.kernel}), which the sources do not know",
+                                "fix the version in policy.kernel_overrides / kernel_pins")
 
         with ui.task(prog, "read NVIDIA driver releases"):
             if nvidia.startswith("apt:"):
