@@ -93,6 +93,13 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
         kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", url))
         assert main(["preflight", "--kubeconfig", kubeconfig, "--lock", str(LOCK), "--json"]) == 1
         live = {c["subject"]: c for c in json.loads(capsys.readouterr().out)}
+        # Planning the upgrade to 12 (its kernel: 6.1.0-56): the node on the unbuilt kernel gets an image.
+        assert main(["preflight", "--kubeconfig", kubeconfig, "--lock", str(LOCK), "--gl-version", "12",
+                     "--json"]) == 1
+        upgrade = {c["subject"]: c for c in json.loads(capsys.readouterr().out)}
+    assert upgrade["gpu-new after upgrade to 12"]["ok"]
+    assert upgrade["gpu-new after upgrade to 12"]["reference"] == f"{repo}/driver:{TAGS[0]}"
+    assert not upgrade["gpu-new"]["ok"]
     assert live["gpu-ok"]["ok"] and live["gpu-ok"]["reference"] == f"{repo}/driver:{TAGS[0]}"
     assert live["gpu-new"]["status"] == "MISSING"
     assert live["gpu-new"]["reference"] == f"{repo}/driver:535-6.1.0-99-cloud-amd64-debian12"
