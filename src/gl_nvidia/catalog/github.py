@@ -30,7 +30,8 @@ class GitHub:
         if not token:
             raise UserError("no GitHub token", "export GITHUB_TOKEN (a token that may push and open pull requests)")
         if repo.count("/") != 1:
-            raise UserError(f"bad repository {repo!r}", "pass --repo OWNER/NAME or set GITHUB_REPOSITORY")
+            what = f"bad GitHub repository {repo!r}" if repo else "no GitHub repository"
+            raise UserError(what, "pass --repo OWNER/NAME or set GITHUB_REPOSITORY")
         self.repo = repo
         self._http = client or httpx.Client(timeout=30.0)
         self._base = api_url.rstrip("/")
