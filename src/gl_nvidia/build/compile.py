@@ -7,6 +7,7 @@ Failed compiles are cached too, so an unchanged matrix with a known-bad cell doe
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -71,8 +72,20 @@ def first_error(log_text: str) -> str:
 
 def compile_set(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchain: str, *,
                 jobs: int, keep_debug: bool = False) -> CompiledSet:
-    """Return the cached module set for these inputs, compiling it first when the cache has none."""
-    entry = cache_dir("build", "modules") / cache_key(src, hdrs, toolchain, env.name)
+    """Return the cached module set for these inputs, compiling it first when the cache has none.
+
+    Concurrent builds of the same inputs (parallel units, or CI jobs sharing one machine's cache)
+    wait for the one compile instead of repeating it.
+    """
+    key = cache_key(src, hdrs, toolchain, env.name)
+    entry = cache_dir("build", "modules") / key
+    with (cache_dir("build", "locks") / key).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _compile_locked(entry, src, hdrs, env, jobs, keep_debug)
+
+
+def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, jobs: int,
+                    keep_debug: bool) -> CompiledSet:
     hit = _load(entry, src.module_type)
     if hit is not None and (not keep_debug or hit.status != "ok" or (entry / "debug").is_dir()):
         return hit

@@ -128,13 +128,15 @@ class AptEnv:
 
     name = "apt"
 
-    def __init__(self, repo: apt.AptRepo | None = None) -> None:
-        self._repo = repo
+    def __init__(self, sources: list[apt.AptSource] | None = None) -> None:
+        """`sources`: the OS version's apt repository (default: this machine's, i.e. Debian's archive)."""
+        self._sources = sources
+        self._repos: dict[str, apt.AptRepo] = {}
 
     def repo(self, arch: str) -> apt.AptRepo:
-        if self._repo is None or self._repo.arch != arch:
-            self._repo = apt.AptRepo(apt.system_sources(), arch=arch)
-        return self._repo
+        if arch not in self._repos:
+            self._repos[arch] = apt.AptRepo(self._sources or apt.system_sources(), arch=arch)
+        return self._repos[arch]
 
     def headers(self, kernel: str, arch: str) -> KernelHeaders:
         repo = self.repo(arch)

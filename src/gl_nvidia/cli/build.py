@@ -10,6 +10,7 @@ import click
 from gl_nvidia import ui
 from gl_nvidia.build import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, build_all, bundle_name
 from gl_nvidia.build.abi import check_bundle
+from gl_nvidia.build.kenv import kernel_release
 from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branch_of
 from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.bundle import MODULE_TYPES
@@ -34,9 +35,13 @@ def _source(kind: str, path: str | None, sha256: str | None) -> DriverSource:
     return NvidiaRunSource(path, sha256=sha256)
 
 
-def _env(kind: str, headers: Path | None, unit: BuildUnit) -> KernelEnv:
+def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None) -> KernelEnv:
     if kind == "apt":
-        return AptEnv()
+        if apt_spec is None:
+            return AptEnv()
+        from gl_nvidia.catalog.kernels import apt_sources
+
+        return AptEnv(apt_sources(apt_spec, unit.os_versions[-1]))
     if kind == "dir":
         if headers is None:
             raise UserError("--env dir needs --kernel-headers DIR", "the kernel's build headers directory")
@@ -85,8 +90,8 @@ def _exclude(lock: Path, results: list[UnitResult]) -> int:
               type=click.Choice(["debian", "nvidia", "dir"]), help="Where the driver comes from.")
 @click.option("--source-path", help="nvidia: a .run file or URL; dir: an unpacked driver tree.")
 @click.option("--sha256", help="nvidia: the .run's expected sha256.")
-@click.option("--env", "env_kind", default="apt", show_default=True, type=click.Choice(["apt", "dir", "kmodbuild"]),
-              help="Where kernel headers and compiler come from.")
+@click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
+              help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
 @click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
               help="--env dir: the kernel's build headers directory.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("dist/bundles"),
@@ -99,16 +104,21 @@ def _exclude(lock: Path, results: list[UnitResult]) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_version: str, os_id: str,
               all_units: bool, profile: str, types: tuple[str, ...], source_kind: str, source_path: str | None,
-              sha256: str | None, env_kind: str, kernel_headers: Path | None, out: Path, jobs: int,
+              sha256: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
               make_jobs: int | None, keep_debug: bool, exclude_failed: bool, as_json: bool) -> None:
     """Compile NVIDIA kernel modules for one build unit or the whole matrix into driver bundles."""
     source = _source(source_kind, source_path, sha256)
+    apt_spec: str | None = None
     if all_units:
         if kernel or driver_version:
             raise UserError("--all builds the matrix; leave out --kernel and --driver")
-        from gl_nvidia.catalog.matrix import load_matrix
+        from gl_nvidia.catalog.matrix import load_lock, load_matrix
 
         units = list(load_matrix(profile).units)
+        lock = load_lock(profile)
+        apt_spec = lock.sources.apt
+        # Garden Linux's production path is its kmodbuild container; Debian's headers come from apt.
+        env_kind = env_kind or ("kmodbuild" if lock.os.id == "gardenlinux" else "apt")
     else:
         if not kernel:
             raise UserError("say what to build: --kernel K [--driver V], or --all")
@@ -118,9 +128,18 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
             driver_version = source.available_versions(arch)[0]
         units = [BuildUnit(kernel, driver_version, branch_of(driver_version), arch,
                            kernel.split("-")[-2] if kernel.count("-") >= 2 else "cloud", os_id, (os_version,))]
-    if exclude_failed and not all_units and profile == "debian":
+    if exclude_failed and profile == "debian":
         raise UserError("--exclude-failed needs a lock file to write", "pass --profile PATH (or gardenlinux)")
-    results = build_all(units, out, source=source, env_for=lambda u: _env(env_kind, kernel_headers, u),
+    kind = env_kind or "apt"
+    envs: dict[str, KernelEnv] = {}  # one per OS version, so each apt index is read once
+
+    def env_for(unit: BuildUnit) -> KernelEnv:
+        key = unit.os_versions[-1] if unit.os_versions else ""
+        if key not in envs:
+            envs[key] = _env(kind, kernel_headers, unit, apt_spec)
+        return envs[key]
+
+    results = build_all(units, out, source=source, env_for=env_for,
                         jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug)
     if as_json:
         ui.print_json([{"unit": r.unit.as_dict(), "bundle": str(r.bundle),
@@ -137,9 +156,9 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
                     _line(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
     failed = [r for r in results if not r.ok]
     if exclude_failed and failed:
-        lock = Path("versions.yaml") if profile == "gardenlinux" else Path(profile)
-        added = _exclude(lock, failed)
-        ui.log.info("added %d exclusion(s) to %s", added, lock)
+        lock_path = Path("versions.yaml") if profile == "gardenlinux" else Path(profile)
+        added = _exclude(lock_path, failed)
+        ui.log.info("added %d exclusion(s) to %s", added, lock_path)
     if failed:
         raise UserError(f"{len(failed)} of {len(results)} build unit(s) failed",
                         "see the table and logs above; --exclude-failed records them as exclusions")
@@ -158,7 +177,7 @@ def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None
         ui.print_json([{"kernel": k, "module_type": t, "ok": g.ok, "problems": list(g.problems)}
                        for (k, t), g in verdicts.items()])
     else:
-        ui.print_table(f"ABI gate against {kernel_headers}", ["built for", "type", "loads", "problems"],
+        ui.print_table(f"ABI gate against {kernel_release(kernel_headers)}", ["built for", "type", "loads", "problems"],
                        [[k, t, "yes" if g.ok else "no", len(g.problems)] for (k, t), g in verdicts.items()])
         for (k, t), g in verdicts.items():
             for p in g.problems[:20]:
