@@ -1,7 +1,100 @@
-"""`gl-nvidia` commands of the image stage."""
+"""`gl-nvidia` commands of the image stage: `image` (bundle -> OCI layout), `push`, `mirror`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+from gl_nvidia import ui
+from gl_nvidia.errors import UserError
+from gl_nvidia.image import base as base_mod
+from gl_nvidia.image.build import MODULE_TYPE_CHOICES, ImageOptions, build_images
+from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror, push
+
+
+@click.command("image")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--kernel", "kernels", multiple=True, help="Kernel (uname -r) to build an image for; repeatable.")
+@click.option("--all", "all_kernels", is_flag=True, help="One image per kernel in the bundle.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/images"), show_default=True,
+              help="OCI image layout directory (created, or added to).")
+@click.option("--base", help="Existing base image: OCI layout dir[:tag] or REGISTRY/REPO:TAG (default: mmdebstrap).")
+@click.option("--gardenlinux-repo", metavar="URL",
+              help="Build the base from this Garden Linux apt repository (needs --gl-version) instead of Debian's.")
+@click.option("--module-types", type=click.Choice(sorted(MODULE_TYPE_CHOICES)), default="both", show_default=True)
+@click.option("--os-id", default="gardenlinux", show_default=True, help="Node OS id (NFD system-os_release.ID).")
+@click.option("--gl-version", "os_versions", multiple=True,
+              help="GL version (or, for other --os-id, VERSION_ID) this kernel ships in; repeatable.")
+@click.option("--source-url", help="org.opencontainers.image.source label.")
+@click.option("--revision", help="org.opencontainers.image.revision label (git commit).")
+@click.option("--json", "as_json", is_flag=True, help="Print the built images as JSON.")
+def image_cmd(
+    bundle: Path, kernels: tuple[str, ...], all_kernels: bool, out: Path, base: str | None,
+    gardenlinux_repo: str | None, module_types: str, os_id: str, os_versions: tuple[str, ...],
+    source_url: str | None, revision: str | None, as_json: bool,
+) -> None:
+    """Build driver images from BUNDLE into an OCI image layout, without a container engine."""
+    if bool(kernels) == all_kernels:
+        raise UserError("pass --kernel K (repeatable) or --all")
+    chosen: str | base_mod.BaseSpec | None = base
+    if gardenlinux_repo:
+        if base or len(os_versions) != 1:
+            raise UserError("--gardenlinux-repo needs exactly one --gl-version and no --base")
+        from gl_nvidia.bundle import BundleManifest
+
+        chosen = base_mod.gardenlinux_spec(gardenlinux_repo, os_versions[0], BundleManifest.load(bundle).arch)
+    images = build_images(
+        bundle, None if all_kernels else list(kernels), out, base=chosen,
+        options=ImageOptions(module_types, os_id, os_versions, source_url, revision),
+    )
+    if as_json:
+        ui.print_json([i.as_dict() for i in images])
+        return
+    ui.print_table(f"images in {out}", ["kernel", "digest", "size MB", "modules", "tags"],
+                   [(i.kernel, i.digest[:19], f"{i.size / 1e6:.1f}", ",".join(i.module_types), "\n".join(i.tags))
+                    for i in images])
+
+
+@click.command("push")
+@click.argument("layout", type=click.Path(path_type=Path))
+@click.argument("target")
+@click.option("--force", is_flag=True, help="Move tags that already point to other content.")
+@click.option("--plain-http", is_flag=True, default=None, help="Talk HTTP, not HTTPS (default only for loopback).")
+@click.option("--json", "as_json", is_flag=True)
+def push_cmd(layout: Path, target: str, force: bool, plain_http: bool | None, as_json: bool) -> None:
+    """Push the images of an OCI LAYOUT to TARGET (REGISTRY/REPO, or REGISTRY/REPO:TAG for one)."""
+    from gl_nvidia.registry.transfer import ClientOptions
+
+    _report(push(layout, target, force=force, options=ClientOptions(plain_http=plain_http)), as_json)
+
+
+@click.command("mirror")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--driver-branch", help="Only this driver branch's tags (e.g. 535).")
+@click.option("--force", is_flag=True, help="Move destination tags that point to other content.")
+@click.option("--plain-http", is_flag=True, default=None, help="Talk HTTP, not HTTPS (default only for loopback).")
+@click.option("--json", "as_json", is_flag=True)
+def mirror_cmd(source: str, destination: str, driver_branch: str | None, force: bool,
+               plain_http: bool | None, as_json: bool) -> None:
+    """Copy driver images from SOURCE to DESTINATION repository (air-gapped sites)."""
+    from gl_nvidia.registry.transfer import ClientOptions
+
+    results = mirror(source, destination, driver_branch=driver_branch, force=force,
+                     options=ClientOptions(plain_http=plain_http))
+    _report(results, as_json)
+    if not as_json:
+        click.echo(f"GPU Operator: helm ... {helm_repository_line(destination)}")
+
+
+def _report(results: list[PushResult], as_json: bool) -> None:
+    if as_json:
+        ui.print_json([r.as_dict() for r in results])
+        return
+    ui.print_table(None, ["repository", "digest", "uploaded", "skipped", "mounted", "MB sent", "tags"],
+                   [(r.repository, r.digest[:19], r.uploaded, r.skipped, r.mounted, f"{r.bytes_uploaded / 1e6:.1f}",
+                     "\n".join(r.tags)) for r in results])
+
+
+COMMANDS: list[click.Command] = [image_cmd, push_cmd, mirror_cmd]

@@ -1,0 +1,383 @@
+"""Build driver images from a bundle into an OCI image layout, without a container engine.
+
+Layers, bottom to top (so a kernel-only upgrade pulls only the last one):
+  base rootfs | node runtime | userspace | ld.so.cache | firmware | modules of one kernel (+ manifest)
+Everything below the modules layer is identical for every kernel of one driver version and arch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import gl_nvidia
+from gl_nvidia import bundle as bundle_mod
+from gl_nvidia import ui
+from gl_nvidia.bundle import BundleManifest
+from gl_nvidia.errors import UserError
+from gl_nvidia.fs import sha256_file
+from gl_nvidia.image import base as base_mod
+from gl_nvidia.image import layers, oci
+from gl_nvidia.image.layers import Entry, LayerBlob
+from gl_nvidia.image.oci import Layout, Manifest
+from gl_nvidia.image.tags import image_tags, validate_tag
+from gl_nvidia.node import layout as node_layout
+from gl_nvidia.run import run
+
+MODULE_TYPE_CHOICES = {"open": ("open",), "proprietary": ("proprietary",), "both": ("open", "proprietary")}
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LABEL_PREFIX = "io.gardenlinux.nvidia"
+ENTRYPOINT_SCRIPT = b'#!/bin/sh\nexec python3 -m gl_nvidia.node "$@"\n'
+_ARCH = {"amd64": "amd64", "arm64": "arm64"}
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What an image says about itself beyond the bundle: tags' OS and provenance labels."""
+
+    module_types: str = "both"  # open | proprietary | both
+    os_id: str = "gardenlinux"  # NFD system-os_release.ID of the nodes
+    os_versions: tuple[str, ...] = ()  # GL versions this kernel ships in (extra, human tags)
+    source: str | None = None  # org.opencontainers.image.source
+    revision: str | None = None  # org.opencontainers.image.revision
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    digest: str
+    size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """One (driver, kernel) image in a layout: what the release stage pushes."""
+
+    layout: Path
+    kernel: str
+    digest: str  # manifest digest
+    size: int  # sum of compressed layers and config
+    tags: tuple[str, ...]
+    module_types: tuple[str, ...]
+    layers: tuple[LayerInfo, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layout"] = str(self.layout)
+        d["layers"] = [x.as_dict() for x in self.layers]
+        return d
+
+
+def build_image(
+    bundle_dir: Path,
+    kernel: str,
+    out_layout: Path,
+    *,
+    base: str | base_mod.BaseSpec | None = None,
+    options: ImageOptions | None = None,
+) -> BuiltImage:
+    """Build the image for one kernel of a bundle into the OCI layout `out_layout`.
+
+    `base`: None builds the debian-profile base with mmdebstrap (cached); a `BaseSpec` builds that
+    one (e.g. `base.gardenlinux_spec(...)`); a string names an existing image: an OCI layout path
+    (`dir` or `dir:tag`) or a registry reference. Returns the manifest digest and tags; the same
+    bundle and base give the same digest.
+    """
+    return build_images(bundle_dir, [kernel], out_layout, base=base, options=options)[0]
+
+
+def build_images(
+    bundle_dir: Path,
+    kernels: Sequence[str] | None,
+    out_layout: Path,
+    *,
+    base: str | base_mod.BaseSpec | None = None,
+    options: ImageOptions | None = None,
+) -> list[BuiltImage]:
+    """One image per kernel (None: every kernel in the bundle); the shared layers are built once."""
+    opts = options or ImageOptions()
+    manifest = _load_bundle(bundle_dir)
+    wanted = list(manifest.kernels) if kernels is None else list(kernels)
+    if not wanted:
+        raise UserError(f"bundle {bundle_dir} holds no kernels", "build modules with `gl-nvidia build` first")
+    plans = [_plan_kernel(bundle_dir, manifest, k, opts) for k in wanted]  # all input errors before any work
+    layout = _open_out(out_layout)
+    results = []
+    with ui.progress() as prog, tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp:
+        with ui.task(prog, "base root filesystem"):
+            base_image = _resolve_base(base, layout, manifest.arch)
+            root = Path(tmp, "root")
+            root.mkdir()
+            base_mod.flatten(layout, base_image, root)
+            base_mod.check_tools(root, base_image.description)
+        with ui.task(prog, "shared layers (node runtime, userspace, ld.so.cache, firmware)"):
+            shared = _shared_layers(layout, bundle_dir, manifest, root)
+        with ui.task(prog, "kernel images", total=len(plans)) as t:
+            for plan in plans:
+                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, shared, root, opts))
+                t.advance(1)
+    return results
+
+
+@dataclass(frozen=True)
+class _KernelPlan:
+    kernel: str
+    module_types: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+def _load_bundle(bundle_dir: Path) -> BundleManifest:
+    path = bundle_dir / bundle_mod.MANIFEST
+    if not path.is_file():
+        raise UserError(f"{bundle_dir} is not a driver bundle (no {bundle_mod.MANIFEST})",
+                        "pass the directory `gl-nvidia build` wrote")
+    try:
+        manifest = BundleManifest.load(bundle_dir)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"bundle manifest {path} is invalid: {exc}", "rebuild the bundle") from exc
+    if manifest.arch not in _ARCH:
+        raise UserError(f"bundle {bundle_dir} has unsupported arch {manifest.arch!r}")
+    for f in manifest.userspace:
+        _check_file(bundle_mod.userspace_dir(bundle_dir) / f.path, f, bundle_dir)
+    for f in manifest.firmware:
+        _check_file(bundle_mod.firmware_dir(bundle_dir) / f.path, f, bundle_dir)
+    return manifest
+
+
+def _check_file(path: Path, f: bundle_mod.UserspaceFile, bundle_dir: Path) -> None:
+    if f.link is not None:
+        if not path.is_symlink():
+            raise UserError(f"bundle {bundle_dir} is incomplete: symlink {path} is missing", "rebuild the bundle")
+        return
+    if not path.is_file():
+        raise UserError(f"bundle {bundle_dir} is incomplete: {path} is missing", "rebuild the bundle")
+    if path.stat().st_size != f.size or sha256_file(path) != f.sha256:
+        raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
+                        "rebuild the bundle")
+
+
+def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: ImageOptions) -> _KernelPlan:
+    if kernel not in manifest.kernels:
+        have = ", ".join(sorted(manifest.kernels)) or "none"
+        raise UserError(f"no modules for kernel {kernel} in bundle {bundle_dir} (it holds {have})",
+                        f"build them with `gl-nvidia build --kernel {kernel}`")
+    if opts.module_types not in MODULE_TYPE_CHOICES:
+        raise UserError(f"unknown module type {opts.module_types!r}", "use open, proprietary or both")
+    sets = manifest.kernels[kernel].module_sets
+    ok = tuple(t for t in MODULE_TYPE_CHOICES[opts.module_types] if t in sets and sets[t].status == "ok")
+    if not ok:
+        raise UserError(f"bundle {bundle_dir} has no successfully built {opts.module_types} modules for kernel {kernel}",
+                        "see the build log in the bundle's logs/ directory")
+    for t in ok:
+        for mod in sets[t].modules:
+            path = bundle_mod.modules_dir(bundle_dir, kernel, t) / mod.name
+            if not path.is_file():
+                raise UserError(f"bundle {bundle_dir} is incomplete: {path} is missing", "rebuild the bundle")
+            if sha256_file(path) != mod.sha256:
+                raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
+                                "rebuild the bundle")
+    if opts.os_id != "gardenlinux" and not opts.os_versions:
+        raise UserError(f"no OS version given for os id {opts.os_id!r}", "pass --os-version (the nodes' VERSION_ID)")
+    tags = image_tags(manifest.driver_version, manifest.driver_branch, kernel, opts.os_id, opts.os_versions)
+    for tag in tags:
+        try:
+            validate_tag(tag)
+        except ValueError as exc:
+            raise UserError(str(exc), "kernel, driver version and OS version must only use [A-Za-z0-9_.-]") from exc
+    return _KernelPlan(kernel, ok, tuple(tags))
+
+
+def _open_out(out_layout: Path) -> Layout:
+    try:
+        if out_layout.is_dir() and any(out_layout.iterdir()) and not (out_layout / "index.json").exists():
+            raise UserError(f"{out_layout} exists and is not an OCI image layout", "choose an empty or new --out")
+        return Layout.create(out_layout)
+    except OSError as exc:
+        raise UserError(f"cannot write image layout {out_layout}: {exc.strerror or exc}", "choose a writable --out") from exc
+
+
+def _resolve_base(base: str | base_mod.BaseSpec | None, layout: Layout, arch: str) -> base_mod.BaseImage:
+    if base is None:
+        return base_mod.build_base(base_mod.debian_spec(arch), layout)
+    if isinstance(base, base_mod.BaseSpec):
+        return base_mod.build_base(base, layout)
+    return _existing_base(base, layout)
+
+
+def _existing_base(ref: str, layout: Layout) -> base_mod.BaseImage:
+    path, tag = ref, ""
+    if not Path(ref).is_dir() and ":" in ref:
+        path, tag = ref.rsplit(":", 1)
+    if Path(path).is_dir():
+        src = Layout.open(Path(path))
+        m = src.resolve(tag or None)
+        for blob in m.blobs:
+            src_path = src.blob_path(blob.digest)
+            if not src_path.is_file():
+                raise UserError(f"base image {ref} is incomplete: blob {blob.digest} is missing")
+            layout.import_blob(src_path, blob)
+        layout.write_blob(m.raw, m.media_type)
+        return base_mod.from_layout_image(layout, m.digest, ref)
+    from gl_nvidia.registry.transfer import pull  # the registry stage speaks the same model
+
+    digest = pull(ref, layout)
+    return base_mod.from_layout_image(layout, digest, ref)
+
+
+@dataclass(frozen=True)
+class _Shared:
+    layers: tuple[tuple[str, LayerBlob], ...]
+
+
+def _place(root: Path, path: PurePosixPath) -> PurePosixPath:
+    return base_mod.resolve_in_root(root, path)
+
+
+def _shared_layers(layout: Layout, bundle_dir: Path, manifest: BundleManifest, root: Path) -> _Shared:
+    pkg = Path(gl_nvidia.__file__).parent
+    site = node_layout.PYTHON_SITE / "gl_nvidia"
+    runtime = [
+        Entry(_place(root, site / "__init__.py"), source=pkg / "__init__.py"),
+        Entry(_place(root, site / "bundle.py"), source=pkg / "bundle.py"),
+        *[
+            Entry(_place(root, site / "node" / p.relative_to(pkg / "node").as_posix()), source=p)
+            for p in sorted((pkg / "node").rglob("*.py"))
+        ],
+        Entry(_place(root, node_layout.ENTRYPOINT), mode=0o755, data=ENTRYPOINT_SCRIPT),
+    ]
+    userspace = [
+        dataclasses.replace(e, path=_place(root, e.path))
+        for e in layers.tree_entries(bundle_mod.userspace_dir(bundle_dir), PurePosixPath("/"))
+    ]
+    firmware = [
+        dataclasses.replace(e, path=_place(root, e.path))
+        for e in layers.tree_entries(bundle_mod.firmware_dir(bundle_dir), node_layout.FIRMWARE_ROOT.parent)
+    ]
+    return _Shared((
+        ("node-runtime", layers.write_layer(layout, runtime)),
+        ("userspace", layers.write_layer(layout, _files_only(userspace))),
+        ("ld.so.cache", layers.write_layer(layout, _ld_cache(root, userspace))),
+        ("firmware", layers.write_layer(layout, _files_only(firmware))),
+    ))
+
+
+def _files_only(entries: list[Entry]) -> list[Entry]:
+    """Directories come back as parents (0755, root) from `write_layer`; skip the bundle's own."""
+    return [e for e in entries if not e.is_dir]
+
+
+def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
+    """/etc/ld.so.cache of base + userspace, made by the real ldconfig in a scratch copy of the tree."""
+    lib_dirs = sorted({str(e.path.parent) for e in userspace if ".so" in e.path.name})
+    conf_path = PurePosixPath("/etc/ld.so.conf.d/gl-nvidia.conf")
+    conf = "".join(f"{d}\n" for d in lib_dirs).encode()
+    for e in userspace:
+        dest = root / e.path.relative_to("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if e.link is not None:
+            if dest.is_symlink() or dest.exists():
+                dest.unlink()
+            os.symlink(e.link, dest)
+        elif e.source is not None:
+            shutil.copyfile(e.source, dest)
+    (root / "etc/ld.so.conf.d").mkdir(parents=True, exist_ok=True)
+    (root / conf_path.relative_to("/")).write_bytes(conf)
+    # -X: only the cache, no soname links (the bundle ships them); -r: the cache is for this root.
+    run(["ldconfig", "-X", "-r", root], hint="ldconfig -r needs root (it chroots)")
+    cache = (root / "etc/ld.so.cache").read_bytes()
+    return [
+        Entry(_place(root, PurePosixPath("/etc/ld.so.cache")), data=cache),
+        Entry(_place(root, conf_path), data=conf),
+    ]
+
+
+def _kernel_image(
+    layout: Layout,
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    plan: _KernelPlan,
+    base_image: base_mod.BaseImage,
+    shared: _Shared,
+    root: Path,
+    opts: ImageOptions,
+) -> BuiltImage:
+    kb = manifest.kernels[plan.kernel]
+    trimmed = dataclasses.replace(
+        manifest,
+        kernels={plan.kernel: dataclasses.replace(kb, module_sets={t: kb.module_sets[t] for t in plan.module_types})},
+    )
+    entries = [Entry(_place(root, node_layout.MANIFEST), data=trimmed.to_json().encode())]
+    for t in plan.module_types:
+        for mod in sorted(kb.module_sets[t].modules, key=lambda m: m.name):
+            entries.append(Entry(
+                _place(root, node_layout.modules_dir(plan.kernel, t) / mod.name),
+                source=bundle_mod.modules_dir(bundle_dir, plan.kernel, t) / mod.name,
+            ))
+    modules = layers.write_layer(layout, entries)
+
+    named = [("base", b) for b in base_image.layers] + list(shared.layers) + [(f"modules {plan.kernel}", modules)]
+    labels = _labels(manifest, plan, base_image, opts)
+    created = datetime.fromtimestamp(layers.source_date_epoch(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    config = {
+        "architecture": _ARCH[manifest.arch],
+        "os": "linux",
+        "created": created,
+        "config": {
+            "Entrypoint": ["nvidia-driver"],
+            "Cmd": ["init"],
+            "Env": [
+                f"PATH={PATH}",
+                f"DRIVER_VERSION={manifest.driver_version}",
+                f"DRIVER_BRANCH={manifest.driver_branch}",
+                f"KERNEL_VERSION={plan.kernel}",
+                f"KERNEL_MODULE_TYPES={','.join(plan.module_types)}",
+            ],
+            "Labels": labels,
+            "WorkingDir": "/",
+        },
+        "rootfs": {"type": "layers", "diff_ids": [b.diff_id for _, b in named]},
+        "history": [{"created": created, "created_by": f"gl-nvidia image: {name}"} for name, _ in named],
+    }
+    config_desc = layout.write_blob(oci.canonical_json(config), oci.CONFIG)
+    image = Manifest.build(config_desc, [b.descriptor for _, b in named], labels)
+    layout.add_image(image, list(plan.tags))
+    return BuiltImage(
+        layout=layout.root,
+        kernel=plan.kernel,
+        digest=image.digest,
+        size=config_desc.size + sum(b.descriptor.size for _, b in named),
+        tags=plan.tags,
+        module_types=plan.module_types,
+        layers=tuple(LayerInfo(name, b.descriptor.digest, b.descriptor.size) for name, b in named),
+    )
+
+
+def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.BaseImage, opts: ImageOptions) -> dict[str, str]:
+    labels = {
+        "org.opencontainers.image.title": "NVIDIA driver for Garden Linux",
+        "org.opencontainers.image.version": manifest.driver_version,
+        "org.opencontainers.image.base.name": base_image.description,
+        f"{LABEL_PREFIX}.driver.version": manifest.driver_version,
+        f"{LABEL_PREFIX}.driver.branch": manifest.driver_branch,
+        f"{LABEL_PREFIX}.kernel": plan.kernel,
+        f"{LABEL_PREFIX}.module-types": ",".join(plan.module_types),
+        f"{LABEL_PREFIX}.os": opts.os_id,
+    }
+    if opts.os_versions:
+        labels[f"{LABEL_PREFIX}.gardenlinux.versions" if opts.os_id == "gardenlinux" else f"{LABEL_PREFIX}.os.versions"] = \
+            ",".join(sorted(set(opts.os_versions)))
+    if opts.source:
+        labels["org.opencontainers.image.source"] = opts.source
+    if opts.revision:
+        labels["org.opencontainers.image.revision"] = opts.revision
+    return labels

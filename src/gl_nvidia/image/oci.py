@@ -1,0 +1,256 @@
+"""The OCI image model, separate from where an image lives.
+
+Everything is addressed by digest: a `Descriptor` names a blob (layer, config, manifest) by its
+sha256. `Layout` is an OCI image layout on disk (blobs/sha256/<hex>, index.json, oci-layout);
+the registry client in `gl_nvidia.registry` speaks the same descriptors, so build, push and
+copy are one function each over this model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from gl_nvidia.errors import UserError
+from gl_nvidia.fs import atomic_write_bytes
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+# Single-image manifests the registry client accepts, OCI first.
+IMAGE_MANIFESTS = (MANIFEST, DOCKER_MANIFEST)
+
+REF_NAME = "org.opencontainers.image.ref.name"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def digest_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def check_digest(digest: str) -> str:
+    if not _DIGEST.match(digest):
+        raise UserError(f"unsupported or malformed digest {digest!r}", "only sha256 digests are supported")
+    return digest
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no whitespace: the same object always hashes to the same digest."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            d["annotations"] = dict(sorted(self.annotations.items()))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Descriptor:
+        return cls(d["mediaType"], check_digest(d["digest"]), int(d["size"]), dict(d.get("annotations") or {}))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed single-image manifest plus its exact bytes (the digest is over the bytes)."""
+
+    raw: bytes
+    media_type: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+
+    @property
+    def digest(self) -> str:
+        return digest_bytes(self.raw)
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return Descriptor(self.media_type, self.digest, len(self.raw))
+
+    @property
+    def blobs(self) -> tuple[Descriptor, ...]:
+        """Config first, then layers bottom to top: the order a push uploads them in."""
+        return (self.config, *self.layers)
+
+    @classmethod
+    def parse(cls, raw: bytes, media_type: str | None = None) -> Manifest:
+        try:
+            d = json.loads(raw)
+            mt = d.get("mediaType") or media_type or MANIFEST
+            if mt not in IMAGE_MANIFESTS:
+                raise UserError(f"unsupported manifest type {mt}", "only single-platform images are supported")
+            return cls(raw, mt, Descriptor.from_dict(d["config"]), tuple(Descriptor.from_dict(x) for x in d["layers"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"malformed image manifest: {exc}") from exc
+
+    @classmethod
+    def build(cls, config: Descriptor, layers: list[Descriptor], annotations: dict[str, str]) -> Manifest:
+        body = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": config.as_dict(),
+            "layers": [layer.as_dict() for layer in layers],
+            "annotations": dict(sorted(annotations.items())),
+        }
+        return cls(canonical_json(body), MANIFEST, config, tuple(layers))
+
+
+class Layout:
+    """An OCI image layout directory: content-addressed blobs plus index.json naming images by tag.
+
+    Blobs are written with temp + rename, and index.json last, so an interrupted build leaves at
+    most unreferenced blobs, never an index entry whose blobs are missing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def create(cls, root: Path) -> Layout:
+        layout = cls(root)
+        if (root / "index.json").exists():
+            layout.index()  # validates
+            return layout
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{root} exists and is not a directory", "choose another --out")
+        atomic_write_bytes(root / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        atomic_write_bytes(root / "index.json", canonical_json({"schemaVersion": 2, "mediaType": INDEX, "manifests": []}))
+        return layout
+
+    @classmethod
+    def open(cls, root: Path) -> Layout:
+        if not (root / "index.json").is_file() or not (root / "oci-layout").is_file():
+            raise UserError(f"{root} is not an OCI image layout (no index.json / oci-layout)",
+                            "build one with `gl-nvidia image`")
+        return cls(root)
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / check_digest(digest).removeprefix("sha256:")
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def read_blob(self, digest: str) -> bytes:
+        path = self.blob_path(digest)
+        if not path.is_file():
+            raise UserError(f"blob {digest} is missing from {self.root}", "rebuild the image layout")
+        return path.read_bytes()
+
+    def write_blob(self, data: bytes, media_type: str) -> Descriptor:
+        digest = digest_bytes(data)
+        if not self.has_blob(digest):
+            atomic_write_bytes(self.blob_path(digest), data)
+        return Descriptor(media_type, digest, len(data))
+
+    @contextmanager
+    def blob_writer(self) -> Iterator[tuple[BinaryIO, _Hashing]]:
+        """A temp file in the blob dir; the caller hashes as it writes, then `commit_blob` renames it."""
+        d = self.root / "blobs" / "sha256"
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        fh = os.fdopen(fd, "wb")
+        hashing = _Hashing(fh, Path(tmp))
+        try:
+            yield fh, hashing
+        finally:
+            fh.close()
+            if Path(tmp).exists():
+                os.unlink(tmp)
+
+    def commit_blob(self, hashing: _Hashing, media_type: str) -> Descriptor:
+        digest = hashing.digest
+        os.replace(hashing.path, self.blob_path(digest))
+        return Descriptor(media_type, digest, hashing.size)
+
+    def import_blob(self, src: Path, desc: Descriptor) -> None:
+        """Copy a blob file in (from a cache) unless present."""
+        if not self.has_blob(desc.digest):
+            d = self.blob_path(desc.digest).parent
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+            os.close(fd)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, self.blob_path(desc.digest))
+
+    def index(self) -> list[Descriptor]:
+        try:
+            d = json.loads((self.root / "index.json").read_text())
+            return [Descriptor.from_dict(m) for m in d.get("manifests", [])]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{self.root}/index.json is unreadable: {exc}", "remove the directory and rebuild") from exc
+
+    def tags(self) -> dict[str, str]:
+        """tag -> manifest digest."""
+        return {m.annotations[REF_NAME]: m.digest for m in self.index() if REF_NAME in m.annotations}
+
+    def manifest(self, digest: str) -> Manifest:
+        return Manifest.parse(self.read_blob(digest))
+
+    def resolve(self, tag: str | None = None) -> Manifest:
+        """The manifest a tag names; without a tag, the layout's only image."""
+        index = self.index()
+        if tag is None:
+            digests = list(dict.fromkeys(m.digest for m in index))
+            if len(digests) != 1:
+                raise UserError(f"{self.root} holds {len(digests)} images", "name one with a tag")
+            return self.manifest(digests[0])
+        tags = self.tags()
+        if tag not in tags:
+            raise UserError(f"no image tagged {tag!r} in {self.root}", f"tags there: {', '.join(sorted(tags)) or 'none'}")
+        return self.manifest(tags[tag])
+
+    def add_image(self, manifest: Manifest, tags: list[str]) -> None:
+        """Record the manifest under each tag (replacing what those tags named before)."""
+        for blob in manifest.blobs:
+            if not self.has_blob(blob.digest):
+                raise UserError(f"blob {blob.digest} is missing from {self.root}", "rebuild the image layout")
+        self.write_blob(manifest.raw, manifest.media_type)
+        kept = [m for m in self.index() if m.annotations.get(REF_NAME) not in tags]
+        added = [Descriptor(manifest.media_type, manifest.digest, len(manifest.raw), {REF_NAME: t}) for t in tags]
+        entries = sorted(kept + added, key=lambda m: (m.annotations.get(REF_NAME, ""), m.digest))
+        body = {"schemaVersion": 2, "mediaType": INDEX, "manifests": [m.as_dict() for m in entries]}
+        atomic_write_bytes(self.root / "index.json", canonical_json(body))
+
+
+class _Hashing:
+    """Wraps a file object: hashes and counts every write."""
+
+    def __init__(self, fh: BinaryIO, path: Path) -> None:
+        self._fh = fh
+        self._h = hashlib.sha256()
+        self.path = path
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        self.size += len(data)
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._h.hexdigest()

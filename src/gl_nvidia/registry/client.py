@@ -1,0 +1,437 @@
+"""An OCI distribution API client over httpx.
+
+Token auth (WWW-Authenticate Bearer realm flow, and Basic), blob HEAD before upload, cross-repository
+mount, monolithic PUT for small blobs and chunked PATCH for large ones, resume after a dropped
+connection (ask the registry how far the upload got, else start a fresh session), retries with
+exponential backoff, manifest GET/HEAD/PUT, tag listing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin
+
+import httpx
+
+from gl_nvidia.errors import UserError
+from gl_nvidia.image import oci
+from gl_nvidia.image.oci import Descriptor
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 16 << 20  # blobs above this go up in PATCH chunks; below, one PUT
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+_REF = re.compile(
+    r"^(?P<host>[A-Za-z0-9.-]+(:[0-9]+)?|\[[0-9a-fA-F:]+\](:[0-9]+)?)/"
+    r"(?P<repo>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[^@/]+))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """`host[:port]/repo[:tag][@digest]`."""
+
+    host: str
+    repo: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> Reference:
+        m = _REF.match(ref)
+        if not m or ("." not in m["host"] and ":" not in m["host"] and m["host"] != "localhost"):
+            raise UserError(
+                f"invalid image reference {ref!r}",
+                "write REGISTRY/REPOSITORY[:TAG], e.g. registry.example.com:5000/nvidia/driver "
+                "(lower-case repository path)",
+            )
+        if m["tag"] is not None:
+            from gl_nvidia.image.tags import validate_tag
+
+            try:
+                validate_tag(m["tag"])
+            except ValueError as exc:
+                raise UserError(str(exc)) from exc
+        return cls(m["host"], m["repo"], m["tag"], m["digest"])
+
+    @property
+    def repository(self) -> str:
+        return f"{self.host}/{self.repo}"
+
+    def __str__(self) -> str:
+        return self.repository + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+
+def find_credentials(host: str) -> Credentials | None:
+    """GL_NVIDIA_REGISTRY_USERNAME/PASSWORD, else the docker config's `auths` entry for the host."""
+    user, password = os.environ.get("GL_NVIDIA_REGISTRY_USERNAME"), os.environ.get("GL_NVIDIA_REGISTRY_PASSWORD")
+    if user and password:
+        return Credentials(user, password)
+    config = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker", "config.json")
+    try:
+        auths = json.loads(config.read_text()).get("auths", {})
+    except (OSError, ValueError):
+        return None
+    for key in (host, f"https://{host}", f"http://{host}"):
+        auth = auths.get(key, {}).get("auth")
+        if auth:
+            u, _, p = base64.b64decode(auth).decode().partition(":")
+            return Credentials(u, p)
+    return None
+
+
+class _Transient(Exception):
+    """A dropped connection or a 5xx/429: worth retrying."""
+
+
+class RegistryClient:
+    """One registry host. `on_progress(bytes)` is called as blob bytes go up."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        plain_http: bool | None = None,
+        credentials: Credentials | None = None,
+        retries: int = 6,
+        backoff_s: float = 0.5,
+        chunk_size: int = CHUNK_SIZE,
+        timeout_s: float = 120.0,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.host = host
+        loopback = host.split(":")[0] in ("localhost", "127.0.0.1", "[::1]")
+        scheme = "http" if (plain_http if plain_http is not None else loopback) else "https"
+        self.base = f"{scheme}://{host}"
+        self.credentials = credentials if credentials is not None else find_credentials(host)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.chunk_size = chunk_size
+        self.on_progress = on_progress
+        self.resumed = 0  # uploads continued after a dropped connection (for reports and tests)
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=True)
+        self._tokens: dict[str, str] = {}  # scope -> bearer token
+        self._basic = False
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests with auth and retries ---------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        scope: str,
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        ok: tuple[int, ...] = (200,),
+        missing_ok: bool = False,
+        retry: bool = True,
+    ) -> httpx.Response | None:
+        """One API call; None for 404 when `missing_ok`. Transient failures retry with backoff."""
+        attempt = 0
+        while True:
+            try:
+                resp = self._send(method, url, scope, headers or {}, content)
+                if resp.status_code in _RETRY_STATUS:
+                    raise _Transient(f"HTTP {resp.status_code}")
+            except (httpx.TransportError, _Transient) as exc:
+                attempt += 1
+                if not retry or attempt > self.retries:
+                    raise self._down(exc) from exc
+                self._sleep(attempt, exc)
+                continue
+            if missing_ok and resp.status_code == 404:
+                return None
+            if resp.status_code not in ok:
+                raise self._http_error(resp, method, url)
+            return resp
+
+    def _send(self, method: str, url: str, scope: str, headers: dict[str, str], content: bytes | None) -> httpx.Response:
+        full = urljoin(self.base, url)
+        resp = self._http.request(method, full, headers={**self._auth_header(scope), **headers}, content=content)
+        if resp.status_code == 401 and self._authenticate(resp, scope):
+            resp = self._http.request(method, full, headers={**self._auth_header(scope), **headers}, content=content)
+        if resp.status_code == 401:
+            hint = ("set GL_NVIDIA_REGISTRY_USERNAME and GL_NVIDIA_REGISTRY_PASSWORD (or docker login)"
+                    if self.credentials is None else "check the username and password for this registry")
+            raise UserError(f"authentication to registry {self.host} failed (401 Unauthorized)", hint)
+        return resp
+
+    def _auth_header(self, scope: str) -> dict[str, str]:
+        if scope in self._tokens:
+            return {"Authorization": f"Bearer {self._tokens[scope]}"}
+        if self._basic and self.credentials:
+            raw = f"{self.credentials.username}:{self.credentials.password}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+        return {}
+
+    def _authenticate(self, resp: httpx.Response, scope: str) -> bool:
+        """Answer a 401 challenge: Basic with the credentials, or fetch a Bearer token from the realm."""
+        challenge = resp.headers.get("www-authenticate", "")
+        kind, _, params_s = challenge.partition(" ")
+        params = dict(re.findall(r'(\w+)="([^"]*)"', params_s))
+        if kind.lower() == "basic":
+            if self.credentials is None or self._basic:
+                return False
+            self._basic = True
+            return True
+        if kind.lower() != "bearer" or "realm" not in params or scope in self._tokens:
+            return False
+        query = {"service": params.get("service", ""), "scope": scope}
+        auth = (self.credentials.username, self.credentials.password) if self.credentials else None
+        try:
+            tok = self._http.get(params["realm"], params={k: v for k, v in query.items() if v}, auth=auth)
+        except httpx.TransportError as exc:
+            raise UserError(f"token service {params['realm']} of registry {self.host} is unreachable: {exc}") from exc
+        if tok.status_code != 200:
+            raise UserError(f"authentication to registry {self.host} failed: token service answered {tok.status_code}",
+                            "check the username and password for this registry")
+        body = tok.json()
+        token = body.get("token") or body.get("access_token")
+        if not token:
+            raise UserError(f"token service of registry {self.host} returned no token")
+        self._tokens[scope] = token
+        return True
+
+    def _sleep(self, attempt: int, exc: Exception) -> None:
+        delay = min(self.backoff_s * 2 ** (attempt - 1), 10.0)
+        log.info("registry %s: %s; retrying in %.1fs (%d/%d)", self.host, exc, delay, attempt, self.retries)
+        time.sleep(delay)
+
+    def _down(self, exc: Exception) -> UserError:
+        return UserError(
+            f"registry {self.host} is unreachable or failing: {exc}",
+            "check that it is up, then run the same command again: blobs already uploaded are skipped",
+        )
+
+    def _http_error(self, resp: httpx.Response, method: str, url: str) -> UserError:
+        detail = resp.text.strip()[:300]
+        try:
+            errors = resp.json().get("errors") or []
+            if errors:
+                detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
+        except ValueError:
+            pass
+        path = url.split("?")[0].removeprefix(self.base)
+        return UserError(f"registry {self.host} refused {method} {path}: HTTP {resp.status_code} {detail}")
+
+    # -- blobs ---------------------------------------------------------------------------------------
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        resp = self._request("HEAD", f"/v2/{repo}/blobs/{digest}", _pull(repo), missing_ok=True)
+        return resp is not None
+
+    def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount: the registry links a blob it holds in another repository, no upload."""
+        resp = self._request(
+            "POST", f"/v2/{repo}/blobs/uploads/?mount={digest}&from={from_repo}",
+            f"{_push(repo)} {_pull(from_repo)}", ok=(201, 202),
+        )
+        assert resp is not None
+        if resp.status_code == 202:  # not mountable: drop the session it opened instead
+            self._cancel(resp, repo)
+            return False
+        return True
+
+    def _cancel(self, resp: httpx.Response, repo: str) -> None:
+        location = resp.headers.get("location")
+        if location:
+            self._request("DELETE", location, _push(repo), ok=(204, 404), missing_ok=True, retry=False)
+
+    def upload_blob(self, repo: str, path: Path, desc: Descriptor) -> None:
+        """Upload one blob; a dropped connection resumes where the registry says the upload got to."""
+        size = path.stat().st_size
+        if size != desc.size:
+            raise UserError(f"blob {desc.digest} at {path} has {size} bytes, its descriptor says {desc.size}")
+        location, offset, attempt = self._start_upload(repo), 0, 0
+        with path.open("rb") as fh:
+            while True:
+                try:
+                    if offset == 0 and size <= self.chunk_size:
+                        data = fh.read()
+                        self._put_final(repo, location, desc.digest, data)
+                        self._progress(size)
+                        return
+                    while offset < size:
+                        fh.seek(offset)
+                        chunk = fh.read(self.chunk_size)
+                        location, offset = self._patch(repo, location, chunk, offset)
+                        self._progress(len(chunk))
+                    self._put_final(repo, location, desc.digest, b"")
+                    return
+                except _Transient as exc:
+                    attempt += 1
+                    if attempt > self.retries:
+                        raise self._down(exc) from exc
+                    self._sleep(attempt, exc)
+                    location, offset = self._upload_status(repo, location)
+                    if offset:
+                        self.resumed += 1
+
+    def _start_upload(self, repo: str) -> str:
+        resp = self._request("POST", f"/v2/{repo}/blobs/uploads/", _push(repo), ok=(202,))
+        assert resp is not None
+        return resp.headers["location"]
+
+    def _patch(self, repo: str, location: str, chunk: bytes, offset: int) -> tuple[str, int]:
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
+            "Content-Length": str(len(chunk)),
+        }
+        resp = self._once("PATCH", location, repo, headers, chunk, ok=(202,))
+        return resp.headers.get("location", location), _range_end(resp, offset + len(chunk))
+
+    def _put_final(self, repo: str, location: str, digest: str, data: bytes) -> None:
+        sep = "&" if "?" in location else "?"
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+        self._once("PUT", f"{location}{sep}digest={digest}", repo, headers, data, ok=(201,))
+
+    def _once(self, method: str, url: str, repo: str, headers: dict[str, str], data: bytes,
+              ok: tuple[int, ...]) -> httpx.Response:
+        """An upload step: transient failures go back to `upload_blob`, which asks where to resume."""
+        try:
+            resp = self._send(method, url, _push(repo), headers, data)
+        except httpx.TransportError as exc:
+            raise _Transient(str(exc) or type(exc).__name__) from exc
+        if resp.status_code in _RETRY_STATUS:
+            raise _Transient(f"HTTP {resp.status_code}")
+        if resp.status_code not in ok:
+            raise self._http_error(resp, method, url)
+        return resp
+
+    def _upload_status(self, repo: str, location: str) -> tuple[str, int]:
+        """Where an interrupted upload stands: (location, next offset); a lost session starts again at 0."""
+        resp = self._request("GET", location, _push(repo), ok=(204,), missing_ok=True)
+        if resp is None:
+            return self._start_upload(repo), 0
+        return resp.headers.get("location", location), _range_end(resp, 0)
+
+    def _progress(self, n: int) -> None:
+        if self.on_progress:
+            self.on_progress(n)
+
+    def download_blob(self, repo: str, desc: Descriptor, dest: Path) -> None:
+        """Stream a blob to `dest`, checking its digest; retried from scratch on a dropped connection."""
+        attempt = 0
+        while True:
+            try:
+                with self._http.stream("GET", urljoin(self.base, f"/v2/{repo}/blobs/{desc.digest}"),
+                                       headers=self._pull_headers(repo)) as resp:
+                    if resp.status_code == 401 and self._authenticate(resp, _pull(repo)):
+                        continue
+                    if resp.status_code in _RETRY_STATUS:
+                        raise _Transient(f"HTTP {resp.status_code}")
+                    if resp.status_code != 200:
+                        raise UserError(f"registry {self.host} has no blob {desc.digest} in {repo} (HTTP {resp.status_code})")
+                    if _write_stream(resp, dest, desc.digest):
+                        return
+                raise _Transient(f"blob {desc.digest} arrived with a different digest")
+            except (httpx.TransportError, _Transient) as exc:
+                attempt += 1
+                if attempt > self.retries:
+                    raise self._down(exc) from exc
+                self._sleep(attempt, exc)
+
+    def _pull_headers(self, repo: str) -> dict[str, str]:
+        return self._auth_header(_pull(repo))
+
+    # -- manifests and tags ------------------------------------------------------------------------------
+
+    def get_manifest(self, repo: str, ref: str) -> oci.Manifest | None:
+        resp = self._request("GET", f"/v2/{repo}/manifests/{ref}", _pull(repo),
+                             headers={"Accept": ", ".join(oci.IMAGE_MANIFESTS)}, missing_ok=True)
+        if resp is None:
+            return None
+        return oci.Manifest.parse(resp.content, resp.headers.get("content-type", "").split(";")[0] or None)
+
+    def manifest_digest(self, repo: str, tag: str) -> str | None:
+        """What a tag points at now (None: no such tag)."""
+        resp = self._request("HEAD", f"/v2/{repo}/manifests/{tag}", _pull(repo),
+                             headers={"Accept": ", ".join(oci.IMAGE_MANIFESTS)}, missing_ok=True)
+        if resp is None:
+            return None
+        digest: str | None = resp.headers.get("docker-content-digest")
+        if digest:
+            return digest
+        m = self.get_manifest(repo, tag)
+        return m.digest if m else None
+
+    def put_manifest(self, repo: str, ref: str, manifest: oci.Manifest) -> None:
+        self._request("PUT", f"/v2/{repo}/manifests/{ref}", _push(repo),
+                      headers={"Content-Type": manifest.media_type}, content=manifest.raw, ok=(201,))
+
+    def list_tags(self, repo: str) -> list[str]:
+        tags: list[str] = []
+        url: str | None = f"/v2/{repo}/tags/list?n=1000"
+        while url:
+            resp = self._request("GET", url, _pull(repo), missing_ok=True)
+            if resp is None:
+                raise UserError(f"repository {self.host}/{repo} does not exist", "check the source repository name")
+            tags += resp.json().get("tags") or []
+            link = resp.headers.get("link", "")
+            m = re.match(r"<([^>]+)>", link)
+            url = m.group(1) if m else None
+        return sorted(tags)
+
+
+def _pull(repo: str) -> str:
+    return f"repository:{repo}:pull"
+
+
+def _push(repo: str) -> str:
+    return f"repository:{repo}:pull,push"
+
+
+def _range_end(resp: httpx.Response, default: int) -> int:
+    """The next offset from a `Range: 0-N` header (N inclusive)."""
+    m = re.match(r"^(?:bytes=)?0-(\d+)$", resp.headers.get("range", ""))
+    if not m:
+        return default
+    # "0-0" is what an empty upload reports; chunks are far larger than one byte.
+    return int(m.group(1)) + 1 if int(m.group(1)) else 0
+
+
+def _write_stream(resp: httpx.Response, dest: Path, digest: str) -> bool:
+    """Write to a temp file; rename it to `dest` only when the content has the expected digest."""
+    h = hashlib.sha256()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for block in resp.iter_bytes(1 << 20):
+                h.update(block)
+                fh.write(block)
+        if "sha256:" + h.hexdigest() != digest:
+            return False
+        os.replace(tmp, dest)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

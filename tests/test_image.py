@@ -1,0 +1,191 @@
+"""The image stage: bundle -> OCI layout, checked with skopeo, umoci and ldconfig; pushed to a real registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from gl_nvidia.cli import main
+from gl_nvidia.errors import UserError
+from gl_nvidia.image import layers
+from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
+from gl_nvidia.image.oci import CONFIG, Layout, Manifest, canonical_json
+from gl_nvidia.node import layout as node_layout
+from gl_nvidia.registry.transfer import push
+from tests.fixtures.registry import Registry
+from tests.test_image_support import BRANCH, KERNELS, TRIPLET, VERSION, make_bundle
+
+K1, K2 = KERNELS
+GL = ImageOptions(os_versions=("1877.3",))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def built(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> list[BuiltImage]:
+    """Both kernels' images in one layout, on the real mmdebstrap base (cached after the first run)."""
+    return build_images(bundle, None, tmp_path_factory.mktemp("out") / "layout", options=GL)
+
+
+def sh(*argv: str | Path) -> str:
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
+
+
+def unpack(layout: Path, tag: str, dest: Path) -> Path:
+    sh("umoci", "unpack", "--image", f"{layout}:{tag}", dest)
+    return dest / "rootfs"
+
+
+def test_tags_follow_the_operator_rule(built: list[BuiltImage]) -> None:
+    assert [i.kernel for i in built] == [K1, K2]
+    assert built[0].tags == (
+        f"{BRANCH}-{K1}-gardenlinux0", f"{VERSION}-{K1}-gardenlinux0", f"{BRANCH}-{K1}-gardenlinux1877.3",
+    )
+    assert set(Layout.open(built[0].layout).tags()) == set(built[0].tags + built[1].tags)
+
+
+def test_skopeo_sees_entrypoint_env_and_labels(built: list[BuiltImage]) -> None:
+    img = built[0]
+    config = json.loads(sh("skopeo", "inspect", "--config", f"oci:{img.layout}:{img.tags[0]}"))["config"]
+    assert config["Entrypoint"] == ["nvidia-driver"] and config["Cmd"] == ["init"]
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["DRIVER_VERSION"] == VERSION and env["DRIVER_BRANCH"] == BRANCH and env["KERNEL_VERSION"] == K1
+    assert "/usr/local/bin" in env["PATH"]
+    assert config["Labels"]["io.gardenlinux.nvidia.kernel"] == K1
+    assert config["Labels"]["io.gardenlinux.nvidia.gardenlinux.versions"] == "1877.3"
+    raw = json.loads(sh("skopeo", "inspect", "--raw", f"oci:{img.layout}:{img.tags[0]}"))
+    assert raw["annotations"]["org.opencontainers.image.version"] == VERSION
+
+
+def test_umoci_unpacks_a_root_filesystem_with_driver_and_runtime(built: list[BuiltImage], tmp_path: Path) -> None:
+    rootfs = unpack(built[0].layout, built[0].tags[0], tmp_path / "b")
+    for t in ("open", "proprietary"):
+        assert (rootfs / str(node_layout.modules_dir(K1, t)).lstrip("/") / "nvidia.ko").is_file()
+    assert not (rootfs / str(node_layout.modules_dir(K2, "open")).lstrip("/")).exists()
+    assert (rootfs / f"usr/lib/{TRIPLET}/libcuda.so.{VERSION}").is_file()
+    assert os.readlink(rootfs / f"usr/lib/{TRIPLET}/libcuda.so.1") == f"libcuda.so.{VERSION}"
+    assert (rootfs / "usr/bin/nvidia-smi").stat().st_mode & 0o111
+    # /lib is the base's symlink to usr/lib: the firmware layer must not have replaced it with a dir.
+    assert (rootfs / "lib").is_symlink()
+    assert (rootfs / str(node_layout.FIRMWARE_ROOT).lstrip("/") / VERSION / "gsp_ga10x.bin").is_file()
+    entry = rootfs / str(node_layout.ENTRYPOINT).lstrip("/")
+    assert entry.stat().st_mode & 0o111 and b"-m gl_nvidia.node" in entry.read_bytes()
+    assert (rootfs / str(node_layout.PYTHON_SITE).lstrip("/") / "gl_nvidia/node/layout.py").is_file()
+    for tool in ("usr/bin/python3", "usr/sbin/modprobe", "usr/bin/nsenter"):
+        assert (rootfs / tool).exists(), tool
+    manifest = json.loads((rootfs / str(node_layout.MANIFEST).lstrip("/")).read_text())
+    assert list(manifest["kernels"]) == [K1] and manifest["driver_version"] == VERSION
+
+
+def test_ld_so_cache_lists_the_nvidia_libraries(built: list[BuiltImage], tmp_path: Path) -> None:
+    rootfs = unpack(built[0].layout, built[0].tags[0], tmp_path / "b")
+    listing = sh("ldconfig", "-p", "-C", rootfs / "etc/ld.so.cache")
+    assert f"libcuda.so.1 (libc6,x86-64) => /usr/lib/{TRIPLET}/libcuda.so.1" in listing
+    assert f"libnvidia-ml.so.1 (libc6,x86-64) => /usr/lib/{TRIPLET}/libnvidia-ml.so.1" in listing
+    assert "libc.so.6" in listing  # the base's libraries stay listed
+
+
+def test_two_kernels_share_every_layer_but_the_modules(built: list[BuiltImage]) -> None:
+    a, b = built
+    assert [x.digest for x in a.layers[:-1]] == [x.digest for x in b.layers[:-1]]
+    assert a.layers[-1].digest != b.layers[-1].digest and a.layers[-1].name == f"modules {K1}"
+    assert [x.name for x in a.layers[-5:-1]] == ["node-runtime", "userspace", "ld.so.cache", "firmware"]
+
+
+def test_same_inputs_give_the_same_digest(bundle: Path, built: list[BuiltImage], tmp_path: Path) -> None:
+    again = build_image(bundle, K1, tmp_path / "again", options=GL)
+    assert again.digest == built[0].digest
+    assert again.layers == built[0].layers
+
+
+def test_open_only_image_leaves_out_the_proprietary_modules(bundle: Path, built: list[BuiltImage], tmp_path: Path) -> None:
+    img = build_image(bundle, K1, tmp_path / "open", options=ImageOptions(module_types="open"))
+    assert img.module_types == ("open",) and img.layers[-1].size < built[0].layers[-1].size
+    assert img.layers[:-1] == built[0].layers[:-1]
+    rootfs = unpack(tmp_path / "open", img.tags[0], tmp_path / "b")
+    assert not (rootfs / str(node_layout.modules_dir(K1, "proprietary")).lstrip("/")).exists()
+
+
+def test_missing_bundle_file_is_a_clear_error(bundle: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-a", str(bundle), str(broken)], check=True)
+    (broken / "kernels" / K2 / "open" / "nvidia.ko").unlink()
+    with pytest.raises(UserError, match=r"incomplete: .*/kernels/6.1.0-56-cloud-amd64/open/nvidia.ko is missing"):
+        build_image(broken, K2, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    (broken / "manifest.json").unlink()
+    assert main(["image", str(broken), "--kernel", K1, "--out", str(tmp_path / "out")]) == 2
+
+
+def test_unknown_kernel_names_the_kernels_the_bundle_holds(bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=rf"no modules for kernel 6.12.9-cloud-amd64 .*holds {K1}, {K2}"):
+        build_image(bundle, "6.12.9-cloud-amd64", tmp_path / "out")
+
+
+def test_unwritable_output_is_a_clear_error(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write image layout"):
+        build_image(bundle, K1, tmp_path / "file" / "layout")
+
+
+def test_tag_invalid_characters_are_refused(tmp_path: Path) -> None:
+    bad = make_bundle(tmp_path / "bundle", kernels=("6.12.57+deb12-cloud-amd64",))
+    with pytest.raises(UserError, match="invalid tag '535-6.12.57\\+deb12"):
+        build_image(bad, "6.12.57+deb12-cloud-amd64", tmp_path / "out")
+
+
+def test_base_without_the_node_tools_is_refused(bundle: Path, tmp_path: Path) -> None:
+    base = Layout.create(tmp_path / "busy")
+    layer = layers.write_layer(base, [layers.Entry(PurePosixPath("/bin/sh"), data=b"#!/bin/sh\n", mode=0o755)])
+    cfg = base.write_blob(canonical_json({"architecture": "amd64", "os": "linux",
+                                          "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}), CONFIG)
+    base.add_image(Manifest.build(cfg, [layer.descriptor], {}), ["v1"])
+    with pytest.raises(UserError, match="lacks python3, kmod \\(modprobe\\), util-linux"):
+        build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'busy'}:v1")
+
+
+def test_existing_image_as_base(bundle: Path, built: list[BuiltImage], tmp_path: Path) -> None:
+    """--base: a previous driver image (it has python3, kmod, util-linux) works as a base."""
+    img = build_image(bundle, K1, tmp_path / "out", base=f"{built[0].layout}:{built[0].tags[0]}", options=GL)
+    assert len(img.layers) == len(built[0].layers) * 2 - 1  # its layers, then ours
+
+
+def test_push_built_images_and_verify_in_the_registry(built: list[BuiltImage], registry: Registry, tmp_path: Path) -> None:
+    repo = f"{registry.host}/gardenlinux/driver"
+    first = push(built[0].layout, repo)
+    shared = len(built[0].layers) - 1
+    assert sum(r.uploaded for r in first) == shared + 2 + 2  # shared layers once, 2 module layers, 2 configs
+    second = push(built[0].layout, repo)
+    assert sum(r.uploaded for r in second) == 0 and sum(r.bytes_uploaded for r in second) == 0
+
+    tags = json.loads(sh("skopeo", "list-tags", "--tls-verify=false", f"docker://{repo}"))["Tags"]
+    assert set(tags) == set(built[0].tags + built[1].tags)
+    info = json.loads(sh("skopeo", "inspect", "--tls-verify=false", f"docker://{repo}:{BRANCH}-{K2}-gardenlinux0"))
+    assert info["Digest"] == built[1].digest
+    assert any(e == f"KERNEL_VERSION={K2}" for e in info["Env"])
+    # the registry holds the userspace layer once, shared by both kernels' manifests
+    other = json.loads(sh("skopeo", "inspect", "--tls-verify=false", f"docker://{repo}:{BRANCH}-{K1}-gardenlinux0"))
+    assert info["Layers"][:-1] == other["Layers"][:-1] and info["Layers"][-1] != other["Layers"][-1]
+
+    sh("skopeo", "copy", "--src-tls-verify=false", f"docker://{repo}:{VERSION}-{K2}-gardenlinux0", f"oci:{tmp_path / 'copy'}:x")
+    rootfs = unpack(tmp_path / "copy", "x", tmp_path / "b")
+    assert (rootfs / str(node_layout.modules_dir(K2, "proprietary")).lstrip("/") / "nvidia-uvm.ko").is_file()
+    assert (rootfs / f"usr/lib/{TRIPLET}/libnvidia-ml.so.{VERSION}").is_file()
+
+
+def test_cli_builds_and_pushes(bundle: Path, registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "layout"
+    assert main(["image", str(bundle), "--kernel", K1, "--out", str(out), "--json"]) == 0
+    images = json.loads(capsys.readouterr().out)
+    assert images[0]["kernel"] == K1 and images[0]["tags"][0] == f"{BRANCH}-{K1}-gardenlinux0"
+    assert main(["push", str(out), f"{registry.host}/driver", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["digest"] == images[0]["digest"]
+    assert main(["push", str(out), f"{registry.host}/driver:bad+tag"]) == 2
+    assert "invalid tag 'bad+tag'" in capsys.readouterr().err

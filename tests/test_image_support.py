@@ -1,0 +1,68 @@
+"""A small but real driver bundle for image tests: real ELF shared libraries and objects, tiny.
+
+Written with bundle.py's dataclasses, exactly as `gl-nvidia build` lays a bundle out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+from gl_nvidia import bundle as b
+
+VERSION, BRANCH = "535.309.01", "535"
+TRIPLET = "x86_64-linux-gnu"
+KERNELS = ("6.1.0-47-cloud-amd64", "6.1.0-56-cloud-amd64")
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _compile(src: str, out: Path, *args: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    c = out.with_suffix(".c")
+    c.write_text(src)
+    subprocess.run(["gcc", "-O0", *args, "-o", str(out), str(c)], check=True)
+    c.unlink()
+
+
+def make_bundle(dest: Path, kernels: tuple[str, ...] = KERNELS) -> Path:
+    """A bundle with libcuda/libnvidia-ml (real .so with sonames), nvidia-smi, GSP firmware, .ko per kernel."""
+    us = b.userspace_dir(dest)
+    lib = us / "usr/lib" / TRIPLET
+    files: list[b.UserspaceFile] = []
+    for name in ("libcuda", "libnvidia-ml"):
+        so = lib / f"{name}.so.{VERSION}"
+        _compile(f"int {name.replace('-', '_')}_probe(void) {{ return 1; }}\n", so,
+                 "-shared", "-fPIC", f"-Wl,-soname,{name}.so.1")
+        (lib / f"{name}.so.1").symlink_to(so.name)
+        files += [
+            b.UserspaceFile(f"usr/lib/{TRIPLET}/{so.name}", _sha(so), so.stat().st_size, 0o644),
+            b.UserspaceFile(f"usr/lib/{TRIPLET}/{name}.so.1", "", 0, 0o777, link=so.name),
+        ]
+    smi = us / "usr/bin/nvidia-smi"
+    _compile("int main(void) { return 0; }\n", smi)
+    files.append(b.UserspaceFile("usr/bin/nvidia-smi", _sha(smi), smi.stat().st_size, 0o755))
+    fw = b.firmware_dir(dest) / "nvidia" / VERSION / "gsp_ga10x.bin"
+    fw.parent.mkdir(parents=True)
+    fw.write_bytes(b"GSP firmware " * 1000)
+    firmware = (b.UserspaceFile(f"nvidia/{VERSION}/gsp_ga10x.bin", _sha(fw), fw.stat().st_size, 0o644),)
+    builds = {}
+    for k in kernels:
+        sets = {}
+        for t in b.MODULE_TYPES:
+            mods = []
+            for m in ("nvidia", "nvidia-uvm", "nvidia-modeset"):
+                ko = b.modules_dir(dest, k, t) / f"{m}.ko"
+                _compile(f'const char modinfo[] = "vermagic={k} SMP mod_unload modversions {t} {m}";\n', ko, "-c")
+                mods.append(b.ModuleFile(ko.name, _sha(ko), ko.stat().st_size, ko.stat().st_size,
+                                         f"{k} SMP mod_unload modversions", "0" * 24))
+            sets[t] = b.ModuleSet(t, VERSION, "ok", tuple(mods), b.AbiGate(True))
+        builds[k] = b.KernelBuild(k, "gcc (Debian 12.2.0-14) 12.2.0", "gcc-12 (Debian 12.2.0-14) 12.2.0",
+                                  "0" * 64, sets)
+    manifest = b.BundleManifest(VERSION, BRANCH, "amd64", "debian", {"nvidia-driver.deb": "0" * 64},
+                                tuple(files), firmware, builds)
+    (dest / b.MANIFEST).write_text(manifest.to_json())
+    return dest
