@@ -137,3 +137,16 @@ def test_build_all_reports_failed_cells_and_excludes_them(
     assert all(m["status"] == "ok" and m["cached"] for m in cells.values())
     manifest = b.BundleManifest.load(out / f"{DEBIAN_DRIVER}-amd64")
     assert sorted(manifest.kernels) == [DEBIAN_KERNEL, OPEN_OK_KERNEL]
+
+
+def test_keep_debug_ships_unstripped_copies_beside_the_bundle(
+        open_bundle: tuple[Path, list[dict[str, object]]], tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    r = build_unit(UNIT_47, out, source=DebianSource(), env=AptEnv(), module_types=("open",), keep_debug=True)
+    assert r.ok and r.outcomes["open"].cached  # debug copies are cached with the build: no recompile
+    ms = b.BundleManifest.load(out).kernels[OPEN_OK_KERNEL].module_sets["open"]
+    debug = b.debug_dir(out, OPEN_OK_KERNEL, "open")
+    assert sorted(p.name for p in debug.iterdir()) == sorted(m.name for m in ms.modules)
+    assert all((debug / m.name).stat().st_size == m.size_unstripped for m in ms.modules)
+    # Without --keep-debug the bundle has no debug/ at all.
+    assert not (open_bundle[0] / "debug").exists()

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -33,7 +34,8 @@ _ERROR = re.compile(r"(\berror\b|\*\*\*)", re.I)
 
 @dataclass(frozen=True)
 class CompiledSet:
-    """A module set in the cache: stripped modules under `entry/ko`, optional `entry/debug`, `entry/build.log`."""
+    """A module set in the cache: stripped modules under `entry/ko`, unstripped under `entry/debug`, and
+    `entry/build.log`."""
 
     entry: Path
     module_type: str
@@ -87,6 +89,7 @@ def compile_set(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchai
 def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, jobs: int,
                     keep_debug: bool) -> CompiledSet:
     hit = _load(entry, src.module_type)
+    # Entries from before debug copies were cached have none: only --keep-debug needs them rebuilt.
     if hit is not None and (not keep_debug or hit.status != "ok" or (entry / "debug").is_dir()):
         return hit
     work = Path(tempfile.mkdtemp(prefix=f"{hdrs.kernel}-{src.module_type}-", dir=cache_dir("build", "work")))
@@ -97,7 +100,7 @@ def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: Ke
         proc = run(env.make_argv(hdrs, tree, jobs), log_file=build_log, check=False)
         with atomic_dir(entry) as tmp:
             shutil.copyfile(build_log, tmp / "build.log")
-            result = _collect(tree, tmp, src, hdrs, proc.returncode, build_log, keep_debug)
+            result = _collect(tree, tmp, src, hdrs, proc.returncode, build_log)
             (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -107,7 +110,7 @@ def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: Ke
 
 
 def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, returncode: int,
-             build_log: Path, keep_debug: bool) -> dict[str, object]:
+             build_log: Path) -> dict[str, object]:
     result: dict[str, object] = {"module_type": src.module_type, "source_version": src.version}
     kos = sorted(tree.glob("*.ko"))
     if returncode != 0 or not kos:
@@ -115,8 +118,8 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
         err = err.replace(f"{tree}/", "")  # the temp work tree's path means nothing later
         return {**result, "status": "failed", "error": err, "modules": [], "abi_gate": None}
     (dest / "ko").mkdir()
-    if keep_debug:
-        (dest / "debug").mkdir()
+    # Unstripped copies stay in the cache, so --keep-debug never means compiling again.
+    (dest / "debug").mkdir()
     modules = []
     for ko in kos:
         shipped = dest / "ko" / ko.name
@@ -124,8 +127,7 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
         info = read_module(shipped)
         modules.append(ModuleFile(ko.name, sha256_file(shipped), shipped.stat().st_size, ko.stat().st_size,
                                   info.vermagic, info.srcversion))
-        if keep_debug:
-            shutil.copyfile(ko, dest / "debug" / ko.name)
+        os.replace(ko, dest / "debug" / ko.name)
     verdict = gate([read_module(dest / "ko" / m.name) for m in modules], kernel_abi(hdrs.sysout))
     status, error = "ok", None
     if not verdict.ok:
