@@ -1,0 +1,180 @@
+"""The registry client against Debian's real docker-registry: dedup, tags, resume, auth, mirror."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path, PurePosixPath
+
+import httpx
+import pytest
+
+from gl_nvidia.cli import main
+from gl_nvidia.errors import UserError
+from gl_nvidia.image import layers
+from gl_nvidia.image.oci import CONFIG, Layout, Manifest, canonical_json
+from gl_nvidia.registry.client import Reference, RegistryClient
+from gl_nvidia.registry.transfer import ClientOptions, branch_tags, mirror, pull, push
+from tests.fixtures.registry import PASSWORD, USER, Registry
+
+FAST = ClientOptions(retries=2, backoff_s=0.05)
+
+
+def make_layout(root: Path, images: dict[str, bytes], big: int = 0) -> Layout:
+    """One image per tag: a shared layer (random `big` bytes when asked) plus a layer with the tag's data."""
+    layout = Layout.create(root)
+    shared = layers.write_layer(layout, [layers.Entry(PurePosixPath("/shared.bin"), data=os.urandom(big) if big else b"s")])
+    for tag, data in images.items():
+        own = layers.write_layer(layout, [layers.Entry(PurePosixPath("/own"), data=data)])
+        cfg = layout.write_blob(canonical_json({
+            "architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["nvidia-driver"]},
+            "rootfs": {"type": "layers", "diff_ids": [shared.diff_id, own.diff_id]},
+        }), CONFIG)
+        layout.add_image(Manifest.build(cfg, [shared.descriptor, own.descriptor], {}), [tag])
+    return layout
+
+
+def skopeo_tags(ref: str) -> list[str]:
+    out = subprocess.run(["skopeo", "list-tags", "--tls-verify=false", f"docker://{ref}"],
+                         check=True, capture_output=True, text=True).stdout
+    return sorted(json.loads(out)["Tags"])
+
+
+def test_second_push_uploads_nothing(registry: Registry, tmp_path: Path) -> None:
+    make_layout(tmp_path / "l", {"535-a": b"a", "535-b": b"b"})
+    first = push(tmp_path / "l", f"{registry.host}/driver")
+    assert [r.uploaded for r in first] == [3, 2]  # config + 2 layers, then the shared layer is skipped
+    assert [r.skipped for r in first] == [0, 1]
+    stored = registry.blob_bytes()
+    second = push(tmp_path / "l", f"{registry.host}/driver")
+    assert [r.uploaded for r in second] == [0, 0] and registry.blob_bytes() == stored
+    assert skopeo_tags(f"{registry.host}/driver") == ["535-a", "535-b"]
+
+
+def test_moving_a_tag_needs_force(registry: Registry, tmp_path: Path) -> None:
+    make_layout(tmp_path / "one", {"535-k": b"one"})
+    make_layout(tmp_path / "two", {"535-k": b"two"})
+    push(tmp_path / "one", f"{registry.host}/driver")
+    with pytest.raises(UserError, match="already points to other content .*refusing to move it"):
+        push(tmp_path / "two", f"{registry.host}/driver")
+    with RegistryClient(registry.host) as c:
+        assert c.manifest_digest("driver", "535-k") == Layout.open(tmp_path / "one").tags()["535-k"]
+    push(tmp_path / "two", f"{registry.host}/driver", force=True)
+    with RegistryClient(registry.host) as c:
+        assert c.manifest_digest("driver", "535-k") == Layout.open(tmp_path / "two").tags()["535-k"]
+
+
+def test_push_resumes_after_the_registry_dies_mid_upload(registry: Registry, tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "l", {"535-k": b"k"}, big=6 << 20)
+    size = max(b.size for b in layout.resolve("535-k").layers)
+    sent = {"n": 0, "killed": False}
+
+    def on_progress(n: int) -> None:
+        sent["n"] += n
+        if sent["n"] >= 2 << 20 and not sent["killed"]:  # after two 1 MiB chunks: kill, restart in 1 s
+            sent["killed"] = True
+            registry.kill()
+            threading.Timer(1.0, registry.start).start()
+
+    opts = ClientOptions(retries=8, backoff_s=0.3, chunk_size=1 << 20, on_progress=on_progress)
+    [result] = push(tmp_path / "l", f"{registry.host}/driver", options=opts)
+    assert sent["killed"]
+    assert sent["n"] < size + (2 << 20)  # resumed, not restarted from byte 0
+    info = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/driver:535-k"],
+                          check=True, capture_output=True, text=True).stdout
+    assert json.loads(info)["Digest"] == result.digest
+
+
+def test_registry_down_mid_push_leaves_no_tag_and_a_rerun_completes(registry: Registry, tmp_path: Path) -> None:
+    make_layout(tmp_path / "l", {"535-k": b"k"}, big=3 << 20)
+
+    def kill_once(_n: int) -> None:
+        registry.kill()
+
+    with pytest.raises(UserError, match=f"registry {registry.host} is unreachable.*") as err:
+        push(tmp_path / "l", f"{registry.host}/driver",
+             options=ClientOptions(retries=2, backoff_s=0.05, chunk_size=1 << 20, on_progress=kill_once))
+    assert "run the same command again" in (err.value.hint or "")
+    registry.start()
+    with RegistryClient(registry.host) as c:
+        assert c.manifest_digest("driver", "535-k") is None  # no tag points at the partial image
+    [again] = push(tmp_path / "l", f"{registry.host}/driver")
+    assert again.skipped >= 1 and skopeo_tags(f"{registry.host}/driver") == ["535-k"]
+
+
+def test_auth_failure_is_clear_and_credentials_work(auth_registry: Registry, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    make_layout(tmp_path / "l", {"535-k": b"k"})
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker"))
+    with pytest.raises(UserError, match="authentication to registry .* failed") as err:
+        push(tmp_path / "l", f"{auth_registry.host}/driver")
+    assert "GL_NVIDIA_REGISTRY_USERNAME" in (err.value.hint or "")
+    monkeypatch.setenv("GL_NVIDIA_REGISTRY_USERNAME", USER)
+    monkeypatch.setenv("GL_NVIDIA_REGISTRY_PASSWORD", "wrong")
+    with pytest.raises(UserError, match="authentication to registry .* failed") as err:
+        push(tmp_path / "l", f"{auth_registry.host}/driver")
+    assert "check the username and password" in (err.value.hint or "")
+    monkeypatch.setenv("GL_NVIDIA_REGISTRY_PASSWORD", PASSWORD)
+    [r] = push(tmp_path / "l", f"{auth_registry.host}/driver")
+    assert r.uploaded == 3
+    assert httpx.get(f"http://{auth_registry.host}/v2/driver/tags/list").status_code == 401
+
+
+def test_invalid_references_and_tags_are_refused(registry: Registry, tmp_path: Path) -> None:
+    make_layout(tmp_path / "l", {"535-k": b"k"})
+    for bad in (f"{registry.host}/Driver", "driver", f"{registry.host}/driver:-x"):
+        with pytest.raises(UserError):
+            push(tmp_path / "l", bad)
+    with pytest.raises(UserError, match="no image tagged '590-k'"):
+        push(tmp_path / "l", f"{registry.host}/driver:590-k")
+    assert Reference.parse("r.example:5000/a/b:535-k") == Reference("r.example:5000", "a/b", "535-k")
+
+
+def test_mirror_copies_a_branch_between_registries(registry: Registry, registry2: Registry, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    make_layout(tmp_path / "l", {"535-k1-gardenlinux0": b"1", "535.309.01-k1-gardenlinux0": b"1",
+                                 "590-k1-gardenlinux0": b"9"})
+    push(tmp_path / "l", f"{registry.host}/nvidia/driver")
+    results = mirror(f"{registry.host}/nvidia/driver", f"{registry2.host}/mirror/driver", driver_branch="535")
+    assert len(results) == 1 and sorted(results[0].tags) == ["535-k1-gardenlinux0", "535.309.01-k1-gardenlinux0"]
+    assert skopeo_tags(f"{registry2.host}/mirror/driver") == ["535-k1-gardenlinux0", "535.309.01-k1-gardenlinux0"]
+    again = mirror(f"{registry.host}/nvidia/driver", f"{registry2.host}/mirror/driver")
+    assert sum(r.uploaded for r in again) == 2  # only the 590 image's own layer and config
+    assert main(["mirror", f"{registry.host}/nvidia/driver", f"{registry2.host}/mirror/driver"]) == 0
+    assert f"--set driver.repository={registry2.host}/mirror --set driver.image=driver" in capsys.readouterr().out
+
+
+def test_mirror_within_one_registry_mounts_blobs(registry: Registry, tmp_path: Path) -> None:
+    make_layout(tmp_path / "l", {"535-k": b"k"})
+    push(tmp_path / "l", f"{registry.host}/a/driver")
+    [r] = mirror(f"{registry.host}/a/driver", f"{registry.host}/b/driver")
+    assert r.mounted == 3 and r.uploaded == 0
+
+
+def test_pull_gives_back_the_same_image(registry: Registry, tmp_path: Path) -> None:
+    src = make_layout(tmp_path / "l", {"535-k": b"k"}, big=1 << 20)
+    push(tmp_path / "l", f"{registry.host}/driver")
+    dst = Layout.create(tmp_path / "pulled")
+    digest = pull(f"{registry.host}/driver:535-k", dst)
+    assert digest == src.tags()["535-k"]
+    for blob in dst.manifest(digest).blobs:
+        assert dst.read_blob(blob.digest) == src.read_blob(blob.digest)
+
+
+def test_branch_tags() -> None:
+    tags = ["535-k", "535.309.01-k", "5350-k", "590-k"]
+    assert branch_tags(tags, "535") == ["535-k", "535.309.01-k"]
+    assert branch_tags(tags, None) == tags
+
+
+def test_retries_then_a_clear_error_when_nothing_listens(tmp_path: Path) -> None:
+    from tests.fixtures.registry import free_port
+
+    make_layout(tmp_path / "l", {"535-k": b"k"})
+    start = time.monotonic()
+    with pytest.raises(UserError, match="is unreachable"):
+        push(tmp_path / "l", f"127.0.0.1:{free_port()}/driver", options=FAST)
+    assert time.monotonic() - start < 5
