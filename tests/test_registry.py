@@ -58,7 +58,7 @@ def test_moving_a_tag_needs_force(registry: Registry, tmp_path: Path) -> None:
     make_layout(tmp_path / "one", {"535-k": b"one"})
     make_layout(tmp_path / "two", {"535-k": b"two"})
     push(tmp_path / "one", f"{registry.host}/driver")
-    with pytest.raises(UserError, match="already points to other content .*refusing to move it"):
+    with pytest.raises(UserError, match=r"already points to other content .*refusing to move it"):
         push(tmp_path / "two", f"{registry.host}/driver")
     with RegistryClient(registry.host) as c:
         assert c.manifest_digest("driver", "535-k") == Layout.open(tmp_path / "one").tags()["535-k"]
@@ -109,12 +109,12 @@ def test_auth_failure_is_clear_and_credentials_work(auth_registry: Registry, tmp
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     make_layout(tmp_path / "l", {"535-k": b"k"})
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker"))
-    with pytest.raises(UserError, match="authentication to registry .* failed") as err:
+    with pytest.raises(UserError, match=r"authentication to registry .* failed") as err:
         push(tmp_path / "l", f"{auth_registry.host}/driver")
     assert "GL_NVIDIA_REGISTRY_USERNAME" in (err.value.hint or "")
     monkeypatch.setenv("GL_NVIDIA_REGISTRY_USERNAME", USER)
     monkeypatch.setenv("GL_NVIDIA_REGISTRY_PASSWORD", "wrong")
-    with pytest.raises(UserError, match="authentication to registry .* failed") as err:
+    with pytest.raises(UserError, match=r"authentication to registry .* failed") as err:
         push(tmp_path / "l", f"{auth_registry.host}/driver")
     assert "check the username and password" in (err.value.hint or "")
     monkeypatch.setenv("GL_NVIDIA_REGISTRY_PASSWORD", PASSWORD)
