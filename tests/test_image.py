@@ -15,9 +15,18 @@ from gl_nvidia.image import layers
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
 from gl_nvidia.image.oci import CONFIG, Layout, Manifest, canonical_json
 from gl_nvidia.node import layout as node_layout
+from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.transfer import push
+from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
 from tests.fixtures.registry import Registry
-from tests.test_image_support import BRANCH, KERNELS, TRIPLET, VERSION, make_bundle
+from tests.test_image_support import (
+    BRANCH,
+    KERNELS,
+    TRIPLET,
+    VERSION,
+    make_bundle,
+    with_extra_kernels,
+)
 
 K1, K2 = KERNELS
 GL = ImageOptions(os_versions=("1877.3",))
@@ -189,3 +198,31 @@ def test_cli_builds_and_pushes(bundle: Path, registry: Registry, tmp_path: Path,
     assert json.loads(capsys.readouterr().out)[0]["digest"] == images[0]["digest"]
     assert main(["push", str(out), f"{registry.host}/driver:bad+tag"]) == 2
     assert "invalid tag 'bad+tag'" in capsys.readouterr().err
+
+
+def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: Registry, tmp_path: Path) -> None:
+    """The build stage's real bundle (Debian's 535 driver, proprietary modules for 6.1.0-56) end to end:
+    two kernels share every layer but the modules in the registry; the cache lists the real libraries."""
+    real_kernel = DEBIAN_KERNEL
+    two = with_extra_kernels(debian_bundle, tmp_path / "bundle", ("6.1.0-47-cloud-amd64",))
+    images = sorted(build_images(two, None, tmp_path / "layout", options=ImageOptions(os_id="debian", os_versions=("12",))),
+                    key=lambda i: i.kernel != real_kernel)
+    assert images[0].tags == (f"535-{real_kernel}-debian12", f"{DEBIAN_DRIVER}-{real_kernel}-debian12")
+    repo = f"{registry.host}/driver"
+    first = push(tmp_path / "layout", repo)
+    assert [r.skipped for r in first] == [0, len(images[0].layers) - 1]
+    with RegistryClient(registry.host) as c:
+        m1 = c.get_manifest("driver", images[0].tags[0])
+        m2 = c.get_manifest("driver", images[1].tags[0])
+    assert m1 is not None and m2 is not None
+    assert m1.layers[:-1] == m2.layers[:-1] and m1.layers[-1] != m2.layers[-1]
+    assert sum(r.uploaded for r in push(tmp_path / "layout", repo)) == 0
+
+    sh("skopeo", "copy", "--src-tls-verify=false", f"docker://{repo}:{images[0].tags[0]}", f"oci:{tmp_path / 'copy'}:x")
+    rootfs = unpack(tmp_path / "copy", "x", tmp_path / "b")
+    kos = sorted(p.name for p in (rootfs / str(node_layout.modules_dir(real_kernel, "proprietary")).lstrip("/")).iterdir())
+    assert "nvidia.ko" in kos and "nvidia-uvm.ko" in kos
+    listing = sh("ldconfig", "-p", "-C", rootfs / "etc/ld.so.cache")
+    assert "libcuda.so.1 (libc6,x86-64)" in listing and "libnvidia-ml.so.1 (libc6,x86-64)" in listing
+    assert (rootfs / "usr/bin/nvidia-smi").is_file()
+    assert list((rootfs / str(node_layout.FIRMWARE_ROOT).lstrip("/")).glob("*/gsp_*.bin"))

@@ -5,7 +5,9 @@ Written with bundle.py's dataclasses, exactly as `gl-nvidia build` lays a bundle
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -65,4 +67,22 @@ def make_bundle(dest: Path, kernels: tuple[str, ...] = KERNELS) -> Path:
     manifest = b.BundleManifest(VERSION, BRANCH, "amd64", "debian", {"nvidia-driver.deb": "0" * 64},
                                 tuple(files), firmware, builds)
     (dest / b.MANIFEST).write_text(manifest.to_json())
+    return dest
+
+
+def with_extra_kernels(src: Path, dest: Path, extra: tuple[str, ...]) -> Path:
+    """A copy of bundle `src` whose first kernel's modules also appear under the names in `extra`.
+
+    The copies are byte-identical to the real modules (not rebuilt, vermagic unchanged): enough to
+    measure layer sharing and sizes, not to load them.
+    """
+    shutil.copytree(src, dest, symlinks=True)
+    manifest = b.BundleManifest.load(dest)
+    first = next(iter(manifest.kernels.values()))
+    kernels = dict(manifest.kernels)
+    for k in extra:
+        for t in first.module_sets:
+            shutil.copytree(b.modules_dir(dest, first.kernel, t), b.modules_dir(dest, k, t))
+        kernels[k] = dataclasses.replace(first, kernel=k)
+    (dest / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())
     return dest
