@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.build import AptEnv, DebianSource, DirSource, KernelHeaders, build_unit
+from gl_nvidia.build import AptEnv, DebianSource, DirEnv, DirSource, KernelHeaders, build_unit
 from gl_nvidia.build.compile import first_error
 from gl_nvidia.build.kenv import (
     KmodbuildEnv,
@@ -244,3 +244,13 @@ def test_compiler_check_names_both_compilers(debian_headers: KernelHeaders) -> N
     assert note is not None and "gcc (Debian 14.2.0-19) 14.2.0" in note and "gcc-12 (Debian 12.2.0" in note
     with pytest.raises(UserError, match="the kernel was built with gcc-99, which is not installed"):
         host_toolchain("gcc-99")
+
+
+def test_dir_env_reads_headers_on_disk(debian_headers: KernelHeaders) -> None:
+    env = DirEnv(debian_headers.sysout)
+    hdrs = env.headers("6.1.0-56-cloud-amd64", "amd64")
+    # The arch dir's Makefile names the common dir: SYSSRC is found from it.
+    assert (hdrs.sysout, hdrs.syssrc) == (debian_headers.sysout, debian_headers.syssrc)
+    assert hdrs.kernel_compiler == debian_headers.kernel_compiler
+    with pytest.raises(UserError, match=r"are for 6\.1\.0-56-cloud-amd64, not 6\.1\.0-47-cloud-amd64"):
+        env.headers("6.1.0-47-cloud-amd64", "amd64")
