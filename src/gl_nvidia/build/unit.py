@@ -16,7 +16,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gl_nvidia import bundle as b
@@ -103,6 +103,8 @@ def build_unit(
         if cs.status != "ok":
             log.error("%s %s failed: %s (log: %s)", unit.key, mtype, cs.error, cs.log_file)
     manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug)
+    # Point at the bundle's copy of each log: the cache's is an implementation detail.
+    outcomes = {t: replace(o, log=out / log_path(hdrs.kernel, t)) if t in sets else o for t, o in outcomes.items()}
     return UnitResult(unit, out, outcomes, manifest)
 
 
@@ -140,6 +142,11 @@ def build_all(
 
 def bundle_name(driver_version: str, arch: str) -> str:
     return f"{driver_version}-{arch}"
+
+
+def log_path(kernel: str, module_type: str) -> str:
+    """Bundle-relative path of a module set's build log."""
+    return f"logs/{kernel}-{module_type}.log"
 
 
 # --- writing the bundle -------------------------------------------------------------------------
@@ -191,7 +198,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
         userspace, firmware = old.userspace, old.firmware
     module_sets = dict(old.kernels[hdrs.kernel].module_sets) if old and hdrs.kernel in old.kernels else {}
     for mtype, cs in sets.items():
-        log_rel = f"logs/{hdrs.kernel}-{mtype}.log"
+        log_rel = log_path(hdrs.kernel, mtype)
         atomic_write_text(root / log_rel, cs.log_file.read_text(errors="replace"))
         with atomic_dir(b.modules_dir(root, hdrs.kernel, mtype)) as tmp:
             for ko in cs.ko_files():
