@@ -121,7 +121,6 @@ def release(
     registry: str | None = None,
     *,
     jobs: int = 1,
-    source: DriverSource | None = None,
 ) -> ReleaseResult:
     """Run the whole pipeline for `profile` into `out` (bundles/, oci/) and, with `registry`
     (`HOST[:PORT]/PATH`, the values' driver.repository), push every image to `<registry>/driver`."""
@@ -133,7 +132,7 @@ def release(
     reports: dict[BuildUnit, UnitReport] = {}
     with ui.progress() as prog:
         with ui.task(prog, f"build {len(matrix.units)} unit(s)"):
-            results = build_all(matrix.units, bundles, source=source or source_for(lock), env_for=env_for(lock),
+            results = build_all(matrix.units, bundles, source=source_for(lock), env_for=env_for(lock),
                                 jobs=jobs)
         compiled = sum(1 for r in results for o in r.outcomes.values() if o.status == "ok" and not o.cached)
         images = _images(lock, results, layout_dir, reports, prog)
