@@ -98,12 +98,21 @@ def resolve_cmd(os_release: Path, kernel: str, values_file: Path | None, registr
         )
 
 
-def _print_checks(title: str, results: list[CheckResult], as_json: bool) -> None:
+def _print_checks(title: str, results: list[CheckResult], as_json: bool, subject: str | None) -> None:
+    """`subject`: the first column's name (node), or None when the tag says it all (plan rows)."""
     if as_json:
         ui.print_json([r.as_dict() for r in results])
-    else:
-        ui.print_table(title, ["subject", "image", "status", "digest"],
-                       [[r.subject, r.reference or "-", r.status, (r.digest or "")[:19]] for r in results])
+        return
+    # One repository for all rows (the usual case): name it once and show tags, so rows fit a terminal.
+    repos = {r.reference.rpartition(":")[0] for r in results if r.reference and "@" not in r.reference}
+    short = len(repos) == 1
+    if short:
+        title += f" in {next(iter(repos))}"
+    rows = []
+    for r in results:
+        image = r.reference.rpartition(":")[2] if short and r.reference else r.reference or "-"
+        rows.append(([r.subject] if subject else []) + [image, r.status, (r.digest or "")[:19]])
+    ui.print_table(title, ([subject] if subject else []) + ["tag" if short else "image", "status", "digest"], rows)
 
 
 @click.command("preflight")
@@ -157,7 +166,7 @@ def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path
             upgrade = (os_version, kernels) if os_version and kernels else None
             results = preflight.check_nodes(nodes, spec, checker, upgrade)
             title = f"driver images for the GPU nodes of {kube.server}"
-    _print_checks(title, results, as_json)
+    _print_checks(title, results, as_json, None if kubeconfig is None else "node")
     preflight.raise_if_missing(results)
 
 

@@ -159,7 +159,8 @@ def check_nodes(
 def raise_if_missing(results: list[CheckResult]) -> None:
     bad = [r for r in results if not r.ok]
     if bad:
-        refs = ", ".join(r.reference or f"{r.subject} ({r.status})" for r in bad)
+        refs = ", ".join(r.reference or f"{r.subject} ({r.status})" for r in bad[:3])
+        refs += f" and {len(bad) - 3} more (see the table)" if len(bad) > 3 else ""
         raise MissingImages(
             f"{len(bad)} of {len(results)} driver images are missing: {refs}",
             "build and publish them (gl-nvidia release) before upgrading these nodes",
