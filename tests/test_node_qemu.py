@@ -1,0 +1,133 @@
+"""A real kernel: boot Debian's cloud kernel in qemu with an initramfs made from the real driver image.
+
+The image is built by the image stage from the build stage's real bundle (proprietary 535.309.01 for
+6.1.0-56-cloud-amd64), unpacked with umoci, and booted as the initramfs root with busybox-static for
+mounting and power-off. Inside, the image's own `nvidia-driver` runs against the running kernel:
+- the matching kernel: `check-load` inserts the real nvidia.ko (ABI accepted, init fails with ENODEV,
+  "NVRM: No NVIDIA GPU found"), `init` stops with the no-GPU error;
+- another kernel (6.1.0-47): `init` refuses before inserting any module (/proc/modules stays empty).
+qemu runs in software emulation (TCG, about 30 s a boot): on this machine KVM accepts the VM but the
+nested guest hangs before its first console line, so `-accel kvm` is not used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gl_nvidia import apt, fs
+from gl_nvidia.image.build import ImageOptions, build_image
+from gl_nvidia.run import run
+
+from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
+
+OTHER_KERNEL = "6.1.0-47-cloud-amd64"
+BUSYBOX = Path("/bin/busybox")  # busybox-static
+MARK = "@@gl-nvidia@@"
+INIT = f"""#!/gl/busybox sh
+/gl/busybox mount -t proc proc /proc
+/gl/busybox mount -t sysfs sysfs /sys
+/gl/busybox mount -t devtmpfs devtmpfs /dev
+/gl/busybox mkdir -p /run/nvidia/validations /tmp /host-etc
+/gl/busybox cp /etc/os-release /host-etc/os-release
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+step() {{
+  echo "{MARK} begin $1"
+  shift
+  "$@" 2>&1
+  echo "{MARK} end rc=$?"
+}}
+step check-load nvidia-driver check-load
+step init nvidia-driver init
+step modules cat /proc/modules
+/gl/busybox poweroff -f
+"""
+
+
+def vmlinuz(kernel: str) -> Path:
+    """The kernel image from Debian's linux-image package (downloaded and unpacked once, cached)."""
+    cache = fs.cache_dir("node-qemu", "kernels")
+    out = cache / f"vmlinuz-{kernel}"
+    if not out.exists():
+        repo = apt.AptRepo(apt.system_sources())
+        deb = repo.download(repo.find(f"linux-image-{kernel}"))
+        tmp = cache / f".{kernel}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        apt.extract(deb, tmp)
+        os.replace(tmp / "boot" / f"vmlinuz-{kernel}", out)
+        shutil.rmtree(tmp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_initramfs(debian_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real driver image's root filesystem (image stage -> OCI layout -> umoci unpack) as a cpio."""
+    tmp = tmp_path_factory.mktemp("node-qemu")
+    built = build_image(debian_bundle, DEBIAN_KERNEL, tmp / "layout", options=ImageOptions(os_id="debian", os_versions=("12",)))
+    run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:{built.tags[0]}", str(tmp / "bundle")])
+    root = tmp / "bundle" / "rootfs"
+    (root / "gl").mkdir()
+    shutil.copy2(BUSYBOX, root / "gl" / "busybox")
+    (root / "init").write_text(INIT)
+    (root / "init").chmod(0o755)
+    cpio = tmp / "initramfs.cpio"
+    with cpio.open("wb") as out:
+        files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
+        subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], cwd=root, input=files, stdout=out, check=True)
+    shutil.rmtree(tmp / "bundle")
+    return cpio
+
+
+@dataclass(frozen=True)
+class Boot:
+    console: str
+    steps: dict[str, tuple[int, str]]  # step -> (exit code, output)
+
+
+def boot(kernel: str, initramfs: Path) -> Boot:
+    p = subprocess.run(
+        ["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-nographic",
+         "-no-reboot", "-kernel", str(vmlinuz(kernel)), "-initrd", str(initramfs),
+         "-append", "console=ttyS0 panic=-1 quiet loglevel=4"],
+        capture_output=True, text=True, errors="replace", timeout=300, check=False,
+    )
+    console = p.stdout.replace("\r", "")
+    steps: dict[str, tuple[int, str]] = {}
+    for chunk in console.split(f"{MARK} begin ")[1:]:
+        name, _, rest = chunk.partition("\n")
+        body, sep, tail = rest.partition(f"{MARK} end rc=")
+        assert sep, f"step {name} did not finish:\n{console[-3000:]}"
+        steps[name] = (int(tail.split()[0]), body)
+    assert "modules" in steps, f"the guest did not run to the end:\n{console[-3000:]}"
+    return Boot(console, steps)
+
+
+def test_matching_kernel_accepts_the_modules_and_init_stops_for_want_of_a_gpu(image_initramfs: Path) -> None:
+    b = boot(DEBIAN_KERNEL, image_initramfs)
+    rc, out = b.steps["check-load"]
+    assert rc == 0, out
+    assert "check-load: ABI OK, no GPU on this machine" in out
+    assert f"kernel={DEBIAN_KERNEL} type=proprietary version={DEBIAN_DRIVER}" in out
+    assert "NVRM: No NVIDIA GPU found" in out  # the kernel's own words, from its log
+    rc, out = b.steps["init"]
+    assert rc == 1
+    assert "nvidia-driver: error: no NVIDIA GPU on this node" in out
+    assert f"nothing loaded into kernel {DEBIAN_KERNEL}" in out
+    assert "nvidia" not in b.steps["modules"][1]
+
+
+def test_other_kernel_is_refused_before_any_module_is_inserted(image_initramfs: Path) -> None:
+    b = boot(OTHER_KERNEL, image_initramfs)
+    rc, out = b.steps["init"]
+    assert rc == 1
+    assert (
+        f"nvidia-driver: error: no modules for kernel {OTHER_KERNEL} in this image (it holds {DEBIAN_KERNEL}); "
+        f"the node needs driver:535-{OTHER_KERNEL}-debian12"
+    ) in out
+    assert b.steps["modules"] == (0, "")  # nothing was inserted
+    assert b.steps["check-load"][0] == 1  # check-load refuses the same way
