@@ -1,0 +1,139 @@
+"""Node install time: start to "modules staged and driver root visible", ours vs today's method.
+
+Same real payload for both: the debian bundle's userspace, GSP firmware and the modules of one kernel
+(proprietary 535.309.01 for 6.1.0-56-cloud-amd64), built through the build stage (cached).
+- today: extract the payload's gzip tarball into a staging dir, then `cp -a` it to the driver root
+  (a temp dir standing in for /run/nvidia/driver);
+- ours: `nvidia-driver init` (the real Runtime: detection on a fake H100 host tree, module choice,
+  /drivers parsing, ld.so.cache check) up to the bind mount of the image root, timed to the moment
+  it would wait; the kernel side (insmod/modprobe) is a no-op, as modprobe is excluded for both.
+Runs itself in a private mount namespace (`unshare -m`, needs root). Median of --runs each.
+
+    .venv/bin/python bench/node_install.py [--runs 3]
+
+Prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "src")]
+
+from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT  # noqa: E402
+from tests.test_node_fakes import fake_node  # noqa: E402
+
+from gl_nvidia import bundle as bundle_mod  # noqa: E402
+from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
+from gl_nvidia.fs import cache_dir  # noqa: E402
+from gl_nvidia.node import layout  # noqa: E402
+from gl_nvidia.node.host import subprocess_runner  # noqa: E402
+from gl_nvidia.node.image import Image  # noqa: E402
+from gl_nvidia.node.runtime import DRIVER_ROOT  # noqa: E402
+
+
+def payload_root(bundle: Path, dest: Path) -> Path:
+    """The driver image's root as the node sees it: userspace, firmware, this kernel's modules, manifest."""
+    shutil.copytree(bundle_mod.userspace_dir(bundle), dest, symlinks=True)
+    shutil.copytree(bundle_mod.firmware_dir(bundle), dest / "usr/lib/firmware", symlinks=True)
+    mods = dest / str(layout.modules_dir(DEBIAN_KERNEL, "proprietary")).lstrip("/")
+    shutil.copytree(bundle_mod.modules_dir(bundle, DEBIAN_KERNEL, "proprietary"), mods)
+    manifest = dest / str(layout.MANIFEST).lstrip("/")
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(bundle / bundle_mod.MANIFEST, manifest)
+    return dest
+
+
+def tarball(root: Path) -> Path:
+    """Today's artefact: the payload as a gzip tarball (made once, cached by the manifest's digest)."""
+    key = hashlib.sha256((root / str(layout.MANIFEST).lstrip("/")).read_bytes()).hexdigest()[:16]
+    out = cache_dir("bench-node") / f"payload-{key}.tar.gz"
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        subprocess.run(["tar", "-czf", str(tmp), "-C", str(root), "."], check=True)
+        os.replace(tmp, out)
+    return out
+
+
+def today(tgz: Path, work: Path) -> float:
+    staging, driver_root = work / "staging", work / "run-nvidia-driver"
+    staging.mkdir()
+    driver_root.mkdir()
+    t = time.monotonic()
+    subprocess.run(["tar", "-xzf", str(tgz), "-C", str(staging)], check=True)
+    subprocess.run(["cp", "-a", f"{staging}/.", str(driver_root)], check=True)
+    elapsed = time.monotonic() - t
+    assert (driver_root / "usr/bin/nvidia-smi").is_file()
+    return elapsed
+
+
+def ours(root: Path, work: Path) -> float:
+    rt, kernel = fake_node(work, "h100", image=Image.load(root))
+    real = {"mount", "umount", "mountpoint"}
+    rt.host.runner = lambda argv: subprocess_runner(argv) if argv[0] in real else kernel(argv)
+    visible: list[float] = []
+    target = rt.host.path(DRIVER_ROOT)
+
+    def wait() -> None:
+        visible.append(time.monotonic())
+        assert (target / "usr/bin/nvidia-smi").is_file()
+
+    rt.wait = wait
+    t = time.monotonic()
+    rt.init()  # tears down (umount) after wait returns
+    return visible[0] - t
+
+
+def main() -> None:
+    if os.environ.get("GL_NVIDIA_BENCH_NS") != "1":
+        env = {**os.environ, "GL_NVIDIA_BENCH_NS": "1"}
+        sys.exit(subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv], env=env).returncode)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-node-", dir=cache_dir("bench-node")) as tmp_s:
+        tmp = Path(tmp_s)
+        bundle = tmp / "bundle"
+        result = build_unit(DEBIAN_UNIT, bundle, source=DebianSource(), env=AptEnv(), module_types=("proprietary",))
+        assert result.ok, result.outcomes
+        root = payload_root(bundle, tmp / "image-root")
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        files = sum(1 for p in root.rglob("*") if p.is_file())
+        tgz = tarball(root)
+        t_today, t_ours = [], []
+        for i in range(args.runs):  # interleaved: both ways see the same machine load
+            w = tmp / f"today-{i}"
+            w.mkdir()
+            t_today.append(today(tgz, w))
+            shutil.rmtree(w)
+            w = tmp / f"ours-{i}"
+            w.mkdir()
+            t_ours.append(ours(root, w))
+            print(f"run {i + 1}: today {t_today[-1]:.3f}s, ours {t_ours[-1]:.4f}s", file=sys.stderr)
+    med_today, med_ours = statistics.median(t_today), statistics.median(t_ours)
+    print(json.dumps({
+        "bench": "node_install",
+        "payload_bytes": size,
+        "payload_files": files,
+        "tarball_bytes": tgz.stat().st_size,
+        "runs": args.runs,
+        "today_extract_and_copy_s": round(med_today, 3),
+        "ours_bind_mount_s": round(med_ours, 4),
+        "speedup": round(med_today / med_ours, 1),
+        "target_speedup": 20,
+    }))
+
+
+if __name__ == "__main__":
+    main()
