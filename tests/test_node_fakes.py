@@ -161,5 +161,5 @@ def fake_node(tmp_path: Path, tree: str, image: Image | None = None, **env: str)
     host = FakeHost(root, kernel)
     host.kernel = kernel
     image = image or make_image(tmp_path / "image")
-    rt = Runtime(host, image, dict(env), Log(stream=io.StringIO()), wait=lambda: None, sleep=lambda s: None)
+    rt = Runtime(host, image, dict(env), Log(stream=io.StringIO()), wait=lambda timeout: True, sleep=lambda s: None)
     return rt, kernel

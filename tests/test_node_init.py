@@ -24,12 +24,13 @@ def test_h100_full_start_and_sigterm(tmp_path: Path) -> None:
     host, driver_root = rt.host, str(rt.host.path(DRIVER_ROOT))
     seen: dict[str, object] = {}
 
-    def wait() -> None:  # the state while "waiting for SIGTERM"
+    def wait(timeout: float | None) -> bool:  # the state while "waiting for SIGTERM"
         seen["mounted"] = driver_root in k.mounts
         seen["state"] = host.read_opt(STATE_FILE)
         seen["fw"] = host.read("/sys/module/firmware_class/parameters/path")
         seen["loaded"] = host.read("/proc/modules")
         host.write(READY_FILE, "ready")  # what the operator's startup probe writes
+        return True
 
     rt.wait = wait
     rt.init()
@@ -116,7 +117,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
 def _loaded_by_us(tmp_path: Path) -> FakeKernel:
     """A node where an earlier container loaded our driver and wrote the state file."""
     rt, k = fake_node(tmp_path, "h100", DRIVER_CONFIG_DIGEST=DIGEST)
-    rt.wait = lambda: None
+    rt.wait = lambda timeout: True
     rt.teardown = lambda failed=False: None  # type: ignore[method-assign]  # the old container died
     rt.init()
     k.calls.clear()
@@ -140,7 +141,12 @@ def test_fast_path_keeps_modules_and_sigterm_leaves_nothing_behind(tmp_path: Pat
     (job / "fd").mkdir(parents=True)
     (job / "comm").write_text("python3\n")
     (job / "fd/7").symlink_to("/dev/nvidia0")
-    rt.wait = lambda: rt.host.write(READY_FILE, "ready")
+
+    def wait(timeout: float | None) -> bool:
+        rt.host.write(READY_FILE, "ready")
+        return True
+
+    rt.wait = wait
     rt.init()
     calls = k.names()
     assert not [c for c in calls if c.startswith(("insmod", "rmmod"))]
@@ -289,6 +295,21 @@ def test_probe_and_reload_peermem(tmp_path: Path) -> None:
     rt.reload_peermem()
     assert Path(k.names()[-1].split()[1]).parts[-2:] == ("proprietary", "nvidia-peermem.ko")
     assert rt.probe_peermem() is True
+
+
+def test_reload_peermem_waits_for_mofed_and_leaves_on_sigterm(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "hgx-h100")
+    waits: list[float | None] = []
+
+    def wait(timeout: float | None) -> bool:
+        waits.append(timeout)
+        return len(waits) == 3  # SIGTERM during the third wait
+
+    rt.wait = wait
+    rt.reload_peermem()
+    assert waits == [10, 10, 10]
+    assert k.calls == []  # nothing loaded while MOFED and the driver are not ready
+    assert sum("waiting for the Mellanox OFED and NVIDIA drivers" in line for line in rt.log.lines) == 3
 
 
 def test_probe_peermem_without_mofed_passes(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def run(rt, k, name):
     real_mounts(rt, k)
     target = rt.host.path(DRIVER_ROOT)
 
-    def wait():
+    def wait(timeout):
         report[name + ":while-running"] = {
             "mounted": mounted(target),
             "nvidia-smi visible": (target / "usr/bin/nvidia-smi").is_file(),
@@ -44,7 +44,7 @@ def run(rt, k, name):
         }
         rt.host.write(READY_FILE, "ready")
         os.kill(os.getpid(), signal.SIGTERM)
-        wait_for_signal()
+        return wait_for_signal(timeout)
 
     rt.wait = wait
     rt.init()
@@ -63,7 +63,7 @@ run(rt, k, "full")
 # fast path: our driver is loaded, in use by a GPU job, and the state matches: no reload
 rt, k2 = fake_node(tmp / "fast", "h100", DRIVER_CONFIG_DIGEST="d1")
 real_mounts(rt, k2)
-rt.wait, teardown, rt.teardown = (lambda: None), rt.teardown, (lambda failed=False: None)
+rt.wait, teardown, rt.teardown = (lambda timeout: True), rt.teardown, (lambda failed=False: None)
 rt.init()  # an earlier container, killed without teardown: modules, state and a stale mount stay
 rt.teardown = teardown
 (k2.root / "sys/module/nvidia/refcnt").write_text("5\n")

@@ -42,6 +42,7 @@ step() {{
   "$@" 2>&1
   echo "{MARK} end rc=$?"
 }}
+step dry-run nvidia-driver init --dry-run
 step check-load nvidia-driver check-load
 step init nvidia-driver init
 step modules cat /proc/modules
@@ -109,6 +110,10 @@ def boot(kernel: str, initramfs: Path) -> Boot:
 
 def test_matching_kernel_accepts_the_modules_and_init_stops_for_want_of_a_gpu(image_initramfs: Path) -> None:
     b = boot(DEBIAN_KERNEL, image_initramfs)
+    rc, out = b.steps["dry-run"]
+    assert rc == 1, out  # init would stop: no GPU
+    assert f"msg=\"dry-run: image holds\" kernel={DEBIAN_KERNEL} types=proprietary driver={DEBIAN_DRIVER}" in out
+    assert "msg=\"dry-run: init would stop\" reason=\"no NVIDIA GPU on this node" in out
     rc, out = b.steps["check-load"]
     assert rc == 0, out
     assert "check-load: ABI OK, no GPU on this machine" in out

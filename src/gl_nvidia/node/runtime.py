@@ -35,8 +35,14 @@ DAEMONS = {
 HOST_NS = ("nsenter", "-t", "1", "-m", "--")  # hostPID: PID 1 is the host's init, its mount ns the host's
 
 
-def wait_for_signal() -> None:
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+def wait_for_signal(timeout: float | None = None) -> bool:
+    """Block until SIGTERM/SIGINT (True) or `timeout` seconds (False). main() keeps both blocked, so a
+    signal that arrives during setup waits here instead of killing the process half-way."""
+    signals = {signal.SIGTERM, signal.SIGINT}
+    if timeout is None:
+        signal.sigwait(signals)
+        return True
+    return signal.sigtimedwait(signals, timeout) is not None
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class Runtime:
     image: Image
     env: dict[str, str]
     log: Log = field(default_factory=Log)
-    wait: Callable[[], None] = wait_for_signal
+    wait: Callable[[float | None], bool] = wait_for_signal
     sleep: Callable[[float], None] = time.sleep
     # what this run started, undone on teardown or failure
     _mounted: bool = False
@@ -139,7 +145,7 @@ class Runtime:
             self.teardown(failed=True)
             raise
         self.log.info("driver ready, waiting for SIGTERM", version=ours, type=plan.module_type.module_type)
-        self.wait()
+        self.wait(None)
         self.log.info("signal received, shutting down")
         self.teardown()
 
@@ -392,7 +398,8 @@ class Runtime:
             and ("mlx5_core" in read_node(self.host).loaded if host_mofed else self.host.exists(MELLANOX_READY))
         ):
             self.log.info("waiting for the Mellanox OFED and NVIDIA drivers")
-            self.sleep(10)
+            if self.wait(10):
+                return
         node = read_node(self.host)
         if "nvidia_peermem" not in node.loaded:
             kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch)
@@ -404,7 +411,7 @@ class Runtime:
                 self._cmd(*HOST_NS, "modprobe", "-a", *deps, what="load host modules " + ",".join(deps))
             self._cmd("insmod", str(ko), *p, what="load nvidia-peermem")
         self.log.info("nvidia-peermem loaded, waiting for SIGTERM")
-        self.wait()
+        self.wait(None)
 
     def _loaded_type(self, kernel: str) -> str:
         """Which of the image's module sets the loaded nvidia came from (by srcversion)."""
