@@ -160,10 +160,13 @@ def test_base_without_the_node_tools_is_refused(bundle: Path, tmp_path: Path) ->
         build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'busy'}:v1")
 
 
-def test_existing_image_as_base(bundle: Path, built: list[BuiltImage], tmp_path: Path) -> None:
-    """--base: a previous driver image (it has python3, kmod, util-linux) works as a base."""
-    img = build_image(bundle, K1, tmp_path / "out", base=f"{built[0].layout}:{built[0].tags[0]}", options=GL)
-    assert len(img.layers) == len(built[0].layers) * 2 - 1  # its layers, then ours
+def test_existing_image_in_a_registry_as_base(bundle: Path, built: list[BuiltImage], registry: Registry,
+                                              tmp_path: Path) -> None:
+    """--base REGISTRY/REPO:TAG: a previous driver image (it has python3, kmod, util-linux) works as a base."""
+    push(built[0].layout, f"{registry.host}/base:{built[0].tags[0]}")
+    img = build_image(bundle, K1, tmp_path / "out", base=f"{registry.host}/base:{built[0].tags[0]}", options=GL)
+    assert [x.digest for x in img.layers[: len(built[0].layers)]] == [x.digest for x in built[0].layers]
+    assert len(img.layers) == len(built[0].layers) * 2 - 1  # its layers, then ours above them
 
 
 def test_push_built_images_and_verify_in_the_registry(built: list[BuiltImage], registry: Registry, tmp_path: Path) -> None:

@@ -83,9 +83,11 @@ def mirror_cmd(source: str, destination: str, driver_branch: str | None, force: 
 
     results = mirror(source, destination, driver_branch=driver_branch, force=force,
                      options=ClientOptions(plain_http=plain_http))
-    _report(results, as_json)
-    if not as_json:
-        click.echo(f"GPU Operator: helm ... {helm_repository_line(destination)}")
+    if as_json:
+        ui.print_json({"images": [r.as_dict() for r in results], "helm_set": helm_repository_line(destination)})
+        return
+    _report(results, as_json=False)
+    click.echo(f"GPU Operator: helm ... {helm_repository_line(destination)}")
 
 
 def _report(results: list[PushResult], as_json: bool) -> None:
