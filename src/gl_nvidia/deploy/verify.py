@@ -98,8 +98,10 @@ def verify_nodes(
     try:
         for i, node in enumerate(nodes):
             name = f"gl-nvidia-verify-{run_id}-{i}"
-            kube.create_pod(namespace, vectoradd_pod(name, node, run_id, image))
+            # Recorded before the call: Ctrl-C after the API created the pod but before we heard back
+            # must still delete it (deleting a pod that was never created is a harmless 404).
             created[name] = node
+            kube.create_pod(namespace, vectoradd_pod(name, node, run_id, image))
             log.info("started %s on %s", name, node)
         deadline = time.monotonic() + timeout_s
         pending = dict(created)
