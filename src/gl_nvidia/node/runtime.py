@@ -53,7 +53,6 @@ class Plan:
     kernel: str
     module_type: TypeChoice
     modules: tuple[str, ...]
-    available: dict[str, list[str]]  # kernel -> module types this image holds
 
 
 @dataclass
@@ -86,7 +85,7 @@ class Runtime:
             self.env.get("KERNEL_MODULE_TYPE", "auto"), self.image.driver_branch, node.gpus, available[kernel]
         )
         modules = decide.modules_to_load(node, self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true")
-        return Plan(node, kernel, choice, modules, available)
+        return Plan(node, kernel, choice, modules)
 
     def dry_run(self) -> Plan | None:
         """Detection only: print what init would do, touch nothing."""
