@@ -73,8 +73,14 @@ def test_skopeo_sees_entrypoint_env_and_labels(built: list[BuiltImage]) -> None:
     assert raw["annotations"]["org.opencontainers.image.version"] == VERSION
 
 
-def test_umoci_unpacks_a_root_filesystem_with_driver_and_runtime(built: list[BuiltImage], tmp_path: Path) -> None:
-    rootfs = unpack(built[0].layout, built[0].tags[0], tmp_path / "b")
+@pytest.fixture(scope="module")
+def rootfs_k1(built: list[BuiltImage], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first kernel's image unpacked by umoci (an independent OCI implementation)."""
+    return unpack(built[0].layout, built[0].tags[0], tmp_path_factory.mktemp("unpacked") / "b")
+
+
+def test_umoci_unpacks_a_root_filesystem_with_driver_and_runtime(rootfs_k1: Path) -> None:
+    rootfs = rootfs_k1
     for t in ("open", "proprietary"):
         assert (rootfs / str(node_layout.modules_dir(K1, t)).lstrip("/") / "nvidia.ko").is_file()
     assert not (rootfs / str(node_layout.modules_dir(K2, "open")).lstrip("/")).exists()
@@ -93,9 +99,8 @@ def test_umoci_unpacks_a_root_filesystem_with_driver_and_runtime(built: list[Bui
     assert list(manifest["kernels"]) == [K1] and manifest["driver_version"] == VERSION
 
 
-def test_ld_so_cache_lists_the_nvidia_libraries(built: list[BuiltImage], tmp_path: Path) -> None:
-    rootfs = unpack(built[0].layout, built[0].tags[0], tmp_path / "b")
-    listing = sh("ldconfig", "-p", "-C", rootfs / "etc/ld.so.cache")
+def test_ld_so_cache_lists_the_nvidia_libraries(rootfs_k1: Path) -> None:
+    listing = sh("ldconfig", "-p", "-C", rootfs_k1 / "etc/ld.so.cache")
     assert f"libcuda.so.1 (libc6,x86-64) => /usr/lib/{TRIPLET}/libcuda.so.1" in listing
     assert f"libnvidia-ml.so.1 (libc6,x86-64) => /usr/lib/{TRIPLET}/libnvidia-ml.so.1" in listing
     assert "libc.so.6" in listing  # the base's libraries stay listed

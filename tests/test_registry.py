@@ -178,3 +178,20 @@ def test_retries_then_a_clear_error_when_nothing_listens(tmp_path: Path) -> None
     with pytest.raises(UserError, match="is unreachable"):
         push(tmp_path / "l", f"127.0.0.1:{free_port()}/driver", options=FAST)
     assert time.monotonic() - start < 5
+
+
+def test_bearer_token_realm_flow(token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Docker Hub / GHCR style auth: a 401 names a token realm; the client fetches a scoped token there."""
+    make_layout(tmp_path / "l", {"535-k": b"k"})
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker"))
+    challenge = httpx.get(f"http://{token_registry.host}/v2/").headers["www-authenticate"]
+    assert challenge.startswith("Bearer realm=")
+    with pytest.raises(UserError, match="token service answered 401"):
+        push(tmp_path / "l", f"{token_registry.host}/driver")
+    monkeypatch.setenv("GL_NVIDIA_REGISTRY_USERNAME", USER)
+    monkeypatch.setenv("GL_NVIDIA_REGISTRY_PASSWORD", PASSWORD)
+    [r] = push(tmp_path / "l", f"{token_registry.host}/driver")
+    assert r.uploaded == 3
+    [again] = push(tmp_path / "l", f"{token_registry.host}/driver")
+    assert again.uploaded == 0
+    assert token_registry.token is not None and token_registry.token.issued >= 2
