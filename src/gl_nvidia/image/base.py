@@ -23,7 +23,9 @@ from gl_nvidia.run import run
 
 # What the node runtime calls inside the image (python3, modprobe/insmod, nsenter, mount) and ldconfig;
 # bookworm ships mount(8) in its own package.
-PACKAGES = ("python3-minimal", "kmod", "util-linux", "mount")
+# python3: the node runtime needs the full standard library (json, shlex, dataclasses, argparse's gettext),
+# which python3-minimal lacks.
+PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount")
 REQUIRED_TOOLS = {
     "python3": ("usr/bin/python3",),
     "kmod (modprobe)": ("usr/sbin/modprobe", "sbin/modprobe", "usr/bin/kmod", "bin/kmod"),
@@ -181,7 +183,7 @@ def check_tools(root: Path, description: str) -> None:
     """Every tool the node runtime calls exists in the base, or one clear error naming what is missing."""
     missing = [
         tool for tool, paths in REQUIRED_TOOLS.items()
-        if not any(os.path.lexists(root / p) and (root / p).exists() for p in paths)
+        if not any((root / p).exists() for p in paths)
     ]
     if missing:
         raise UserError(

@@ -366,7 +366,7 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
     labels = {
         "org.opencontainers.image.title": "NVIDIA driver for Garden Linux",
         "org.opencontainers.image.version": manifest.driver_version,
-        "org.opencontainers.image.base.name": base_image.description,
+        f"{LABEL_PREFIX}.base": base_image.description,
         f"{LABEL_PREFIX}.driver.version": manifest.driver_version,
         f"{LABEL_PREFIX}.driver.branch": manifest.driver_branch,
         f"{LABEL_PREFIX}.kernel": plan.kernel,
