@@ -6,7 +6,7 @@ mounting and power-off. Inside, the image's own `nvidia-driver` runs against the
 - the matching kernel: `check-load` inserts the real nvidia.ko (ABI accepted, init fails with ENODEV,
   "NVRM: No NVIDIA GPU found"), `init` stops with the no-GPU error;
 - another kernel (6.1.0-47): `init` refuses before inserting any module (/proc/modules stays empty).
-qemu runs in software emulation (TCG, about 30 s a boot): on this machine KVM accepts the VM but the
+qemu runs in software emulation (TCG, about 10 s a boot): on this machine KVM accepts the VM but the
 nested guest hangs before its first console line, so `-accel kvm` is not used.
 """
 
