@@ -200,10 +200,15 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     for mtype, cs in sets.items():
         log_rel = log_path(hdrs.kernel, mtype)
         atomic_write_text(root / log_rel, cs.log_file.read_text(errors="replace"))
-        with atomic_dir(b.modules_dir(root, hdrs.kernel, mtype)) as tmp:
-            for ko in cs.ko_files():
-                shutil.copyfile(ko, tmp / ko.name)
-        if keep_debug and (cs.entry / "debug").is_dir():
+        if cs.status != "ok":
+            # A failed set ships nothing, not even what an earlier good build of it left here.
+            shutil.rmtree(b.modules_dir(root, hdrs.kernel, mtype), ignore_errors=True)
+            shutil.rmtree(b.debug_dir(root, hdrs.kernel, mtype), ignore_errors=True)
+        else:
+            with atomic_dir(b.modules_dir(root, hdrs.kernel, mtype)) as tmp:
+                for ko in cs.ko_files():
+                    shutil.copyfile(ko, tmp / ko.name)
+        if keep_debug and cs.status == "ok" and (cs.entry / "debug").is_dir():
             with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in (cs.entry / "debug").iterdir():
                     shutil.copyfile(ko, tmp / ko.name)
