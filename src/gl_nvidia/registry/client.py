@@ -328,8 +328,8 @@ class RegistryClient:
 
     def _upload_status(self, repo: str, location: str) -> tuple[str, int]:
         """Where an interrupted upload stands: (location, next offset); a lost session starts again at 0."""
-        resp = self._request("GET", location, _push(repo), ok=(204,), missing_ok=True)
-        if resp is None:
+        resp = self._request("GET", location, _push(repo), ok=(204, 400, 404, 416))
+        if resp is None or resp.status_code != 204:  # the registry dropped or invalidated the session
             return self._start_upload(repo), 0
         return resp.headers.get("location", location), _range_end(resp, 0)
 
