@@ -22,6 +22,7 @@ import pytest
 
 from gl_nvidia import apt, fs
 from gl_nvidia.image.build import ImageOptions, build_image
+from gl_nvidia.node.image import Image
 from gl_nvidia.run import run
 
 from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
@@ -66,22 +67,43 @@ def vmlinuz(kernel: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def image_initramfs(debian_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real driver image's root filesystem (image stage -> OCI layout -> umoci unpack) as a cpio."""
+def image_rootfs(debian_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real driver image's root filesystem: image stage -> OCI layout -> umoci unpack."""
     tmp = tmp_path_factory.mktemp("node-qemu")
     built = build_image(debian_bundle, DEBIAN_KERNEL, tmp / "layout", options=ImageOptions(os_id="debian", os_versions=("12",)))
     run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:{built.tags[0]}", str(tmp / "bundle")])
-    root = tmp / "bundle" / "rootfs"
+    return tmp / "bundle" / "rootfs"
+
+
+@pytest.fixture(scope="module")
+def image_initramfs(image_rootfs: Path) -> Path:
+    """That root filesystem plus busybox-static and an /init script, as an uncompressed cpio."""
+    root = image_rootfs
     (root / "gl").mkdir()
     shutil.copy2(BUSYBOX, root / "gl" / "busybox")
     (root / "init").write_text(INIT)
     (root / "init").chmod(0o755)
-    cpio = tmp / "initramfs.cpio"
+    cpio = root.parent.parent / "initramfs.cpio"
     with cpio.open("wb") as out:
         files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
         subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], cwd=root, input=files, stdout=out, check=True)
-    shutil.rmtree(tmp / "bundle")
     return cpio
+
+
+def test_image_root_holds_what_the_node_runtime_uses(image_rootfs: Path) -> None:
+    """What the bind-mounted driver root must offer the host, and the tools init calls."""
+    image = Image.load(image_rootfs)
+    assert (image.driver_version, image.kernels(), image.module_types(DEBIAN_KERNEL)) == (
+        DEBIAN_DRIVER, [DEBIAN_KERNEL], ["proprietary"])
+    # the container toolkit resolves the libraries through the driver root's ld.so.cache
+    cache = (image_rootfs / "etc/ld.so.cache").read_bytes()
+    assert b"libnvidia-ml.so.1" in cache and b"libcuda.so.1" in cache
+    # GSP firmware where the firmware search path /run/nvidia/driver/lib/firmware finds it
+    assert list((image_rootfs / "lib/firmware/nvidia" / DEBIAN_DRIVER).glob("gsp_*.bin"))
+    for tool in ("insmod", "rmmod", "modprobe", "nsenter", "mount", "umount", "mountpoint", "dmesg", "ldconfig",
+                 "nvidia-smi", "nvidia-modprobe", "nvidia-driver", "python3"):
+        assert shutil.which(tool, path=":".join(str(image_rootfs / d) for d in
+                                                 ("usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"))), tool
 
 
 @dataclass(frozen=True)
