@@ -16,7 +16,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gl_nvidia import bundle as b
@@ -94,17 +94,17 @@ def build_unit(
         src = inputs.module_sources.get(mtype)
         if src is None:
             outcomes[mtype] = Outcome(mtype, "failed", True, f"the {source.name} source has no {mtype} module tree")
-            log.error("%s %s: %s", unit.key, mtype, outcomes[mtype].error)
             continue
         with ui.progress() as prog, ui.task(prog, f"{mtype} modules for {unit.kernel} ({src.version})"):
             cs = compile_set(src, hdrs, env, toolchain, jobs=jobs or os.cpu_count() or 1, keep_debug=keep_debug)
         sets[mtype] = cs
-        outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, cs.log_file)
-        if cs.status != "ok":
-            log.error("%s %s failed: %s (log: %s)", unit.key, mtype, cs.error, cs.log_file)
+        # The bundle's copy of the log: the cache's is an implementation detail.
+        outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, out / log_path(unit.kernel, mtype))
     manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug)
-    # Point at the bundle's copy of each log: the cache's is an implementation detail.
-    outcomes = {t: replace(o, log=out / log_path(hdrs.kernel, t)) if t in sets else o for t, o in outcomes.items()}
+    for o in outcomes.values():
+        if o.status != "ok":
+            log.error("%s %s failed: %s" + (" (log: %s)" if o.log else ""), unit.key, o.module_type, o.error,
+                      *([o.log] if o.log else []))
     return UnitResult(unit, out, outcomes, manifest)
 
 
