@@ -26,13 +26,13 @@ def _line(text: str) -> None:
 def _source(kind: str, path: str | None, sha256: str | None) -> DriverSource:
     if kind == "debian":
         return DebianSource()
-    if not path:
-        raise UserError(f"--source {kind} needs --source-path", "a .run file or URL (nvidia), or a directory (dir)")
     if kind == "dir":
+        if not path:
+            raise UserError("--source dir needs --source-path DIR", "an unpacked driver (sh NVIDIA-*.run --extract-only)")
         return DirSource(Path(path))
-    from gl_nvidia.build.nvidia import NvidiaRunSource
+    from gl_nvidia.build.nvidia import NVIDIA_URL, NvidiaRunSource
 
-    return NvidiaRunSource(path, sha256=sha256)
+    return NvidiaRunSource(path or NVIDIA_URL, sha256=sha256)
 
 
 def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None) -> KernelEnv:
@@ -88,7 +88,8 @@ def _exclude(lock: Path, results: list[UnitResult]) -> int:
               help="Module type(s) to build (default: both, less what the matrix excludes).")
 @click.option("--source", "source_kind", default="debian", show_default=True,
               type=click.Choice(["debian", "nvidia", "dir"]), help="Where the driver comes from.")
-@click.option("--source-path", help="nvidia: a .run file or URL; dir: an unpacked driver tree.")
+@click.option("--source-path", help="nvidia: a .run file or URL template ({version}, {machine}; default: NVIDIA's "
+              "download site); dir: an unpacked driver tree.")
 @click.option("--sha256", help="nvidia: the .run's expected sha256.")
 @click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
               help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
