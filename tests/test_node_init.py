@@ -315,3 +315,14 @@ def test_reload_peermem_waits_for_mofed_and_leaves_on_sigterm(tmp_path: Path) ->
 def test_probe_peermem_without_mofed_passes(tmp_path: Path) -> None:
     rt, _ = fake_node(tmp_path, "h100")
     assert rt.probe_peermem() is True
+
+
+def test_unwritable_firmware_path_is_a_warning_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rt, _ = fake_node(tmp_path, "h100")
+
+    def write(p: str, text: str) -> None:
+        raise PermissionError(13, "Permission denied", p)
+
+    monkeypatch.setattr(rt.host, "write", write)  # a read-only /sys, as without the hostPath mount
+    rt.init()
+    assert any("could not set the firmware search path" in line and "Permission denied" in line for line in rt.log.lines)

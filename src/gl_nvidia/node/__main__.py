@@ -63,12 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "probe_nvidia_peermem":
             return 0 if rt.probe_peermem() else 1
     except NodeError as exc:
-        log.error(exc.message, **({"hint": exc.hint} if exc.hint else {}))
-        print(f"nvidia-driver: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"nvidia-driver: hint: {exc.hint}", file=sys.stderr)
-        return 1
+        return _fail(log, exc.message, exc.hint)
+    except OSError as exc:  # the host refused a file operation: say which, without a traceback
+        return _fail(log, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), None)
     return 0
+
+
+def _fail(log: Log, message: str, hint: str | None) -> int:
+    log.error(message, **({"hint": hint} if hint else {}))
+    print(f"nvidia-driver: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"nvidia-driver: hint: {hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

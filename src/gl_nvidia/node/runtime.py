@@ -184,7 +184,11 @@ class Runtime:
             return
         action = decide.firmware_path_action(current, FIRMWARE_SEARCH_PATH, nvidia_params)
         if action == "set":
-            self.host.write(FIRMWARE_PARAM, FIRMWARE_SEARCH_PATH)
+            try:
+                self.host.write(FIRMWARE_PARAM, FIRMWARE_SEARCH_PATH)
+            except OSError as exc:
+                self.log.warn("could not set the firmware search path", path=FIRMWARE_PARAM, error=exc.strerror or str(exc))
+                return
         elif action == "retain":
             self.log.warn("firmware search path already set by someone else, retaining it",
                           current=current.strip(), ours=FIRMWARE_SEARCH_PATH)
