@@ -111,3 +111,16 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
     err = capsys.readouterr().err
     assert f"registry {registry.host} is unreachable" in err
     assert "Traceback" not in err
+
+
+def test_release_of_an_unbuildable_unit_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lock = tmp_path / "lock.yaml"
+    lock.write_text(LOCK.read_text().replace("535.309.01", "535.999.01"))
+    out = tmp_path / "out"
+    assert main(["release", "--profile", str(lock), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"1 of 1 build unit(s) failed; first, 535.999.01-{KERNEL}-amd64: driver 535.999.01 is not in" in err
+    assert "Traceback" not in err
+    # Nothing that looks finished: no image layout, no values pointing at images that do not exist.
+    assert not (out / "oci").exists()
+    assert not (out / "gpu-operator-values.yaml").exists()

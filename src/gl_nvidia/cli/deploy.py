@@ -245,9 +245,10 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_jso
             click.echo(f"install the GPU Operator with:\n  {helm_command(values_file)}", err=as_json)
     failed = [u for u in result.units if not u.ok]
     if failed:
-        raise ReleaseFailed(f"{len(failed)} of {len(result.units)} build unit(s) failed: "
-                            + "; ".join(f"{u.unit.key}: {u.error}" for u in failed),
-                            "rerun after fixing the cause: finished units are skipped")
+        first = failed[0]
+        raise ReleaseFailed(f"{len(failed)} of {len(result.units)} build unit(s) failed; first, {first.unit.key}: "
+                            f"{(first.error or '').splitlines()[0]}",
+                            "see the table; rerun after fixing the cause: finished units are skipped")
 
 
 COMMANDS: list[click.Command] = [values_cmd, resolve_cmd, preflight_cmd, verify_cmd, release_cmd]

@@ -109,6 +109,9 @@ def _build_state(result: UnitResult) -> tuple[str, str | None]:
     failed = [o for o in result.outcomes.values() if o.status != "ok"]
     built = [o for o in result.outcomes.values() if o.status == "ok"]
     if not built:
+        errors = list(dict.fromkeys(o.error or "failed" for o in failed))  # both types often fail alike
+        if len(errors) == 1:
+            return "failed", errors[0]
         return "failed", "; ".join(f"{o.module_type}: {o.error}" for o in failed) or "nothing built"
     if failed:  # one type failed its compile or the ABI gate: ship the other, say so
         log.warning("%s: %s", result.unit.key, "; ".join(f"{o.module_type} failed: {o.error}" for o in failed))
