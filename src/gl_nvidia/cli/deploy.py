@@ -119,7 +119,8 @@ def _print_checks(title: str, results: list[CheckResult], as_json: bool, subject
 @click.option("--gl-version", "os_version", default=None,
               help="The OS version nodes will be upgraded to (Garden Linux MAJOR.MINOR[.PATCH]).")
 @click.option("--registry", default=None,
-              help="Repository holding the driver images (default: driver.repository of the values/ClusterPolicy).")
+              help="Repository holding the driver images, i.e. driver.repository (default: the ClusterPolicy's; "
+                   f"without --kubeconfig {values_mod.DEFAULT_REPOSITORY}).")
 @click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Check the live cluster's GPU nodes and ClusterPolicy instead of the lock's plan.")
 @click.option("--context", default=None, help="kubeconfig context (default: its current-context).")
