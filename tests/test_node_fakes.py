@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 from collections.abc import Sequence
@@ -145,6 +146,12 @@ class FakeHost(Host):
     """Signals go to the fake kernel's pretend daemons, never to real processes."""
 
     kernel: FakeKernel
+
+    def exit(self) -> None:
+        """What the process's exit does to its locks (a container killed without teardown)."""
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
 
     def kill(self, pid: int, sig: int = 15) -> bool:
         if pid in self.kernel.pids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,8 @@ def _loaded_by_us(tmp_path: Path) -> FakeKernel:
     rt.wait = lambda timeout: True
     rt.teardown = lambda failed=False: None  # type: ignore[method-assign]  # the old container died
     rt.init()
+    assert isinstance(rt.host, FakeHost)
+    rt.host.exit()
     k.calls.clear()
     k.mounts.clear()
     return k
@@ -326,3 +329,38 @@ def test_unwritable_firmware_path_is_a_warning_not_a_crash(tmp_path: Path, monke
     monkeypatch.setattr(rt.host, "write", write)  # a read-only /sys, as without the hostPath mount
     rt.init()
     assert any("could not set the firmware search path" in line and "Permission denied" in line for line in rt.log.lines)
+
+
+def test_a_second_init_on_the_same_node_is_refused(tmp_path: Path) -> None:
+    first, k = fake_node(tmp_path, "h100")
+    second, _ = fake_node(tmp_path / "2", "h100")
+    _attach(second, k)
+    seen: list[str] = []
+
+    def wait(timeout: float | None) -> bool:
+        with pytest.raises(NodeError) as exc:
+            second.init()
+        seen.append(exc.value.message)
+        return True
+
+    first.wait = wait
+    first.init()
+    assert seen == [
+        "another nvidia-driver init is running on this node (it holds the lock on /run/nvidia/nvidia-driver.pid, "
+        f"pid {os.getpid()})"
+    ]
+    assert len([c for c in k.names() if c.startswith("insmod")]) == 3  # the second one inserted nothing
+
+
+def test_gpudirect_rdma_puts_the_gpus_iommu_groups_in_identity_mode(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", binaries=("nv-fabricmanager",))
+    rt, _ = fake_node(tmp_path, "hgx-h100", image=image, GPU_DIRECT_RDMA_ENABLED="true")
+    for n, gpu in ((12, "0000:1b:00.0"), (40, "0000:43:00.0")):
+        group = rt.host.path(f"/sys/kernel/iommu_groups/{n}")
+        group.mkdir(parents=True)
+        (group / "type").write_text("DMA-FQ\n" if n == 12 else "identity\n")
+        rt.host.path(f"/sys/bus/pci/devices/{gpu}/iommu_group").symlink_to(f"../../../kernel/iommu_groups/{n}")
+    rt.init()
+    assert rt.host.read("/sys/kernel/iommu_groups/12/type") == "identity"
+    assert any("iommu group set to identity" in line and "gpu=0000:1b:00.0 was=DMA-FQ" in line for line in rt.log.lines)
+    assert not any("gpu=0000:43:00.0" in line for line in rt.log.lines if "iommu" in line)

@@ -65,6 +65,7 @@ rt, k2 = fake_node(tmp / "fast", "h100", DRIVER_CONFIG_DIGEST="d1")
 real_mounts(rt, k2)
 rt.wait, teardown, rt.teardown = (lambda timeout: True), rt.teardown, (lambda failed=False: None)
 rt.init()  # an earlier container, killed without teardown: modules, state and a stale mount stay
+rt.host.exit()
 rt.teardown = teardown
 (k2.root / "sys/module/nvidia/refcnt").write_text("5\n")
 report["fast:stale mount before"] = mounted(rt.host.path(DRIVER_ROOT))

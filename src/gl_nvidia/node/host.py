@@ -7,6 +7,7 @@ runs without root. Nothing else in `gl_nvidia.node` calls subprocess or touches 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -42,6 +43,7 @@ class Host:
     def __init__(self, root: Path = Path("/"), runner: Runner = subprocess_runner) -> None:
         self.root = root
         self.runner = runner
+        self._locks: list[int] = []
 
     def path(self, p: str | os.PathLike[str]) -> Path:
         return self.root / str(p).lstrip("/")
@@ -93,6 +95,21 @@ class Host:
             return True
         except FileNotFoundError:
             return False
+
+    def lock(self, p: str) -> bool:
+        """Take an exclusive lock on a host file for the life of this process; False when another holds it."""
+        target = self.path(p)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._locks.append(fd)  # kept open: the lock lasts until the process exits
+        return True
 
     def is_mountpoint(self, p: str) -> bool:
         return self.run("mountpoint", "-q", str(self.path(p))).rc == 0

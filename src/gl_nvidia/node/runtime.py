@@ -21,6 +21,7 @@ from .modinfo import depends, modinfo
 RUN_DIR = "/run/nvidia"
 DRIVER_ROOT = "/run/nvidia/driver"
 STATE_FILE = "/run/nvidia/nvidia-driver.state"
+PID_FILE = "/run/nvidia/nvidia-driver.pid"  # locked while an init runs: one driver container per node
 READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
 FIRMWARE_PARAM = "/sys/module/firmware_class/parameters/path"
 FIRMWARE_SEARCH_PATH = DRIVER_ROOT + "/lib/firmware"
@@ -114,6 +115,12 @@ class Runtime:
 
     def init(self) -> None:
         self.log.info("nvidia-driver init", driver=self.image.driver_version, node=self.env.get("NODE_NAME", ""))
+        if not self.host.lock(PID_FILE):
+            raise NodeError(
+                f"another nvidia-driver init is running on this node (it holds the lock on {PID_FILE}, "
+                f"pid {(self.host.read_opt(PID_FILE) or '?').strip()})",
+                "wait for the other driver pod to stop; only one may load the driver at a time",
+            )
         plan = self.plan()
         ours = self.image.driver_version
         loaded = _loaded_version(plan.node)
