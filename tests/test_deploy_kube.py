@@ -232,7 +232,7 @@ def make_handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
 def serve(fake: FakeCluster) -> Iterator[str]:
     """Answer the API for `fake` on a free loopback port; yields the server URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
