@@ -169,7 +169,7 @@ def test_changed_digest_reloads_when_idle(tmp_path: Path) -> None:
     assert _index(calls, "rmmod nvidia-modeset nvidia-uvm nvidia") < _index(calls, "insmod")
 
 
-def test_changed_digest_in_use_is_refused_and_leaves_no_state(tmp_path: Path) -> None:
+def test_changed_digest_in_use_is_refused_and_touches_nothing(tmp_path: Path) -> None:
     k = _loaded_by_us(tmp_path / "a")
     (k.root / "sys/module/nvidia_uvm/refcnt").write_text("1\n")
     rt, _ = fake_node(tmp_path / "b", "h100", DRIVER_CONFIG_DIGEST="new")
