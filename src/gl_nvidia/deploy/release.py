@@ -87,8 +87,11 @@ def source_for(lock: Lock) -> DriverSource:
 
 def env_for(lock: Lock) -> Callable[[BuildUnit], KernelEnv]:
     if lock.os.id == "gardenlinux":
+        from gl_nvidia.build.kenv import container_engine
+
+        engine = container_engine()  # no engine: one clear error now, not one per unit later
         # Garden Linux kernels are built in its kmodbuild container of the newest GL version using them.
-        return lambda unit: KmodbuildEnv(unit.os_versions[-1])
+        return lambda unit: KmodbuildEnv(unit.os_versions[-1], engine)
     apt_env = AptEnv()
     return lambda unit: apt_env
 
