@@ -111,6 +111,11 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
     err = capsys.readouterr().err
     assert f"registry {registry.host} is unreachable" in err
     assert "Traceback" not in err
+    # resolve still names the image; only the existence check fails.
+    assert main(["resolve", "--os-release", os_release, "--kernel", KERNEL, "--values", str(values)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == f"{repo}/driver:{TAGS[0]}\n"
+    assert "exists: unknown" in captured.err and f"registry {registry.host} is unreachable" in captured.err
 
 
 def test_release_of_an_unbuildable_unit_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

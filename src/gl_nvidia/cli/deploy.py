@@ -86,11 +86,15 @@ def resolve_cmd(os_release: Path, kernel: str, values_file: Path | None, registr
     spec = resolve_mod.DriverSpec.from_values(values)
     node = resolve_mod.node_os(resolve_mod.parse_os_release(_read_text(os_release, "os-release")), kernel, values)
     res = resolve_mod.resolve(spec, node)
-    exists = image_exists(res.reference)
-    if as_json:
-        ui.print_json({**res.as_dict(), "exists": exists, "os_tag": node.os_tag, "kernel": kernel})
-    else:
-        ui.print_table(None, ["image the operator pulls", "exists"], [[res.reference, "yes" if exists else "NO"]])
+    exists: bool | None = None
+    try:
+        exists = image_exists(res.reference)
+    finally:  # the reference is worth showing even when the registry cannot be asked
+        if as_json:
+            ui.print_json({**res.as_dict(), "exists": exists, "os_tag": node.os_tag, "kernel": kernel})
+        else:  # one value: a plain line (no table truncates it) that scripts can take as it is
+            click.echo(res.reference)
+            click.echo(f"exists: {({True: 'yes', False: 'NO', None: 'unknown'})[exists]}", err=True)
     if not exists:
         raise UserError(
             f"{res.reference} does not exist: driver pods on such nodes would sit in ImagePullBackOff",
