@@ -49,12 +49,19 @@ def make_image(
     version: str = "535.309.01",
     kernels: dict[str, tuple[str, ...]] | None = None,
     binaries: Sequence[str] = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced"),
+    source_versions: dict[str, str] | None = None,
 ) -> Image:
-    """A driver image root as the image stage lays it out (node/layout.py)."""
+    """A driver image root as the image stage lays it out (node/layout.py); `source_versions` gives a
+    module type a source version other than the userspace's."""
     kernels = {KERNEL: ("proprietary", "open")} if kernels is None else kernels
+    sv = source_versions or {}
     manifest = root / str(layout.MANIFEST).lstrip("/")
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"driver_version": version, "driver_branch": version.split(".")[0]}))
+    manifest.write_text(json.dumps({
+        "driver_version": version, "driver_branch": version.split(".")[0],
+        "kernels": {k: {"module_sets": {t: {"source_version": sv.get(t, version)} for t in types}}
+                    for k, types in kernels.items()},
+    }))
     for kernel, types in kernels.items():
         for t in types:
             d = root / str(layout.modules_dir(kernel, t)).lstrip("/")

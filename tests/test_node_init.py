@@ -364,3 +364,27 @@ def test_gpudirect_rdma_puts_the_gpus_iommu_groups_in_identity_mode(tmp_path: Pa
     assert rt.host.read("/sys/kernel/iommu_groups/12/type") == "identity"
     assert any("iommu group set to identity" in line and "gpu=0000:1b:00.0 was=DMA-FQ" in line for line in rt.log.lines)
     assert not any("gpu=0000:43:00.0" in line for line in rt.log.lines if "iommu" in line)
+
+
+def test_open_modules_of_another_version_than_userspace_are_refused(tmp_path: Path) -> None:
+    """Debian ships open 535.261.03 sources beside 535.309.01 userspace: NVML would refuse the pair."""
+    image = make_image(tmp_path / "image", source_versions={"open": "535.261.03"})
+    rt, k = fake_node(tmp_path, "h100", image, KERNEL_MODULE_TYPE="open")
+    with pytest.raises(NodeError, match=r"KERNEL_MODULE_TYPE=open, but this image's open modules are version "
+                                        r"535\.261\.03 and its userspace is 535\.309\.01"):
+        rt.init()
+    assert not any(c.startswith("insmod") for c in k.names())
+
+
+def test_auto_skips_a_mismatched_set_and_loads_the_matching_one(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "image", source_versions={"open": "535.261.03"})
+    rt, _ = fake_node(tmp_path, "h100", image)
+    assert rt.plan().module_type.module_type == "proprietary"
+
+
+def test_only_mismatched_sets_is_a_clear_error_before_touching_the_kernel(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "image", kernels={KERNEL: ("open",)}, source_versions={"open": "535.261.03"})
+    rt, k = fake_node(tmp_path, "h100", image)
+    with pytest.raises(NodeError, match=r"modules for kernel .* \(open 535\.261\.03\) do not match its userspace"):
+        rt.init()
+    assert not any(c.startswith("insmod") for c in k.names())

@@ -73,20 +73,36 @@ class Runtime:
 
     def plan(self) -> Plan:
         node = read_node(self.host)
-        available = {k: self.image.module_types(k) for k in self.image.kernels()}
         self.log.info("node", kernel=node.kernel, gpus=len(node.gpus), os=decide.os_tag(node.os_release))
-        kernel = decide.select_kernel(node, [k for k, t in available.items() if t], self.image.driver_branch)
+        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch)
         if not node.gpus:
             raise NodeError(
                 f"no NVIDIA GPU on this node (no PCI device with vendor 0x10de and a display class in "
                 f"/sys/bus/pci/devices); nothing loaded into kernel {node.kernel}",
                 "run the driver only on GPU nodes (node label nvidia.com/gpu.deploy.driver=true)",
             )
-        choice = decide.choose_module_type(
-            self.env.get("KERNEL_MODULE_TYPE", "auto"), self.image.driver_branch, node.gpus, available[kernel]
-        )
+        requested = self.env.get("KERNEL_MODULE_TYPE", "auto")
+        other = self.image.mismatch(kernel, requested.strip().lower())
+        if other is not None:
+            raise NodeError(
+                f"KERNEL_MODULE_TYPE={requested}, but this image's {requested} modules are version {other} and "
+                f"its userspace is {self.image.driver_version}; NVML refuses mismatched versions",
+                "use KERNEL_MODULE_TYPE=auto, or an image whose module and userspace versions match",
+            )
+        usable = self.image.module_types(kernel)
+        if not usable:
+            sets = ", ".join(f"{t} {self.image.mismatch(kernel, t)}" for t in self.image.present_types(kernel))
+            raise NodeError(
+                f"this image's modules for kernel {kernel} ({sets}) do not match its userspace "
+                f"{self.image.driver_version}; NVML refuses mismatched versions",
+                "rebuild the image from one driver version",
+            )
+        choice = decide.choose_module_type(requested, self.image.driver_branch, node.gpus, usable)
         modules = decide.modules_to_load(node, self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true")
         return Plan(node, kernel, choice, modules)
+
+    def _kernels(self) -> list[str]:
+        return [k for k in self.image.kernels() if self.image.present_types(k)]
 
     def dry_run(self) -> Plan | None:
         """Detection only: print what init would do, touch nothing."""
@@ -365,13 +381,13 @@ class Runtime:
     def check_load(self) -> bool:
         """insmod nvidia.ko into the running kernel and classify; leaves the kernel as it found it."""
         node = read_node(self.host)
-        kernel = decide.select_kernel(node, [k for k in self.image.kernels() if self.image.module_types(k)],
-                                      self.image.driver_branch)
+        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch)
         if "nvidia" in node.loaded:
             raise NodeError("nvidia is already loaded; check-load needs a kernel without it",
                             "run it on a node (or VM) where the driver is not loaded")
         ok = True
-        for t in self.image.module_types(kernel):
+        # The kernel's verdict on the ABI does not depend on the userspace version: try every set.
+        for t in self.image.present_types(kernel):
             ko = self.image.ko(kernel, t, "nvidia")
             deps = [d for d in depends(ko) if d not in node.loaded]
             if deps:
