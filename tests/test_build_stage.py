@@ -14,7 +14,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DebianSource, KernelHeaders, build_all, build_unit
+from gl_nvidia.build import AptEnv, DebianSource, KernelHeaders, UnitResult, build_all, build_unit
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.catalog.matrix import profile_text
 from gl_nvidia.catalog.model import BuildUnit
@@ -27,12 +27,11 @@ UNIT_47 = BuildUnit(kernel=OPEN_OK_KERNEL, driver_version=DEBIAN_DRIVER, driver_
 
 
 @pytest.fixture(scope="session")
-def open_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, object]]]:
+def open_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[UnitResult]]:
     """Open modules for 6.1.0-47 (builds) and then 6.1.0-56 (fails) into one bundle."""
     out = tmp_path_factory.mktemp("open") / f"{DEBIAN_DRIVER}-amd64"
-    results = [build_unit(u, out, source=DebianSource(), env=AptEnv(), module_types=("open",))
-               for u in (UNIT_47, DEBIAN_UNIT)]
-    return out, [{"ok": r.ok, "open": r.outcomes["open"]} for r in results]
+    return out, [build_unit(u, out, source=DebianSource(), env=AptEnv(), module_types=("open",))
+                 for u in (UNIT_47, DEBIAN_UNIT)]
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +43,9 @@ def headers_612() -> KernelHeaders:
     return env.headers(kernel, "amd64")
 
 
-def test_open_modules_build_for_a_kernel_they_support(open_bundle: tuple[Path, list[dict[str, object]]]) -> None:
+def test_open_modules_build_for_a_kernel_they_support(open_bundle: tuple[Path, list[UnitResult]]) -> None:
     bundle_dir, results = open_bundle
-    assert results[0]["ok"]
+    assert results[0].ok
     ms = b.BundleManifest.load(bundle_dir).kernels[OPEN_OK_KERNEL].module_sets["open"]
     assert ms.status == "ok" and ms.source_version == "535.261.03"
     assert ms.abi_gate is not None and ms.abi_gate.ok
@@ -58,12 +57,13 @@ def test_open_modules_build_for_a_kernel_they_support(open_bundle: tuple[Path, l
 
 
 def test_open_modules_fail_cleanly_on_a_kernel_that_changed_the_api(
-        open_bundle: tuple[Path, list[dict[str, object]]]) -> None:
+        open_bundle: tuple[Path, list[UnitResult]]) -> None:
     bundle_dir, results = open_bundle
-    outcome = results[1]["open"]
-    assert not results[1]["ok"]
-    assert outcome.status == "failed" and outcome.error is not None  # type: ignore[attr-defined]
-    assert "pci_resize_resource" in outcome.error and ": error:" in outcome.error  # type: ignore[attr-defined]
+    outcome = results[1].outcomes["open"]
+    assert not results[1].ok
+    assert outcome.status == "failed" and outcome.error is not None
+    assert "pci_resize_resource" in outcome.error and ": error:" in outcome.error
+    assert outcome.log == bundle_dir / "logs" / f"{DEBIAN_KERNEL}-open.log"
     manifest = b.BundleManifest.load(bundle_dir)
     ms = manifest.kernels[DEBIAN_KERNEL].module_sets["open"]
     assert (ms.status, ms.modules, ms.abi_gate) == ("failed", (), None)
@@ -114,7 +114,7 @@ def _profile_without_exclusions(path: Path) -> Path:
 
 
 def test_build_all_reports_failed_cells_and_excludes_them(
-        open_bundle: tuple[Path, list[dict[str, object]]], tmp_path: Path,
+        open_bundle: tuple[Path, list[UnitResult]], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     lock = _profile_without_exclusions(tmp_path / "versions.yaml")
     out = tmp_path / "bundles"
@@ -140,7 +140,7 @@ def test_build_all_reports_failed_cells_and_excludes_them(
 
 
 def test_keep_debug_ships_unstripped_copies_beside_the_bundle(
-        open_bundle: tuple[Path, list[dict[str, object]]], tmp_path: Path) -> None:
+        open_bundle: tuple[Path, list[UnitResult]], tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     r = build_unit(UNIT_47, out, source=DebianSource(), env=AptEnv(), module_types=("open",), keep_debug=True)
     assert r.ok and r.outcomes["open"].cached  # debug copies are cached with the build: no recompile
