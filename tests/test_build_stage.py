@@ -150,3 +150,15 @@ def test_keep_debug_ships_unstripped_copies_beside_the_bundle(
     assert all((debug / m.name).stat().st_size == m.size_unstripped for m in ms.modules)
     # Without --keep-debug the bundle has no debug/ at all.
     assert not (open_bundle[0] / "debug").exists()
+
+
+def test_parallel_units_share_one_bundle(tmp_path: Path) -> None:
+    # Two units at once write two kernels into the same bundle; the bundle lock keeps both.
+    results = build_all([DEBIAN_UNIT, UNIT_47], tmp_path, source=DebianSource(), env_for=lambda u: AptEnv(),
+                        jobs=2, module_types=("proprietary",))
+    assert [r.ok for r in results] == [True, True]
+    assert {r.bundle for r in results} == {tmp_path / f"{DEBIAN_DRIVER}-amd64"}
+    manifest = b.BundleManifest.load(tmp_path / f"{DEBIAN_DRIVER}-amd64")
+    assert sorted(manifest.kernels) == sorted([DEBIAN_KERNEL, OPEN_OK_KERNEL])
+    for kernel in (DEBIAN_KERNEL, OPEN_OK_KERNEL):
+        assert (b.modules_dir(tmp_path / f"{DEBIAN_DRIVER}-amd64", kernel, "proprietary") / "nvidia.ko").is_file()
