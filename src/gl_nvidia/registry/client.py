@@ -227,7 +227,7 @@ class RegistryClient:
     def _down(self, exc: Exception) -> UserError:
         return UserError(
             f"registry {self.host} is unreachable or failing: {exc}",
-            "check that it is up, then run the same command again: blobs already uploaded are skipped",
+            "check that it is up and reachable, then run the same command again (a push resumes: blobs it has are skipped)",
         )
 
     def _http_error(self, resp: httpx.Response, method: str, url: str) -> UserError:
