@@ -5,6 +5,7 @@ Kept beside the tests that use them; the decision logic under test is the real o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,6 +22,8 @@ from gl_nvidia.node.runtime import Runtime
 
 DATA = Path(__file__).parent / "data" / "node"
 KERNEL = "6.1.0-56-cloud-amd64"
+BUILD_LINKER = "GNU ld (GNU Binutils for Debian) 2.40"  # what the fake manifest says the build linked with
+SPLIT = {"nvidia": "nv-kernel.o", "nvidia-modeset": "nv-modeset-kernel.o"}  # module -> its binary object
 
 
 def make_ko(path: Path, **info: str) -> Path:
@@ -55,20 +58,41 @@ def make_image(
     module type a source version other than the userspace's."""
     kernels = {KERNEL: ("proprietary", "open")} if kernels is None else kernels
     sv = source_versions or {}
+    sets: dict[str, dict[str, object]] = {}
+    for kernel, types in kernels.items():
+        for t in types:
+            d = root / str(layout.modules_dir(kernel, t)).lstrip("/")
+            records = []
+            for m, deps in (("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia"),
+                            ("nvidia-peermem", "nvidia,ib_core")):
+                info = {"version": version, "depends": deps, "srcversion": f"{t}-{m}",
+                        "vermagic": f"{kernel} SMP mod_unload modversions "}
+                if m not in SPLIT:
+                    ko = make_ko(d / f"{m}.ko", **info)
+                    records.append({"name": ko.name, "sha256": _sha(ko.read_bytes()), "size": 0,
+                                    "size_unstripped": 0, "vermagic": info["vermagic"], "srcversion": info["srcversion"]})
+                    continue
+                # Split like the build stage ships nvidia.ko: interface + module.lds here, binary elsewhere.
+                iface = make_ko(d / f"{m}.o", **info)
+                (d / "module.lds").write_text("SECTIONS { }\n")
+                binary = root / str(layout.binaries_dir(t)).lstrip("/") / SPLIT[m]
+                binary.parent.mkdir(parents=True, exist_ok=True)
+                binary.write_bytes(f"binary {t} {m}".encode())
+                records.append({
+                    "name": f"{m}.ko", "sha256": _sha(fake_link(iface, binary)), "size": 0, "size_unstripped": 0,
+                    "vermagic": info["vermagic"], "srcversion": info["srcversion"],
+                    "parts": {"interface": iface.name, "interface_sha256": "", "interface_size": 0,
+                              "binary": binary.name, "binary_sha256": "", "binary_size": 0, "lds": "module.lds",
+                              "lds_sha256": "", "ld_flags": ["-r", "-m", "elf_x86_64", "--build-id=sha1"],
+                              "linker": BUILD_LINKER},
+                })
+            sets.setdefault(kernel, {})[t] = {"source_version": sv.get(t, version), "modules": records}
     manifest = root / str(layout.MANIFEST).lstrip("/")
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({
         "driver_version": version, "driver_branch": version.split(".")[0],
-        "kernels": {k: {"module_sets": {t: {"source_version": sv.get(t, version)} for t in types}}
-                    for k, types in kernels.items()},
+        "kernels": {k: {"module_sets": ms} for k, ms in sets.items()},
     }))
-    for kernel, types in kernels.items():
-        for t in types:
-            d = root / str(layout.modules_dir(kernel, t)).lstrip("/")
-            for m, deps in (("nvidia", ""), ("nvidia-uvm", "nvidia"), ("nvidia-modeset", "nvidia"),
-                            ("nvidia-peermem", "nvidia,ib_core")):
-                make_ko(d / f"{m}.ko", version=version, depends=deps, srcversion=f"{t}-{m}",
-                        vermagic=f"{kernel} SMP mod_unload modversions ")
     for b in binaries:
         p = root / "usr/bin" / b
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +100,15 @@ def make_image(
     (root / "etc").mkdir(exist_ok=True)
     (root / "etc/ld.so.cache").write_bytes(b"glibc-ld.so.cache1.1\0libnvidia-ml.so.1\0")
     return Image.load(root)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fake_link(interface: Path, binary: Path) -> bytes:
+    """What the fake `ld` makes of the parts: the interface (its .modinfo stays readable) + the binary."""
+    return interface.read_bytes() + binary.read_bytes()
 
 
 class FakeKernel:
@@ -88,6 +121,7 @@ class FakeKernel:
         self.fail: dict[str, Result] = {}  # argv[0] (or "insmod:<module>") -> forced result
         self.dmesg: list[str] = ["[    0.000000] Linux version " + KERNEL]
         self.pids: set[int] = set()
+        self.linker = "GNU ld (fake node binutils) 1.0"  # set to BUILD_LINKER: the same linker as the build
 
     def names(self) -> list[str]:
         return [" ".join(c) for c in self.calls]
@@ -119,6 +153,12 @@ class FakeKernel:
                 nv = self.root / "sys/module/nvidia/refcnt"
                 nv.write_text(f"{int(nv.read_text()) + 1}\n")
             self._set_modules([f"{module} 1 0 - Live 0x0", *self._modules()])
+            return Result(0)
+        if cmd == "ld":
+            if argv[1:] == ("--version",):
+                return Result(0, self.linker + "\nCopyright\n")
+            out = Path(argv[argv.index("-o") + 1])
+            out.write_bytes(fake_link(Path(argv[-2]), Path(argv[-1])))
             return Result(0)
         if cmd == "rmmod":
             for m in argv[1:]:

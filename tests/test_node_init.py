@@ -9,9 +9,17 @@ import pytest
 
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.host import Result
-from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STATE_FILE, Runtime
+from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STAGING_DIR, STATE_FILE, Runtime
 
-from .test_node_fakes import KERNEL, FakeHost, FakeKernel, fake_node, make_image
+from .test_node_fakes import (
+    BUILD_LINKER,
+    KERNEL,
+    FakeHost,
+    FakeKernel,
+    fake_node,
+    make_image,
+    make_ko,
+)
 
 DIGEST = "2f9c1b7d"
 
@@ -387,4 +395,50 @@ def test_only_mismatched_sets_is_a_clear_error_before_touching_the_kernel(tmp_pa
     rt, k = fake_node(tmp_path, "h100", image)
     with pytest.raises(NodeError, match=r"modules for kernel .* \(open 535\.261\.03\) do not match its userspace"):
         rt.init()
+    assert not any(c.startswith("insmod") for c in k.names())
+
+
+def test_split_modules_are_linked_into_staging_and_inserted_from_there(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    k.linker = BUILD_LINKER  # same linker as the build: the result must also be byte-identical
+    rt.init()
+    calls = k.names()
+    staging = rt.host.path(STAGING_DIR) / KERNEL / "proprietary"
+    link = next(c for c in calls if c.startswith("ld ") and "nvidia.o" in c)
+    image_dir = rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary")
+    assert link == (f"ld -r -m elf_x86_64 --build-id=sha1 -T {image_dir}/module.lds -o {staging}/.nvidia.ko.tmp "
+                    f"{image_dir}/nvidia.o {rt.image.at('/usr/lib/gl-nvidia/binaries/proprietary')}/nv-kernel.o")
+    inserted = [c.split()[1] for c in calls if c.startswith("insmod")]
+    assert inserted == [f"{staging}/nvidia.ko", f"{image_dir}/nvidia-uvm.ko", f"{staging}/nvidia-modeset.ko"]
+    assert _index(calls, "ld ") < _index(calls, "insmod")
+    assert not str(staging).startswith(str(rt.host.path(DRIVER_ROOT)))
+
+
+def test_a_link_that_differs_from_the_builds_is_refused_before_insmod(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)})
+    # another build's binary object next to this build's interface: same linker, other bytes
+    (image.at("/usr/lib/gl-nvidia/binaries/proprietary") / "nv-kernel.o").write_bytes(b"another build")
+    rt, k = fake_node(tmp_path, "h100", image=image)
+    k.linker = BUILD_LINKER
+    with pytest.raises(NodeError) as exc:
+        rt.init()
+    assert exc.value.message.startswith("nvidia.ko linked on this node (sha256 ")
+    assert "differs from the module the build linked and gated (sha256 " in exc.value.message
+    assert f"with the same linker ({BUILD_LINKER}); refusing to load it" in exc.value.message
+    assert not any(c.startswith("insmod") for c in k.names())
+    assert not list(rt.host.path(STAGING_DIR).rglob("*.ko*"))
+
+
+def test_an_interface_for_another_kernel_is_refused_naming_both(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)})
+    iface = image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.o"
+    make_ko(iface, version="535.309.01", srcversion="proprietary-nvidia",
+            vermagic="6.1.0-47-cloud-amd64 SMP mod_unload modversions ")
+    rt, k = fake_node(tmp_path, "no-gpu", image=image)  # other linker: vermagic and srcversion still checked
+    with pytest.raises(NodeError) as exc:
+        rt.check_load()
+    assert exc.value.message == (
+        "nvidia.ko linked from this image's parts has vermagic 6.1.0-47-cloud-amd64 and srcversion "
+        f"proprietary-nvidia, but the running kernel is {KERNEL} and the manifest's srcversion is "
+        "proprietary-nvidia; refusing to load it")
     assert not any(c.startswith("insmod") for c in k.names())

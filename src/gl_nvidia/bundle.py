@@ -17,13 +17,39 @@ MODULE_TYPES = ("open", "proprietary")
 
 
 @dataclass(frozen=True)
+class ModuleParts:
+    """A module split into a per-kernel interface object and a kernel-independent binary object.
+
+    NVIDIA's nvidia.ko and nvidia-modeset.ko embed a prebuilt object (nv-kernel.o_binary,
+    nv-modeset-kernel.o_binary) that is byte-identical for every kernel: it ships once per driver
+    version and module type, and the node links it to the kernel's interface with `link_argv`.
+    """
+
+    interface: str  # bundle: interfaces/<kernel>/<type>/<interface>; image: next to the whole modules
+    interface_sha256: str
+    interface_size: int
+    binary: str  # bundle: binaries/<type>/<binary>; image: layout.binaries_dir(<type>)/<binary>
+    binary_sha256: str
+    binary_size: int
+    lds: str  # the kernel's module linker script (scripts/module.lds), shipped beside the interface
+    lds_sha256: str
+    ld_flags: tuple[str, ...]  # the kernel's modfinal link flags: -r -m ... --build-id=...
+    linker: str  # `ld --version`'s first line at build time: the same linker gives the same bytes
+
+    def link_argv(self, ld: str, interface: str, binary: str, lds: str, out: str) -> list[str]:
+        """The kernel's modfinal recipe: ld -r <flags> -T module.lds -o <module>.ko <interface> <binary>."""
+        return [ld, *self.ld_flags, "-T", lds, "-o", out, interface, binary]
+
+
+@dataclass(frozen=True)
 class ModuleFile:
     name: str  # "nvidia.ko"
-    sha256: str  # of the shipped (stripped) file
+    sha256: str  # of the shipped (stripped) file; of the module linked from `parts` when it has them
     size: int  # shipped (stripped) bytes
     size_unstripped: int  # as compiled, with debug info
     vermagic: str
     srcversion: str
+    parts: ModuleParts | None = None  # None: the image ships the whole .ko
 
 
 @dataclass(frozen=True)
@@ -116,11 +142,16 @@ def _module_set(d: dict[str, Any]) -> ModuleSet:
         module_type=d["module_type"],
         source_version=d["source_version"],
         status=d["status"],
-        modules=tuple(ModuleFile(**m) for m in d.get("modules", ())),
+        modules=tuple(module_file(m) for m in d.get("modules", ())),
         abi_gate=AbiGate(ok=gate["ok"], problems=tuple(gate["problems"])) if gate else None,
         error=d.get("error"),
         log=d.get("log"),
     )
+
+
+def module_file(d: dict[str, Any]) -> ModuleFile:
+    parts = d.get("parts")
+    return ModuleFile(**{**d, "parts": ModuleParts(**{**parts, "ld_flags": tuple(parts["ld_flags"])}) if parts else None})
 
 
 # Paths inside a bundle directory (see docs/bundle.md).
@@ -134,6 +165,16 @@ def firmware_dir(bundle: Path) -> Path:
 
 def modules_dir(bundle: Path, kernel: str, module_type: str) -> Path:
     return bundle / "kernels" / kernel / module_type
+
+
+def interfaces_dir(bundle: Path, kernel: str, module_type: str) -> Path:
+    """Per-kernel interface objects and the kernel's module.lds of split modules (ModuleParts)."""
+    return bundle / "interfaces" / kernel / module_type
+
+
+def binaries_dir(bundle: Path, module_type: str) -> Path:
+    """Kernel-independent binary objects of split modules, once per bundle and module type."""
+    return bundle / "binaries" / module_type
 
 
 def debug_dir(bundle: Path, kernel: str, module_type: str) -> Path:

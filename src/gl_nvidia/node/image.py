@@ -6,8 +6,21 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bundle import ModuleFile, ModuleParts, module_file
 from . import layout
 from .decide import MODULE_TYPES, NodeError
+
+
+@dataclass(frozen=True)
+class SplitModule:
+    """A module the node links before insmod: its parts in the image and what the link must give."""
+
+    parts: ModuleParts
+    interface: Path
+    binary: Path
+    lds: Path
+    sha256: str  # of the module linked at build time (same linker, same bytes)
+    srcversion: str
 
 
 @dataclass(frozen=True)
@@ -17,6 +30,8 @@ class Image:
     driver_branch: str
     # kernel -> module type -> version of the module source it was built from (from the manifest)
     source_versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    # (kernel, module type, module) -> manifest record, for modules shipped as interface + binary
+    split: dict[tuple[str, str, str], ModuleFile] = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: Path) -> Image:
@@ -27,8 +42,15 @@ class Image:
                 k: {t: ms["source_version"] for t, ms in kb.get("module_sets", {}).items()}
                 for k, kb in d.get("kernels", {}).items()
             }
-            return cls(root, d["driver_version"], d["driver_branch"], versions)
-        except (OSError, ValueError, KeyError) as exc:
+            split = {
+                (k, t, f.name.removesuffix(".ko")): f
+                for k, kb in d.get("kernels", {}).items()
+                for t, ms in kb.get("module_sets", {}).items()
+                for f in map(module_file, ms.get("modules", ()))
+                if f.parts is not None
+            }
+            return cls(root, d["driver_version"], d["driver_branch"], versions, split)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NodeError(
                 f"this image has no readable driver manifest at {layout.MANIFEST} ({exc})",
                 "the image was not built by `gl-nvidia image`; rebuild it",
@@ -42,7 +64,23 @@ class Image:
         return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
     def present_types(self, kernel: str) -> list[str]:
-        return [t for t in MODULE_TYPES if self.ko(kernel, t, "nvidia").is_file()]
+        return [t for t in MODULE_TYPES if self.has_module(kernel, t, "nvidia")]
+
+    def has_module(self, kernel: str, module_type: str, module: str) -> bool:
+        parts = self.split_module(kernel, module_type, module)
+        if parts is not None:
+            return parts.interface.is_file() and parts.binary.is_file() and parts.lds.is_file()
+        return self.ko(kernel, module_type, module).is_file()
+
+    def split_module(self, kernel: str, module_type: str, module: str) -> SplitModule | None:
+        """The parts of a module shipped split (None: the image holds the whole .ko)."""
+        record = self.split.get((kernel, module_type, module))
+        if record is None or record.parts is None:
+            return None
+        parts = record.parts
+        here = self.at(layout.modules_dir(kernel, module_type))
+        return SplitModule(parts, here / parts.interface, self.at(layout.binaries_dir(module_type)) / parts.binary,
+                           here / parts.lds, record.sha256, record.srcversion)
 
     def module_types(self, kernel: str) -> list[str]:
         """Module types usable with this image's userspace: present, and of the same driver version

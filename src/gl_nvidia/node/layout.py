@@ -14,6 +14,11 @@ MANIFEST = PurePosixPath("/usr/share/gl-nvidia/manifest.json")
 # Per-kernel module sets: /usr/lib/gl-nvidia/modules/<kernel>/<open|proprietary>/*.ko
 MODULES_ROOT = PurePosixPath("/usr/lib/gl-nvidia/modules")
 
+# Kernel-independent binary objects of split modules (bundle.ModuleParts), once per driver version:
+# /usr/lib/gl-nvidia/binaries/<open|proprietary>/nv-kernel.o. The node links them with the per-kernel
+# interface objects in the modules directory before insmod.
+BINARIES_ROOT = PurePosixPath("/usr/lib/gl-nvidia/binaries")
+
 # GSP firmware, at the path the kernel's firmware loader finds under the driver root.
 FIRMWARE_ROOT = PurePosixPath("/lib/firmware/nvidia")
 
@@ -24,3 +29,7 @@ PYTHON_SITE = PurePosixPath("/usr/lib/python3/dist-packages")
 
 def modules_dir(kernel: str, module_type: str) -> PurePosixPath:
     return MODULES_ROOT / kernel / module_type
+
+
+def binaries_dir(module_type: str) -> PurePosixPath:
+    return BINARIES_ROOT / module_type

@@ -5,16 +5,19 @@ Decisions come from decide.py; every host effect goes through Host; every step l
 
 from __future__ import annotations
 
+import hashlib
+import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import decide
 from .decide import MODULES, PEERMEM, Node, NodeError, TypeChoice, sysfs_name
 from .detect import read_node
 from .host import Host
-from .image import Image
+from .image import Image, SplitModule
 from .log import Log
 from .modinfo import depends, modinfo
 
@@ -33,6 +36,9 @@ DAEMONS = {
     "nvidia-persistenced": "/var/run/nvidia-persistenced/nvidia-persistenced.pid",
     "nv-fabricmanager": "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid",
 }
+# Modules linked from their parts (interface + NVIDIA's binary object) before insmod: inside the
+# container, never under the driver root the host sees.
+STAGING_DIR = "/run/gl-nvidia/modules"
 HOST_NS = ("nsenter", "-t", "1", "-m", "--")  # hostPID: PID 1 is the host's init, its mount ns the host's
 
 
@@ -68,6 +74,7 @@ class Runtime:
     _mounted: bool = False
     _loaded: list[str] = field(default_factory=list)
     _daemons: list[str] = field(default_factory=list)
+    _linker: str | None = None
 
     # ---------------------------------------------------------------- decisions
 
@@ -253,11 +260,12 @@ class Runtime:
                     self.log.warn("could not set iommu group to identity", gpu=gpu.address, error=str(exc))
 
     def _load(self, plan: Plan, params: decide.ModuleParams) -> None:
-        kos = [self.image.ko(plan.kernel, plan.module_type.module_type, m) for m in plan.modules]
-        missing = [k.name for k in kos if not k.is_file()]
+        t = plan.module_type.module_type
+        missing = [f"{m}.ko" for m in plan.modules if not self.image.has_module(plan.kernel, t, m)]
         if missing:
             raise NodeError(f"this image lacks {', '.join(missing)} for kernel {plan.kernel}",
                             "rebuild the image from a complete bundle")
+        kos = [self._module(plan.kernel, t, m, plan.node.kernel) for m in plan.modules]
         ours = {sysfs_name(m) for m in plan.modules}
         host_deps = sorted({d for k in kos for d in depends(k)} - ours - set(plan.node.loaded))
         if host_deps:
@@ -388,7 +396,7 @@ class Runtime:
         ok = True
         # The kernel's verdict on the ABI does not depend on the userspace version: try every set.
         for t in self.image.present_types(kernel):
-            ko = self.image.ko(kernel, t, "nvidia")
+            ko = self._module(kernel, t, "nvidia", node.kernel)
             deps = [d for d in depends(ko) if d not in node.loaded]
             if deps:
                 self.host.run(*HOST_NS, "modprobe", "-a", *deps)
@@ -430,7 +438,7 @@ class Runtime:
         if "nvidia_peermem" not in node.loaded:
             kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch)
             module_type = self._loaded_type(kernel)
-            ko = self.image.ko(kernel, module_type, PEERMEM)
+            ko = self._module(kernel, module_type, PEERMEM, node.kernel)
             p = self._params().params.get(PEERMEM, ())
             deps = [d for d in depends(ko) if d not in node.loaded]
             if deps:
@@ -443,9 +451,41 @@ class Runtime:
         """Which of the image's module sets the loaded nvidia came from (by srcversion)."""
         loaded = (self.host.read_opt("/sys/module/nvidia/srcversion") or "").strip()
         for t in self.image.module_types(kernel):
-            if modinfo(self.image.ko(kernel, t, "nvidia")).get("srcversion") == loaded:
+            split = self.image.split_module(kernel, t, "nvidia")
+            ours = split.srcversion if split else modinfo(self.image.ko(kernel, t, "nvidia")).get("srcversion")
+            if ours == loaded:
                 return t
         raise NodeError("the loaded nvidia module is not one of this image's", "restart the driver pod first")
+
+    # ---------------------------------------------------------------- linking split modules
+
+    def _module(self, kernel: str, module_type: str, module: str, running: str) -> Path:
+        """The .ko to insert: the image's own, or one linked from its parts into STAGING_DIR and verified."""
+        split = self.image.split_module(kernel, module_type, module)
+        if split is None:
+            return self.image.ko(kernel, module_type, module)
+        stage = f"{STAGING_DIR}/{kernel}/{module_type}"
+        self.host.makedirs(stage)
+        out = self.host.path(f"{stage}/{module}.ko")
+        tmp = out.with_name(f".{out.name}.tmp")
+        res = self.host.run(*split.parts.link_argv("ld", str(split.interface), str(split.binary), str(split.lds),
+                                                   str(tmp)))
+        if res.rc != 0:
+            raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: "
+                            f"{_reason(res.stderr or res.stdout)}", "the image needs a working ld (binutils)")
+        problem = _link_problem(tmp, module, split, running, self._ld_version())
+        if problem:
+            tmp.unlink()
+            raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
+        os.replace(tmp, out)
+        self.log.info("module linked", module=module, type=module_type, path=str(out))
+        return out
+
+    def _ld_version(self) -> str:
+        if self._linker is None:
+            res = self.host.run("ld", "--version")
+            self._linker = res.stdout.splitlines()[0].strip() if res.rc == 0 and res.stdout.strip() else "unknown"
+        return self._linker
 
     # ---------------------------------------------------------------- helpers
 
@@ -467,6 +507,27 @@ def _loaded_version(node: Node) -> str | None:
     if "nvidia" not in node.loaded:
         return None
     return node.loaded["nvidia"] or "unknown"
+
+
+def _link_problem(ko: Path, module: str, split: SplitModule, running: str, linker: str) -> str | None:
+    """Why a module linked on this node must not be loaded (None: it is the module the build gated)."""
+    info = modinfo(ko)
+    vermagic = info.get("vermagic", "").split(" ")[0]
+    srcversion = info.get("srcversion", "")
+    if vermagic != running or srcversion != split.srcversion:
+        return (f"{module}.ko linked from this image's parts has vermagic {vermagic or '?'} and srcversion "
+                f"{srcversion or '?'}, but the running kernel is {running} and the manifest's srcversion is "
+                f"{split.srcversion}; refusing to load it")
+    if linker == split.parts.linker:
+        h = hashlib.sha256()
+        with ko.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != split.sha256:
+            return (f"{module}.ko linked on this node (sha256 {h.hexdigest()[:16]}) differs from the module the "
+                    f"build linked and gated (sha256 {split.sha256[:16]}) with the same linker ({linker}); "
+                    "refusing to load it")
+    return None
 
 
 def _reason(stderr: str) -> str:
