@@ -11,10 +11,12 @@ import stat
 from pathlib import Path
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build.abi import gate_files
+from gl_nvidia.build import AptEnv, DebianSource, build_unit
+from gl_nvidia.build.abi import gate_files, read_module
 from gl_nvidia.build.kenv import KernelHeaders
+from gl_nvidia.build.split import link, linker_version
 from gl_nvidia.fs import sha256_file
-from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
+from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT
 
 
 def test_debian_bundle_holds_gated_stripped_proprietary_modules(debian_bundle: Path,
@@ -59,3 +61,56 @@ def test_debian_bundle_userspace_is_a_root_relative_tree(debian_bundle: Path) ->
     firmware = {f.path for f in m.firmware}
     assert {f"nvidia/{DEBIAN_DRIVER}/gsp_tu10x.bin", f"nvidia/{DEBIAN_DRIVER}/gsp_ga10x.bin"} <= firmware
     assert all((b.firmware_dir(debian_bundle) / p).is_file() for p in firmware)
+
+
+def test_nvidia_ships_split_and_links_from_its_parts_like_kbuild(debian_bundle: Path, debian_headers: KernelHeaders,
+                                                                tmp_path: Path) -> None:
+    """nvidia.ko and nvidia-modeset.ko: a per-kernel interface + NVIDIA's kernel-independent object, linked with
+    the kernel's modfinal recipe into exactly the module the gate passed; the others ship whole."""
+    ms = b.BundleManifest.load(debian_bundle).kernels[DEBIAN_KERNEL].module_sets["proprietary"]
+    mods = {m.name: m for m in ms.modules}
+    assert {n for n, m in mods.items() if m.parts} == {"nvidia.ko", "nvidia-modeset.ko"}
+    nvidia = mods["nvidia.ko"]
+    assert nvidia.parts is not None and nvidia.parts.binary == "nv-kernel.o"
+    assert nvidia.parts.ld_flags[:3] == ("-r", "-m", "elf_x86_64") and "--build-id=sha1" in nvidia.parts.ld_flags
+    assert nvidia.parts.linker == linker_version()
+    # the kernel-independent object is most of the module; the interface is small
+    assert nvidia.parts.interface_size * 20 < nvidia.parts.binary_size
+    # kbuild's own modules (unstripped, from the build cache) to compare the links with
+    debug = tmp_path / "debug-bundle"
+    assert build_unit(DEBIAN_UNIT, debug, source=DebianSource(), env=AptEnv(), module_types=("proprietary",),
+                      keep_debug=True).ok
+    linked = []
+    for m in ms.modules:
+        if m.parts is None:
+            linked.append(b.modules_dir(debian_bundle, DEBIAN_KERNEL, "proprietary") / m.name)
+            continue
+        iface = b.interfaces_dir(debian_bundle, DEBIAN_KERNEL, "proprietary")
+        binary = b.binaries_dir(debian_bundle, "proprietary") / m.parts.binary
+        assert sha256_file(binary) == m.parts.binary_sha256 and sha256_file(iface / m.parts.interface) == m.parts.interface_sha256
+        out = link(m.parts, iface / m.parts.interface, binary, iface / m.parts.lds, tmp_path / m.name)
+        # the same linker gives the same bytes: what the node links is what the build gated and recorded
+        assert sha256_file(out) == m.sha256 == sha256_file(b.modules_dir(debian_bundle, DEBIAN_KERNEL, "proprietary") / m.name)
+        ours, kbuild = read_module(out), read_module(b.debug_dir(debug, DEBIAN_KERNEL, "proprietary") / m.name)
+        assert (ours.vermagic, ours.srcversion, ours.undefined, ours.versions) == (
+            kbuild.vermagic, kbuild.srcversion, kbuild.undefined, kbuild.versions)
+        linked.append(out)
+    assert gate_files(linked, debian_headers.sysout).ok
+
+
+def test_a_wrong_interface_binary_pairing_fails_the_gate_and_the_checksum(debian_bundle: Path,
+                                                                         debian_headers: KernelHeaders,
+                                                                         tmp_path: Path) -> None:
+    ms = b.BundleManifest.load(debian_bundle).kernels[DEBIAN_KERNEL].module_sets["proprietary"]
+    nvidia = next(m for m in ms.modules if m.name == "nvidia.ko")
+    assert nvidia.parts is not None
+    iface = b.interfaces_dir(debian_bundle, DEBIAN_KERNEL, "proprietary")
+    # nvidia's interface with nvidia-modeset's binary object
+    out = link(nvidia.parts, iface / nvidia.parts.interface,
+               b.binaries_dir(debian_bundle, "proprietary") / "nv-modeset-kernel.o", iface / nvidia.parts.lds,
+               tmp_path / "nvidia.ko")
+    assert sha256_file(out) != nvidia.sha256
+    verdict = gate_files([out], debian_headers.sysout)
+    assert not verdict.ok
+    assert any(p.startswith("nvidia.ko: symbol rm_") and p.endswith(f"is not exported by {DEBIAN_KERNEL}")
+               for p in verdict.problems), verdict.problems[:5]

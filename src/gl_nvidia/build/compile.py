@@ -18,23 +18,25 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from gl_nvidia.build.abi import gate, kernel_abi, read_module
+from gl_nvidia.build.abi import ModuleElf, gate, kernel_abi, read_module
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
 from gl_nvidia.build.sources import ModuleSource
-from gl_nvidia.bundle import AbiGate, ModuleFile
+from gl_nvidia.build.split import link, linker_version, split_module
+from gl_nvidia.bundle import AbiGate, ModuleFile, module_file
 from gl_nvidia.fs import atomic_dir, cache_dir, sha256_file
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
 
 # Bump when the way modules are built or stripped changes: old cache entries then stop matching.
-RECIPE = 1
+RECIPE = 2  # 2: split modules (interface + kernel-independent binary, linked from parts)
 _ERROR = re.compile(r"(\berror\b|\*\*\*)", re.I)
 
 
 @dataclass(frozen=True)
 class CompiledSet:
-    """A module set in the cache: stripped modules under `entry/ko`, unstripped under `entry/debug`, and
+    """A module set in the cache: stripped modules under `entry/ko` (split ones linked from their parts),
+    the parts of split modules under `entry/parts`, unstripped modules under `entry/debug`, and
     `entry/build.log`."""
 
     entry: Path
@@ -52,6 +54,10 @@ class CompiledSet:
 
     def ko_files(self) -> list[Path]:
         return [self.entry / "ko" / m.name for m in self.modules]
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.entry / "parts"
 
 
 def cache_key(src: ModuleSource, hdrs: KernelHeaders, toolchain: str, env_name: str) -> str:
@@ -120,13 +126,24 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
     (dest / "ko").mkdir()
     # Unstripped copies stay in the cache, so --keep-debug never means compiling again.
     (dest / "debug").mkdir()
+    (dest / "parts").mkdir()
+    linker = linker_version()
     modules = []
     for ko in kos:
         shipped = dest / "ko" / ko.name
-        run(["strip", "--strip-debug", "-o", shipped, ko])
+        split = split_module(tree, ko.name.removesuffix(".ko"), hdrs.sysout, dest / "parts", linker)
+        if split is not None:
+            # What ships is the module linked from its parts, the way the node will link it.
+            link(split.parts, split.interface, split.binary, split.lds, shipped)
+            problem = _differs(read_module(ko), read_module(shipped))
+            if problem:
+                log.warning("%s: linked from parts, %s; shipping it whole", ko.name, problem)
+                split = None
+        if split is None:
+            run(["strip", "--strip-debug", "-o", shipped, ko])
         info = read_module(shipped)
         modules.append(ModuleFile(ko.name, sha256_file(shipped), shipped.stat().st_size, ko.stat().st_size,
-                                  info.vermagic, info.srcversion))
+                                  info.vermagic, info.srcversion, split.parts if split else None))
         os.replace(ko, dest / "debug" / ko.name)
     verdict = gate([read_module(dest / "ko" / m.name) for m in modules], kernel_abi(hdrs.sysout))
     status, error = "ok", None
@@ -134,6 +151,14 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
         status, error = "failed", f"ABI gate: {len(verdict.problems)} problem(s), first: {verdict.problems[0]}"
     return {**result, "status": status, "error": error, "modules": [asdict(m) for m in modules],
             "abi_gate": asdict(verdict)}
+
+
+def _differs(kbuild: ModuleElf, linked: ModuleElf) -> str | None:
+    """How a module linked from parts differs from kbuild's in what the kernel's loader checks."""
+    for what in ("vermagic", "srcversion", "undefined", "exported", "versions"):
+        if getattr(kbuild, what) != getattr(linked, what):
+            return f"its {what} differs from kbuild's"
+    return None
 
 
 def _load(entry: Path, module_type: str) -> CompiledSet | None:
@@ -144,7 +169,7 @@ def _load(entry: Path, module_type: str) -> CompiledSet | None:
     g = d.get("abi_gate")
     return CompiledSet(
         entry=entry, module_type=module_type, source_version=d["source_version"], status=d["status"],
-        modules=tuple(ModuleFile(**m) for m in d["modules"]),
+        modules=tuple(module_file(m) for m in d["modules"]),
         abi_gate=AbiGate(g["ok"], tuple(g["problems"])) if g else None,
         error=d.get("error"), cached=True,
     )

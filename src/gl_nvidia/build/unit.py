@@ -203,11 +203,13 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
         if cs.status != "ok":
             # A failed set ships nothing, not even what an earlier good build of it left here.
             shutil.rmtree(b.modules_dir(root, hdrs.kernel, mtype), ignore_errors=True)
+            shutil.rmtree(b.interfaces_dir(root, hdrs.kernel, mtype), ignore_errors=True)
             shutil.rmtree(b.debug_dir(root, hdrs.kernel, mtype), ignore_errors=True)
         else:
             with atomic_dir(b.modules_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in cs.ko_files():
                     shutil.copyfile(ko, tmp / ko.name)
+            _write_split_parts(root, hdrs.kernel, cs)
         if keep_debug and cs.status == "ok" and (cs.entry / "debug").is_dir():
             with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in (cs.entry / "debug").iterdir():
@@ -223,6 +225,29 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     )
     atomic_write_text(root / b.MANIFEST, manifest.to_json())
     return manifest
+
+
+def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> None:
+    """Interfaces and module.lds per kernel; each binary once per bundle and module type."""
+    split = [m.parts for m in cs.modules if m.parts is not None]
+    iface_dir = b.interfaces_dir(root, kernel, cs.module_type)
+    if not split:
+        shutil.rmtree(iface_dir, ignore_errors=True)
+        return
+    with atomic_dir(iface_dir) as tmp:
+        for p in split:
+            shutil.copyfile(cs.parts_dir / p.interface, tmp / p.interface)
+            shutil.copyfile(cs.parts_dir / p.lds, tmp / p.lds)
+    bins = b.binaries_dir(root, cs.module_type)
+    bins.mkdir(parents=True, exist_ok=True)
+    for p in split:
+        dest = bins / p.binary
+        if not dest.is_file() or sha256_file(dest) != p.binary_sha256:
+            # Another source of the same driver version had another binary: the newest build wins, and
+            # the image stage refuses kernels whose interfaces were built against the old one.
+            tmp_file = dest.with_name(f".{dest.name}.tmp")
+            shutil.copyfile(cs.parts_dir / p.binary, tmp_file)
+            os.replace(tmp_file, dest)
 
 
 def _copy_tree(src: Path, dest: Path) -> tuple[b.UserspaceFile, ...]:
