@@ -228,8 +228,15 @@ def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: R
 
     sh("skopeo", "copy", "--src-tls-verify=false", f"docker://{repo}:{images[0].tags[0]}", f"oci:{tmp_path / 'copy'}:x")
     rootfs = unpack(tmp_path / "copy", "x", tmp_path / "b")
+    # nvidia.ko and nvidia-modeset.ko ship split: per-kernel interface + module.lds in the modules layer,
+    # NVIDIA's kernel-independent objects once in the binaries layer below it
+    assert [x.name for x in images[0].layers[-6:]] == [
+        "node-runtime", "userspace", "ld.so.cache", "firmware", "binaries", f"modules {real_kernel}"]
     kos = sorted(p.name for p in (rootfs / str(node_layout.modules_dir(real_kernel, "proprietary")).lstrip("/")).iterdir())
-    assert "nvidia.ko" in kos and "nvidia-uvm.ko" in kos
+    assert kos == ["module.lds", "nvidia-drm.ko", "nvidia-modeset.o", "nvidia-peermem.ko", "nvidia-uvm.ko", "nvidia.o"]
+    bins = rootfs / str(node_layout.binaries_dir("proprietary")).lstrip("/")
+    assert sorted(p.name for p in bins.iterdir()) == ["nv-kernel.o", "nv-modeset-kernel.o"]
+    assert images[0].layers[-1].size * 10 < images[0].layers[-2].size  # the per-kernel layer is the small one
     listing = sh("ldconfig", "-p", "-C", rootfs / "etc/ld.so.cache")
     assert "libcuda.so.1 (libc6,x86-64)" in listing and "libnvidia-ml.so.1 (libc6,x86-64)" in listing
     assert (rootfs / "usr/bin/nvidia-smi").is_file()

@@ -83,6 +83,8 @@ def with_extra_kernels(src: Path, dest: Path, extra: tuple[str, ...]) -> Path:
     for k in extra:
         for t in first.module_sets:
             shutil.copytree(b.modules_dir(dest, first.kernel, t), b.modules_dir(dest, k, t))
+            if b.interfaces_dir(dest, first.kernel, t).is_dir():
+                shutil.copytree(b.interfaces_dir(dest, first.kernel, t), b.interfaces_dir(dest, k, t))
         kernels[k] = dataclasses.replace(first, kernel=k)
     (dest / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())
     return dest

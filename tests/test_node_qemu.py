@@ -3,7 +3,8 @@
 The image is built by the image stage from the build stage's real bundle (proprietary 535.309.01 for
 6.1.0-56-cloud-amd64), unpacked with umoci, and booted as the initramfs root with busybox-static for
 mounting and power-off. Inside, the image's own `nvidia-driver` runs against the running kernel:
-- the matching kernel: `check-load` inserts the real nvidia.ko (ABI accepted, init fails with ENODEV,
+- the matching kernel: `check-load` links nvidia.ko from the image's interface object and NVIDIA's binary
+  object with the image's own `ld`, then inserts it (ABI accepted, init fails with ENODEV,
   "NVRM: No NVIDIA GPU found"), `init` stops with the no-GPU error;
 - another kernel (6.1.0-47): `init` refuses before inserting any module (/proc/modules stays empty).
 qemu runs in software emulation (TCG, about 10 s a boot): on this machine KVM accepts the VM but the
@@ -100,8 +101,11 @@ def test_image_root_holds_what_the_node_runtime_uses(image_rootfs: Path) -> None
     assert b"libnvidia-ml.so.1" in cache and b"libcuda.so.1" in cache
     # GSP firmware where the firmware search path /run/nvidia/driver/lib/firmware finds it
     assert list((image_rootfs / "lib/firmware/nvidia" / DEBIAN_DRIVER).glob("gsp_*.bin"))
+    mods = image_rootfs / f"usr/lib/gl-nvidia/modules/{DEBIAN_KERNEL}/proprietary"
+    assert not (mods / "nvidia.ko").exists() and (mods / "nvidia.o").is_file()  # split: linked on the node
+    assert (image_rootfs / "usr/lib/gl-nvidia/binaries/proprietary/nv-kernel.o").is_file()
     for tool in ("insmod", "rmmod", "modprobe", "nsenter", "mount", "umount", "mountpoint", "dmesg", "ldconfig",
-                 "nvidia-smi", "nvidia-modprobe", "nvidia-driver", "python3"):
+                 "nvidia-smi", "nvidia-modprobe", "nvidia-driver", "python3", "ld"):
         assert shutil.which(tool, path=":".join(str(image_rootfs / d) for d in
                                                  ("usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"))), tool
 
@@ -139,6 +143,9 @@ def test_matching_kernel_accepts_the_modules_and_init_stops_for_want_of_a_gpu(im
     rc, out = b.steps["check-load"]
     assert rc == 0, out
     assert "check-load: ABI OK, no GPU on this machine" in out
+    # the image holds no nvidia.ko: the guest linked it from the interface + NVIDIA's binary object first
+    assert (f'msg="module linked" module=nvidia type=proprietary '
+            f'path=/run/gl-nvidia/modules/{DEBIAN_KERNEL}/proprietary/nvidia.ko') in out
     assert f"kernel={DEBIAN_KERNEL} type=proprietary version={DEBIAN_DRIVER}" in out
     assert "NVRM: No NVIDIA GPU found" in out  # the kernel's own words, from its log
     rc, out = b.steps["init"]

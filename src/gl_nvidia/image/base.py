@@ -25,13 +25,15 @@ from gl_nvidia.run import run
 # bookworm ships mount(8) in its own package.
 # python3: the node runtime needs the full standard library (json, shlex, dataclasses, argparse's gettext),
 # which python3-minimal lacks.
-PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount")
+# binutils: the node links split modules (interface + NVIDIA's binary object) with ld before insmod.
+PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount", "binutils")
 REQUIRED_TOOLS = {
     "python3": ("usr/bin/python3",),
     "kmod (modprobe)": ("usr/sbin/modprobe", "sbin/modprobe", "usr/bin/kmod", "bin/kmod"),
     "util-linux (nsenter)": ("usr/bin/nsenter", "bin/nsenter"),
     "util-linux (mount)": ("usr/bin/mount", "bin/mount"),
     "ldconfig": ("usr/sbin/ldconfig", "sbin/ldconfig"),
+    "binutils (ld)": ("usr/bin/ld", "bin/ld"),
 }
 _DEB_ARCH = {"amd64": "amd64", "arm64": "arm64"}
 
@@ -188,5 +190,5 @@ def check_tools(root: Path, description: str) -> None:
     if missing:
         raise UserError(
             f"base image {description} lacks {', '.join(missing)}",
-            "use a base with python3, kmod and util-linux, or leave out --base to build one with mmdebstrap",
+            "use a base with python3, kmod, util-linux and binutils, or leave out --base to build one with mmdebstrap",
         )

@@ -1,8 +1,10 @@
 """Build driver images from a bundle into an OCI image layout, without a container engine.
 
 Layers, bottom to top (so a kernel-only upgrade pulls only the last one):
-  base rootfs | node runtime | userspace | ld.so.cache | firmware | modules of one kernel (+ manifest)
-Everything below the modules layer is identical for every kernel of one driver version and arch.
+  base rootfs | node runtime | userspace | ld.so.cache | firmware | binaries | modules of one kernel
+Everything below the modules layer is identical for every kernel of one driver version and arch (the
+binaries layer: for every kernel with the same module types). The modules layer holds the interface
+objects and module.lds of split modules (bundle.ModuleParts), whole small modules and the manifest.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def build_images(
     plans = [_plan_kernel(bundle_dir, manifest, k, opts) for k in wanted]  # all input errors before any work
     layout = _open_out(out_layout)
     results = []
+    binaries: dict[tuple[str, ...], LayerBlob | None] = {}  # one binaries layer per set of module types
     with ui.progress() as prog, tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp:
         with ui.task(prog, "base root filesystem"):
             base_image = _resolve_base(base, layout, manifest.arch)
@@ -124,7 +127,10 @@ def build_images(
             shared = _shared_layers(layout, bundle_dir, manifest, root)
         with ui.task(prog, "kernel images", total=len(plans)) as t:
             for plan in plans:
-                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, shared, root, opts))
+                if plan.module_types not in binaries:
+                    binaries[plan.module_types] = _binaries_layer(layout, bundle_dir, manifest, plan, root)
+                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, shared,
+                                             binaries[plan.module_types], root, opts))
                 t.advance(1)
     return results
 
@@ -180,12 +186,12 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
                         "see the build log in the bundle's logs/ directory")
     for t in ok:
         for mod in sets[t].modules:
-            path = bundle_mod.modules_dir(bundle_dir, kernel, t) / mod.name
-            if not path.is_file():
-                raise UserError(f"bundle {bundle_dir} is incomplete: {path} is missing", "rebuild the bundle")
-            if sha256_file(path) != mod.sha256:
-                raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
-                                "rebuild the bundle")
+            for path, sha in _module_sources(bundle_dir, kernel, t, mod):
+                if not path.is_file():
+                    raise UserError(f"bundle {bundle_dir} is incomplete: {path} is missing", "rebuild the bundle")
+                if sha256_file(path) != sha:
+                    raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
+                                    "rebuild the bundle")
     if opts.os_id != "gardenlinux" and not opts.os_versions:
         raise UserError(f"no OS version given for os id {opts.os_id!r}", "pass --os-version (the nodes' VERSION_ID)")
     tags = image_tags(manifest.driver_version, manifest.driver_branch, kernel, opts.os_id, opts.os_versions)
@@ -195,6 +201,19 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
         except ValueError as exc:
             raise UserError(str(exc), "kernel, driver version and OS version must only use [A-Za-z0-9_.-]") from exc
     return _KernelPlan(kernel, ok, tuple(tags))
+
+
+def _module_sources(bundle_dir: Path, kernel: str, module_type: str,
+                    mod: bundle_mod.ModuleFile) -> list[tuple[Path, str]]:
+    """The bundle files the image takes for one module, with their manifest sha256."""
+    if mod.parts is None:
+        return [(bundle_mod.modules_dir(bundle_dir, kernel, module_type) / mod.name, mod.sha256)]
+    iface = bundle_mod.interfaces_dir(bundle_dir, kernel, module_type)
+    return [
+        (iface / mod.parts.interface, mod.parts.interface_sha256),
+        (iface / mod.parts.lds, mod.parts.lds_sha256),
+        (bundle_mod.binaries_dir(bundle_dir, module_type) / mod.parts.binary, mod.parts.binary_sha256),
+    ]
 
 
 def _open_out(out_layout: Path) -> Layout:
@@ -301,6 +320,21 @@ def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
     ]
 
 
+def _binaries_layer(layout: Layout, bundle_dir: Path, manifest: BundleManifest, plan: _KernelPlan,
+                    root: Path) -> LayerBlob | None:
+    """The kernel-independent binary objects of the plan's module types (None when nothing is split).
+
+    Binaries are taken once per module type, by name: `_plan_kernel` checked each kernel's parts name
+    the same bytes, so every kernel with these module types gets this one layer.
+    """
+    entries = []
+    for t in plan.module_types:
+        names = sorted({m.parts.binary for m in manifest.kernels[plan.kernel].module_sets[t].modules if m.parts})
+        entries += [Entry(_place(root, node_layout.binaries_dir(t) / name),
+                          source=bundle_mod.binaries_dir(bundle_dir, t) / name) for name in names]
+    return layers.write_layer(layout, entries) if entries else None
+
+
 def _kernel_image(
     layout: Layout,
     bundle_dir: Path,
@@ -308,6 +342,7 @@ def _kernel_image(
     plan: _KernelPlan,
     base_image: base_mod.BaseImage,
     shared: _Shared,
+    binaries: LayerBlob | None,
     root: Path,
     opts: ImageOptions,
 ) -> BuiltImage:
@@ -318,14 +353,16 @@ def _kernel_image(
     )
     entries = [Entry(_place(root, node_layout.MANIFEST), data=trimmed.to_json().encode())]
     for t in plan.module_types:
+        dest = node_layout.modules_dir(plan.kernel, t)
         for mod in sorted(kb.module_sets[t].modules, key=lambda m: m.name):
-            entries.append(Entry(
-                _place(root, node_layout.modules_dir(plan.kernel, t) / mod.name),
-                source=bundle_mod.modules_dir(bundle_dir, plan.kernel, t) / mod.name,
-            ))
-    modules = layers.write_layer(layout, entries)
+            # Binaries go to their own layer; the interface and module.lds (same for all) stay here.
+            entries += [Entry(_place(root, dest / src.name), source=src)
+                        for src, _ in _module_sources(bundle_dir, plan.kernel, t, mod)
+                        if mod.parts is None or src.name != mod.parts.binary]
+    modules = layers.write_layer(layout, list({e.path: e for e in entries}.values()))
 
-    named = [("base", b) for b in base_image.layers] + list(shared.layers) + [(f"modules {plan.kernel}", modules)]
+    named = [("base", b) for b in base_image.layers] + list(shared.layers) + [
+        *([("binaries", binaries)] if binaries else []), (f"modules {plan.kernel}", modules)]
     labels = _labels(manifest, plan, base_image, opts)
     created = datetime.fromtimestamp(layers.source_date_epoch(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     config = {
