@@ -99,6 +99,16 @@ def test_umoci_unpacks_a_root_filesystem_with_driver_and_runtime(rootfs_k1: Path
     assert list(manifest["kernels"]) == [K1] and manifest["driver_version"] == VERSION
 
 
+def test_base_carries_no_locales_manuals_or_perl_but_keeps_licenses(rootfs_k1: Path) -> None:
+    """Every node pulls the base: nothing a driver container never reads, but copyright files stay."""
+    share = rootfs_k1 / "usr/share"
+    assert not any((share / "locale").rglob("*.mo"))
+    assert not any((share / "man").rglob("*.gz"))
+    assert not (share / "perl").exists()  # perl-modules, pulled in by the usrmerge package (perl-base is Essential)
+    assert (share / "doc/libc6/copyright").is_file()
+    assert (rootfs_k1 / "usr/bin/python3").exists() and (rootfs_k1 / "usr/bin/ld").exists()
+
+
 def test_ld_so_cache_lists_the_nvidia_libraries(rootfs_k1: Path) -> None:
     listing = sh("ldconfig", "-p", "-C", rootfs_k1 / "etc/ld.so.cache")
     assert f"libcuda.so.1 (libc6,x86-64) => /usr/lib/{TRIPLET}/libcuda.so.1" in listing

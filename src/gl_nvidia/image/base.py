@@ -27,6 +27,14 @@ from gl_nvidia.run import run
 # which python3-minimal lacks.
 # binutils: the node links split modules (interface + NVIDIA's binary object) with ld before insmod.
 PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount", "binutils")
+# Every node pulls the base: keep out what a driver container never reads. The merged-usr hook lays out
+# /usr without the usrmerge package (which drags in perl); locales, manuals and docs (copyright kept)
+# are not unpacked. Together: 76 MB -> 42 MB compressed.
+SLIM_OPTIONS = (
+    "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
+    *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("locale", "man", "info", "doc")),
+    "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+)
 REQUIRED_TOOLS = {
     "python3": ("usr/bin/python3",),
     "kmod (modprobe)": ("usr/sbin/modprobe", "sbin/modprobe", "usr/bin/kmod", "bin/kmod"),
@@ -46,9 +54,11 @@ class BaseSpec:
     mirrors: tuple[str, ...]  # full `deb URI SUITE COMPONENTS` lines
     arch: str
     packages: tuple[str, ...] = PACKAGES
+    options: tuple[str, ...] = SLIM_OPTIONS
 
     def key(self) -> str:
-        blob = json.dumps([self.suite, self.mirrors, self.arch, self.packages, layers.source_date_epoch()])
+        blob = json.dumps([self.suite, self.mirrors, self.arch, self.packages, self.options,
+                           layers.source_date_epoch()])
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -88,7 +98,8 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
             rootfs = Path(tmp, "rootfs.tar")
             run(
                 ["mmdebstrap", "--variant=essential", "--mode=root", f"--architectures={spec.arch}",
-                 f"--include={','.join(spec.packages)}", "--quiet", spec.suite, rootfs, *spec.mirrors],
+                 f"--include={','.join(spec.packages)}", *spec.options, "--quiet", spec.suite, rootfs,
+                 *spec.mirrors],
                 env={"SOURCE_DATE_EPOCH": str(layers.source_date_epoch())},
                 hint="mmdebstrap needs root and the apt repository; see the log above",
             )
