@@ -83,3 +83,15 @@ def test_invalid_tags_rejected(bad: str) -> None:
 def test_cli_unknown_command_exits_non_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["no-such-command"]) != 0
     assert "No such command" in capsys.readouterr().err
+
+
+def test_tables_fold_long_values_instead_of_truncating(capsys: pytest.CaptureFixture[str]) -> None:
+    from gl_nvidia import ui
+
+    tag = "535.309.01-6.1.0-56-cloud-amd64-gardenlinux0"
+    ui.print_table("release", ["unit", "tags", "digest", "status"],
+                   [["6.1.0-56-cloud-amd64 535.309.01 amd64", f"535-6.1.0-56-cloud-amd64-gardenlinux0 {tag}",
+                     "sha256:495ed0f0b6ad", "build cached, image built"]])
+    out = "".join(capsys.readouterr().out.split())
+    assert "…" not in out
+    assert "".join(tag.split()) in "".join(c for c in out if c not in "│┃")

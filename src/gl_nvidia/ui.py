@@ -40,7 +40,8 @@ def setup_logging(verbose: bool = False) -> None:
 def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     table = Table(title=title, show_lines=False)
     for col in columns:
-        table.add_column(col)
+        # Fold, never truncate: a tag or digest cut to "535-6.1.0-47-clou…" in a CI log is useless.
+        table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     stdout.print(table)
