@@ -42,6 +42,15 @@ def test_atomic_dir_replaces_existing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
+def test_atomic_writes_where_no_temp_file_can_be_made_are_user_errors(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write"):
+        atomic_write_text(tmp_path / "file" / "values.yaml", "a: 1\n")  # parent is a file
+    with pytest.raises(UserError, match="cannot write"), atomic_dir(tmp_path / "file" / "bundle"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 
 
 def test_run_failure_names_command_and_first_error() -> None:
