@@ -86,3 +86,15 @@ def test_values_and_clusterpolicy_spec_read_the_same() -> None:
 def test_os_release_without_id_is_rejected() -> None:
     with pytest.raises(UserError, match="no ID="):
         node_os(parse_os_release("NAME=x\n"), KERNEL, GL_VALUES)
+
+
+def test_binary_os_release_or_values_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gl_nvidia.cli import main
+
+    binary = tmp_path / "os-release"
+    binary.write_bytes(b"ID=\xff\x00\n")
+    assert main(["resolve", "--os-release", str(binary), "--kernel", KERNEL]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    text = DATA / "os-release-gardenlinux-1877.3"
+    assert main(["resolve", "--os-release", str(text), "--kernel", KERNEL, "--values", str(binary)]) == 2
+    assert "values file" in capsys.readouterr().err

@@ -29,6 +29,9 @@ def _read_text(path: Path, what: str) -> str:
         return path.read_text()
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                        "pass the text file itself") from exc
 
 
 @click.command("values")
