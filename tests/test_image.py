@@ -148,6 +148,14 @@ def test_missing_bundle_file_is_a_clear_error(bundle: Path, tmp_path: Path) -> N
     assert main(["image", str(broken), "--kernel", K1, "--out", str(tmp_path / "out")]) == 2
 
 
+def test_gardenlinux_base_for_a_missing_bundle_is_a_clear_error(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["image", str(tmp_path / "nope"), "--all", "--gardenlinux-repo", "http://127.0.0.1:9/gl",
+                 "--gl-version", "1877.3", "--out", str(tmp_path / "out")]) == 2
+    assert "is not a driver bundle" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_kernel_names_the_kernels_the_bundle_holds(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=rf"no modules for kernel 6.12.9-cloud-amd64 .*holds {K1}, {K2}"):
         build_image(bundle, "6.12.9-cloud-amd64", tmp_path / "out")

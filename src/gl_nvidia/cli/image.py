@@ -9,7 +9,12 @@ import click
 from gl_nvidia import ui
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image.build import MODULE_TYPE_CHOICES, ImageOptions, build_images
+from gl_nvidia.image.build import (
+    MODULE_TYPE_CHOICES,
+    ImageOptions,
+    build_images,
+    read_bundle_manifest,
+)
 from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror, push
 
 
@@ -41,9 +46,7 @@ def image_cmd(
     if gardenlinux_repo:
         if base or len(os_versions) != 1:
             raise UserError("--gardenlinux-repo needs exactly one --gl-version and no --base")
-        from gl_nvidia.bundle import BundleManifest
-
-        chosen = base_mod.gardenlinux_spec(gardenlinux_repo, os_versions[0], BundleManifest.load(bundle).arch)
+        chosen = base_mod.gardenlinux_spec(gardenlinux_repo, os_versions[0], read_bundle_manifest(bundle).arch)
     images = build_images(
         bundle, None if all_kernels else list(kernels), out, base=chosen,
         options=ImageOptions(module_types, os_id, os_versions, source_url, revision),

@@ -142,15 +142,20 @@ class _KernelPlan:
     tags: tuple[str, ...]
 
 
-def _load_bundle(bundle_dir: Path) -> BundleManifest:
+def read_bundle_manifest(bundle_dir: Path) -> BundleManifest:
+    """The bundle's manifest, or one error line saying why BUNDLE is not a bundle (files are not checked)."""
     path = bundle_dir / bundle_mod.MANIFEST
     if not path.is_file():
         raise UserError(f"{bundle_dir} is not a driver bundle (no {bundle_mod.MANIFEST})",
                         "pass the directory `gl-nvidia build` wrote")
     try:
-        manifest = BundleManifest.load(bundle_dir)
+        return BundleManifest.load(bundle_dir)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"bundle manifest {path} is invalid: {exc}", "rebuild the bundle") from exc
+
+
+def _load_bundle(bundle_dir: Path) -> BundleManifest:
+    manifest = read_bundle_manifest(bundle_dir)
     if manifest.arch not in _ARCH:
         raise UserError(f"bundle {bundle_dir} has unsupported arch {manifest.arch!r}")
     for f in manifest.userspace:
