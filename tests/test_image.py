@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from gl_nvidia.cli import main
+from gl_nvidia.cli.image import image_cmd
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
@@ -153,6 +154,15 @@ def test_gardenlinux_base_for_a_missing_bundle_is_a_clear_error(tmp_path: Path,
     assert main(["image", str(tmp_path / "nope"), "--all", "--gardenlinux-repo", "http://127.0.0.1:9/gl",
                  "--gl-version", "1877.3", "--out", str(tmp_path / "out")]) == 2
     assert "is not a driver bundle" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_os_without_a_version_names_the_option_image_takes(bundle: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["image", str(bundle), "--kernel", K1, "--os-id", "debian", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no OS version given for os id 'debian'" in err and "--gl-version" in err
+    assert "--gl-version" in [p.opts[0] for p in image_cmd.params]
     assert not (tmp_path / "out").exists()
 
 

@@ -198,7 +198,7 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
                     raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
                                     "rebuild the bundle")
     if opts.os_id != "gardenlinux" and not opts.os_versions:
-        raise UserError(f"no OS version given for os id {opts.os_id!r}", "pass --os-version (the nodes' VERSION_ID)")
+        raise UserError(f"no OS version given for os id {opts.os_id!r}", "pass --gl-version (for another --os-id: the nodes' VERSION_ID)")
     tags = image_tags(manifest.driver_version, manifest.driver_branch, kernel, opts.os_id, opts.os_versions)
     for tag in tags:
         try:
