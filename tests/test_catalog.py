@@ -470,6 +470,15 @@ def test_versions_prints_the_support_table(capsys: pytest.CaptureFixture[str]) -
     ]
 
 
+def test_versions_with_a_missing_or_malformed_lock_is_an_error(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("versions", "--lock", str(tmp_path / "versions.yaml")) == 2
+    assert "lock file not found" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("policy: [\n")
+    assert cli("versions", "--lock", str(tmp_path / "bad.yaml")) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+
+
 def test_profile_and_lock_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("matrix", "--profile", "debian", "--lock", "versions.yaml") == 2
     assert "--profile and --lock exclude each other" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import click
 from gl_nvidia import ui
 from gl_nvidia.catalog.github import GitHub
 from gl_nvidia.catalog.history import history_path, read_history, support_table
+from gl_nvidia.catalog.lock import read_lock
 from gl_nvidia.catalog.matrix import PROFILES, load_matrix
 from gl_nvidia.catalog.model import Matrix
 from gl_nvidia.catalog.resolve import SourceOverrides
@@ -136,6 +137,7 @@ def update_cmd(lock: Path, today: str | None, glrd: tuple[str, ...], nvidia: str
 @click.option("--json", "as_json", is_flag=True)
 def versions_cmd(lock: Path, as_json: bool) -> None:
     """The support table: every OS version with the driver versions ever built for it."""
+    read_lock(lock)  # a wrong --lock is an error, not an empty table (its history file is beside it)
     table = support_table(read_history(history_path(lock)))
     if as_json:
         ui.print_json([{"os_version": v, "driver_versions": drivers} for v, drivers in table])
