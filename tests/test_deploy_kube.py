@@ -332,6 +332,11 @@ def test_unreachable_cluster_and_broken_kubeconfig(tmp_path: Path, capsys: pytes
     broken.write_text("apiVersion: v1\nkind: Config\n")
     assert main(["verify", "--kubeconfig", str(broken)]) == 2
     assert "cannot use kubeconfig" in capsys.readouterr().err
+    broken.write_text("apiVersion: [\n  v1")  # not YAML at all
+    assert main(["verify", "--kubeconfig", str(broken)]) == 2
+    assert "cannot use kubeconfig" in capsys.readouterr().err
+    assert main(["preflight", "--gl-version", "1877.3", "--kubeconfig", str(broken)]) == 2
+    assert "cannot use kubeconfig" in capsys.readouterr().err
 
 
 def test_ctrl_c_deletes_the_pods(cluster: tuple[FakeCluster, str], tmp_path: Path) -> None:
