@@ -197,6 +197,21 @@ def test_unknown_driver_version_in_debian(tmp_path: Path, capsys: pytest.Capture
     assert not (out / "999.1.1-amd64").exists()
 
 
+@pytest.mark.parametrize(("args", "ignored"), [
+    (["--kernel-headers", "."], "--kernel-headers is read only with --env dir"),
+    (["--env", "apt", "--kernel-headers", "."], "--kernel-headers is read only with --env dir"),
+    (["--source-path", "/x.run"], "--source-path and --sha256 are read only"),
+    (["--sha256", "0" * 64], "--source-path and --sha256 are read only"),
+    (["--source", "dir", "--source-path", ".", "--sha256", "0" * 64], "--sha256 is read only with --source nvidia"),
+])
+def test_options_the_build_would_ignore_are_refused(args: list[str], ignored: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["build", "--kernel", "6.1.0-56-cloud-amd64", "--driver", DEBIAN_DRIVER, "--out", str(out), *args]) == 2
+    assert ignored in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_missing_headers_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UserError, match=r"no kernel headers package linux-headers-6\.1\.0-99-cloud-amd64"):
         AptEnv().headers("6.1.0-99-cloud-amd64", "amd64")

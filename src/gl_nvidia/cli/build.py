@@ -108,6 +108,14 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
               sha256: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
               make_jobs: int | None, keep_debug: bool, exclude_failed: bool, as_json: bool) -> None:
     """Compile NVIDIA kernel modules for one build unit or the whole matrix into driver bundles."""
+    # An option the chosen source or env would not read is a mistake, not something to drop silently.
+    if kernel_headers is not None and env_kind != "dir":
+        raise UserError("--kernel-headers is read only with --env dir", "pass --env dir --kernel-headers DIR")
+    if source_kind == "debian" and (source_path or sha256):
+        raise UserError("--source-path and --sha256 are read only with --source nvidia or dir",
+                        "pass --source nvidia (a .run) or --source dir (an unpacked tree)")
+    if source_kind == "dir" and sha256:
+        raise UserError("--sha256 is read only with --source nvidia", "leave it out for --source dir")
     source = _source(source_kind, source_path, sha256)
     apt_spec: str | None = None
     if all_units:
