@@ -129,3 +129,12 @@ def test_release_of_an_unbuildable_unit_fails_cleanly(tmp_path: Path, capsys: py
     # Nothing that looks finished: no image layout, no values pointing at images that do not exist.
     assert not (out / "oci").exists()
     assert not (out / "gpu-operator-values.yaml").exists()
+
+
+@pytest.mark.parametrize("bad", ["Bad Repo", "registry.example:5000/gpu:latest"])
+def test_release_refuses_a_bad_registry_before_building(bad: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["release", "--profile", str(LOCK), "--registry", bad, "--out", str(out)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not out.exists()  # nothing built, nothing half-written

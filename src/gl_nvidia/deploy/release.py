@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gl_nvidia import ui
 from gl_nvidia.build import AptEnv, DebianSource, KernelEnv, KmodbuildEnv, build_all
@@ -25,6 +25,9 @@ from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
 from gl_nvidia.image.oci import Layout
 from gl_nvidia.image.tags import image_tags
+
+if TYPE_CHECKING:
+    from gl_nvidia.registry.client import Reference
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,8 @@ def release(
 ) -> ReleaseResult:
     """Run the whole pipeline for `profile` into `out` (bundles/, oci/) and, with `registry`
     (`HOST[:PORT]/PATH`, the values' driver.repository), push every image to `<registry>/driver`."""
+    if registry is not None:
+        _target(registry)  # a typo in --registry is an error now, not after every compile
     lock = load_lock(profile)
     matrix = load_matrix(profile)
     if not matrix.units:
@@ -190,15 +195,22 @@ def _images(lock: Lock, results: list[UnitResult], layout_dir: Path, reports: di
     return found
 
 
-def _push(images: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]], layout_dir: Path, registry: str,
-          reports: dict[BuildUnit, UnitReport], prog: Any) -> tuple[int, int]:
+def _target(registry: str) -> Reference:
+    """`<registry>/driver`, the repository release pushes to."""
     from gl_nvidia.registry.client import Reference
-    from gl_nvidia.registry.transfer import ClientOptions, copy_image
 
     ref = Reference.parse(f"{registry.rstrip('/')}/{IMAGE}")
     if ref.tag or ref.digest:
         raise UserError(f"--registry {registry} must be a repository path without tag or digest",
                         "e.g. --registry registry.example:5000/gl-nvidia")
+    return ref
+
+
+def _push(images: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]], layout_dir: Path, registry: str,
+          reports: dict[BuildUnit, UnitReport], prog: Any) -> tuple[int, int]:
+    from gl_nvidia.registry.transfer import ClientOptions, copy_image
+
+    ref = _target(registry)
     layout = Layout.open(layout_dir)
     blobs = manifests = 0
     with ClientOptions(retries=2).client(ref.host) as client, ui.task(prog, f"push to {ref.repository}",
