@@ -180,6 +180,12 @@ def test_bad_version_and_repository_are_rejected() -> None:
         helm_values(ValuesSettings("latest"))
     with pytest.raises(UserError, match="invalid repository"):
         helm_values(ValuesSettings("590", repository="registry.example/"))
+    for bad in ("", "Bad Repo!", "registry.example/GPU", "registry.example/gpu:590", "registry.example//gpu"):
+        with pytest.raises(UserError, match="invalid repository"):
+            helm_values(ValuesSettings("590", repository=bad))
+    for good in ("nvcr.io/nvidia", "registry.example:5000/gl/nvidia", "localhost:5000/gpu", "[::1]:5000/gpu",
+                 "Registry.Example/gpu-drivers/nv_x", "registry.example:5000"):
+        assert helm_values(ValuesSettings("590", repository=good))["driver"]["repository"] == good
 
 
 def test_shoot_snippet_carries_the_same_settings() -> None:

@@ -41,6 +41,11 @@ NFD_RULE: dict[str, Any] = {
     ],
 }
 
+# driver.repository as container runtimes parse it: an optional registry host[:port], then lower-case
+# path components (the distribution spec's grammar); the operator appends `/<driver.image>:<tag>`.
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::\d+)?"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"^(?:(?:{_HOST}/)?{_PATH}(?:/{_PATH})*|{_HOST})$")
 _BRANCH = re.compile(r"^\d{3,4}$")
 _FULL = re.compile(r"^\d{3,4}\.\d+(\.\d+)?$")
 
@@ -79,7 +84,7 @@ def check_settings(settings: ValuesSettings) -> ValuesSettings:
             f"the gvisor variant needs the nvproxy-qualified full version, not the branch {v}",
             "let gl-nvidia pick it from the lock (omit --driver-branch) or pass the full version",
         )
-    if not settings.repository or settings.repository.endswith("/"):
+    if not _REPOSITORY.match(settings.repository):
         raise UserError(f"invalid repository {settings.repository!r}", "pass e.g. registry.example:5000/gl-nvidia")
     return settings
 
