@@ -195,7 +195,13 @@ def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None
                 _line(f"{k} {t}: ... and {len(g.problems) - 20} more")
     bad = [kt for kt, g in verdicts.items() if not g.ok]
     if bad:
-        raise UserError(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")
+        raise WouldNotLoad(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")
+
+
+class WouldNotLoad(UserError):
+    """check-modules ran and its answer is no: exit 1, apart from bad input (2)."""
+
+    exit_code = 1
 
 
 COMMANDS: list[click.Command] = [build_cmd, check_modules_cmd]
