@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
+
+from ruamel.yaml import YAML
 
 from gl_nvidia.run import run
 
@@ -37,3 +41,20 @@ def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
     code, out = actionlint(tmp_path)
     assert code == 1, out
     assert 'property "unitz" is not defined' in out and 'unexpected key "outputz"' in out, out
+
+
+def test_release_build_compiles_only_the_units_module_types(tmp_path: Path) -> None:
+    """A unit whose open type the lock excludes compiles only proprietary (else the job, and publish, fail)."""
+    job = YAML(typ="safe").load((REPO / ".github" / "workflows" / "release.yml").read_text())["jobs"]["build"]
+    assert job["env"]["MODULE_TYPES"] == "${{ matrix.module_types }}"
+    (step,) = [s for s in job["steps"] if s.get("name") == "Compile the kernel modules"]
+    fake = tmp_path / ".venv" / "bin" / "gl-nvidia"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "KERNEL": "6.12.72-cloud-amd64", "DRIVER": "570.195.03", "ARCH": "amd64",
+           "OS_VERSIONS": "1877.3", "NV_ARCH": "x86_64"}
+    for types, want in (("proprietary", ["proprietary"]), ("open,proprietary", ["open", "proprietary"])):
+        out = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=tmp_path, env={**env, "MODULE_TYPES": types},
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        assert [out[i + 1] for i, a in enumerate(out) if a == "--type"] == want
