@@ -225,6 +225,8 @@ def _open_out(out_layout: Path) -> Layout:
     try:
         if out_layout.is_dir() and any(out_layout.iterdir()) and not (out_layout / "index.json").exists():
             raise UserError(f"{out_layout} exists and is not an OCI image layout", "choose an empty or new --out")
+        if not out_layout.exists():  # a parent that is a file fails here, with the message below
+            out_layout.mkdir(parents=True)
         return Layout.create(out_layout)
     except OSError as exc:
         raise UserError(f"cannot write image layout {out_layout}: {exc.strerror or exc}", "choose a writable --out") from exc
