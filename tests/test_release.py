@@ -138,3 +138,11 @@ def test_release_refuses_a_bad_registry_before_building(bad: str, tmp_path: Path
     assert main(["release", "--profile", str(LOCK), "--registry", bad, "--out", str(out)]) == 2
     assert "Traceback" not in capsys.readouterr().err
     assert not out.exists()  # nothing built, nothing half-written
+
+
+def test_release_to_a_registry_with_a_trailing_slash_writes_its_values(registry: Registry, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["release", "--profile", str(LOCK), "--registry", f"{registry.host}/gl/", "--out", str(out)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert f"repository: {registry.host}/gl\n" in (out / "gpu-operator-values.yaml").read_text()

@@ -230,6 +230,7 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_jso
     """catalog -> build -> ABI gate -> image -> push for every build unit; a rerun skips what exists."""
     from gl_nvidia.deploy.release import ReleaseFailed, helm_command, release
 
+    registry = registry.rstrip("/") if registry else None  # also driver.repository in the values written below
     result = release(profile, out, registry, jobs=jobs)
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
