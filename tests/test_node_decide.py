@@ -138,11 +138,13 @@ def test_firmware_path_action(current: str, params: tuple[str, ...], action: str
     assert decide.firmware_path_action(current, "/run/nvidia/driver/lib/firmware", params) == action
 
 
-def test_peermem_only_with_rdma_and_a_mellanox_nic() -> None:
+def test_peermem_only_with_rdma_host_mofed_and_a_mellanox_nic() -> None:
     cx7 = PciDevice("0000:0c:00.0", 0x15B3, 0x1021, 0x020000)
-    assert decide.modules_to_load(Node("k", (H100, cx7)), True)[-1] == "nvidia-peermem"
-    assert "nvidia-peermem" not in decide.modules_to_load(Node("k", (H100, cx7)), False)
-    assert "nvidia-peermem" not in decide.modules_to_load(Node("k", (H100,)), True)
+    assert decide.modules_to_load(Node("k", (H100, cx7)), True, True)[-1] == "nvidia-peermem"
+    assert "nvidia-peermem" not in decide.modules_to_load(Node("k", (H100, cx7)), False, True)
+    assert "nvidia-peermem" not in decide.modules_to_load(Node("k", (H100,)), True, True)
+    # MOFED in a container: the sidecar (reload_nvidia_peermem) loads it when MOFED is ready
+    assert "nvidia-peermem" not in decide.modules_to_load(Node("k", (H100, cx7)), True, False)
 
 
 @pytest.mark.parametrize(

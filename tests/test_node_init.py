@@ -230,7 +230,7 @@ def test_firmware_path_of_someone_else_is_retained(tmp_path: Path) -> None:
 
 def test_hgx_with_rdma_loads_peermem_host_deps_and_fabric_manager(tmp_path: Path) -> None:
     image = make_image(tmp_path / "img", binaries=("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nv-fabricmanager"))
-    rt, k = fake_node(tmp_path, "hgx-h100", image=image, GPU_DIRECT_RDMA_ENABLED="true")
+    rt, k = fake_node(tmp_path, "hgx-h100", image=image, GPU_DIRECT_RDMA_ENABLED="true", USE_HOST_MOFED="true")
     rt.init()
     calls = k.names()
     inserted = [Path(c.split()[1]).name for c in calls if c.startswith("insmod")]
@@ -242,10 +242,20 @@ def test_hgx_with_rdma_loads_peermem_host_deps_and_fabric_manager(tmp_path: Path
 
 def test_hgx_host_module_dependency_comes_from_the_host(tmp_path: Path) -> None:
     image = make_image(tmp_path / "img", binaries=("nv-fabricmanager",))
-    rt, k = fake_node(tmp_path, "hgx-h100", image=image, GPU_DIRECT_RDMA_ENABLED="true")
+    rt, k = fake_node(tmp_path, "hgx-h100", image=image, GPU_DIRECT_RDMA_ENABLED="true", USE_HOST_MOFED="true")
     (rt.host.path("/proc/modules")).write_text("")  # MOFED not loaded yet: ib_core must come from the host
     rt.init()
     assert _index(k.names(), "nsenter -t 1 -m -- modprobe -a ib_core") < _index(k.names(), "insmod")
+
+
+def test_rdma_with_containerized_mofed_leaves_peermem_and_ib_core_to_the_sidecar(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", binaries=("nv-fabricmanager",))
+    rt, k = fake_node(tmp_path, "hgx-h100", image=image, GPU_DIRECT_RDMA_ENABLED="true")
+    (rt.host.path("/proc/modules")).write_text("")  # MOFED's container has not loaded its modules yet
+    rt.init()
+    inserted = [Path(c.split()[1]).name for c in k.names() if c.startswith("insmod")]
+    assert inserted == ["nvidia.ko", "nvidia-uvm.ko", "nvidia-modeset.ko"]
+    assert not any("ib_core" in c for c in k.names())
 
 
 def test_nvswitch_without_fabric_manager_is_refused_and_undone(tmp_path: Path) -> None:

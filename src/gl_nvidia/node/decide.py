@@ -231,8 +231,11 @@ def firmware_path_action(current: str, ours: str, nvidia_params: tuple[str, ...]
     return "keep" if cur == ours else "retain"
 
 
-def modules_to_load(node: Node, rdma_enabled: bool) -> tuple[str, ...]:
-    if rdma_enabled and node.mellanox:
+def modules_to_load(node: Node, rdma_enabled: bool, host_mofed: bool) -> tuple[str, ...]:
+    """init loads nvidia-peermem only against the host's MOFED; with MOFED in the network operator's
+    container, the peermem sidecar loads it once MOFED is ready (loading the in-tree ib_core earlier
+    would stand in MOFED's way)."""
+    if rdma_enabled and host_mofed and node.mellanox:
         return (*MODULES, PEERMEM)
     return MODULES
 

@@ -105,7 +105,8 @@ class Runtime:
                 "rebuild the image from one driver version",
             )
         choice = decide.choose_module_type(requested, self.image.driver_branch, node.gpus, usable)
-        modules = decide.modules_to_load(node, self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true")
+        modules = decide.modules_to_load(node, self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true",
+                                         self.env.get("USE_HOST_MOFED", "false") == "true")
         return Plan(node, kernel, choice, modules)
 
     def _kernels(self) -> list[str]:
@@ -183,7 +184,8 @@ class Runtime:
         params = self._params()
         self._firmware_path(params.params.get("nvidia", ()))
         self._expose()  # before insmod: GSP firmware is read through the driver root at GPU init
-        if PEERMEM in plan.modules:
+        # Peer DMA between NIC and GPU needs it whoever loads nvidia-peermem (init or the sidecar).
+        if self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true" and plan.node.mellanox:
             self._iommu_identity(plan.node)
         self._load(plan, params)
         self._device_nodes(plan.node)
