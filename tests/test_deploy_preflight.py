@@ -7,13 +7,12 @@ import pytest
 from gl_nvidia.catalog.lock import parse_lock_text
 from gl_nvidia.deploy.preflight import (
     CheckResult,
-    MissingImages,
     kernels_for,
     plan_targets,
     raise_if_missing,
 )
 from gl_nvidia.deploy.resolve import DriverSpec, resolve
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import CheckFailed, UserError
 
 GL_LOCK = """\
 schema: 1
@@ -87,7 +86,7 @@ def test_unknown_and_malformed_versions_are_clear_errors() -> None:
 def test_missing_images_exit_one_and_list_the_references() -> None:
     results = [CheckResult("590 cloud/amd64", "r.example/gl/driver:590-k-gardenlinux0", "sha256:" + "a" * 64),
                CheckResult("570 cloud/amd64", "r.example/gl/driver:570-k-gardenlinux0", None, "MISSING")]
-    with pytest.raises(MissingImages, match=r"1 of 2 driver images are missing: r\.example/gl/driver:570-k") as exc:
+    with pytest.raises(CheckFailed, match=r"1 of 2 driver images are missing: r\.example/gl/driver:570-k") as exc:
         raise_if_missing(results)
     assert exc.value.exit_code == 1
     raise_if_missing(results[:1])

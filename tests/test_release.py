@@ -68,7 +68,7 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
     assert resolved["reference"] == f"{repo}/driver:{TAGS[0]}"
     assert resolved["exists"] is True
     assert main(["resolve", "--os-release", os_release, "--kernel", "6.1.0-99-cloud-amd64",
-                 "--values", str(values)]) == 2
+                 "--values", str(values)]) == 1  # the check ran and said no; bad input is 2
     assert f"{repo}/driver:535-6.1.0-99-cloud-amd64-debian12 does not exist" in capsys.readouterr().err
 
     # preflight for the profile's OS version: every branch form, flavour and arch is there.

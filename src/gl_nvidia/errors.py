@@ -20,6 +20,13 @@ class UserError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+class CheckFailed(UserError):
+    """A check ran and its answer is no (missing images, modules that would not load, a failed build or
+    vectorAdd): exit 1, apart from bad input (2)."""
+
+    exit_code = 1
+
+
 class CommandError(UserError):
     """An external command failed; carries its command line and the end of its output."""
 

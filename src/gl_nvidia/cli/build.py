@@ -15,7 +15,7 @@ from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branc
 from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.bundle import MODULE_TYPES
 from gl_nvidia.catalog.model import BuildUnit, Cell
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import CheckFailed, UserError
 
 
 def _line(text: str) -> None:
@@ -169,7 +169,7 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
         added = _exclude(lock_path, failed)
         ui.log.info("added %d exclusion(s) to %s", added, lock_path)
     if failed:
-        raise UserError(f"{len(failed)} of {len(results)} build unit(s) failed",
+        raise CheckFailed(f"{len(failed)} of {len(results)} build unit(s) failed",
                         "see the table and logs above; --exclude-failed records them as exclusions")
     ui.log.info("bundles in %s", ", ".join(sorted({str(out / bundle_name(u.driver_version, u.arch)) for u in units})))
 
@@ -195,13 +195,7 @@ def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None
                 _line(f"{k} {t}: ... and {len(g.problems) - 20} more")
     bad = [kt for kt, g in verdicts.items() if not g.ok]
     if bad:
-        raise WouldNotLoad(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")
-
-
-class WouldNotLoad(UserError):
-    """check-modules ran and its answer is no: exit 1, apart from bad input (2)."""
-
-    exit_code = 1
+        raise CheckFailed(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")
 
 
 COMMANDS: list[click.Command] = [build_cmd, check_modules_cmd]

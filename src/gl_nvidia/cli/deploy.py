@@ -12,7 +12,7 @@ from gl_nvidia.catalog.matrix import load_lock
 from gl_nvidia.deploy import resolve as resolve_mod
 from gl_nvidia.deploy import values as values_mod
 from gl_nvidia.deploy.pins import default_driver_version
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.fs import atomic_write_text
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def resolve_cmd(os_release: Path, kernel: str, values_file: Path | None, registr
             click.echo(res.reference)
             click.echo(f"exists: {({True: 'yes', False: 'NO', None: 'unknown'})[exists]}", err=True)
     if not exists:
-        raise UserError(
+        raise CheckFailed(
             f"{res.reference} does not exist: driver pods on such nodes would sit in ImagePullBackOff",
             "publish it with `gl-nvidia release`, or pin driver.version to a published one",
         )
@@ -210,9 +210,8 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
                        [[r.node, r.status, r.detail] for r in results])
     failed = [r.node for r in results if r.status != "PASSED"]
     if failed:
-        from gl_nvidia.deploy.preflight import MissingImages
 
-        raise MissingImages(f"vectorAdd did not pass on {', '.join(failed)}",
+        raise CheckFailed(f"vectorAdd did not pass on {', '.join(failed)}",
                             "see the detail column; `kubectl -n gpu-operator get pods` shows the driver's state")
 
 
@@ -228,7 +227,7 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_json: bool) -> None:
     """catalog -> build -> ABI gate -> image -> push for every build unit; a rerun skips what exists."""
-    from gl_nvidia.deploy.release import ReleaseFailed, helm_command, release
+    from gl_nvidia.deploy.release import helm_command, release
 
     registry = registry.rstrip("/") if registry else None  # also driver.repository in the values written below
     result = release(profile, out, registry, jobs=jobs)
@@ -256,7 +255,7 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_jso
     failed = [u for u in result.units if not u.ok]
     if failed:
         first = failed[0]
-        raise ReleaseFailed(f"{len(failed)} of {len(result.units)} build unit(s) failed; first, {first.unit.key}: "
+        raise CheckFailed(f"{len(failed)} of {len(result.units)} build unit(s) failed; first, {first.unit.key}: "
                             f"{(first.error or '').splitlines()[0]}",
                             "see the table; rerun after fixing the cause: finished units are skipped")
 

@@ -18,15 +18,9 @@ from gl_nvidia.catalog.model import MODULE_TYPES, Cell
 from gl_nvidia.deploy.nodes import NodeFacts
 from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import CheckFailed, UserError
 
 _GL_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
-
-
-class MissingImages(UserError):
-    """The check ran and found images the operator would fail to pull."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -161,7 +155,7 @@ def raise_if_missing(results: list[CheckResult]) -> None:
     if bad:
         refs = ", ".join(r.reference or f"{r.subject} ({r.status})" for r in bad[:3])
         refs += f" and {len(bad) - 3} more (see the table)" if len(bad) > 3 else ""
-        raise MissingImages(
+        raise CheckFailed(
             f"{len(bad)} of {len(results)} driver images are missing: {refs}",
             "build and publish them (gl-nvidia release) before upgrading these nodes",
         )

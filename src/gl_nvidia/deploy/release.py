@@ -34,12 +34,6 @@ log = logging.getLogger(__name__)
 IMAGE = "driver"  # the chart's default driver.image
 
 
-class ReleaseFailed(UserError):
-    """The pipeline ran; some units did not make it to an image (or to the registry)."""
-
-    exit_code = 1
-
-
 @dataclass(frozen=True)
 class UnitReport:
     unit: BuildUnit
