@@ -452,3 +452,14 @@ def test_an_interface_for_another_kernel_is_refused_naming_both(tmp_path: Path) 
         f"proprietary-nvidia, but the running kernel is {KERNEL} and the manifest's srcversion is "
         "proprietary-nvidia; refusing to load it")
     assert not any(c.startswith("insmod") for c in k.names())
+
+
+@pytest.mark.parametrize("content", [b"", b"not an ELF file", b"\x7fELF\x02\x01\x01" + b"\0" * 20])
+def test_a_damaged_module_is_one_clear_error_and_leaves_nothing_loaded_or_mounted(tmp_path: Path, content: bytes) -> None:
+    image = make_image(tmp_path / "image", kernels={KERNEL: ("proprietary",)})
+    image.ko(KERNEL, "proprietary", "nvidia-uvm").write_bytes(content)
+    rt, k = fake_node(tmp_path, "h100", image)
+    with pytest.raises(NodeError, match=r"nvidia-uvm\.ko is not a readable kernel module .*"):
+        rt.init()
+    assert not k.mounts
+    assert "nvidia" not in rt.host.read("/proc/modules")

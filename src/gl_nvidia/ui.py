@@ -73,11 +73,6 @@ class Task:
                 self._last_logged = step
                 log.info("%s: %d%%", self._description, step * 25)
 
-    def set_total(self, total: float) -> None:
-        self._total = total
-        if self._progress is not None and self._id is not None:
-            self._progress.update(self._id, total=total)
-
 
 _active: list[Progress] = []  # the display in use, shared by nested progress() calls
 

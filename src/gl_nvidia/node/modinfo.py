@@ -5,9 +5,19 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from .decide import NodeError
+
 
 def modinfo(ko: Path) -> dict[str, str]:
     """`key=value` pairs of the ELF64 `.modinfo` section (the first value of repeated keys wins)."""
+    try:
+        return _modinfo(ko)
+    except (ValueError, struct.error, IndexError) as exc:
+        raise NodeError(f"{ko} is not a readable kernel module ({exc})",
+                        "the image is damaged: pull it again, or rebuild it with gl-nvidia image") from exc
+
+
+def _modinfo(ko: Path) -> dict[str, str]:
     with ko.open("rb") as f:
         ident = f.read(64)
         if ident[:4] != b"\x7fELF" or ident[4] != 2:
