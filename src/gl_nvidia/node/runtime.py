@@ -389,7 +389,8 @@ class Runtime:
     # ---------------------------------------------------------------- other verbs
 
     def check_load(self) -> bool:
-        """insmod nvidia.ko into the running kernel and classify; leaves the kernel as it found it."""
+        """insmod nvidia.ko into the running kernel and classify, then unload it again (host modules it
+        needed, loaded with modprobe, stay loaded)."""
         node = read_node(self.host)
         kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch)
         if "nvidia" in node.loaded:
