@@ -22,7 +22,7 @@ import httpx
 from debian.deb822 import Deb822, Packages
 from debian.debian_support import Version
 
-from gl_nvidia import ui
+from gl_nvidia.download import download
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_bytes, cache_dir, sha256_file
 from gl_nvidia.run import run
@@ -195,14 +195,8 @@ class AptRepo:
         """Download a .deb (sha256-checked, cached by digest); return its path (in `dest` if given)."""
         cached = self._cache / "debs" / f"{pkg.sha256[:16]}-{pkg.deb_name}"
         if not (cached.is_file() and sha256_file(cached) == pkg.sha256):
-            data = self._get(pkg.url, f"download {pkg.deb_name}", pkg.size)
-            got = _sha256(data)
-            if pkg.sha256 and got != pkg.sha256:
-                raise UserError(
-                    f"checksum mismatch for {pkg.url}: expected sha256 {pkg.sha256}, got {got}",
-                    "the mirror may be mid-sync; retry later",
-                )
-            atomic_write_bytes(cached, data)
+            download(self._client, pkg.url, cached, sha256=pkg.sha256 or None,
+                     mismatch_hint="the mirror may be mid-sync; retry later")
         if dest is None:
             return cached
         dest.mkdir(parents=True, exist_ok=True)
@@ -256,30 +250,6 @@ class AptRepo:
         # A component this suite does not carry (e.g. non-free-firmware on an old suite) is not an error.
         log.debug("no index at %s(.xz|.gz)", url)
         return b""
-
-    def _get(self, url: str, what: str, size: int) -> bytes:
-        local = _local_path(url)
-        if local is not None:
-            try:
-                return local.read_bytes()
-            except OSError as exc:
-                raise UserError(f"cannot read {local}: {exc.strerror}") from exc
-        last: Exception | None = None
-        for attempt in range(4):
-            try:
-                chunks = []
-                with ui.progress(transfer=True) as prog, ui.task(prog, what, size) as t, \
-                        self._client.stream("GET", url) as resp:
-                    if resp.status_code != 200:
-                        raise UserError(f"HTTP {resp.status_code} downloading {url}")
-                    for chunk in resp.iter_bytes(1 << 20):
-                        chunks.append(chunk)
-                        t.advance(len(chunk))
-                return b"".join(chunks)
-            except httpx.HTTPError as exc:
-                last = exc
-                time.sleep(min(2**attempt, 8))
-        raise UserError(f"download failed after 4 attempts: {url}: {last}", "check the network")
 
 
 def extract(deb: Path, dest: Path) -> None:

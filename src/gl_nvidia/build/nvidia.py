@@ -7,11 +7,7 @@ checksum). The unpacked tree is then read like the `dir` source.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +15,7 @@ import httpx
 
 from gl_nvidia import ui
 from gl_nvidia.build.sources import DriverInputs, run_tree_inputs
+from gl_nvidia.download import download
 from gl_nvidia.errors import CommandError, UserError
 from gl_nvidia.fs import atomic_dir, cache_dir, sha256_file
 from gl_nvidia.run import run
@@ -27,7 +24,6 @@ log = logging.getLogger(__name__)
 
 NVIDIA_URL = "https://us.download.nvidia.com/tesla/{version}/NVIDIA-Linux-{machine}-{version}.run"
 MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
-ATTEMPTS = 4
 
 
 def run_file_name(version: str, arch: str) -> str:
@@ -81,47 +77,9 @@ class NvidiaRunSource:
 
     def _download(self, url: str, dest: Path, driver_version: str) -> None:
         client = self._client or httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
-        error: str | None = None
-        for attempt in range(ATTEMPTS):
-            if error is not None:
-                log.warning("download %s: %s; retrying (%d/%d)", url, error, attempt + 1, ATTEMPTS)
-                time.sleep(self.retry_delay * 2 ** (attempt - 1))
-            try:
-                error = self._try_download(client, url, dest, driver_version)
-            except httpx.HTTPError as exc:
-                error = str(exc) or type(exc).__name__
-            if error is None:
-                return
-        raise UserError(f"download failed after {ATTEMPTS} attempts: {url}: {error}", "check the network and the URL")
-
-    def _try_download(self, client: httpx.Client, url: str, dest: Path, driver_version: str) -> str | None:
-        """One attempt: None when `dest` is in place, else why it failed in a way worth retrying."""
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh, client.stream("GET", url) as resp:
-                if resp.status_code == 404:
-                    raise UserError(f"unknown driver version {driver_version}: {url} does not exist (HTTP 404)",
-                                    "check the version against NVIDIA's releases (gl-nvidia matrix)")
-                if resp.status_code >= 500:
-                    return f"HTTP {resp.status_code}"
-                if resp.status_code != 200:
-                    raise UserError(f"downloading {url} failed: HTTP {resp.status_code}")
-                total = int(resp.headers.get("content-length", 0)) or None
-                with ui.progress(transfer=True) as prog, ui.task(prog, f"download {dest.name}", total) as t:
-                    for chunk in resp.iter_bytes(1 << 20):
-                        fh.write(chunk)
-                        t.advance(len(chunk))
-                if total is not None and fh.tell() != total:
-                    return f"short read ({fh.tell()} of {total} bytes)"
-            got = sha256_file(tmp)
-            if self.sha256 and got != self.sha256:
-                raise UserError(f"checksum mismatch for {url}: expected sha256 {self.sha256}, got {got}",
-                                "check --sha256; the file on the server differs from the one expected")
-            os.replace(tmp, dest)
-            return None
-        except OSError as exc:
-            raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        download(
+            client, url, dest, sha256=self.sha256, retry_delay=self.retry_delay,
+            mismatch_hint="check --sha256; the file on the server differs from the one expected",
+            not_found=UserError(f"unknown driver version {driver_version}: {url} does not exist (HTTP 404)",
+                                "check the version against NVIDIA's releases (gl-nvidia matrix)"),
+        )
