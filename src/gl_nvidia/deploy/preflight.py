@@ -19,6 +19,7 @@ from gl_nvidia.deploy.nodes import NodeFacts
 from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
 from gl_nvidia.errors import CheckFailed, UserError
+from gl_nvidia.image.tags import node_version_id
 
 _GL_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
 
@@ -57,11 +58,6 @@ class CheckResult:
                 "ok": self.ok, "status": self.status}
 
 
-def os_tag_version(lock: Lock, os_version: str) -> str:
-    # Garden Linux nodes report VERSION_ID=0 under our values' NFD rule; other OSes their own.
-    return "0" if lock.os.id == "gardenlinux" else os_version
-
-
 def kernels_for(
     lock: Lock, resolved: Resolved, os_version: str,
     resolve_kernel_fn: Callable[[str, str, str, str], str] = resolve_kernel,
@@ -92,7 +88,7 @@ def kernels_for(
 
 def plan_targets(lock: Lock, resolved: Resolved, os_version: str, kernels: dict[tuple[str, str], str]) -> list[Target]:
     """Every (driver.version form, flavour, arch) the tracked branches need on this OS version."""
-    version_id = os_tag_version(lock, os_version)
+    version_id = node_version_id(lock.os.id, os_version)
     targets = []
     for driver in sorted(resolved.drivers, key=lambda d: int(d.branch), reverse=True):
         for (flavour, arch), kernel in sorted(kernels.items()):

@@ -13,6 +13,12 @@ def os_tag(os_id: str, version_id: str) -> str:
     return f"{os_id}{version_id}"
 
 
+def node_version_id(os_id: str, os_version: str) -> str:
+    """The VERSION_ID the operator sees on a node: Garden Linux nodes report 0 (the GL values' NFD
+    rule), so one image serves every GL release with that kernel; other OSes report their own."""
+    return "0" if os_id == "gardenlinux" else os_version
+
+
 def operator_tag(driver_version: str, kernel: str, os_id: str, version_id: str) -> str:
     """The tag the operator pulls: `<driver.version>-<kernel>-<osTag>` (driver.version: branch or full)."""
     return f"{driver_version}-{kernel}-{os_tag(os_id, version_id)}"
