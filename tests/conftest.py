@@ -1,3 +1,4 @@
-"""Shared fixtures: a real driver bundle (build stage) and real OCI registries (registry stage)."""
+"""Shared fixtures: signed apt repositories (apt client), a real driver bundle (build stage) and real OCI
+registries (registry stage)."""
 
-pytest_plugins = ["tests.fixtures.bundle", "tests.fixtures.registry"]
+pytest_plugins = ["tests.fixtures.aptrepo", "tests.fixtures.bundle", "tests.fixtures.registry"]
