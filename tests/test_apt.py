@@ -1,16 +1,21 @@
-"""The apt repository client: source parsing, index lookups, checked downloads, against real and local repos."""
+"""The apt repository client: source parsing, signed Release verification, index lookups, checked downloads,
+against the real archive and local repositories signed with throwaway keys."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import lzma
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from gl_nvidia.apt import AptRepo, AptSource, extract, system_sources
+from gl_nvidia.apt import DEBIAN_KEYRING, AptRepo, AptSource, extract, system_sources
 from gl_nvidia.errors import UserError
 from gl_nvidia.run import run
+from tests.fixtures.aptrepo import SigningKey, serve, sign_suite, valid_for
 
 
 def test_system_sources_reads_one_line_and_deb822(tmp_path: Path) -> None:
@@ -24,10 +29,15 @@ def test_system_sources_reads_one_line_and_deb822(tmp_path: Path) -> None:
         "Types: deb\nURIs: http://off.example\nSuites: x\nComponents: main\nEnabled: no\n"
     )
     (tmp_path / "sources.list.d" / "old.list.disabled").write_text("deb http://ignored.example x main\n")
+    (tmp_path / "sources.list.d" / "vendor.sources").write_text(
+        "Types: deb\nURIs: http://vendor.example\nSuites: stable\nComponents: main\nSigned-By: /vendor.gpg\n"
+    )
+    # Signed-By / signed-by= name the keyring; without it, Debian's archive keyring, as apt does for Debian.
     assert system_sources(tmp_path) == [
-        AptSource("http://mirror.example/debian", "bookworm", ("main", "contrib")),
-        AptSource("http://repo.example/gl", "1877.3", ("main",)),
-        AptSource("http://repo.example/gl", "1877.4", ("main",)),
+        AptSource("http://mirror.example/debian", "bookworm", ("main", "contrib"), Path("/k.gpg")),
+        AptSource("http://repo.example/gl", "1877.3", ("main",), DEBIAN_KEYRING),
+        AptSource("http://repo.example/gl", "1877.4", ("main",), DEBIAN_KEYRING),
+        AptSource("http://vendor.example", "stable", ("main",), Path("/vendor.gpg")),
     ]
 
 
@@ -37,8 +47,8 @@ def test_no_sources_is_a_clear_error(tmp_path: Path) -> None:
         system_sources(tmp_path)
 
 
-def _local_repo(root: Path, debs: dict[str, bytes], corrupt: str | None = None) -> AptSource:
-    """A file-based repository in the real dists/ + pool/ layout with a gzip Packages index."""
+def _local_repo(root: Path, debs: dict[str, bytes], key: SigningKey, corrupt: str | None = None) -> AptSource:
+    """A file-based repository in the real dists/ + pool/ layout with a gzip Packages index, signed by `key`."""
     paras = []
     for name, data in debs.items():
         rel = f"pool/main/{name[0]}/{name}/{name}_1.0_amd64.deb"
@@ -53,11 +63,12 @@ def _local_repo(root: Path, debs: dict[str, bytes], corrupt: str | None = None) 
     index = root / "dists/1877.3/main/binary-amd64/Packages.gz"
     index.parent.mkdir(parents=True)
     index.write_bytes(gzip.compress("\n".join(paras).encode()))
-    return AptSource(f"file://{root}", "1877.3", ("main",))
+    sign_suite(root / "dists/1877.3", key)
+    return AptSource(f"file://{root}", "1877.3", ("main",), key.keyring)
 
 
-def test_local_repo_find_newest_and_download(tmp_path: Path) -> None:
-    source = _local_repo(tmp_path / "repo", {"linux-headers-6.12.72-cloud-amd64": b"deb-bytes"})
+def test_local_repo_find_newest_and_download(tmp_path: Path, apt_key: SigningKey) -> None:
+    source = _local_repo(tmp_path / "repo", {"linux-headers-6.12.72-cloud-amd64": b"deb-bytes"}, apt_key)
     repo = AptRepo([source], cache=tmp_path / "cache")
     pkg = repo.find("linux-headers-6.12.72-cloud-amd64")
     assert pkg.version == "1.0"  # 1.0~rc1 sorts before 1.0 in Debian version order
@@ -65,8 +76,8 @@ def test_local_repo_find_newest_and_download(tmp_path: Path) -> None:
     assert [p.name for p in repo.search(r"linux-headers-.*-cloud-amd64")] == [pkg.name]
 
 
-def test_checksum_mismatch_keeps_nothing(tmp_path: Path) -> None:
-    source = _local_repo(tmp_path / "repo", {"libcuda1": b"real"}, corrupt="libcuda1")
+def test_checksum_mismatch_keeps_nothing(tmp_path: Path, apt_key: SigningKey) -> None:
+    source = _local_repo(tmp_path / "repo", {"libcuda1": b"real"}, apt_key, corrupt="libcuda1")
     repo = AptRepo([source], cache=tmp_path / "cache")
     with pytest.raises(UserError, match="checksum mismatch"):
         repo.download(repo.find("libcuda1"), tmp_path / "out")
@@ -74,14 +85,14 @@ def test_checksum_mismatch_keeps_nothing(tmp_path: Path) -> None:
     assert not list((tmp_path / "cache").rglob("*.deb"))
 
 
-def test_unknown_package_names_the_repository(tmp_path: Path) -> None:
-    repo = AptRepo([_local_repo(tmp_path / "repo", {"a": b"x"})], cache=tmp_path / "cache")
+def test_unknown_package_names_the_repository(tmp_path: Path, apt_key: SigningKey) -> None:
+    repo = AptRepo([_local_repo(tmp_path / "repo", {"a": b"x"}, apt_key)], cache=tmp_path / "cache")
     with pytest.raises(UserError, match=r"package linux-headers-9\.9 not found in file://"):
         repo.find("linux-headers-9.9")
 
 
 def test_unreachable_repository_is_a_clear_error(tmp_path: Path) -> None:
-    repo = AptRepo([AptSource("http://127.0.0.1:9", "x", ("main",))], cache=tmp_path / "cache")
+    repo = AptRepo([AptSource("http://127.0.0.1:9", "x", ("main",), DEBIAN_KEYRING)], cache=tmp_path / "cache")
     with pytest.raises(UserError, match="apt repository unreachable"):
         repo.find("anything")
 
@@ -97,3 +108,147 @@ def test_real_debian_archive_current_cloud_kernel_and_extract(tmp_path: Path) ->
     extract(deb, tmp_path / "root")
     assert (tmp_path / "root/usr/bin/nvidia-modprobe").is_file()
     assert "nvidia-modprobe" in run(["dpkg-deb", "-f", deb, "Package"]).stdout.decode()
+
+
+# --- signed Release verification, over HTTP as real repositories are reached ----------------------------------
+
+
+def _signed_repo(root: Path, key: SigningKey, **sign: object) -> Path:
+    """One suite with an xz Packages index naming one .deb, signed (InRelease unless detached=True)."""
+    deb = root / "pool/main/n/nvidia-smi/nvidia-smi_535_amd64.deb"
+    deb.parent.mkdir(parents=True)
+    deb.write_bytes(b"the real deb")
+    index = root / "dists/1877.3/main/binary-amd64/Packages.xz"
+    index.parent.mkdir(parents=True)
+    index.write_bytes(lzma.compress(
+        f"Package: nvidia-smi\nVersion: 535\nArchitecture: amd64\nFilename: {deb.relative_to(root)}\n"
+        f"Size: 12\nSHA256: {hashlib.sha256(b'the real deb').hexdigest()}\n".encode()))
+    sign_suite(root / "dists/1877.3", key, **sign)  # type: ignore[arg-type]
+    return root
+
+
+def _find(url: str, keyring: Path, cache: Path) -> str:
+    repo = AptRepo([AptSource(url, "1877.3", ("main", "contrib"), keyring)], cache=cache)
+    return repo.download(repo.find("nvidia-smi"), cache / "out").read_text()
+
+
+@pytest.mark.parametrize("variant", ["InRelease", "Release.gpg", "armored keyring", "Valid-Until ahead"])
+def test_a_correctly_signed_repository_is_trusted(tmp_path: Path, apt_key: SigningKey, variant: str) -> None:
+    root = _signed_repo(tmp_path / "repo", apt_key, detached=variant == "Release.gpg",
+                        valid_until=valid_for(7) if variant == "Valid-Until ahead" else None)
+    keyring = apt_key.armored if variant == "armored keyring" else apt_key.keyring
+    with serve(root) as url:
+        # contrib is not in the signed Release: the suite does not carry it, which is no error.
+        assert _find(url, keyring, tmp_path / "cache") == "the real deb"
+
+
+def test_the_verified_release_is_what_is_cached(tmp_path: Path, apt_key: SigningKey) -> None:
+    root = _signed_repo(tmp_path / "repo", apt_key)
+    with serve(root) as url:
+        assert _find(url, apt_key.keyring, tmp_path / "cache") == "the real deb"
+        (cached,) = (tmp_path / "cache/release").iterdir()
+        assert cached.read_text().startswith("Origin: gl-nvidia-test\n")  # gpgv's signed text, no armor
+        assert "PGP" not in cached.read_text()
+        shutil.rmtree(root / "dists")  # within the TTL the verified Release and index come from the cache
+        assert _find(url, apt_key.keyring, tmp_path / "cache") == "the real deb"
+
+
+def _tamper_index(root: Path) -> None:
+    index = root / "dists/1877.3/main/binary-amd64/Packages.xz"
+    index.write_bytes(lzma.compress(lzma.decompress(index.read_bytes()).replace(
+        hashlib.sha256(b"the real deb").hexdigest().encode(), hashlib.sha256(b"evil").hexdigest().encode())))
+
+
+def _claim_tampered_index_outside_the_signature(root: Path) -> None:
+    """Text before the signed message is ignored by gpgv; a parser reading the raw file would take it."""
+    _tamper_index(root)
+    index = root / "dists/1877.3/main/binary-amd64/Packages.xz"
+    fake = f"SHA256:\n {hashlib.sha256(index.read_bytes()).hexdigest()} {index.stat().st_size} main/binary-amd64/Packages.xz\n\n"
+    inrelease = root / "dists/1877.3/InRelease"
+    inrelease.write_text(fake + inrelease.read_text())
+
+
+def _change_signed_text(root: Path) -> None:
+    inrelease = root / "dists/1877.3/InRelease"
+    inrelease.write_text(inrelease.read_text().replace("Origin: gl-nvidia-test", "Origin: gl-nvidia-tent"))
+
+
+def _unsign(root: Path) -> None:
+    (root / "dists/1877.3/InRelease").unlink()
+
+
+def _remove_release(root: Path) -> None:
+    for name in ("InRelease", "Release"):
+        (root / "dists/1877.3" / name).unlink()
+
+
+@pytest.mark.parametrize(
+    ("breaker", "message"),
+    [
+        (_tamper_index, r"apt index http://\S+/dists/1877\.3/main/binary-amd64/Packages\.xz does not match its signed Release"),
+        (_claim_tampered_index_outside_the_signature, r"Packages\.xz does not match its signed Release"),
+        (_change_signed_text, r"apt Release http://\S+/dists/1877\.3/InRelease has a bad signature"),
+        (_unsign, r"apt repository http://\S+/dists/1877\.3/ is not signed \(no InRelease, no Release\.gpg\)"),
+        (_remove_release, r"no InRelease or Release in apt repository http://\S+/dists/1877\.3/"),
+    ],
+)
+def test_an_unverified_repository_is_refused_and_nothing_is_cached(
+    tmp_path: Path, apt_key: SigningKey, breaker: object, message: str
+) -> None:
+    root = _signed_repo(tmp_path / "repo", apt_key)
+    breaker(root)  # type: ignore[operator]
+    with serve(root) as url, pytest.raises(UserError, match=message):
+        _find(url, apt_key.keyring, tmp_path / "cache")
+    # Only a verified Release may be cached (the tampered index's is); never an index or a .deb.
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.parent.name != "release"]
+
+
+def test_a_release_signed_by_another_key_is_refused(
+    tmp_path: Path, apt_key: SigningKey, other_apt_key: SigningKey
+) -> None:
+    root = _signed_repo(tmp_path / "repo", other_apt_key)
+    with serve(root) as url, pytest.raises(UserError, match=rf"InRelease is not signed by a key in {apt_key.keyring}"):
+        _find(url, apt_key.keyring, tmp_path / "cache")
+    # The same with a detached signature: the older Release + Release.gpg layout gets no easier path.
+    root = _signed_repo(tmp_path / "repo2", other_apt_key, detached=True)
+    with serve(root) as url, pytest.raises(UserError, match=r"Release\.gpg is not signed by a key in"):
+        _find(url, apt_key.keyring, tmp_path / "cache")
+
+
+def test_a_release_signed_over_a_weak_digest_is_refused(tmp_path: Path, apt_key: SigningKey) -> None:
+    root = _signed_repo(tmp_path / "repo", apt_key, digest="SHA1")  # gpgv alone accepts it
+    with serve(root) as url, pytest.raises(UserError, match=r"InRelease is signed with a weak digest algorithm"):
+        _find(url, apt_key.keyring, tmp_path / "cache")
+
+
+def test_a_mirror_that_moved_on_within_the_ttl_is_followed(tmp_path: Path, apt_key: SigningKey) -> None:
+    root = _signed_repo(tmp_path / "repo", apt_key)
+    with serve(root) as url:
+        source = AptSource(url, "1877.3", ("main",), apt_key.keyring)
+        assert AptRepo([source], cache=tmp_path / "cache").find("nvidia-smi").version == "535"
+        shutil.rmtree(tmp_path / "cache/index")
+        index = root / "dists/1877.3/main/binary-amd64/Packages.xz"
+        index.write_bytes(lzma.compress(lzma.decompress(index.read_bytes()).replace(b"Version: 535", b"Version: 536")))
+        sign_suite(root / "dists/1877.3", apt_key)
+        # The cached Release names the old index; the current one is verified and read instead.
+        assert AptRepo([source], cache=tmp_path / "cache").find("nvidia-smi").version == "536"
+
+
+def test_an_expired_release_is_refused(tmp_path: Path, apt_key: SigningKey) -> None:
+    root = _signed_repo(tmp_path / "repo", apt_key, valid_until=valid_for(-1))
+    with serve(root) as url, pytest.raises(UserError, match=r"apt Release http://\S+/dists/1877\.3/ expired on \d{4}-"):
+        _find(url, apt_key.keyring, tmp_path / "cache")
+
+
+def test_missing_keyring_or_gpgv_is_one_clear_error(
+    tmp_path: Path, apt_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _local_repo(tmp_path / "repo", {"a": b"x"}, apt_key)
+    nokey = AptSource(source.uri, source.suite, source.components, tmp_path / "absent.gpg")
+    with pytest.raises(UserError, match=r"apt keyring .*absent\.gpg not found \(needed to verify file://"):
+        AptRepo([nokey], cache=tmp_path / "cache").find("a")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="required program not found: gpgv") as exc:
+        AptRepo([source], cache=tmp_path / "cache").find("a")
+    assert exc.value.hint and "gpgv" in exc.value.hint
+    assert os.environ["PATH"] == str(tmp_path / "empty")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import copy
-import functools
-import http.server
 import json
 import re
 import shutil
-import threading
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -24,7 +21,9 @@ from gl_nvidia.catalog.model import Cell
 from gl_nvidia.catalog.resolve import select_drivers, select_os_versions
 from gl_nvidia.catalog.sources import parse_glrd, parse_nvidia
 from gl_nvidia.cli import main
+from gl_nvidia.errors import UserError
 from gl_nvidia.run import output
+from tests.fixtures.aptrepo import SigningKey, serve, sign_repo
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data" / "catalog"
@@ -119,15 +118,11 @@ def test_a_pin_holds_its_branch_and_keeps_it_in_the_matrix() -> None:
 # --- kernels ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served_gl_apt() -> Iterator[str]:
-    """The fixture Garden Linux apt repository over HTTP on 127.0.0.1, as the real one is reached."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DATA / "gl-apt"))
-    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+@pytest.fixture()
+def served_gl_apt(signed_gl_apt: Path) -> Iterator[str]:
+    """The signed fixture Garden Linux apt repository over HTTP on 127.0.0.1, as the real one is reached."""
+    with serve(signed_gl_apt) as url:
+        yield url
 
 
 def test_gl_kernel_is_what_the_flavour_meta_package_points_to(
@@ -140,20 +135,33 @@ def test_gl_kernel_is_what_the_flavour_meta_package_points_to(
     assert resolve_kernel("${GL_APT_REPOSITORY}", "2150.9.0", "metal", "arm64") == "6.12.72-arm64"
 
 
-def test_kernel_from_newest_headers_when_there_is_no_meta_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_from_newest_headers_when_there_is_no_meta_package(
+    signed_gl_apt: Path, apt_key: SigningKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
-    repo = tmp_path / "repo"
-    shutil.copytree(DATA / "gl-apt", repo)
-    index = repo / "dists/1877.3/main/binary-amd64/Packages"
+    index = signed_gl_apt / "dists/1877.3/main/binary-amd64/Packages"
     paragraphs = index.read_text().split("\n\n")
     index.write_text("\n\n".join(p for p in paragraphs if "Package: linux-headers-cloud-amd64\n" not in p))
-    assert resolve_kernel(str(repo), "1877.3", "cloud", "amd64") == "6.12.44-cloud-amd64"
+    sign_repo(signed_gl_apt, apt_key)
+    assert resolve_kernel(str(signed_gl_apt), "1877.3", "cloud", "amd64") == "6.12.44-cloud-amd64"
 
 
 def test_unset_repository_variable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GL_APT_REPOSITORY", raising=False)
     with pytest.raises(Exception, match="GL_APT_REPOSITORY is not set"):
         apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+
+
+def test_a_repository_by_url_is_verified_with_the_keyring_gl_apt_keyring_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("GL_APT_REPOSITORY", "http://repo.example/gl")
+    monkeypatch.delenv("GL_APT_KEYRING", raising=False)
+    with pytest.raises(UserError, match=r"GL_APT_KEYRING is not set \(the keyring to verify http://repo\.example/gl with\)"):
+        apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+    monkeypatch.setenv("GL_APT_KEYRING", str(tmp_path / "gardenlinux.asc"))
+    (source,) = apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+    assert source.keyring == tmp_path / "gardenlinux.asc"
 
 
 def test_debian_bookworm_cloud_kernel_from_this_machines_archive() -> None:
@@ -262,12 +270,15 @@ def test_add_exclusion_keeps_comments_and_is_idempotent(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the repository's lock and history plus editable copies of the snapshot sources."""
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, apt_key: SigningKey) -> Path:
+    """A copy of the repository's lock and history plus editable copies of the snapshot sources, the apt
+    repository signed with a throwaway key that GL_APT_KEYRING names."""
     monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
     for name in ("versions.yaml", "versions-history.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(DATA, tmp_path / "src")
+    sign_repo(tmp_path / "src" / "gl-apt", apt_key)
+    monkeypatch.setenv("GL_APT_KEYRING", str(apt_key.keyring))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -371,6 +382,11 @@ def unknown_gl_version(workdir: Path) -> None:
     shutil.rmtree(workdir / "src" / "gl-apt" / "dists" / "2150.11.0")
 
 
+def unsigned_apt_repository(workdir: Path) -> None:
+    for inrelease in (workdir / "src" / "gl-apt" / "dists").glob("*/InRelease"):
+        inrelease.unlink()
+
+
 def bad_pin(workdir: Path) -> None:
     lock = workdir / "versions.yaml"
     lock.write_text(lock.read_text().replace("  pins: []", "  pins: ['571.00.01']"))
@@ -402,7 +418,8 @@ def bad_glrd(workdir: Path) -> None:
     [
         (break_json, r"NVIDIA releases\.json is not valid JSON: .*nvidia-releases\.json"),
         (bad_glrd, r"GLRD data .*glrd-releases-major\.json: releases\.0\.type: Field required"),
-        (unknown_gl_version, r"no linux-headers-\*-cloud-amd64 package in .*2150\.11\.0"),
+        (unknown_gl_version, r"no InRelease or Release in apt repository \S+/gl-apt/dists/2150\.11\.0/"),
+        (unsigned_apt_repository, r"apt repository \S+/gl-apt/dists/[\d.]+/ is not signed"),
         (override_for_unknown_gl_version, r"policy names OS version 2150\.99\.0 \(kernel 6\.12\.99-cloud-amd64\), which the sources do not know"),
         (bad_pin, r"pinned driver 571\.00\.01 is in no branch of NVIDIA's releases\.json"),
         (bad_yaml, r"versions\.yaml: malformed YAML at line \d+"),

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from gl_nvidia.cli import main
+from tests.fixtures.aptrepo import SigningKey, sign_repo
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data" / "catalog"
@@ -155,7 +156,7 @@ def github() -> Iterator[FakeGitHub]:
 
 
 @pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, github: FakeGitHub) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, github: FakeGitHub, apt_key: SigningKey) -> Path:
     monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GITHUB_API_URL", github.base_url)
     monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
@@ -163,6 +164,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, github: FakeGitHub)
     for name in ("versions.yaml", "versions-history.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(DATA, tmp_path / "src")
+    sign_repo(tmp_path / "src" / "gl-apt", apt_key)
+    monkeypatch.setenv("GL_APT_KEYRING", str(apt_key.keyring))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -42,8 +42,9 @@ def apt_sources(spec: str, os_version: str, etc_apt: Path = Path("/etc/apt")) ->
     """The apt sources of one OS version.
 
     `system:<codename>`: this machine's configured archive, only the suites `<codename>` and
-    `<codename>-*` (other vendors' entries are not the OS's kernels). Anything else is the base URL (or
-    directory) of a repository with one suite per OS version, as Garden Linux publishes them.
+    `<codename>-*` (other vendors' entries are not the OS's kernels), verified with their Signed-By keyring.
+    Anything else is the base URL (or directory) of a repository with one suite per OS version, as Garden
+    Linux publishes them, verified with the keyring file GL_APT_KEYRING names.
     """
     if spec.startswith("system:"):
         codename = spec.removeprefix("system:")
@@ -51,7 +52,12 @@ def apt_sources(spec: str, os_version: str, etc_apt: Path = Path("/etc/apt")) ->
         if not chosen:
             raise UserError(f"this machine's apt sources have no {codename} suites", "configure Debian's archive in /etc/apt")
         return chosen
-    return [AptSource(expand_env(spec), os_version, ("main",))]
+    uri = expand_env(spec)
+    keyring = os.environ.get("GL_APT_KEYRING")
+    if not keyring:
+        raise UserError(f"environment variable GL_APT_KEYRING is not set (the keyring to verify {uri} with)",
+                        "export GL_APT_KEYRING=<the repository's archive keyring file, .gpg or .asc>")
+    return [AptSource(uri, os_version, ("main",), Path(keyring))]
 
 
 def kernel_from_index(repo: AptRepo, flavour: str, arch: str) -> str:
