@@ -361,7 +361,7 @@ class AptRepo:
             release = self._get(f"{base}/Release")
             if release is None:
                 raise UserError(f"no InRelease or Release in apt repository {base}/",
-                                "check the repository URL and the suite (OS version)")
+                                "check the repository URL and the suite (OS version); it must publish a signed InRelease")
             signature = self._get(f"{base}/Release.gpg")
             if signature is None:
                 raise UserError(f"apt repository {base}/ is not signed (no InRelease, no Release.gpg)",
