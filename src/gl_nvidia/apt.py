@@ -439,7 +439,8 @@ def _verify(keyring: Path, url: str, tmp: Path, signed: str, data: str | None = 
     problem = signature_problem(result.stdout.decode(errors="replace"), keyring)
     if problem is not None:
         raise UserError(f"apt Release {url} {problem}",
-                        "the repository or its mirror is not the one this keyring trusts; nothing from it is used")
+                        "nothing from it is used; check that the keyring is this repository's "
+                        "(Signed-By in /etc/apt, GL_APT_KEYRING for a repository by URL)")
     return (tmp / "signed.txt").read_bytes() if data is None else (tmp / data).read_bytes()
 
 
