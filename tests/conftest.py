@@ -1,3 +1,3 @@
 """Shared fixtures: a real driver bundle (build stage) and real OCI registries (registry stage)."""
 
-pytest_plugins = ["tests.fixtures.bundle", "tests.fixtures.registry"]
+pytest_plugins = ["tests.fixtures.bundle", "tests.fixtures.registry", "tests.fixtures.hostile_registry"]
