@@ -1,5 +1,5 @@
 """Trust nothing we did not verify: a hostile registry (a lying proxy in front of a real docker-registry)
-serves cross-host token realms, redirects and expiring tokens; credentials stay per host."""
+serves wrong digests, cross-host token realms, redirects and expiring tokens; credentials stay per host."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
+from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.errors import UserError
 from gl_nvidia.image.oci import Layout
 from gl_nvidia.registry.client import RegistryClient
@@ -41,6 +42,41 @@ def two_images(hostile: HostileRegistry, tmp_path: Path, big: int = 0) -> tuple[
     layout = make_layout(tmp_path / "src", {"535-a": b"a", "535-b": b"b"}, big=big)
     push(layout.root, f"{hostile.backend.host}/driver")
     return layout.tags()["535-a"], layout.tags()["535-b"]
+
+
+def blob_files(layout: Layout) -> list[Path]:
+    return [p for p in (layout.root / "blobs").rglob("*") if p.is_file()] if (layout.root / "blobs").exists() else []
+
+
+# -- 3: everything fetched is checked against the digest it was asked for -------------------------
+
+
+def test_pull_by_digest_refuses_a_manifest_with_another_digest(hostile_registry: HostileRegistry,
+                                                               tmp_path: Path) -> None:
+    a, b = two_images(hostile_registry, tmp_path)
+    hostile_registry.swap_manifests = {a: b}
+    dst = Layout.create(tmp_path / "pulled")
+    with pytest.raises(UserError, match=f"answered driver@{a} with a manifest whose digest is {b}; refusing it"):
+        pull(f"{hostile_registry.host}/driver@{a}", dst, options=FAST)
+    assert blob_files(dst) == []
+    with ImageChecker() as checker, pytest.raises(UserError, match="whose digest is"):
+        checker.digest(f"{hostile_registry.host}/driver@{a}")  # preflight: a lie is not "the image exists"
+    hostile_registry.swap_manifests = {}
+    assert pull(f"{hostile_registry.host}/driver@{a}", dst, options=FAST) == a
+
+
+def test_a_blob_with_other_content_is_refused_and_not_kept(hostile_registry: HostileRegistry, registry2: Registry,
+                                                           tmp_path: Path) -> None:
+    two_images(hostile_registry, tmp_path)
+    hostile_registry.corrupt_blobs = True
+    dst = Layout.create(tmp_path / "pulled")
+    with pytest.raises(UserError, match=r"sent content with digest sha256:[0-9a-f]{64} for blob sha256:.*; refusing it"):
+        pull(f"{hostile_registry.host}/driver:535-a", dst, options=FAST)
+    assert blob_files(dst) == []
+    with pytest.raises(UserError, match="refusing it"):
+        mirror(f"{hostile_registry.host}/driver", f"{registry2.host}/driver", options=FAST)
+    with RegistryClient(registry2.host) as c:
+        assert c.manifest_digest("driver", "535-a") is None and c.manifest_digest("driver", "535-b") is None
 
 
 # -- 2: credentials are scoped per registry host --------------------------------------------------

@@ -4,7 +4,7 @@ Token auth (WWW-Authenticate Bearer realm flow, and Basic; a rejected token is r
 request), blob HEAD before upload, cross-repository mount, monolithic PUT for small blobs and
 chunked PATCH for large ones, resume after a dropped connection (ask the registry how far the
 upload got, else start a fresh session), retries with exponential backoff, manifest GET/HEAD/PUT,
-tag listing.
+tag listing. Whatever is fetched by digest is checked against that digest before it is used.
 Credentials are this host's only (`credentials.py`); a redirect to another host (a blob CDN)
 never carries them: httpx drops Authorization on cross-origin redirects.
 """
@@ -357,7 +357,7 @@ class RegistryClient:
             self.on_progress(n)
 
     def download_blob(self, repo: str, desc: Descriptor, dest: Path) -> None:
-        """Stream a blob to `dest`, checking its digest; retried from scratch on a dropped connection."""
+        """Stream a blob to `dest`, refusing content that is not `desc`; retried from scratch on a dropped connection."""
         attempt = 0
         while True:
             try:
@@ -367,11 +367,10 @@ class RegistryClient:
                         raise _Transient(f"HTTP {resp.status_code}")
                     if resp.status_code != 200:
                         raise UserError(f"registry {self.host} has no blob {desc.digest} in {repo} (HTTP {resp.status_code})")
-                    if _write_stream(resp, dest, desc.digest):
-                        return
+                    _write_stream(resp, dest, desc, self.host)
+                    return
                 finally:
                     resp.close()
-                raise _Transient(f"blob {desc.digest} arrived with a different digest")
             except (httpx.TransportError, _Transient) as exc:
                 attempt += 1
                 if attempt > self.retries:
@@ -385,6 +384,12 @@ class RegistryClient:
                              headers={"Accept": ", ".join(oci.IMAGE_MANIFESTS)}, missing_ok=True)
         if resp is None:
             return None
+        if ref.startswith("sha256:") and oci.digest_bytes(resp.content) != ref:
+            raise UserError(
+                f"registry {self.host} answered {repo}@{ref} with a manifest whose digest is "
+                f"{oci.digest_bytes(resp.content)}; refusing it",
+                "the registry (or something between us and it) serves other content than asked for",
+            )
         return oci.Manifest.parse(resp.content, resp.headers.get("content-type", "").split(";")[0] or None)
 
     def manifest_digest(self, repo: str, tag: str) -> str | None:
@@ -434,20 +439,27 @@ def _range_end(resp: httpx.Response, default: int) -> int:
     return int(m.group(1)) + 1 if int(m.group(1)) else 0
 
 
-def _write_stream(resp: httpx.Response, dest: Path, digest: str) -> bool:
-    """Write to a temp file; rename it to `dest` only when the content has the expected digest."""
-    h = hashlib.sha256()
+def _write_stream(resp: httpx.Response, dest: Path, desc: Descriptor, host: str) -> None:
+    """Write to a temp file; rename it to `dest` only when the content is exactly the blob asked for."""
+    h, size = hashlib.sha256(), 0
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:
             for block in resp.iter_bytes(1 << 20):
+                size += len(block)
+                if size > desc.size:  # a registry that streams without end fills no disk
+                    raise _wrong_blob(host, desc, f"more than its {desc.size} bytes")
                 h.update(block)
                 fh.write(block)
-        if "sha256:" + h.hexdigest() != digest:
-            return False
+        if "sha256:" + h.hexdigest() != desc.digest:
+            raise _wrong_blob(host, desc, f"content with digest sha256:{h.hexdigest()}")
         os.replace(tmp, dest)
-        return True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _wrong_blob(host: str, desc: Descriptor, what: str) -> UserError:
+    return UserError(f"registry {host} sent {what} for blob {desc.digest}; refusing it",
+                     "the registry (or something between us and it) serves other content than asked for")
