@@ -193,6 +193,27 @@ def test_base_without_the_node_tools_is_refused(bundle: Path, tmp_path: Path) ->
         build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'busy'}:v1")
 
 
+def test_a_base_layout_whose_blobs_are_not_their_digests_is_refused(bundle: Path, tmp_path: Path) -> None:
+    """--base LAYOUT: every blob imported from it must hash to the digest the manifest names."""
+    base = Layout.create(tmp_path / "base")
+    layer = layers.write_layer(base, [layers.Entry(PurePosixPath("/bin/sh"), data=b"#!/bin/sh\n", mode=0o755)])
+    cfg = base.write_blob(canonical_json({"architecture": "amd64", "os": "linux",
+                                          "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}), CONFIG)
+    manifest = Manifest.build(cfg, [layer.descriptor], {})
+    base.add_image(manifest, ["v1"])
+    other = layers.write_layer(Layout.create(tmp_path / "other"), [layers.Entry(PurePosixPath("/x"), data=b"x")])
+    layer_file = base.blob_path(layer.descriptor.digest)
+    good = layer_file.read_bytes()
+    layer_file.write_bytes(Layout(tmp_path / "other").read_blob(other.descriptor.digest))  # swapped content
+    with pytest.raises(UserError, match=f"is not blob {layer.descriptor.digest}: its content has digest"):
+        build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'base'}:v1")
+    assert not Layout(tmp_path / "out").has_blob(layer.descriptor.digest)
+    layer_file.write_bytes(good)
+    base.blob_path(manifest.digest).write_bytes(manifest.raw.replace(b'"layers"', b'"layers" '))
+    with pytest.raises(UserError, match=f"manifest {manifest.digest} in .* has digest"):
+        build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'base'}:v1")
+
+
 def test_existing_image_in_a_registry_as_base(bundle: Path, built: list[BuiltImage], registry: Registry,
                                               tmp_path: Path) -> None:
     """--base REGISTRY/REPO:TAG: a previous driver image (it has python3, kmod, util-linux) works as a base."""

@@ -112,6 +112,7 @@ def test_auth_failure_is_clear_and_credentials_work(auth_registry: Registry, tmp
     with pytest.raises(UserError, match=r"authentication to registry .* failed") as err:
         push(tmp_path / "l", f"{auth_registry.host}/driver")
     assert "GL_NVIDIA_REGISTRY_USERNAME" in (err.value.hint or "")
+    monkeypatch.setenv("GL_NVIDIA_REGISTRY_HOST", auth_registry.host)
     monkeypatch.setenv("GL_NVIDIA_REGISTRY_USERNAME", USER)
     monkeypatch.setenv("GL_NVIDIA_REGISTRY_PASSWORD", "wrong")
     with pytest.raises(UserError, match=r"authentication to registry .* failed") as err:
@@ -188,6 +189,7 @@ def test_bearer_token_realm_flow(token_registry: Registry, tmp_path: Path, monke
     assert challenge.startswith("Bearer realm=")
     with pytest.raises(UserError, match="token service answered 401"):
         push(tmp_path / "l", f"{token_registry.host}/driver")
+    monkeypatch.setenv("GL_NVIDIA_REGISTRY_HOST", token_registry.host)
     monkeypatch.setenv("GL_NVIDIA_REGISTRY_USERNAME", USER)
     monkeypatch.setenv("GL_NVIDIA_REGISTRY_PASSWORD", PASSWORD)
     [r] = push(tmp_path / "l", f"{token_registry.host}/driver")

@@ -185,14 +185,16 @@ class Layout:
         return Descriptor(media_type, digest, hashing.size)
 
     def import_blob(self, src: Path, desc: Descriptor) -> None:
-        """Copy a blob file in (from a cache) unless present."""
-        if not self.has_blob(desc.digest):
-            d = self.blob_path(desc.digest).parent
-            d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-            os.close(fd)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, self.blob_path(desc.digest))
+        """Copy a blob file in (from a cache or another layout) unless present; it must hash to its digest."""
+        if self.has_blob(desc.digest):
+            return
+        with self.blob_writer() as (_fh, hashing), src.open("rb") as inp:
+            shutil.copyfileobj(inp, hashing)
+            hashing.flush()
+            if hashing.digest != desc.digest:
+                raise UserError(f"{src} is not blob {desc.digest}: its content has digest {hashing.digest}",
+                                "the source is damaged or was changed; rebuild or fetch it again")
+            self.commit_blob(hashing, desc.media_type)
 
     def index(self) -> list[Descriptor]:
         try:
@@ -206,7 +208,11 @@ class Layout:
         return {m.annotations[REF_NAME]: m.digest for m in self.index() if REF_NAME in m.annotations}
 
     def manifest(self, digest: str) -> Manifest:
-        return Manifest.parse(self.read_blob(digest))
+        raw = self.read_blob(digest)
+        if digest_bytes(raw) != digest:
+            raise UserError(f"manifest {digest} in {self.root} has digest {digest_bytes(raw)}",
+                            "the layout is damaged or was changed; rebuild it")
+        return Manifest.parse(raw)
 
     def resolve(self, tag: str | None = None) -> Manifest:
         """The manifest a tag names; without a tag, the layout's only image."""

@@ -1,16 +1,18 @@
 """An OCI distribution API client over httpx.
 
-Token auth (WWW-Authenticate Bearer realm flow, and Basic), blob HEAD before upload, cross-repository
-mount, monolithic PUT for small blobs and chunked PATCH for large ones, resume after a dropped
-connection (ask the registry how far the upload got, else start a fresh session), retries with
-exponential backoff, manifest GET/HEAD/PUT, tag listing.
+Token auth (WWW-Authenticate Bearer realm flow, and Basic; a rejected token is renewed once per
+request), blob HEAD before upload, cross-repository mount, monolithic PUT for small blobs and
+chunked PATCH for large ones, resume after a dropped connection (ask the registry how far the
+upload got, else start a fresh session), retries with exponential backoff, manifest GET/HEAD/PUT,
+tag listing. Whatever is fetched by digest is checked against that digest before it is used.
+Credentials are this host's only (`credentials.py`); a redirect to another host (a blob CDN)
+never carries them: httpx drops Authorization on cross-origin redirects.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import os
 import re
@@ -19,13 +21,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import oci
 from gl_nvidia.image.oci import Descriptor
+from gl_nvidia.registry.credentials import (
+    Credentials,
+    find_credentials,
+    is_loopback,
+    missing_credentials_hint,
+    realm_may_receive_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +82,6 @@ class Reference:
         return self.repository + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
 
 
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str
-
-
-def find_credentials(host: str) -> Credentials | None:
-    """GL_NVIDIA_REGISTRY_USERNAME/PASSWORD, else the docker config's `auths` entry for the host."""
-    user, password = os.environ.get("GL_NVIDIA_REGISTRY_USERNAME"), os.environ.get("GL_NVIDIA_REGISTRY_PASSWORD")
-    if user and password:
-        return Credentials(user, password)
-    config = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker", "config.json")
-    try:
-        auths = json.loads(config.read_text()).get("auths", {})
-    except (OSError, ValueError):
-        return None
-    for key in (host, f"https://{host}", f"http://{host}"):
-        auth = auths.get(key, {}).get("auth")
-        if auth:
-            u, _, p = base64.b64decode(auth).decode().partition(":")
-            return Credentials(u, p)
-    return None
-
-
 class _Transient(Exception):
     """A dropped connection or a 5xx/429: worth retrying."""
 
@@ -117,10 +102,11 @@ class RegistryClient:
         on_progress: Callable[[int], None] | None = None,
     ) -> None:
         self.host = host
-        loopback = host.split(":")[0] in ("localhost", "127.0.0.1", "[::1]")
+        loopback = is_loopback(urlsplit(f"//{host}").hostname)
         scheme = "http" if (plain_http if plain_http is not None else loopback) else "https"
         self.base = f"{scheme}://{host}"
-        self.credentials = credentials if credentials is not None else find_credentials(host)
+        self._credentials = credentials
+        self._look_up = credentials is None
         self.retries = retries
         self.backoff_s = backoff_s
         self.chunk_size = chunk_size
@@ -172,14 +158,31 @@ class RegistryClient:
                 raise self._http_error(resp, method, url)
             return resp
 
-    def _send(self, method: str, url: str, scope: str, headers: dict[str, str], content: bytes | None) -> httpx.Response:
+    @property
+    def credentials(self) -> Credentials | None:
+        """This host's credentials, looked up at the first challenge (a registry that asks for none never needs them)."""
+        if self._look_up:
+            self._look_up = False
+            self._credentials = find_credentials(self.host)
+        return self._credentials
+
+    def _send(self, method: str, url: str, scope: str, headers: dict[str, str], content: bytes | None,
+              *, stream: bool = False) -> httpx.Response:
+        """One request; a 401 is answered once (a first token, or a fresh one for an expired token), then resent."""
         full = urljoin(self.base, url)
-        resp = self._http.request(method, full, headers={**self._auth_header(scope), **headers}, content=content)
-        if resp.status_code == 401 and self._authenticate(resp, scope):
-            resp = self._http.request(method, full, headers={**self._auth_header(scope), **headers}, content=content)
+        for answered in (False, True):
+            request = self._http.build_request(method, full, headers={**self._auth_header(scope), **headers},
+                                               content=content)
+            resp = self._http.send(request, stream=stream)
+            if resp.status_code != 401 or answered:
+                break
+            resp.close()
+            if not self._authenticate(resp, scope):
+                break
         if resp.status_code == 401:
-            hint = ("set GL_NVIDIA_REGISTRY_USERNAME and GL_NVIDIA_REGISTRY_PASSWORD (or docker login)"
-                    if self.credentials is None else "check the username and password for this registry")
+            resp.close()
+            hint = (missing_credentials_hint(self.host) if self.credentials is None
+                    else "check the username and password for this registry")
             raise UserError(f"authentication to registry {self.host} failed (401 Unauthorized)", hint)
         return resp
 
@@ -192,7 +195,11 @@ class RegistryClient:
         return {}
 
     def _authenticate(self, resp: httpx.Response, scope: str) -> bool:
-        """Answer a 401 challenge: Basic with the credentials, or fetch a Bearer token from the realm."""
+        """Answer a 401 challenge: Basic with the credentials, or a new Bearer token from the realm.
+
+        A Bearer challenge to a request that carried a token means that token expired or was
+        revoked: a new one is fetched, as docker and containerd do.
+        """
         challenge = resp.headers.get("www-authenticate", "")
         kind, _, params_s = challenge.partition(" ")
         params = dict(re.findall(r'(\w+)="([^"]*)"', params_s))
@@ -201,21 +208,33 @@ class RegistryClient:
                 return False
             self._basic = True
             return True
-        if kind.lower() != "bearer" or "realm" not in params or scope in self._tokens:
+        if kind.lower() != "bearer" or "realm" not in params:
             return False
+        realm, creds = params["realm"], self.credentials
+        if creds is not None and not realm_may_receive_credentials(realm, self.base):
+            raise UserError(
+                f"registry {self.host} names the token service {realm}: not HTTPS and not its own host; "
+                "refusing to send this registry's credentials there in clear text",
+                "the registry's token service must use HTTPS",
+            )
         query = {"service": params.get("service", ""), "scope": scope}
-        auth = (self.credentials.username, self.credentials.password) if self.credentials else None
+        auth = (creds.username, creds.password) if creds else None
         try:
-            tok = self._http.get(params["realm"], params={k: v for k, v in query.items() if v}, auth=auth)
+            tok = self._http.get(realm, params={k: v for k, v in query.items() if v}, auth=auth)
         except httpx.TransportError as exc:
-            raise UserError(f"token service {params['realm']} of registry {self.host} is unreachable: {exc}") from exc
+            raise UserError(f"token service {realm} of registry {self.host} is unreachable: {exc}") from exc
         if tok.status_code != 200:
+            hint = (missing_credentials_hint(self.host) if creds is None
+                    else "check the username and password for this registry")
             raise UserError(f"authentication to registry {self.host} failed: token service answered {tok.status_code}",
-                            "check the username and password for this registry")
-        body = tok.json()
-        token = body.get("token") or body.get("access_token")
-        if not token:
-            raise UserError(f"token service of registry {self.host} returned no token")
+                            hint)
+        try:
+            body = tok.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not token or not isinstance(token, str):
+            raise UserError(f"token service {realm} of registry {self.host} returned no token")
         self._tokens[scope] = token
         return True
 
@@ -338,29 +357,25 @@ class RegistryClient:
             self.on_progress(n)
 
     def download_blob(self, repo: str, desc: Descriptor, dest: Path) -> None:
-        """Stream a blob to `dest`, checking its digest; retried from scratch on a dropped connection."""
+        """Stream a blob to `dest`, refusing content that is not `desc`; retried from scratch on a dropped connection."""
         attempt = 0
         while True:
             try:
-                with self._http.stream("GET", urljoin(self.base, f"/v2/{repo}/blobs/{desc.digest}"),
-                                       headers=self._pull_headers(repo)) as resp:
-                    if resp.status_code == 401 and self._authenticate(resp, _pull(repo)):
-                        continue
+                resp = self._send("GET", f"/v2/{repo}/blobs/{desc.digest}", _pull(repo), {}, None, stream=True)
+                try:
                     if resp.status_code in _RETRY_STATUS:
                         raise _Transient(f"HTTP {resp.status_code}")
                     if resp.status_code != 200:
                         raise UserError(f"registry {self.host} has no blob {desc.digest} in {repo} (HTTP {resp.status_code})")
-                    if _write_stream(resp, dest, desc.digest):
-                        return
-                raise _Transient(f"blob {desc.digest} arrived with a different digest")
+                    _write_stream(resp, dest, desc, self.host)
+                    return
+                finally:
+                    resp.close()
             except (httpx.TransportError, _Transient) as exc:
                 attempt += 1
                 if attempt > self.retries:
                     raise self._down(exc) from exc
                 self._sleep(attempt, exc)
-
-    def _pull_headers(self, repo: str) -> dict[str, str]:
-        return self._auth_header(_pull(repo))
 
     # -- manifests and tags ------------------------------------------------------------------------------
 
@@ -369,6 +384,12 @@ class RegistryClient:
                              headers={"Accept": ", ".join(oci.IMAGE_MANIFESTS)}, missing_ok=True)
         if resp is None:
             return None
+        if ref.startswith("sha256:") and oci.digest_bytes(resp.content) != ref:
+            raise UserError(
+                f"registry {self.host} answered {repo}@{ref} with a manifest whose digest is "
+                f"{oci.digest_bytes(resp.content)}; refusing it",
+                "the registry (or something between us and it) serves other content than asked for",
+            )
         return oci.Manifest.parse(resp.content, resp.headers.get("content-type", "").split(";")[0] or None)
 
     def manifest_digest(self, repo: str, tag: str) -> str | None:
@@ -418,20 +439,27 @@ def _range_end(resp: httpx.Response, default: int) -> int:
     return int(m.group(1)) + 1 if int(m.group(1)) else 0
 
 
-def _write_stream(resp: httpx.Response, dest: Path, digest: str) -> bool:
-    """Write to a temp file; rename it to `dest` only when the content has the expected digest."""
-    h = hashlib.sha256()
+def _write_stream(resp: httpx.Response, dest: Path, desc: Descriptor, host: str) -> None:
+    """Write to a temp file; rename it to `dest` only when the content is exactly the blob asked for."""
+    h, size = hashlib.sha256(), 0
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:
             for block in resp.iter_bytes(1 << 20):
+                size += len(block)
+                if size > desc.size:  # a registry that streams without end fills no disk
+                    raise _wrong_blob(host, desc, f"more than its {desc.size} bytes")
                 h.update(block)
                 fh.write(block)
-        if "sha256:" + h.hexdigest() != digest:
-            return False
+        if "sha256:" + h.hexdigest() != desc.digest:
+            raise _wrong_blob(host, desc, f"content with digest sha256:{h.hexdigest()}")
         os.replace(tmp, dest)
-        return True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _wrong_blob(host: str, desc: Descriptor, what: str) -> UserError:
+    return UserError(f"registry {host} sent {what} for blob {desc.digest}; refusing it",
+                     "the registry (or something between us and it) serves other content than asked for")
