@@ -8,6 +8,7 @@ and the proprietary set for 6.1.0-47 (about 2.5 min); warm, nothing compiles.
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ from ruamel.yaml import YAML
 from gl_nvidia import bundle as b
 from gl_nvidia.build import AptEnv, DebianSource, KernelHeaders, UnitResult, build_all, build_unit
 from gl_nvidia.catalog.kernels import kernel_sort_key
-from gl_nvidia.catalog.matrix import profile_text
+from gl_nvidia.catalog.lock import resolved_to_yaml
+from gl_nvidia.catalog.matrix import load_lock, profile_text
 from gl_nvidia.catalog.model import BuildUnit
+from gl_nvidia.catalog.resolve import refresh
 from gl_nvidia.cli import main
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT
 
@@ -104,10 +107,16 @@ def test_second_build_of_an_unchanged_unit_compiles_nothing(debian_bundle: Path,
     assert before == {p: p.stat().st_mtime_ns for p in (Path(debian_bundle).parent).rglob("*")}
 
 
-def _profile_without_exclusions(path: Path) -> Path:
+def _profile_building_open(path: Path) -> Path:
+    """The debian profile resolved now, with the open source's version treated as the driver's, so the
+    matrix asks for the open modules (which fail on 6.1.0-56) instead of excluding them."""
     yaml = YAML()
     doc = yaml.load(profile_text("debian"))
-    doc["policy"]["exclusions"] = []
+    resolved = refresh(load_lock("debian"), date.today())
+    drivers = [d.model_copy(update={"open_version": None}) for d in resolved.drivers]
+    # The fixtures' two kernels, whichever is the archive's current one today.
+    kernels = [resolved.kernels[0].model_copy(update={"kernel": k}) for k in (OPEN_OK_KERNEL, DEBIAN_KERNEL)]
+    doc["resolved"] = resolved_to_yaml(resolved.model_copy(update={"drivers": drivers, "kernels": kernels}))
     with path.open("w") as fh:
         yaml.dump(doc, fh)
     return path
@@ -116,7 +125,7 @@ def _profile_without_exclusions(path: Path) -> Path:
 def test_build_all_reports_failed_cells_and_excludes_them(
         open_bundle: tuple[Path, list[UnitResult]], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    lock = _profile_without_exclusions(tmp_path / "versions.yaml")
+    lock = _profile_building_open(tmp_path / "versions.yaml")
     out = tmp_path / "bundles"
     argv = ["build", "--all", "--profile", str(lock), "--out", str(out)]
     rc = main([*argv, "--exclude-failed"])

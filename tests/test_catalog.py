@@ -232,20 +232,41 @@ def test_cells_sharing_kernel_driver_arch_are_one_build_unit() -> None:
     assert len({u.key for u in m.units}) == 3
 
 
-def test_module_type_exclusion_keeps_the_cell_and_drops_the_type_from_its_unit() -> None:
+def _candidate(package: str) -> str:
+    found = re.search(r"Candidate: (\S+)", output(["apt-cache", "policy", package]))
+    assert found is not None, package
+    return found.group(1).split("-")[0]
+
+
+def test_open_modules_of_another_version_than_the_driver_are_excluded_on_every_kernel() -> None:
+    """Debian's open module source lags its driver (535.261.03 beside 535.309.01): the node would refuse
+    those modules next to the userspace, so the catalog drops the open type, with the reason, everywhere."""
     m = load_matrix("debian")  # real: resolved from this machine's Debian archive
+    driver, open_version = _candidate("nvidia-kernel-source"), _candidate("nvidia-open-kernel-source")
+    assert {c.driver_version for c in m.cells} == {driver}
+    assert {c.driver_branch for c in m.cells} == {"535"}
     by_kernel = {u.kernel: u for u in m.units}
     assert "6.1.0-47-cloud-amd64" in by_kernel
-    assert by_kernel["6.1.0-47-cloud-amd64"].module_types == ("open", "proprietary")
     current = [k for k in by_kernel if k != "6.1.0-47-cloud-amd64"]
     assert len(current) == 1 and compare_kernels(current[0], "6.1.0-56-cloud-amd64") >= 0
-    assert by_kernel[current[0]].module_types == ("proprietary",)
-    (excl,) = m.excluded
-    assert excl.module_types == ("open",) and "pci_resize_resource" in excl.reason
-    candidate = re.search(r"Candidate: (\S+)", output(["apt-cache", "policy", "nvidia-kernel-source"]))
-    assert candidate is not None
-    assert {c.driver_version for c in m.cells} == {candidate.group(1).split("-")[0]}
-    assert {c.driver_branch for c in m.cells} == {"535"}
+    if open_version == driver:  # the day Debian's open package catches up, both types build
+        assert not m.excluded and all(u.module_types == ("open", "proprietary") for u in m.units)
+        return
+    assert all(u.module_types == ("proprietary",) for u in m.units)
+    assert sorted(e.cell.kernel for e in m.excluded) == sorted(by_kernel)
+    assert all(e.module_types == ("open",) and f"open module source {open_version} differs from driver {driver}"
+               in e.reason for e in m.excluded)
+
+
+def test_version_mismatch_is_decided_from_the_resolved_driver_alone() -> None:
+    from gl_nvidia.catalog.lock import ResolvedDriver
+    from gl_nvidia.catalog.matrix import version_mismatch
+
+    same = ResolvedDriver(branch="535", type="debian", version="535.309.01")
+    assert version_mismatch(same) is None
+    assert version_mismatch(same.model_copy(update={"open_version": "535.309.01"})) is None
+    reason = version_mismatch(same.model_copy(update={"open_version": "535.261.03"}))
+    assert reason is not None and "535.261.03" in reason and "535.309.01" in reason
 
 
 def test_add_exclusion_keeps_comments_and_is_idempotent(tmp_path: Path) -> None:

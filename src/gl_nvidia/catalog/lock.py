@@ -115,6 +115,9 @@ class ResolvedDriver(_Strict):
     type: str
     version: str
     release_date: str | None = None
+    # The open kernel-module source's version where a distribution packages it apart from the driver
+    # (Debian); None: the same version (NVIDIA's .run carries both trees).
+    open_version: str | None = None
 
 
 class Resolved(_Strict):

@@ -12,7 +12,14 @@ from importlib import resources
 from pathlib import Path
 
 from gl_nvidia.catalog.kernels import compare_kernels
-from gl_nvidia.catalog.lock import ExclusionRule, Lock, Resolved, parse_lock_text, read_lock
+from gl_nvidia.catalog.lock import (
+    ExclusionRule,
+    Lock,
+    Resolved,
+    ResolvedDriver,
+    parse_lock_text,
+    read_lock,
+)
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Cell, Exclusion, Matrix
 from gl_nvidia.catalog.resolve import SourceOverrides, refresh
 from gl_nvidia.catalog.sources import version_key
@@ -53,6 +60,18 @@ def rule_matches(rule: ExclusionRule, cell: Cell) -> bool:
     return all(spec is None or in_range(value, spec, cmp) for spec, value, cmp in checks)
 
 
+def version_mismatch(driver: ResolvedDriver) -> str | None:
+    """Why a driver's open modules cannot ship with it, when their source is of another version.
+
+    The node refuses a module set whose version differs from the image's userspace (NVML: "Driver/library
+    version mismatch"), so compiling it would only make a layer nobody can load.
+    """
+    if driver.open_version is None or driver.open_version == driver.version:
+        return None
+    return (f"open module source {driver.open_version} differs from driver {driver.version}: "
+            "the node refuses modules of another version than its userspace")
+
+
 def build_matrix(os_id: str, resolved: Resolved, exclusions: list[ExclusionRule]) -> Matrix:
     """Every (kernel, driver) cell; rules drop cells or module types; units are built once per
     (kernel, driver, arch) and compile the module types any of their cells still needs."""
@@ -64,6 +83,10 @@ def build_matrix(os_id: str, resolved: Resolved, exclusions: list[ExclusionRule]
             cell = Cell(os_id=os_id, os_version=k.os_version, flavour=k.flavour, arch=k.arch,
                         kernel=k.kernel, driver_version=d.version, driver_branch=d.branch)
             types = list(MODULE_TYPES)
+            mismatch = version_mismatch(d)
+            if mismatch is not None:
+                excluded.append(Exclusion(cell, mismatch, ("open",)))
+                types.remove("open")
             for rule in exclusions:
                 hit = [t for t in rule.module_types if t in types]
                 if hit and rule_matches(rule, cell):

@@ -73,13 +73,24 @@ def select_drivers(branches: list[DriverBranch], policy: Policy) -> list[Resolve
     return out
 
 
+def _upstream(debian_version: str) -> str:
+    return re.sub(r"^\d+:", "", debian_version).split("-", 1)[0]
+
+
 def drivers_from_package(repo: AptRepo, package: str) -> list[ResolvedDriver]:
-    """A distribution's driver: the upstream version of its kernel-module source package."""
+    """A distribution's driver: the upstream version of its kernel-module source package, and the
+    version of its open sibling (Debian: `nvidia-open-kernel-source` beside `nvidia-kernel-source`),
+    the newest of the same branch, as the build stage takes it."""
     pkg = repo.find(package)
-    upstream = re.sub(r"^\d+:", "", pkg.version).split("-", 1)[0]
+    upstream = _upstream(pkg.version)
     if not re.fullmatch(r"\d+(\.\d+)+", upstream):
         raise UserError(f"{package} {pkg.version} is not an NVIDIA driver version")
-    return [ResolvedDriver(branch=upstream.split(".", 1)[0], type=f"package {package}", version=upstream)]
+    branch = upstream.split(".", 1)[0]
+    open_package = package.replace("kernel-source", "open-kernel-source")
+    open_versions = [v for v in (_upstream(p.version) for p in repo.versions(open_package)) if v.split(".", 1)[0] == branch]
+    open_version = open_versions[0] if open_versions else None
+    return [ResolvedDriver(branch=branch, type=f"package {package}", version=upstream,
+                           open_version=open_version if open_version != upstream else None)]
 
 
 def apply_kernel_policy(resolved: list[KernelEntry], policy: Policy, os_versions: list[str]) -> list[KernelEntry]:
