@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.cli import main
 from gl_nvidia.cli.image import image_cmd
 from gl_nvidia.errors import UserError
@@ -25,8 +27,10 @@ from tests.test_image_support import (
     KERNELS,
     TRIPLET,
     VERSION,
+    edit_module_sets,
     make_bundle,
     with_extra_kernels,
+    with_split_nvidia,
 )
 
 K1, K2 = KERNELS
@@ -128,6 +132,38 @@ def test_same_inputs_give_the_same_digest(bundle: Path, built: list[BuiltImage],
     again = build_image(bundle, K1, tmp_path / "again", options=GL)
     assert again.digest == built[0].digest
     assert again.layers == built[0].layers
+
+
+def test_kernels_with_different_module_types_share_every_layer_below_their_own(tmp_path: Path) -> None:
+    """K2 lost its open modules to an exclusion: moving a node from K1 (open + proprietary) to K2 still
+    pulls only K2's modules layer, because NVIDIA's objects are one layer per module type."""
+    bundle = edit_module_sets(with_split_nvidia(make_bundle(tmp_path / "bundle")), K2, open=None)
+    k1, k2 = build_images(bundle, None, tmp_path / "layout", options=GL)
+    assert (k1.module_types, k2.module_types) == (("open", "proprietary"), ("proprietary",))
+    assert [x.name for x in k1.layers[-3:]] == ["binaries open", "binaries proprietary", f"modules {K1}"]
+    assert [x.name for x in k2.layers[-2:]] == ["binaries proprietary", f"modules {K2}"]
+    node_has = {x.digest for x in k1.layers}
+    assert [x.name for x in k2.layers if x.digest not in node_has] == [f"modules {K2}"]
+    # Only the way back pulls the open objects, once: K2's image never carried them.
+    assert [x.name for x in k1.layers if x.digest not in {x.digest for x in k2.layers}] == [
+        "binaries open", f"modules {K1}"]
+
+
+def test_modules_of_another_version_than_the_userspace_are_left_out(tmp_path: Path) -> None:
+    """Debian's open 535.261.03 modules beside the 535.309.01 userspace: the node would refuse them, so the
+    image does not carry them; asked for explicitly, that is one error line."""
+    bundle = make_bundle(tmp_path / "bundle")
+    lagging = dataclasses.replace(BundleManifest.load(bundle).kernels[K1].module_sets["open"], source_version="535.261.03")
+    edit_module_sets(bundle, K1, open=lagging)
+    img = build_image(bundle, K1, tmp_path / "both", options=GL)
+    assert img.module_types == ("proprietary",)
+    rootfs = unpack(tmp_path / "both", img.tags[0], tmp_path / "b")
+    assert not (rootfs / str(node_layout.modules_dir(K1, "open")).lstrip("/")).exists()
+    manifest = json.loads((rootfs / str(node_layout.MANIFEST).lstrip("/")).read_text())
+    assert list(manifest["kernels"][K1]["module_sets"]) == ["proprietary"]
+    with pytest.raises(UserError, match=r"open modules for kernel .* are 535.261.03, not the driver 535.309.01"):
+        build_image(bundle, K1, tmp_path / "open", options=dataclasses.replace(GL, module_types="open"))
+    assert not (tmp_path / "open").exists()
 
 
 def test_open_only_image_leaves_out_the_proprietary_modules(bundle: Path, built: list[BuiltImage], tmp_path: Path) -> None:
@@ -280,7 +316,7 @@ def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: R
     # nvidia.ko and nvidia-modeset.ko ship split: per-kernel interface + module.lds in the modules layer,
     # NVIDIA's kernel-independent objects once in the binaries layer below it
     assert [x.name for x in images[0].layers[-6:]] == [
-        "node-runtime", "userspace", "ld.so.cache", "firmware", "binaries", f"modules {real_kernel}"]
+        "node-runtime", "userspace", "ld.so.cache", "firmware", "binaries proprietary", f"modules {real_kernel}"]
     kos = sorted(p.name for p in (rootfs / str(node_layout.modules_dir(real_kernel, "proprietary")).lstrip("/")).iterdir())
     assert kos == ["module.lds", "nvidia-drm.ko", "nvidia-modeset.o", "nvidia-peermem.ko", "nvidia-uvm.ko", "nvidia.o"]
     bins = rootfs / str(node_layout.binaries_dir("proprietary")).lstrip("/")

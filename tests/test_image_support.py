@@ -88,3 +88,38 @@ def with_extra_kernels(src: Path, dest: Path, extra: tuple[str, ...]) -> Path:
         kernels[k] = dataclasses.replace(first, kernel=k)
     (dest / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())
     return dest
+
+
+def with_split_nvidia(bundle: Path) -> Path:
+    """Ship every kernel's nvidia.ko of `bundle` split, as `build` does for NVIDIA's real modules: a
+    per-kernel interface object and module.lds, and one kernel-independent binary per module type."""
+    manifest = b.BundleManifest.load(bundle)
+    kernels = {}
+    for k, kb in manifest.kernels.items():
+        sets = {}
+        for t, ms in kb.module_sets.items():
+            binary = b.binaries_dir(bundle, t) / "nv-kernel.o"
+            if not binary.exists():
+                _compile(f'const char nv_kernel[] = "NVIDIA {t} {VERSION}";\n', binary, "-c")
+            iface = b.interfaces_dir(bundle, k, t)
+            _compile(f'const char iface[] = "{k} {t}";\n', iface / "nvidia.o", "-c")
+            (iface / "module.lds").write_text(f"/* {k} */\n")
+            (b.modules_dir(bundle, k, t) / "nvidia.ko").unlink()
+            parts = b.ModuleParts("nvidia.o", _sha(iface / "nvidia.o"), (iface / "nvidia.o").stat().st_size,
+                                  "nv-kernel.o", _sha(binary), binary.stat().st_size,
+                                  "module.lds", _sha(iface / "module.lds"), ("-r",), "GNU ld (test) 2.40")
+            mods = tuple(dataclasses.replace(m, parts=parts) if m.name == "nvidia.ko" else m for m in ms.modules)
+            sets[t] = dataclasses.replace(ms, modules=mods)
+        kernels[k] = dataclasses.replace(kb, module_sets=sets)
+    (bundle / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())
+    return bundle
+
+
+def edit_module_sets(bundle: Path, kernel: str, **changes: b.ModuleSet | None) -> Path:
+    """Replace (or, with None, drop) module sets of one kernel in the bundle's manifest."""
+    manifest = b.BundleManifest.load(bundle)
+    kb = manifest.kernels[kernel]
+    sets = {t: ms for t, ms in {**kb.module_sets, **changes}.items() if ms is not None}
+    kernels = {**manifest.kernels, kernel: dataclasses.replace(kb, module_sets=sets)}
+    (bundle / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())
+    return bundle

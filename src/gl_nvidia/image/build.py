@@ -1,15 +1,18 @@
 """Build driver images from a bundle into an OCI image layout, without a container engine.
 
 Layers, bottom to top (so a kernel-only upgrade pulls only the last one):
-  base rootfs | node runtime | userspace | ld.so.cache | firmware | binaries | modules of one kernel
-Everything below the modules layer is identical for every kernel of one driver version and arch (the
-binaries layer: for every kernel with the same module types). The modules layer holds the interface
-objects and module.lds of split modules (bundle.ModuleParts), whole small modules and the manifest.
+  base rootfs | node runtime | userspace | ld.so.cache | firmware | binaries per module type | modules of one kernel
+Every layer below the modules layer depends only on the driver version, arch and module type, never on
+which kernels a bundle holds or which module types one kernel got: NVIDIA's kernel-independent objects
+are one layer per module type, so images of kernels with different module types still share them. The
+modules layer holds the interface objects and module.lds of split modules (bundle.ModuleParts), whole
+small modules and the manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +35,8 @@ from gl_nvidia.image.oci import Layout, Manifest
 from gl_nvidia.image.tags import image_tags, validate_tag
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.run import run
+
+log = logging.getLogger(__name__)
 
 MODULE_TYPE_CHOICES = {"open": ("open",), "proprietary": ("proprietary",), "both": ("open", "proprietary")}
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -115,7 +120,7 @@ def build_images(
     plans = [_plan_kernel(bundle_dir, manifest, k, opts) for k in wanted]  # all input errors before any work
     layout = _open_out(out_layout)
     results = []
-    binaries: dict[tuple[str, ...], LayerBlob | None] = {}  # one binaries layer per set of module types
+    binaries: dict[str, LayerBlob | None] = {}  # one layer of NVIDIA's objects per module type
     with ui.progress() as prog, tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp:
         with ui.task(prog, "base root filesystem"):
             base_image = _resolve_base(base, layout, manifest.arch)
@@ -127,10 +132,11 @@ def build_images(
             shared = _shared_layers(layout, bundle_dir, manifest, root)
         with ui.task(prog, "kernel images", total=len(plans)) as t:
             for plan in plans:
-                if plan.module_types not in binaries:
-                    binaries[plan.module_types] = _binaries_layer(layout, bundle_dir, manifest, plan, root)
-                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, shared,
-                                             binaries[plan.module_types], root, opts))
+                for mtype in plan.module_types:
+                    if mtype not in binaries:
+                        binaries[mtype] = _binaries_layer(layout, bundle_dir, manifest, plan, mtype, root)
+                own = [(f"binaries {m}", layer) for m in plan.module_types if (layer := binaries[m]) is not None]
+                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, shared, own, root, opts))
                 t.advance(1)
     return results
 
@@ -185,10 +191,20 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
     if opts.module_types not in MODULE_TYPE_CHOICES:
         raise UserError(f"unknown module type {opts.module_types!r}", "use open, proprietary or both")
     sets = manifest.kernels[kernel].module_sets
-    ok = tuple(t for t in MODULE_TYPE_CHOICES[opts.module_types] if t in sets and sets[t].status == "ok")
-    if not ok:
+    built = tuple(t for t in MODULE_TYPE_CHOICES[opts.module_types] if t in sets and sets[t].status == "ok")
+    if not built:
         raise UserError(f"bundle {bundle_dir} has no successfully built {opts.module_types} modules for kernel {kernel}",
                         "see the build log in the bundle's logs/ directory")
+    ok = usable_module_types(manifest, kernel, built)
+    if not ok:
+        t = built[0]
+        raise UserError(f"the {t} modules for kernel {kernel} in bundle {bundle_dir} are {sets[t].source_version}, "
+                        f"not the driver {manifest.driver_version}: the node would refuse them",
+                        "build modules from the source of the driver's own version")
+    for t in built:
+        if t not in ok:
+            log.warning("%s: leaving out the %s modules: %s is not the driver %s (the node would refuse them)",
+                        kernel, t, sets[t].source_version, manifest.driver_version)
     for t in ok:
         for mod in sets[t].modules:
             for path, sha in _module_sources(bundle_dir, kernel, t, mod):
@@ -206,6 +222,13 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
         except ValueError as exc:
             raise UserError(str(exc), "kernel, driver version and OS version must only use [A-Za-z0-9_.-]") from exc
     return _KernelPlan(kernel, ok, tuple(tags))
+
+
+def usable_module_types(manifest: BundleManifest, kernel: str, types: Sequence[str]) -> tuple[str, ...]:
+    """The module types of `types` built from the driver's own version: the node refuses the others
+    (NVML: "Driver/library version mismatch"), so an image never carries them."""
+    sets = manifest.kernels[kernel].module_sets
+    return tuple(t for t in types if sets[t].source_version == manifest.driver_version)
 
 
 def _module_sources(bundle_dir: Path, kernel: str, module_type: str,
@@ -328,17 +351,15 @@ def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
 
 
 def _binaries_layer(layout: Layout, bundle_dir: Path, manifest: BundleManifest, plan: _KernelPlan,
-                    root: Path) -> LayerBlob | None:
-    """The kernel-independent binary objects of the plan's module types (None when nothing is split).
+                    module_type: str, root: Path) -> LayerBlob | None:
+    """NVIDIA's kernel-independent objects of one module type (None when nothing of it is split).
 
-    Binaries are taken once per module type, by name: `_plan_kernel` checked each kernel's parts name
-    the same bytes, so every kernel with these module types gets this one layer.
+    They are the same bytes for every kernel (`_plan_kernel` checked each kernel's parts against the
+    bundle's one copy), so every image with this module type gets this one layer.
     """
-    entries = []
-    for t in plan.module_types:
-        names = sorted({m.parts.binary for m in manifest.kernels[plan.kernel].module_sets[t].modules if m.parts})
-        entries += [Entry(_place(root, node_layout.binaries_dir(t) / name),
-                          source=bundle_mod.binaries_dir(bundle_dir, t) / name) for name in names]
+    names = sorted({m.parts.binary for m in manifest.kernels[plan.kernel].module_sets[module_type].modules if m.parts})
+    entries = [Entry(_place(root, node_layout.binaries_dir(module_type) / name),
+                     source=bundle_mod.binaries_dir(bundle_dir, module_type) / name) for name in names]
     return layers.write_layer(layout, entries) if entries else None
 
 
@@ -349,7 +370,7 @@ def _kernel_image(
     plan: _KernelPlan,
     base_image: base_mod.BaseImage,
     shared: _Shared,
-    binaries: LayerBlob | None,
+    binaries: list[tuple[str, LayerBlob]],
     root: Path,
     opts: ImageOptions,
 ) -> BuiltImage:
@@ -368,8 +389,7 @@ def _kernel_image(
                         if mod.parts is None or src.name != mod.parts.binary]
     modules = layers.write_layer(layout, list({e.path: e for e in entries}.values()))
 
-    named = [("base", b) for b in base_image.layers] + list(shared.layers) + [
-        *([("binaries", binaries)] if binaries else []), (f"modules {plan.kernel}", modules)]
+    named = [("base", b) for b in base_image.layers] + list(shared.layers) + [*binaries, (f"modules {plan.kernel}", modules)]
     labels = _labels(manifest, plan, base_image, opts)
     created = datetime.fromtimestamp(layers.source_date_epoch(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     config = {
