@@ -21,6 +21,7 @@ from tests.test_deploy_kube import CLUSTER_POLICY, FakeCluster, node_json, serve
 
 DATA = Path(__file__).parent / "data" / "deploy"
 LOCK = DATA / "release-debian-lock.yaml"
+TWO_KERNELS = DATA / "release-debian-two-kernels.yaml"
 KERNEL = "6.1.0-56-cloud-amd64"
 TAGS = (f"535-{KERNEL}-debian12", f"535.309.01-{KERNEL}-debian12")
 
@@ -116,6 +117,32 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
     captured = capsys.readouterr()
     assert captured.out == f"{repo}/driver:{TAGS[0]}\n"
     assert "exists: unknown" in captured.err and f"registry {registry.host} is unreachable" in captured.err
+
+
+@pytest.mark.slow
+def test_a_kernel_only_upgrade_pulls_only_the_new_kernels_layer(registry: Registry, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Both Debian kernels released into a real registry: a node moving from one to the other (either
+    way) lacks only the new kernel's modules layer and config, whatever module types the release left out."""
+    repo = f"{registry.host}/gl-nvidia"
+    argv = ["release", "--profile", str(TWO_KERNELS), "--out", str(tmp_path / "out"), "--registry", repo]
+    assert main([*argv, "--json"]) == 0
+    units = json.loads(capsys.readouterr().out)["units"]
+    assert [u["unit"]["kernel"] for u in units] == ["6.1.0-47-cloud-amd64", KERNEL]
+    assert all(u["left_out"] == [{"module_type": "open", "reason": "open 535.261.03 is not the driver 535.309.01 "
+                                  "(as the profile resolves it today)"}] for u in units)
+    assert main(argv) == 0
+    assert "no open:" in capsys.readouterr().out  # the release table says what was left out, and why
+    # What a node's container runtime sees, read with an independent client.
+    manifests = {u["unit"]["kernel"]: json.loads(output(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{repo}/driver:{u['tags'][1]}"]))
+        for u in units}
+    old, new = manifests.values()
+    for have, want in ((old, new), (new, old)):
+        held = {x["digest"] for x in have["layers"]}
+        lacking = [x for x in want["layers"] if x["digest"] not in held]
+        assert lacking == [want["layers"][-1]]  # the kernel's own modules layer, nothing below it
+        assert lacking[0]["size"] < 5_000_000 < sum(x["size"] for x in want["layers"]) // 20
 
 
 def test_release_of_an_unbuildable_unit_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

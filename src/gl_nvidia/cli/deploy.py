@@ -236,9 +236,11 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_jso
                        "repository": result.repository, "compiled": result.compiled,
                        "blobs_uploaded": result.blobs_uploaded, "manifests_pushed": result.manifests_pushed})
     else:
-        ui.print_table("release", ["unit", "tags", "digest", "status"],
-                       [[f"{u.unit.kernel}\n{u.unit.driver_version} {u.unit.arch}", "\n".join(u.tags),
-                         (u.digest or "-").removeprefix("sha256:")[:12], u.status] for u in result.units])
+        ui.print_table("release", ["unit", "modules", "tags", "digest", "status"],
+                       [[f"{u.unit.kernel}\n{u.unit.driver_version} {u.unit.arch}",
+                         "\n".join([",".join(u.unit.module_types), *(f"no {t}: {r}" for t, r in u.left_out)]),
+                         "\n".join(u.tags), (u.digest or "-").removeprefix("sha256:")[:12], u.status]
+                        for u in result.units])
     ok = [u for u in result.units if u.ok]
     if ok:
         branch = max(ok, key=lambda u: int(u.unit.driver_branch)).unit.driver_branch

@@ -19,7 +19,7 @@ from gl_nvidia.build.sources import DriverSource
 from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.lock import Lock
 from gl_nvidia.catalog.matrix import load_lock, load_matrix
-from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit
+from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
@@ -43,6 +43,7 @@ class UnitReport:
     image: str  # "built" | "exists" | "-"
     push: str  # "pushed" | "exists" | "-"
     error: str | None = None
+    left_out: tuple[tuple[str, str], ...] = ()  # (module type, reason) the matrix excluded for this unit
 
     @property
     def ok(self) -> bool:
@@ -56,7 +57,8 @@ class UnitReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"unit": self.unit.as_dict(), "tags": list(self.tags), "digest": self.digest, "build": self.build,
-                "image": self.image, "push": self.push, "error": self.error}
+                "image": self.image, "push": self.push, "error": self.error,
+                "left_out": [{"module_type": t, "reason": r} for t, r in self.left_out]}
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,17 @@ def base_for(lock: Lock, arch: str, os_version: str) -> base_mod.BaseSpec:
 
         return base_mod.gardenlinux_spec(expand_env(lock.sources.apt), os_version, arch)
     return base_mod.debian_spec(arch)
+
+
+def _left_out(unit: BuildUnit, excluded: Sequence[Exclusion]) -> tuple[tuple[str, str], ...]:
+    """The module types the matrix dropped from a unit's cells, with the reason (once per type)."""
+    out: dict[str, str] = {}
+    for e in excluded:
+        if (e.cell.kernel, e.cell.driver_version, e.cell.arch) == (unit.kernel, unit.driver_version, unit.arch):
+            for t in e.module_types:
+                if t not in unit.module_types:
+                    out.setdefault(t, e.reason)
+    return tuple(out.items())
 
 
 def _module_choice(types: Sequence[str]) -> str:
@@ -144,7 +157,7 @@ def release(
         pushed = (0, 0)
         if registry is not None:
             pushed = _push(images, layout_dir, registry, reports, prog)
-    ordered = tuple(reports[u] for u in matrix.units)
+    ordered = tuple(replace(reports[u], left_out=_left_out(u, matrix.excluded)) for u in matrix.units)
     return ReleaseResult(ordered, layout_dir, registry, compiled, *pushed)
 
 
