@@ -19,6 +19,7 @@ from .test_node_fakes import (
     fake_node,
     make_image,
     make_ko,
+    reseal,
 )
 
 DIGEST = "2f9c1b7d"
@@ -426,8 +427,10 @@ def test_split_modules_are_linked_into_staging_and_inserted_from_there(tmp_path:
 
 def test_a_link_that_differs_from_the_builds_is_refused_before_insmod(tmp_path: Path) -> None:
     image = make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)})
-    # another build's binary object next to this build's interface: same linker, other bytes
+    # another build's binary object next to this build's interface, and a manifest that agrees with the
+    # parts (not with the module the build linked): same linker, other bytes
     (image.at("/usr/lib/gl-nvidia/binaries/proprietary") / "nv-kernel.o").write_bytes(b"another build")
+    image = reseal(image)
     rt, k = fake_node(tmp_path, "h100", image=image)
     k.linker = BUILD_LINKER
     with pytest.raises(NodeError) as exc:
@@ -444,6 +447,7 @@ def test_an_interface_for_another_kernel_is_refused_naming_both(tmp_path: Path) 
     iface = image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.o"
     make_ko(iface, version="535.309.01", srcversion="proprietary-nvidia",
             vermagic="6.1.0-47-cloud-amd64 SMP mod_unload modversions ")
+    image = reseal(image)  # the manifest agrees with the interface: built for another kernel, not damaged
     rt, k = fake_node(tmp_path, "no-gpu", image=image)  # other linker: vermagic and srcversion still checked
     with pytest.raises(NodeError) as exc:
         rt.check_load()
@@ -458,6 +462,7 @@ def test_an_interface_for_another_kernel_is_refused_naming_both(tmp_path: Path) 
 def test_a_damaged_module_is_one_clear_error_and_leaves_nothing_loaded_or_mounted(tmp_path: Path, content: bytes) -> None:
     image = make_image(tmp_path / "image", kernels={KERNEL: ("proprietary",)})
     image.ko(KERNEL, "proprietary", "nvidia-uvm").write_bytes(content)
+    image = reseal(image)  # a module the build itself got wrong: its manifest agrees with it
     rt, k = fake_node(tmp_path, "h100", image)
     with pytest.raises(NodeError, match=r"nvidia-uvm\.ko is not a readable kernel module .*"):
         rt.init()
