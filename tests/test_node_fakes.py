@@ -179,6 +179,9 @@ class FakeKernel:
             if argv[1:] == ("--version",):
                 return Result(0, self.linker + "\nCopyright\n")
             out = Path(argv[argv.index("-o") + 1])
+            if "ld" in self.fail:  # a failed (or killed) ld can leave part of its output behind
+                out.write_bytes(b"\x7fELF partial")
+                return self.fail["ld"]
             out.write_bytes(fake_link(Path(argv[-2]), Path(argv[-1])))
             return Result(0)
         if cmd == "rmmod":

@@ -200,6 +200,36 @@ def test_insmod_failure_reports_the_kernel_and_undoes_everything(tmp_path: Path)
     assert not rt.host.exists(STATE_FILE) and not rt.host.exists(READY_FILE)
 
 
+def test_a_ready_file_that_cannot_be_removed_does_not_hide_the_insmod_error(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100", DRIVER_CONFIG_DIGEST=DIGEST)
+    rt.host.path(READY_FILE).mkdir(parents=True)  # unlink fails (EISDIR) as it would on a read-only mount
+    k.fail["insmod:nvidia_uvm"] = Result(1, "", "insmod: ERROR: could not insert module nvidia-uvm.ko: Invalid module format")
+    with pytest.raises(NodeError, match=r"^the kernel refused nvidia-uvm\.ko: insmod: ERROR: could not insert"):
+        rt.init()
+    assert "rmmod nvidia" in k.names() and not k.mounts  # the other steps still ran
+    assert any("teardown: could not remove the ready file" in line and "Is a directory" in line for line in rt.log.lines)
+
+
+def test_teardown_after_sigterm_does_not_raise_when_the_ready_file_cannot_be_removed(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    rt.host.path(READY_FILE).mkdir(parents=True)
+    rt.init()  # SIGTERM (the fake wait) and teardown: returns, so the container exits 0
+    assert "nvidia" not in rt.host.read("/proc/modules") and not k.mounts
+    assert any("teardown: could not remove the ready file" in line for line in rt.log.lines)
+    assert any("teardown done" in line for line in rt.log.lines)
+
+
+def test_a_failed_link_leaves_no_temp_file_and_loads_nothing(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    k.fail["ld"] = Result(1, "", "ld: final link failed: No space left on device")
+    with pytest.raises(NodeError, match=rf"^could not link nvidia\.ko for kernel {KERNEL} from its parts: "
+                                        r"ld: final link failed: No space left on device$"):
+        rt.init()
+    assert any(c.startswith("ld ") for c in k.names())
+    assert not [p for p in rt.host.path(STAGING_DIR).rglob("*") if p.is_file()]
+    assert not [c for c in k.names() if c.startswith("insmod")]
+
+
 def test_malformed_module_conf_stops_before_loading(tmp_path: Path) -> None:
     rt, k = fake_node(tmp_path, "h100")
     (rt.host.path("/drivers")).mkdir()

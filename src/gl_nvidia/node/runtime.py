@@ -325,7 +325,27 @@ class Runtime:
     # ---------------------------------------------------------------- teardown
 
     def teardown(self, failed: bool = False) -> None:
-        """Stop daemons, unload modules unless in use, undo the mount, remove the ready file. Never raises."""
+        """Stop daemons, unload modules unless in use, undo the mount, remove the ready file.
+
+        Never raises: after a failed init the error that stopped it is the one to report, and every step
+        is tried whatever the one before it met. A step that fails is a warning line.
+        """
+        self._teardown_step("stop the daemons", self._stop_daemons)
+        if not failed or self._loaded:
+            self._teardown_step("unload the modules", self._unload_and_drop_state)
+        if self._mounted or not failed:
+            self._teardown_step("unmount the driver root", self._umount_if_mounted)
+        self._teardown_step("remove the ready file", lambda: self.host.remove(READY_FILE))
+        self.log.info("teardown done", failed=failed)
+
+    def _teardown_step(self, what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:  # the promise is "never raises": say what failed, go on
+            error = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
+            self.log.warn(f"teardown: could not {what}", error=error or type(exc).__name__)
+
+    def _stop_daemons(self) -> None:
         for name in reversed(self._daemons):
             pid = self._pid(name)
             if pid is None or not self.host.alive(pid):
@@ -337,14 +357,14 @@ class Runtime:
                 self.sleep(0.1)
             self.log.info("daemon stopped", daemon=name, pid=pid, stopped=not self.host.alive(pid))
         self._daemons.clear()
-        if not failed or self._loaded:
-            unloaded = self._unload()
-            if unloaded:
-                self.host.remove(STATE_FILE)
-        if self._mounted or (not failed and self.host.is_mountpoint(DRIVER_ROOT)):
+
+    def _unload_and_drop_state(self) -> None:
+        if self._unload():
+            self.host.remove(STATE_FILE)
+
+    def _umount_if_mounted(self) -> None:
+        if self._mounted or self.host.is_mountpoint(DRIVER_ROOT):
             self._umount()
-        self.host.remove(READY_FILE)
-        self.log.info("teardown done", failed=failed)
 
     def _umount(self) -> None:
         res = self.host.run("umount", "--lazy", str(self.host.path(DRIVER_ROOT)))
@@ -478,16 +498,18 @@ class Runtime:
         self.host.makedirs(stage)
         out = self.host.path(f"{stage}/{module}.ko")
         tmp = out.with_name(f".{out.name}.tmp")
-        res = self.host.run(*split.parts.link_argv("ld", str(split.interface), str(split.binary), str(split.lds),
-                                                   str(tmp)))
-        if res.rc != 0:
-            raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: "
-                            f"{_reason(res.stderr or res.stdout)}", "the image needs a working ld (binutils)")
-        problem = _link_problem(tmp, module, split, running, self._ld_version())
-        if problem:
-            tmp.unlink()
-            raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
-        os.replace(tmp, out)
+        try:
+            res = self.host.run(*split.parts.link_argv("ld", str(split.interface), str(split.binary), str(split.lds),
+                                                       str(tmp)))
+            if res.rc != 0:
+                raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: "
+                                f"{_reason(res.stderr or res.stdout)}", "the image needs a working ld (binutils)")
+            problem = _link_problem(tmp, module, split, running, self._ld_version())
+            if problem:
+                raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed or killed ld can leave a partial output behind
         self.log.info("module linked", module=module, type=module_type, path=str(out))
         return out
 
