@@ -339,19 +339,31 @@ def test_unreachable_cluster_and_broken_kubeconfig(tmp_path: Path, capsys: pytes
     assert "cannot use kubeconfig" in capsys.readouterr().err
 
 
-def test_ctrl_c_deletes_the_pods(cluster: tuple[FakeCluster, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "parent_sigint"), [
+    (signal.SIGINT, signal.SIG_DFL),
+    # A non-interactive shell starts `cmd &` with SIGINT ignored, and children inherit that: the suite
+    # run in the background once hung here, verify polling on until --timeout while the pods stayed.
+    (signal.SIGINT, signal.SIG_IGN),
+    (signal.SIGTERM, signal.SIG_DFL),  # CI cancelling the job, `timeout`: its default kills without `finally`
+], ids=["sigint", "sigint-ignored-by-the-parent", "sigterm"])
+def test_ctrl_c_deletes_the_pods(cluster: tuple[FakeCluster, str], tmp_path: Path, sig: signal.Signals,
+                                 parent_sigint: signal.Handlers) -> None:
     fake, server = cluster
     fake.behaviour |= {"gpu-a": "stuck", "gpu-b": "stuck"}
     kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", server))
     cli = Path(sys.executable).with_name("gl-nvidia")
-    proc = subprocess.Popen([str(cli), "verify", "--kubeconfig", kubeconfig, "--timeout", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    previous = signal.signal(signal.SIGINT, parent_sigint)  # what the child inherits across exec
+    try:
+        proc = subprocess.Popen([str(cli), "verify", "--kubeconfig", kubeconfig, "--timeout", "120"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 60
         while len(fake.created) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert len(fake.created) == 2, proc.stderr.read() if proc.stderr else ""
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -81,9 +81,10 @@ def make_image(
                 records.append({
                     "name": f"{m}.ko", "sha256": _sha(fake_link(iface, binary)), "size": 0, "size_unstripped": 0,
                     "vermagic": info["vermagic"], "srcversion": info["srcversion"],
-                    "parts": {"interface": iface.name, "interface_sha256": "", "interface_size": 0,
-                              "binary": binary.name, "binary_sha256": "", "binary_size": 0, "lds": "module.lds",
-                              "lds_sha256": "", "ld_flags": ["-r", "-m", "elf_x86_64", "--build-id=sha1"],
+                    "parts": {"interface": iface.name, "interface_sha256": _sha(iface.read_bytes()), "interface_size": 0,
+                              "binary": binary.name, "binary_sha256": _sha(binary.read_bytes()), "binary_size": 0,
+                              "lds": "module.lds", "lds_sha256": _sha((d / "module.lds").read_bytes()),
+                              "ld_flags": ["-r", "-m", "elf_x86_64", "--build-id=sha1"],
                               "linker": BUILD_LINKER},
                 })
             sets.setdefault(kernel, {})[t] = {"source_version": sv.get(t, version), "modules": records}
@@ -100,6 +101,26 @@ def make_image(
     (root / "etc").mkdir(exist_ok=True)
     (root / "etc/ld.so.cache").write_bytes(b"glibc-ld.so.cache1.1\0libnvidia-ml.so.1\0")
     return Image.load(root)
+
+
+def reseal(image: Image) -> Image:
+    """The image with its manifest rewritten to the sha256 of the files it now holds: a changed file that
+    input verification lets through, for the checks after it (modinfo, the linked module's)."""
+    path = image.at(layout.MANIFEST)
+    d = json.loads(path.read_text())
+    for kernel, kb in d["kernels"].items():
+        for t, ms in kb["module_sets"].items():
+            here = image.at(layout.modules_dir(kernel, t))
+            for m in ms["modules"]:
+                parts = m.get("parts")
+                if parts is None:
+                    m["sha256"] = _sha((here / m["name"]).read_bytes())
+                    continue
+                parts["interface_sha256"] = _sha((here / parts["interface"]).read_bytes())
+                parts["lds_sha256"] = _sha((here / parts["lds"]).read_bytes())
+                parts["binary_sha256"] = _sha((image.at(layout.binaries_dir(t)) / parts["binary"]).read_bytes())
+    path.write_text(json.dumps(d))
+    return Image.load(image.root)
 
 
 def _sha(data: bytes) -> str:
@@ -158,6 +179,9 @@ class FakeKernel:
             if argv[1:] == ("--version",):
                 return Result(0, self.linker + "\nCopyright\n")
             out = Path(argv[argv.index("-o") + 1])
+            if "ld" in self.fail:  # a failed (or killed) ld can leave part of its output behind
+                out.write_bytes(b"\x7fELF partial")
+                return self.fail["ld"]
             out.write_bytes(fake_link(Path(argv[-2]), Path(argv[-1])))
             return Result(0)
         if cmd == "rmmod":

@@ -19,6 +19,7 @@ from .test_node_fakes import (
     fake_node,
     make_image,
     make_ko,
+    reseal,
 )
 
 DIGEST = "2f9c1b7d"
@@ -197,6 +198,36 @@ def test_insmod_failure_reports_the_kernel_and_undoes_everything(tmp_path: Path)
     assert "rmmod nvidia" in k.names()  # the nvidia.ko this run inserted is taken out again
     assert not k.mounts
     assert not rt.host.exists(STATE_FILE) and not rt.host.exists(READY_FILE)
+
+
+def test_a_ready_file_that_cannot_be_removed_does_not_hide_the_insmod_error(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100", DRIVER_CONFIG_DIGEST=DIGEST)
+    rt.host.path(READY_FILE).mkdir(parents=True)  # unlink fails (EISDIR) as it would on a read-only mount
+    k.fail["insmod:nvidia_uvm"] = Result(1, "", "insmod: ERROR: could not insert module nvidia-uvm.ko: Invalid module format")
+    with pytest.raises(NodeError, match=r"^the kernel refused nvidia-uvm\.ko: insmod: ERROR: could not insert"):
+        rt.init()
+    assert "rmmod nvidia" in k.names() and not k.mounts  # the other steps still ran
+    assert any("teardown: could not remove the ready file" in line and "Is a directory" in line for line in rt.log.lines)
+
+
+def test_teardown_after_sigterm_does_not_raise_when_the_ready_file_cannot_be_removed(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    rt.host.path(READY_FILE).mkdir(parents=True)
+    rt.init()  # SIGTERM (the fake wait) and teardown: returns, so the container exits 0
+    assert "nvidia" not in rt.host.read("/proc/modules") and not k.mounts
+    assert any("teardown: could not remove the ready file" in line for line in rt.log.lines)
+    assert any("teardown done" in line for line in rt.log.lines)
+
+
+def test_a_failed_link_leaves_no_temp_file_and_loads_nothing(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    k.fail["ld"] = Result(1, "", "ld: final link failed: No space left on device")
+    with pytest.raises(NodeError, match=rf"^could not link nvidia\.ko for kernel {KERNEL} from its parts: "
+                                        r"ld: final link failed: No space left on device$"):
+        rt.init()
+    assert any(c.startswith("ld ") for c in k.names())
+    assert not [p for p in rt.host.path(STAGING_DIR).rglob("*") if p.is_file()]
+    assert not [c for c in k.names() if c.startswith("insmod")]
 
 
 def test_malformed_module_conf_stops_before_loading(tmp_path: Path) -> None:
@@ -426,8 +457,10 @@ def test_split_modules_are_linked_into_staging_and_inserted_from_there(tmp_path:
 
 def test_a_link_that_differs_from_the_builds_is_refused_before_insmod(tmp_path: Path) -> None:
     image = make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)})
-    # another build's binary object next to this build's interface: same linker, other bytes
+    # another build's binary object next to this build's interface, and a manifest that agrees with the
+    # parts (not with the module the build linked): same linker, other bytes
     (image.at("/usr/lib/gl-nvidia/binaries/proprietary") / "nv-kernel.o").write_bytes(b"another build")
+    image = reseal(image)
     rt, k = fake_node(tmp_path, "h100", image=image)
     k.linker = BUILD_LINKER
     with pytest.raises(NodeError) as exc:
@@ -444,6 +477,7 @@ def test_an_interface_for_another_kernel_is_refused_naming_both(tmp_path: Path) 
     iface = image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.o"
     make_ko(iface, version="535.309.01", srcversion="proprietary-nvidia",
             vermagic="6.1.0-47-cloud-amd64 SMP mod_unload modversions ")
+    image = reseal(image)  # the manifest agrees with the interface: built for another kernel, not damaged
     rt, k = fake_node(tmp_path, "no-gpu", image=image)  # other linker: vermagic and srcversion still checked
     with pytest.raises(NodeError) as exc:
         rt.check_load()
@@ -458,6 +492,7 @@ def test_an_interface_for_another_kernel_is_refused_naming_both(tmp_path: Path) 
 def test_a_damaged_module_is_one_clear_error_and_leaves_nothing_loaded_or_mounted(tmp_path: Path, content: bytes) -> None:
     image = make_image(tmp_path / "image", kernels={KERNEL: ("proprietary",)})
     image.ko(KERNEL, "proprietary", "nvidia-uvm").write_bytes(content)
+    image = reseal(image)  # a module the build itself got wrong: its manifest agrees with it
     rt, k = fake_node(tmp_path, "h100", image)
     with pytest.raises(NodeError, match=r"nvidia-uvm\.ko is not a readable kernel module .*"):
         rt.init()
