@@ -178,6 +178,20 @@ def test_changed_digest_reloads_when_idle(tmp_path: Path) -> None:
     assert _index(calls, "rmmod nvidia-modeset nvidia-uvm nvidia") < _index(calls, "insmod")
 
 
+def test_a_damaged_image_on_the_reload_path_keeps_the_driver_the_node_runs(tmp_path: Path) -> None:
+    """Reloading first unloads the old modules: a new image whose files fail their manifest check must
+    be refused before that, or the node is left with no driver at all."""
+    k = _loaded_by_us(tmp_path / "a")
+    rt, _ = fake_node(tmp_path / "b", "h100", DRIVER_CONFIG_DIGEST="new")
+    _attach(rt, k)
+    with rt.image.ko(KERNEL, "proprietary", "nvidia-uvm").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(NodeError, match=r"nvidia-uvm\.ko has sha256 [0-9a-f]{64}, but this image's manifest says"):
+        rt.init()
+    assert not [c for c in k.names() if c.startswith(("insmod", "rmmod", "mount "))]
+    assert "nvidia_uvm" in (k.root / "proc/modules").read_text()
+
+
 def test_changed_digest_in_use_is_refused_and_touches_nothing(tmp_path: Path) -> None:
     k = _loaded_by_us(tmp_path / "a")
     (k.root / "sys/module/nvidia_uvm/refcnt").write_text("1\n")

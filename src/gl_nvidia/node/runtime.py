@@ -160,6 +160,7 @@ class Runtime:
                 if loaded is not None:
                     self.log.info("driver loaded with another configuration, reloading", version=loaded,
                                   digest=digest or "unset", state=(state or "absent").strip())
+                    self._verify(plan)  # a damaged image must not cost the node the driver it runs
                     if not self._unload():
                         raise NodeError(
                             f"nvidia {loaded} is loaded with another configuration and in use; "
@@ -482,6 +483,10 @@ class Runtime:
         raise NodeError("the loaded nvidia module is not one of this image's", "restart the driver pod first")
 
     # ---------------------------------------------------------------- linking split modules
+
+    def _verify(self, plan: Plan) -> None:
+        for m in plan.modules:
+            self.image.verify(plan.kernel, plan.module_type.module_type, m)
 
     def _modules(self, kernel: str, module_type: str, modules: tuple[str, ...], running: str) -> list[Path]:
         """The .ko files to insert, in order: every file they are made from is checked against the manifest
