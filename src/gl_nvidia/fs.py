@@ -68,6 +68,22 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+def check_writable_dir(path: Path) -> None:
+    """Refuse now a directory that could not be created or written, leaving nothing behind: a long job
+    (compiles) must not find out at its end that it has nowhere to put its result."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gl-nvidia-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _as_user_error(exc, path) from exc
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from datetime import date
 
+from pydantic import ValidationError
+
 from gl_nvidia import ui
 from gl_nvidia.apt import AptRepo
 from gl_nvidia.catalog.kernels import apt_sources, resolve_kernel
@@ -20,6 +22,7 @@ from gl_nvidia.catalog.lock import (
     Resolved,
     ResolvedDriver,
     ResolvedOSVersion,
+    describe_validation_error,
 )
 from gl_nvidia.catalog.sources import (
     DriverBranch,
@@ -116,7 +119,14 @@ class SourceOverrides:
 
 def refresh(lock: Lock, today: date, overrides: SourceOverrides | None = None) -> Resolved:
     """Read every source and apply the policy: the new `resolved` section."""
-    overrides = overrides or SourceOverrides()
+    try:
+        return _refresh(lock, today, overrides or SourceOverrides())
+    except ValidationError as exc:  # a source named a kernel or driver version the lock would refuse
+        raise UserError(f"a source names an unusable {describe_validation_error(exc)}",
+                        "check the lock's sources") from exc
+
+
+def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
     sources = lock.sources
     glrd = list(overrides.glrd) or sources.glrd
     nvidia = overrides.nvidia or sources.nvidia

@@ -15,7 +15,9 @@ from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branc
 from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.bundle import MODULE_TYPES
 from gl_nvidia.catalog.model import BuildUnit, Cell
+from gl_nvidia.cli.params import DRIVER_VERSION, KERNEL, SHA256
 from gl_nvidia.errors import CheckFailed, UserError
+from gl_nvidia.fs import check_writable_dir
 
 
 def _line(text: str) -> None:
@@ -76,8 +78,9 @@ def _exclude(lock: Path, results: list[UnitResult]) -> int:
 
 
 @click.command("build")
-@click.option("--kernel", help="Kernel release (uname -r) of one build unit.")
-@click.option("--driver", "driver_version", help="Driver version of one build unit (e.g. 535.309.01).")
+@click.option("--kernel", type=KERNEL, help="Kernel release (uname -r) of one build unit.")
+@click.option("--driver", "driver_version", type=DRIVER_VERSION,
+              help="Driver version of one build unit (e.g. 535.309.01).")
 @click.option("--arch", default="amd64", show_default=True, type=click.Choice(["amd64", "arm64"]))
 @click.option("--os-version", default="12", show_default=True, help="OS version of the one unit (GL version for kmodbuild).")
 @click.option("--os-id", default="debian", show_default=True, type=click.Choice(["debian", "gardenlinux"]))
@@ -90,7 +93,7 @@ def _exclude(lock: Path, results: list[UnitResult]) -> int:
               type=click.Choice(["debian", "nvidia", "dir"]), help="Where the driver comes from.")
 @click.option("--source-path", help="nvidia: a .run file or URL template ({version}, {machine}; default: NVIDIA's "
               "download site); dir: an unpacked driver tree.")
-@click.option("--sha256", help="nvidia: the .run's expected sha256.")
+@click.option("--sha256", type=SHA256, help="nvidia: the .run's expected sha256.")
 @click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
               help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
 @click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
@@ -148,6 +151,7 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
             envs[key] = _env(kind, kernel_headers, unit, apt_spec)
         return envs[key]
 
+    check_writable_dir(out)  # before any compile, not after
     results = build_all(units, out, source=source, env_for=env_for,
                         jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug)
     if as_json:

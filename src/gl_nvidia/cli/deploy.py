@@ -9,6 +9,7 @@ import click
 
 from gl_nvidia import ui
 from gl_nvidia.catalog.matrix import load_lock
+from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.deploy import resolve as resolve_mod
 from gl_nvidia.deploy import values as values_mod
 from gl_nvidia.deploy.pins import default_driver_version
@@ -67,7 +68,7 @@ def values_cmd(repository: str, driver_version: str | None, variant: values_mod.
 @click.option("--os-release", "os_release", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The node's /etc/os-release.")
-@click.option("--kernel", required=True, help="The node's kernel (uname -r).")
+@click.option("--kernel", required=True, type=KERNEL, help="The node's kernel (uname -r).")
 @click.option("--values", "values_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Helm values in use (default: what `gl-nvidia values` generates).")
 @click.option("--registry", default=None,

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from gl_nvidia import ui
+from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import (
@@ -20,7 +21,7 @@ from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror
 
 @click.command("image")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--kernel", "kernels", multiple=True, help="Kernel (uname -r) to build an image for; repeatable.")
+@click.option("--kernel", "kernels", multiple=True, type=KERNEL, help="Kernel (uname -r) to build an image for; repeatable.")
 @click.option("--all", "all_kernels", is_flag=True, help="One image per kernel in the bundle.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/images"), show_default=True,
               help="OCI image layout directory (created, or added to).")

@@ -20,6 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from gl_nvidia.errors import UserError
+from gl_nvidia.yamldoc import check_nesting
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Kube:
     def __post_init__(self) -> None:
         cfg = client.Configuration()
         try:
+            check_nesting(self.kubeconfig.read_text(), f"kubeconfig {self.kubeconfig}")
             config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=str(self.kubeconfig), context=self.context, client_configuration=cfg,
                 persist_config=False,

@@ -20,7 +20,9 @@ from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.lock import Lock
 from gl_nvidia.catalog.matrix import load_lock, load_matrix
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion
+from gl_nvidia.deploy.values import check_repository
 from gl_nvidia.errors import UserError
+from gl_nvidia.fs import check_writable_dir
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
 from gl_nvidia.image.oci import Layout
@@ -140,8 +142,10 @@ def release(
 ) -> ReleaseResult:
     """Run the whole pipeline for `profile` into `out` (bundles/, oci/) and, with `registry`
     (`HOST[:PORT]/PATH`, the values' driver.repository), push every image to `<registry>/driver`."""
-    if registry is not None:
-        _target(registry)  # a typo in --registry is an error now, not after every compile
+    if registry is not None:  # a typo in --registry is an error now, not after every compile
+        check_repository(registry)  # it becomes driver.repository in the values written at the end
+        _target(registry)
+    check_writable_dir(out)  # likewise an --out that cannot hold the result
     lock = load_lock(profile)
     matrix = load_matrix(profile)
     if not matrix.units:
