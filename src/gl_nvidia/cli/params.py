@@ -17,7 +17,7 @@ def check_sha256(value: str) -> str:
     return value.lower()
 
 
-class Checked(click.ParamType):
+class Checked(click.ParamType[str]):
     """A string option passed through a pure check that raises ValueError."""
 
     def __init__(self, name: str, check: Callable[[str], str]) -> None:

@@ -102,7 +102,7 @@ class Manifest:
             if mt not in IMAGE_MANIFESTS:
                 raise UserError(f"unsupported manifest type {mt}", "only single-platform images are supported")
             return cls(raw, mt, Descriptor.from_dict(d["config"]), tuple(Descriptor.from_dict(x) for x in d["layers"]))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a JSON object
             raise UserError(f"malformed image manifest: {exc}") from exc
 
     @classmethod
@@ -200,7 +200,7 @@ class Layout:
         try:
             d = json.loads((self.root / "index.json").read_text())
             return [Descriptor.from_dict(m) for m in d.get("manifests", [])]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a JSON value of the wrong type
             raise UserError(f"{self.root}/index.json is unreadable: {exc}", "remove the directory and rebuild") from exc
 
     def tags(self) -> dict[str, str]:
