@@ -138,7 +138,7 @@ def test_fuzzed_lock_files(registry: Registry, tmp_path: Path, monkeypatch: pyte
         seed.replace(b"version: 575.57.08", b"version: ../../etc"),
         seed.replace(b"kernel: 6.12.44-amd64}", b"kernel: ../../etc}"),
     ]
-    for data in corpus + samples(seed, 24, 1):
+    for data in corpus + samples(seed, 16, 1):
         lock.write_bytes(data)
         try:
             read_lock(lock)
@@ -152,7 +152,7 @@ def test_fuzzed_lock_files(registry: Registry, tmp_path: Path, monkeypatch: pyte
                 assert rc == 2, (argv, data, err)
         assert snapshot(work) == before, data
         rejected += not valid
-    assert rejected >= 15  # the mutations mostly break the lock: the build commands were reached
+    assert rejected >= 12  # the mutations mostly break the lock: the build commands were reached
 
 
 def test_fuzzed_os_release(registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
