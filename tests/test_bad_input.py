@@ -38,6 +38,8 @@ def _tree(root: Path) -> list[str]:
      "Exceeds the limit (4300 digits)"),
     ("driver version ../../etc", lambda b: b.replace(b"version: 575.57.08", b"version: ../../etc"),
      "resolved.drivers.1.version: Value error, '../../etc' is not a driver version"),
+    ("open module version $(id)", lambda b: b.replace(b"version: 575.57.08,", b"version: 575.57.08, open_version: $(id),"),
+     "resolved.drivers.1.open_version: Value error, '$(id)' is not a driver version"),
     ("kernel ../../etc", lambda b: b.replace(b"kernel: 6.12.44-amd64}", b"kernel: 6.12.44/../../etc}"),
      "is not a kernel release"),
     ("kernel $(id)", lambda b: b.replace(b"kernel: 6.12.44-amd64}", b"kernel: '6.12.44$(id)'}"),

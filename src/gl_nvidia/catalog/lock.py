@@ -113,7 +113,7 @@ class ResolvedDriver(_Strict):
     release_date: str | None = None
     # The open kernel-module source's version where a distribution packages it apart from the driver
     # (Debian); None: the same version (NVIDIA's .run carries both trees).
-    open_version: str | None = None
+    open_version: DriverVersion | None = None
 
 
 class Resolved(_Strict):
