@@ -225,17 +225,21 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
               help="Work and output directory: bundles/, the OCI layout oci/, gpu-operator-values.yaml.")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Build units in parallel.")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None,
+              help="Sign every pushed image with this ECDSA P-256 PEM key (cosign's format; see `gl-nvidia sign`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_json: bool) -> None:
+def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None,
+                as_json: bool) -> None:
     """catalog -> build -> ABI gate -> image -> push for every build unit; a rerun skips what exists."""
     from gl_nvidia.deploy.release import helm_command, release
 
     registry = registry.rstrip("/") if registry else None  # also driver.repository in the values written below
-    result = release(profile, out, registry, jobs=jobs)
+    result = release(profile, out, registry, jobs=jobs, sign_key=sign_key)
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
                        "repository": result.repository, "compiled": result.compiled,
-                       "blobs_uploaded": result.blobs_uploaded, "manifests_pushed": result.manifests_pushed})
+                       "blobs_uploaded": result.blobs_uploaded, "manifests_pushed": result.manifests_pushed,
+                       "signed": result.signed})
     else:
         ui.print_table("release", ["unit", "modules", "tags", "digest", "status"],
                        [[f"{u.unit.kernel}\n{u.unit.driver_version} {u.unit.arch}",

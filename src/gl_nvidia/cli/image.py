@@ -1,4 +1,5 @@
-"""`gl-nvidia` commands of the image stage: `image` (bundle -> OCI layout), `push`, `mirror`."""
+"""`gl-nvidia` commands of the image stage: `image` (bundle -> OCI layout), `push`, `mirror`, `sign`,
+`verify-image`."""
 
 from __future__ import annotations
 
@@ -94,6 +95,57 @@ def mirror_cmd(source: str, destination: str, driver_branch: str | None, force: 
     click.echo(f"GPU Operator: helm ... {helm_repository_line(destination)}")
 
 
+@click.command("sign")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="ECDSA P-256 private key, unencrypted PEM (PKCS#8 or SEC1).")
+@click.option("--plain-http", is_flag=True, default=None, help="Talk HTTP, not HTTPS (default only for loopback).")
+@click.option("--json", "as_json", is_flag=True)
+def sign_cmd(images: tuple[str, ...], key_path: Path, plain_http: bool | None, as_json: bool) -> None:
+    """Sign pushed IMAGES (REGISTRY/REPO:TAG or @DIGEST) the way `cosign sign --key` does: the digest is signed."""
+    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.registry.sign import load_private_key, sign_digest
+    from gl_nvidia.registry.transfer import ClientOptions
+
+    key = load_private_key(key_path)  # a key problem is one error line before anything is asked of a registry
+    refs = [Reference.parse(i) for i in images]
+    results = []
+    for ref in refs:
+        with ClientOptions(plain_http=plain_http).client(ref.host) as client:
+            manifest = client.get_manifest(ref.repo, ref.digest or ref.tag or "latest")
+            if manifest is None:
+                raise UserError(f"image {ref} not found", "push it before signing it")
+            results.append(sign_digest(client, ref.repo, manifest.digest, key))
+    if as_json:
+        ui.print_json([r.as_dict() for r in results])
+        return
+    ui.print_table(None, ["image", "signature"],
+                   [(r.reference, "added" if r.added else "already signed by this key") for r in results])
+
+
+@click.command("verify-image")
+@click.argument("image")
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="The signer's public key (PEM; cosign.pub works as it is).")
+@click.option("--plain-http", is_flag=True, default=None, help="Talk HTTP, not HTTPS (default only for loopback).")
+@click.option("--json", "as_json", is_flag=True)
+def verify_image_cmd(image: str, key_path: Path, plain_http: bool | None, as_json: bool) -> None:
+    """Check IMAGE carries a cosign signature by KEY of its exact digest (exit 1 if not)."""
+    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.registry.sign import load_public_key, verify_image
+    from gl_nvidia.registry.transfer import ClientOptions
+
+    public = load_public_key(key_path)
+    ref = Reference.parse(image)
+    with ClientOptions(plain_http=plain_http).client(ref.host) as client:
+        result = verify_image(client, ref, public)
+    if as_json:
+        ui.print_json(result.as_dict())
+        return
+    click.echo(f"{result.reference}: {result.signatures} valid signature(s) by this key "
+               f"(signed as {result.identity or 'no identity'})")
+
+
 def _report(results: list[PushResult], as_json: bool) -> None:
     if as_json:
         ui.print_json([r.as_dict() for r in results])
@@ -103,4 +155,4 @@ def _report(results: list[PushResult], as_json: bool) -> None:
                      "\n".join(r.tags)) for r in results])
 
 
-COMMANDS: list[click.Command] = [image_cmd, push_cmd, mirror_cmd]
+COMMANDS: list[click.Command] = [image_cmd, push_cmd, mirror_cmd, sign_cmd, verify_image_cmd]

@@ -25,11 +25,13 @@ from gl_nvidia.errors import UserError
 from gl_nvidia.fs import check_writable_dir
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
-from gl_nvidia.image.oci import Layout
+from gl_nvidia.image.oci import Layout, attachment_tag
 from gl_nvidia.image.tags import image_tags
 
 if TYPE_CHECKING:
-    from gl_nvidia.registry.client import Reference
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+
+    from gl_nvidia.registry.client import Reference, RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class ReleaseResult:
     compiled: int  # module sets compiled in this run
     blobs_uploaded: int
     manifests_pushed: int
+    signed: int = 0  # signatures added (release --sign-key)
 
     @property
     def ok(self) -> bool:
@@ -139,13 +142,22 @@ def release(
     registry: str | None = None,
     *,
     jobs: int = 1,
+    sign_key: Path | None = None,
 ) -> ReleaseResult:
     """Run the whole pipeline for `profile` into `out` (bundles/, oci/) and, with `registry`
-    (`HOST[:PORT]/PATH`, the values' driver.repository), push every image to `<registry>/driver`."""
+    (`HOST[:PORT]/PATH`, the values' driver.repository), push every image with its SBOM to
+    `<registry>/driver`, and sign each with `sign_key` (cosign's format)."""
     if registry is not None:  # a typo in --registry is an error now, not after every compile
         check_repository(registry)  # it becomes driver.repository in the values written at the end
         _target(registry)
     check_writable_dir(out)  # likewise an --out that cannot hold the result
+    key = None
+    if sign_key is not None:
+        from gl_nvidia.registry.sign import load_private_key
+
+        if registry is None:
+            raise UserError("--sign-key signs pushed images", "pass --registry too")
+        key = load_private_key(sign_key)  # a bad key is an error now, not after every compile
     lock = load_lock(profile)
     matrix = load_matrix(profile)
     if not matrix.units:
@@ -158,9 +170,9 @@ def release(
                                 jobs=jobs)
         compiled = sum(1 for r in results for o in r.outcomes.values() if o.status == "ok" and not o.cached)
         images = _images(lock, results, layout_dir, reports, prog)
-        pushed = (0, 0)
+        pushed = (0, 0, 0)
         if registry is not None:
-            pushed = _push(images, layout_dir, registry, reports, prog)
+            pushed = _push(images, layout_dir, registry, reports, prog, key)
     ordered = tuple(replace(reports[u], left_out=_left_out(u, matrix.excluded)) for u in matrix.units)
     return ReleaseResult(ordered, layout_dir, registry, compiled, *pushed)
 
@@ -218,18 +230,22 @@ def _target(registry: str) -> Reference:
 
 
 def _push(images: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]], layout_dir: Path, registry: str,
-          reports: dict[BuildUnit, UnitReport], prog: Any) -> tuple[int, int]:
+          reports: dict[BuildUnit, UnitReport], prog: Any, key: EllipticCurvePrivateKey | None) -> tuple[int, int, int]:
     from gl_nvidia.registry.transfer import ClientOptions, copy_image
 
     ref = _target(registry)
     layout = Layout.open(layout_dir)
-    blobs = manifests = 0
+    blobs = manifests = signed = 0
     with ClientOptions(retries=2).client(ref.host) as client, ui.task(prog, f"push to {ref.repository}",
                                                                          total=len(images)) as t:
         for unit, _img, tags, digest in images:
             current = {tag: client.manifest_digest(ref.repo, tag) for tag in tags}
             if all(d == digest for d in current.values()):
                 reports[unit] = replace(reports[unit], push="exists")
+                try:
+                    signed += _attach(client, ref.repo, layout, digest, key)
+                except UserError as exc:
+                    reports[unit] = replace(reports[unit], error=exc.message)
                 t.advance(1)
                 continue
             manifest = layout.manifest(digest)
@@ -243,11 +259,26 @@ def _push(images: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]
                                             group, force=force)
                         blobs += result.uploaded
                         manifests += 1
+                signed += _attach(client, ref.repo, layout, digest, key)
                 reports[unit] = replace(reports[unit], push="pushed")
             except UserError as exc:
                 reports[unit] = replace(reports[unit], push="-", error=exc.message)
             t.advance(1)
-    return blobs, manifests
+    return blobs, manifests, signed
+
+
+def _attach(client: RegistryClient, repo: str, layout: Layout, digest: str,
+            key: EllipticCurvePrivateKey | None) -> int:
+    """The image's SBOM from the layout (its referrer, tagged for registries without the referrers API)
+    and, with a key, its signature; returns the signatures added (0 or 1)."""
+    from gl_nvidia.registry.sign import sign_digest
+    from gl_nvidia.registry.transfer import copy_image
+
+    tag = attachment_tag(digest, "sbom")
+    sbom = layout.tags().get(tag)
+    if sbom is not None and client.manifest_digest(repo, tag) != sbom:
+        copy_image(layout.manifest(sbom), lambda b, _s: layout.blob_path(b.digest), client, repo, [tag], force=True)
+    return int(sign_digest(client, repo, digest, key).added) if key is not None else 0
 
 
 def helm_command(values_file: Path) -> str:

@@ -66,6 +66,8 @@ class BaseSpec:
 class BaseImage:
     layers: tuple[layers.LayerBlob, ...]
     description: str  # for labels and logs: "debian bookworm (mmdebstrap)" or the image reference
+    digest: str  # its manifest's (org.opencontainers.image.base.digest)
+    name: str | None = None  # the registry reference it came from (org.opencontainers.image.base.name)
 
 
 def debian_spec(arch: str) -> BaseSpec:
@@ -113,21 +115,29 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
     m = json.loads(meta.read_text())
     desc = Descriptor(oci.LAYER_GZIP, m["digest"], m["size"])
     layout.import_blob(cache / "layer.tar.gz", desc)
+    # The base as an image of its own, so the driver image can name it by digest like any other base.
+    config = layout.write_blob(oci.canonical_json({
+        "architecture": spec.arch, "os": "linux", "created": layers.created(),
+        "rootfs": {"type": "layers", "diff_ids": [m["diff_id"]]},
+    }), oci.CONFIG)
+    manifest = oci.Manifest.build(config, [desc], {})
+    layout.write_blob(manifest.raw, manifest.media_type)
     return BaseImage(
         (layers.LayerBlob(desc, m["diff_id"], m["uncompressed_size"]),),
         f"{spec.suite} {spec.arch} (mmdebstrap {' '.join(spec.packages)})",
+        manifest.digest,
     )
 
 
-def from_layout_image(layout: Layout, manifest_digest: str, description: str) -> BaseImage:
-    """An existing image already in `layout` (copied in from another layout or a registry)."""
+def from_layout_image(layout: Layout, manifest_digest: str, description: str, name: str | None = None) -> BaseImage:
+    """An existing image already in `layout` (copied in from another layout, or from the registry image `name`)."""
     manifest = layout.manifest(manifest_digest)
     config = json.loads(layout.read_blob(manifest.config.digest))
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     if len(diff_ids) != len(manifest.layers):
         raise UserError(f"base image {description} has a malformed config (layers and diff_ids differ)")
     blobs = tuple(layers.LayerBlob(d, diff, 0) for d, diff in zip(manifest.layers, diff_ids, strict=True))
-    return BaseImage(blobs, description)
+    return BaseImage(blobs, description, manifest_digest, name)
 
 
 def flatten(layout: Layout, base: BaseImage, dest: Path) -> None:

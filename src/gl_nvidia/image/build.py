@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -29,7 +28,7 @@ from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image import layers, oci
+from gl_nvidia.image import layers, oci, sbom
 from gl_nvidia.image.layers import Entry, LayerBlob
 from gl_nvidia.image.oci import Layout, Manifest
 from gl_nvidia.image.tags import image_tags, validate_tag
@@ -77,6 +76,7 @@ class BuiltImage:
     tags: tuple[str, ...]
     module_types: tuple[str, ...]
     layers: tuple[LayerInfo, ...]
+    sbom: str  # digest of the SBOM's referrer manifest, tagged sha256-<image hex>.sbom in the layout
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -128,6 +128,7 @@ def build_images(
             root.mkdir()
             base_mod.flatten(layout, base_image, root)
             base_mod.check_tools(root, base_image.description)
+            base_packages = sbom.base_packages(root)
         with ui.task(prog, "shared layers (node runtime, userspace, ld.so.cache, firmware)"):
             shared = _shared_layers(layout, bundle_dir, manifest, root)
         with ui.task(prog, "kernel images", total=len(plans)) as t:
@@ -136,7 +137,8 @@ def build_images(
                     if mtype not in binaries:
                         binaries[mtype] = _binaries_layer(layout, bundle_dir, manifest, plan, mtype, root)
                 own = [(f"binaries {m}", layer) for m in plan.module_types if (layer := binaries[m]) is not None]
-                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, shared, own, root, opts))
+                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, base_packages, shared, own,
+                                             root, opts))
                 t.advance(1)
     return results
 
@@ -280,7 +282,7 @@ def _existing_base(ref: str, layout: Layout) -> base_mod.BaseImage:
     from gl_nvidia.registry.transfer import pull  # the registry stage speaks the same model
 
     digest = pull(ref, layout)
-    return base_mod.from_layout_image(layout, digest, ref)
+    return base_mod.from_layout_image(layout, digest, ref, name=ref)
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,7 @@ def _kernel_image(
     manifest: BundleManifest,
     plan: _KernelPlan,
     base_image: base_mod.BaseImage,
+    base_packages: sbom.BasePackages,
     shared: _Shared,
     binaries: list[tuple[str, LayerBlob]],
     root: Path,
@@ -391,7 +394,7 @@ def _kernel_image(
 
     named = [("base", b) for b in base_image.layers] + list(shared.layers) + [*binaries, (f"modules {plan.kernel}", modules)]
     labels = _labels(manifest, plan, base_image, opts)
-    created = datetime.fromtimestamp(layers.source_date_epoch(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = layers.created()
     config = {
         "architecture": _ARCH[manifest.arch],
         "os": "linux",
@@ -415,6 +418,9 @@ def _kernel_image(
     config_desc = layout.write_blob(oci.canonical_json(config), oci.CONFIG)
     image = Manifest.build(config_desc, [b.descriptor for _, b in named], labels)
     layout.add_image(image, list(plan.tags))
+    facts = sbom.ImageFacts(image.digest, plan.kernel, plan.module_types, base_image.digest,
+                            base_image.name or base_image.description)
+    referrer = sbom.attach(layout, image, sbom.document(trimmed, facts, base_packages))
     return BuiltImage(
         layout=layout.root,
         kernel=plan.kernel,
@@ -423,6 +429,7 @@ def _kernel_image(
         tags=plan.tags,
         module_types=plan.module_types,
         layers=tuple(LayerInfo(name, b.descriptor.digest, b.descriptor.size) for name, b in named),
+        sbom=referrer.digest,
     )
 
 
@@ -430,6 +437,8 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
     labels = {
         "org.opencontainers.image.title": "NVIDIA driver for Garden Linux",
         "org.opencontainers.image.version": manifest.driver_version,
+        "org.opencontainers.image.created": layers.created(),
+        "org.opencontainers.image.base.digest": base_image.digest,
         f"{LABEL_PREFIX}.base": base_image.description,
         f"{LABEL_PREFIX}.driver.version": manifest.driver_version,
         f"{LABEL_PREFIX}.driver.branch": manifest.driver_branch,
@@ -440,6 +449,8 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
     if opts.os_versions:
         labels[f"{LABEL_PREFIX}.gardenlinux.versions" if opts.os_id == "gardenlinux" else f"{LABEL_PREFIX}.os.versions"] = \
             ",".join(sorted(set(opts.os_versions)))
+    if base_image.name:
+        labels["org.opencontainers.image.base.name"] = base_image.name
     if opts.source:
         labels["org.opencontainers.image.source"] = opts.source
     if opts.revision:
