@@ -136,13 +136,17 @@ def update_cmd(lock: Path, today: str | None, glrd: tuple[str, ...], nvidia: str
               show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def versions_cmd(lock: Path, as_json: bool) -> None:
-    """The support table: every OS version with the driver versions ever built for it."""
-    read_lock(lock)  # a wrong --lock is an error, not an empty table (its history file is beside it)
+    """The support table: every OS version with the driver versions ever built for it, and whether the
+    policy still gives it new images (every minor in maintenance, from min_minor on, plus keep_minors)."""
+    lk, _ = read_lock(lock)  # a wrong --lock is an error, not an empty table (its history file is beside it)
+    current = {v.version for v in lk.resolved.os_versions} if lk.resolved else set()
     table = support_table(read_history(history_path(lock)))
     if as_json:
-        ui.print_json([{"os_version": v, "driver_versions": drivers} for v, drivers in table])
+        ui.print_json([{"os_version": v, "driver_versions": drivers, "current": v in current}
+                       for v, drivers in table])
     else:
-        ui.print_table("support table", ["os version", "driver versions"], [(v, ", ".join(d)) for v, d in table])
+        ui.print_table("support table", ["os version", "driver versions", "new images"],
+                       [(v, ", ".join(d), "yes" if v in current else "no") for v, d in table])
 
 
 COMMANDS: list[click.Command] = [matrix_cmd, update_cmd, versions_cmd]
