@@ -224,13 +224,17 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
               help="Work and output directory: bundles/, the OCI layout oci/, gpu-operator-values.yaml.")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Build units in parallel.")
+@click.option("--force", is_flag=True,
+              help="Build and push every unit, even one the registry holds from the same inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_json: bool) -> None:
-    """catalog -> build -> ABI gate -> image -> push for every build unit; a rerun skips what exists."""
+def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, force: bool, as_json: bool) -> None:
+    """catalog -> build -> ABI gate -> image -> push for every build unit. A unit the registry already
+    holds, built from the same inputs, is skipped before it is compiled; the table says why each was built
+    or skipped."""
     from gl_nvidia.deploy.release import helm_command, release
 
     registry = registry.rstrip("/") if registry else None  # also driver.repository in the values written below
-    result = release(profile, out, registry, jobs=jobs)
+    result = release(profile, out, registry, jobs=jobs, force=force)
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
                        "repository": result.repository, "compiled": result.compiled,
