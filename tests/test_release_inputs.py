@@ -26,7 +26,7 @@ def test_a_missing_tag_a_changed_input_or_no_record_builds_and_says_why() -> Non
     d = decide(newer, dict.fromkeys(TAGS, same), force=False)
     assert (d.build, d.replace, d.reason) == (True, True, f"{TAGS[0]}: sources, base changed")
 
-    d = decide(INPUTS_A, dict.fromkeys(TAGS, {"org.opencontainers.image.version": "535.309.01"}), force=False)
+    d = decide(INPUTS_A, {tag: {"org.opencontainers.image.version": "535.309.01"} for tag in TAGS}, force=False)
     assert (d.build, d.replace, d.reason) == (True, True, f"{TAGS[0]}: no inputs recorded")
 
 
