@@ -169,6 +169,12 @@ def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_c
     assert not (tmp_path / "second" / "bundles").exists() and not (tmp_path / "second" / "oci").exists()
     assert main(argv) == 0
     assert "skipped:" in capsys.readouterr().out  # the table says so, and why
+    # The publish workflow's fan-out: nothing to build; forced, the unit with the inputs its image records.
+    assert main(["release", "--profile", str(LOCK), "--registry", repo, "--plan"]) == 0
+    assert capsys.readouterr().out == '{"include":[]}\n'
+    assert main(["release", "--profile", str(LOCK), "--registry", repo, "--plan", "--force"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["include"]
+    assert row["key"] == f"535.309.01-{KERNEL}-amd64" and json.loads(row["inputs"]) == recorded
     assert _uploads(registry) == stored
 
     # A changed input (another gl-nvidia): built again from the build cache, and the tags move to it.

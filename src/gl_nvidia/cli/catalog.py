@@ -14,7 +14,7 @@ from gl_nvidia.catalog.github import GitHub
 from gl_nvidia.catalog.history import history_path, read_history, support_table
 from gl_nvidia.catalog.lock import read_lock
 from gl_nvidia.catalog.matrix import PROFILES, load_matrix
-from gl_nvidia.catalog.model import Matrix
+from gl_nvidia.catalog.model import BuildUnit, Matrix
 from gl_nvidia.catalog.resolve import SourceOverrides
 from gl_nvidia.catalog.update import update
 from gl_nvidia.errors import UserError
@@ -62,16 +62,18 @@ def print_matrix(matrix: Matrix) -> None:
     )
 
 
+def github_row(u: BuildUnit) -> dict[str, str]:
+    """One unit of a `strategy.matrix` fan-out (flat strings: usable in job names and args)."""
+    return {
+        "kernel": u.kernel, "driver_version": u.driver_version, "driver_branch": u.driver_branch,
+        "arch": u.arch, "flavour": u.flavour, "os_id": u.os_id, "os_versions": " ".join(u.os_versions),
+        "module_types": ",".join(u.module_types), "key": u.key,
+    }
+
+
 def github_matrix(matrix: Matrix) -> dict[str, list[dict[str, str]]]:
-    """A `strategy.matrix` for a fan-out over build units (flat strings: usable in job names and args)."""
-    return {"include": [
-        {
-            "kernel": u.kernel, "driver_version": u.driver_version, "driver_branch": u.driver_branch,
-            "arch": u.arch, "flavour": u.flavour, "os_id": u.os_id, "os_versions": " ".join(u.os_versions),
-            "module_types": ",".join(u.module_types), "key": u.key,
-        }
-        for u in matrix.units
-    ]}
+    """A `strategy.matrix` for a fan-out over build units."""
+    return {"include": [github_row(u) for u in matrix.units]}
 
 
 @click.command("matrix")

@@ -146,6 +146,29 @@ def unit_inputs(lock: Lock, unit: BuildUnit, source: DriverSource) -> UnitInputs
                       base_for(lock, unit.arch, os_version).key(), gl_nvidia.__version__)
 
 
+def plan(profile: str | Path, registry: str, *, force: bool = False
+         ) -> list[tuple[BuildUnit, UnitInputs | None, Decision]]:
+    """What `release` would build and skip, and why, without building anything (the publish workflow's fan-out)."""
+    _target(registry)
+    lock = load_lock(profile)
+    units = load_matrix(profile).units
+    inputs = _all_inputs(lock, units, source_for(lock))
+    with ui.progress() as prog:
+        decisions = _decide(units, inputs, registry, force, {}, prog)
+    return [(u, inputs[u], decisions[u]) for u in units]
+
+
+def _all_inputs(lock: Lock, units: Sequence[BuildUnit], source: DriverSource) -> dict[BuildUnit, UnitInputs | None]:
+    inputs: dict[BuildUnit, UnitInputs | None] = {}
+    for u in units:
+        try:
+            inputs[u] = unit_inputs(lock, u, source)
+        except UserError as exc:  # the build says the same for this unit alone, with the others built
+            log.warning("%s: inputs unknown before the build: %s", u.key, exc.message)
+            inputs[u] = None
+    return inputs
+
+
 def release(
     profile: str | Path,
     out: Path,
@@ -167,13 +190,7 @@ def release(
         raise UserError(f"the matrix of {profile} has no build units", "check the lock's policy and exclusions")
     bundles, layout_dir = out / "bundles", out / "oci"
     source = source_for(lock)
-    inputs: dict[BuildUnit, UnitInputs | None] = {}
-    for u in matrix.units:
-        try:
-            inputs[u] = unit_inputs(lock, u, source)
-        except UserError as exc:  # the build says the same for this unit alone, with the others built
-            log.warning("%s: inputs unknown before the build: %s", u.key, exc.message)
-            inputs[u] = None
+    inputs = _all_inputs(lock, matrix.units, source)
     reports: dict[BuildUnit, UnitReport] = {}
     decisions: dict[BuildUnit, Decision] = {}
     with ui.progress() as prog:
