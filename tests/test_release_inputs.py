@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
+
+from gl_nvidia.cli import main
 from gl_nvidia.deploy.inputs import INPUTS, INPUTS_DIGEST, UnitInputs, annotations_from_text, decide
 
 INPUTS_A = UnitInputs({"kernel": "6.1.0-56-cloud-amd64", "driver_version": "535.309.01"},
@@ -40,3 +44,11 @@ def test_the_annotation_is_the_canonical_inputs_and_their_digest() -> None:
     assert json.loads(ann[INPUTS])["gl-nvidia"] == "0.1.0"
     assert ann[INPUTS_DIGEST].startswith("sha256:") and len(ann[INPUTS_DIGEST]) == 71
     assert annotations_from_text(ann[INPUTS]) == ann  # what the publish workflow hands to `gl-nvidia image`
+
+
+def test_image_inputs_describe_one_unit_as_release_plan_prints_them(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["image", str(tmp_path), "--all", "--inputs", INPUTS_A.text()]) == 2
+    assert "--inputs describes one build unit" in capsys.readouterr().err
+    assert main(["image", str(tmp_path), "--kernel", "k", "--inputs", '{"cell": {}}']) == 2
+    assert "--inputs is not what `release --plan` prints" in capsys.readouterr().err
