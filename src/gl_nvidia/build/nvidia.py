@@ -42,6 +42,14 @@ class NvidiaRunSource:
         self._client = client
         self.retry_delay = retry_delay
 
+    def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
+        """A local installer's sha256; a downloaded one's expected sha256, else its URL (NVIDIA never
+        replaces a released installer under the same name)."""
+        url = self.location.format(version=driver_version, machine=MACHINES[arch])
+        if urlparse(url).scheme not in ("http", "https"):
+            return {run_file_name(driver_version, arch): sha256_file(self.fetch(driver_version, arch))}
+        return {run_file_name(driver_version, arch): self.sha256 or url}
+
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:
         run_file = self.fetch(driver_version, arch)
         digest = sha256_file(run_file)

@@ -56,6 +56,11 @@ class DriverSource(Protocol):
         """Fetch and unpack (or reuse from the cache) everything of `driver_version` for `arch`."""
         ...
 
+    def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
+        """What `prepare` would build from (file name -> sha256, or the URL that names it), known without
+        downloading or unpacking: release decides from it whether a unit must be built at all."""
+        ...
+
 
 def branch_of(version: str) -> str:
     return version.split(".", 1)[0]
@@ -96,7 +101,10 @@ class DebianSource:
     def available_versions(self, arch: str) -> list[str]:
         return [_upstream(p.version) for p in self.repo(arch).versions("nvidia-smi")]
 
-    def prepare(self, driver_version: str, arch: str) -> DriverInputs:
+    def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
+        return {p.deb_name: p.sha256 for p in self._packages(driver_version, arch)}
+
+    def _packages(self, driver_version: str, arch: str) -> list[apt.AptPackage]:
         repo = self.repo(arch)
         pkgs: list[apt.AptPackage] = []
         for name in (*DEBIAN_USERSPACE, DEBIAN_MODULE_SOURCES["proprietary"]):
@@ -116,6 +124,11 @@ class DebianSource:
                      if branch_of(_upstream(p.version)) == branch_of(driver_version)]
         if open_pkgs:
             pkgs.append(open_pkgs[0])
+        return pkgs
+
+    def prepare(self, driver_version: str, arch: str) -> DriverInputs:
+        repo = self.repo(arch)
+        pkgs = self._packages(driver_version, arch)
         debs = {p.name: repo.download(p) for p in pkgs}
         digests = {p.deb_name: p.sha256 for p in pkgs}
         versions = {p.name: _upstream(p.version) for p in pkgs}
@@ -231,6 +244,9 @@ class DirSource:
 
     def __init__(self, tree: Path) -> None:
         self.tree = tree
+
+    def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
+        return {self.tree.name: _tree_digest(self.tree)}
 
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:
         digest = _tree_digest(self.tree)

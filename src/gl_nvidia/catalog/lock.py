@@ -26,6 +26,7 @@ from gl_nvidia.names import check_driver_version, check_kernel
 DEFAULT_BRANCH_TYPES = ["production branch", "lts branch", "new feature branch"]
 Arch = Literal["amd64", "arm64"]
 Flavour = Literal["cloud", "metal"]
+_GL_VERSION = re.compile(r"\d+\.\d+(\.\d+)?")
 _RANGE_CLAUSE = re.compile(r"^\s*(>=|<=|==|!=|>|<)?\s*([^\s<>=!,]+)\s*$")
 # Both end up in file names, image tags and make arguments: checked here, where they enter.
 KernelName = Annotated[str, AfterValidator(check_kernel)]
@@ -81,6 +82,32 @@ class Policy(_Strict):
     kernel_pins: list[KernelEntry] = Field(default_factory=list)  # kernels built besides the resolved ones
     kernel_overrides: list[KernelEntry] = Field(default_factory=list)  # replace what the repository says
     exclusions: list[ExclusionRule] = Field(default_factory=list)
+    # Which GL minors get images: every released minor of every major in maintenance (nodes are upgraded
+    # one by one), from its major's min_minor on ("2150.8.0": 2150.0.0 to 2150.7.x get none), plus
+    # keep_minors, built whatever the rest of the policy and the lifecycle say.
+    min_minor: list[str] = Field(default_factory=list)
+    keep_minors: list[str] = Field(default_factory=list)
+
+    @field_validator("min_minor", "keep_minors")
+    @classmethod
+    def _gl_versions(cls, versions: list[str]) -> list[str]:
+        for v in versions:
+            if not _GL_VERSION.fullmatch(v):
+                raise ValueError(f"{v!r} is not a Garden Linux version like 1877.3 or 2150.9.0")
+        return versions
+
+    @field_validator("min_minor")
+    @classmethod
+    def _one_floor_per_major(cls, versions: list[str]) -> list[str]:
+        majors = [v.split(".", 1)[0] for v in versions]
+        twice = sorted({m for m in majors if majors.count(m) > 1})
+        if twice:
+            raise ValueError(f"more than one min_minor for GL {', '.join(twice)}")
+        return versions
+
+    def floor(self, major: int) -> str | None:
+        """The oldest minor of `major` that gets images, when min_minor names one."""
+        return next((v for v in self.min_minor if v.split(".", 1)[0] == str(major)), None)
 
 
 class Sources(_Strict):

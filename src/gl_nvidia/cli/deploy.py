@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.fs import atomic_write_text
 
 if TYPE_CHECKING:
+    from gl_nvidia.catalog.model import BuildUnit
+    from gl_nvidia.deploy.inputs import Decision, UnitInputs
     from gl_nvidia.deploy.preflight import CheckResult
 
 LOCK_OPTION = click.option(
@@ -227,14 +230,26 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Build units in parallel.")
 @click.option("--sign-key", type=click.Path(path_type=Path), default=None,
               help="Sign every pushed image with this ECDSA P-256 PEM key (cosign's format; see `gl-nvidia sign`).")
+@click.option("--force", is_flag=True,
+              help="Build and push every unit, even one the registry holds from the same inputs.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Build nothing: print the GitHub Actions strategy matrix of the units to build (one JSON line, "
+                   "each with its inputs) and, on stderr, what is skipped and why. Needs --registry.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None,
-                as_json: bool) -> None:
-    """catalog -> build -> ABI gate -> image -> push for every build unit; a rerun skips what exists."""
-    from gl_nvidia.deploy.release import helm_command, release
+def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None, force: bool,
+                plan_only: bool, as_json: bool) -> None:
+    """catalog -> build -> ABI gate -> image -> push for every build unit. A unit the registry already
+    holds, built from the same inputs, is skipped before it is compiled; the table says why each was built
+    or skipped."""
+    from gl_nvidia.deploy.release import helm_command, plan, release
 
     registry = registry.rstrip("/") if registry else None  # also driver.repository in the values written below
-    result = release(profile, out, registry, jobs=jobs, sign_key=sign_key)
+    if plan_only:
+        if registry is None:
+            raise UserError("--plan needs --registry", "name the repository the workflow publishes to")
+        _print_plan(plan(profile, registry, force=force))
+        return
+    result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, force=force)
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
                        "repository": result.repository, "compiled": result.compiled,
@@ -265,6 +280,16 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
         raise CheckFailed(f"{len(failed)} of {len(result.units)} build unit(s) failed; first, {first.unit.key}: "
                             f"{(first.error or '').splitlines()[0]}",
                             "see the table; rerun after fixing the cause: finished units are skipped")
+
+
+def _print_plan(decided: list[tuple[BuildUnit, UnitInputs | None, Decision]]) -> None:
+    from gl_nvidia.cli.catalog import github_row
+
+    build = [{**github_row(u), "inputs": inputs.text() if inputs else ""} for u, inputs, d in decided if d.build]
+    for u, _, d in decided:  # stderr: stdout is the one line for $GITHUB_OUTPUT
+        ui.log.info("%s %s: %s", "build" if d.build else "skip", u.key, d.reason)
+    ui.log.info("release plan: %d of %d unit(s) to build", len(build), len(decided))
+    click.echo(json.dumps({"include": build}, separators=(",", ":")))
 
 
 COMMANDS: list[click.Command] = [values_cmd, resolve_cmd, preflight_cmd, verify_cmd, release_cmd]

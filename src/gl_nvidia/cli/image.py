@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from gl_nvidia import ui
+from gl_nvidia.catalog.sources import version_key
 from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import base as base_mod
@@ -35,23 +36,38 @@ from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror
               help="GL version (or, for other --os-id, VERSION_ID) this kernel ships in; repeatable.")
 @click.option("--source-url", help="org.opencontainers.image.source label.")
 @click.option("--revision", help="org.opencontainers.image.revision label (git commit).")
+@click.option("--inputs", "inputs_text", metavar="JSON",
+              help="The unit's inputs as `release --plan` printed them, recorded as manifest annotations "
+                   "(one --kernel).")
 @click.option("--json", "as_json", is_flag=True, help="Print the built images as JSON.")
 def image_cmd(
     bundle: Path, kernels: tuple[str, ...], all_kernels: bool, out: Path, base: str | None,
     gardenlinux_repo: str | None, module_types: str, os_id: str, os_versions: tuple[str, ...],
-    source_url: str | None, revision: str | None, as_json: bool,
+    source_url: str | None, revision: str | None, inputs_text: str | None, as_json: bool,
 ) -> None:
     """Build driver images from BUNDLE into an OCI image layout, without a container engine."""
+    from gl_nvidia.deploy.inputs import annotations_from_text
+
     if bool(kernels) == all_kernels:
         raise UserError("pass --kernel K (repeatable) or --all")
+    annotations = None
+    if inputs_text is not None:
+        if len(kernels) != 1:
+            raise UserError("--inputs describes one build unit", "pass exactly one --kernel with it")
+        try:
+            annotations = {kernels[0]: annotations_from_text(inputs_text)}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--inputs is not what `release --plan` prints: {exc}") from exc
     chosen: str | base_mod.BaseSpec | None = base
     if gardenlinux_repo:
-        if base or len(os_versions) != 1:
-            raise UserError("--gardenlinux-repo needs exactly one --gl-version and no --base")
-        chosen = base_mod.gardenlinux_spec(gardenlinux_repo, os_versions[0], read_bundle_manifest(bundle).arch)
+        if base or not os_versions:
+            raise UserError("--gardenlinux-repo needs --gl-version and no --base")
+        # The newest GL version's repository, as release builds it.
+        newest = max(os_versions, key=version_key)
+        chosen = base_mod.gardenlinux_spec(gardenlinux_repo, newest, read_bundle_manifest(bundle).arch)
     images = build_images(
         bundle, None if all_kernels else list(kernels), out, base=chosen,
-        options=ImageOptions(module_types, os_id, os_versions, source_url, revision),
+        options=ImageOptions(module_types, os_id, os_versions, source_url, revision), annotations=annotations,
     )
     if as_json:
         ui.print_json([i.as_dict() for i in images])

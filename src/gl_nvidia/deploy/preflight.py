@@ -15,6 +15,7 @@ from gl_nvidia.catalog.kernels import resolve_kernel
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.matrix import rule_matches
 from gl_nvidia.catalog.model import MODULE_TYPES, Cell
+from gl_nvidia.catalog.resolve import policy_leaves_out
 from gl_nvidia.deploy.nodes import NodeFacts
 from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
@@ -89,12 +90,14 @@ def kernels_for(
 def plan_targets(lock: Lock, resolved: Resolved, os_version: str, kernels: dict[tuple[str, str], str]) -> list[Target]:
     """Every (driver.version form, flavour, arch) the tracked branches need on this OS version."""
     version_id = node_version_id(lock.os.id, os_version)
+    left_out = policy_leaves_out(lock.policy, os_version) if lock.os.version is None else None
     targets = []
     for driver in sorted(resolved.drivers, key=lambda d: int(d.branch), reverse=True):
         for (flavour, arch), kernel in sorted(kernels.items()):
             cell = Cell(lock.os.id, os_version, flavour, arch, kernel, driver.version, driver.branch)
-            reasons = [r.reason for r in lock.policy.exclusions
-                       if set(r.module_types) == set(MODULE_TYPES) and rule_matches(r, cell)]
+            reasons = [left_out] if left_out else []
+            reasons += [r.reason for r in lock.policy.exclusions
+                        if set(r.module_types) == set(MODULE_TYPES) and rule_matches(r, cell)]
             for form in (driver.branch, driver.version):
                 targets.append(Target(form, driver.branch, flavour, arch, NodeOS(lock.os.id, version_id, kernel),
                                       reasons[0] if reasons else None))

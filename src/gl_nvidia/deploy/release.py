@@ -1,18 +1,21 @@
 """catalog -> build (with its ABI gate) -> image -> push, for every build unit of a profile's matrix.
 
-Resumable by construction: the build cache skips compiles already done, an image whose tags the
-layout holds is not rebuilt unless its modules were, and a registry whose tags already point at an
-image's digest gets no upload at all.
+Incremental by construction: a unit whose tags the registry already holds, each with a manifest built
+from the same inputs (`deploy.inputs`: lock cell, source checksums, base spec, gl-nvidia version), is
+skipped before anything is compiled (`force` builds it anyway); the build cache skips compiles already
+done, an image whose tags the layout holds with the same inputs is not rebuilt unless its modules were,
+and a registry whose tags already point at an image's digest gets no upload at all.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gl_nvidia
 from gl_nvidia import ui
 from gl_nvidia.build import AptEnv, DebianSource, KernelEnv, KmodbuildEnv, build_all
 from gl_nvidia.build.sources import DriverSource
@@ -20,6 +23,7 @@ from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.lock import Lock
 from gl_nvidia.catalog.matrix import load_lock, load_matrix
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion
+from gl_nvidia.deploy.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide
 from gl_nvidia.deploy.values import check_repository
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import check_writable_dir
@@ -43,11 +47,12 @@ class UnitReport:
     unit: BuildUnit
     tags: tuple[str, ...]
     digest: str | None
-    build: str  # "compiled" | "cached" | "failed"
+    build: str  # "compiled" | "cached" | "failed" | "skipped" (published with the same inputs)
     image: str  # "built" | "exists" | "-"
     push: str  # "pushed" | "exists" | "-"
     error: str | None = None
     left_out: tuple[tuple[str, str], ...] = ()  # (module type, reason) the matrix excluded for this unit
+    reason: str | None = None  # why the unit was built or skipped, when a registry was asked
 
     @property
     def ok(self) -> bool:
@@ -57,11 +62,14 @@ class UnitReport:
     def status(self) -> str:
         if self.error:
             return f"failed: {self.error}"
-        return f"build {self.build}, image {self.image}" + (f", {self.push}" if self.push != "-" else "")
+        if self.build == "skipped":
+            return f"skipped: {self.reason}"
+        why = f" ({self.reason})" if self.reason else ""
+        return f"build {self.build}, image {self.image}" + (f", {self.push}" if self.push != "-" else "") + why
 
     def as_dict(self) -> dict[str, Any]:
         return {"unit": self.unit.as_dict(), "tags": list(self.tags), "digest": self.digest, "build": self.build,
-                "image": self.image, "push": self.push, "error": self.error,
+                "image": self.image, "push": self.push, "error": self.error, "reason": self.reason,
                 "left_out": [{"module_type": t, "reason": r} for t, r in self.left_out]}
 
 
@@ -136,6 +144,36 @@ def _build_state(result: UnitResult) -> tuple[str, str | None]:
     return ("cached" if all(o.cached for o in built) else "compiled"), None
 
 
+def unit_inputs(lock: Lock, unit: BuildUnit, source: DriverSource) -> UnitInputs:
+    """A unit's inputs, from the lock, the source's index and the base spec: nothing is downloaded."""
+    os_version = unit.os_versions[-1] if unit.os_versions else ""
+    return UnitInputs(unit.as_dict(), source.checksums(unit.driver_version, unit.arch),
+                      base_for(lock, unit.arch, os_version).key(), gl_nvidia.__version__)
+
+
+def plan(profile: str | Path, registry: str, *, force: bool = False
+         ) -> list[tuple[BuildUnit, UnitInputs | None, Decision]]:
+    """What `release` would build and skip, and why, without building anything (the publish workflow's fan-out)."""
+    _target(registry)
+    lock = load_lock(profile)
+    units = load_matrix(profile).units
+    inputs = _all_inputs(lock, units, source_for(lock))
+    with ui.progress() as prog:
+        decisions = _decide(units, inputs, registry, force, {}, prog)
+    return [(u, inputs[u], decisions[u]) for u in units]
+
+
+def _all_inputs(lock: Lock, units: Sequence[BuildUnit], source: DriverSource) -> dict[BuildUnit, UnitInputs | None]:
+    inputs: dict[BuildUnit, UnitInputs | None] = {}
+    for u in units:
+        try:
+            inputs[u] = unit_inputs(lock, u, source)
+        except UserError as exc:  # the build says the same for this unit alone, with the others built
+            log.warning("%s: inputs unknown before the build: %s", u.key, exc.message)
+            inputs[u] = None
+    return inputs
+
+
 def release(
     profile: str | Path,
     out: Path,
@@ -143,10 +181,14 @@ def release(
     *,
     jobs: int = 1,
     sign_key: Path | None = None,
+    force: bool = False,
 ) -> ReleaseResult:
     """Run the whole pipeline for `profile` into `out` (bundles/, oci/) and, with `registry`
     (`HOST[:PORT]/PATH`, the values' driver.repository), push every image with its SBOM to
-    `<registry>/driver`, and sign each with `sign_key` (cosign's format)."""
+    `<registry>/driver`, and sign each with `sign_key` (cosign's format).
+
+    With `registry`, a unit already published there from the same inputs is skipped before its build
+    (`force`: built and pushed anyway); the report says why each unit was built or skipped."""
     if registry is not None:  # a typo in --registry is an error now, not after every compile
         check_repository(registry)  # it becomes driver.repository in the values written at the end
         _target(registry)
@@ -163,24 +205,66 @@ def release(
     if not matrix.units:
         raise UserError(f"the matrix of {profile} has no build units", "check the lock's policy and exclusions")
     bundles, layout_dir = out / "bundles", out / "oci"
+    source = source_for(lock)
+    inputs = _all_inputs(lock, matrix.units, source)
     reports: dict[BuildUnit, UnitReport] = {}
+    decisions: dict[BuildUnit, Decision] = {}
     with ui.progress() as prog:
-        with ui.task(prog, f"build {len(matrix.units)} unit(s)"):
-            results = build_all(matrix.units, bundles, source=source_for(lock), env_for=env_for(lock),
-                                jobs=jobs)
-        compiled = sum(1 for r in results for o in r.outcomes.values() if o.status == "ok" and not o.cached)
-        images = _images(lock, results, layout_dir, reports, prog)
-        pushed = (0, 0, 0)
         if registry is not None:
-            pushed = _push(images, layout_dir, registry, reports, prog, key)
-    ordered = tuple(replace(reports[u], left_out=_left_out(u, matrix.excluded)) for u in matrix.units)
+            decisions = _decide(matrix.units, inputs, registry, force, reports, prog)
+        todo = [u for u in matrix.units if u not in reports]
+        results: list[UnitResult] = []
+        if todo:
+            with ui.task(prog, f"build {len(todo)} unit(s)"):
+                results = build_all(todo, bundles, source=source, env_for=env_for(lock), jobs=jobs)
+        compiled = sum(1 for r in results for o in r.outcomes.values() if o.status == "ok" and not o.cached)
+        images = _images(lock, results, layout_dir, reports, inputs, prog)
+        pushed = (0, 0, 0)
+        if registry is not None and images:
+            movable = {u for u, d in decisions.items() if d.replace}
+            pushed = _push(images, layout_dir, registry, reports, movable, prog, key)
+    ordered = tuple(replace(reports[u], left_out=_left_out(u, matrix.excluded),
+                            reason=decisions[u].reason if u in decisions else None)
+                    for u in matrix.units)
     return ReleaseResult(ordered, layout_dir, registry, compiled, *pushed)
 
 
+def _tags(unit: BuildUnit) -> tuple[str, ...]:
+    return tuple(image_tags(unit.driver_version, unit.driver_branch, unit.kernel, unit.os_id, unit.os_versions))
+
+
+def _decide(units: Sequence[BuildUnit], inputs: Mapping[BuildUnit, UnitInputs | None], registry: str, force: bool,
+            reports: dict[BuildUnit, UnitReport], prog: Any) -> dict[BuildUnit, Decision]:
+    """Ask the registry what each unit's tags hold; a unit to skip gets its report now."""
+    from gl_nvidia.registry.transfer import ClientOptions
+
+    ref = _target(registry)
+    decisions: dict[BuildUnit, Decision] = {}
+    with ClientOptions(retries=2).client(ref.host) as client, ui.task(prog, f"ask {ref.repository} what is published",
+                                                                         total=len(units)) as t:
+        for unit in units:
+            wanted = inputs[unit]
+            if wanted is None:
+                decisions[unit] = Decision(True, "inputs unknown before the build")
+                t.advance(1)
+                continue
+            manifests = {tag: client.get_manifest(ref.repo, tag) for tag in _tags(unit)}
+            decision = decide(wanted, {tag: m.annotations if m else None for tag, m in manifests.items()}, force)
+            decisions[unit] = decision
+            if not decision.build:
+                digests = {m.digest for m in manifests.values() if m is not None}
+                digest = next(iter(digests)) if len(digests) == 1 else None
+                reports[unit] = UnitReport(unit, _tags(unit), digest, "skipped", "-", "exists")
+            t.advance(1)
+    return decisions
+
+
 def _images(lock: Lock, results: list[UnitResult], layout_dir: Path, reports: dict[BuildUnit, UnitReport],
+            inputs: Mapping[BuildUnit, UnitInputs | None],
             prog: Any) -> list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]]:
     """Build (or find in the layout) each unit's image. Returns (unit, image or None, tags, digest)."""
-    existing = Layout.open(layout_dir).tags() if (layout_dir / "index.json").exists() else {}
+    layout = Layout.open(layout_dir) if (layout_dir / "index.json").exists() else None
+    existing = layout.tags() if layout is not None else {}
     todo: dict[tuple[Path, ImageOptions, str], list[BuildUnit]] = {}
     found: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]] = []
     states: dict[BuildUnit, str] = {}
@@ -188,26 +272,30 @@ def _images(lock: Lock, results: list[UnitResult], layout_dir: Path, reports: di
         unit = r.unit
         state, error = _build_state(r)
         states[unit] = state
-        tags = tuple(image_tags(unit.driver_version, unit.driver_branch, unit.kernel, unit.os_id, unit.os_versions))
+        tags = _tags(unit)
         if error is not None:
             reports[unit] = UnitReport(unit, tags, None, "failed", "-", "-", error)
             continue
         digests = {existing.get(t) for t in tags}
+        wanted = inputs.get(unit)
         if state == "cached" and len(digests) == 1 and None not in digests:
             digest = next(iter(digests))
-            assert digest is not None
-            found.append((unit, None, tags, digest))
-            reports[unit] = UnitReport(unit, tags, digest, state, "exists", "-")
-            continue
+            assert digest is not None and layout is not None
+            recorded = layout.manifest(digest).annotations.get(INPUTS_DIGEST)
+            if wanted is None or recorded == wanted.digest:
+                found.append((unit, None, tags, digest))
+                reports[unit] = UnitReport(unit, tags, digest, state, "exists", "-")
+                continue
         built_types = tuple(t for t, o in r.outcomes.items() if o.status == "ok")
         opts = ImageOptions(module_types=_module_choice(built_types), os_id=unit.os_id, os_versions=unit.os_versions)
         todo.setdefault((r.bundle, opts, unit.os_versions[-1] if unit.os_versions else ""), []).append(unit)
     with ui.task(prog, f"images for {sum(len(u) for u in todo.values())} unit(s)"):
         for (bundle, opts, os_version), units in todo.items():
             arch = units[0].arch
+            annotations = {u.kernel: w.annotations() for u in units if (w := inputs.get(u)) is not None}
             try:
                 built = build_images(bundle, [u.kernel for u in units], layout_dir,
-                                     base=base_for(lock, arch, os_version), options=opts)
+                                     base=base_for(lock, arch, os_version), options=opts, annotations=annotations)
             except UserError as exc:
                 for u in units:
                     reports[u] = UnitReport(u, (), None, states[u], "-", "-", exc.message)
@@ -230,7 +318,8 @@ def _target(registry: str) -> Reference:
 
 
 def _push(images: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]], layout_dir: Path, registry: str,
-          reports: dict[BuildUnit, UnitReport], prog: Any, key: EllipticCurvePrivateKey | None) -> tuple[int, int, int]:
+          reports: dict[BuildUnit, UnitReport], movable: set[BuildUnit], prog: Any,
+          key: EllipticCurvePrivateKey | None) -> tuple[int, int, int]:
     from gl_nvidia.registry.transfer import ClientOptions, copy_image
 
     ref = _target(registry)
@@ -249,11 +338,12 @@ def _push(images: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]
                 t.advance(1)
                 continue
             manifest = layout.manifest(digest)
-            # Full-version tags never move; branch tags follow the branch's newest release by design.
+            # Branch tags follow the branch's newest release by design; a full-version tag moves only where
+            # _decide found it holding an image of other (or unrecorded) inputs, or --force said so.
             branch_tags = tuple(tag for tag in tags if tag.startswith(f"{unit.driver_branch}-"))
             fixed = tuple(tag for tag in tags if tag not in branch_tags)
             try:
-                for group, force in ((fixed, False), (branch_tags, True)):
+                for group, force in ((fixed, unit in movable), (branch_tags, True)):
                     if group and any(current[tag] != digest for tag in group):
                         result = copy_image(manifest, lambda b, _s: layout.blob_path(b.digest), client, ref.repo,
                                             group, force=force)

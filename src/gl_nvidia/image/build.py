@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -110,8 +110,12 @@ def build_images(
     *,
     base: str | base_mod.BaseSpec | None = None,
     options: ImageOptions | None = None,
+    annotations: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[BuiltImage]:
-    """One image per kernel (None: every kernel in the bundle); the shared layers are built once."""
+    """One image per kernel (None: every kernel in the bundle); the shared layers are built once.
+
+    `annotations`: kernel -> extra manifest annotations of its image (release records its inputs there).
+    """
     opts = options or ImageOptions()
     manifest = _load_bundle(bundle_dir)
     wanted = list(manifest.kernels) if kernels is None else list(kernels)
@@ -137,8 +141,9 @@ def build_images(
                     if mtype not in binaries:
                         binaries[mtype] = _binaries_layer(layout, bundle_dir, manifest, plan, mtype, root)
                 own = [(f"binaries {m}", layer) for m in plan.module_types if (layer := binaries[m]) is not None]
+                extra = dict((annotations or {}).get(plan.kernel, {}))
                 results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, base_packages, shared, own,
-                                             root, opts))
+                                             root, opts, extra))
                 t.advance(1)
     return results
 
@@ -376,6 +381,7 @@ def _kernel_image(
     binaries: list[tuple[str, LayerBlob]],
     root: Path,
     opts: ImageOptions,
+    extra: dict[str, str],
 ) -> BuiltImage:
     kb = manifest.kernels[plan.kernel]
     trimmed = dataclasses.replace(
@@ -416,7 +422,7 @@ def _kernel_image(
         "history": [{"created": created, "created_by": f"gl-nvidia image: {name}"} for name, _ in named],
     }
     config_desc = layout.write_blob(oci.canonical_json(config), oci.CONFIG)
-    image = Manifest.build(config_desc, [b.descriptor for _, b in named], labels)
+    image = Manifest.build(config_desc, [b.descriptor for _, b in named], {**labels, **extra})
     layout.add_image(image, list(plan.tags))
     facts = sbom.ImageFacts(image.digest, plan.kernel, plan.module_types, base_image.digest,
                             base_image.name or base_image.description)

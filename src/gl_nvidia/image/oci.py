@@ -105,6 +105,11 @@ class Manifest:
         """Config first, then layers bottom to top: the order a push uploads them in."""
         return (self.config, *self.layers)
 
+    @property
+    def annotations(self) -> dict[str, str]:
+        found = json.loads(self.raw).get("annotations")
+        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
     @classmethod
     def parse(cls, raw: bytes, media_type: str | None = None) -> Manifest:
         try:
