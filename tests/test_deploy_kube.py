@@ -262,7 +262,7 @@ def write_kubeconfig(path: Path, server: str, token: str = GOOD_TOKEN) -> Path:
 def test_reads_gpu_nodes_and_clusterpolicy(cluster: tuple[FakeCluster, str], tmp_path: Path) -> None:
     _, server = cluster
     kube = Kube(write_kubeconfig(tmp_path / "kubeconfig", server))
-    nodes = gpu_nodes(kube.nodes())
+    nodes = gpu_nodes(kube.nodes(), kube.server)
     assert [n.name for n in nodes] == ["gpu-a", "gpu-b"]
     assert nodes[0].node_os().os_tag == "gardenlinux0"
     assert (nodes[0].kernel, nodes[0].flavour, nodes[0].arch) == ("6.12.72-cloud-amd64", "cloud", "amd64")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
-from gl_nvidia.deploy.release import release
+from gl_nvidia.release import release
 from gl_nvidia.run import output
 from tests.fixtures.registry import Registry
 from tests.test_deploy_kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
-from gl_nvidia.deploy.inputs import INPUTS, INPUTS_DIGEST, UnitInputs, annotations_from_text, decide
+from gl_nvidia.release.inputs import (
+    INPUTS,
+    INPUTS_DIGEST,
+    UnitInputs,
+    annotations_from_text,
+    decide,
+)
 
 INPUTS_A = UnitInputs({"kernel": "6.1.0-56-cloud-amd64", "driver_version": "535.309.01"},
                       {"nvidia-kernel-source_535.309.01-1_amd64.deb": "ab" * 32}, "base1", "0.1.0")
@@ -50,5 +56,5 @@ def test_image_inputs_describe_one_unit_as_release_plan_prints_them(tmp_path: Pa
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["image", str(tmp_path), "--all", "--inputs", INPUTS_A.text()]) == 2
     assert "--inputs describes one build unit" in capsys.readouterr().err
-    assert main(["image", str(tmp_path), "--kernel", "k", "--inputs", '{"cell": {}}']) == 2
+    assert main(["image", str(tmp_path), "--kernel", "6.1.0-56-cloud-amd64", "--inputs", '{"cell": {}}']) == 2
     assert "--inputs is not what `release --plan` prints" in capsys.readouterr().err

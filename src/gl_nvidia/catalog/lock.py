@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,7 +19,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from gl_nvidia import yamldoc
-from gl_nvidia.catalog.model import MODULE_TYPES, Cell
+from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Cell
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_text
 from gl_nvidia.names import check_driver_version, check_kernel
@@ -270,3 +271,20 @@ def add_exclusion(
     policy["exclusions"].append(CommentedMap(rule.model_dump(exclude_none=True)))
     write_lock(lock_path, doc)
     return True
+
+
+def exclude_failures(lock_path: Path, unit: BuildUnit, failures: Mapping[str, str]) -> int:
+    """Record a unit's failed module types (type -> first error) as exclusions of each of its cells.
+
+    When every type the unit builds failed alike, one rule covers the whole cell; otherwise each failed
+    type gets its own, so the type that built keeps shipping. Returns how many rules were added.
+    """
+    whole = set(failures) == set(unit.module_types) and len(set(failures.values())) == 1
+    added = 0
+    for cell in unit.cells():
+        if whole:
+            added += add_exclusion(lock_path, cell, reason=next(iter(failures.values())))
+            continue
+        for mtype, error in failures.items():
+            added += add_exclusion(lock_path, cell, reason=error, module_type="open" if mtype == "open" else "proprietary")
+    return added

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import click
 
@@ -12,9 +11,11 @@ from gl_nvidia.build import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, build_all, 
 from gl_nvidia.build.abi import check_bundle
 from gl_nvidia.build.kenv import kernel_release
 from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branch_of
-from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.bundle import MODULE_TYPES
-from gl_nvidia.catalog.model import BuildUnit, Cell
+from gl_nvidia.catalog.kernels import kernel_flavour
+from gl_nvidia.catalog.lock import exclude_failures
+from gl_nvidia.catalog.matrix import lock_path
+from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.cli.params import DRIVER_VERSION, KERNEL, SHA256
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.fs import check_writable_dir
@@ -51,30 +52,6 @@ def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None)
     if unit.os_id != "gardenlinux":
         raise UserError(f"--env kmodbuild builds Garden Linux kernels only, not {unit.os_id}", "use --env apt")
     return KmodbuildEnv(unit.os_versions[-1])
-
-
-def _cells(unit: BuildUnit) -> list[Cell]:
-    return [Cell(unit.os_id, v, unit.flavour, unit.arch, unit.kernel, unit.driver_version, unit.driver_branch)
-            for v in unit.os_versions]
-
-
-def _exclude(lock: Path, results: list[UnitResult]) -> int:
-    from gl_nvidia.catalog.lock import add_exclusion
-
-    added = 0
-    for r in results:
-        failed = [o for o in r.outcomes.values() if o.status != "ok"]
-        if not failed:
-            continue
-        whole = {o.module_type for o in failed} == set(r.unit.module_types)
-        for cell in _cells(r.unit):
-            if whole and len({o.error for o in failed}) == 1:
-                added += add_exclusion(lock, cell, reason=failed[0].error or "build failed")
-                continue
-            for o in failed:
-                mtype: Literal["open", "proprietary"] = "open" if o.module_type == "open" else "proprietary"
-                added += add_exclusion(lock, cell, reason=o.error or "build failed", module_type=mtype)
-    return added
 
 
 @click.command("build")
@@ -138,9 +115,10 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
             if not isinstance(source, DebianSource):
                 raise UserError("--driver is required with --source nvidia or dir")
             driver_version = source.available_versions(arch)[0]
-        units = [BuildUnit(kernel, driver_version, branch_of(driver_version), arch,
-                           kernel.split("-")[-2] if kernel.count("-") >= 2 else "cloud", os_id, (os_version,))]
-    if exclude_failed and profile == "debian":
+        units = [BuildUnit(kernel, driver_version, branch_of(driver_version), arch, kernel_flavour(kernel), os_id,
+                           (os_version,))]
+    lock_file = lock_path(profile)
+    if exclude_failed and lock_file is None:
         raise UserError("--exclude-failed needs a lock file to write", "pass --profile PATH (or gardenlinux)")
     kind = env_kind or "apt"
     envs: dict[str, KernelEnv] = {}  # one per OS version, so each apt index is read once
@@ -169,9 +147,11 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
                     _line(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
     failed = [r for r in results if not r.ok]
     if exclude_failed and failed:
-        lock_path = Path("versions.yaml") if profile == "gardenlinux" else Path(profile)
-        added = _exclude(lock_path, failed)
-        ui.log.info("added %d exclusion(s) to %s", added, lock_path)
+        assert lock_file is not None
+        added = sum(exclude_failures(lock_file, r.unit, {o.module_type: o.error or "build failed"
+                                                         for o in r.outcomes.values() if o.status != "ok"})
+                    for r in failed)
+        ui.log.info("added %d exclusion(s) to %s", added, lock_file)
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(results)} build unit(s) failed",
                         "see the table and logs above; --exclude-failed records them as exclusions")

@@ -46,7 +46,7 @@ def image_cmd(
     source_url: str | None, revision: str | None, inputs_text: str | None, as_json: bool,
 ) -> None:
     """Build driver images from BUNDLE into an OCI image layout, without a container engine."""
-    from gl_nvidia.deploy.inputs import annotations_from_text
+    from gl_nvidia.release.inputs import annotations_from_text
 
     if bool(kernels) == all_kernels:
         raise UserError("pass --kernel K (repeatable) or --all")

@@ -6,6 +6,7 @@ the live cluster (each GPU node's labels and the ClusterPolicy, now and after th
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +18,13 @@ from gl_nvidia.catalog.matrix import rule_matches
 from gl_nvidia.catalog.model import MODULE_TYPES, Cell
 from gl_nvidia.catalog.resolve import policy_leaves_out
 from gl_nvidia.deploy.nodes import NodeFacts
+from gl_nvidia.deploy.pins import generated_values
 from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.image.tags import node_version_id
+
+log = logging.getLogger(__name__)
 
 _GL_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
 
@@ -112,6 +116,18 @@ def check_targets(targets: list[Target], repository: str, image: str, checker: I
         problem = None if digest else (f"MISSING (excluded: {t.excluded})" if t.excluded else "MISSING")
         results.append(CheckResult(f"{t.driver_version} {t.flavour}/{t.arch}", ref, digest, problem))
     return results
+
+
+def cluster_spec(policies: list[dict[str, Any]], lock: Lock, registry: str | None) -> DriverSpec:
+    """The driver the operator deploys: the cluster's ClusterPolicy, else the values gl-nvidia generates;
+    `registry` checks a mirror instead of its driver.repository."""
+    if policies:
+        values = policies[0].get("spec") or {}
+    else:
+        log.warning("no ClusterPolicy in the cluster: checking the values gl-nvidia generates")
+        values = generated_values(lock)
+    spec = DriverSpec.from_values(values)
+    return DriverSpec(registry, spec.image, spec.version, spec.use_precompiled) if registry else spec
 
 
 def check_nodes(

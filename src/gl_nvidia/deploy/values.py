@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from ruamel.yaml import YAML
@@ -167,3 +168,11 @@ def load_yaml(text: str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{what} must be a YAML mapping of Helm values")
     return data
+
+
+def helm_command(values_file: Path) -> str:
+    """The command that installs the GPU Operator with a values file `values` wrote."""
+    return (
+        "helm upgrade --install -n gpu-operator --create-namespace gpu-operator nvidia/gpu-operator "
+        f"--values {values_file}"
+    )

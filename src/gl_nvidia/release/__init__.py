@@ -1,7 +1,7 @@
 """catalog -> build (with its ABI gate) -> image -> push, for every build unit of a profile's matrix.
 
 Incremental by construction: a unit whose tags the registry already holds, each with a manifest built
-from the same inputs (`deploy.inputs`: lock cell, source checksums, base spec, gl-nvidia version), is
+from the same inputs (`release.inputs`: lock cell, source checksums, base spec, gl-nvidia version), is
 skipped before anything is compiled (`force` builds it anyway); the build cache skips compiles already
 done, an image whose tags the layout holds with the same inputs is not rebuilt unless its modules were,
 and a registry whose tags already point at an image's digest gets no upload at all.
@@ -21,9 +21,8 @@ from gl_nvidia.build import AptEnv, DebianSource, KernelEnv, KmodbuildEnv, build
 from gl_nvidia.build.sources import DriverSource
 from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.lock import Lock
-from gl_nvidia.catalog.matrix import load_lock, load_matrix
+from gl_nvidia.catalog.matrix import load_lock, lock_matrix
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion
-from gl_nvidia.deploy.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide
 from gl_nvidia.deploy.values import check_repository
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import check_writable_dir
@@ -31,9 +30,11 @@ from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
 from gl_nvidia.image.oci import Layout, attachment_tag
 from gl_nvidia.image.tags import image_tags
+from gl_nvidia.release.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from rich.progress import Progress
 
     from gl_nvidia.registry.client import Reference, RegistryClient
 
@@ -86,6 +87,12 @@ class ReleaseResult:
     @property
     def ok(self) -> bool:
         return all(u.ok for u in self.units)
+
+    @property
+    def values_branch(self) -> str | None:
+        """driver.version for the values written after the release: the newest branch that has images."""
+        branches = [u.unit.driver_branch for u in self.units if u.ok]
+        return max(branches, key=int) if branches else None
 
 
 def source_for(lock: Lock) -> DriverSource:
@@ -156,7 +163,7 @@ def plan(profile: str | Path, registry: str, *, force: bool = False
     """What `release` would build and skip, and why, without building anything (the publish workflow's fan-out)."""
     _target(registry)
     lock = load_lock(profile)
-    units = load_matrix(profile).units
+    units = lock_matrix(lock).units
     inputs = _all_inputs(lock, units, source_for(lock))
     with ui.progress() as prog:
         decisions = _decide(units, inputs, registry, force, {}, prog)
@@ -201,7 +208,7 @@ def release(
             raise UserError("--sign-key signs pushed images", "pass --registry too")
         key = load_private_key(sign_key)  # a bad key is an error now, not after every compile
     lock = load_lock(profile)
-    matrix = load_matrix(profile)
+    matrix = lock_matrix(lock)
     if not matrix.units:
         raise UserError(f"the matrix of {profile} has no build units", "check the lock's policy and exclusions")
     bundles, layout_dir = out / "bundles", out / "oci"
@@ -234,7 +241,7 @@ def _tags(unit: BuildUnit) -> tuple[str, ...]:
 
 
 def _decide(units: Sequence[BuildUnit], inputs: Mapping[BuildUnit, UnitInputs | None], registry: str, force: bool,
-            reports: dict[BuildUnit, UnitReport], prog: Any) -> dict[BuildUnit, Decision]:
+            reports: dict[BuildUnit, UnitReport], prog: Progress | None) -> dict[BuildUnit, Decision]:
     """Ask the registry what each unit's tags hold; a unit to skip gets its report now."""
     from gl_nvidia.registry.transfer import ClientOptions
 
@@ -261,7 +268,7 @@ def _decide(units: Sequence[BuildUnit], inputs: Mapping[BuildUnit, UnitInputs | 
 
 def _images(lock: Lock, results: list[UnitResult], layout_dir: Path, reports: dict[BuildUnit, UnitReport],
             inputs: Mapping[BuildUnit, UnitInputs | None],
-            prog: Any) -> list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]]:
+            prog: Progress | None) -> list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]]:
     """Build (or find in the layout) each unit's image. Returns (unit, image or None, tags, digest)."""
     layout = Layout.open(layout_dir) if (layout_dir / "index.json").exists() else None
     existing = layout.tags() if layout is not None else {}
@@ -318,7 +325,7 @@ def _target(registry: str) -> Reference:
 
 
 def _push(images: list[tuple[BuildUnit, BuiltImage | None, tuple[str, ...], str]], layout_dir: Path, registry: str,
-          reports: dict[BuildUnit, UnitReport], movable: set[BuildUnit], prog: Any,
+          reports: dict[BuildUnit, UnitReport], movable: set[BuildUnit], prog: Progress | None,
           key: EllipticCurvePrivateKey | None) -> tuple[int, int, int]:
     from gl_nvidia.registry.transfer import ClientOptions, copy_image
 
@@ -369,10 +376,3 @@ def _attach(client: RegistryClient, repo: str, layout: Layout, digest: str,
     if sbom is not None and client.manifest_digest(repo, tag) != sbom:
         copy_image(layout.manifest(sbom), lambda b, _s: layout.blob_path(b.digest), client, repo, [tag], force=True)
     return int(sign_digest(client, repo, digest, key).added) if key is not None else 0
-
-
-def helm_command(values_file: Path) -> str:
-    return (
-        "helm upgrade --install -n gpu-operator --create-namespace gpu-operator nvidia/gpu-operator "
-        f"--values {values_file}"
-    )
