@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers, oci, unpack
 from gl_nvidia.image.oci import Descriptor, Layout
 from gl_nvidia.run import run
+
+log = logging.getLogger(__name__)
 
 # What the node runtime calls inside the image (python3, modprobe/insmod, nsenter, mount) and ldconfig;
 # bookworm ships mount(8) in its own package.
@@ -91,7 +95,7 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
     """The mmdebstrap base as one reproducible layer, from the cache when its inputs are unchanged."""
     cache = fs.cache_dir("image-base", spec.key())
     meta = cache / "layer.json"
-    if not meta.is_file():
+    if not _cache_hit(cache):
         with tempfile.TemporaryDirectory(prefix="gl-nvidia-base-") as tmp:
             rootfs = Path(tmp, "rootfs.tar")
             run(
@@ -103,7 +107,11 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
             )
             scratch = Layout.create(Path(tmp, "layout"))
             blob = layers.repack_rootfs(scratch, rootfs)
-            shutil.copyfile(scratch.blob_path(blob.descriptor.digest), cache / "layer.tar.gz")
+            # Renamed into place: another build may be reading the entry this one replaces.
+            fd, part = tempfile.mkstemp(dir=cache, prefix=".layer.", suffix=".tmp")
+            os.close(fd)
+            shutil.copyfile(scratch.blob_path(blob.descriptor.digest), part)
+            os.replace(part, cache / "layer.tar.gz")
         fs.atomic_write_text(meta, json.dumps({
             "digest": blob.descriptor.digest, "size": blob.descriptor.size,
             "diff_id": blob.diff_id, "uncompressed_size": blob.uncompressed_size,
@@ -115,6 +123,20 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
         (layers.LayerBlob(desc, m["diff_id"], m["uncompressed_size"]),),
         f"{spec.suite} {spec.arch} (mmdebstrap {' '.join(spec.packages)})",
     )
+
+
+def _cache_hit(cache: Path) -> bool:
+    """Whether the cached layer is still the one its digest names (the entry is content-addressed)."""
+    try:
+        digest = json.loads((cache / "layer.json").read_text())["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    blob = cache / "layer.tar.gz"
+    if blob.is_file() and f"sha256:{fs.sha256_file(blob)}" == digest:
+        return True
+    log.warning("cache entry %s fails verification (layer.tar.gz is not %s): building it again to replace it",
+                cache, digest)
+    return False
 
 
 def from_layout_image(layout: Layout, manifest_digest: str, description: str) -> BaseImage:
