@@ -203,3 +203,14 @@ def test_image_build_on_a_hostile_base_writes_nothing_outside(tmp_path: Path, ou
     build_image(bundle, KERNELS[0], tmp_path / "out", base=f"{tmp_path / 'base'}:v1",
                 options=ImageOptions(os_versions=("1877.3",)))
     assert untouched(outside)
+
+
+def test_a_base_with_a_file_where_the_libraries_go_is_one_error(tmp_path: Path) -> None:
+    tools = ["usr/bin/python3", "usr/sbin/modprobe", "usr/bin/nsenter", "usr/bin/mount", "usr/sbin/ldconfig",
+             "usr/bin/ld"]
+    base_layout(tmp_path / "base", [[*(M(t, data=b"#!", mode=0o755) for t in tools),
+                                     M(f"usr/lib/{TRIPLET}", data=b"not a directory")]])
+    bundle = make_bundle(tmp_path / "bundle", kernels=KERNELS[:1])
+    with pytest.raises(UserError, match=rf"cannot write /usr/lib/{TRIPLET}/.* into the base image: File exists"):
+        build_image(bundle, KERNELS[0], tmp_path / "out", base=f"{tmp_path / 'base'}:v1",
+                    options=ImageOptions(os_versions=("1877.3",)))

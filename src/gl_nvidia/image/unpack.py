@@ -80,8 +80,11 @@ def writable(root: Path, path: PurePosixPath | str) -> Path:
     dest = host_path(root, resolve_in_root(root, path))
     if dest == root:
         raise UserError(f"cannot write {path}: it is the root directory", _MALFORMED)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove(dest)
+    except OSError as exc:  # e.g. the base has a file where the path needs a directory
+        raise UserError(f"cannot write {path} into the base image: {exc.strerror or exc}", _MALFORMED) from exc
     return dest
 
 
