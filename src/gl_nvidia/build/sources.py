@@ -21,7 +21,7 @@ from debian.debian_support import Version
 
 from gl_nvidia import apt
 from gl_nvidia.errors import UserError
-from gl_nvidia.fs import atomic_dir, cache_dir
+from gl_nvidia.fs import cache_dir, cache_fill, cache_hit
 from gl_nvidia.run import run
 
 TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
@@ -133,8 +133,8 @@ class DebianSource:
         digests = {p.deb_name: p.sha256 for p in pkgs}
         versions = {p.name: _upstream(p.version) for p in pkgs}
         root = cache_dir("build", "driver") / f"debian-{driver_version}-{arch}-{_digest_key(digests)[:16]}"
-        if not root.exists():
-            with atomic_dir(root) as tmp:
+        if not cache_hit(root):
+            with cache_fill(root) as tmp:
                 _unpack_debian(debs, tmp, arch)
         module_sources = {
             mtype: ModuleSource(mtype, versions[pkg], root / f"kernel-{mtype}",
@@ -197,8 +197,8 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str])
     if not re.fullmatch(r"\d+\.\d+(\.\d+)?", version):
         raise UserError(f"cannot read the driver version from {manifest}")
     layout = cache_dir("build", "driver") / f"run-{version}-{arch}-{_digest_key(digests)[:16]}"
-    if not layout.exists():
-        with atomic_dir(layout) as tmp:
+    if not cache_hit(layout):
+        with cache_fill(layout) as tmp:
             _layout_run_tree(tree, tmp, version, arch)
     tree_digest = _digest_key(digests)
     module_sources = {

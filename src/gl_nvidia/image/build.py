@@ -28,7 +28,7 @@ from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image import layers, oci, sbom
+from gl_nvidia.image import layers, oci, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
 from gl_nvidia.image.oci import Layout, Manifest
 from gl_nvidia.image.tags import image_tags, validate_tag
@@ -296,7 +296,9 @@ class _Shared:
 
 
 def _place(root: Path, path: PurePosixPath) -> PurePosixPath:
-    return base_mod.resolve_in_root(root, path)
+    """Where `path` goes given the base's symlinked directories (/lib -> /usr/lib): a layer must not
+    replace such a symlink with a directory, so files are placed at their canonical location."""
+    return unpack.resolve_in_root(root, path)
 
 
 def _shared_layers(layout: Layout, bundle_dir: Path, manifest: BundleManifest, root: Path) -> _Shared:
@@ -337,20 +339,16 @@ def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
     lib_dirs = sorted({str(e.path.parent) for e in userspace if ".so" in e.path.name})
     conf_path = PurePosixPath("/etc/ld.so.conf.d/gl-nvidia.conf")
     conf = "".join(f"{d}\n" for d in lib_dirs).encode()
+    # The base's files are not ours: every write replaces what is there, never goes through a symlink.
     for e in userspace:
-        dest = root / e.path.relative_to("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         if e.link is not None:
-            if dest.is_symlink() or dest.exists():
-                dest.unlink()
-            os.symlink(e.link, dest)
+            os.symlink(e.link, unpack.writable(root, e.path))
         elif e.source is not None:
-            shutil.copyfile(e.source, dest)
-    (root / "etc/ld.so.conf.d").mkdir(parents=True, exist_ok=True)
-    (root / conf_path.relative_to("/")).write_bytes(conf)
+            shutil.copyfile(e.source, unpack.writable(root, e.path))
+    unpack.writable(root, conf_path).write_bytes(conf)
     # -X: only the cache, no soname links (the bundle ships them); -r: the cache is for this root.
     run(["ldconfig", "-X", "-r", root], hint="ldconfig -r needs root (it chroots)")
-    cache = (root / "etc/ld.so.cache").read_bytes()
+    cache = unpack.host_path(root, unpack.resolve_in_root(root, "/etc/ld.so.cache", follow=True)).read_bytes()
     return [
         Entry(_place(root, PurePosixPath("/etc/ld.so.cache")), data=cache),
         Entry(_place(root, conf_path), data=conf),
