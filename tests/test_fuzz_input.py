@@ -24,7 +24,7 @@ import pytest
 from gl_nvidia.catalog.lock import read_lock
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
-from gl_nvidia.image.oci import CONFIG, LAYER_GZIP, Layout, Manifest
+from gl_nvidia.oci import CONFIG, LAYER_GZIP, Layout, Manifest
 from tests.fixtures.registry import Registry, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

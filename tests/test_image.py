@@ -18,10 +18,10 @@ from gl_nvidia.cli.image import image_cmd
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
-from gl_nvidia.image.oci import CONFIG, Layout, Manifest, canonical_json
 from gl_nvidia.node import layout as node_layout
+from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
 from gl_nvidia.registry.client import RegistryClient
-from gl_nvidia.registry.transfer import push
+from gl_nvidia.registry.transfer import pull_base, push
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
 from tests.fixtures.registry import Registry
 from tests.test_image_support import (
@@ -318,7 +318,8 @@ def test_existing_image_in_a_registry_as_base(bundle: Path, built: list[BuiltIma
                                               tmp_path: Path) -> None:
     """--base REGISTRY/REPO:TAG: a previous driver image (it has python3, kmod, util-linux) works as a base."""
     push(built[0].layout, f"{registry.host}/base:{built[0].tags[0]}")
-    img = build_image(bundle, K1, tmp_path / "out", base=f"{registry.host}/base:{built[0].tags[0]}", options=GL)
+    base = pull_base(f"{registry.host}/base:{built[0].tags[0]}", tmp_path / "pulled")  # as `image --base` does
+    img = build_image(bundle, K1, tmp_path / "out", base=base, options=GL)
     assert [x.digest for x in img.layers[: len(built[0].layers)]] == [x.digest for x in built[0].layers]
     assert len(img.layers) == len(built[0].layers) * 2 - 1  # its layers, then ours above them
     annotations = json.loads(Layout.open(tmp_path / "out").resolve(img.tags[0]).raw)["annotations"]

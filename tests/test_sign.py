@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
-from gl_nvidia.image.oci import Descriptor, Manifest, canonical_json, digest_bytes
+from gl_nvidia.oci import Descriptor, Manifest, canonical_json, digest_bytes
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.sign import PAYLOAD_TYPE, SIGNATURE_ANNOTATION
 from gl_nvidia.registry.transfer import push

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
@@ -58,17 +59,24 @@ def image_cmd(
             annotations = {kernels[0]: annotations_from_text(inputs_text)}
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"--inputs is not what `release --plan` prints: {exc}") from exc
-    chosen: str | base_mod.BaseSpec | None = base
+    chosen: str | base_mod.BaseSpec | base_mod.LayoutBase | None = base
     if gardenlinux_repo:
         if base or not os_versions:
             raise UserError("--gardenlinux-repo needs --gl-version and no --base")
         # The newest GL version's repository, as release builds it.
         newest = max(os_versions, key=version_key)
         chosen = base_mod.gardenlinux_spec(gardenlinux_repo, newest, read_bundle_manifest(bundle).arch)
-    images = build_images(
-        bundle, None if all_kernels else list(kernels), out, base=chosen,
-        options=ImageOptions(module_types, os_id, os_versions, source_url, revision), annotations=annotations,
-    )
+    with tempfile.TemporaryDirectory(prefix="gl-nvidia-base-") as tmp:
+        if base and not base_mod.LayoutBase.split(base)[0].is_dir():
+            from gl_nvidia.registry.transfer import (
+                pull_base,  # only a registry base needs the client
+            )
+
+            chosen = pull_base(base, Path(tmp))
+        images = build_images(
+            bundle, None if all_kernels else list(kernels), out, base=chosen,
+            options=ImageOptions(module_types, os_id, os_versions, source_url, revision), annotations=annotations,
+        )
     if as_json:
         ui.print_json([i.as_dict() for i in images])
         return

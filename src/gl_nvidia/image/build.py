@@ -23,16 +23,16 @@ from typing import Any
 
 import gl_nvidia
 from gl_nvidia import bundle as bundle_mod
-from gl_nvidia import ui
+from gl_nvidia import oci, ui
 from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image import layers, oci, sbom, unpack
+from gl_nvidia.image import layers, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
-from gl_nvidia.image.oci import Layout, Manifest
 from gl_nvidia.image.tags import image_tags, validate_tag
 from gl_nvidia.node import layout as node_layout
+from gl_nvidia.oci import Layout, Manifest
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,15 @@ def build_image(
     kernel: str,
     out_layout: Path,
     *,
-    base: str | base_mod.BaseSpec | None = None,
+    base: str | base_mod.BaseSpec | base_mod.LayoutBase | None = None,
     options: ImageOptions | None = None,
 ) -> BuiltImage:
     """Build the image for one kernel of a bundle into the OCI layout `out_layout`.
 
     `base`: None builds the debian-profile base with mmdebstrap (cached); a `BaseSpec` builds that
-    one (e.g. `base.gardenlinux_spec(...)`); a string names an existing image: an OCI layout path
-    (`dir` or `dir:tag`) or a registry reference. Returns the manifest digest and tags; the same
-    bundle and base give the same digest.
+    one (e.g. `base.gardenlinux_spec(...)`); a `LayoutBase` (or its `dir[:tag]` string) is an existing
+    image in an OCI layout, e.g. one `registry.transfer.pull_base` fetched. Returns the manifest digest
+    and tags; the same bundle and base give the same digest.
     """
     return build_images(bundle_dir, [kernel], out_layout, base=base, options=options)[0]
 
@@ -108,7 +108,7 @@ def build_images(
     kernels: Sequence[str] | None,
     out_layout: Path,
     *,
-    base: str | base_mod.BaseSpec | None = None,
+    base: str | base_mod.BaseSpec | base_mod.LayoutBase | None = None,
     options: ImageOptions | None = None,
     annotations: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[BuiltImage]:
@@ -262,32 +262,26 @@ def _open_out(out_layout: Path) -> Layout:
         raise UserError(f"cannot write image layout {out_layout}: {exc.strerror or exc}", "choose a writable --out") from exc
 
 
-def _resolve_base(base: str | base_mod.BaseSpec | None, layout: Layout, arch: str) -> base_mod.BaseImage:
+def _resolve_base(base: str | base_mod.BaseSpec | base_mod.LayoutBase | None, layout: Layout,
+                  arch: str) -> base_mod.BaseImage:
     if base is None:
         return base_mod.build_base(base_mod.debian_spec(arch), layout)
     if isinstance(base, base_mod.BaseSpec):
         return base_mod.build_base(base, layout)
-    return _existing_base(base, layout)
+    return _existing_base(base_mod.LayoutBase.parse(base) if isinstance(base, str) else base, layout)
 
 
-def _existing_base(ref: str, layout: Layout) -> base_mod.BaseImage:
-    path, tag = ref, ""
-    if not Path(ref).is_dir() and ":" in ref:
-        path, tag = ref.rsplit(":", 1)
-    if Path(path).is_dir():
-        src = Layout.open(Path(path))
-        m = src.resolve(tag or None)
-        for blob in m.blobs:
-            src_path = src.blob_path(blob.digest)
-            if not src_path.is_file():
-                raise UserError(f"base image {ref} is incomplete: blob {blob.digest} is missing")
-            layout.import_blob(src_path, blob)
-        layout.write_blob(m.raw, m.media_type)
-        return base_mod.from_layout_image(layout, m.digest, ref)
-    from gl_nvidia.registry.transfer import pull  # the registry stage speaks the same model
-
-    digest = pull(ref, layout)
-    return base_mod.from_layout_image(layout, digest, ref, name=ref)
+def _existing_base(base: base_mod.LayoutBase, layout: Layout) -> base_mod.BaseImage:
+    ref = base.name or f"{base.layout}{f':{base.tag}' if base.tag else ''}"
+    src = Layout.open(base.layout)
+    m = src.resolve(base.tag)
+    for blob in m.blobs:
+        src_path = src.blob_path(blob.digest)
+        if not src_path.is_file():
+            raise UserError(f"base image {ref} is incomplete: blob {blob.digest} is missing")
+        layout.import_blob(src_path, blob)
+    layout.write_blob(m.raw, m.media_type)
+    return base_mod.from_layout_image(layout, m.digest, ref, name=base.name)
 
 
 @dataclass(frozen=True)

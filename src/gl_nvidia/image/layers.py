@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-from gl_nvidia.image import oci
-from gl_nvidia.image.oci import Descriptor, Layout
+from gl_nvidia import oci
+from gl_nvidia.oci import Descriptor, Layout
 
 GZIP_LEVEL = 6
 

@@ -18,10 +18,11 @@ from urllib.parse import quote
 from debian.deb822 import Deb822
 
 import gl_nvidia
+from gl_nvidia import oci
 from gl_nvidia.bundle import BundleManifest
-from gl_nvidia.image import layers, oci
-from gl_nvidia.image.oci import Layout, Manifest
+from gl_nvidia.image import layers
 from gl_nvidia.node import layout as node_layout
+from gl_nvidia.oci import Layout, Manifest
 
 MEDIA_TYPE = "application/spdx+json"  # cosign's `attach sbom --type spdxjson`, and the referrer's artifactType
 _DEB_FILE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9+.-]*)_(?P<version>[^_]+)_(?P<arch>[a-z0-9-]+)\.deb$")

@@ -26,9 +26,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gl_nvidia import oci
 from gl_nvidia.errors import CheckFailed, UserError
-from gl_nvidia.image import oci
-from gl_nvidia.image.oci import Descriptor, Manifest
+from gl_nvidia.oci import Descriptor, Manifest
 from gl_nvidia.registry.client import Reference, RegistryClient
 
 PAYLOAD_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"

@@ -17,8 +17,9 @@ from typing import Any
 
 from gl_nvidia import ui
 from gl_nvidia.errors import UserError
-from gl_nvidia.image.oci import Descriptor, Layout, Manifest, attachment_tag
+from gl_nvidia.image.base import LayoutBase
 from gl_nvidia.image.tags import validate_tag
+from gl_nvidia.oci import Descriptor, Layout, Manifest, attachment_tag
 from gl_nvidia.registry.client import Reference, RegistryClient
 
 
@@ -159,6 +160,15 @@ def pull(source: str, layout: Layout, *, options: ClientOptions | None = None) -
                 client.download_blob(ref.repo, blob, layout.blob_path(blob.digest))
         layout.write_blob(manifest.raw, manifest.media_type)
     return manifest.digest
+
+
+def pull_base(source: str, layout_dir: Path) -> LayoutBase:
+    """A registry image as a base for the image stage, which reads layouts only: pulled into a new
+    layout at `layout_dir` and tagged there."""
+    layout = Layout.create(layout_dir)
+    digest = pull(source, layout)
+    layout.add_image(layout.manifest(digest), ["base"])
+    return LayoutBase(layout_dir, "base", name=source)
 
 
 def branch_tags(tags: Sequence[str], branch: str | None) -> list[str]:

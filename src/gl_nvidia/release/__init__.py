@@ -28,8 +28,8 @@ from gl_nvidia.errors import UserError
 from gl_nvidia.fs import check_writable_dir
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
-from gl_nvidia.image.oci import Layout, attachment_tag
 from gl_nvidia.image.tags import image_tags
+from gl_nvidia.oci import Layout, attachment_tag
 from gl_nvidia.release.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide
 
 if TYPE_CHECKING:
