@@ -10,8 +10,7 @@ import pytest
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.host import Result
 from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STAGING_DIR, STATE_FILE, Runtime
-
-from .test_node_fakes import (
+from tests.fixtures.node import (
     BUILD_LINKER,
     KERNEL,
     FakeHost,

@@ -13,8 +13,7 @@ from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.image import Image
 from gl_nvidia.node.runtime import READY_FILE, STAGING_DIR
-
-from .test_node_fakes import BUILD_LINKER, KERNEL, fake_node, make_image
+from tests.fixtures.node import BUILD_LINKER, KERNEL, fake_node, make_image
 
 MODULES = f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary"
 BINARIES = "/usr/lib/gl-nvidia/binaries/proprietary"

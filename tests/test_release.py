@@ -16,8 +16,8 @@ import pytest
 from gl_nvidia.cli import main
 from gl_nvidia.release import release
 from gl_nvidia.run import output
+from tests.fixtures.kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
 from tests.fixtures.registry import Registry
-from tests.test_deploy_kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
 
 DATA = Path(__file__).parent / "data" / "deploy"
 LOCK = DATA / "release-debian-lock.yaml"
