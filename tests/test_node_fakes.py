@@ -23,6 +23,9 @@ from gl_nvidia.node.runtime import Runtime
 DATA = Path(__file__).parent / "data" / "node"
 KERNEL = "6.1.0-56-cloud-amd64"
 BUILD_LINKER = "GNU ld (GNU Binutils for Debian) 2.40"  # what the fake manifest says the build linked with
+BUILD_LIBELF = "libelf-0.188.so"  # ... and which libelf the build's objtool ran with
+OBJTOOL_ARGS = ("--hacks=jump_label", "--ibt", "--orc", "--link", "--module")
+OBJTOOL_MARK = b"+objtool"  # what the fake objtool appends to the object it processes
 SPLIT = {"nvidia": "nv-kernel.o", "nvidia-modeset": "nv-modeset-kernel.o"}  # module -> its binary object
 
 
@@ -53,9 +56,11 @@ def make_image(
     kernels: dict[str, tuple[str, ...]] | None = None,
     binaries: Sequence[str] = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced"),
     source_versions: dict[str, str] | None = None,
+    objtool: bool = False,
 ) -> Image:
     """A driver image root as the image stage lays it out (node/layout.py); `source_versions` gives a
-    module type a source version other than the userspace's."""
+    module type a source version other than the userspace's; `objtool`: split modules of an IBT kernel
+    (the kernel's objtool and a final object beside the interface)."""
     kernels = {KERNEL: ("proprietary", "open")} if kernels is None else kernels
     sv = source_versions or {}
     sets: dict[str, dict[str, object]] = {}
@@ -78,14 +83,21 @@ def make_image(
                 binary = root / str(layout.binaries_dir(t)).lstrip("/") / SPLIT[m]
                 binary.parent.mkdir(parents=True, exist_ok=True)
                 binary.write_bytes(f"binary {t} {m}".encode())
-                records.append({
-                    "name": f"{m}.ko", "sha256": _sha(fake_link(iface, binary)), "size": 0, "size_unstripped": 0,
-                    "vermagic": info["vermagic"], "srcversion": info["srcversion"],
-                    "parts": {"interface": iface.name, "interface_sha256": "", "interface_size": 0,
-                              "binary": binary.name, "binary_sha256": "", "binary_size": 0, "lds": "module.lds",
-                              "lds_sha256": "", "ld_flags": ["-r", "-m", "elf_x86_64", "--build-id=sha1"],
-                              "linker": BUILD_LINKER},
-                })
+                parts: dict[str, object] = {
+                    "interface": iface.name, "interface_sha256": "", "interface_size": 0, "binary": binary.name,
+                    "binary_sha256": "", "binary_size": 0, "lds": "module.lds", "lds_sha256": "",
+                    "ld_flags": ["-r", "-m", "elf_x86_64", "--build-id=sha1"], "linker": BUILD_LINKER}
+                linked = fake_link(iface, binary)
+                if objtool:
+                    final = d / f"{m}.final.o"
+                    final.write_bytes(f"modpost {t} {m}".encode())
+                    (d / "objtool").write_text("#!/bin/sh\n")
+                    parts["objtool"] = {"tool": "objtool", "tool_sha256": "", "args": list(OBJTOOL_ARGS),
+                                        "ld_flags": ["-m", "elf_x86_64", "-r"], "final": final.name,
+                                        "final_sha256": "", "final_size": 0, "libelf": BUILD_LIBELF}
+                    linked = linked + OBJTOOL_MARK + final.read_bytes()
+                records.append({"name": f"{m}.ko", "sha256": _sha(linked), "size": 0, "size_unstripped": 0,
+                                "vermagic": info["vermagic"], "srcversion": info["srcversion"], "parts": parts})
             sets.setdefault(kernel, {})[t] = {"source_version": sv.get(t, version), "modules": records}
     manifest = root / str(layout.MANIFEST).lstrip("/")
     manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +134,7 @@ class FakeKernel:
         self.dmesg: list[str] = ["[    0.000000] Linux version " + KERNEL]
         self.pids: set[int] = set()
         self.linker = "GNU ld (fake node binutils) 1.0"  # set to BUILD_LINKER: the same linker as the build
+        self.libelf = "/usr/lib/x86_64-linux-gnu/libelf.so.1"  # what ldd says objtool loads
 
     def names(self) -> list[str]:
         return [" ".join(c) for c in self.calls]
@@ -160,6 +173,15 @@ class FakeKernel:
             out = Path(argv[argv.index("-o") + 1])
             out.write_bytes(fake_link(Path(argv[-2]), Path(argv[-1])))
             return Result(0)
+        if Path(cmd).name == "objtool":
+            if "objtool" in self.fail:
+                return self.fail["objtool"]
+            with Path(argv[-1]).open("ab") as f:
+                f.write(OBJTOOL_MARK)
+            return Result(0)
+        if cmd == "ldd":
+            return Result(0, f"\tlibelf.so.1 => {self.libelf} (0x00007f1cceac4000)\n"
+                             "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f1cce01e000)\n")
         if cmd == "rmmod":
             for m in argv[1:]:
                 name = m.replace("-", "_")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundle import ModuleFile, ModuleParts, module_file
+from ..bundle import ModuleFile, ModuleParts, PartPaths, module_file
 from . import layout
 from .decide import MODULE_TYPES, NodeError
 
@@ -21,6 +21,16 @@ class SplitModule:
     lds: Path
     sha256: str  # of the module linked at build time (same linker, same bytes)
     srcversion: str
+    objtool: Path | None = None  # the kernel's objtool and the final object, when its pipeline runs objtool
+    final: Path | None = None
+
+    @property
+    def paths(self) -> PartPaths:
+        return PartPaths(str(self.interface), str(self.binary), str(self.lds), str(self.objtool or ""),
+                         str(self.final or ""))
+
+    def files(self) -> list[Path]:
+        return [self.interface, self.binary, self.lds, *(p for p in (self.objtool, self.final) if p is not None)]
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class Image:
     def has_module(self, kernel: str, module_type: str, module: str) -> bool:
         parts = self.split_module(kernel, module_type, module)
         if parts is not None:
-            return parts.interface.is_file() and parts.binary.is_file() and parts.lds.is_file()
+            return all(p.is_file() for p in parts.files())
         return self.ko(kernel, module_type, module).is_file()
 
     def split_module(self, kernel: str, module_type: str, module: str) -> SplitModule | None:
@@ -79,8 +89,10 @@ class Image:
             return None
         parts = record.parts
         here = self.at(layout.modules_dir(kernel, module_type))
+        step = parts.objtool
         return SplitModule(parts, here / parts.interface, self.at(layout.binaries_dir(module_type)) / parts.binary,
-                           here / parts.lds, record.sha256, record.srcversion)
+                           here / parts.lds, record.sha256, record.srcversion,
+                           here / step.tool if step else None, here / step.final if step else None)
 
     def module_types(self, kernel: str) -> list[str]:
         """Module types usable with this image's userspace: present, and of the same driver version
