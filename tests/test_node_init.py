@@ -466,6 +466,7 @@ def test_ibt_modules_run_the_kernels_objtool_between_kbuilds_two_links(tmp_path:
     assert calls[i + 2] == (f"ld -r -m elf_x86_64 --build-id=sha1 -T {image_dir}/module.lds -o {staging}/.nvidia.ko.tmp "
                             f"{obj} {image_dir}/nvidia.final.o")
     # the result is byte for byte the build's (checked: same linker and libelf), then inserted from staging
+    assert any("objtool=yes sha256=\"the build's\"" in line for line in rt.log.lines)
     inserted = [c.split()[1] for c in calls if c.startswith("insmod")]
     assert inserted == [f"{staging}/nvidia.ko", f"{image_dir}/nvidia-uvm.ko", f"{staging}/nvidia-modeset.ko"]
     assert sorted(p.name for p in staging.iterdir()) == ["nvidia-modeset.ko", "nvidia.ko"]  # no <module>.o left

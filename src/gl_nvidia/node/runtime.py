@@ -480,7 +480,8 @@ class Runtime:
                     raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: {tool} failed: "
                                     f"{_reason(res.stderr or res.stdout)}",
                                     "the image needs a working ld (binutils) and, for objtool, libelf")
-            problem = _link_problem(tmp, module, split, running, self._toolchain(split))
+            toolchain = self._toolchain(split)
+            problem = _link_problem(tmp, module, split, running, toolchain)
             if problem:
                 raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
         except BaseException:
@@ -490,7 +491,8 @@ class Runtime:
             obj.unlink(missing_ok=True)
         os.replace(tmp, out)
         self.log.info("module linked", module=module, type=module_type, path=str(out),
-                      objtool="yes" if split.parts.objtool else "no")
+                      objtool="yes" if split.parts.objtool else "no",
+                      sha256="the build's" if _same_tools(split, toolchain) else "not compared (other ld or libelf)")
         return out
 
     def _toolchain(self, split: SplitModule) -> tuple[str, str]:
@@ -545,19 +547,23 @@ def _link_problem(ko: Path, module: str, split: SplitModule, running: str, toolc
         return (f"{module}.ko linked from this image's parts has vermagic {vermagic or '?'} and srcversion "
                 f"{srcversion or '?'}, but the running kernel is {running} and the manifest's srcversion is "
                 f"{split.srcversion}; refusing to load it")
-    linker, libelf = toolchain
-    step = split.parts.objtool
-    if linker == split.parts.linker and (step is None or libelf == step.libelf):
+    if _same_tools(split, toolchain):
         h = hashlib.sha256()
         with ko.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         if h.hexdigest() != split.sha256:
-            tools = linker + (f", objtool with {libelf}" if step else "")
+            tools = toolchain[0] + (f", objtool with {toolchain[1]}" if split.parts.objtool else "")
             return (f"{module}.ko linked on this node (sha256 {h.hexdigest()[:16]}) differs from the module the "
                     f"build linked and gated (sha256 {split.sha256[:16]}) with the same linker ({tools}); "
                     "refusing to load it")
     return None
+
+
+def _same_tools(split: SplitModule, toolchain: tuple[str, str]) -> bool:
+    """Whether this node links with the build's ld (and runs objtool with the build's libelf)."""
+    linker, libelf = toolchain
+    return linker == split.parts.linker and (split.parts.objtool is None or libelf == split.parts.objtool.libelf)
 
 
 def _reason(stderr: str) -> str:
