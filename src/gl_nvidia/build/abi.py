@@ -16,7 +16,7 @@ from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from gl_nvidia.build.kenv import kernel_release, read_config
 from gl_nvidia.bundle import AbiGate, BundleManifest, modules_dir
@@ -50,6 +50,7 @@ class ModuleElf:
     exported: frozenset[str]
     versions: dict[str, int]  # __versions: symbol -> CRC the module was built against
     sections: dict[str, int] = field(default_factory=dict)  # section name -> size
+    ibt_note: bool = False  # .note.gnu.property marks all its code IBT-enabled (-fcf-protection=branch)
 
     @property
     def vermagic(self) -> str:
@@ -106,6 +107,7 @@ def read_module(path: Path) -> ModuleElf:
                 if sep:
                     modinfo.setdefault(key, value)
             sections = {sec.name: sec["sh_size"] for sec in elf.iter_sections() if sec.name}
+            ibt_note = _ibt_note(elf)
             undefined: set[str] = set()
             exported: set[str] = set()
             symtab = elf.get_section_by_name(".symtab")
@@ -130,7 +132,17 @@ def read_module(path: Path) -> ModuleElf:
                     versions[name] = crc & 0xFFFFFFFF
     except (ELFError, OSError, struct.error) as exc:
         raise UserError(f"cannot read kernel module {path}: {exc}") from exc
-    return ModuleElf(path.name, modinfo, frozenset(undefined), frozenset(exported), versions, sections)
+    return ModuleElf(path.name, modinfo, frozenset(undefined), frozenset(exported), versions, sections, ibt_note)
+
+
+def _ibt_note(elf: ELFFile) -> bool:
+    """GNU_PROPERTY_X86_FEATURE_1_IBT in .note.gnu.property: `ld` keeps it only when every input has it."""
+    notes = elf.get_section_by_name(".note.gnu.property")
+    if not isinstance(notes, NoteSection):
+        return False
+    return any(prop["pr_type"] == "GNU_PROPERTY_X86_FEATURE_1_AND" and prop["pr_data"] & 1
+               for note in notes.iter_notes() if note["n_type"] == "NT_GNU_PROPERTY_TYPE_0"
+               for prop in note["n_desc"])
 
 
 def gate(modules: Sequence[ModuleElf], abi: KernelAbi) -> AbiGate:
@@ -160,9 +172,12 @@ def gate(modules: Sequence[ModuleElf], abi: KernelAbi) -> AbiGate:
 
 
 def evidence(m: ModuleElf) -> str:
-    """What the gate saw of a module's objtool processing: the objtool sections present, with sizes."""
+    """What the gate saw beyond symbols: objtool's sections (with sizes), the retpoline modinfo tag and the
+    IBT property note (modules holding NVIDIA's binary object have none: it was not built with IBT; objtool's
+    --ibt pass over the linked module is what covers it)."""
     found = [f"{sec} {m.sections[sec]}" for sec in OBJTOOL_SECTIONS if sec in m.sections]
-    return f"{m.name}: objtool sections: {', '.join(found) or 'none'}"
+    return (f"{m.name}: objtool sections: {', '.join(found) or 'none'}; "
+            f"modinfo retpoline={m.modinfo.get('retpoline', '-')}; IBT property note: {'yes' if m.ibt_note else 'no'}")
 
 
 def gate_files(paths: Sequence[Path], sysout: Path) -> AbiGate:
