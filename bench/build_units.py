@@ -4,9 +4,11 @@ Cold: a fresh build cache (Debian's downloaded .debs are shared, so "cold" measu
 sources, compiling, stripping and gating, not the network). Cached: the same units again, run twice
 back to back in the same process. Compile counts come from the bundled Garden Linux matrix snapshot
 (versions.yaml): one compile per build unit and module type, against one per cell and module type as
-the per-(GL version, flavour, driver) shell-script build does it.
+the per-(GL version, flavour, driver) shell-script build does it. The `glrd_*` counts resolve the lock's
+policy (every minor in maintenance) against the GLRD snapshot and its apt repositories in tests/data/catalog
+(signed with a throwaway key, as the tests do), beside what the newest minor of each major alone needs.
 
-    .venv/bin/python bench/build_units.py [--unit KERNEL:TYPE ...] [--make-jobs N]
+    .venv/bin/python bench/build_units.py [--unit KERNEL:TYPE ...] [--make-jobs N] [--counts-only]
 
 Prints one JSON line last.
 """
@@ -17,18 +19,28 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
-from gl_nvidia.catalog.matrix import load_matrix
-from gl_nvidia.catalog.model import BuildUnit
-from gl_nvidia.fs import cache_dir
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the signing key fixture lives with the tests
+
+from tests.fixtures.aptrepo import GL_APT, sign_repo, signing_key  # noqa: E402
+
+from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
+from gl_nvidia.catalog.lock import read_lock  # noqa: E402
+from gl_nvidia.catalog.matrix import build_matrix, load_matrix  # noqa: E402
+from gl_nvidia.catalog.model import BuildUnit, Matrix  # noqa: E402
+from gl_nvidia.catalog.resolve import SourceOverrides, refresh  # noqa: E402
+from gl_nvidia.fs import cache_dir  # noqa: E402
+
 DRIVER = "535.309.01"
+SNAPSHOT = REPO / "tests" / "data" / "catalog"
+SNAPSHOT_DAY = date(2026, 11, 20)
 
 
 def _cpu() -> float:
@@ -52,11 +64,42 @@ def compile_counts() -> dict[str, int]:
             "compiles_per_cell": per_cell, "compiles_deduped": deduped}
 
 
+def _compiles(m: Matrix) -> dict[str, int]:
+    return {"cells": len(m.cells), "units": len(m.units),
+            "compiles_per_cell": sum(2 for _ in m.cells), "compiles_deduped": sum(len(u.module_types) for u in m.units)}
+
+
+def glrd_counts() -> dict[str, object]:
+    """Every maintained minor (the lock's policy) vs only each major's newest, on the GLRD snapshot."""
+    lock = read_lock(REPO / "versions.yaml")[0]
+    with tempfile.TemporaryDirectory(prefix="gl-nvidia-bench-") as tmp, signing_key("bench") as key:
+        apt = Path(tmp, "gl-apt")
+        shutil.copytree(GL_APT, apt)
+        sign_repo(apt, key)
+        os.environ["GL_APT_KEYRING"] = str(key.keyring)
+        overrides = SourceOverrides((str(SNAPSHOT / "glrd-releases-major.json"), str(SNAPSHOT / "glrd-releases-minor.json")),
+                                    str(SNAPSHOT / "nvidia-releases.json"), str(apt))
+        resolved = refresh(lock, SNAPSHOT_DAY, overrides)
+    newest = {v.major: v.version for v in resolved.os_versions}  # oldest first: the last of a major wins
+    only_newest = resolved.model_copy(update={
+        "os_versions": [v for v in resolved.os_versions if v.version in newest.values()],
+        "kernels": [k for k in resolved.kernels if k.os_version in newest.values()]})
+    every = _compiles(build_matrix(lock.os.id, resolved, lock.policy.exclusions))
+    return {"glrd_minors": [v.version for v in resolved.os_versions],
+            **{f"glrd_{k}": v for k, v in every.items()},
+            **{f"glrd_newest_only_{k}": v for k, v in _compiles(build_matrix(lock.os.id, only_newest,
+                                                                                lock.policy.exclusions)).items()}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--unit", action="append", default=[], help="KERNEL:TYPE (default 6.1.0-56-cloud-amd64:proprietary)")
     ap.add_argument("--make-jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--counts-only", action="store_true", help="Only the compile counts (no compiles, seconds).")
     args = ap.parse_args()
+    if args.counts_only:
+        print(json.dumps({"bench": "build_units", **compile_counts(), **glrd_counts()}))
+        return 0
     specs = [tuple(u.split(":", 1)) for u in args.unit] or [("6.1.0-56-cloud-amd64", "proprietary")]
     real_apt = cache_dir("apt")
     results = []
@@ -74,7 +117,8 @@ def main() -> int:
                    "speedup": round(float(cold["wall_s"]) / max(float(cached["wall_s"]), 0.001), 1)}  # type: ignore[arg-type]
             print(json.dumps(row), file=sys.stderr)
             results.append(row)
-    print(json.dumps({"bench": "build_units", "make_jobs": args.make_jobs, "units": results, **compile_counts()}))
+    print(json.dumps({"bench": "build_units", "make_jobs": args.make_jobs, "units": results, **compile_counts(),
+                      **glrd_counts()}))
     return 0
 
 

@@ -36,15 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fixtures.registry import running_registry
 
 from gl_nvidia import bundle as b
+from gl_nvidia import oci
 from gl_nvidia.build import AptEnv, DebianSource, build_unit
 from gl_nvidia.catalog.model import BuildUnit
-from gl_nvidia.deploy.release import release
-from gl_nvidia.image import layers, oci
+from gl_nvidia.image import layers
 from gl_nvidia.image.build import ImageOptions, build_images
-from gl_nvidia.image.oci import Layout, Manifest
 from gl_nvidia.node import layout as node_layout
+from gl_nvidia.oci import Layout, Manifest
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.transfer import copy_image
+from gl_nvidia.release import release
 
 COUNTS = (1, 5, 10)
 OPTIONS = ImageOptions(os_id="debian", os_versions=("12",))

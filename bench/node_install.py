@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "src")]
 
 from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT  # noqa: E402
-from tests.test_node_fakes import fake_node  # noqa: E402
+from tests.fixtures.node import fake_node  # noqa: E402
 
 from gl_nvidia import bundle as bundle_mod  # noqa: E402
 from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402

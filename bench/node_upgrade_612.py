@@ -35,16 +35,16 @@ sys.path[:0] = [str(REPO), str(REPO / "src")]
 
 from bench.image_layers import OPTIONS, monolithic  # noqa: E402
 from tests.fixtures.ibt import ibt_kernels, ibt_unit  # noqa: E402
+from tests.fixtures.node import fake_node  # noqa: E402
 from tests.fixtures.registry import running_registry  # noqa: E402
-from tests.test_node_fakes import fake_node  # noqa: E402
 
 from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.fs import cache_dir  # noqa: E402
 from gl_nvidia.image.build import build_images  # noqa: E402
-from gl_nvidia.image.oci import Layout, Manifest  # noqa: E402
 from gl_nvidia.node.host import subprocess_runner  # noqa: E402
 from gl_nvidia.node.image import Image  # noqa: E402
 from gl_nvidia.node.runtime import DRIVER_ROOT, STAGING_DIR  # noqa: E402
+from gl_nvidia.oci import Layout, Manifest  # noqa: E402
 from gl_nvidia.registry.client import RegistryClient  # noqa: E402
 from gl_nvidia.registry.transfer import copy_image, pull  # noqa: E402
 

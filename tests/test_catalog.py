@@ -15,10 +15,10 @@ import pytest
 
 from gl_nvidia.catalog.history import history_path, read_history
 from gl_nvidia.catalog.kernels import apt_sources, compare_kernels, resolve_kernel
-from gl_nvidia.catalog.lock import ExclusionRule, add_exclusion, read_lock
+from gl_nvidia.catalog.lock import ExclusionRule, Policy, add_exclusion, read_lock
 from gl_nvidia.catalog.matrix import build_matrix, in_range, load_matrix, rule_matches
 from gl_nvidia.catalog.model import Cell
-from gl_nvidia.catalog.resolve import select_drivers, select_os_versions
+from gl_nvidia.catalog.resolve import policy_leaves_out, select_drivers, select_os_versions
 from gl_nvidia.catalog.sources import parse_glrd, parse_nvidia
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
@@ -53,30 +53,56 @@ def test_glrd_fixture_parses_majors_with_their_minor_releases() -> None:
     assert majors[1877].extended == date(2026, 5, 13)
 
 
+ALL_MINORS = Policy(arches=["amd64"], flavours=["cloud"])
+
+
 @pytest.mark.parametrize(
     ("today", "expected"),
     [
-        ("2026-11-20", ["1877.3", "2150.9.0"]),  # 1592 is eol, 1877 in extended maintenance
-        ("2026-11-29", ["1877.3", "2150.9.0"]),  # the day before 1877's eol
-        ("2026-11-30", ["2150.9.0"]),  # eol today: out of maintenance
-        ("2026-10-01", ["1877.3", "2150.8.0"]),  # 2150.9.0 not released yet
+        # 1592 is eol, 1877 in extended maintenance: every released minor of both majors
+        ("2026-11-20", ["1877.0", "1877.1", "1877.2", "1877.3", "2150.0.0", "2150.8.0", "2150.9.0"]),
+        ("2026-11-30", ["2150.0.0", "2150.8.0", "2150.9.0"]),  # eol today: out of maintenance
+        ("2026-10-01", ["1877.0", "1877.1", "1877.2", "1877.3", "2150.0.0", "2150.8.0"]),  # 2150.9.0 not yet out
         ("2025-06-01", ["1592.6", "1877.0"]),  # 1592 in extended maintenance, 2150 not yet released
     ],
 )
-def test_in_maintenance_is_eol_after_today_and_newest_released_minor(today: str, expected: list[str]) -> None:
-    got = select_os_versions(parse_glrd(glrd_docs()), date.fromisoformat(today))
+def test_every_released_minor_of_every_major_in_maintenance(today: str, expected: list[str]) -> None:
+    got = select_os_versions(parse_glrd(glrd_docs()), date.fromisoformat(today), ALL_MINORS)
     assert [v.version for v in got] == expected
 
 
-def test_major_without_eol_stays_in_maintenance() -> None:
-    major = json.loads((DATA / "glrd-releases-major.json").read_text())
-    for rel in major["releases"]:
-        if rel["name"] == "major-1877":
-            del rel["lifecycle"]["eol"]
-    docs = [("major", json.dumps(major).encode()), glrd_docs()[1]]
-    got = select_os_versions(parse_glrd(docs), date(2030, 1, 1))
-    assert [v.version for v in got] == ["1877.3"]
-    assert got[0].eol is None
+def test_min_minor_drops_older_minors_and_keep_minors_names_older_ones_on_purpose() -> None:
+    policy = ALL_MINORS.model_copy(update={"min_minor": ["1877.2", "2150.9.0"], "keep_minors": ["2150.0.0", "1592.6"]})
+    got = select_os_versions(parse_glrd(glrd_docs()), date(2026, 11, 20), policy)
+    assert [v.version for v in got] == ["1592.6", "1877.2", "1877.3", "2150.0.0", "2150.9.0"]
+    assert got[0].eol == date(2025, 8, 12)  # kept past its major's end of maintenance, on purpose
+    assert policy_leaves_out(policy, "2150.8.0") == "policy.min_minor builds GL 2150 from 2150.9.0 on"
+    assert policy_leaves_out(policy, "2150.0.0") is None  # kept
+    assert policy_leaves_out(policy, "2150.10.0") is None and policy_leaves_out(ALL_MINORS, "1877.0") is None
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"min_minor": ["2150.7.0"]}, r"policy names GL 2150\.7\.0, which the GLRD data does not list"),
+        ({"keep_minors": ["2222.0.0"]}, r"policy names GL 2222\.0\.0, which the GLRD data does not list"),
+    ],
+)
+def test_policy_naming_a_minor_glrd_does_not_know_is_an_error(update: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        select_os_versions(parse_glrd(glrd_docs()), date(2026, 11, 20), ALL_MINORS.model_copy(update=update))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("min_minor", ["2150.8.0", "2150.9.0"], "more than one min_minor for GL 2150"),
+        ("keep_minors", ["latest"], "'latest' is not a Garden Linux version"),
+    ],
+)
+def test_bad_minor_policy_is_rejected(field: str, value: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Policy(arches=["amd64"], flavours=["cloud"], **{field: value})
 
 
 def test_older_glrd_names_stable_and_patch_with_micro_are_read() -> None:
@@ -291,9 +317,10 @@ def test_add_exclusion_keeps_comments_and_is_idempotent(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, apt_key: SigningKey) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, apt_key: SigningKey,
+            capsys: pytest.CaptureFixture[str]) -> Path:
     """A copy of the repository's lock and history plus editable copies of the snapshot sources, the apt
-    repository signed with a throwaway key that GL_APT_KEYRING names."""
+    repository signed with a throwaway key that GL_APT_KEYRING names; the lock updated from them."""
     monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
     for name in ("versions.yaml", "versions-history.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
@@ -301,6 +328,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, apt_key: SigningKey
     sign_repo(tmp_path / "src" / "gl-apt", apt_key)
     monkeypatch.setenv("GL_APT_KEYRING", str(apt_key.keyring))
     monkeypatch.chdir(tmp_path)
+    assert run_update(tmp_path) == 0  # the repository's lock predates the snapshot's older minors
+    capsys.readouterr()
     return tmp_path
 
 
@@ -344,7 +373,7 @@ def test_driver_patch_release_and_gl_patch_release(workdir: Path, capsys: pytest
     add_gl_minor(workdir, "2150.10.0", "2026-11-18", "2027-02-18", like="2150.9.0")
     assert run_update(workdir) == 0
     out = capsys.readouterr().out
-    assert "- new GL patch release 2150.10.0 (was 2150.9.0)" in out
+    assert "- new GL patch release 2150.10.0" in out  # beside 2150.9.0: nodes move over one by one
     assert "- new driver patch release 580.105.10 (was 580.105.08)" in out
     assert len(out.strip().splitlines()) == 2
     text = (workdir / "versions.yaml").read_text()
@@ -353,6 +382,35 @@ def test_driver_patch_release_and_gl_patch_release(workdir: Path, capsys: pytest
     history = read_history(history_path(workdir / "versions.yaml"))
     assert ("2150.10.0", "580.105.10") in {(e.os_version, e.driver_version) for e in history.entries}
     assert ("1877.3", "580.105.08") in {(e.os_version, e.driver_version) for e in history.entries}  # kept
+
+
+def test_every_minor_in_maintenance_gets_images_unless_the_policy_says_otherwise(
+        workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lock = workdir / "versions.yaml"
+    lock.write_text((REPO / "versions.yaml").read_text())  # resolved when only each major's newest minor got images
+    assert run_update(workdir) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"- new GL patch release {v}" for v in ("1877.0", "1877.1", "1877.2", "2150.0.0", "2150.8.0")]
+    resolved = read_lock(lock)[0].resolved
+    assert resolved is not None
+    assert [v.version for v in resolved.os_versions] == [
+        "1877.0", "1877.1", "1877.2", "1877.3", "2150.0.0", "2150.8.0", "2150.9.0"]
+    m = load_matrix(lock)
+    assert (len(m.cells), len(m.units)) == (76, 64)  # 1877.0 and 1877.1 share a kernel: compiled once
+    shared = next(u for u in m.units if u.kernel == "6.12.36-cloud-amd64" and u.driver_branch == "580")
+    assert shared.os_versions == ("1877.0", "1877.1")
+    assert cli("matrix", "--lock", str(lock), "--format", "github") == 0
+    assert len(json.loads(capsys.readouterr().out)["include"]) == 64
+
+    lock.write_text(lock.read_text().replace("  min_minor: []", "  min_minor: ['1877.3', '2150.8.0']")
+                    .replace("  keep_minors: []", "  keep_minors: ['1877.1']"))
+    assert run_update(workdir) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "- GL 1877.0, 1877.2 get no new images (policy)", "- GL 2150.0.0 gets no new images (policy)"]
+    assert cli("versions", "--lock", str(lock), "--json") == 0
+    current = {row["os_version"]: row["current"] for row in json.loads(capsys.readouterr().out)}
+    assert current == {"1877.0": False, "1877.1": True, "1877.2": False, "1877.3": True,
+                       "2150.0.0": False, "2150.8.0": True, "2150.9.0": True}
 
 
 def test_new_branch_enters_the_top_three_and_the_oldest_drops_out(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -378,7 +436,7 @@ def test_gl_major_reaching_eol_and_a_new_major(workdir: Path, capsys: pytest.Cap
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [
         "- GL 2222 enters maintenance with 2222.0.0",
-        "- GL 1877 reached end of maintenance (eol 2026-11-30): 1877.3 gets no new images",
+        "- GL 1877 reached end of maintenance (eol 2026-11-30): 1877.0, 1877.1, 1877.2, 1877.3 get no new images",
     ]
     assert run_update(workdir, "2026-11-30") == 0  # a second run finds nothing new
     assert capsys.readouterr().out.strip() == "no changes"
@@ -503,8 +561,8 @@ def test_versions_prints_the_support_table(capsys: pytest.CaptureFixture[str]) -
     assert cli("versions", "--lock", str(REPO / "versions.yaml"), "--json") == 0
     table = json.loads(capsys.readouterr().out)
     assert table == [
-        {"os_version": "2150.9.0", "driver_versions": ["580.105.08", "575.57.08"]},
-        {"os_version": "1877.3", "driver_versions": ["580.105.08", "575.57.08", "570.195.03"]},
+        {"os_version": "2150.9.0", "driver_versions": ["580.105.08", "575.57.08"], "current": True},
+        {"os_version": "1877.3", "driver_versions": ["580.105.08", "575.57.08", "570.195.03"], "current": True},
     ]
 
 

@@ -90,3 +90,14 @@ def test_missing_images_exit_one_and_list_the_references() -> None:
         raise_if_missing(results)
     assert exc.value.exit_code == 1
     raise_if_missing(results[:1])
+
+
+def test_a_minor_the_policy_leaves_out_is_named_as_such() -> None:
+    lock = parse_lock_text(GL_LOCK.replace("  flavours: [cloud]\n", "  flavours: [cloud]\n  min_minor: ['2150.8.0']\n"),
+                           "test lock")[0]
+    assert lock.resolved is not None
+    kernels = kernels_for(lock, lock.resolved, "2150.0.0", resolve_kernel_fn=lambda *a: f"6.12.64-cloud-{a[3]}")
+    targets = plan_targets(lock, lock.resolved, "2150.0.0", kernels)
+    assert {t.excluded for t in targets} == {"policy.min_minor builds GL 2150 from 2150.8.0 on"}
+    built = plan_targets(lock, lock.resolved, "2150.8.0", kernels_for(lock, lock.resolved, "2150.8.0"))
+    assert {t.excluded for t in built if t.driver_branch == "590"} == {None}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 
@@ -17,10 +19,10 @@ from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers
 from gl_nvidia.image.base import REQUIRED_TOOLS
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
-from gl_nvidia.image.oci import CONFIG, Layout, Manifest, canonical_json
 from gl_nvidia.node import layout as node_layout
+from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
 from gl_nvidia.registry.client import RegistryClient
-from gl_nvidia.registry.transfer import push
+from gl_nvidia.registry.transfer import pull_base, push
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
 from tests.fixtures.registry import Registry
 from tests.test_image_support import (
@@ -64,7 +66,8 @@ def test_tags_follow_the_operator_rule(built: list[BuiltImage]) -> None:
     assert built[0].tags == (
         f"{BRANCH}-{K1}-gardenlinux0", f"{VERSION}-{K1}-gardenlinux0", f"{BRANCH}-{K1}-gardenlinux1877.3",
     )
-    assert set(Layout.open(built[0].layout).tags()) == set(built[0].tags + built[1].tags)
+    sboms = tuple(f"sha256-{i.digest.removeprefix('sha256:')}.sbom" for i in built)
+    assert set(Layout.open(built[0].layout).tags()) == set(built[0].tags + built[1].tags + sboms)
 
 
 def test_skopeo_sees_entrypoint_env_and_labels(built: list[BuiltImage]) -> None:
@@ -78,6 +81,66 @@ def test_skopeo_sees_entrypoint_env_and_labels(built: list[BuiltImage]) -> None:
     assert config["Labels"]["io.gardenlinux.nvidia.gardenlinux.versions"] == "1877.3"
     raw = json.loads(sh("skopeo", "inspect", "--raw", f"oci:{img.layout}:{img.tags[0]}"))
     assert raw["annotations"]["org.opencontainers.image.version"] == VERSION
+
+
+def test_provenance_annotations_name_the_time_and_the_base_by_digest(built: list[BuiltImage]) -> None:
+    """created from SOURCE_DATE_EPOCH (unset: 0); the mmdebstrap base is an image of its own in the layout,
+    named by its manifest digest, and its one layer is the driver image's first."""
+    layout = Layout.open(built[0].layout)
+    annotations = json.loads(layout.resolve(built[0].tags[0]).raw)["annotations"]
+    assert annotations["org.opencontainers.image.created"] == "1970-01-01T00:00:00Z"
+    base = layout.manifest(annotations["org.opencontainers.image.base.digest"])
+    assert [b.digest for b in base.layers] == [built[0].layers[0].digest]
+    assert "org.opencontainers.image.base.name" not in annotations  # no registry reference for an mmdebstrap base
+    assert json.loads(layout.read_blob(base.config.digest))["rootfs"]["diff_ids"] == \
+        json.loads(layout.read_blob(layout.resolve(built[0].tags[0]).config.digest))["rootfs"]["diff_ids"][:1]
+
+
+def _sbom(layout_dir: Path, image_digest: str) -> tuple[Manifest, dict[str, Any]]:
+    layout = Layout.open(layout_dir)
+    referrer = layout.resolve(f"sha256-{image_digest.removeprefix('sha256:')}.sbom")
+    (doc,) = referrer.layers
+    return referrer, json.loads(layout.read_blob(doc.digest))
+
+
+def test_sbom_is_valid_spdx_and_lists_base_packages_nvidia_inputs_and_modules(
+        built: list[BuiltImage], bundle: Path, rootfs_k1: Path, tmp_path: Path) -> None:
+    from spdx_tools.spdx.parser.parse_anything import parse_file
+    from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+
+    img = built[0]
+    referrer, doc = _sbom(img.layout, img.digest)
+    raw = json.loads(referrer.raw)
+    assert referrer.digest == img.sbom
+    assert raw["artifactType"] == "application/spdx+json" and raw["subject"]["digest"] == img.digest
+    assert raw["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
+    assert [x.media_type for x in referrer.layers] == ["application/spdx+json"]
+    (tmp_path / "sbom.spdx.json").write_text(json.dumps(doc))
+    assert [m.validation_message for m in validate_full_spdx_document(parse_file(str(tmp_path / "sbom.spdx.json")))] == []
+
+    packages = {p["SPDXID"]: p for p in doc["packages"]}
+    assert packages["SPDXRef-Image"]["checksums"] == [{"algorithm": "SHA256",
+                                                       "checksumValue": img.digest.removeprefix("sha256:")}]
+    # The base's packages are those dpkg records in the image itself (what scanners read), with versions.
+    status = (rootfs_k1 / "var/lib/dpkg/status").read_text()
+    libc = re.search(r"^Package: libc6\n(?:.+\n)*?Version: (.+)$", status, re.M)
+    assert libc is not None
+    by_name = {p["name"]: p for p in doc["packages"]}
+    assert by_name["libc6"]["versionInfo"] == libc.group(1)
+    assert by_name["libc6"]["externalRefs"][0]["referenceLocator"].startswith("pkg:deb/debian/libc6@")
+    installed = set(re.findall(r"^Package: (\S+)$", status, re.M))
+    contained = {r["relatedSpdxElement"] for r in doc["relationships"]
+                 if r["spdxElementId"] == "SPDXRef-Base" and r["relationshipType"] == "CONTAINS"}
+    assert {packages[i]["name"] for i in contained} == installed and "python3" in installed
+    # The NVIDIA inputs with their checksums; every module with its sha256 and kernel.
+    manifest = BundleManifest.load(bundle)
+    for name, sha in manifest.source_digests.items():
+        assert by_name[name]["checksums"] == [{"algorithm": "SHA256", "checksumValue": sha}]
+    modules = [p for p in doc["packages"] if p["SPDXID"].startswith("SPDXRef-module-")]
+    expected = {(t, m.name, m.sha256) for t in ("open", "proprietary")
+                for m in manifest.kernels[K1].module_sets[t].modules}
+    assert {(p["SPDXID"].split("-")[2], p["name"], p["checksums"][0]["checksumValue"]) for p in modules} == expected
+    assert all(f"kernel={K1}" in p["externalRefs"][0]["referenceLocator"] and K1 in p["comment"] for p in modules)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +197,7 @@ def test_same_inputs_give_the_same_digest(bundle: Path, built: list[BuiltImage],
     again = build_image(bundle, K1, tmp_path / "again", options=GL)
     assert again.digest == built[0].digest
     assert again.layers == built[0].layers
+    assert again.sbom == built[0].sbom
 
 
 def test_kernels_with_different_module_types_share_every_layer_below_their_own(tmp_path: Path) -> None:
@@ -270,21 +334,31 @@ def test_existing_image_in_a_registry_as_base(bundle: Path, built: list[BuiltIma
                                               tmp_path: Path) -> None:
     """--base REGISTRY/REPO:TAG: a previous driver image (it has python3, kmod, util-linux) works as a base."""
     push(built[0].layout, f"{registry.host}/base:{built[0].tags[0]}")
-    img = build_image(bundle, K1, tmp_path / "out", base=f"{registry.host}/base:{built[0].tags[0]}", options=GL)
+    base = pull_base(f"{registry.host}/base:{built[0].tags[0]}", tmp_path / "pulled")  # as `image --base` does
+    img = build_image(bundle, K1, tmp_path / "out", base=base, options=GL)
     assert [x.digest for x in img.layers[: len(built[0].layers)]] == [x.digest for x in built[0].layers]
     assert len(img.layers) == len(built[0].layers) * 2 - 1  # its layers, then ours above them
+    annotations = json.loads(Layout.open(tmp_path / "out").resolve(img.tags[0]).raw)["annotations"]
+    assert annotations["org.opencontainers.image.base.name"] == f"{registry.host}/base:{built[0].tags[0]}"
+    assert annotations["org.opencontainers.image.base.digest"] == built[0].digest
 
 
 def test_push_built_images_and_verify_in_the_registry(built: list[BuiltImage], registry: Registry, tmp_path: Path) -> None:
     repo = f"{registry.host}/gardenlinux/driver"
     first = push(built[0].layout, repo)
     shared = len(built[0].layers) - 1
-    assert sum(r.uploaded for r in first) == shared + 2 + 2  # shared layers once, 2 module layers, 2 configs
+    # shared layers once, 2 module layers, 2 configs; 2 SBOMs and their empty config
+    assert sum(r.uploaded for r in first) == shared + 2 + 2 + 3
     second = push(built[0].layout, repo)
     assert sum(r.uploaded for r in second) == 0 and sum(r.bytes_uploaded for r in second) == 0
 
     tags = json.loads(sh("skopeo", "list-tags", "--tls-verify=false", f"docker://{repo}"))["Tags"]
-    assert set(tags) == set(built[0].tags + built[1].tags)
+    sboms = [f"sha256-{i.digest.removeprefix('sha256:')}.sbom" for i in built]
+    assert set(tags) == {*built[0].tags, *built[1].tags, *sboms}
+    # The SBOM by its tag (cosign's fallback) and by digest (the OCI 1.1 referrer), pointing at its image.
+    for ref in (f"{repo}:{sboms[1]}", f"{repo}@{built[1].sbom}"):
+        raw = json.loads(sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"))
+        assert raw["subject"]["digest"] == built[1].digest and raw["artifactType"] == "application/spdx+json"
     info = json.loads(sh("skopeo", "inspect", "--tls-verify=false", f"docker://{repo}:{BRANCH}-{K2}-gardenlinux0"))
     assert info["Digest"] == built[1].digest
     assert any(e == f"KERNEL_VERSION={K2}" for e in info["Env"])
@@ -300,11 +374,17 @@ def test_push_built_images_and_verify_in_the_registry(built: list[BuiltImage], r
 
 def test_cli_builds_and_pushes(bundle: Path, registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "layout"
-    assert main(["image", str(bundle), "--kernel", K1, "--out", str(out), "--json"]) == 0
+    assert main(["image", str(bundle), "--kernel", K1, "--out", str(out), "--json", "--revision", "0123abc",
+                 "--source-url", "https://github.com/gardenlinux/gardenlinux-nvidia-installer"]) == 0
     images = json.loads(capsys.readouterr().out)
+    annotations = json.loads(Layout.open(out).resolve(images[0]["tags"][0]).raw)["annotations"]
+    assert annotations["org.opencontainers.image.revision"] == "0123abc"
+    assert annotations["org.opencontainers.image.source"] == "https://github.com/gardenlinux/gardenlinux-nvidia-installer"
     assert images[0]["kernel"] == K1 and images[0]["tags"][0] == f"{BRANCH}-{K1}-gardenlinux0"
-    assert main(["push", str(out), f"{registry.host}/driver", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["digest"] == images[0]["digest"]
+    assert main(["push", str(out), f"{registry.host}/driver:{images[0]['tags'][0]}", "--json"]) == 0
+    pushed = json.loads(capsys.readouterr().out)
+    assert pushed[0]["digest"] == images[0]["digest"]
+    assert pushed[1]["tags"] == [f"sha256-{images[0]['digest'].removeprefix('sha256:')}.sbom"]  # one tag, its SBOM too
     assert main(["push", str(out), f"{registry.host}/driver:bad+tag"]) == 2
     assert "invalid tag 'bad+tag'" in capsys.readouterr().err
 
@@ -318,7 +398,7 @@ def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: R
                     key=lambda i: i.kernel != real_kernel)
     assert images[0].tags == (f"535-{real_kernel}-debian12", f"{DEBIAN_DRIVER}-{real_kernel}-debian12")
     repo = f"{registry.host}/driver"
-    first = push(tmp_path / "layout", repo)
+    first = [r for r in push(tmp_path / "layout", repo) if not r.tags[0].endswith(".sbom")]
     assert [r.skipped for r in first] == [0, len(images[0].layers) - 1]
     with RegistryClient(registry.host) as c:
         m1 = c.get_manifest("driver", images[0].tags[0])

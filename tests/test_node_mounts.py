@@ -17,7 +17,7 @@ import json, os, signal, sys
 from pathlib import Path
 from gl_nvidia.node.host import subprocess_runner
 from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STATE_FILE, wait_for_signal
-from tests.test_node_fakes import fake_node
+from tests.fixtures.node import fake_node
 
 tmp = Path(sys.argv[1])
 report = {}

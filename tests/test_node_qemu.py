@@ -6,6 +6,8 @@ mounting and power-off. Inside, the image's own `nvidia-driver` runs against the
 - the matching kernel: `check-load` links nvidia.ko from the image's interface object and NVIDIA's binary
   object with the image's own `ld`, then inserts it (ABI accepted, init fails with ENODEV,
   "NVRM: No NVIDIA GPU found"), `init` stops with the no-GPU error;
+- the same image with one byte appended to NVIDIA's binary object: `check-load` refuses it against the
+  image's manifest before linking;
 - another kernel (6.1.0-47): `init` refuses before inserting any module (/proc/modules stays empty).
 qemu runs in software emulation (TCG, about 10 s a boot): on this machine KVM accepts the VM but the
 nested guest hangs before its first console line, so `-accel kvm` is not used.
@@ -14,6 +16,7 @@ nested guest hangs before its first console line, so `-accel kvm` is not used.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ step() {{
 step dry-run nvidia-driver init --dry-run
 step check-load nvidia-driver check-load
 step init nvidia-driver init
+step tampered /gl/busybox sh -c 'echo >> /usr/lib/gl-nvidia/binaries/proprietary/nv-kernel.o; exec nvidia-driver check-load'
 step modules cat /proc/modules
 /gl/busybox poweroff -f
 """
@@ -155,6 +159,12 @@ def test_matching_kernel_accepts_the_modules_and_init_stops_for_want_of_a_gpu(im
     assert rc == 1
     assert "nvidia-driver: error: no NVIDIA GPU on this node" in out
     assert f"nothing loaded into kernel {DEBIAN_KERNEL}" in out
+    # one byte appended to NVIDIA's binary object: refused before ld runs, by the image's manifest
+    rc, out = b.steps["tampered"]
+    assert rc == 1, out
+    assert re.search(r"nvidia-driver: error: /usr/lib/gl-nvidia/binaries/proprietary/nv-kernel\.o has sha256 "
+                     r"[0-9a-f]{64}, but this image's manifest says [0-9a-f]{64}; refusing to load nvidia\.ko\n", out), out
+    assert "module linked" not in out
     assert "nvidia" not in b.steps["modules"][1]
 
 

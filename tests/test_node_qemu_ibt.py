@@ -46,7 +46,10 @@ def test_ibt_image_holds_the_kernels_objtool_and_what_it_loads(ibt_rootfs: Path)
     split = image.split_module(kernel, "proprietary", "nvidia")
     assert split is not None and split.objtool is not None and split.final is not None
     assert not image.ko(kernel, "proprietary", "nvidia").exists()
-    assert all(p.is_file() for p in split.files())
+    # every file the node links from, the kernel's objtool included, is the one the manifest names
+    assert {i.path for i in image.inputs(kernel, "proprietary", "nvidia")} == {
+        split.interface, split.binary, split.lds, split.objtool, split.final}
+    image.verify(kernel, "proprietary", "nvidia")
     # objtool runs in the image (the boot below proves it): the base carries its libelf
     assert (ibt_rootfs / "usr/lib/x86_64-linux-gnu/libelf.so.1").exists()
     assert shutil.which("ld", path=str(ibt_rootfs / "usr/bin"))

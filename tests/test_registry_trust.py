@@ -12,7 +12,7 @@ import pytest
 from gl_nvidia.cli import main
 from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.errors import UserError
-from gl_nvidia.image.oci import Layout
+from gl_nvidia.oci import Layout
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.credentials import realm_may_receive_credentials
 from gl_nvidia.registry.transfer import ClientOptions, mirror, pull, push

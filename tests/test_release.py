@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
-from gl_nvidia.deploy.release import release
+from gl_nvidia.release import release
 from gl_nvidia.run import output
+from tests.fixtures.kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
 from tests.fixtures.registry import Registry
-from tests.test_deploy_kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
 
 DATA = Path(__file__).parent / "data" / "deploy"
 LOCK = DATA / "release-debian-lock.yaml"
@@ -55,7 +55,7 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
     report = json.loads(captured.out)
     assert (report["compiled"], report["blobs_uploaded"], report["manifests_pushed"]) == (0, 0, 0)
     (again,) = report["units"]
-    assert (again["build"], again["image"], again["push"], again["digest"]) == ("cached", "exists", "exists",
+    assert (again["build"], again["image"], again["push"], again["digest"]) == ("skipped", "-", "exists",
                                                                                 unit.digest)
     assert _uploads(registry) == stored
     assert f"--values {out / 'gpu-operator-values.yaml'}" in captured.err
@@ -143,6 +143,57 @@ def test_a_kernel_only_upgrade_pulls_only_the_new_kernels_layer(registry: Regist
         lacking = [x for x in want["layers"] if x["digest"] not in held]
         assert lacking == [want["layers"][-1]]  # the kernel's own modules layer, nothing below it
         assert lacking[0]["size"] < 5_000_000 < sum(x["size"] for x in want["layers"]) // 20
+
+
+@pytest.mark.slow
+def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_changed(
+        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = f"{registry.host}/gl-nvidia"
+    first = release(LOCK, tmp_path / "first", repo)
+    (unit,) = first.units
+    assert (unit.image, unit.push, unit.reason) == ("built", "pushed", f"not published: {TAGS[0]} and 1 more tag(s)")
+    raw = json.loads(output(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{repo}/driver:{TAGS[1]}"]))
+    recorded = json.loads(raw["annotations"]["io.gardenlinux.nvidia.inputs"])
+    assert recorded["cell"]["kernel"] == KERNEL and recorded["base"]
+    assert any(name.startswith("nvidia-kernel-source_535.309.01") for name in recorded["sources"])
+
+    # Another machine, nothing local: the registry's record alone skips the unit; its build never starts.
+    stored = _uploads(registry)
+    argv = ["release", "--profile", str(LOCK), "--out", str(tmp_path / "second"), "--registry", repo]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (skipped,) = report["units"]
+    assert (skipped["build"], skipped["image"], skipped["push"], skipped["digest"]) == ("skipped", "-", "exists",
+                                                                                    unit.digest)
+    assert skipped["reason"].startswith("published with the same inputs (sha256:") and report["compiled"] == 0
+    assert not (tmp_path / "second" / "bundles").exists() and not (tmp_path / "second" / "oci").exists()
+    assert main(argv) == 0
+    assert "skipped:" in capsys.readouterr().out  # the table says so, and why
+    # The publish workflow's fan-out: nothing to build; forced, the unit with the inputs its image records.
+    assert main(["release", "--profile", str(LOCK), "--registry", repo, "--plan"]) == 0
+    assert capsys.readouterr().out == '{"include":[]}\n'
+    assert main(["release", "--profile", str(LOCK), "--registry", repo, "--plan", "--force"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["include"]
+    assert row["key"] == f"535.309.01-{KERNEL}-amd64" and json.loads(row["inputs"]) == recorded
+    assert _uploads(registry) == stored
+
+    # A changed input (another gl-nvidia): built again from the build cache, and the tags move to it.
+    monkeypatch.setattr("gl_nvidia.__version__", "0.1.0+changed")
+    changed = release(LOCK, tmp_path / "third", repo)
+    (rebuilt,) = changed.units
+    assert (rebuilt.build, rebuilt.image, rebuilt.push) == ("cached", "built", "pushed")
+    assert rebuilt.reason == f"{TAGS[0]}: gl-nvidia changed" and changed.compiled == 0
+    assert rebuilt.digest != unit.digest
+    for tag in TAGS:
+        inspected = json.loads(output(["skopeo", "inspect", "--tls-verify=false", f"docker://{repo}/driver:{tag}"]))
+        assert inspected["Digest"] == rebuilt.digest
+
+    # --force builds what is published with the same inputs.
+    assert main(["release", "--profile", str(LOCK), "--out", str(tmp_path / "fourth"), "--registry", repo,
+                 "--force", "--json"]) == 0
+    (forced,) = json.loads(capsys.readouterr().out)["units"]
+    assert (forced["build"], forced["image"], forced["reason"]) == ("cached", "built", "forced (--force)")
+    assert forced["digest"] == rebuilt.digest  # the same inputs make the same image
 
 
 def test_release_of_an_unbuildable_unit_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,9 +1,13 @@
 """The one way a user-facing failure leaves the program: a message, an optional hint, an exit code.
 
-Bugs raise anything else and keep their traceback; `UserError` is for what the user can fix.
+`UserError` is for what the user can fix; anything else is a bug, which exits `BUG_EXIT_CODE` with one
+line (the traceback under `-v`).
 """
 
 from __future__ import annotations
+
+# An exception nobody expected (a bug): not 1, which says a check ran and failed. EX_SOFTWARE of sysexits.h.
+BUG_EXIT_CODE = 70
 
 
 class UserError(Exception):

@@ -1,17 +1,25 @@
-"""Atomic writes: everything a command produces appears complete under its final name, or not at all."""
+"""Atomic writes: everything a command produces appears complete under its final name, or not at all.
+
+Cache entries are sealed (every file's sha256 recorded) when made and verified when used.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
+import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from gl_nvidia.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -68,6 +76,22 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+def check_writable_dir(path: Path) -> None:
+    """Refuse now a directory that could not be created or written, leaving nothing behind: a long job
+    (compiles) must not find out at its end that it has nowhere to put its result."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gl-nvidia-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _as_user_error(exc, path) from exc
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -84,6 +108,92 @@ def cache_dir(*parts: str) -> Path:
     p = Path(root, *parts)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+# --- cache entries: sealed when made, verified when used ---------------------------------------------
+
+SEAL = ".gl-nvidia-seal.json"  # inside each entry: every file's mode and sha256, every symlink's target
+_verified: dict[Path, tuple[tuple[object, ...], ...]] = {}  # entry -> the stat of its files when it matched
+
+
+@contextlib.contextmanager
+def cache_fill(entry: Path) -> Iterator[Path]:
+    """`atomic_dir` for a cache entry: what the block leaves in the temp directory is sealed (every
+    file's sha256 recorded) before it appears under `entry`."""
+    with atomic_dir(entry) as tmp:
+        yield tmp
+        atomic_write_text(tmp / SEAL, json.dumps(_record(tmp, _files(tmp)), indent=0, sort_keys=True))
+
+
+def cache_hit(entry: Path) -> bool:
+    """Whether the cache entry `entry` exists and every file in it is exactly what was sealed.
+
+    A damaged entry (a file changed, missing or added, or no seal: made before entries were sealed) is a
+    miss, with a warning: the caller builds it again and `cache_fill` swaps the new one in, so a process
+    still reading the old one (e.g. an older gl-nvidia sharing the cache) never finds it half-deleted.
+    Each entry is hashed once per process; later calls re-hash it only when a file's stat changed.
+    """
+    if not entry.is_dir():
+        return False
+    files = _files(entry)
+    seal = entry / SEAL
+    stats = tuple((rel, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                  for rel, st in [*files, *([(SEAL, seal.lstat())] if os.path.lexists(seal) else [])])
+    if _verified.get(entry) == stats:
+        return True
+    why = _damage(entry, files)
+    if why is None:
+        _verified[entry] = stats
+        return True
+    log.warning("cache entry %s fails verification (%s): building it again to replace it", entry, why)
+    _verified.pop(entry, None)
+    return False
+
+
+def _files(entry: Path) -> list[tuple[str, os.stat_result]]:
+    """Everything under `entry` but directories and the seal, by relative path, not following symlinks."""
+    out = []
+    for top, dirs, names in os.walk(entry):
+        dirs.sort()
+        for name in sorted(names + dirs):
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                out.append((os.path.relpath(path, entry), st))
+    return [(rel, st) for rel, st in out if rel != SEAL]
+
+
+def _record(entry: Path, files: list[tuple[str, os.stat_result]]) -> dict[str, str]:
+    out = {}
+    for rel, st in files:
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = f"link {os.readlink(entry / rel)}"
+        elif stat.S_ISREG(st.st_mode):
+            out[rel] = f"file {stat.S_IMODE(st.st_mode):o} {sha256_file(entry / rel)}"
+        else:
+            out[rel] = f"other {stat.S_IFMT(st.st_mode):o}"
+    return out
+
+
+def _damage(entry: Path, files: list[tuple[str, os.stat_result]]) -> str | None:
+    """Why `entry` does not match its seal; None when it does."""
+    try:
+        sealed = json.loads((entry / SEAL).read_text())
+    except FileNotFoundError:
+        return "no seal: made before cache entries were sealed"
+    except (OSError, ValueError):
+        sealed = None
+    if not isinstance(sealed, dict):
+        return "its seal is unreadable"
+    actual = _record(entry, files)
+    for rel in sorted(sealed.keys() | actual.keys()):
+        if rel not in actual:
+            return f"{rel} is missing"
+        if rel not in sealed:
+            return f"{rel} was not there when it was made"
+        if sealed[rel] != actual[rel]:
+            return f"{rel} is not what was sealed"
+    return None
 
 
 def _as_user_error(exc: OSError, path: Path) -> UserError:

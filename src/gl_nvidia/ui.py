@@ -32,6 +32,8 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+    # Also the switch for tracebacks of unexpected errors (cli.main), even where logging was set up before.
+    log.setLevel(logging.DEBUG if verbose else logging.NOTSET)
     # Library chatter (HTTP connection pools) is noise at INFO.
     for noisy in ("httpx", "httpcore", "urllib3", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -23,7 +23,7 @@ from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.build.split import link, linker_version, split_module
 from gl_nvidia.bundle import AbiGate, ModuleFile, module_file
-from gl_nvidia.fs import atomic_dir, cache_dir, sha256_file
+from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def compile_set(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchai
 
 def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, jobs: int,
                     keep_debug: bool) -> CompiledSet:
-    hit = _load(entry, src.module_type)
+    hit = _load(entry, src.module_type) if cache_hit(entry) else None
     # Entries from before debug copies were cached have none: only --keep-debug needs them rebuilt.
     if hit is not None and (not keep_debug or hit.status != "ok" or (entry / "debug").is_dir()):
         return hit
@@ -104,7 +104,7 @@ def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: Ke
         shutil.copytree(src.tree, tree, symlinks=True)
         build_log = work / "build.log"
         proc = run(env.make_argv(hdrs, tree, jobs), log_file=build_log, check=False)
-        with atomic_dir(entry) as tmp:
+        with cache_fill(entry) as tmp:
             shutil.copyfile(build_log, tmp / "build.log")
             result = _collect(tree, tmp, src, hdrs, proc.returncode, build_log)
             (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from gl_nvidia import apt
 from gl_nvidia.errors import UserError
-from gl_nvidia.fs import atomic_dir, atomic_write_text, cache_dir, sha256_file
+from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import output
 
 _INCLUDE = re.compile(r"^include\s+(\S+)/Makefile\s*$", re.M)
@@ -148,9 +148,9 @@ class AptEnv:
         pkgs = [pkg, *(repo.find(dep) for dep in _header_deps(pkg.depends))]
         digest = hashlib.sha256("".join(sorted(p.sha256 for p in pkgs)).encode()).hexdigest()
         tree = cache_dir("build", "headers") / f"{kernel}-{digest[:16]}"
-        if not tree.exists():
+        if not cache_hit(tree):
             debs = [repo.download(p) for p in pkgs]
-            with atomic_dir(tree) as tmp:
+            with cache_fill(tree) as tmp:
                 for deb in debs:
                     apt.extract(deb, tmp)
                 _relocate(tmp, tree, kernel)
@@ -227,8 +227,8 @@ class KmodbuildEnv:
     def headers(self, kernel: str, arch: str) -> KernelHeaders:
         # The gate reads .config and Module.symvers on this side: copy the headers out once.
         tree = cache_dir("build", "kmodbuild") / f"{self.gl_version}-{arch}-{kernel}"
-        if not tree.exists():
-            with atomic_dir(tree) as tmp:
+        if not cache_hit(tree):
+            with cache_fill(tree) as tmp:
                 output(kmodbuild_argv(self.engine, self.image(arch), tmp,
                                       ["sh", "-c", f"cp -a /usr/src/. {tmp}/"]))
         return dir_headers(tree / f"linux-headers-{kernel}")

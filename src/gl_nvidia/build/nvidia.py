@@ -17,7 +17,7 @@ from gl_nvidia import ui
 from gl_nvidia.build.sources import DriverInputs, run_tree_inputs
 from gl_nvidia.download import download
 from gl_nvidia.errors import CommandError, UserError
-from gl_nvidia.fs import atomic_dir, cache_dir, sha256_file
+from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,14 @@ class NvidiaRunSource:
         self._client = client
         self.retry_delay = retry_delay
 
+    def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
+        """A local installer's sha256; a downloaded one's expected sha256, else its URL (NVIDIA never
+        replaces a released installer under the same name)."""
+        url = self.location.format(version=driver_version, machine=MACHINES[arch])
+        if urlparse(url).scheme not in ("http", "https"):
+            return {run_file_name(driver_version, arch): sha256_file(self.fetch(driver_version, arch))}
+        return {run_file_name(driver_version, arch): self.sha256 or url}
+
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:
         run_file = self.fetch(driver_version, arch)
         digest = sha256_file(run_file)
@@ -49,8 +57,8 @@ class NvidiaRunSource:
             raise UserError(f"checksum mismatch for {run_file.name}: expected sha256 {self.sha256}, got {digest}",
                             "check --sha256, or delete the file and download it again")
         tree = cache_dir("build", "run-trees") / f"{driver_version}-{arch}-{digest[:16]}"
-        if not tree.exists():
-            with ui.progress() as prog, ui.task(prog, f"unpack {run_file.name}"), atomic_dir(tree) as tmp:
+        if not cache_hit(tree):
+            with ui.progress() as prog, ui.task(prog, f"unpack {run_file.name}"), cache_fill(tree) as tmp:
                 try:
                     run(["sh", run_file, "--extract-only", "--target", tmp / "driver"])
                 except CommandError as exc:
@@ -69,10 +77,12 @@ class NvidiaRunSource:
             if not path.is_file():
                 raise UserError(f"no such driver installer: {path}", "pass a .run file or an http(s) URL")
             return path
-        cached = cache_dir("build", "runs") / run_file_name(driver_version, arch)
-        if cached.is_file() and (self.sha256 is None or sha256_file(cached) == self.sha256):
+        entry = cache_dir("build", "runs") / f"{driver_version}-{arch}"
+        cached = entry / run_file_name(driver_version, arch)
+        if cache_hit(entry) and (self.sha256 is None or sha256_file(cached) == self.sha256):
             return cached
-        self._download(url, cached, driver_version)
+        with cache_fill(entry) as tmp:
+            self._download(url, tmp / cached.name, driver_version)
         return cached
 
     def _download(self, url: str, dest: Path, driver_version: str) -> None:

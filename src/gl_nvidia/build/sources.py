@@ -21,7 +21,7 @@ from debian.debian_support import Version
 
 from gl_nvidia import apt
 from gl_nvidia.errors import UserError
-from gl_nvidia.fs import atomic_dir, cache_dir
+from gl_nvidia.fs import cache_dir, cache_fill, cache_hit
 from gl_nvidia.run import run
 
 TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
@@ -54,6 +54,11 @@ class DriverSource(Protocol):
 
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:
         """Fetch and unpack (or reuse from the cache) everything of `driver_version` for `arch`."""
+        ...
+
+    def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
+        """What `prepare` would build from (file name -> sha256, or the URL that names it), known without
+        downloading or unpacking: release decides from it whether a unit must be built at all."""
         ...
 
 
@@ -96,7 +101,10 @@ class DebianSource:
     def available_versions(self, arch: str) -> list[str]:
         return [_upstream(p.version) for p in self.repo(arch).versions("nvidia-smi")]
 
-    def prepare(self, driver_version: str, arch: str) -> DriverInputs:
+    def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
+        return {p.deb_name: p.sha256 for p in self._packages(driver_version, arch)}
+
+    def _packages(self, driver_version: str, arch: str) -> list[apt.AptPackage]:
         repo = self.repo(arch)
         pkgs: list[apt.AptPackage] = []
         for name in (*DEBIAN_USERSPACE, DEBIAN_MODULE_SOURCES["proprietary"]):
@@ -116,12 +124,17 @@ class DebianSource:
                      if branch_of(_upstream(p.version)) == branch_of(driver_version)]
         if open_pkgs:
             pkgs.append(open_pkgs[0])
+        return pkgs
+
+    def prepare(self, driver_version: str, arch: str) -> DriverInputs:
+        repo = self.repo(arch)
+        pkgs = self._packages(driver_version, arch)
         debs = {p.name: repo.download(p) for p in pkgs}
         digests = {p.deb_name: p.sha256 for p in pkgs}
         versions = {p.name: _upstream(p.version) for p in pkgs}
         root = cache_dir("build", "driver") / f"debian-{driver_version}-{arch}-{_digest_key(digests)[:16]}"
-        if not root.exists():
-            with atomic_dir(root) as tmp:
+        if not cache_hit(root):
+            with cache_fill(root) as tmp:
                 _unpack_debian(debs, tmp, arch)
         module_sources = {
             mtype: ModuleSource(mtype, versions[pkg], root / f"kernel-{mtype}",
@@ -184,8 +197,8 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str])
     if not re.fullmatch(r"\d+\.\d+(\.\d+)?", version):
         raise UserError(f"cannot read the driver version from {manifest}")
     layout = cache_dir("build", "driver") / f"run-{version}-{arch}-{_digest_key(digests)[:16]}"
-    if not layout.exists():
-        with atomic_dir(layout) as tmp:
+    if not cache_hit(layout):
+        with cache_fill(layout) as tmp:
             _layout_run_tree(tree, tmp, version, arch)
     tree_digest = _digest_key(digests)
     module_sources = {
@@ -231,6 +244,9 @@ class DirSource:
 
     def __init__(self, tree: Path) -> None:
         self.tree = tree
+
+    def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
+        return {self.tree.name: _tree_digest(self.tree)}
 
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:
         digest = _tree_digest(self.tree)

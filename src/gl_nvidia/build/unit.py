@@ -189,7 +189,8 @@ def _existing(out: Path, inputs: DriverInputs) -> b.BundleManifest | None:
 
 def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs, hdrs: KernelHeaders,
                  toolchain: str, sets: dict[str, CompiledSet], keep_debug: bool) -> b.BundleManifest:
-    if old is None or old.source_digests != inputs.digests:
+    if (old is None or old.source_digests != inputs.digests or not _same_files(old.userspace, inputs.userspace)
+            or not _same_files(old.firmware, inputs.firmware)):
         with atomic_dir(b.userspace_dir(root)) as tmp:
             userspace = _copy_tree(inputs.userspace, tmp)
         with atomic_dir(b.firmware_dir(root)) as tmp:
@@ -248,6 +249,20 @@ def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> None:
             tmp_file = dest.with_name(f".{dest.name}.tmp")
             shutil.copyfile(cs.parts_dir / p.binary, tmp_file)
             os.replace(tmp_file, dest)
+
+
+def _same_files(listed: tuple[b.UserspaceFile, ...], tree: Path) -> bool:
+    """Whether a bundle's list of a tree has the names, sizes, modes and links of `tree` (a cache entry
+    verified just now): a bundle written from a damaged entry is then rewritten, not kept, by a rebuild."""
+    have = {f.path: (f.size, f.mode, f.link) for f in listed}
+    found: dict[str, tuple[int, int, str | None]] = {}
+    for path in tree.rglob("*"):
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            found[str(path.relative_to(tree))] = (0, 0o777, os.readlink(path))
+        elif stat.S_ISREG(st.st_mode):
+            found[str(path.relative_to(tree))] = (st.st_size, stat.S_IMODE(st.st_mode), None)
+    return have == found
 
 
 def _copy_tree(src: Path, dest: Path) -> tuple[b.UserspaceFile, ...]:

@@ -11,8 +11,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import YAMLError
 
+from gl_nvidia import yamldoc
 from gl_nvidia.catalog.lock import describe_validation_error, dump
 from gl_nvidia.catalog.model import Matrix
 from gl_nvidia.catalog.sources import version_key
@@ -43,10 +43,15 @@ def read_history(path: Path) -> History:
     if not path.exists():
         return History()
     try:
-        data = YAML(typ="safe").load(path.read_text())
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                        "fix or restore the history file") from exc
+    data = yamldoc.load(YAML(typ="safe"), text, str(path))
+    try:
         return History.model_validate(data or {})
-    except YAMLError as exc:
-        raise UserError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}", "fix or restore the history file") from exc
     except ValidationError as exc:
         raise UserError(f"{path}: {describe_validation_error(exc)}", "fix or restore the history file") from exc
 

@@ -21,6 +21,11 @@ def meta_package(flavour: str, arch: str) -> str:
     return f"linux-headers-cloud-{arch}" if flavour == "cloud" else f"linux-headers-{arch}"
 
 
+def kernel_flavour(kernel: str) -> str:
+    """Cloud kernels are named `<version>-cloud-<arch>`; metal kernels have no flavour infix."""
+    return "cloud" if "-cloud-" in kernel else "metal"
+
+
 def kernel_suffix(flavour: str, arch: str) -> str:
     return f"-cloud-{arch}" if flavour == "cloud" else f"-{arch}"
 

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import YAMLError
 
-from gl_nvidia.catalog.model import MODULE_TYPES, Cell
+from gl_nvidia import yamldoc
+from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Cell
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_text
+from gl_nvidia.names import check_driver_version, check_kernel
 
 DEFAULT_BRANCH_TYPES = ["production branch", "lts branch", "new feature branch"]
 Arch = Literal["amd64", "arm64"]
 Flavour = Literal["cloud", "metal"]
+_GL_VERSION = re.compile(r"\d+\.\d+(\.\d+)?")
 _RANGE_CLAUSE = re.compile(r"^\s*(>=|<=|==|!=|>|<)?\s*([^\s<>=!,]+)\s*$")
+# Both end up in file names, image tags and make arguments: checked here, where they enter.
+KernelName = Annotated[str, AfterValidator(check_kernel)]
+DriverVersion = Annotated[str, AfterValidator(check_driver_version)]
 
 
 class _Strict(BaseModel):
@@ -64,7 +70,7 @@ class KernelEntry(_Strict):
     os_version: str
     flavour: Flavour
     arch: Arch
-    kernel: str = Field(pattern=r"^\d+\.\d+\S*$")
+    kernel: KernelName
 
 
 class Policy(_Strict):
@@ -73,18 +79,36 @@ class Policy(_Strict):
     arches: list[Arch] = Field(min_length=1)
     flavours: list[Flavour] = Field(min_length=1)
     # Full driver versions held instead of their branch's newest; a pinned branch stays in the matrix.
-    pins: list[str] = Field(default_factory=list)
+    pins: list[DriverVersion] = Field(default_factory=list)
     kernel_pins: list[KernelEntry] = Field(default_factory=list)  # kernels built besides the resolved ones
     kernel_overrides: list[KernelEntry] = Field(default_factory=list)  # replace what the repository says
     exclusions: list[ExclusionRule] = Field(default_factory=list)
+    # Which GL minors get images: every released minor of every major in maintenance (nodes are upgraded
+    # one by one), from its major's min_minor on ("2150.8.0": 2150.0.0 to 2150.7.x get none), plus
+    # keep_minors, built whatever the rest of the policy and the lifecycle say.
+    min_minor: list[str] = Field(default_factory=list)
+    keep_minors: list[str] = Field(default_factory=list)
 
-    @field_validator("pins")
+    @field_validator("min_minor", "keep_minors")
     @classmethod
-    def _pins_are_versions(cls, pins: list[str]) -> list[str]:
-        for pin in pins:
-            if not re.fullmatch(r"\d+(\.\d+)+", pin):
-                raise ValueError(f"pin {pin!r} is not a full driver version like 570.172.08")
-        return pins
+    def _gl_versions(cls, versions: list[str]) -> list[str]:
+        for v in versions:
+            if not _GL_VERSION.fullmatch(v):
+                raise ValueError(f"{v!r} is not a Garden Linux version like 1877.3 or 2150.9.0")
+        return versions
+
+    @field_validator("min_minor")
+    @classmethod
+    def _one_floor_per_major(cls, versions: list[str]) -> list[str]:
+        majors = [v.split(".", 1)[0] for v in versions]
+        twice = sorted({m for m in majors if majors.count(m) > 1})
+        if twice:
+            raise ValueError(f"more than one min_minor for GL {', '.join(twice)}")
+        return versions
+
+    def floor(self, major: int) -> str | None:
+        """The oldest minor of `major` that gets images, when min_minor names one."""
+        return next((v for v in self.min_minor if v.split(".", 1)[0] == str(major)), None)
 
 
 class Sources(_Strict):
@@ -111,13 +135,13 @@ class ResolvedOSVersion(_Strict):
 
 
 class ResolvedDriver(_Strict):
-    branch: str
+    branch: str = Field(pattern=r"^[0-9]{1,6}$")
     type: str
-    version: str
+    version: DriverVersion
     release_date: str | None = None
     # The open kernel-module source's version where a distribution packages it apart from the driver
     # (Debian); None: the same version (NVIDIA's .run carries both trees).
-    open_version: str | None = None
+    open_version: DriverVersion | None = None
 
 
 class Resolved(_Strict):
@@ -146,13 +170,7 @@ def _yaml() -> YAML:
 
 def parse_lock_text(text: str, where: str) -> tuple[Lock, CommentedMap]:
     """Validate lock text; return the typed lock and the round-trip document to edit."""
-    try:
-        doc = _yaml().load(text)
-    except YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{where}: malformed YAML{at}: {problem}", "fix the YAML syntax") from exc
+    doc = yamldoc.load(_yaml(), text, where)
     if not isinstance(doc, CommentedMap):
         raise UserError(f"{where}: expected a mapping at the top level", "see versions.yaml in the repository")
     try:
@@ -177,6 +195,9 @@ def read_lock(path: Path) -> tuple[Lock, CommentedMap]:
         raise UserError(f"lock file not found: {path}", "pass --lock FILE or run in the repository root") from None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                        "pass the lock file (versions.yaml) itself") from exc
     return parse_lock_text(text, str(path))
 
 
@@ -250,3 +271,20 @@ def add_exclusion(
     policy["exclusions"].append(CommentedMap(rule.model_dump(exclude_none=True)))
     write_lock(lock_path, doc)
     return True
+
+
+def exclude_failures(lock_path: Path, unit: BuildUnit, failures: Mapping[str, str]) -> int:
+    """Record a unit's failed module types (type -> first error) as exclusions of each of its cells.
+
+    When every type the unit builds failed alike, one rule covers the whole cell; otherwise each failed
+    type gets its own, so the type that built keeps shipping. Returns how many rules were added.
+    """
+    whole = set(failures) == set(unit.module_types) and len(set(failures.values())) == 1
+    added = 0
+    for cell in unit.cells():
+        if whole:
+            added += add_exclusion(lock_path, cell, reason=next(iter(failures.values())))
+            continue
+        for mtype, error in failures.items():
+            added += add_exclusion(lock_path, cell, reason=error, module_type="open" if mtype == "open" else "proprietary")
+    return added

@@ -113,11 +113,19 @@ def profile_text(name: str) -> str:
     return resources.files("gl_nvidia.catalog").joinpath("profiles", f"{name}.yaml").read_text()
 
 
+def lock_path(profile_or_lock_path: str | Path) -> Path | None:
+    """The lock file a profile name stands for: "gardenlinux" is ./versions.yaml, a path is itself, the
+    embedded "debian" has none."""
+    if profile_or_lock_path == "debian":
+        return None
+    return Path("versions.yaml") if profile_or_lock_path == "gardenlinux" else Path(profile_or_lock_path)
+
+
 def load_lock(profile_or_lock_path: str | Path) -> Lock:
     """An embedded profile by name ("debian"), "gardenlinux" (./versions.yaml), or a lock file path."""
-    if profile_or_lock_path == "debian":
+    path = lock_path(profile_or_lock_path)
+    if path is None:
         return parse_lock_text(profile_text("debian"), "embedded profile debian")[0]
-    path = Path("versions.yaml") if profile_or_lock_path == "gardenlinux" else Path(profile_or_lock_path)
     return read_lock(path)[0]
 
 
@@ -132,6 +140,10 @@ def load_matrix(
     profile without one (the embedded `debian`) is resolved now from its sources; `today` (default: the
     current date) decides which releases are in maintenance.
     """
-    lock = load_lock(profile_or_lock_path)
+    return lock_matrix(load_lock(profile_or_lock_path), today, overrides)
+
+
+def lock_matrix(lock: Lock, today: date | None = None, overrides: SourceOverrides | None = None) -> Matrix:
+    """`load_matrix` of a lock already read."""
     resolved = lock.resolved or refresh(lock, today or date.today(), overrides)
     return build_matrix(lock.os.id, resolved, lock.policy.exclusions)

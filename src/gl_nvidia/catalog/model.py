@@ -54,6 +54,11 @@ class BuildUnit:
     def key(self) -> str:
         return f"{self.driver_version}-{self.kernel}-{self.arch}"
 
+    def cells(self) -> list[Cell]:
+        """The cells this unit serves, one per OS release."""
+        return [Cell(self.os_id, v, self.flavour, self.arch, self.kernel, self.driver_version, self.driver_branch)
+                for v in self.os_versions]
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["os_versions"] = list(self.os_versions)

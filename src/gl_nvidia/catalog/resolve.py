@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from datetime import date
 
+from pydantic import ValidationError
+
 from gl_nvidia import ui
 from gl_nvidia.apt import AptRepo
 from gl_nvidia.catalog.kernels import apt_sources, resolve_kernel
@@ -20,35 +22,60 @@ from gl_nvidia.catalog.lock import (
     Resolved,
     ResolvedDriver,
     ResolvedOSVersion,
+    describe_validation_error,
 )
 from gl_nvidia.catalog.sources import (
     DriverBranch,
     DriverRelease,
     GLMajor,
+    GLRelease,
     fetch,
     parse_glrd,
     parse_nvidia,
+    version_key,
 )
 from gl_nvidia.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def select_os_versions(majors: list[GLMajor], today: date) -> list[ResolvedOSVersion]:
-    """The newest released minor of every major in maintenance, oldest major first."""
-    out = []
+def select_os_versions(majors: list[GLMajor], today: date, policy: Policy) -> list[ResolvedOSVersion]:
+    """Every released minor of every major in maintenance from the policy's min_minor on, plus the
+    policy's keep_minors; oldest first. Nodes move between minors one by one, so each needs its images."""
+    known = {r.version: (m, r) for m in majors for r in m.releases}
+    for v in (*policy.min_minor, *policy.keep_minors):
+        if v not in known:
+            raise UserError(f"policy names GL {v}, which the GLRD data does not list",
+                            "fix the version in policy.min_minor / keep_minors")
+    chosen: dict[str, tuple[GLMajor, GLRelease]] = {}
     for major in majors:
         if not major.in_maintenance(today):
             continue
-        latest = major.latest(today)
-        if latest is None:
-            log.warning("GL %d is in maintenance but has no minor release yet", major.major)
-            continue
-        out.append(ResolvedOSVersion(version=latest.version, major=major.major,
-                                     released=latest.released, eol=major.eol))
-    if not out:
+        floor = policy.floor(major.major)
+        released = [r for r in major.releases if r.released <= today
+                    and (floor is None or r.key >= known[floor][1].key)]
+        if not released:
+            log.warning("GL %d is in maintenance but has no minor release%s yet", major.major,
+                        f" from {floor} on" if floor else "")
+        chosen.update((r.version, (major, r)) for r in released)
+    for v in policy.keep_minors:
+        major, release = known[v]
+        if release.released > today:
+            raise UserError(f"policy.keep_minors names GL {v}, which is not released until {release.released}",
+                            "keep only released minors")
+        chosen[v] = (major, release)
+    if not chosen:
         raise UserError(f"no Garden Linux major is in maintenance on {today}", "check the GLRD source and --today")
-    return out
+    return [ResolvedOSVersion(version=r.version, major=m.major, released=r.released, eol=m.eol)
+            for m, r in sorted(chosen.values(), key=lambda mr: mr[1].key)]
+
+
+def policy_leaves_out(policy: Policy, os_version: str) -> str | None:
+    """Why the policy gives an OS version no images, when min_minor alone decides it (no sources read)."""
+    floor = policy.floor(int(os_version.split(".", 1)[0])) if os_version.split(".", 1)[0].isdigit() else None
+    if floor is None or os_version in policy.keep_minors or version_key(os_version) >= version_key(floor):
+        return None
+    return f"policy.min_minor builds GL {floor.split('.', 1)[0]} from {floor} on"
 
 
 def select_drivers(branches: list[DriverBranch], policy: Policy) -> list[ResolvedDriver]:
@@ -116,7 +143,14 @@ class SourceOverrides:
 
 def refresh(lock: Lock, today: date, overrides: SourceOverrides | None = None) -> Resolved:
     """Read every source and apply the policy: the new `resolved` section."""
-    overrides = overrides or SourceOverrides()
+    try:
+        return _refresh(lock, today, overrides or SourceOverrides())
+    except ValidationError as exc:  # a source named a kernel or driver version the lock would refuse
+        raise UserError(f"a source names an unusable {describe_validation_error(exc)}",
+                        "check the lock's sources") from exc
+
+
+def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
     sources = lock.sources
     glrd = list(overrides.glrd) or sources.glrd
     nvidia = overrides.nvidia or sources.nvidia
@@ -132,7 +166,7 @@ def refresh(lock: Lock, today: date, overrides: SourceOverrides | None = None) -
                 raise UserError("the lock names no GLRD source and no fixed os.version", "set sources.glrd")
             with ui.task(prog, "read Garden Linux releases (GLRD)"):
                 majors = parse_glrd([(loc, fetch(loc, "GLRD data")) for loc in glrd])
-            os_versions = select_os_versions(majors, today)
+            os_versions = select_os_versions(majors, today, policy)
             known = {r.version for m in majors for r in m.releases}
         for entry in (*policy.kernel_overrides, *policy.kernel_pins):
             if entry.os_version not in known:

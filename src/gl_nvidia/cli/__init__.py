@@ -5,12 +5,14 @@ Each stage's commands live in a module of this package named after the stage.
 
 from __future__ import annotations
 
+import logging
 import sys
+import traceback
 
 import click
 
 from gl_nvidia import __version__, ui
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import BUG_EXIT_CODE, UserError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,7 +32,8 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one line (and a hint) and exit non-zero; bugs keep their traceback."""
+    """Entry point: user errors print one line (and a hint) and exit non-zero; a bug prints one line and
+    exits BUG_EXIT_CODE, its traceback only under -v."""
     _register()
     try:
         cli.main(args=argv, prog_name="gl-nvidia", standalone_mode=False)
@@ -47,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("gl-nvidia: interrupted", err=True)
         return 130
+    except Exception as exc:  # a bug: say so in one line, with its own exit code (1 means a check said no)
+        if ui.log.isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+        first = next(iter(str(exc).splitlines()), "")
+        click.echo(f"gl-nvidia: error: unexpected {type(exc).__name__}" + (f": {first}" if first else ""), err=True)
+        click.echo("gl-nvidia: hint: this is a bug in gl-nvidia; rerun with -v for the traceback and report it",
+                   err=True)
+        return BUG_EXIT_CODE
     return 0
 
 

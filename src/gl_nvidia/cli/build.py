@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import click
 
@@ -12,10 +11,14 @@ from gl_nvidia.build import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, build_all, 
 from gl_nvidia.build.abi import check_bundle
 from gl_nvidia.build.kenv import kernel_release
 from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branch_of
-from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.bundle import MODULE_TYPES
-from gl_nvidia.catalog.model import BuildUnit, Cell
+from gl_nvidia.catalog.kernels import kernel_flavour
+from gl_nvidia.catalog.lock import exclude_failures
+from gl_nvidia.catalog.matrix import lock_path
+from gl_nvidia.catalog.model import BuildUnit
+from gl_nvidia.cli.params import DRIVER_VERSION, KERNEL, SHA256
 from gl_nvidia.errors import CheckFailed, UserError
+from gl_nvidia.fs import check_writable_dir
 
 
 def _line(text: str) -> None:
@@ -51,33 +54,10 @@ def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None)
     return KmodbuildEnv(unit.os_versions[-1])
 
 
-def _cells(unit: BuildUnit) -> list[Cell]:
-    return [Cell(unit.os_id, v, unit.flavour, unit.arch, unit.kernel, unit.driver_version, unit.driver_branch)
-            for v in unit.os_versions]
-
-
-def _exclude(lock: Path, results: list[UnitResult]) -> int:
-    from gl_nvidia.catalog.lock import add_exclusion
-
-    added = 0
-    for r in results:
-        failed = [o for o in r.outcomes.values() if o.status != "ok"]
-        if not failed:
-            continue
-        whole = {o.module_type for o in failed} == set(r.unit.module_types)
-        for cell in _cells(r.unit):
-            if whole and len({o.error for o in failed}) == 1:
-                added += add_exclusion(lock, cell, reason=failed[0].error or "build failed")
-                continue
-            for o in failed:
-                mtype: Literal["open", "proprietary"] = "open" if o.module_type == "open" else "proprietary"
-                added += add_exclusion(lock, cell, reason=o.error or "build failed", module_type=mtype)
-    return added
-
-
 @click.command("build")
-@click.option("--kernel", help="Kernel release (uname -r) of one build unit.")
-@click.option("--driver", "driver_version", help="Driver version of one build unit (e.g. 535.309.01).")
+@click.option("--kernel", type=KERNEL, help="Kernel release (uname -r) of one build unit.")
+@click.option("--driver", "driver_version", type=DRIVER_VERSION,
+              help="Driver version of one build unit (e.g. 535.309.01).")
 @click.option("--arch", default="amd64", show_default=True, type=click.Choice(["amd64", "arm64"]))
 @click.option("--os-version", default="12", show_default=True, help="OS version of the one unit (GL version for kmodbuild).")
 @click.option("--os-id", default="debian", show_default=True, type=click.Choice(["debian", "gardenlinux"]))
@@ -90,7 +70,7 @@ def _exclude(lock: Path, results: list[UnitResult]) -> int:
               type=click.Choice(["debian", "nvidia", "dir"]), help="Where the driver comes from.")
 @click.option("--source-path", help="nvidia: a .run file or URL template ({version}, {machine}; default: NVIDIA's "
               "download site); dir: an unpacked driver tree.")
-@click.option("--sha256", help="nvidia: the .run's expected sha256.")
+@click.option("--sha256", type=SHA256, help="nvidia: the .run's expected sha256.")
 @click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
               help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
 @click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
@@ -135,9 +115,10 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
             if not isinstance(source, DebianSource):
                 raise UserError("--driver is required with --source nvidia or dir")
             driver_version = source.available_versions(arch)[0]
-        units = [BuildUnit(kernel, driver_version, branch_of(driver_version), arch,
-                           kernel.split("-")[-2] if kernel.count("-") >= 2 else "cloud", os_id, (os_version,))]
-    if exclude_failed and profile == "debian":
+        units = [BuildUnit(kernel, driver_version, branch_of(driver_version), arch, kernel_flavour(kernel), os_id,
+                           (os_version,))]
+    lock_file = lock_path(profile)
+    if exclude_failed and lock_file is None:
         raise UserError("--exclude-failed needs a lock file to write", "pass --profile PATH (or gardenlinux)")
     kind = env_kind or "apt"
     envs: dict[str, KernelEnv] = {}  # one per OS version, so each apt index is read once
@@ -148,6 +129,7 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
             envs[key] = _env(kind, kernel_headers, unit, apt_spec)
         return envs[key]
 
+    check_writable_dir(out)  # before any compile, not after
     results = build_all(units, out, source=source, env_for=env_for,
                         jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug)
     if as_json:
@@ -165,9 +147,11 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
                     _line(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
     failed = [r for r in results if not r.ok]
     if exclude_failed and failed:
-        lock_path = Path("versions.yaml") if profile == "gardenlinux" else Path(profile)
-        added = _exclude(lock_path, failed)
-        ui.log.info("added %d exclusion(s) to %s", added, lock_path)
+        assert lock_file is not None
+        added = sum(exclude_failures(lock_file, r.unit, {o.module_type: o.error or "build failed"
+                                                         for o in r.outcomes.values() if o.status != "ok"})
+                    for r in failed)
+        ui.log.info("added %d exclusion(s) to %s", added, lock_file)
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(results)} build unit(s) failed",
                         "see the table and logs above; --exclude-failed records them as exclusions")

@@ -14,7 +14,7 @@ from gl_nvidia.catalog.github import GitHub
 from gl_nvidia.catalog.history import history_path, read_history, support_table
 from gl_nvidia.catalog.lock import read_lock
 from gl_nvidia.catalog.matrix import PROFILES, load_matrix
-from gl_nvidia.catalog.model import Matrix
+from gl_nvidia.catalog.model import BuildUnit, Matrix
 from gl_nvidia.catalog.resolve import SourceOverrides
 from gl_nvidia.catalog.update import update
 from gl_nvidia.errors import UserError
@@ -62,16 +62,18 @@ def print_matrix(matrix: Matrix) -> None:
     )
 
 
+def github_row(u: BuildUnit) -> dict[str, str]:
+    """One unit of a `strategy.matrix` fan-out (flat strings: usable in job names and args)."""
+    return {
+        "kernel": u.kernel, "driver_version": u.driver_version, "driver_branch": u.driver_branch,
+        "arch": u.arch, "flavour": u.flavour, "os_id": u.os_id, "os_versions": " ".join(u.os_versions),
+        "module_types": ",".join(u.module_types), "key": u.key,
+    }
+
+
 def github_matrix(matrix: Matrix) -> dict[str, list[dict[str, str]]]:
-    """A `strategy.matrix` for a fan-out over build units (flat strings: usable in job names and args)."""
-    return {"include": [
-        {
-            "kernel": u.kernel, "driver_version": u.driver_version, "driver_branch": u.driver_branch,
-            "arch": u.arch, "flavour": u.flavour, "os_id": u.os_id, "os_versions": " ".join(u.os_versions),
-            "module_types": ",".join(u.module_types), "key": u.key,
-        }
-        for u in matrix.units
-    ]}
+    """A `strategy.matrix` for a fan-out over build units."""
+    return {"include": [github_row(u) for u in matrix.units]}
 
 
 @click.command("matrix")
@@ -136,13 +138,17 @@ def update_cmd(lock: Path, today: str | None, glrd: tuple[str, ...], nvidia: str
               show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def versions_cmd(lock: Path, as_json: bool) -> None:
-    """The support table: every OS version with the driver versions ever built for it."""
-    read_lock(lock)  # a wrong --lock is an error, not an empty table (its history file is beside it)
+    """The support table: every OS version with the driver versions ever built for it, and whether the
+    policy still gives it new images (every minor in maintenance, from min_minor on, plus keep_minors)."""
+    lk, _ = read_lock(lock)  # a wrong --lock is an error, not an empty table (its history file is beside it)
+    current = {v.version for v in lk.resolved.os_versions} if lk.resolved else set()
     table = support_table(read_history(history_path(lock)))
     if as_json:
-        ui.print_json([{"os_version": v, "driver_versions": drivers} for v, drivers in table])
+        ui.print_json([{"os_version": v, "driver_versions": drivers, "current": v in current}
+                       for v, drivers in table])
     else:
-        ui.print_table("support table", ["os version", "driver versions"], [(v, ", ".join(d)) for v, d in table])
+        ui.print_table("support table", ["os version", "driver versions", "new images"],
+                       [(v, ", ".join(d), "yes" if v in current else "no") for v, d in table])
 
 
 COMMANDS: list[click.Command] = [matrix_cmd, update_cmd, versions_cmd]

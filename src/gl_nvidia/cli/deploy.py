@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -9,14 +10,17 @@ import click
 
 from gl_nvidia import ui
 from gl_nvidia.catalog.matrix import load_lock
+from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.deploy import resolve as resolve_mod
 from gl_nvidia.deploy import values as values_mod
-from gl_nvidia.deploy.pins import default_driver_version
+from gl_nvidia.deploy.pins import default_driver_version, generated_values
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.fs import atomic_write_text
 
 if TYPE_CHECKING:
+    from gl_nvidia.catalog.model import BuildUnit
     from gl_nvidia.deploy.preflight import CheckResult
+    from gl_nvidia.release.inputs import Decision, UnitInputs
 
 LOCK_OPTION = click.option(
     "--lock", default="gardenlinux", show_default=True,
@@ -67,7 +71,7 @@ def values_cmd(repository: str, driver_version: str | None, variant: values_mod.
 @click.option("--os-release", "os_release", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The node's /etc/os-release.")
-@click.option("--kernel", required=True, help="The node's kernel (uname -r).")
+@click.option("--kernel", required=True, type=KERNEL, help="The node's kernel (uname -r).")
 @click.option("--values", "values_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Helm values in use (default: what `gl-nvidia values` generates).")
 @click.option("--registry", default=None,
@@ -82,8 +86,7 @@ def resolve_cmd(os_release: Path, kernel: str, values_file: Path | None, registr
     if values_file is not None:
         values = values_mod.load_yaml(_read_text(values_file, "values file"), str(values_file))
     else:
-        version = default_driver_version("precompiled", load_lock(lock))
-        values = values_mod.helm_values(values_mod.ValuesSettings(version))
+        values = generated_values(load_lock(lock))
     if registry:
         values = {**values, "driver": {**(values.get("driver") or {}), "repository": registry}}
     spec = resolve_mod.DriverSpec.from_values(values)
@@ -157,20 +160,8 @@ def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path
             from gl_nvidia.deploy.nodes import gpu_nodes
 
             kube = Kube(kubeconfig, context)
-            nodes = gpu_nodes(kube.nodes())
-            if not nodes:
-                raise UserError(f"no GPU nodes in the cluster at {kube.server}",
-                                "GPU nodes carry nvidia.com/gpu.present=true or NFD's pci-10de.present=true")
-            policies = kube.cluster_policies()
-            if policies:
-                spec_values = policies[0].get("spec") or {}
-            else:
-                ui.log.warning("no ClusterPolicy in the cluster: checking the values gl-nvidia generates")
-                spec_values = values_mod.helm_values(
-                    values_mod.ValuesSettings(default_driver_version("precompiled", lk)))
-            spec = resolve_mod.DriverSpec.from_values(spec_values)
-            if registry:
-                spec = resolve_mod.DriverSpec(registry, spec.image, spec.version, spec.use_precompiled)
+            nodes = gpu_nodes(kube.nodes(), kube.server)
+            spec = preflight.cluster_spec(kube.cluster_policies(), lk, registry)
             upgrade = (os_version, kernels) if os_version and kernels else None
             results = preflight.check_nodes(nodes, spec, checker, upgrade)
             title = f"driver images for the GPU nodes of {kube.server}"
@@ -195,12 +186,7 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
     from gl_nvidia.deploy.verify import VECTORADD_IMAGE, verify_nodes
 
     kube = Kube(kubeconfig, context)
-    nodes = gpu_nodes(kube.nodes(), only=node)
-    if not nodes:
-        if node:
-            raise UserError(f"no node named {node!r} in the cluster at {kube.server}", "see `kubectl get nodes`")
-        raise UserError(f"no GPU nodes in the cluster at {kube.server}",
-                        "GPU nodes carry nvidia.com/gpu.present=true or NFD's pci-10de.present=true")
+    nodes = gpu_nodes(kube.nodes(), kube.server, only=node)
     results = verify_nodes(kube, [n.name for n in nodes], namespace, timeout_s, image=image or VECTORADD_IMAGE,
                            on_result=lambda r: ui.log.info("%s: %s", r.node, r.status))
     if as_json:
@@ -224,26 +210,41 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
               help="Work and output directory: bundles/, the OCI layout oci/, gpu-operator-values.yaml.")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Build units in parallel.")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None,
+              help="Sign every pushed image with this ECDSA P-256 PEM key (cosign's format; see `gl-nvidia sign`).")
+@click.option("--force", is_flag=True,
+              help="Build and push every unit, even one the registry holds from the same inputs.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Build nothing: print the GitHub Actions strategy matrix of the units to build (one JSON line, "
+                   "each with its inputs) and, on stderr, what is skipped and why. Needs --registry.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_json: bool) -> None:
-    """catalog -> build -> ABI gate -> image -> push for every build unit; a rerun skips what exists."""
-    from gl_nvidia.deploy.release import helm_command, release
+def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None, force: bool,
+                plan_only: bool, as_json: bool) -> None:
+    """catalog -> build -> ABI gate -> image -> push for every build unit. A unit the registry already
+    holds, built from the same inputs, is skipped before it is compiled; the table says why each was built
+    or skipped."""
+    from gl_nvidia.release import plan, release
 
     registry = registry.rstrip("/") if registry else None  # also driver.repository in the values written below
-    result = release(profile, out, registry, jobs=jobs)
+    if plan_only:
+        if registry is None:
+            raise UserError("--plan needs --registry", "name the repository the workflow publishes to")
+        _print_plan(plan(profile, registry, force=force))
+        return
+    result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, force=force)
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
                        "repository": result.repository, "compiled": result.compiled,
-                       "blobs_uploaded": result.blobs_uploaded, "manifests_pushed": result.manifests_pushed})
+                       "blobs_uploaded": result.blobs_uploaded, "manifests_pushed": result.manifests_pushed,
+                       "signed": result.signed})
     else:
         ui.print_table("release", ["unit", "modules", "tags", "digest", "status"],
                        [[f"{u.unit.kernel}\n{u.unit.driver_version} {u.unit.arch}",
                          "\n".join([",".join(u.unit.module_types), *(f"no {t}: {r}" for t, r in u.left_out)]),
                          "\n".join(u.tags), (u.digest or "-").removeprefix("sha256:")[:12], u.status]
                         for u in result.units])
-    ok = [u for u in result.units if u.ok]
-    if ok:
-        branch = max(ok, key=lambda u: int(u.unit.driver_branch)).unit.driver_branch
+    branch = result.values_branch
+    if branch is not None:
         settings = values_mod.ValuesSettings(branch, repository=registry or values_mod.DEFAULT_REPOSITORY)
         values_file = out / "gpu-operator-values.yaml"
         atomic_write_text(values_file, values_mod.to_yaml(values_mod.helm_values(settings)))
@@ -251,15 +252,25 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, as_jso
             click.echo(f"images are in the OCI layout {result.layout}; publish them with:\n"
                        f"  gl-nvidia push {result.layout} REGISTRY/PATH/driver\n"
                        "then install the GPU Operator with:\n"
-                       f"  {helm_command(values_file)} --set driver.repository=REGISTRY/PATH", err=as_json)
+                       f"  {values_mod.helm_command(values_file)} --set driver.repository=REGISTRY/PATH", err=as_json)
         else:
-            click.echo(f"install the GPU Operator with:\n  {helm_command(values_file)}", err=as_json)
+            click.echo(f"install the GPU Operator with:\n  {values_mod.helm_command(values_file)}", err=as_json)
     failed = [u for u in result.units if not u.ok]
     if failed:
         first = failed[0]
         raise CheckFailed(f"{len(failed)} of {len(result.units)} build unit(s) failed; first, {first.unit.key}: "
                             f"{(first.error or '').splitlines()[0]}",
                             "see the table; rerun after fixing the cause: finished units are skipped")
+
+
+def _print_plan(decided: list[tuple[BuildUnit, UnitInputs | None, Decision]]) -> None:
+    from gl_nvidia.cli.catalog import github_row
+
+    build = [{**github_row(u), "inputs": inputs.text() if inputs else ""} for u, inputs, d in decided if d.build]
+    for u, _, d in decided:  # stderr: stdout is the one line for $GITHUB_OUTPUT
+        ui.log.info("%s %s: %s", "build" if d.build else "skip", u.key, d.reason)
+    ui.log.info("release plan: %d of %d unit(s) to build", len(build), len(decided))
+    click.echo(json.dumps({"include": build}, separators=(",", ":")))
 
 
 COMMANDS: list[click.Command] = [values_cmd, resolve_cmd, preflight_cmd, verify_cmd, release_cmd]

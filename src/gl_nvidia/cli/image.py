@@ -1,12 +1,16 @@
-"""`gl-nvidia` commands of the image stage: `image` (bundle -> OCI layout), `push`, `mirror`."""
+"""`gl-nvidia` commands of the image stage: `image` (bundle -> OCI layout), `push`, `mirror`, `sign`,
+`verify-image`."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
 
 from gl_nvidia import ui
+from gl_nvidia.catalog.sources import version_key
+from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import (
@@ -20,7 +24,7 @@ from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror
 
 @click.command("image")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--kernel", "kernels", multiple=True, help="Kernel (uname -r) to build an image for; repeatable.")
+@click.option("--kernel", "kernels", multiple=True, type=KERNEL, help="Kernel (uname -r) to build an image for; repeatable.")
 @click.option("--all", "all_kernels", is_flag=True, help="One image per kernel in the bundle.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/images"), show_default=True,
               help="OCI image layout directory (created, or added to).")
@@ -33,24 +37,46 @@ from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror
               help="GL version (or, for other --os-id, VERSION_ID) this kernel ships in; repeatable.")
 @click.option("--source-url", help="org.opencontainers.image.source label.")
 @click.option("--revision", help="org.opencontainers.image.revision label (git commit).")
+@click.option("--inputs", "inputs_text", metavar="JSON",
+              help="The unit's inputs as `release --plan` printed them, recorded as manifest annotations "
+                   "(one --kernel).")
 @click.option("--json", "as_json", is_flag=True, help="Print the built images as JSON.")
 def image_cmd(
     bundle: Path, kernels: tuple[str, ...], all_kernels: bool, out: Path, base: str | None,
     gardenlinux_repo: str | None, module_types: str, os_id: str, os_versions: tuple[str, ...],
-    source_url: str | None, revision: str | None, as_json: bool,
+    source_url: str | None, revision: str | None, inputs_text: str | None, as_json: bool,
 ) -> None:
     """Build driver images from BUNDLE into an OCI image layout, without a container engine."""
+    from gl_nvidia.release.inputs import annotations_from_text
+
     if bool(kernels) == all_kernels:
         raise UserError("pass --kernel K (repeatable) or --all")
-    chosen: str | base_mod.BaseSpec | None = base
+    annotations = None
+    if inputs_text is not None:
+        if len(kernels) != 1:
+            raise UserError("--inputs describes one build unit", "pass exactly one --kernel with it")
+        try:
+            annotations = {kernels[0]: annotations_from_text(inputs_text)}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--inputs is not what `release --plan` prints: {exc}") from exc
+    chosen: str | base_mod.BaseSpec | base_mod.LayoutBase | None = base
     if gardenlinux_repo:
-        if base or len(os_versions) != 1:
-            raise UserError("--gardenlinux-repo needs exactly one --gl-version and no --base")
-        chosen = base_mod.gardenlinux_spec(gardenlinux_repo, os_versions[0], read_bundle_manifest(bundle).arch)
-    images = build_images(
-        bundle, None if all_kernels else list(kernels), out, base=chosen,
-        options=ImageOptions(module_types, os_id, os_versions, source_url, revision),
-    )
+        if base or not os_versions:
+            raise UserError("--gardenlinux-repo needs --gl-version and no --base")
+        # The newest GL version's repository, as release builds it.
+        newest = max(os_versions, key=version_key)
+        chosen = base_mod.gardenlinux_spec(gardenlinux_repo, newest, read_bundle_manifest(bundle).arch)
+    with tempfile.TemporaryDirectory(prefix="gl-nvidia-base-") as tmp:
+        if base and not base_mod.LayoutBase.split(base)[0].is_dir():
+            from gl_nvidia.registry.transfer import (
+                pull_base,  # only a registry base needs the client
+            )
+
+            chosen = pull_base(base, Path(tmp))
+        images = build_images(
+            bundle, None if all_kernels else list(kernels), out, base=chosen,
+            options=ImageOptions(module_types, os_id, os_versions, source_url, revision), annotations=annotations,
+        )
     if as_json:
         ui.print_json([i.as_dict() for i in images])
         return
@@ -93,6 +119,57 @@ def mirror_cmd(source: str, destination: str, driver_branch: str | None, force: 
     click.echo(f"GPU Operator: helm ... {helm_repository_line(destination)}")
 
 
+@click.command("sign")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="ECDSA P-256 private key, unencrypted PEM (PKCS#8 or SEC1).")
+@click.option("--plain-http", is_flag=True, default=None, help="Talk HTTP, not HTTPS (default only for loopback).")
+@click.option("--json", "as_json", is_flag=True)
+def sign_cmd(images: tuple[str, ...], key_path: Path, plain_http: bool | None, as_json: bool) -> None:
+    """Sign pushed IMAGES (REGISTRY/REPO:TAG or @DIGEST) the way `cosign sign --key` does: the digest is signed."""
+    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.registry.sign import load_private_key, sign_digest
+    from gl_nvidia.registry.transfer import ClientOptions
+
+    key = load_private_key(key_path)  # a key problem is one error line before anything is asked of a registry
+    refs = [Reference.parse(i) for i in images]
+    results = []
+    for ref in refs:
+        with ClientOptions(plain_http=plain_http).client(ref.host) as client:
+            manifest = client.get_manifest(ref.repo, ref.digest or ref.tag or "latest")
+            if manifest is None:
+                raise UserError(f"image {ref} not found", "push it before signing it")
+            results.append(sign_digest(client, ref.repo, manifest.digest, key))
+    if as_json:
+        ui.print_json([r.as_dict() for r in results])
+        return
+    ui.print_table(None, ["image", "signature"],
+                   [(r.reference, "added" if r.added else "already signed by this key") for r in results])
+
+
+@click.command("verify-image")
+@click.argument("image")
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="The signer's public key (PEM; cosign.pub works as it is).")
+@click.option("--plain-http", is_flag=True, default=None, help="Talk HTTP, not HTTPS (default only for loopback).")
+@click.option("--json", "as_json", is_flag=True)
+def verify_image_cmd(image: str, key_path: Path, plain_http: bool | None, as_json: bool) -> None:
+    """Check IMAGE carries a cosign signature by KEY of its exact digest (exit 1 if not)."""
+    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.registry.sign import load_public_key, verify_image
+    from gl_nvidia.registry.transfer import ClientOptions
+
+    public = load_public_key(key_path)
+    ref = Reference.parse(image)
+    with ClientOptions(plain_http=plain_http).client(ref.host) as client:
+        result = verify_image(client, ref, public)
+    if as_json:
+        ui.print_json(result.as_dict())
+        return
+    click.echo(f"{result.reference}: {result.signatures} valid signature(s) by this key "
+               f"(signed as {result.identity or 'no identity'})")
+
+
 def _report(results: list[PushResult], as_json: bool) -> None:
     if as_json:
         ui.print_json([r.as_dict() for r in results])
@@ -102,4 +179,4 @@ def _report(results: list[PushResult], as_json: bool) -> None:
                      "\n".join(r.tags)) for r in results])
 
 
-COMMANDS: list[click.Command] = [image_cmd, push_cmd, mirror_cmd]
+COMMANDS: list[click.Command] = [image_cmd, push_cmd, mirror_cmd, sign_cmd, verify_image_cmd]

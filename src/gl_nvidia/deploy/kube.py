@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3
-import yaml  # type: ignore[import-untyped]  # PyYAML, which the kubernetes client parses kubeconfigs with
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from gl_nvidia.errors import UserError
+from gl_nvidia.yamldoc import check_nesting
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,14 @@ class Kube:
     def __post_init__(self) -> None:
         cfg = client.Configuration()
         try:
+            check_nesting(self.kubeconfig.read_text(), f"kubeconfig {self.kubeconfig}")
             config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=str(self.kubeconfig), context=self.context, client_configuration=cfg,
                 persist_config=False,
             )
-        except (ConfigException, OSError, TypeError, ValueError, yaml.YAMLError) as exc:  # the client parses with PyYAML
+        except UserError:
+            raise
+        except Exception as exc:  # the client trusts the file's shape: a malformed one raises anything
             raise UserError(
                 f"cannot use kubeconfig {self.kubeconfig}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
                 "pass a kubeconfig that `kubectl --kubeconfig FILE get nodes` accepts",

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gl_nvidia.catalog.kernels import kernel_flavour
 from gl_nvidia.deploy.resolve import NodeOS
 from gl_nvidia.deploy.values import KERNEL_LABEL, OS_ID_LABEL, OS_VERSION_LABEL
+from gl_nvidia.errors import UserError
 
 # The operator labels GPU nodes `nvidia.com/gpu.present=true`; before it has, NFD's PCI label
 # for NVIDIA's vendor id (10de) says the same.
@@ -33,8 +35,7 @@ class NodeFacts:
 
     @property
     def flavour(self) -> str:
-        # Garden Linux names cloud kernels `<version>-cloud-<arch>`; metal kernels have no flavour infix.
-        return "cloud" if "-cloud-" in (self.kernel or self.kubelet_kernel) else "metal"
+        return kernel_flavour(self.kernel or self.kubelet_kernel)
 
 
 def node_facts(node: dict[str, Any]) -> NodeFacts:
@@ -52,8 +53,16 @@ def node_facts(node: dict[str, Any]) -> NodeFacts:
     )
 
 
-def gpu_nodes(nodes: list[dict[str, Any]], only: str | None = None) -> list[NodeFacts]:
+def gpu_nodes(nodes: list[dict[str, Any]], server: str, only: str | None = None) -> list[NodeFacts]:
+    """The GPU nodes of the cluster at `server` (or the node named `only`); none is one error line."""
     facts = [node_facts(n) for n in nodes]
     if only is not None:
-        return [f for f in facts if f.name == only]
-    return [f for f in facts if f.gpu]
+        found = [f for f in facts if f.name == only]
+        if not found:
+            raise UserError(f"no node named {only!r} in the cluster at {server}", "see `kubectl get nodes`")
+        return found
+    gpus = [f for f in facts if f.gpu]
+    if not gpus:
+        raise UserError(f"no GPU nodes in the cluster at {server}",
+                        "GPU nodes carry nvidia.com/gpu.present=true or NFD's pci-10de.present=true")
+    return gpus

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.resolve import refresh
 from gl_nvidia.catalog.sources import version_key
-from gl_nvidia.deploy.values import Variant
+from gl_nvidia.deploy.values import ValuesSettings, Variant, helm_values
 from gl_nvidia.errors import UserError
 
 
@@ -33,3 +34,8 @@ def default_driver_version(variant: Variant, lock: Lock) -> str:
         raise UserError("the lock tracks no driver branch", "run `gl-nvidia update`, or pass --driver-branch")
     newest = max(drivers, key=lambda d: version_key(d.version))
     return newest.version if variant == "compile" else newest.branch
+
+
+def generated_values(lock: Lock) -> dict[str, Any]:
+    """The Helm values `gl-nvidia values` writes for this lock: what a check assumes when it is given none."""
+    return helm_values(ValuesSettings(default_driver_version("precompiled", lock)))

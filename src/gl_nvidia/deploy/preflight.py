@@ -6,6 +6,7 @@ the live cluster (each GPU node's labels and the ClusterPolicy, now and after th
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +16,15 @@ from gl_nvidia.catalog.kernels import resolve_kernel
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.matrix import rule_matches
 from gl_nvidia.catalog.model import MODULE_TYPES, Cell
+from gl_nvidia.catalog.resolve import policy_leaves_out
 from gl_nvidia.deploy.nodes import NodeFacts
+from gl_nvidia.deploy.pins import generated_values
 from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.image.tags import node_version_id
+
+log = logging.getLogger(__name__)
 
 _GL_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
 
@@ -89,12 +94,14 @@ def kernels_for(
 def plan_targets(lock: Lock, resolved: Resolved, os_version: str, kernels: dict[tuple[str, str], str]) -> list[Target]:
     """Every (driver.version form, flavour, arch) the tracked branches need on this OS version."""
     version_id = node_version_id(lock.os.id, os_version)
+    left_out = policy_leaves_out(lock.policy, os_version) if lock.os.version is None else None
     targets = []
     for driver in sorted(resolved.drivers, key=lambda d: int(d.branch), reverse=True):
         for (flavour, arch), kernel in sorted(kernels.items()):
             cell = Cell(lock.os.id, os_version, flavour, arch, kernel, driver.version, driver.branch)
-            reasons = [r.reason for r in lock.policy.exclusions
-                       if set(r.module_types) == set(MODULE_TYPES) and rule_matches(r, cell)]
+            reasons = [left_out] if left_out else []
+            reasons += [r.reason for r in lock.policy.exclusions
+                        if set(r.module_types) == set(MODULE_TYPES) and rule_matches(r, cell)]
             for form in (driver.branch, driver.version):
                 targets.append(Target(form, driver.branch, flavour, arch, NodeOS(lock.os.id, version_id, kernel),
                                       reasons[0] if reasons else None))
@@ -109,6 +116,18 @@ def check_targets(targets: list[Target], repository: str, image: str, checker: I
         problem = None if digest else (f"MISSING (excluded: {t.excluded})" if t.excluded else "MISSING")
         results.append(CheckResult(f"{t.driver_version} {t.flavour}/{t.arch}", ref, digest, problem))
     return results
+
+
+def cluster_spec(policies: list[dict[str, Any]], lock: Lock, registry: str | None) -> DriverSpec:
+    """The driver the operator deploys: the cluster's ClusterPolicy, else the values gl-nvidia generates;
+    `registry` checks a mirror instead of its driver.repository."""
+    if policies:
+        values = policies[0].get("spec") or {}
+    else:
+        log.warning("no ClusterPolicy in the cluster: checking the values gl-nvidia generates")
+        values = generated_values(lock)
+    spec = DriverSpec.from_values(values)
+    return DriverSpec(registry, spec.image, spec.version, spec.use_precompiled) if registry else spec
 
 
 def check_nodes(

@@ -8,11 +8,13 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from ruamel.yaml import YAML
 
 from gl_nvidia.errors import UserError
+from gl_nvidia.yamldoc import check_nesting
 
 Variant = Literal["precompiled", "compile", "gvisor"]
 VARIANTS: tuple[Variant, ...] = ("precompiled", "compile", "gvisor")
@@ -84,9 +86,20 @@ def check_settings(settings: ValuesSettings) -> ValuesSettings:
             f"the gvisor variant needs the nvproxy-qualified full version, not the branch {v}",
             "let gl-nvidia pick it from the lock (omit --driver-branch) or pass the full version",
         )
-    if not _REPOSITORY.match(settings.repository):
-        raise UserError(f"invalid repository {settings.repository!r}", "pass e.g. registry.example:5000/gl-nvidia")
+    check_repository(settings.repository)
     return settings
+
+
+def check_repository(repository: str) -> str:
+    """`repository` when container runtimes pull `<repository>/<image>` from the registry it names."""
+    if not _REPOSITORY.match(repository):
+        raise UserError(f"invalid repository {repository!r}", "pass e.g. registry.example:5000/gl-nvidia")
+    first = repository.split("/", 1)[0]
+    # Runtimes read the first component as a host only with a dot, a port or as localhost; else Docker Hub.
+    if not ("." in first or ":" in first or first == "localhost"):
+        raise UserError(f"repository {repository!r} names no registry host: the operator would pull "
+                        f"docker.io/{repository}/{DEFAULT_IMAGE}", f"pass e.g. registry.example:5000/{repository}")
+    return repository
 
 
 def pull_policy(driver_version: str) -> str:
@@ -145,6 +158,7 @@ def to_yaml(data: dict[str, Any]) -> str:
 
 
 def load_yaml(text: str, what: str) -> dict[str, Any]:
+    check_nesting(text, what)
     try:
         data = YAML(typ="safe").load(text)
     except Exception as exc:  # ruamel raises many types; all mean "not YAML"
@@ -154,3 +168,11 @@ def load_yaml(text: str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{what} must be a YAML mapping of Helm values")
     return data
+
+
+def helm_command(values_file: Path) -> str:
+    """The command that installs the GPU Operator with a values file `values` wrote."""
+    return (
+        "helm upgrade --install -n gpu-operator --create-namespace gpu-operator nvidia/gpu-operator "
+        f"--values {values_file}"
+    )

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from gl_nvidia import apt, fs
+from gl_nvidia import apt, fs, oci
 from gl_nvidia.errors import UserError
-from gl_nvidia.image import layers, oci
-from gl_nvidia.image.oci import Descriptor, Layout
+from gl_nvidia.image import layers, unpack
+from gl_nvidia.oci import Descriptor, Layout
 from gl_nvidia.run import run
+
+log = logging.getLogger(__name__)
 
 # What the node runtime calls inside the image (python3, modprobe/insmod, nsenter, mount) and ldconfig;
 # bookworm ships mount(8) in its own package.
@@ -68,6 +70,8 @@ class BaseSpec:
 class BaseImage:
     layers: tuple[layers.LayerBlob, ...]
     description: str  # for labels and logs: "debian bookworm (mmdebstrap)" or the image reference
+    digest: str  # its manifest's (org.opencontainers.image.base.digest)
+    name: str | None = None  # the registry reference it came from (org.opencontainers.image.base.name)
 
 
 def debian_spec(arch: str) -> BaseSpec:
@@ -95,7 +99,7 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
     """The mmdebstrap base as one reproducible layer, from the cache when its inputs are unchanged."""
     cache = fs.cache_dir("image-base", spec.key())
     meta = cache / "layer.json"
-    if not meta.is_file():
+    if not _cache_hit(cache):
         with tempfile.TemporaryDirectory(prefix="gl-nvidia-base-") as tmp:
             rootfs = Path(tmp, "rootfs.tar")
             run(
@@ -107,7 +111,11 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
             )
             scratch = Layout.create(Path(tmp, "layout"))
             blob = layers.repack_rootfs(scratch, rootfs)
-            shutil.copyfile(scratch.blob_path(blob.descriptor.digest), cache / "layer.tar.gz")
+            # Renamed into place: another build may be reading the entry this one replaces.
+            fd, part = tempfile.mkstemp(dir=cache, prefix=".layer.", suffix=".tmp")
+            os.close(fd)
+            shutil.copyfile(scratch.blob_path(blob.descriptor.digest), part)
+            os.replace(part, cache / "layer.tar.gz")
         fs.atomic_write_text(meta, json.dumps({
             "digest": blob.descriptor.digest, "size": blob.descriptor.size,
             "diff_id": blob.diff_id, "uncompressed_size": blob.uncompressed_size,
@@ -115,90 +123,84 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
     m = json.loads(meta.read_text())
     desc = Descriptor(oci.LAYER_GZIP, m["digest"], m["size"])
     layout.import_blob(cache / "layer.tar.gz", desc)
+    # The base as an image of its own, so the driver image can name it by digest like any other base.
+    config = layout.write_blob(oci.canonical_json({
+        "architecture": spec.arch, "os": "linux", "created": layers.created(),
+        "rootfs": {"type": "layers", "diff_ids": [m["diff_id"]]},
+    }), oci.CONFIG)
+    manifest = oci.Manifest.build(config, [desc], {})
+    layout.write_blob(manifest.raw, manifest.media_type)
     return BaseImage(
         (layers.LayerBlob(desc, m["diff_id"], m["uncompressed_size"]),),
         f"{spec.suite} {spec.arch} (mmdebstrap {' '.join(spec.packages)})",
+        manifest.digest,
     )
 
 
-def from_layout_image(layout: Layout, manifest_digest: str, description: str) -> BaseImage:
-    """An existing image already in `layout` (copied in from another layout or a registry)."""
+def _cache_hit(cache: Path) -> bool:
+    """Whether the cached layer is still the one its digest names (the entry is content-addressed)."""
+    try:
+        digest = json.loads((cache / "layer.json").read_text())["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    blob = cache / "layer.tar.gz"
+    if blob.is_file() and f"sha256:{fs.sha256_file(blob)}" == digest:
+        return True
+    log.warning("cache entry %s fails verification (layer.tar.gz is not %s): building it again to replace it",
+                cache, digest)
+    return False
+
+
+@dataclass(frozen=True)
+class LayoutBase:
+    """An existing image in an OCI layout on disk, used as the base (`name`: the registry image it was
+    pulled from, for the provenance annotation)."""
+
+    layout: Path
+    tag: str | None = None
+    name: str | None = None
+
+    @staticmethod
+    def split(ref: str) -> tuple[Path, str | None]:
+        """`dir` or `dir:tag` -> (dir, tag); whether dir is a directory is for the caller to ask."""
+        if Path(ref).is_dir() or ":" not in ref:
+            return Path(ref), None
+        path, tag = ref.rsplit(":", 1)
+        return Path(path), tag or None
+
+    @classmethod
+    def parse(cls, ref: str) -> LayoutBase:
+        """`dir` or `dir:tag`; a registry reference must be pulled into a layout first."""
+        path, tag = cls.split(ref)
+        if not path.is_dir():
+            raise UserError(f"base image {ref} is not an OCI layout directory",
+                            "pass an OCI layout dir[:tag], or REGISTRY/REPO:TAG to `gl-nvidia image --base`")
+        return cls(path, tag)
+
+
+def from_layout_image(layout: Layout, manifest_digest: str, description: str, name: str | None = None) -> BaseImage:
+    """An existing image already in `layout` (copied in from another layout, or from the registry image `name`)."""
     manifest = layout.manifest(manifest_digest)
     config = json.loads(layout.read_blob(manifest.config.digest))
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     if len(diff_ids) != len(manifest.layers):
         raise UserError(f"base image {description} has a malformed config (layers and diff_ids differ)")
     blobs = tuple(layers.LayerBlob(d, diff, 0) for d, diff in zip(manifest.layers, diff_ids, strict=True))
-    return BaseImage(blobs, description)
+    return BaseImage(blobs, description, manifest_digest, name)
 
 
 def flatten(layout: Layout, base: BaseImage, dest: Path) -> None:
-    """Unpack the base layers in order into `dest`, applying whiteouts; device nodes are skipped."""
-    for blob in base.layers:
-        with tarfile.open(layout.blob_path(blob.descriptor.digest), "r:*") as tar:
-            members = []
-            for m in tar.getmembers():
-                name = m.name.removeprefix("./").strip("/")
-                if not name or m.ischr() or m.isblk() or m.isfifo():
-                    continue
-                parent, _, leaf = name.rpartition("/")
-                if leaf == ".wh..wh..opq":
-                    _clear(dest / parent, keep=())
-                elif leaf.startswith(".wh."):
-                    _remove(dest / parent / leaf.removeprefix(".wh."))
-                else:
-                    _remove_if_conflicts(dest / name, m)
-                    members.append(m)
-            tar.extractall(dest, members=members, filter="tar", numeric_owner=True)
-
-
-def _clear(path: Path, keep: tuple[str, ...]) -> None:
-    if path.is_dir() and not path.is_symlink():
-        for child in path.iterdir():
-            if child.name not in keep:
-                _remove(child)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _remove_if_conflicts(path: Path, m: tarfile.TarInfo) -> None:
-    if (path.is_symlink() or path.is_file()) or (path.is_dir() and not m.isdir()):
-        _remove(path)
-
-
-def resolve_in_root(root: Path, path: PurePosixPath) -> PurePosixPath:
-    """`path` with every symlinked parent directory resolved inside `root` (e.g. /lib -> /usr/lib).
-
-    A layer must not replace the base's /lib symlink with a directory, so files are placed at
-    their canonical location.
-    """
-    parts = path.relative_to("/").parts
-    current = PurePosixPath("/")
-    for part in parts[:-1]:
-        candidate = current / part
-        host = root / candidate.relative_to("/")
-        hops = 0
-        while host.is_symlink() and hops < 40:
-            target = os.readlink(host)
-            candidate = PurePosixPath(os.path.normpath(
-                target if target.startswith("/") else str(candidate.parent / target)
-            ))
-            host = root / candidate.relative_to("/")
-            hops += 1
-        current = candidate
-    return current / parts[-1]
+    """Apply the base layers in order to `dest`, never touching anything outside it (see `unpack`)."""
+    for i, blob in enumerate(base.layers, 1):
+        unpack.apply_layer(layout.blob_path(blob.descriptor.digest), dest,
+                           f"base image {base.description}, layer {i} ({blob.descriptor.digest})")
 
 
 def check_tools(root: Path, description: str) -> None:
     """Every tool the node runtime calls exists in the base, or one clear error naming what is missing."""
     missing = [
         tool for tool, paths in REQUIRED_TOOLS.items()
-        if not any((root / p).exists() for p in paths)
+        if not any(unpack.exists_in_root(root, p) for p in paths)
     ]
     if missing:
         raise UserError(

@@ -16,9 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,16 +26,16 @@ from elftools.elf.elffile import ELFFile
 
 import gl_nvidia
 from gl_nvidia import bundle as bundle_mod
-from gl_nvidia import ui
+from gl_nvidia import oci, ui
 from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image import layers, oci
+from gl_nvidia.image import layers, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
-from gl_nvidia.image.oci import Layout, Manifest
 from gl_nvidia.image.tags import image_tags, validate_tag
 from gl_nvidia.node import layout as node_layout
+from gl_nvidia.oci import Layout, Manifest
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,7 @@ class BuiltImage:
     tags: tuple[str, ...]
     module_types: tuple[str, ...]
     layers: tuple[LayerInfo, ...]
+    sbom: str  # digest of the SBOM's referrer manifest, tagged sha256-<image hex>.sbom in the layout
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -93,15 +93,15 @@ def build_image(
     kernel: str,
     out_layout: Path,
     *,
-    base: str | base_mod.BaseSpec | None = None,
+    base: str | base_mod.BaseSpec | base_mod.LayoutBase | None = None,
     options: ImageOptions | None = None,
 ) -> BuiltImage:
     """Build the image for one kernel of a bundle into the OCI layout `out_layout`.
 
     `base`: None builds the debian-profile base with mmdebstrap (cached); a `BaseSpec` builds that
-    one (e.g. `base.gardenlinux_spec(...)`); a string names an existing image: an OCI layout path
-    (`dir` or `dir:tag`) or a registry reference. Returns the manifest digest and tags; the same
-    bundle and base give the same digest.
+    one (e.g. `base.gardenlinux_spec(...)`); a `LayoutBase` (or its `dir[:tag]` string) is an existing
+    image in an OCI layout, e.g. one `registry.transfer.pull_base` fetched. Returns the manifest digest
+    and tags; the same bundle and base give the same digest.
     """
     return build_images(bundle_dir, [kernel], out_layout, base=base, options=options)[0]
 
@@ -111,10 +111,14 @@ def build_images(
     kernels: Sequence[str] | None,
     out_layout: Path,
     *,
-    base: str | base_mod.BaseSpec | None = None,
+    base: str | base_mod.BaseSpec | base_mod.LayoutBase | None = None,
     options: ImageOptions | None = None,
+    annotations: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[BuiltImage]:
-    """One image per kernel (None: every kernel in the bundle); the shared layers are built once."""
+    """One image per kernel (None: every kernel in the bundle); the shared layers are built once.
+
+    `annotations`: kernel -> extra manifest annotations of its image (release records its inputs there).
+    """
     opts = options or ImageOptions()
     manifest = _load_bundle(bundle_dir)
     wanted = list(manifest.kernels) if kernels is None else list(kernels)
@@ -135,6 +139,7 @@ def build_images(
                 for tool in _objtools(bundle_dir, manifest, plan):
                     base_mod.check_libraries(root, _needed(tool), f"the objtool of kernel {plan.kernel}",
                                              base_image.description)
+            base_packages = sbom.base_packages(root)
         with ui.task(prog, "shared layers (node runtime, userspace, ld.so.cache, firmware)"):
             shared = _shared_layers(layout, bundle_dir, manifest, root)
         with ui.task(prog, "kernel images", total=len(plans)) as t:
@@ -143,7 +148,9 @@ def build_images(
                     if mtype not in binaries:
                         binaries[mtype] = _binaries_layer(layout, bundle_dir, manifest, plan, mtype, root)
                 own = [(f"binaries {m}", layer) for m in plan.module_types if (layer := binaries[m]) is not None]
-                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, shared, own, root, opts))
+                extra = dict((annotations or {}).get(plan.kernel, {}))
+                results.append(_kernel_image(layout, bundle_dir, manifest, plan, base_image, base_packages, shared, own,
+                                             root, opts, extra))
                 t.advance(1)
     return results
 
@@ -277,32 +284,26 @@ def _open_out(out_layout: Path) -> Layout:
         raise UserError(f"cannot write image layout {out_layout}: {exc.strerror or exc}", "choose a writable --out") from exc
 
 
-def _resolve_base(base: str | base_mod.BaseSpec | None, layout: Layout, arch: str) -> base_mod.BaseImage:
+def _resolve_base(base: str | base_mod.BaseSpec | base_mod.LayoutBase | None, layout: Layout,
+                  arch: str) -> base_mod.BaseImage:
     if base is None:
         return base_mod.build_base(base_mod.debian_spec(arch), layout)
     if isinstance(base, base_mod.BaseSpec):
         return base_mod.build_base(base, layout)
-    return _existing_base(base, layout)
+    return _existing_base(base_mod.LayoutBase.parse(base) if isinstance(base, str) else base, layout)
 
 
-def _existing_base(ref: str, layout: Layout) -> base_mod.BaseImage:
-    path, tag = ref, ""
-    if not Path(ref).is_dir() and ":" in ref:
-        path, tag = ref.rsplit(":", 1)
-    if Path(path).is_dir():
-        src = Layout.open(Path(path))
-        m = src.resolve(tag or None)
-        for blob in m.blobs:
-            src_path = src.blob_path(blob.digest)
-            if not src_path.is_file():
-                raise UserError(f"base image {ref} is incomplete: blob {blob.digest} is missing")
-            layout.import_blob(src_path, blob)
-        layout.write_blob(m.raw, m.media_type)
-        return base_mod.from_layout_image(layout, m.digest, ref)
-    from gl_nvidia.registry.transfer import pull  # the registry stage speaks the same model
-
-    digest = pull(ref, layout)
-    return base_mod.from_layout_image(layout, digest, ref)
+def _existing_base(base: base_mod.LayoutBase, layout: Layout) -> base_mod.BaseImage:
+    ref = base.name or f"{base.layout}{f':{base.tag}' if base.tag else ''}"
+    src = Layout.open(base.layout)
+    m = src.resolve(base.tag)
+    for blob in m.blobs:
+        src_path = src.blob_path(blob.digest)
+        if not src_path.is_file():
+            raise UserError(f"base image {ref} is incomplete: blob {blob.digest} is missing")
+        layout.import_blob(src_path, blob)
+    layout.write_blob(m.raw, m.media_type)
+    return base_mod.from_layout_image(layout, m.digest, ref, name=base.name)
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,9 @@ class _Shared:
 
 
 def _place(root: Path, path: PurePosixPath) -> PurePosixPath:
-    return base_mod.resolve_in_root(root, path)
+    """Where `path` goes given the base's symlinked directories (/lib -> /usr/lib): a layer must not
+    replace such a symlink with a directory, so files are placed at their canonical location."""
+    return unpack.resolve_in_root(root, path)
 
 
 def _shared_layers(layout: Layout, bundle_dir: Path, manifest: BundleManifest, root: Path) -> _Shared:
@@ -352,20 +355,16 @@ def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
     lib_dirs = sorted({str(e.path.parent) for e in userspace if ".so" in e.path.name})
     conf_path = PurePosixPath("/etc/ld.so.conf.d/gl-nvidia.conf")
     conf = "".join(f"{d}\n" for d in lib_dirs).encode()
+    # The base's files are not ours: every write replaces what is there, never goes through a symlink.
     for e in userspace:
-        dest = root / e.path.relative_to("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         if e.link is not None:
-            if dest.is_symlink() or dest.exists():
-                dest.unlink()
-            os.symlink(e.link, dest)
+            os.symlink(e.link, unpack.writable(root, e.path))
         elif e.source is not None:
-            shutil.copyfile(e.source, dest)
-    (root / "etc/ld.so.conf.d").mkdir(parents=True, exist_ok=True)
-    (root / conf_path.relative_to("/")).write_bytes(conf)
+            shutil.copyfile(e.source, unpack.writable(root, e.path))
+    unpack.writable(root, conf_path).write_bytes(conf)
     # -X: only the cache, no soname links (the bundle ships them); -r: the cache is for this root.
     run(["ldconfig", "-X", "-r", root], hint="ldconfig -r needs root (it chroots)")
-    cache = (root / "etc/ld.so.cache").read_bytes()
+    cache = unpack.host_path(root, unpack.resolve_in_root(root, "/etc/ld.so.cache", follow=True)).read_bytes()
     return [
         Entry(_place(root, PurePosixPath("/etc/ld.so.cache")), data=cache),
         Entry(_place(root, conf_path), data=conf),
@@ -391,10 +390,12 @@ def _kernel_image(
     manifest: BundleManifest,
     plan: _KernelPlan,
     base_image: base_mod.BaseImage,
+    base_packages: sbom.BasePackages,
     shared: _Shared,
     binaries: list[tuple[str, LayerBlob]],
     root: Path,
     opts: ImageOptions,
+    extra: dict[str, str],
 ) -> BuiltImage:
     kb = manifest.kernels[plan.kernel]
     trimmed = dataclasses.replace(
@@ -414,7 +415,7 @@ def _kernel_image(
 
     named = [("base", b) for b in base_image.layers] + list(shared.layers) + [*binaries, (f"modules {plan.kernel}", modules)]
     labels = _labels(manifest, plan, base_image, opts)
-    created = datetime.fromtimestamp(layers.source_date_epoch(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = layers.created()
     config = {
         "architecture": _ARCH[manifest.arch],
         "os": "linux",
@@ -436,8 +437,11 @@ def _kernel_image(
         "history": [{"created": created, "created_by": f"gl-nvidia image: {name}"} for name, _ in named],
     }
     config_desc = layout.write_blob(oci.canonical_json(config), oci.CONFIG)
-    image = Manifest.build(config_desc, [b.descriptor for _, b in named], labels)
+    image = Manifest.build(config_desc, [b.descriptor for _, b in named], {**labels, **extra})
     layout.add_image(image, list(plan.tags))
+    facts = sbom.ImageFacts(image.digest, plan.kernel, plan.module_types, base_image.digest,
+                            base_image.name or base_image.description)
+    referrer = sbom.attach(layout, image, sbom.document(trimmed, facts, base_packages))
     return BuiltImage(
         layout=layout.root,
         kernel=plan.kernel,
@@ -446,6 +450,7 @@ def _kernel_image(
         tags=plan.tags,
         module_types=plan.module_types,
         layers=tuple(LayerInfo(name, b.descriptor.digest, b.descriptor.size) for name, b in named),
+        sbom=referrer.digest,
     )
 
 
@@ -453,6 +458,8 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
     labels = {
         "org.opencontainers.image.title": "NVIDIA driver for Garden Linux",
         "org.opencontainers.image.version": manifest.driver_version,
+        "org.opencontainers.image.created": layers.created(),
+        "org.opencontainers.image.base.digest": base_image.digest,
         f"{LABEL_PREFIX}.base": base_image.description,
         f"{LABEL_PREFIX}.driver.version": manifest.driver_version,
         f"{LABEL_PREFIX}.driver.branch": manifest.driver_branch,
@@ -463,6 +470,8 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
     if opts.os_versions:
         labels[f"{LABEL_PREFIX}.gardenlinux.versions" if opts.os_id == "gardenlinux" else f"{LABEL_PREFIX}.os.versions"] = \
             ",".join(sorted(set(opts.os_versions)))
+    if base_image.name:
+        labels["org.opencontainers.image.base.name"] = base_image.name
     if opts.source:
         labels["org.opencontainers.image.source"] = opts.source
     if opts.revision:

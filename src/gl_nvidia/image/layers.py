@@ -14,16 +14,22 @@ import stat
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-from gl_nvidia.image import oci
-from gl_nvidia.image.oci import Descriptor, Layout
+from gl_nvidia import oci
+from gl_nvidia.oci import Descriptor, Layout
 
 GZIP_LEVEL = 6
 
 
 def source_date_epoch() -> int:
     return int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+
+
+def created() -> str:
+    """SOURCE_DATE_EPOCH as the RFC 3339 time images and SBOMs say they were made."""
+    return datetime.fromtimestamp(source_date_epoch(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""What this driver image holds (node/layout.py paths under the image root): driver version, module sets."""
+"""What this driver image holds (node/layout.py paths under the image root): driver version, module sets,
+and the manifest's sha256 of every file a module is made from."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +11,9 @@ from pathlib import Path
 from ..bundle import ModuleFile, ModuleParts, PartPaths, module_file
 from . import layout
 from .decide import MODULE_TYPES, NodeError
+
+PULL_AGAIN = ("the image on this node is damaged or was altered after it was built: remove the node's copy "
+              "(crictl rmi) and pull it again, or rebuild it with gl-nvidia image")
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,13 @@ class SplitModule:
         return PartPaths(str(self.interface), str(self.binary), str(self.lds), str(self.objtool or ""),
                          str(self.final or ""))
 
-    def files(self) -> list[Path]:
-        return [self.interface, self.binary, self.lds, *(p for p in (self.objtool, self.final) if p is not None)]
+
+@dataclass(frozen=True)
+class Input:
+    """A file a module is inserted or linked from, with the sha256 the image's manifest gives it."""
+
+    path: Path
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -40,8 +50,8 @@ class Image:
     driver_branch: str
     # kernel -> module type -> version of the module source it was built from (from the manifest)
     source_versions: dict[str, dict[str, str]] = field(default_factory=dict)
-    # (kernel, module type, module) -> manifest record, for modules shipped as interface + binary
-    split: dict[tuple[str, str, str], ModuleFile] = field(default_factory=dict)
+    # (kernel, module type, module) -> manifest record (with `parts` for modules shipped as interface + binary)
+    records: dict[tuple[str, str, str], ModuleFile] = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: Path) -> Image:
@@ -52,14 +62,13 @@ class Image:
                 k: {t: ms["source_version"] for t, ms in kb.get("module_sets", {}).items()}
                 for k, kb in d.get("kernels", {}).items()
             }
-            split = {
+            records = {
                 (k, t, f.name.removesuffix(".ko")): f
                 for k, kb in d.get("kernels", {}).items()
                 for t, ms in kb.get("module_sets", {}).items()
                 for f in map(module_file, ms.get("modules", ()))
-                if f.parts is not None
             }
-            return cls(root, d["driver_version"], d["driver_branch"], versions, split)
+            return cls(root, d["driver_version"], d["driver_branch"], versions, records)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NodeError(
                 f"this image has no readable driver manifest at {layout.MANIFEST} ({exc})",
@@ -77,14 +86,53 @@ class Image:
         return [t for t in MODULE_TYPES if self.has_module(kernel, t, "nvidia")]
 
     def has_module(self, kernel: str, module_type: str, module: str) -> bool:
-        parts = self.split_module(kernel, module_type, module)
-        if parts is not None:
-            return all(p.is_file() for p in parts.files())
-        return self.ko(kernel, module_type, module).is_file()
+        """The manifest lists the module and every file it is made from is there."""
+        inputs = self.inputs(kernel, module_type, module)
+        return bool(inputs) and all(i.path.is_file() for i in inputs)
+
+    def inputs(self, kernel: str, module_type: str, module: str) -> list[Input]:
+        """The files insmod or ld reads for a module, with their manifest sha256 (none: not in the manifest).
+
+        A whole module is its .ko; a split one its interface object, NVIDIA's binary object and the
+        kernel's module.lds (the link recipe's flags are in the manifest itself), on IBT kernels also
+        modpost's final object and the kernel's objtool, which runs on the node.
+        """
+        record = self.record(kernel, module_type, module)
+        if record is None:
+            return []
+        split = self.split_module(kernel, module_type, module)
+        if split is None:
+            return [Input(self.ko(kernel, module_type, module), record.sha256)]
+        p = split.parts
+        step = [Input(split.final, p.objtool.final_sha256), Input(split.objtool, p.objtool.tool_sha256)] \
+            if p.objtool and split.final and split.objtool else []
+        return [Input(split.interface, p.interface_sha256), Input(split.binary, p.binary_sha256),
+                Input(split.lds, p.lds_sha256), *step]
+
+    def verify(self, kernel: str, module_type: str, module: str) -> None:
+        """Refuse a module unless the manifest lists it and every file it is made from has the bytes the
+        manifest names."""
+        inputs = self.inputs(kernel, module_type, module)
+        if not inputs:
+            raise NodeError(f"this image's manifest does not list {module}.ko for kernel {kernel} ({module_type}); "
+                            "refusing to load it", PULL_AGAIN)
+        for i in inputs:
+            where = "/" + i.path.relative_to(self.root).as_posix()
+            try:
+                actual = sha256_file(i.path)
+            except OSError as exc:
+                raise NodeError(f"cannot read {where} to verify it against this image's manifest: "
+                                f"{exc.strerror or exc}; refusing to load {module}.ko", PULL_AGAIN) from exc
+            if actual != i.sha256:
+                raise NodeError(f"{where} has sha256 {actual}, but this image's manifest says {i.sha256}; "
+                                f"refusing to load {module}.ko", PULL_AGAIN)
+
+    def record(self, kernel: str, module_type: str, module: str) -> ModuleFile | None:
+        return self.records.get((kernel, module_type, module))
 
     def split_module(self, kernel: str, module_type: str, module: str) -> SplitModule | None:
         """The parts of a module shipped split (None: the image holds the whole .ko)."""
-        record = self.split.get((kernel, module_type, module))
+        record = self.record(kernel, module_type, module)
         if record is None or record.parts is None:
             return None
         parts = record.parts
@@ -109,3 +157,11 @@ class Image:
 
     def has(self, binary: str) -> bool:
         return self.at(f"/usr/bin/{binary}").is_file()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -5,7 +5,6 @@ Decisions come from decide.py; every host effect goes through Host; every step l
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -17,7 +16,7 @@ from . import decide
 from .decide import MODULES, PEERMEM, Node, NodeError, TypeChoice, sysfs_name
 from .detect import read_node
 from .host import Host
-from .image import Image, SplitModule
+from .image import Image, SplitModule, sha256_file
 from .log import Log
 from .modinfo import depends, modinfo
 
@@ -161,6 +160,7 @@ class Runtime:
                 if loaded is not None:
                     self.log.info("driver loaded with another configuration, reloading", version=loaded,
                                   digest=digest or "unset", state=(state or "absent").strip())
+                    self._verify(plan)  # a damaged image must not cost the node the driver it runs
                     if not self._unload():
                         raise NodeError(
                             f"nvidia {loaded} is loaded with another configuration and in use; "
@@ -182,12 +182,13 @@ class Runtime:
     def _install(self, plan: Plan) -> None:
         self.log.info("module type", type=plan.module_type.module_type, reason=plan.module_type.reason)
         params = self._params()
+        kos = self._prepare(plan)  # verified (and linked) before the host is touched
         self._firmware_path(params.params.get("nvidia", ()))
         self._expose()  # before insmod: GSP firmware is read through the driver root at GPU init
         # Peer DMA between NIC and GPU needs it whoever loads nvidia-peermem (init or the sidecar).
         if self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true" and plan.node.mellanox:
             self._iommu_identity(plan.node)
-        self._load(plan, params)
+        self._load(plan, params, kos)
         self._device_nodes(plan.node)
         self._start_daemons(plan)
 
@@ -261,13 +262,15 @@ class Runtime:
                 except OSError as exc:
                     self.log.warn("could not set iommu group to identity", gpu=gpu.address, error=str(exc))
 
-    def _load(self, plan: Plan, params: decide.ModuleParams) -> None:
+    def _prepare(self, plan: Plan) -> list[Path]:
         t = plan.module_type.module_type
         missing = [f"{m}.ko" for m in plan.modules if not self.image.has_module(plan.kernel, t, m)]
         if missing:
             raise NodeError(f"this image lacks {', '.join(missing)} for kernel {plan.kernel}",
                             "rebuild the image from a complete bundle")
-        kos = [self._module(plan.kernel, t, m, plan.node.kernel) for m in plan.modules]
+        return self._modules(plan.kernel, t, plan.modules, plan.node.kernel)
+
+    def _load(self, plan: Plan, params: decide.ModuleParams, kos: list[Path]) -> None:
         ours = {sysfs_name(m) for m in plan.modules}
         host_deps = sorted({d for k in kos for d in depends(k)} - ours - set(plan.node.loaded))
         if host_deps:
@@ -323,7 +326,27 @@ class Runtime:
     # ---------------------------------------------------------------- teardown
 
     def teardown(self, failed: bool = False) -> None:
-        """Stop daemons, unload modules unless in use, undo the mount, remove the ready file. Never raises."""
+        """Stop daemons, unload modules unless in use, undo the mount, remove the ready file.
+
+        Never raises: after a failed init the error that stopped it is the one to report, and every step
+        is tried whatever the one before it met. A step that fails is a warning line.
+        """
+        self._teardown_step("stop the daemons", self._stop_daemons)
+        if not failed or self._loaded:
+            self._teardown_step("unload the modules", self._unload_and_drop_state)
+        if self._mounted or not failed:
+            self._teardown_step("unmount the driver root", self._umount_if_mounted)
+        self._teardown_step("remove the ready file", lambda: self.host.remove(READY_FILE))
+        self.log.info("teardown done", failed=failed)
+
+    def _teardown_step(self, what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:  # the promise is "never raises": say what failed, go on
+            error = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
+            self.log.warn(f"teardown: could not {what}", error=error or type(exc).__name__)
+
+    def _stop_daemons(self) -> None:
         for name in reversed(self._daemons):
             pid = self._pid(name)
             if pid is None or not self.host.alive(pid):
@@ -335,14 +358,14 @@ class Runtime:
                 self.sleep(0.1)
             self.log.info("daemon stopped", daemon=name, pid=pid, stopped=not self.host.alive(pid))
         self._daemons.clear()
-        if not failed or self._loaded:
-            unloaded = self._unload()
-            if unloaded:
-                self.host.remove(STATE_FILE)
-        if self._mounted or (not failed and self.host.is_mountpoint(DRIVER_ROOT)):
+
+    def _unload_and_drop_state(self) -> None:
+        if self._unload():
+            self.host.remove(STATE_FILE)
+
+    def _umount_if_mounted(self) -> None:
+        if self._mounted or self.host.is_mountpoint(DRIVER_ROOT):
             self._umount()
-        self.host.remove(READY_FILE)
-        self.log.info("teardown done", failed=failed)
 
     def _umount(self) -> None:
         res = self.host.run("umount", "--lazy", str(self.host.path(DRIVER_ROOT)))
@@ -399,7 +422,7 @@ class Runtime:
         ok = True
         # The kernel's verdict on the ABI does not depend on the userspace version: try every set.
         for t in self.image.present_types(kernel):
-            ko = self._module(kernel, t, "nvidia", node.kernel)
+            ko, = self._modules(kernel, t, ("nvidia",), node.kernel)
             deps = [d for d in depends(ko) if d not in node.loaded]
             if deps:
                 self.host.run(*HOST_NS, "modprobe", "-a", *deps)
@@ -441,7 +464,7 @@ class Runtime:
         if "nvidia_peermem" not in node.loaded:
             kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch)
             module_type = self._loaded_type(kernel)
-            ko = self._module(kernel, module_type, PEERMEM, node.kernel)
+            ko, = self._modules(kernel, module_type, (PEERMEM,), node.kernel)
             p = self._params().params.get(PEERMEM, ())
             deps = [d for d in depends(ko) if d not in node.loaded]
             if deps:
@@ -454,16 +477,25 @@ class Runtime:
         """Which of the image's module sets the loaded nvidia came from (by srcversion)."""
         loaded = (self.host.read_opt("/sys/module/nvidia/srcversion") or "").strip()
         for t in self.image.module_types(kernel):
-            split = self.image.split_module(kernel, t, "nvidia")
-            ours = split.srcversion if split else modinfo(self.image.ko(kernel, t, "nvidia")).get("srcversion")
-            if ours == loaded:
+            record = self.image.record(kernel, t, "nvidia")
+            if record is not None and record.srcversion == loaded:
                 return t
         raise NodeError("the loaded nvidia module is not one of this image's", "restart the driver pod first")
 
     # ---------------------------------------------------------------- linking split modules
 
-    def _module(self, kernel: str, module_type: str, module: str, running: str) -> Path:
-        """The .ko to insert: the image's own, or one linked from its parts into STAGING_DIR and verified."""
+    def _verify(self, plan: Plan) -> None:
+        for m in plan.modules:
+            self.image.verify(plan.kernel, plan.module_type.module_type, m)
+
+    def _modules(self, kernel: str, module_type: str, modules: tuple[str, ...], running: str) -> list[Path]:
+        """The .ko files to insert, in order: every file they are made from is checked against the manifest
+        first (whatever the linker), then split modules are linked into STAGING_DIR and checked again."""
+        for m in modules:
+            self.image.verify(kernel, module_type, m)
+        return [self._link(kernel, module_type, m, running) for m in modules]
+
+    def _link(self, kernel: str, module_type: str, module: str, running: str) -> Path:
         split = self.image.split_module(kernel, module_type, module)
         if split is None:
             return self.image.ko(kernel, module_type, module)
@@ -476,20 +508,17 @@ class Runtime:
             for argv in split.parts.link_steps("ld", split.paths, str(tmp)):
                 res = self.host.run(*argv)
                 if res.rc != 0:
-                    tool = "objtool" if argv[0] == split.paths.objtool else "ld"
-                    raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: {tool} failed: "
+                    raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: "
                                     f"{_reason(res.stderr or res.stdout)}",
                                     "the image needs a working ld (binutils) and, for objtool, libelf")
             toolchain = self._toolchain(split)
             problem = _link_problem(tmp, module, split, running, toolchain)
             if problem:
                 raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            os.replace(tmp, out)
         finally:
+            tmp.unlink(missing_ok=True)  # a failed or killed ld can leave a partial output behind
             obj.unlink(missing_ok=True)
-        os.replace(tmp, out)
         self.log.info("module linked", module=module, type=module_type, path=str(out),
                       objtool="yes" if split.parts.objtool else "no",
                       sha256="the build's" if _same_tools(split, toolchain) else "not compared (other ld or libelf)")
@@ -548,13 +577,10 @@ def _link_problem(ko: Path, module: str, split: SplitModule, running: str, toolc
                 f"{srcversion or '?'}, but the running kernel is {running} and the manifest's srcversion is "
                 f"{split.srcversion}; refusing to load it")
     if _same_tools(split, toolchain):
-        h = hashlib.sha256()
-        with ko.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != split.sha256:
+        actual = sha256_file(ko)
+        if actual != split.sha256:
             tools = toolchain[0] + (f", objtool with {toolchain[1]}" if split.parts.objtool else "")
-            return (f"{module}.ko linked on this node (sha256 {h.hexdigest()[:16]}) differs from the module the "
+            return (f"{module}.ko linked on this node (sha256 {actual[:16]}) differs from the module the "
                     f"build linked and gated (sha256 {split.sha256[:16]}) with the same linker ({tools}); "
                     "refusing to load it")
     return None

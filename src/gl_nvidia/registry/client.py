@@ -25,9 +25,9 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from gl_nvidia import oci
 from gl_nvidia.errors import UserError
-from gl_nvidia.image import oci
-from gl_nvidia.image.oci import Descriptor
+from gl_nvidia.oci import Descriptor
 from gl_nvidia.registry.credentials import (
     Credentials,
     find_credentials,

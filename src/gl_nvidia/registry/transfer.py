@@ -17,8 +17,9 @@ from typing import Any
 
 from gl_nvidia import ui
 from gl_nvidia.errors import UserError
-from gl_nvidia.image.oci import Descriptor, Layout, Manifest
+from gl_nvidia.image.base import LayoutBase
 from gl_nvidia.image.tags import validate_tag
+from gl_nvidia.oci import Descriptor, Layout, Manifest, attachment_tag
 from gl_nvidia.registry.client import Reference, RegistryClient
 
 
@@ -109,17 +110,24 @@ def push(
 ) -> list[PushResult]:
     """Push every image of an OCI layout to `REGISTRY/REPO` under its layout tags.
 
-    `REGISTRY/REPO:TAG` pushes only the image the layout tags TAG. Images sharing layers upload
-    each blob once; blobs the registry has are skipped.
+    `REGISTRY/REPO:TAG` pushes only the image the layout tags TAG (and its SBOM). Images sharing
+    layers upload each blob once; blobs the registry has are skipped. An image goes up before what
+    is attached to it: `sha256-<hex>.sbom` sorts after every image tag.
     """
     layout = Layout.open(layout_dir)
     ref = Reference.parse(target)
     if ref.digest:
         raise UserError(f"push target {target} names a digest", "push to REGISTRY/REPO or REGISTRY/REPO:TAG")
     by_digest: dict[str, list[str]] = {}
-    for tag, digest in sorted(layout.tags().items()):
+    layout_tags = layout.tags()
+    for tag, digest in sorted(layout_tags.items()):
         if ref.tag is None or tag == ref.tag:
             by_digest.setdefault(digest, []).append(tag)
+    if ref.tag is not None:
+        for digest in list(by_digest):
+            sbom = attachment_tag(digest, "sbom")
+            if sbom in layout_tags:
+                by_digest.setdefault(layout_tags[sbom], []).append(sbom)
     if not by_digest:
         what = f"tagged {ref.tag!r}" if ref.tag else "with a tag"
         raise UserError(f"no image {what} in {layout_dir}", f"tags there: {', '.join(sorted(layout.tags())) or 'none'}")
@@ -152,6 +160,15 @@ def pull(source: str, layout: Layout, *, options: ClientOptions | None = None) -
                 client.download_blob(ref.repo, blob, layout.blob_path(blob.digest))
         layout.write_blob(manifest.raw, manifest.media_type)
     return manifest.digest
+
+
+def pull_base(source: str, layout_dir: Path) -> LayoutBase:
+    """A registry image as a base for the image stage, which reads layouts only: pulled into a new
+    layout at `layout_dir` and tagged there."""
+    layout = Layout.create(layout_dir)
+    digest = pull(source, layout)
+    layout.add_image(layout.manifest(digest), ["base"])
+    return LayoutBase(layout_dir, "base", name=source)
 
 
 def branch_tags(tags: Sequence[str], branch: str | None) -> list[str]:

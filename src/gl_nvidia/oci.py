@@ -32,11 +32,13 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+EMPTY = "application/vnd.oci.empty.v1+json"  # the config of an artifact (OCI 1.1): the two bytes `{}`
 # Single-image manifests the registry client accepts, OCI first.
 IMAGE_MANIFESTS = (MANIFEST, DOCKER_MANIFEST)
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ATTACHMENT_TAG = re.compile(r"^sha256-[0-9a-f]{64}\.[a-z]+$")
 
 
 def digest_bytes(data: bytes) -> str:
@@ -47,6 +49,15 @@ def check_digest(digest: str) -> str:
     if not _DIGEST.match(digest):
         raise UserError(f"unsupported or malformed digest {digest!r}", "only sha256 digests are supported")
     return digest
+
+
+def attachment_tag(digest: str, kind: str) -> str:
+    """cosign's tag for what is attached to an image: `sha256-<hex>.sig`, `.sbom`, `.att`."""
+    return check_digest(digest).replace(":", "-") + "." + kind
+
+
+def is_attachment_tag(tag: str) -> bool:
+    return bool(_ATTACHMENT_TAG.match(tag))
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -94,6 +105,11 @@ class Manifest:
         """Config first, then layers bottom to top: the order a push uploads them in."""
         return (self.config, *self.layers)
 
+    @property
+    def annotations(self) -> dict[str, str]:
+        found = json.loads(self.raw).get("annotations")
+        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
     @classmethod
     def parse(cls, raw: bytes, media_type: str | None = None) -> Manifest:
         try:
@@ -102,18 +118,24 @@ class Manifest:
             if mt not in IMAGE_MANIFESTS:
                 raise UserError(f"unsupported manifest type {mt}", "only single-platform images are supported")
             return cls(raw, mt, Descriptor.from_dict(d["config"]), tuple(Descriptor.from_dict(x) for x in d["layers"]))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: not a JSON object
             raise UserError(f"malformed image manifest: {exc}") from exc
 
     @classmethod
-    def build(cls, config: Descriptor, layers: list[Descriptor], annotations: dict[str, str]) -> Manifest:
-        body = {
+    def build(cls, config: Descriptor, layers: list[Descriptor], annotations: dict[str, str], *,
+              artifact_type: str | None = None, subject: Descriptor | None = None) -> Manifest:
+        """An image manifest; with `subject`, an OCI 1.1 referrer of that manifest (an SBOM, say)."""
+        body: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": MANIFEST,
             "config": config.as_dict(),
             "layers": [layer.as_dict() for layer in layers],
             "annotations": dict(sorted(annotations.items())),
         }
+        if artifact_type:
+            body["artifactType"] = artifact_type
+        if subject:
+            body["subject"] = subject.as_dict()
         return cls(canonical_json(body), MANIFEST, config, tuple(layers))
 
 
@@ -200,7 +222,7 @@ class Layout:
         try:
             d = json.loads((self.root / "index.json").read_text())
             return [Descriptor.from_dict(m) for m in d.get("manifests", [])]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a JSON value of the wrong type
             raise UserError(f"{self.root}/index.json is unreadable: {exc}", "remove the directory and rebuild") from exc
 
     def tags(self) -> dict[str, str]:
@@ -217,8 +239,9 @@ class Layout:
     def resolve(self, tag: str | None = None) -> Manifest:
         """The manifest a tag names; without a tag, the layout's only image."""
         index = self.index()
-        if tag is None:
-            digests = list(dict.fromkeys(m.digest for m in index))
+        if tag is None:  # what is attached to an image (its SBOM) is not another image
+            digests = list(dict.fromkeys(m.digest for m in index
+                                         if not is_attachment_tag(m.annotations.get(REF_NAME, ""))))
             if len(digests) != 1:
                 raise UserError(f"{self.root} holds {len(digests)} images", "name one with a tag")
             return self.manifest(digests[0])

@@ -1,0 +1,49 @@
+"""The package layout the README's "How it is built" promises, read from the code's imports."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "gl_nvidia"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports count too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if node.module == "gl_nvidia"}
+    return found
+
+
+def _package_imports(package: str) -> dict[Path, set[str]]:
+    return {p: _imports(p) for p in sorted((SRC / package).rglob("*.py"))}
+
+
+def test_the_node_runtime_imports_only_the_standard_library_and_the_bundle() -> None:
+    """It runs inside the driver image, which carries python3 and nothing from PyPI."""
+    allowed = {"gl_nvidia", "gl_nvidia.bundle"}
+    for path, modules in _package_imports("node").items():
+        for m in modules:
+            top = m.split(".")[0]
+            if top == "gl_nvidia":
+                assert m in allowed or m.startswith("gl_nvidia.node"), f"{path.name} imports {m}"
+            else:
+                assert top in sys.stdlib_module_names or top == "__future__", f"{path.name} imports {m}"
+    bundle = _imports(SRC / "bundle.py")
+    assert all(m.split(".")[0] in sys.stdlib_module_names or m == "__future__" for m in bundle)
+
+
+def test_stages_import_only_the_stages_before_them() -> None:
+    """catalog -> build -> image -> registry -> deploy, with release above them: no stage reaches back."""
+    order = ["catalog", "build", "image", "registry", "deploy"]
+    for i, stage in enumerate(order):
+        later = {f"gl_nvidia.{s}" for s in [*order[i + 1:], "release", "cli"]}
+        for path, modules in _package_imports(stage).items():
+            back = sorted(m for m in modules if any(m == x or m.startswith(x + ".") for x in later))
+            assert not back, f"{stage}/{path.name} imports {back}"

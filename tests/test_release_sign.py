@@ -1,0 +1,79 @@
+"""`release --sign-key`: every pushed image is signed (cosign's format) and carries its SBOM; the key
+goes nowhere but into the signature. Same narrowed debian lock and build cache as test_release.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gl_nvidia.cli import main
+from gl_nvidia.run import output
+from tests.fixtures.registry import Registry
+from tests.test_release import LOCK, TAGS
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> tuple[Path, Path]:
+    private, public = tmp_path / "keys" / "cosign.key", tmp_path / "keys" / "cosign.pub"
+    private.parent.mkdir()
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-out", str(private)], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True,
+                   capture_output=True)
+    return private, public
+
+
+@pytest.mark.slow
+def test_release_signs_every_pushed_image_and_attaches_its_sbom(registry: Registry, tmp_path: Path,
+                                                                key: tuple[Path, Path],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    private, public = key
+    repo, out = f"{registry.host}/gl-nvidia", tmp_path / "out"
+    argv = ["-v", "release", "--profile", str(LOCK), "--out", str(out), "--registry", repo,
+            "--sign-key", str(private), "--json"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    report = json.loads(first.out)
+    (unit,) = report["units"]
+    assert (unit["push"], report["signed"]) == ("pushed", 1)
+    digest = unit["digest"]
+
+    assert main(["verify-image", f"{repo}/driver:{TAGS[0]}", "--key", str(public)]) == 0
+    assert f"{repo}/driver@{digest}: 1 valid signature(s)" in capsys.readouterr().out
+    sbom = json.loads(output(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                              f"docker://{repo}/driver:sha256-{digest.removeprefix('sha256:')}.sbom"]))
+    assert sbom["subject"]["digest"] == digest and sbom["artifactType"] == "application/spdx+json"
+
+    # A rerun signs nothing again (the key's signature is there) and uploads nothing.
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    report = json.loads(again.out)
+    assert (report["units"][0]["push"], report["signed"], report["blobs_uploaded"]) == ("exists", 0, 0)
+
+    # The key is in no blob of the image layout and in no output, verbose as it was.
+    body = "".join(line for line in private.read_text().splitlines() if not line.startswith("-----"))
+    der = subprocess.run(["openssl", "pkey", "-in", str(private), "-outform", "DER"], check=True,
+                         capture_output=True).stdout
+    for blob in (out / "oci" / "blobs" / "sha256").iterdir():
+        data = blob.read_bytes()
+        assert der not in data and body.encode() not in data
+    for text in (first.out, first.err, again.out, again.err):
+        assert body[:32] not in text and body[-32:] not in text
+
+
+def test_release_with_an_unusable_key_fails_before_building(registry: Registry, tmp_path: Path,
+                                                            key: tuple[Path, Path],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    repo = f"{registry.host}/gl-nvidia"
+    for path in (tmp_path / "missing.key", key[1]):
+        assert main(["release", "--profile", str(LOCK), "--out", str(out), "--registry", repo,
+                     "--sign-key", str(path)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 2 and str(path) in err[0]
+    assert main(["release", "--profile", str(LOCK), "--out", str(out), "--sign-key", str(key[0])]) == 2
+    assert "--sign-key signs pushed images" in capsys.readouterr().err
+    assert not out.exists()  # nothing built, nothing half-written
