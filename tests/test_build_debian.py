@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 from gl_nvidia import bundle as b
@@ -88,7 +89,7 @@ def test_nvidia_ships_split_and_links_from_its_parts_like_kbuild(debian_bundle: 
         iface = b.interfaces_dir(debian_bundle, DEBIAN_KERNEL, "proprietary")
         binary = b.binaries_dir(debian_bundle, "proprietary") / m.parts.binary
         assert sha256_file(binary) == m.parts.binary_sha256 and sha256_file(iface / m.parts.interface) == m.parts.interface_sha256
-        out = link(m.parts, iface / m.parts.interface, binary, iface / m.parts.lds, tmp_path / m.name)
+        out = link(m.parts, m.parts.paths(str(iface), str(binary.parent)), tmp_path / m.name)
         # the same linker gives the same bytes: what the node links is what the build gated and recorded
         assert sha256_file(out) == m.sha256 == sha256_file(b.modules_dir(debian_bundle, DEBIAN_KERNEL, "proprietary") / m.name)
         ours, kbuild = read_module(out), read_module(b.debug_dir(debug, DEBIAN_KERNEL, "proprietary") / m.name)
@@ -106,8 +107,8 @@ def test_a_wrong_interface_binary_pairing_fails_the_gate_and_the_checksum(debian
     assert nvidia.parts is not None
     iface = b.interfaces_dir(debian_bundle, DEBIAN_KERNEL, "proprietary")
     # nvidia's interface with nvidia-modeset's binary object
-    out = link(nvidia.parts, iface / nvidia.parts.interface,
-               b.binaries_dir(debian_bundle, "proprietary") / "nv-modeset-kernel.o", iface / nvidia.parts.lds,
+    paths = nvidia.parts.paths(str(iface), str(b.binaries_dir(debian_bundle, "proprietary")))
+    out = link(nvidia.parts, replace(paths, binary=paths.binary.replace("nv-kernel.o", "nv-modeset-kernel.o")),
                tmp_path / "nvidia.ko")
     assert sha256_file(out) != nvidia.sha256
     verdict = gate_files([out], debian_headers.sysout)

@@ -1,11 +1,11 @@
-"""Reading kbuild's saved link commands, and when a module is left whole (fast; the real split is in
+"""Reading kbuild's saved link and objtool commands, and which object is the binary (fast; the real split is in
 test_build_debian.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gl_nvidia.build.split import binary_object, read_cmd, split_module
+from gl_nvidia.build.split import KbuildObjtool, binary_object, read_cmd, read_objtool
 
 # The shapes kbuild writes: 6.1 (cmd_<abs path>) and 6.12 (savedcmd_<name>, with .module-common.o).
 KO_CMD_61 = ("cmd_/t/nvidia.ko := ld -r -m elf_x86_64 -z noexecstack --no-warn-rwx-segments --build-id=sha1  "
@@ -36,14 +36,19 @@ def test_the_binary_part_is_the_object_with_a_prebuilt_beside_it(tmp_path: Path)
     assert binary_object([tmp_path / "nv.o"]) is None  # nvidia-uvm.ko, nvidia-drm.ko: shipped whole
 
 
-def test_a_module_objtool_ran_over_after_linking_stays_whole(tmp_path: Path) -> None:
-    """With IBT or LTO kbuild runs objtool on the linked <module>.o: its output covers the binary's code
-    too and is per kernel, so the module cannot be split faithfully."""
-    (tmp_path / "nvidia").mkdir()
-    (tmp_path / "nvidia/nv.o").write_bytes(b"")
-    (tmp_path / "nvidia/nv-kernel.o").write_bytes(b"")
-    (tmp_path / "nvidia/nv-kernel.o_binary").write_bytes(b"")
-    (tmp_path / "nvidia.mod").write_text(f"{tmp_path}/nvidia/nv.o\n{tmp_path}/nvidia/nv-kernel.o\n")
+def test_the_objtool_run_after_the_module_link_is_read_with_debians_real_binary(tmp_path: Path) -> None:
+    """With IBT kbuild runs objtool on the linked <module>.o: the recipe takes its arguments as they are,
+    and the binary that runs (Debian's wrapper executes objtool.real-$SRCARCH)."""
+    tools = tmp_path / "tools/objtool"
+    tools.mkdir(parents=True)
+    for name in ("objtool", "objtool.real-x86", "objtool.real-powerpc"):
+        (tools / name).write_bytes(b"")
+    (tmp_path / "arch/x86").mkdir(parents=True)
     (tmp_path / ".nvidia.o.cmd").write_text(O_CMD_OBJTOOL)
-    (tmp_path / ".nvidia.ko.cmd").write_text(KO_CMD_612)
-    assert split_module(tmp_path, "nvidia", tmp_path, tmp_path / "out", "GNU ld 2.40") is None
+    run = read_objtool(tmp_path / ".nvidia.o.cmd", tmp_path)
+    assert run == KbuildObjtool(tools / "objtool.real-x86",
+                                ("--hacks=jump_label", "--ibt", "--orc", "--retpoline", "--rethunk", "--module"))
+    assert read_cmd(tmp_path / ".nvidia.o.cmd", tmp_path).flags == ("-m", "elf_x86_64", "-z", "noexecstack", "-r")
+    # a kernel without IBT runs objtool per object at compile time, none after this link
+    (tmp_path / "b.cmd").write_text(O_CMD_OBJTOOL.partition(" ; ")[0] + "\n")
+    assert read_objtool(tmp_path / "b.cmd", tmp_path) is None

@@ -9,7 +9,8 @@ import pytest
 from gl_nvidia.cli import main
 from gl_nvidia.errors import CommandError, UserError
 from gl_nvidia.fs import atomic_dir, atomic_write_text
-from gl_nvidia.image.tags import image_tags, operator_tag, validate_tag
+from gl_nvidia.image.tags import image_tags, operator_tag, tag_kernel, validate_tag
+from gl_nvidia.node.decide import tag_kernel as node_tag_kernel
 from gl_nvidia.run import run
 
 
@@ -81,6 +82,17 @@ def test_operator_tags_for_debian_use_real_version_id() -> None:
         "535-6.1.0-47-cloud-amd64-debian12",
         "535.309.01-6.1.0-47-cloud-amd64-debian12",
     ]
+
+
+def test_a_kernel_with_a_plus_gets_a_valid_tag_by_one_documented_rule() -> None:
+    # Debian's 6.12 releases carry `+`, which no OCI tag may contain: it becomes `_`, nothing else changes.
+    tags = image_tags("535.309.01", "535", "6.12.117+deb12-cloud-amd64", "debian", ("12",))
+    assert tags == ["535-6.12.117_deb12-cloud-amd64-debian12", "535.309.01-6.12.117_deb12-cloud-amd64-debian12"]
+    assert [validate_tag(t) for t in tags] == tags
+    # Names without `+` (Garden Linux's) keep the operator's rule; the node's copy of the rule agrees.
+    for kernel in ("6.12.117+deb12-cloud-amd64", "6.12.72-cloud-amd64"):
+        assert node_tag_kernel(kernel) == tag_kernel(kernel)
+    assert tag_kernel("6.12.72-cloud-amd64") == "6.12.72-cloud-amd64"
 
 
 @pytest.mark.parametrize("bad", ["", "-x", ".x", "a/b", "a:b", "x" * 129])

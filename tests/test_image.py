@@ -17,6 +17,7 @@ from gl_nvidia.cli import main
 from gl_nvidia.cli.image import image_cmd
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers
+from gl_nvidia.image.base import REQUIRED_TOOLS
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
@@ -32,6 +33,7 @@ from tests.test_image_support import (
     edit_module_sets,
     make_bundle,
     with_extra_kernels,
+    with_objtool,
     with_split_nvidia,
 )
 
@@ -278,9 +280,9 @@ def test_unwritable_output_is_a_clear_error(bundle: Path, tmp_path: Path) -> Non
 
 
 def test_tag_invalid_characters_are_refused(tmp_path: Path) -> None:
-    bad = make_bundle(tmp_path / "bundle", kernels=("6.12.57+deb12-cloud-amd64",))
-    with pytest.raises(UserError, match=r"invalid tag '535-6\.12\.57\+deb12"):
-        build_image(bad, "6.12.57+deb12-cloud-amd64", tmp_path / "out")
+    bad = make_bundle(tmp_path / "bundle", kernels=("6.12.57~rc1-cloud-amd64",))
+    with pytest.raises(UserError, match=r"invalid tag '535-6\.12\.57~rc1"):
+        build_image(bad, "6.12.57~rc1-cloud-amd64", tmp_path / "out")
 
 
 def test_base_without_the_node_tools_is_refused(bundle: Path, tmp_path: Path) -> None:
@@ -291,6 +293,20 @@ def test_base_without_the_node_tools_is_refused(bundle: Path, tmp_path: Path) ->
     base.add_image(Manifest.build(cfg, [layer.descriptor], {}), ["v1"])
     with pytest.raises(UserError, match="lacks python3, kmod \\(modprobe\\), util-linux"):
         build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'busy'}:v1")
+
+
+def test_a_base_without_the_libraries_of_an_ibt_kernels_objtool_is_refused(tmp_path: Path) -> None:
+    """On IBT kernels the node runs the kernel's objtool: the image stage checks the base can run it."""
+    ibt = with_objtool(with_split_nvidia(make_bundle(tmp_path / "bundle", kernels=(K1,))))
+    base = Layout.create(tmp_path / "tools")
+    tools = [layers.Entry(PurePosixPath("/" + paths[0]), data=b"", mode=0o755) for paths in REQUIRED_TOOLS.values()]
+    libc = layers.Entry(PurePosixPath("/usr/lib/x86_64-linux-gnu/libc.so.6"), data=b"")
+    layer = layers.write_layer(base, [*tools, libc])
+    cfg = base.write_blob(canonical_json({"architecture": "amd64", "os": "linux",
+                                          "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}), CONFIG)
+    base.add_image(Manifest.build(cfg, [layer.descriptor], {}), ["v1"])
+    with pytest.raises(UserError, match=rf"lacks libelf\.so\.1, which the objtool of kernel {K1} needs"):
+        build_image(ibt, K1, tmp_path / "out", base=f"{tmp_path / 'tools'}:v1")
 
 
 def test_a_base_layout_whose_blobs_are_not_their_digests_is_refused(bundle: Path, tmp_path: Path) -> None:

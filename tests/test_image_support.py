@@ -115,6 +115,29 @@ def with_split_nvidia(bundle: Path) -> Path:
     return bundle
 
 
+def with_objtool(bundle: Path) -> Path:
+    """Give the split nvidia.ko of `bundle` (with_split_nvidia) an IBT kernel's recipe: a final object and the
+    kernel's objtool, here a real program that loads libelf.so.1 as Debian's does."""
+    manifest = b.BundleManifest.load(bundle)
+    kernels = {}
+    for k, kb in manifest.kernels.items():
+        sets = {}
+        for t, ms in kb.module_sets.items():
+            iface = b.interfaces_dir(bundle, k, t)
+            _compile("int main(void) { return 0; }\n", iface / "objtool", "-Wl,--no-as-needed",
+                     f"/usr/lib/{TRIPLET}/libelf.so.1")
+            _compile('const char mod[] = "modpost";\n', iface / "nvidia.final.o", "-c")
+            step = b.ObjtoolStep("objtool", _sha(iface / "objtool"), ("--ibt", "--link", "--module"),
+                                 ("-m", "elf_x86_64", "-r"), "nvidia.final.o", _sha(iface / "nvidia.final.o"),
+                                 (iface / "nvidia.final.o").stat().st_size, "libelf-0.188.so")
+            mods = tuple(dataclasses.replace(m, parts=dataclasses.replace(m.parts, objtool=step)) if m.parts else m
+                         for m in ms.modules)
+            sets[t] = dataclasses.replace(ms, modules=mods)
+        kernels[k] = dataclasses.replace(kb, module_sets=sets)
+    (bundle / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())
+    return bundle
+
+
 def edit_module_sets(bundle: Path, kernel: str, **changes: b.ModuleSet | None) -> Path:
     """Replace (or, with None, drop) module sets of one kernel in the bundle's manifest."""
     manifest = b.BundleManifest.load(bundle)

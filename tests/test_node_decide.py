@@ -83,6 +83,12 @@ def test_no_kernel_match_names_kernel_held_kernels_and_tag() -> None:
     )
 
 
+def test_no_kernel_match_names_the_tag_a_plus_kernel_is_published_under() -> None:
+    node = Node("6.12.117+deb12-cloud-amd64", (), os_release={"ID": "debian", "VERSION_ID": "12"})
+    with pytest.raises(NodeError, match=r"the node needs driver:535-6\.12\.117_deb12-cloud-amd64-debian12$"):
+        decide.select_kernel(node, ["6.12.115+deb12-cloud-amd64"], "535")
+
+
 def test_no_kernel_match_on_debian_uses_its_version_id() -> None:
     node = Node("6.1.0-47-cloud-amd64", (), os_release={"ID": "debian", "VERSION_ID": "12"})
     with pytest.raises(NodeError, match=r"it holds none\); the node needs driver:535-6.1.0-47-cloud-amd64-debian12"):

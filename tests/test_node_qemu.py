@@ -82,8 +82,11 @@ def image_rootfs(debian_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def image_initramfs(image_rootfs: Path) -> Path:
-    """That root filesystem plus busybox-static and an /init script, as an uncompressed cpio."""
-    root = image_rootfs
+    return make_initramfs(image_rootfs)
+
+
+def make_initramfs(root: Path) -> Path:
+    """An image's root filesystem plus busybox-static and an /init script, as an uncompressed cpio."""
     (root / "gl").mkdir()
     shutil.copy2(BUSYBOX, root / "gl" / "busybox")
     (root / "init").write_text(INIT)

@@ -17,12 +17,43 @@ MODULE_TYPES = ("open", "proprietary")
 
 
 @dataclass(frozen=True)
+class ObjtoolStep:
+    """kbuild's `<module>.o` link and objtool run, on kernels that run objtool over the whole module.
+
+    With IBT (or LTO) kbuild links every object of a module into `<module>.o`, runs the kernel's objtool
+    over it (its annotations cover NVIDIA's binary object too) and only then adds modpost's objects in
+    modfinal. The node repeats exactly that: `ld <ld_flags> -o <module>.o interface binary`, `objtool
+    <args> <module>.o`, then the modfinal link of `<module>.o` with `final`.
+    """
+
+    tool: str  # the kernel's objtool (its kbuild package's), shipped beside the interface
+    tool_sha256: str
+    args: tuple[str, ...]  # objtool's arguments as kbuild ran them, without the object: --ibt --orc ... --module
+    ld_flags: tuple[str, ...]  # kbuild's `<module>.o` link flags: -m elf_x86_64 -z noexecstack -r
+    final: str  # modpost's `<module>.mod.o` and whatever else modfinal adds (.module-common.o), linked in one
+    final_sha256: str
+    final_size: int
+    libelf: str  # the libelf objtool ran with at build time ("libelf-0.188.so"): it writes objtool's output
+
+
+@dataclass(frozen=True)
+class PartPaths:
+    """Where a module's parts are on this machine (bundle or image), for `ModuleParts.link_steps`."""
+
+    interface: str
+    binary: str
+    lds: str
+    objtool: str = ""  # ObjtoolStep.tool's path, for modules that have one
+    final: str = ""  # ObjtoolStep.final's path
+
+
+@dataclass(frozen=True)
 class ModuleParts:
     """A module split into a per-kernel interface object and a kernel-independent binary object.
 
     NVIDIA's nvidia.ko and nvidia-modeset.ko embed a prebuilt object (nv-kernel.o_binary,
     nv-modeset-kernel.o_binary) that is byte-identical for every kernel: it ships once per driver
-    version and module type, and the node links it to the kernel's interface with `link_argv`.
+    version and module type, and the node links it to the kernel's interface with `link_steps`.
     """
 
     interface: str  # bundle: interfaces/<kernel>/<type>/<interface>; image: next to the whole modules
@@ -35,10 +66,34 @@ class ModuleParts:
     lds_sha256: str
     ld_flags: tuple[str, ...]  # the kernel's modfinal link flags: -r -m ... --build-id=...
     linker: str  # `ld --version`'s first line at build time: the same linker gives the same bytes
+    objtool: ObjtoolStep | None = None  # None: the kernel runs no objtool over linked modules (6.1)
 
-    def link_argv(self, ld: str, interface: str, binary: str, lds: str, out: str) -> list[str]:
-        """The kernel's modfinal recipe: ld -r <flags> -T module.lds -o <module>.ko <interface> <binary>."""
-        return [ld, *self.ld_flags, "-T", lds, "-o", out, interface, binary]
+    def per_kernel(self) -> tuple[tuple[str, str], ...]:
+        """(file name, sha256) of every part shipped per kernel, beside the interface."""
+        files = [(self.interface, self.interface_sha256), (self.lds, self.lds_sha256)]
+        if self.objtool is not None:
+            files += [(self.objtool.final, self.objtool.final_sha256), (self.objtool.tool, self.objtool.tool_sha256)]
+        return tuple(files)
+
+    def paths(self, per_kernel: str, binaries: str) -> PartPaths:
+        """The parts' paths when the per-kernel ones are in `per_kernel` and the binary in `binaries`."""
+        final = f"{per_kernel}/{self.objtool.final}" if self.objtool else ""
+        tool = f"{per_kernel}/{self.objtool.tool}" if self.objtool else ""
+        return PartPaths(f"{per_kernel}/{self.interface}", f"{binaries}/{self.binary}", f"{per_kernel}/{self.lds}",
+                         tool, final)
+
+    def link_steps(self, ld: str, at: PartPaths, out: str) -> list[list[str]]:
+        """The kernel's own pipeline, as commands: without objtool modfinal's link
+        `ld -r <flags> -T module.lds -o <module>.ko <interface> <binary>`; with objtool first
+        `<module>.o` (left at `<out>.o`) and objtool over it, then modfinal's link of it with `final`."""
+        if self.objtool is None:
+            return [[ld, *self.ld_flags, "-T", at.lds, "-o", out, at.interface, at.binary]]
+        obj = out + ".o"
+        return [
+            [ld, *self.objtool.ld_flags, "-o", obj, at.interface, at.binary],
+            [at.objtool, *self.objtool.args, obj],
+            [ld, *self.ld_flags, "-T", at.lds, "-o", out, obj, at.final],
+        ]
 
 
 @dataclass(frozen=True)
@@ -56,6 +111,7 @@ class ModuleFile:
 class AbiGate:
     ok: bool
     problems: tuple[str, ...] = ()  # one human line per offending symbol or vermagic mismatch
+    evidence: tuple[str, ...] = ()  # per module, what the gate saw beyond symbols: objtool's sections
 
 
 @dataclass(frozen=True)
@@ -143,7 +199,8 @@ def _module_set(d: dict[str, Any]) -> ModuleSet:
         source_version=d["source_version"],
         status=d["status"],
         modules=tuple(module_file(m) for m in d.get("modules", ())),
-        abi_gate=AbiGate(ok=gate["ok"], problems=tuple(gate["problems"])) if gate else None,
+        abi_gate=AbiGate(ok=gate["ok"], problems=tuple(gate["problems"]), evidence=tuple(gate.get("evidence", ())))
+        if gate else None,
         error=d.get("error"),
         log=d.get("log"),
     )
@@ -151,7 +208,13 @@ def _module_set(d: dict[str, Any]) -> ModuleSet:
 
 def module_file(d: dict[str, Any]) -> ModuleFile:
     parts = d.get("parts")
-    return ModuleFile(**{**d, "parts": ModuleParts(**{**parts, "ld_flags": tuple(parts["ld_flags"])}) if parts else None})
+    return ModuleFile(**{**d, "parts": _parts(parts) if parts else None})
+
+
+def _parts(d: dict[str, Any]) -> ModuleParts:
+    step = d.get("objtool")
+    objtool = ObjtoolStep(**{**step, "args": tuple(step["args"]), "ld_flags": tuple(step["ld_flags"])}) if step else None
+    return ModuleParts(**{**d, "ld_flags": tuple(d["ld_flags"]), "objtool": objtool})
 
 
 # Paths inside a bundle directory (see docs/bundle.md).

@@ -2,19 +2,21 @@
 
 Three checks per module, the same ones the kernel's loader makes: vermagic equals the kernel's release
 and flags; every undefined symbol is exported by the kernel (Module.symvers) or by a sibling module;
-every modversions CRC equals the kernel's.
+every modversions CRC equals the kernel's. A fourth for kernels built with objtool: the module carries
+the ORC unwind table that kernel's objtool writes, so objtool did process it; on IBT kernels it runs over
+the linked module, which is what the split's node-side link repeats.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from gl_nvidia.build.kenv import kernel_release, read_config
 from gl_nvidia.bundle import AbiGate, BundleManifest, modules_dir
@@ -23,6 +25,13 @@ from gl_nvidia.errors import UserError
 _KSYMTAB = "__ksymtab_"
 # The kernel appends these per arch after the generic flags (arch/*/include/asm/vermagic.h).
 _ARCH_VERMAGIC = {"CONFIG_ARM64": "aarch64 "}
+# The section the kernel's objtool writes into every module with code, by the option that makes it write
+# it: a module without it was never processed by objtool. (Others, like .return_sites, depend on the code:
+# a module whose only function ends in a tail call has none.)
+OBJTOOL_REQUIRED = {".orc_unwind": "CONFIG_UNWINDER_ORC"}
+# Every section objtool writes, reported as evidence when present (a module may have no such site).
+OBJTOOL_SECTIONS = (".orc_unwind", ".orc_unwind_ip", ".return_sites", ".retpoline_sites", ".call_sites",
+                    ".ibt_endbr_seal", ".static_call_sites")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class KernelAbi:
     release: str
     vermagic: str
     symvers: dict[str, int]  # exported symbol -> CRC
+    objtool: tuple[tuple[str, str], ...] = ()  # (section, the option that has objtool write it) every module has
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,8 @@ class ModuleElf:
     undefined: frozenset[str]
     exported: frozenset[str]
     versions: dict[str, int]  # __versions: symbol -> CRC the module was built against
+    sections: dict[str, int] = field(default_factory=dict)  # section name -> size
+    ibt_note: bool = False  # .note.gnu.property marks all its code IBT-enabled (-fcf-protection=branch)
 
     @property
     def vermagic(self) -> str:
@@ -76,7 +88,10 @@ def kernel_abi(sysout: Path) -> KernelAbi:
         if len(fields) >= 2:
             symvers[fields[1]] = int(fields[0], 16)
     release = kernel_release(sysout)
-    return KernelAbi(release, expected_vermagic(release, read_config(sysout)), symvers)
+    config = read_config(sysout)
+    objtool = tuple((sec, opt) for sec, opt in OBJTOOL_REQUIRED.items()
+                    if config.get("CONFIG_OBJTOOL") == "y" and config.get(opt) == "y")
+    return KernelAbi(release, expected_vermagic(release, config), symvers, objtool)
 
 
 def read_module(path: Path) -> ModuleElf:
@@ -91,6 +106,8 @@ def read_module(path: Path) -> ModuleElf:
                 key, sep, value = entry.decode(errors="replace").partition("=")
                 if sep:
                     modinfo.setdefault(key, value)
+            sections = {sec.name: sec["sh_size"] for sec in elf.iter_sections() if sec.name}
+            ibt_note = _ibt_note(elf)
             undefined: set[str] = set()
             exported: set[str] = set()
             symtab = elf.get_section_by_name(".symtab")
@@ -115,7 +132,17 @@ def read_module(path: Path) -> ModuleElf:
                     versions[name] = crc & 0xFFFFFFFF
     except (ELFError, OSError, struct.error) as exc:
         raise UserError(f"cannot read kernel module {path}: {exc}") from exc
-    return ModuleElf(path.name, modinfo, frozenset(undefined), frozenset(exported), versions)
+    return ModuleElf(path.name, modinfo, frozenset(undefined), frozenset(exported), versions, sections, ibt_note)
+
+
+def _ibt_note(elf: ELFFile) -> bool:
+    """GNU_PROPERTY_X86_FEATURE_1_IBT in .note.gnu.property: `ld` keeps it only when every input has it."""
+    notes = elf.get_section_by_name(".note.gnu.property")
+    if not isinstance(notes, NoteSection):
+        return False
+    return any(prop["pr_type"] == "GNU_PROPERTY_X86_FEATURE_1_AND" and prop["pr_data"] & 1
+               for note in notes.iter_notes() if note["n_type"] == "NT_GNU_PROPERTY_TYPE_0"
+               for prop in note["n_desc"])
 
 
 def gate(modules: Sequence[ModuleElf], abi: KernelAbi) -> AbiGate:
@@ -137,7 +164,20 @@ def gate(modules: Sequence[ModuleElf], abi: KernelAbi) -> AbiGate:
                     problems.append(f"{m.name}: symbol {sym} is not exported by {abi.release}")
             elif want != crc:
                 problems.append(f"{m.name}: symbol {sym} CRC {crc:#010x} != kernel's {want:#010x}")
-    return AbiGate(ok=not problems, problems=tuple(problems))
+        for sec, opt in abi.objtool:
+            if sec not in m.sections:
+                problems.append(f"{m.name}: no {sec} section, which objtool writes on {abi.release} ({opt}): "
+                                "the kernel's objtool did not process it")
+    return AbiGate(ok=not problems, problems=tuple(problems), evidence=tuple(evidence(m) for m in modules))
+
+
+def evidence(m: ModuleElf) -> str:
+    """What the gate saw beyond symbols: objtool's sections (with sizes), the retpoline modinfo tag and the
+    IBT property note (modules holding NVIDIA's binary object have none: it was not built with IBT; objtool's
+    --ibt pass over the linked module is what covers it)."""
+    found = [f"{sec} {m.sections[sec]}" for sec in OBJTOOL_SECTIONS if sec in m.sections]
+    return (f"{m.name}: objtool sections: {', '.join(found) or 'none'}; "
+            f"modinfo retpoline={m.modinfo.get('retpoline', '-')}; IBT property note: {'yes' if m.ibt_note else 'no'}")
 
 
 def gate_files(paths: Sequence[Path], sysout: Path) -> AbiGate:

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from gl_nvidia.build.abi import ModuleElf, gate, kernel_abi, read_module
+from gl_nvidia.build.abi import OBJTOOL_SECTIONS, ModuleElf, gate, kernel_abi, read_module
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.build.split import link, linker_version, split_module
@@ -134,7 +134,7 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
         split = split_module(tree, ko.name.removesuffix(".ko"), hdrs.sysout, dest / "parts", linker)
         if split is not None:
             # What ships is the module linked from its parts, the way the node will link it.
-            link(split.parts, split.interface, split.binary, split.lds, shipped)
+            link(split.parts, split.paths(), shipped)
             problem = _differs(read_module(ko), read_module(shipped))
             if problem:
                 log.warning("%s: linked from parts, %s; shipping it whole", ko.name, problem)
@@ -154,10 +154,14 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
 
 
 def _differs(kbuild: ModuleElf, linked: ModuleElf) -> str | None:
-    """How a module linked from parts differs from kbuild's in what the kernel's loader checks."""
+    """How a module linked from parts differs from kbuild's in what the kernel's loader checks, or in what
+    objtool wrote (the same sites annotated: each section's size equals kbuild's)."""
     for what in ("vermagic", "srcversion", "undefined", "exported", "versions"):
         if getattr(kbuild, what) != getattr(linked, what):
             return f"its {what} differs from kbuild's"
+    for sec in OBJTOOL_SECTIONS:
+        if kbuild.sections.get(sec) != linked.sections.get(sec):
+            return f"its {sec} section differs from kbuild's ({linked.sections.get(sec)} != {kbuild.sections.get(sec)} bytes)"
     return None
 
 
@@ -170,6 +174,6 @@ def _load(entry: Path, module_type: str) -> CompiledSet | None:
     return CompiledSet(
         entry=entry, module_type=module_type, source_version=d["source_version"], status=d["status"],
         modules=tuple(module_file(m) for m in d["modules"]),
-        abi_gate=AbiGate(g["ok"], tuple(g["problems"])) if g else None,
+        abi_gate=AbiGate(g["ok"], tuple(g["problems"]), tuple(g.get("evidence", ()))) if g else None,
         error=d.get("error"), cached=True,
     )

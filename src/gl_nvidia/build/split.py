@@ -6,15 +6,22 @@ byte-identical for every kernel, that make up most of each module. kbuild lists 
 (objects compiled against the kernel's headers, modpost's `<module>.mod.o`, whatever modfinal adds) is
 linked into one interface object. The module is then linked from the two with the kernel's own modfinal
 command (`.<module>.ko.cmd`), the way NVIDIA's precompiled packages do it at install time.
+
+Kernels with IBT (Debian's and Garden Linux's 6.12) run objtool over the linked `<module>.o` instead of
+over each object, so its annotations cover the binary's code too. There the interface holds only the
+module's own objects, modpost's objects go into a separate `final` object, and the recipe records the
+`<module>.o` link and objtool's exact arguments; the kernel's objtool (from its kbuild package) ships per
+kernel, and the node runs the same three steps kbuild ran (bundle.ObjtoolStep).
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from gl_nvidia.bundle import ModuleParts
+from gl_nvidia.bundle import ModuleParts, ObjtoolStep, PartPaths
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.run import output, run
 
@@ -31,14 +38,19 @@ class KbuildLink:
     inputs: tuple[Path, ...]
 
 
+def _commands(cmd_file: Path) -> list[list[str]]:
+    """kbuild's saved command (`cmd_X := ...` / `savedcmd_X := ...`), split at its `;`s."""
+    line = next(ln for ln in cmd_file.read_text().splitlines() if " := " in ln and "cmd_" in ln)
+    return [argv for part in line.partition(" := ")[2].split(";") if (argv := shlex.split(part))]
+
+
 def read_cmd(cmd_file: Path, base: Path) -> KbuildLink:
-    """Parse kbuild's saved command (`cmd_X := ...` / `savedcmd_X := ...`) up to its first `;`.
+    """Parse the link of kbuild's saved command (its first part, up to the first `;`).
 
     Relative paths are relative to `base`, the directory kbuild ran the command in (the kernel's
     build headers for out-of-tree modules).
     """
-    line = next(ln for ln in cmd_file.read_text().splitlines() if " := " in ln and "cmd_" in ln)
-    argv = shlex.split(line.partition(" := ")[2].partition(";")[0])
+    argv = _commands(cmd_file)[0]
     flags: list[str] = []
     inputs: list[Path] = []
     lds: Path | None = None
@@ -57,6 +69,30 @@ def read_cmd(cmd_file: Path, base: Path) -> KbuildLink:
     return KbuildLink(argv[0], tuple(flags), lds, tuple(inputs))
 
 
+@dataclass(frozen=True)
+class KbuildObjtool:
+    """The objtool run kbuild appended to a `<module>.o` link: the real binary and its arguments."""
+
+    tool: Path
+    args: tuple[str, ...]  # without the object, which is the last argument kbuild passed
+
+
+def read_objtool(cmd_file: Path, base: Path) -> KbuildObjtool | None:
+    """The objtool run in kbuild's saved `<module>.o` command (None: the kernel runs none there).
+
+    Debian's kbuild package installs `objtool` as a wrapper that executes `objtool.real-$SRCARCH`;
+    the real binary is the one that runs (and ships), so it is taken when it is there.
+    """
+    for argv in _commands(cmd_file)[1:]:
+        if Path(argv[0]).name == "objtool":
+            tool = base / argv[0]
+            arch = sorted(p.name for p in (base / "arch").iterdir()) if (base / "arch").is_dir() else []
+            real = [tool.with_name(f"objtool.real-{a}") for a in arch]
+            tool = next((r for r in real if r.is_file()), tool)
+            return KbuildObjtool(tool, tuple(argv[1:-1]))
+    return None
+
+
 def mod_objects(tree: Path, module: str, base: Path) -> list[Path]:
     """The objects kbuild linked into `<module>.o` (its `<module>.mod` list)."""
     return [base / p for p in (tree / f"{module}.mod").read_text().split()]
@@ -72,51 +108,84 @@ def linker_version(ld: str = "ld") -> str:
     return output([ld, "--version"]).splitlines()[0].strip()
 
 
+def libelf_of(tool: Path) -> str:
+    """The file name of the libelf `tool` loads ("libelf-0.188.so"); "" when it loads none."""
+    for line in output(["ldd", tool]).splitlines():
+        name, _, rest = line.strip().partition(" => ")
+        if name.startswith("libelf.so") and rest.startswith("/"):
+            return Path(rest.split()[0]).resolve().name
+    return ""
+
+
 @dataclass(frozen=True)
 class Split:
-    """A module's parts in a directory: `interface`, `binary` (stripped), the kernel's `lds`."""
+    """A module's parts in a directory: the per-kernel ones (interface, module.lds, with objtool also the
+    final object and objtool itself) and the stripped binary."""
 
     parts: ModuleParts
-    interface: Path
-    binary: Path
-    lds: Path
+    dir: Path
+
+    def paths(self) -> PartPaths:
+        return self.parts.paths(str(self.dir), str(self.dir))
 
 
 def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str) -> Split | None:
-    """Write `<module>.o` (interface), the stripped binary and module.lds into `dest` (None: not split).
+    """Write the parts of `<module>.ko` into `dest` (None: not split, the module ships whole).
 
-    A module is left whole when it has no binary object, or when kbuild ran objtool over the linked
-    `<module>.o` (kernels with IBT or LTO): objtool's output then covers the binary's code too, per kernel.
+    A module is left whole when it has no binary object or the kernel's modfinal has no linker script.
+    When kbuild ran objtool over the linked `<module>.o`, modpost's objects stay out of the interface
+    (objtool never saw them) and the recipe records that link and objtool's run.
     """
     objects = mod_objects(tree, module, base)
     binary = binary_object(objects)
-    multi_cmd = tree / f".{module}.o.cmd"
-    if binary is None or "objtool" in multi_cmd.read_text():
+    if binary is None:
         return None
+    multi_cmd = tree / f".{module}.o.cmd"
     multi = read_cmd(multi_cmd, base)
+    objtool = read_objtool(multi_cmd, base)
     final = read_cmd(tree / f".{module}.ko.cmd", base)
     if final.lds is None:
         return None
     module_o, mod_o = tree / f"{module}.o", tree / f"{module}.mod.o"
     extra = [p for p in final.inputs if p.resolve() not in (module_o.resolve(), mod_o.resolve())]
-    interface = dest / f"{module}.o"
     rest = [o for o in objects if o != binary]
-    run([multi.ld, *multi.flags, "-o", interface, *rest, mod_o, *extra])
-    run(["strip", "--strip-debug", interface])
+    interface = dest / f"{module}.o"
+    if objtool is None:
+        _ld_r(multi, interface, [*rest, mod_o, *extra])
+    else:
+        _ld_r(multi, interface, rest)
+        _ld_r(multi, dest / f"{module}.final.o", [mod_o, *extra])
     bin_out = dest / binary.name
     run(["strip", "--strip-debug", "-o", bin_out, binary.with_name(binary.name + "_binary")])
     lds = dest / LDS
     lds.write_bytes(final.lds.read_bytes())
+    step = None
+    if objtool is not None:
+        tool = dest / "objtool"
+        shutil.copyfile(objtool.tool, tool)
+        tool.chmod(0o755)
+        final_o = dest / f"{module}.final.o"
+        step = ObjtoolStep(tool=tool.name, tool_sha256=sha256_file(tool), args=objtool.args,
+                           ld_flags=multi.flags, final=final_o.name, final_sha256=sha256_file(final_o),
+                           final_size=final_o.stat().st_size, libelf=libelf_of(tool))
     flags = tuple(f for f in final.flags if f != "-r")
     parts = ModuleParts(
         interface=interface.name, interface_sha256=sha256_file(interface), interface_size=interface.stat().st_size,
         binary=bin_out.name, binary_sha256=sha256_file(bin_out), binary_size=bin_out.stat().st_size,
-        lds=LDS, lds_sha256=sha256_file(lds), ld_flags=("-r", *flags), linker=linker,
+        lds=LDS, lds_sha256=sha256_file(lds), ld_flags=("-r", *flags), linker=linker, objtool=step,
     )
-    return Split(parts, interface, bin_out, lds)
+    return Split(parts, dest)
 
 
-def link(parts: ModuleParts, interface: Path, binary: Path, lds: Path, out: Path, ld: str = "ld") -> Path:
+def _ld_r(recipe: KbuildLink, out: Path, objects: list[Path]) -> None:
+    """`ld -r` with the flags of kbuild's `<module>.o` link, then without debug info (it is not shipped)."""
+    run([recipe.ld, *recipe.flags, "-o", out, *objects])
+    run(["strip", "--strip-debug", out])
+
+
+def link(parts: ModuleParts, at: PartPaths, out: Path, ld: str = "ld") -> Path:
     """Link a module from its parts with the recorded recipe (what the node does before insmod)."""
-    run(parts.link_argv(ld, str(interface), str(binary), str(lds), str(out)))
+    for argv in parts.link_steps(ld, at, str(out)):
+        run(argv)
+    Path(f"{out}.o").unlink(missing_ok=True)
     return out

@@ -229,7 +229,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
 
 
 def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> None:
-    """Interfaces and module.lds per kernel; each binary once per bundle and module type."""
+    """Per-kernel parts (ModuleParts.per_kernel) per kernel; each binary once per bundle and module type."""
     split = [m.parts for m in cs.modules if m.parts is not None]
     iface_dir = b.interfaces_dir(root, kernel, cs.module_type)
     if not split:
@@ -237,8 +237,8 @@ def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> None:
         return
     with atomic_dir(iface_dir) as tmp:
         for p in split:
-            shutil.copyfile(cs.parts_dir / p.interface, tmp / p.interface)
-            shutil.copyfile(cs.parts_dir / p.lds, tmp / p.lds)
+            for name, _sha in p.per_kernel():  # interface, module.lds; on IBT kernels the final object, objtool
+                shutil.copy2(cs.parts_dir / name, tmp / name)
     bins = b.binaries_dir(root, cs.module_type)
     bins.mkdir(parents=True, exist_ok=True)
     for p in split:

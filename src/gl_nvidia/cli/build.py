@@ -167,8 +167,8 @@ def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None
     """Would the target kernel load this bundle's modules? (vermagic, symbols, modversions CRCs)"""
     verdicts = check_bundle(bundle, kernel_headers)
     if as_json:
-        ui.print_json([{"kernel": k, "module_type": t, "ok": g.ok, "problems": list(g.problems)}
-                       for (k, t), g in verdicts.items()])
+        ui.print_json([{"kernel": k, "module_type": t, "ok": g.ok, "problems": list(g.problems),
+                        "evidence": list(g.evidence)} for (k, t), g in verdicts.items()])
     else:
         ui.print_table(f"ABI gate against {kernel_release(kernel_headers)}", ["built for", "type", "loads", "problems"],
                        [[k, t, "yes" if g.ok else "no", len(g.problems)] for (k, t), g in verdicts.items()])
@@ -177,6 +177,8 @@ def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None
                 _line(f"{k} {t}: {p}")
             if len(g.problems) > 20:
                 _line(f"{k} {t}: ... and {len(g.problems) - 20} more")
+            for e in g.evidence:
+                _line(f"{k} {t}: {e}")
     bad = [kt for kt, g in verdicts.items() if not g.ok]
     if bad:
         raise CheckFailed(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from elftools.elf.dynamic import DynamicSection
+from elftools.elf.elffile import ELFFile
+
 import gl_nvidia
 from gl_nvidia import bundle as bundle_mod
 from gl_nvidia import oci, ui
@@ -132,6 +135,10 @@ def build_images(
             root.mkdir()
             base_mod.flatten(layout, base_image, root)
             base_mod.check_tools(root, base_image.description)
+            for plan in plans:
+                for tool in _objtools(bundle_dir, manifest, plan):
+                    base_mod.check_libraries(root, _needed(tool), f"the objtool of kernel {plan.kernel}",
+                                             base_image.description)
             base_packages = sbom.base_packages(root)
         with ui.task(prog, "shared layers (node runtime, userspace, ld.so.cache, firmware)"):
             shared = _shared_layers(layout, bundle_dir, manifest, root)
@@ -245,10 +252,25 @@ def _module_sources(bundle_dir: Path, kernel: str, module_type: str,
         return [(bundle_mod.modules_dir(bundle_dir, kernel, module_type) / mod.name, mod.sha256)]
     iface = bundle_mod.interfaces_dir(bundle_dir, kernel, module_type)
     return [
-        (iface / mod.parts.interface, mod.parts.interface_sha256),
-        (iface / mod.parts.lds, mod.parts.lds_sha256),
+        *((iface / name, sha) for name, sha in mod.parts.per_kernel()),
         (bundle_mod.binaries_dir(bundle_dir, module_type) / mod.parts.binary, mod.parts.binary_sha256),
     ]
+
+
+def _objtools(bundle_dir: Path, manifest: BundleManifest, plan: _KernelPlan) -> set[Path]:
+    """The kernel's objtool the node runs for this kernel's split modules (none before IBT kernels)."""
+    sets = manifest.kernels[plan.kernel].module_sets
+    return {bundle_mod.interfaces_dir(bundle_dir, plan.kernel, t) / m.parts.objtool.tool
+            for t in plan.module_types for m in sets[t].modules if m.parts and m.parts.objtool}
+
+
+def _needed(program: Path) -> list[str]:
+    """The shared libraries an ELF program loads (its DT_NEEDED entries)."""
+    with program.open("rb") as fh:
+        dynamic = ELFFile(fh).get_section_by_name(".dynamic")
+        if not isinstance(dynamic, DynamicSection):
+            return []
+        return [str(tag.needed) for tag in dynamic.iter_tags("DT_NEEDED")]  # type: ignore[attr-defined]
 
 
 def _open_out(out_layout: Path) -> Layout:
@@ -384,8 +406,9 @@ def _kernel_image(
     for t in plan.module_types:
         dest = node_layout.modules_dir(plan.kernel, t)
         for mod in sorted(kb.module_sets[t].modules, key=lambda m: m.name):
-            # Binaries go to their own layer; the interface and module.lds (same for all) stay here.
-            entries += [Entry(_place(root, dest / src.name), source=src)
+            # Binaries go to their own layer; the interface, module.lds and the kernel's objtool stay here.
+            entries += [Entry(_place(root, dest / src.name), source=src,
+                              mode=0o755 if mod.parts and mod.parts.objtool and src.name == mod.parts.objtool.tool else 0o644)
                         for src, _ in _module_sources(bundle_dir, plan.kernel, t, mod)
                         if mod.parts is None or src.name != mod.parts.binary]
     modules = layers.write_layer(layout, list({e.path: e for e in entries}.values()))

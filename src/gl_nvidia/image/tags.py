@@ -19,9 +19,17 @@ def node_version_id(os_id: str, os_version: str) -> str:
     return "0" if os_id == "gardenlinux" else os_version
 
 
+def tag_kernel(kernel: str) -> str:
+    """A kernel release as it appears in a tag: `+` (Debian's `6.12.117+deb12-cloud-amd64`) is not valid
+    in an OCI tag and becomes `_`, which no Debian or Garden Linux kernel release contains. Names
+    without `+` (every Garden Linux kernel) are unchanged: the GPU Operator's rule holds for them.
+    The node's copy of this rule is node/decide.py's `tag_kernel`."""
+    return kernel.replace("+", "_")
+
+
 def operator_tag(driver_version: str, kernel: str, os_id: str, version_id: str) -> str:
     """The tag the operator pulls: `<driver.version>-<kernel>-<osTag>` (driver.version: branch or full)."""
-    return f"{driver_version}-{kernel}-{os_tag(os_id, version_id)}"
+    return f"{driver_version}-{tag_kernel(kernel)}-{os_tag(os_id, version_id)}"
 
 
 def image_tags(

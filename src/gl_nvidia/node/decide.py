@@ -102,6 +102,11 @@ def os_tag(os_release: dict[str, str]) -> str:
     return f"{os_id}{os_release.get('VERSION_ID', '')}"
 
 
+def tag_kernel(kernel: str) -> str:
+    """image/tags.py's rule: `+` is not valid in an OCI tag and becomes `_` (names without `+` unchanged)."""
+    return kernel.replace("+", "_")
+
+
 def select_kernel(node: Node, image_kernels: list[str], driver_branch: str) -> str:
     """The kernel directory this image holds for the running kernel, or the one-line reason there is none."""
     if node.kernel in image_kernels:
@@ -109,7 +114,7 @@ def select_kernel(node: Node, image_kernels: list[str], driver_branch: str) -> s
     held = ", ".join(image_kernels) if image_kernels else "none"
     raise NodeError(
         f"no modules for kernel {node.kernel} in this image (it holds {held}); "
-        f"the node needs driver:{driver_branch}-{node.kernel}-{os_tag(node.os_release)}",
+        f"the node needs driver:{driver_branch}-{tag_kernel(node.kernel)}-{os_tag(node.os_release)}",
         "build and publish that image (gl-nvidia build/image/publish for this kernel), "
         "or check the node's kernel-version label",
     )

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundle import ModuleFile, ModuleParts, module_file
+from ..bundle import ModuleFile, ModuleParts, PartPaths, module_file
 from . import layout
 from .decide import MODULE_TYPES, NodeError
 
@@ -26,6 +26,13 @@ class SplitModule:
     lds: Path
     sha256: str  # of the module linked at build time (same linker, same bytes)
     srcversion: str
+    objtool: Path | None = None  # the kernel's objtool and the final object, when its pipeline runs objtool
+    final: Path | None = None
+
+    @property
+    def paths(self) -> PartPaths:
+        return PartPaths(str(self.interface), str(self.binary), str(self.lds), str(self.objtool or ""),
+                         str(self.final or ""))
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,8 @@ class Image:
         """The files insmod or ld reads for a module, with their manifest sha256 (none: not in the manifest).
 
         A whole module is its .ko; a split one its interface object, NVIDIA's binary object and the
-        kernel's module.lds (the link recipe's flags are in the manifest itself).
+        kernel's module.lds (the link recipe's flags are in the manifest itself), on IBT kernels also
+        modpost's final object and the kernel's objtool, which runs on the node.
         """
         record = self.record(kernel, module_type, module)
         if record is None:
@@ -96,8 +104,10 @@ class Image:
         if split is None:
             return [Input(self.ko(kernel, module_type, module), record.sha256)]
         p = split.parts
+        step = [Input(split.final, p.objtool.final_sha256), Input(split.objtool, p.objtool.tool_sha256)] \
+            if p.objtool and split.final and split.objtool else []
         return [Input(split.interface, p.interface_sha256), Input(split.binary, p.binary_sha256),
-                Input(split.lds, p.lds_sha256)]
+                Input(split.lds, p.lds_sha256), *step]
 
     def verify(self, kernel: str, module_type: str, module: str) -> None:
         """Refuse a module unless the manifest lists it and every file it is made from has the bytes the
@@ -127,8 +137,10 @@ class Image:
             return None
         parts = record.parts
         here = self.at(layout.modules_dir(kernel, module_type))
+        step = parts.objtool
         return SplitModule(parts, here / parts.interface, self.at(layout.binaries_dir(module_type)) / parts.binary,
-                           here / parts.lds, record.sha256, record.srcversion)
+                           here / parts.lds, record.sha256, record.srcversion,
+                           here / step.tool if step else None, here / step.final if step else None)
 
     def module_types(self, kernel: str) -> list[str]:
         """Module types usable with this image's userspace: present, and of the same driver version

@@ -503,20 +503,38 @@ class Runtime:
         self.host.makedirs(stage)
         out = self.host.path(f"{stage}/{module}.ko")
         tmp = out.with_name(f".{out.name}.tmp")
+        obj = Path(f"{tmp}.o")  # <module>.o of kernels whose pipeline runs objtool over it
         try:
-            res = self.host.run(*split.parts.link_argv("ld", str(split.interface), str(split.binary), str(split.lds),
-                                                       str(tmp)))
-            if res.rc != 0:
-                raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: "
-                                f"{_reason(res.stderr or res.stdout)}", "the image needs a working ld (binutils)")
-            problem = _link_problem(tmp, module, split, running, self._ld_version())
+            for argv in split.parts.link_steps("ld", split.paths, str(tmp)):
+                res = self.host.run(*argv)
+                if res.rc != 0:
+                    raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: "
+                                    f"{_reason(res.stderr or res.stdout)}",
+                                    "the image needs a working ld (binutils) and, for objtool, libelf")
+            toolchain = self._toolchain(split)
+            problem = _link_problem(tmp, module, split, running, toolchain)
             if problem:
                 raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)  # a failed or killed ld can leave a partial output behind
-        self.log.info("module linked", module=module, type=module_type, path=str(out))
+            obj.unlink(missing_ok=True)
+        self.log.info("module linked", module=module, type=module_type, path=str(out),
+                      objtool="yes" if split.parts.objtool else "no",
+                      sha256="the build's" if _same_tools(split, toolchain) else "not compared (other ld or libelf)")
         return out
+
+    def _toolchain(self, split: SplitModule) -> tuple[str, str]:
+        """This node's linker and, for objtool parts, the libelf the shipped objtool loads: with the build's
+        the link must give the build's bytes."""
+        libelf = ""
+        if split.objtool is not None:
+            res = self.host.run("ldd", str(split.objtool))
+            for line in res.stdout.splitlines():
+                name, _, rest = line.strip().partition(" => ")
+                if name.startswith("libelf.so") and rest.startswith("/"):
+                    libelf = os.path.basename(os.path.realpath(self.host.path(rest.split()[0])))
+        return self._ld_version(), libelf
 
     def _ld_version(self) -> str:
         if self._linker is None:
@@ -546,8 +564,11 @@ def _loaded_version(node: Node) -> str | None:
     return node.loaded["nvidia"] or "unknown"
 
 
-def _link_problem(ko: Path, module: str, split: SplitModule, running: str, linker: str) -> str | None:
-    """Why a module linked on this node must not be loaded (None: it is the module the build gated)."""
+def _link_problem(ko: Path, module: str, split: SplitModule, running: str, toolchain: tuple[str, str]) -> str | None:
+    """Why a module linked on this node must not be loaded (None: it is the module the build gated).
+
+    `toolchain`: this node's linker and objtool's libelf; when both are the build's, the bytes must be too.
+    """
     info = modinfo(ko)
     vermagic = info.get("vermagic", "").split(" ")[0]
     srcversion = info.get("srcversion", "")
@@ -555,13 +576,20 @@ def _link_problem(ko: Path, module: str, split: SplitModule, running: str, linke
         return (f"{module}.ko linked from this image's parts has vermagic {vermagic or '?'} and srcversion "
                 f"{srcversion or '?'}, but the running kernel is {running} and the manifest's srcversion is "
                 f"{split.srcversion}; refusing to load it")
-    if linker == split.parts.linker:
+    if _same_tools(split, toolchain):
         actual = sha256_file(ko)
         if actual != split.sha256:
+            tools = toolchain[0] + (f", objtool with {toolchain[1]}" if split.parts.objtool else "")
             return (f"{module}.ko linked on this node (sha256 {actual[:16]}) differs from the module the "
-                    f"build linked and gated (sha256 {split.sha256[:16]}) with the same linker ({linker}); "
+                    f"build linked and gated (sha256 {split.sha256[:16]}) with the same linker ({tools}); "
                     "refusing to load it")
     return None
+
+
+def _same_tools(split: SplitModule, toolchain: tuple[str, str]) -> bool:
+    """Whether this node links with the build's ld (and runs objtool with the build's libelf)."""
+    linker, libelf = toolchain
+    return linker == split.parts.linker and (split.parts.objtool is None or libelf == split.parts.objtool.libelf)
 
 
 def _reason(stderr: str) -> str:
