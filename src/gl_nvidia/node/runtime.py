@@ -160,7 +160,8 @@ class Runtime:
                 if loaded is not None:
                     self.log.info("driver loaded with another configuration, reloading", version=loaded,
                                   digest=digest or "unset", state=(state or "absent").strip())
-                    self._verify(plan)  # a damaged image must not cost the node the driver it runs
+                    # A damaged image must not cost the node the driver it runs.
+                    self._verify(plan.kernel, plan.module_type.module_type, plan.modules)
                     if not self._unload():
                         raise NodeError(
                             f"nvidia {loaded} is loaded with another configuration and in use; "
@@ -484,15 +485,14 @@ class Runtime:
 
     # ---------------------------------------------------------------- linking split modules
 
-    def _verify(self, plan: Plan) -> None:
-        for m in plan.modules:
-            self.image.verify(plan.kernel, plan.module_type.module_type, m)
+    def _verify(self, kernel: str, module_type: str, modules: tuple[str, ...]) -> None:
+        for m in modules:
+            self.image.verify(kernel, module_type, m)
 
     def _modules(self, kernel: str, module_type: str, modules: tuple[str, ...], running: str) -> list[Path]:
         """The .ko files to insert, in order: every file they are made from is checked against the manifest
         first (whatever the linker), then split modules are linked into STAGING_DIR and checked again."""
-        for m in modules:
-            self.image.verify(kernel, module_type, m)
+        self._verify(kernel, module_type, modules)
         return [self._link(kernel, module_type, m, running) for m in modules]
 
     def _link(self, kernel: str, module_type: str, module: str, running: str) -> Path:
