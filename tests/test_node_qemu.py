@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import apt, fs
-from gl_nvidia.image.build import ImageOptions, build_image
+from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image
 from gl_nvidia.node.image import Image
 from gl_nvidia.run import run
 
@@ -71,13 +71,16 @@ def vmlinuz(kernel: str) -> Path:
     return out
 
 
+def unpacked_image(bundle: Path, kernel: str, tmp: Path) -> tuple[Path, BuiltImage]:
+    """A real driver image's root filesystem: image stage -> OCI layout -> umoci unpack."""
+    built = build_image(bundle, kernel, tmp / "layout", options=ImageOptions(os_id="debian", os_versions=("12",)))
+    run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:{built.tags[0]}", str(tmp / "bundle")])
+    return tmp / "bundle" / "rootfs", built
+
+
 @pytest.fixture(scope="module")
 def image_rootfs(debian_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real driver image's root filesystem: image stage -> OCI layout -> umoci unpack."""
-    tmp = tmp_path_factory.mktemp("node-qemu")
-    built = build_image(debian_bundle, DEBIAN_KERNEL, tmp / "layout", options=ImageOptions(os_id="debian", os_versions=("12",)))
-    run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:{built.tags[0]}", str(tmp / "bundle")])
-    return tmp / "bundle" / "rootfs"
+    return unpacked_image(debian_bundle, DEBIAN_KERNEL, tmp_path_factory.mktemp("node-qemu"))[0]
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.image.build import ImageOptions, build_image
 from gl_nvidia.node.image import Image
-from gl_nvidia.run import run
 
 from .fixtures.bundle import DEBIAN_DRIVER
 from .fixtures.ibt import ibt_kernels
-from .test_node_qemu import boot, make_initramfs
+from .test_node_qemu import boot, make_initramfs, unpacked_image
 
 
 @pytest.fixture(scope="module")
 def ibt_rootfs(ibt_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("node-qemu-ibt")
-    built = build_image(ibt_bundle, ibt_kernels().built, tmp / "layout",
-                        options=ImageOptions(os_id="debian", os_versions=("12",)))
+    rootfs, built = unpacked_image(ibt_bundle, ibt_kernels().built, tmp_path_factory.mktemp("node-qemu-ibt"))
     assert built.tags[0] == f"535-{ibt_kernels().built.replace('+', '_')}-debian12"
-    run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:{built.tags[0]}", str(tmp / "bundle")])
-    return tmp / "bundle" / "rootfs"
+    return rootfs
 
 
 @pytest.fixture(scope="module")
