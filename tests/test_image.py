@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from gl_nvidia.bundle import BundleManifest
+from gl_nvidia.bundle import BundleManifest, apply_patch
 from gl_nvidia.cli import main
 from gl_nvidia.cli.image import image_cmd
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers
-from gl_nvidia.image.base import REQUIRED_TOOLS
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
 from gl_nvidia.node import layout as node_layout
+from gl_nvidia.node.image import Image as NodeImage
 from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.transfer import pull_base, push
@@ -33,7 +33,7 @@ from tests.test_image_support import (
     edit_module_sets,
     make_bundle,
     with_extra_kernels,
-    with_objtool,
+    with_patch,
     with_split_nvidia,
 )
 
@@ -295,18 +295,22 @@ def test_base_without_the_node_tools_is_refused(bundle: Path, tmp_path: Path) ->
         build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'busy'}:v1")
 
 
-def test_a_base_without_the_libraries_of_an_ibt_kernels_objtool_is_refused(tmp_path: Path) -> None:
-    """On IBT kernels the node runs the kernel's objtool: the image stage checks the base can run it."""
-    ibt = with_objtool(with_split_nvidia(make_bundle(tmp_path / "bundle", kernels=(K1,))))
-    base = Layout.create(tmp_path / "tools")
-    tools = [layers.Entry(PurePosixPath("/" + paths[0]), data=b"", mode=0o755) for paths in REQUIRED_TOOLS.values()]
-    libc = layers.Entry(PurePosixPath("/usr/lib/x86_64-linux-gnu/libc.so.6"), data=b"")
-    layer = layers.write_layer(base, [*tools, libc])
-    cfg = base.write_blob(canonical_json({"architecture": "amd64", "os": "linux",
-                                          "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}), CONFIG)
-    base.add_image(Manifest.build(cfg, [layer.descriptor], {}), ["v1"])
-    with pytest.raises(UserError, match=rf"lacks libelf\.so\.1, which the objtool of kernel {K1} needs"):
-        build_image(ibt, K1, tmp_path / "out", base=f"{tmp_path / 'tools'}:v1")
+def test_a_patched_module_ships_its_patch_per_kernel_and_its_binary_in_the_shared_layer(tmp_path: Path) -> None:
+    """IBT kernels: the node rebuilds nvidia.ko from the patch, so the image carries neither the interface
+    nor module.lds (nor any objtool) for it; the binary stays in the layer every kernel shares."""
+    bundle = with_patch(with_split_nvidia(make_bundle(tmp_path / "bundle", kernels=(K1,))))
+    img = build_image(bundle, K1, tmp_path / "out", options=GL)
+    assert [x.name for x in img.layers[-3:]] == ["binaries open", "binaries proprietary", f"modules {K1}"]
+    rootfs = unpack(tmp_path / "out", img.tags[0], tmp_path / "root")
+    for t in ("open", "proprietary"):
+        here = rootfs / str(node_layout.modules_dir(K1, t)).lstrip("/")
+        assert sorted(p.name for p in here.iterdir()) == [
+            "nvidia-modeset.ko", "nvidia-peermem.ko", "nvidia-uvm.ko", "nvidia.patch"]
+        node_image = NodeImage.load(rootfs)
+        node_image.verify(K1, t, "nvidia")  # the patch and the binary are the manifest's
+        patched = node_image.patched_module(K1, t, "nvidia")
+        assert patched is not None and patched.binary.is_file()
+        assert bytes(apply_patch(patched.patch.read_bytes(), patched.binary.read_bytes())).startswith(b"module of ")
 
 
 def test_a_base_layout_whose_blobs_are_not_their_digests_is_refused(bundle: Path, tmp_path: Path) -> None:

@@ -115,23 +115,21 @@ def with_split_nvidia(bundle: Path) -> Path:
     return bundle
 
 
-def with_objtool(bundle: Path) -> Path:
-    """Give the split nvidia.ko of `bundle` (with_split_nvidia) an IBT kernel's recipe: a final object and the
-    kernel's objtool, here a real program that loads libelf.so.1 as Debian's does."""
+def with_patch(bundle: Path) -> Path:
+    """Give the split nvidia.ko of `bundle` (with_split_nvidia) an IBT kernel's patch, as `build` does where
+    the kernel runs objtool over linked modules: a real patch (bundle.write_patch) from the binary object."""
     manifest = b.BundleManifest.load(bundle)
     kernels = {}
     for k, kb in manifest.kernels.items():
         sets = {}
         for t, ms in kb.module_sets.items():
-            iface = b.interfaces_dir(bundle, k, t)
-            _compile("int main(void) { return 0; }\n", iface / "objtool", "-Wl,--no-as-needed",
-                     f"/usr/lib/{TRIPLET}/libelf.so.1")
-            _compile('const char mod[] = "modpost";\n', iface / "nvidia.final.o", "-c")
-            step = b.ObjtoolStep("objtool", _sha(iface / "objtool"), ("--ibt", "--link", "--module"),
-                                 ("-m", "elf_x86_64", "-r"), "nvidia.final.o", _sha(iface / "nvidia.final.o"),
-                                 (iface / "nvidia.final.o").stat().st_size, "libelf-0.188.so")
-            mods = tuple(dataclasses.replace(m, parts=dataclasses.replace(m.parts, objtool=step)) if m.parts else m
-                         for m in ms.modules)
+            binary = b.binaries_dir(bundle, t) / "nv-kernel.o"
+            patch = b.interfaces_dir(bundle, k, t) / "nvidia.patch"
+            head = f"module of {k} {t}: ".encode()
+            patch.write_bytes(b.write_patch([["lit", len(head)], ["copy", 0, binary.stat().st_size]], head))
+            record = b.ModulePatch("nv-kernel.o", _sha(binary), binary.stat().st_size,
+                                   patch.name, _sha(patch), patch.stat().st_size)
+            mods = tuple(dataclasses.replace(m, patch=record) if m.parts else m for m in ms.modules)
             sets[t] = dataclasses.replace(ms, modules=mods)
         kernels[k] = dataclasses.replace(kb, module_sets=sets)
     (bundle / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())

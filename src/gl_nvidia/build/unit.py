@@ -16,7 +16,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gl_nvidia import bundle as b
@@ -24,6 +24,7 @@ from gl_nvidia import ui
 from gl_nvidia.build.compile import CompiledSet, compile_set
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders, compiler_mismatch
 from gl_nvidia.build.sources import DriverInputs, DriverSource
+from gl_nvidia.build.split import module_patch
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_dir, atomic_write_text, cache_dir, sha256_file
@@ -201,6 +202,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     for mtype, cs in sets.items():
         log_rel = log_path(hdrs.kernel, mtype)
         atomic_write_text(root / log_rel, cs.log_file.read_text(errors="replace"))
+        modules = cs.modules
         if cs.status != "ok":
             # A failed set ships nothing, not even what an earlier good build of it left here.
             shutil.rmtree(b.modules_dir(root, hdrs.kernel, mtype), ignore_errors=True)
@@ -210,13 +212,13 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
             with atomic_dir(b.modules_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in cs.ko_files():
                     shutil.copyfile(ko, tmp / ko.name)
-            _write_split_parts(root, hdrs.kernel, cs)
+            modules = _write_split_parts(root, hdrs.kernel, cs)
         if keep_debug and cs.status == "ok" and (cs.entry / "debug").is_dir():
             with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in (cs.entry / "debug").iterdir():
                     shutil.copyfile(ko, tmp / ko.name)
-        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, cs.modules, cs.abi_gate,
-                                         cs.error, log_rel)
+        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status,
+                                         modules, cs.abi_gate, cs.error, log_rel)
     kernels = dict(old.kernels) if old else {}
     kernels[hdrs.kernel] = b.KernelBuild(hdrs.kernel, toolchain, hdrs.kernel_compiler, hdrs.digest, module_sets)
     manifest = b.BundleManifest(
@@ -228,17 +230,29 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     return manifest
 
 
-def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> None:
-    """Per-kernel parts (ModuleParts.per_kernel) per kernel; each binary once per bundle and module type."""
+def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> tuple[b.ModuleFile, ...]:
+    """Per-kernel parts (ModuleParts.per_kernel) per kernel; each binary once per bundle and module type.
+
+    Modules whose kernel runs objtool over them also get their patch from the binary (bundle.ModulePatch),
+    which is what the image ships of them. Returns the set's modules with their patches."""
     split = [m.parts for m in cs.modules if m.parts is not None]
     iface_dir = b.interfaces_dir(root, kernel, cs.module_type)
     if not split:
         shutil.rmtree(iface_dir, ignore_errors=True)
-        return
+        return cs.modules
+    modules = []
     with atomic_dir(iface_dir) as tmp:
         for p in split:
             for name, _sha in p.per_kernel():  # interface, module.lds; on IBT kernels the final object, objtool
                 shutil.copy2(cs.parts_dir / name, tmp / name)
+        for m in cs.modules:
+            if m.parts is not None and m.parts.objtool is not None:
+                patch = tmp / f"{m.name.removesuffix('.ko')}.patch"
+                patch.write_bytes(module_patch(cs.parts_dir / m.parts.binary, cs.entry / "ko" / m.name))
+                m = replace(m, patch=b.ModulePatch(
+                    m.parts.binary, m.parts.binary_sha256, m.parts.binary_size,
+                    patch.name, sha256_file(patch), patch.stat().st_size))
+            modules.append(m)
     bins = b.binaries_dir(root, cs.module_type)
     bins.mkdir(parents=True, exist_ok=True)
     for p in split:
@@ -249,6 +263,7 @@ def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> None:
             tmp_file = dest.with_name(f".{dest.name}.tmp")
             shutil.copyfile(cs.parts_dir / p.binary, tmp_file)
             os.replace(tmp_file, dest)
+    return tuple(modules)
 
 
 def _same_files(listed: tuple[b.UserspaceFile, ...], tree: Path) -> bool:

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +27,9 @@ log = logging.getLogger(__name__)
 # bookworm ships mount(8) in its own package.
 # python3: the node runtime needs the full standard library (json, shlex, dataclasses, argparse's gettext),
 # which python3-minimal lacks.
-# binutils: the node links split modules (interface + NVIDIA's binary object) with ld before insmod.
-# libelf1: on kernels that run objtool over linked modules (IBT: 6.12) the node runs the kernel's objtool.
-PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount", "binutils", "libelf1")
+# binutils: the node links split modules (interface + NVIDIA's binary object) with ld before insmod (on
+# kernels that run objtool over linked modules, IBT: 6.12, it applies the build's patch instead: no tools).
+PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount", "binutils")
 # Every node pulls the base: keep out what a driver container never reads. The merged-usr hook lays out
 # /usr without the usrmerge package (which drags in perl); locales, manuals and docs (copyright kept)
 # are not unpacked. Together: 76 MB -> 42 MB compressed.
@@ -209,15 +208,3 @@ def check_tools(root: Path, description: str) -> None:
         )
 
 
-_LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu",
-             "usr/lib64", "usr/lib", "lib64", "lib")
-
-
-def check_libraries(root: Path, needed: Iterable[str], user: str, description: str) -> None:
-    """Every shared library `user` (a program the node runs, shipped outside the base) loads is in the base."""
-    missing = sorted(lib for lib in set(needed) if not any((root / d / lib).exists() for d in _LIB_DIRS))
-    if missing:
-        raise UserError(
-            f"base image {description} lacks {', '.join(missing)}, which {user} needs",
-            "use a base with libelf1 and zlib (the default base has them), or leave out --base",
-        )

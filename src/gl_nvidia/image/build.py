@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from elftools.elf.dynamic import DynamicSection
-from elftools.elf.elffile import ELFFile
-
 import gl_nvidia
 from gl_nvidia import bundle as bundle_mod
 from gl_nvidia import oci, ui
@@ -135,10 +132,6 @@ def build_images(
             root.mkdir()
             base_mod.flatten(layout, base_image, root)
             base_mod.check_tools(root, base_image.description)
-            for plan in plans:
-                for tool in _objtools(bundle_dir, manifest, plan):
-                    base_mod.check_libraries(root, _needed(tool), f"the objtool of kernel {plan.kernel}",
-                                             base_image.description)
             base_packages = sbom.base_packages(root)
         with ui.task(prog, "shared layers (node runtime, userspace, ld.so.cache, firmware)"):
             shared = _shared_layers(layout, bundle_dir, manifest, root)
@@ -247,30 +240,22 @@ def usable_module_types(manifest: BundleManifest, kernel: str, types: Sequence[s
 
 def _module_sources(bundle_dir: Path, kernel: str, module_type: str,
                     mod: bundle_mod.ModuleFile) -> list[tuple[Path, str]]:
-    """The bundle files the image takes for one module, with their manifest sha256."""
+    """The bundle files the image takes for one module, with their manifest sha256 (the binary last)."""
+    iface = bundle_mod.interfaces_dir(bundle_dir, kernel, module_type)
+    if mod.patch is not None:  # IBT kernels: the node rebuilds it from the binary, without ld or objtool
+        return [(iface / mod.patch.patch, mod.patch.patch_sha256),
+                (bundle_mod.binaries_dir(bundle_dir, module_type) / mod.patch.binary, mod.patch.binary_sha256)]
     if mod.parts is None:
         return [(bundle_mod.modules_dir(bundle_dir, kernel, module_type) / mod.name, mod.sha256)]
-    iface = bundle_mod.interfaces_dir(bundle_dir, kernel, module_type)
     return [
         *((iface / name, sha) for name, sha in mod.parts.per_kernel()),
         (bundle_mod.binaries_dir(bundle_dir, module_type) / mod.parts.binary, mod.parts.binary_sha256),
     ]
 
 
-def _objtools(bundle_dir: Path, manifest: BundleManifest, plan: _KernelPlan) -> set[Path]:
-    """The kernel's objtool the node runs for this kernel's split modules (none before IBT kernels)."""
-    sets = manifest.kernels[plan.kernel].module_sets
-    return {bundle_mod.interfaces_dir(bundle_dir, plan.kernel, t) / m.parts.objtool.tool
-            for t in plan.module_types for m in sets[t].modules if m.parts and m.parts.objtool}
-
-
-def _needed(program: Path) -> list[str]:
-    """The shared libraries an ELF program loads (its DT_NEEDED entries)."""
-    with program.open("rb") as fh:
-        dynamic = ELFFile(fh).get_section_by_name(".dynamic")
-        if not isinstance(dynamic, DynamicSection):
-            return []
-        return [str(tag.needed) for tag in dynamic.iter_tags("DT_NEEDED")]  # type: ignore[attr-defined]
+def _binary(mod: bundle_mod.ModuleFile) -> str | None:
+    """The name of the kernel-independent binary object a module is made from (None: shipped whole)."""
+    return mod.patch.binary if mod.patch else mod.parts.binary if mod.parts else None
 
 
 def _open_out(out_layout: Path) -> Layout:
@@ -378,7 +363,8 @@ def _binaries_layer(layout: Layout, bundle_dir: Path, manifest: BundleManifest, 
     They are the same bytes for every kernel (`_plan_kernel` checked each kernel's parts against the
     bundle's one copy), so every image with this module type gets this one layer.
     """
-    names = sorted({m.parts.binary for m in manifest.kernels[plan.kernel].module_sets[module_type].modules if m.parts})
+    names = sorted({name for m in manifest.kernels[plan.kernel].module_sets[module_type].modules
+                    if (name := _binary(m))})
     entries = [Entry(_place(root, node_layout.binaries_dir(module_type) / name),
                      source=bundle_mod.binaries_dir(bundle_dir, module_type) / name) for name in names]
     return layers.write_layer(layout, entries) if entries else None
@@ -406,11 +392,9 @@ def _kernel_image(
     for t in plan.module_types:
         dest = node_layout.modules_dir(plan.kernel, t)
         for mod in sorted(kb.module_sets[t].modules, key=lambda m: m.name):
-            # Binaries go to their own layer; the interface, module.lds and the kernel's objtool stay here.
-            entries += [Entry(_place(root, dest / src.name), source=src,
-                              mode=0o755 if mod.parts and mod.parts.objtool and src.name == mod.parts.objtool.tool else 0o644)
-                        for src, _ in _module_sources(bundle_dir, plan.kernel, t, mod)
-                        if mod.parts is None or src.name != mod.parts.binary]
+            # Binaries go to their own layer; the interface and module.lds (or the patch) stay here.
+            entries += [Entry(_place(root, dest / src.name), source=src)
+                        for src, _ in _module_sources(bundle_dir, plan.kernel, t, mod) if src.name != _binary(mod)]
     modules = layers.write_layer(layout, list({e.path: e for e in entries}.values()))
 
     named = [("base", b) for b in base_image.layers] + list(shared.layers) + [*binaries, (f"modules {plan.kernel}", modules)]

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundle import ModuleFile, ModuleParts, PartPaths, module_file
+from ..bundle import ModuleFile, ModuleParts, ModulePatch, PartPaths, module_file
 from . import layout
 from .decide import MODULE_TYPES, NodeError
 
@@ -26,13 +26,20 @@ class SplitModule:
     lds: Path
     sha256: str  # of the module linked at build time (same linker, same bytes)
     srcversion: str
-    objtool: Path | None = None  # the kernel's objtool and the final object, when its pipeline runs objtool
-    final: Path | None = None
 
     @property
     def paths(self) -> PartPaths:
-        return PartPaths(str(self.interface), str(self.binary), str(self.lds), str(self.objtool or ""),
-                         str(self.final or ""))
+        return PartPaths(str(self.interface), str(self.binary), str(self.lds))
+
+
+@dataclass(frozen=True)
+class PatchedModule:
+    """A module the node rebuilds from NVIDIA's binary object and the build's patch (bundle.ModulePatch)."""
+
+    patch: Path
+    binary: Path
+    sha256: str  # what the patch must give: the module the build gated
+    srcversion: str
 
 
 @dataclass(frozen=True)
@@ -94,20 +101,21 @@ class Image:
         """The files insmod or ld reads for a module, with their manifest sha256 (none: not in the manifest).
 
         A whole module is its .ko; a split one its interface object, NVIDIA's binary object and the
-        kernel's module.lds (the link recipe's flags are in the manifest itself), on IBT kernels also
-        modpost's final object and the kernel's objtool, which runs on the node.
+        kernel's module.lds (the link recipe's flags are in the manifest itself); a patched one (IBT
+        kernels) its patch and NVIDIA's binary object.
         """
         record = self.record(kernel, module_type, module)
         if record is None:
             return []
+        patched = self.patched_module(kernel, module_type, module)
+        if patched is not None and record.patch is not None:
+            return [Input(patched.patch, record.patch.patch_sha256), Input(patched.binary, record.patch.binary_sha256)]
         split = self.split_module(kernel, module_type, module)
         if split is None:
             return [Input(self.ko(kernel, module_type, module), record.sha256)]
         p = split.parts
-        step = [Input(split.final, p.objtool.final_sha256), Input(split.objtool, p.objtool.tool_sha256)] \
-            if p.objtool and split.final and split.objtool else []
         return [Input(split.interface, p.interface_sha256), Input(split.binary, p.binary_sha256),
-                Input(split.lds, p.lds_sha256), *step]
+                Input(split.lds, p.lds_sha256)]
 
     def verify(self, kernel: str, module_type: str, module: str) -> None:
         """Refuse a module unless the manifest lists it and every file it is made from has the bytes the
@@ -131,16 +139,23 @@ class Image:
         return self.records.get((kernel, module_type, module))
 
     def split_module(self, kernel: str, module_type: str, module: str) -> SplitModule | None:
-        """The parts of a module shipped split (None: the image holds the whole .ko)."""
+        """The parts of a module the node links (None: the image holds the whole .ko, or a patch)."""
         record = self.record(kernel, module_type, module)
-        if record is None or record.parts is None:
+        if record is None or record.parts is None or record.patch is not None:
             return None
         parts = record.parts
         here = self.at(layout.modules_dir(kernel, module_type))
-        step = parts.objtool
         return SplitModule(parts, here / parts.interface, self.at(layout.binaries_dir(module_type)) / parts.binary,
-                           here / parts.lds, record.sha256, record.srcversion,
-                           here / step.tool if step else None, here / step.final if step else None)
+                           here / parts.lds, record.sha256, record.srcversion)
+
+    def patched_module(self, kernel: str, module_type: str, module: str) -> PatchedModule | None:
+        """The patch and binary of a module the node rebuilds (None: linked, or shipped whole)."""
+        record = self.record(kernel, module_type, module)
+        if record is None or record.patch is None:
+            return None
+        p: ModulePatch = record.patch
+        return PatchedModule(self.at(layout.modules_dir(kernel, module_type)) / p.patch,
+                             self.at(layout.binaries_dir(module_type)) / p.binary, record.sha256, record.srcversion)
 
     def module_types(self, kernel: str) -> list[str]:
         """Module types usable with this image's userspace: present, and of the same driver version

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bundle import apply_patch
 from . import decide
 from .decide import MODULES, PEERMEM, Node, NodeError, TypeChoice, sysfs_name
 from .detect import read_node
 from .host import Host
-from .image import Image, SplitModule, sha256_file
+from .image import PULL_AGAIN, Image, PatchedModule, sha256_file
 from .log import Log
 from .modinfo import depends, modinfo
 
@@ -496,45 +497,49 @@ class Runtime:
         return [self._link(kernel, module_type, m, running) for m in modules]
 
     def _link(self, kernel: str, module_type: str, module: str, running: str) -> Path:
+        patched = self.image.patched_module(kernel, module_type, module)
         split = self.image.split_module(kernel, module_type, module)
-        if split is None:
+        if patched is None and split is None:
             return self.image.ko(kernel, module_type, module)
         stage = f"{STAGING_DIR}/{kernel}/{module_type}"
         self.host.makedirs(stage)
         out = self.host.path(f"{stage}/{module}.ko")
         tmp = out.with_name(f".{out.name}.tmp")
-        obj = Path(f"{tmp}.o")  # <module>.o of kernels whose pipeline runs objtool over it
+        problem = None
         try:
-            for argv in split.parts.link_steps("ld", split.paths, str(tmp)):
-                res = self.host.run(*argv)
-                if res.rc != 0:
-                    raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: "
-                                    f"{_reason(res.stderr or res.stdout)}",
-                                    "the image needs a working ld (binutils) and, for objtool, libelf")
-            toolchain = self._toolchain(split)
-            problem = _link_problem(tmp, module, split, running, toolchain)
+            if patched is not None:
+                self._rebuild(patched, tmp, module, kernel)
+                problem = _link_problem(tmp, module, patched.sha256, patched.srcversion, running)
+            elif split is not None:
+                for argv in split.parts.link_steps("ld", split.paths, str(tmp)):
+                    res = self.host.run(*argv)
+                    if res.rc != 0:
+                        raise NodeError(f"could not link {module}.ko for kernel {kernel} from its parts: "
+                                        f"{_reason(res.stderr or res.stdout)}", "the image needs a working ld (binutils)")
+                same = self._ld_version() == split.parts.linker
+                problem = _link_problem(tmp, module, split.sha256 if same else "", split.srcversion, running,
+                                        split.parts.linker)
             if problem:
                 raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)  # a failed or killed ld can leave a partial output behind
-            obj.unlink(missing_ok=True)
-        self.log.info("module linked", module=module, type=module_type, path=str(out),
-                      objtool="yes" if split.parts.objtool else "no",
-                      sha256="the build's" if _same_tools(split, toolchain) else "not compared (other ld or libelf)")
+        if patched is not None:
+            self.log.info("module rebuilt from its patch", module=module, type=module_type, path=str(out),
+                          sha256="the build's")
+        elif split is not None:
+            self.log.info("module linked", module=module, type=module_type, path=str(out),
+                          sha256="the build's" if self._ld_version() == split.parts.linker
+                          else "not compared (other ld)")
         return out
 
-    def _toolchain(self, split: SplitModule) -> tuple[str, str]:
-        """This node's linker and, for objtool parts, the libelf the shipped objtool loads: with the build's
-        the link must give the build's bytes."""
-        libelf = ""
-        if split.objtool is not None:
-            res = self.host.run("ldd", str(split.objtool))
-            for line in res.stdout.splitlines():
-                name, _, rest = line.strip().partition(" => ")
-                if name.startswith("libelf.so") and rest.startswith("/"):
-                    libelf = os.path.basename(os.path.realpath(self.host.path(rest.split()[0])))
-        return self._ld_version(), libelf
+    def _rebuild(self, patched: PatchedModule, out: Path, module: str, kernel: str) -> None:
+        """The module from NVIDIA's binary object and the build's patch: no linker, no objtool (they ran at
+        build time); `_link_problem` then holds the result to the gated sha256."""
+        try:
+            out.write_bytes(apply_patch(patched.patch.read_bytes(), patched.binary.read_bytes()))
+        except ValueError as exc:
+            raise NodeError(f"could not rebuild {module}.ko for kernel {kernel} from its patch: {exc}", PULL_AGAIN) from exc
 
     def _ld_version(self) -> str:
         if self._linker is None:
@@ -564,32 +569,27 @@ def _loaded_version(node: Node) -> str | None:
     return node.loaded["nvidia"] or "unknown"
 
 
-def _link_problem(ko: Path, module: str, split: SplitModule, running: str, toolchain: tuple[str, str]) -> str | None:
-    """Why a module linked on this node must not be loaded (None: it is the module the build gated).
+def _link_problem(ko: Path, module: str, sha256: str, srcversion: str, running: str, linker: str = "") -> str | None:
+    """Why a module made on this node must not be loaded (None: it is the module the build gated).
 
-    `toolchain`: this node's linker and objtool's libelf; when both are the build's, the bytes must be too.
+    `sha256`: the bytes it must have ("": not compared, another linker may lay it out otherwise);
+    `linker`: the build's linker when it was linked with it, "" when it was rebuilt from the build's patch.
     """
+    how, source = ("linked", "parts") if linker else ("rebuilt", "patch")
     info = modinfo(ko)
     vermagic = info.get("vermagic", "").split(" ")[0]
-    srcversion = info.get("srcversion", "")
-    if vermagic != running or srcversion != split.srcversion:
-        return (f"{module}.ko linked from this image's parts has vermagic {vermagic or '?'} and srcversion "
-                f"{srcversion or '?'}, but the running kernel is {running} and the manifest's srcversion is "
-                f"{split.srcversion}; refusing to load it")
-    if _same_tools(split, toolchain):
+    actual_srcversion = info.get("srcversion", "")
+    if vermagic != running or actual_srcversion != srcversion:
+        return (f"{module}.ko {how} from this image's {source} has vermagic {vermagic or '?'} and srcversion "
+                f"{actual_srcversion or '?'}, but the running kernel is {running} and the manifest's srcversion is "
+                f"{srcversion}; refusing to load it")
+    if sha256:
         actual = sha256_file(ko)
-        if actual != split.sha256:
-            tools = toolchain[0] + (f", objtool with {toolchain[1]}" if split.parts.objtool else "")
-            return (f"{module}.ko linked on this node (sha256 {actual[:16]}) differs from the module the "
-                    f"build linked and gated (sha256 {split.sha256[:16]}) with the same linker ({tools}); "
-                    "refusing to load it")
+        if actual != sha256:
+            return (f"{module}.ko {how} on this node (sha256 {actual[:16]}) differs from the module the "
+                    f"build linked and gated (sha256 {sha256[:16]})"
+                    f"{f' with the same linker ({linker})' if linker else ''}; refusing to load it")
     return None
-
-
-def _same_tools(split: SplitModule, toolchain: tuple[str, str]) -> bool:
-    """Whether this node links with the build's ld (and runs objtool with the build's libelf)."""
-    linker, libelf = toolchain
-    return linker == split.parts.linker and (split.parts.objtool is None or libelf == split.parts.objtool.libelf)
 
 
 def _reason(stderr: str) -> str:
