@@ -1,12 +1,14 @@
 """IBT kernels for real: Debian's 6.12 cloud headers, where kbuild runs objtool over each linked module.
 
-The split still holds there: per kernel only the interface object, modpost's final object, module.lds and
-the kernel's own objtool; NVIDIA's binary object stays kernel-independent. Cold this compiles the
+The split still holds there: the build links through the kernel's own objtool (recipe kept in the bundle)
+and ships per kernel a patch that makes the gated module of NVIDIA's binary object, which stays
+kernel-independent; the node needs no ld and no objtool. Cold this compiles the
 proprietary 535.309.01 modules for one 6.12 kernel (tests/fixtures/ibt.py); warm, nothing compiles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -50,17 +52,21 @@ def test_ibt_modules_ship_split_with_the_kernels_objtool_recipe(ibt_bundle: Path
     assert step.libelf == libelf_of(real) and step.libelf.startswith("libelf-")
     iface = b.interfaces_dir(ibt_bundle, ibt_kernels().built, "proprietary")
     assert {p.name for p in iface.iterdir()} == {"nvidia.o", "nvidia.final.o", "nvidia-modeset.o",
-                                                "nvidia-modeset.final.o", "module.lds", "objtool"}
-    # per kernel: a few MB at most; NVIDIA's object (the same for every kernel) is most of the module
-    per_kernel = sum(p.stat().st_size for p in iface.iterdir())
-    assert per_kernel < 5_000_000 and nvidia.binary_size > 10 * nvidia.interface_size
+                                                "nvidia-modeset.final.o", "module.lds", "objtool",
+                                                "nvidia.patch", "nvidia-modeset.patch"}
+    # what the image ships per kernel of them: the patches, a few MB; NVIDIA's object is most of the module
+    patches = [mods[n].patch for n in ("nvidia.ko", "nvidia-modeset.ko")]
+    assert all(p is not None and p.binary == m.binary and p.patch_sha256 == sha256_file(iface / p.patch)
+               for p, m in zip(patches, (nvidia, mods["nvidia-modeset.ko"].parts), strict=True) if m)
+    assert sum(p.patch_size for p in patches if p) < 5_000_000 and nvidia.binary_size > 10 * nvidia.interface_size
 
 
 def test_the_module_linked_from_parts_through_objtool_is_the_gated_one_and_deterministic(
         ibt_bundle: Path, ibt_headers: KernelHeaders, tmp_path: Path) -> None:
-    """What the node does (link, objtool, final link), twice: the same bytes as the module the gate passed;
+    """What the build does (link, objtool, final link), twice: the same bytes as the module the gate passed;
     against kbuild's own module the loader sees the same vermagic, srcversion, symbols and CRCs, and
-    objtool annotated the same sites (each of its sections the same size)."""
+    objtool annotated the same sites (each of its sections the same size). What the node does (the patch
+    applied to the binary, standard library only) gives those bytes too, and a second build the same patch."""
     debug = tmp_path / "debug"
     assert build_unit(ibt_unit(ibt_kernels().built), debug, source=DebianSource(), env=AptEnv(),
                       module_types=("proprietary",), keep_debug=True).ok
@@ -74,6 +80,11 @@ def test_the_module_linked_from_parts_through_objtool_is_the_gated_one_and_deter
         first = link(m.parts, _paths(ibt_bundle, m.parts), tmp_path / "first" / name)
         again = link(m.parts, _paths(ibt_bundle, m.parts), tmp_path / name)
         assert sha256_file(first) == sha256_file(again) == m.sha256 == sha256_file(shipped)
+        assert m.patch is not None
+        patch = (b.interfaces_dir(ibt_bundle, ibt_kernels().built, "proprietary") / m.patch.patch).read_bytes()
+        binary = (b.binaries_dir(ibt_bundle, "proprietary") / m.patch.binary).read_bytes()
+        assert hashlib.sha256(b.apply_patch(patch, binary)).hexdigest() == m.sha256
+        assert sha256_file(b.interfaces_dir(debug, ibt_kernels().built, "proprietary") / m.patch.patch) == m.patch.patch_sha256
         ours, kbuild = read_module(again), read_module(b.debug_dir(debug, ibt_kernels().built, "proprietary") / name)
         assert (ours.vermagic, ours.srcversion, ours.undefined, ours.exported, ours.versions) == (
             kbuild.vermagic, kbuild.srcversion, kbuild.undefined, kbuild.exported, kbuild.versions)

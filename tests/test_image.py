@@ -305,7 +305,7 @@ def test_a_patched_module_ships_its_patch_per_kernel_and_its_binary_in_the_share
     for t in ("open", "proprietary"):
         here = rootfs / str(node_layout.modules_dir(K1, t)).lstrip("/")
         assert sorted(p.name for p in here.iterdir()) == [
-            "nvidia-modeset.ko", "nvidia-peermem.ko", "nvidia-uvm.ko", "nvidia.patch"]
+            "nvidia-modeset.ko", "nvidia-uvm.ko", "nvidia.patch"]
         node_image = NodeImage.load(rootfs)
         node_image.verify(K1, t, "nvidia")  # the patch and the binary are the manifest's
         patched = node_image.patched_module(K1, t, "nvidia")
