@@ -1,16 +1,15 @@
 """A real IBT kernel: boot Debian's 6.12 cloud kernel in qemu with the real driver image as initramfs.
 
-The image is built from the real 6.12 bundle (tests/fixtures/ibt.py): per kernel it holds the interface
-objects, modpost's final objects, module.lds and the kernel's objtool, not nvidia.ko. Inside the guest the
-image's own `nvidia-driver` links nvidia.ko the way kbuild did (ld, the kernel's objtool, ld) with the image's
-ld and libelf, checks it against the manifest and inserts it: the kernel accepts it ("No NVIDIA GPU found").
+The image is built from the real 6.12 bundle (tests/fixtures/ibt.py): per kernel it holds the build's
+patches, not nvidia.ko, and no objtool. Inside the guest the image's own `nvidia-driver` rebuilds nvidia.ko
+from NVIDIA's binary object and the patch (what kbuild's ld, objtool and ld made at build time), checks it
+is the gated module (sha256) and inserts it: the kernel accepts it ("No NVIDIA GPU found").
 On the next 6.12 ABI the same image is refused before any module is inserted. Software emulation (TCG), as
 in test_node_qemu.py.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from .test_node_qemu import boot, make_initramfs, unpacked_image
 def ibt_rootfs(ibt_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     rootfs, built = unpacked_image(ibt_bundle, ibt_kernels().built, tmp_path_factory.mktemp("node-qemu-ibt"))
     assert built.tags[0] == f"535-{ibt_kernels().built.replace('+', '_')}-debian12"
+    assert built.layers[-1].name.startswith("modules ") and built.layers[-1].size < 5_000_000  # the per-kernel layer
     return rootfs
 
 
@@ -34,30 +34,29 @@ def ibt_initramfs(ibt_rootfs: Path) -> Path:
     return make_initramfs(ibt_rootfs)
 
 
-def test_ibt_image_holds_the_kernels_objtool_and_what_it_loads(ibt_rootfs: Path) -> None:
+def test_ibt_image_holds_the_patches_and_no_objtool(ibt_rootfs: Path) -> None:
     kernel = ibt_kernels().built
     image = Image.load(ibt_rootfs)
     assert (image.kernels(), image.module_types(kernel)) == ([kernel], ["proprietary"])
-    split = image.split_module(kernel, "proprietary", "nvidia")
-    assert split is not None and split.objtool is not None and split.final is not None
+    patched = image.patched_module(kernel, "proprietary", "nvidia")
+    assert patched is not None and image.split_module(kernel, "proprietary", "nvidia") is None
     assert not image.ko(kernel, "proprietary", "nvidia").exists()
-    # every file the node links from, the kernel's objtool included, is the one the manifest names
-    assert {i.path for i in image.inputs(kernel, "proprietary", "nvidia")} == {
-        split.interface, split.binary, split.lds, split.objtool, split.final}
+    # what the node rebuilds it from is what the manifest names; nothing of the kernel's toolchain ships
+    assert {i.path for i in image.inputs(kernel, "proprietary", "nvidia")} == {patched.patch, patched.binary}
     image.verify(kernel, "proprietary", "nvidia")
-    # objtool runs in the image (the boot below proves it): the base carries its libelf
-    assert (ibt_rootfs / "usr/lib/x86_64-linux-gnu/libelf.so.1").exists()
-    assert shutil.which("ld", path=str(ibt_rootfs / "usr/bin"))
+    here = ibt_rootfs / f"usr/lib/gl-nvidia/modules/{kernel}/proprietary"
+    assert sorted(p.name for p in here.iterdir()) == [
+        "nvidia-drm.ko", "nvidia-modeset.patch", "nvidia-peermem.ko", "nvidia-uvm.ko", "nvidia.patch"]
 
 
-def test_the_node_links_through_objtool_and_the_ibt_kernel_accepts_the_module(ibt_initramfs: Path) -> None:
+def test_the_node_rebuilds_the_module_from_its_patch_and_the_ibt_kernel_accepts_it(ibt_initramfs: Path) -> None:
     kernel = ibt_kernels().built
     b = boot(kernel, ibt_initramfs)
     rc, out = b.steps["check-load"]
     assert rc == 0, out
-    # linked in the guest by its ld and the kernel's objtool, byte for byte the module the build gated
-    assert (f'msg="module linked" module=nvidia type=proprietary '
-            f'path=/run/gl-nvidia/modules/{kernel}/proprietary/nvidia.ko objtool=yes sha256="the build\'s"') in out
+    # rebuilt in the guest from the binary and the patch, byte for byte the module the build gated
+    assert (f'msg="module rebuilt from its patch" module=nvidia type=proprietary '
+            f'path=/run/gl-nvidia/modules/{kernel}/proprietary/nvidia.ko sha256="the build\'s"') in out
     assert "check-load: ABI OK, no GPU on this machine" in out
     assert f"kernel={kernel} type=proprietary version={DEBIAN_DRIVER}" in out
     assert "NVRM: No NVIDIA GPU found" in out  # the kernel's own words, from its log

@@ -118,7 +118,9 @@ def document(manifest: BundleManifest, image: ImageFacts, base: BasePackages) ->
         ms = kb.module_sets[t]
         for mod in sorted(ms.modules, key=lambda m: m.name):
             where = node_layout.modules_dir(image.kernel, t) / mod.name
-            how = ("linked on the node from the parts the image ships; this is the sha256 the node checks "
+            how = ("rebuilt on the node from NVIDIA's binary object and the patch the image ships; this is the "
+                   "sha256 the node checks before loading it") if mod.patch else (
+                   "linked on the node from the parts the image ships; this is the sha256 the node checks "
                    "before loading it") if mod.parts else f"shipped as {where}"
             purl = (f"pkg:generic/{quote(mod.name, safe='')}@{quote(ms.source_version, safe='')}"
                     f"?kernel={quote(image.kernel, safe='')}&type={t}")
