@@ -7,6 +7,7 @@ The on-disk layout is documented in docs/bundle.md; this module is its single re
 from __future__ import annotations
 
 import json
+import mmap
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -252,39 +253,39 @@ def write_patch(ops: list[list[Any]], literals: bytes) -> bytes:
     return PATCH_MAGIC + len(encoded).to_bytes(4, "little") + encoded + zlib.compress(literals, 6)
 
 
-def apply_patch(patch: bytes, source: bytes) -> bytearray:
+def apply_patch(patch: bytes, source: bytes | mmap.mmap) -> bytearray:
     """The bytes `patch` makes of `source` (ValueError: not a patch this code wrote, or not for `source`).
 
-    Every step runs in C (slices, zlib, int conversions): about 0.2 s for nvidia.ko's 89 MB."""
+    Every step runs in C (slices, zlib, int conversions): about 0.4 s for nvidia.ko's 89 MB."""
     head = len(PATCH_MAGIC) + 4
     if patch[:len(PATCH_MAGIC)] != PATCH_MAGIC:
         raise ValueError("not a module patch")
     size = int.from_bytes(patch[len(PATCH_MAGIC):head], "little")
     try:
         ops = json.loads(patch[head:head + size])
-        literals = memoryview(zlib.decompress(patch[head + size:]))
+        literals = zlib.decompress(patch[head + size:])
     except (ValueError, zlib.error) as exc:
         raise ValueError(f"damaged module patch: {exc}") from exc
-    src = memoryview(source)
     out = bytearray()
     at = 0
-    try:
-        for op in ops:
-            if op[0] == "lit":
-                out += literals[at:at + op[1]]
-                at += op[1]
-            elif op[0] in ("copy", "add") and op[1] + op[2] <= len(src):
-                piece = src[op[1]:op[1] + op[2]]
-                if op[0] == "copy":
-                    out += piece
-                    continue
-                diff = int.from_bytes(literals[at:at + op[3]], "little", signed=True)
-                at += op[3]
-                out += (int.from_bytes(piece, "little") + diff).to_bytes(op[2], "little")
-            else:
-                raise ValueError(f"bad operation {op[:3]!r}")
-    except (TypeError, IndexError, OverflowError) as exc:
-        raise ValueError(f"module patch does not fit its source: {exc}") from exc
+    with memoryview(source) as src, memoryview(literals) as lit:  # released here, even when raising
+        try:
+            for op in ops:
+                if op[0] == "lit":
+                    out += lit[at:at + op[1]]
+                    at += op[1]
+                elif op[0] in ("copy", "add") and op[1] + op[2] <= len(src):
+                    piece = src[op[1]:op[1] + op[2]]
+                    if op[0] == "copy":
+                        out += piece
+                        continue
+                    diff = int.from_bytes(lit[at:at + op[3]], "little", signed=True)
+                    at += op[3]
+                    out += (int.from_bytes(piece, "little") + diff).to_bytes(op[2], "little")
+                else:
+                    raise ValueError(f"bad operation {op[:3]!r}")
+        except (TypeError, IndexError, OverflowError) as exc:
+            raise ValueError(f"module patch does not fit its source: {exc}") from exc
     if at != len(literals):
         raise ValueError("module patch does not fit its source: literal bytes left over")
     return out

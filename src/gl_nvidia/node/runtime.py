@@ -5,6 +5,8 @@ Decisions come from decide.py; every host effect goes through Host; every step l
 
 from __future__ import annotations
 
+import hashlib
+import mmap
 import os
 import signal
 import time
@@ -508,8 +510,8 @@ class Runtime:
         problem = None
         try:
             if patched is not None:
-                self._rebuild(patched, tmp, module, kernel)
-                problem = _link_problem(tmp, module, patched.sha256, patched.srcversion, running)
+                actual = self._rebuild(patched, tmp, module, kernel)
+                problem = _link_problem(tmp, module, patched.sha256, patched.srcversion, running, actual=actual)
             elif split is not None:
                 for argv in split.parts.link_steps("ld", split.paths, str(tmp)):
                     res = self.host.run(*argv)
@@ -533,13 +535,16 @@ class Runtime:
                           else "not compared (other ld)")
         return out
 
-    def _rebuild(self, patched: PatchedModule, out: Path, module: str, kernel: str) -> None:
-        """The module from NVIDIA's binary object and the build's patch: no linker, no objtool (they ran at
-        build time); `_link_problem` then holds the result to the gated sha256."""
+    def _rebuild(self, patched: PatchedModule, out: Path, module: str, kernel: str) -> str:
+        """Write the module made of NVIDIA's binary object and the build's patch to `out`, and return its
+        sha256: no linker, no objtool (they ran at build time); `_link_problem` holds it to the gated one."""
         try:
-            out.write_bytes(apply_patch(patched.patch.read_bytes(), patched.binary.read_bytes()))
-        except ValueError as exc:
+            with patched.binary.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as binary:
+                data = apply_patch(patched.patch.read_bytes(), binary)
+        except (OSError, ValueError) as exc:
             raise NodeError(f"could not rebuild {module}.ko for kernel {kernel} from its patch: {exc}", PULL_AGAIN) from exc
+        out.write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
 
     def _ld_version(self) -> str:
         if self._linker is None:
@@ -569,11 +574,13 @@ def _loaded_version(node: Node) -> str | None:
     return node.loaded["nvidia"] or "unknown"
 
 
-def _link_problem(ko: Path, module: str, sha256: str, srcversion: str, running: str, linker: str = "") -> str | None:
+def _link_problem(ko: Path, module: str, sha256: str, srcversion: str, running: str, linker: str = "",
+                  actual: str = "") -> str | None:
     """Why a module made on this node must not be loaded (None: it is the module the build gated).
 
     `sha256`: the bytes it must have ("": not compared, another linker may lay it out otherwise);
-    `linker`: the build's linker when it was linked with it, "" when it was rebuilt from the build's patch.
+    `linker`: the build's linker when it was linked with it, "" when it was rebuilt from the build's patch;
+    `actual`: its sha256 when the caller has it ("": read from `ko`).
     """
     how, source = ("linked", "parts") if linker else ("rebuilt", "patch")
     info = modinfo(ko)
@@ -584,7 +591,7 @@ def _link_problem(ko: Path, module: str, sha256: str, srcversion: str, running: 
                 f"{actual_srcversion or '?'}, but the running kernel is {running} and the manifest's srcversion is "
                 f"{srcversion}; refusing to load it")
     if sha256:
-        actual = sha256_file(ko)
+        actual = actual or sha256_file(ko)
         if actual != sha256:
             return (f"{module}.ko {how} on this node (sha256 {actual[:16]}) differs from the module the "
                     f"build linked and gated (sha256 {sha256[:16]})"
