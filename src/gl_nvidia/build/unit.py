@@ -27,7 +27,14 @@ from gl_nvidia.build.sources import DriverInputs, DriverSource
 from gl_nvidia.build.split import module_patch
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
-from gl_nvidia.fs import atomic_dir, atomic_write_text, cache_dir, sha256_file
+from gl_nvidia.fs import (
+    atomic_dir,
+    atomic_write_text,
+    cache_dir,
+    cache_fill,
+    cache_hit,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +255,7 @@ def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> tuple[b.Modu
         for m in cs.modules:
             if m.parts is not None and m.parts.objtool is not None:
                 patch = tmp / f"{m.name.removesuffix('.ko')}.patch"
-                patch.write_bytes(module_patch(cs.parts_dir / m.parts.binary, cs.entry / "ko" / m.name))
+                _patch(cs.parts_dir / m.parts.binary, cs.entry / "ko" / m.name, patch)
                 m = replace(m, patch=b.ModulePatch(
                     m.parts.binary, m.parts.binary_sha256, m.parts.binary_size,
                     patch.name, sha256_file(patch), patch.stat().st_size))
@@ -264,6 +271,16 @@ def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> tuple[b.Modu
             shutil.copyfile(cs.parts_dir / p.binary, tmp_file)
             os.replace(tmp_file, dest)
     return tuple(modules)
+
+
+def _patch(binary: Path, module: Path, dest: Path) -> None:
+    """`module_patch` to `dest`, kept in the cache by the bytes it is made of (it takes seconds)."""
+    key = hashlib.sha256(b.PATCH_MAGIC + f" {sha256_file(binary)} {sha256_file(module)}".encode()).hexdigest()
+    entry = cache_dir("build", "patches") / key
+    if not cache_hit(entry):
+        with cache_fill(entry) as tmp:
+            (tmp / "patch").write_bytes(module_patch(binary, module))
+    shutil.copyfile(entry / "patch", dest)
 
 
 def _same_files(listed: tuple[b.UserspaceFile, ...], tree: Path) -> bool:
