@@ -3,8 +3,12 @@ test_build_debian.py)."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
+import pytest
+
+from gl_nvidia import bundle as b
 from gl_nvidia.build.split import KbuildObjtool, binary_object, read_cmd, read_objtool
 
 # The shapes kbuild writes: 6.1 (cmd_<abs path>) and 6.12 (savedcmd_<name>, with .module-common.o).
@@ -52,3 +56,22 @@ def test_the_objtool_run_after_the_module_link_is_read_with_debians_real_binary(
     # a kernel without IBT runs objtool per object at compile time, none after this link
     (tmp_path / "b.cmd").write_text(O_CMD_OBJTOOL.partition(" ; ")[0] + "\n")
     assert read_objtool(tmp_path / "b.cmd", tmp_path) is None
+
+
+def test_a_patch_rebuilds_copied_added_literal_and_column_encoded_relocation_bytes() -> None:
+    """bundle.apply_patch (what the node runs) for each operation module_patch writes, and refusals."""
+    source = bytes(range(256)) * 4
+    entries = b"".join(struct.pack("<QQq", 4 * i, (7 << 32) | 2, 1000 * i - 5) for i in range(50))
+    columns = b.rela_columns(entries)
+    assert columns is not None and len(columns) == len(entries)
+    moved = (int.from_bytes(source[16:64], "little") + (3 << 64)).to_bytes(48, "little")
+    diff = (3 << 64).to_bytes(10, "little", signed=True)
+    ops: list[list[int | str]] = [["lit", 5], ["copy", 100, 20], ["add", 16, 48, len(diff)], ["rela", len(entries)]]
+    patch = b.write_patch(ops, b"head:" + diff + columns)
+    assert b.apply_patch(patch, source) == b"head:" + source[100:120] + moved + entries
+    with pytest.raises(ValueError, match="does not fit its source"):
+        b.apply_patch(patch, source[:50])  # a copy beyond the source's end
+    with pytest.raises(ValueError, match="not a module patch"):
+        b.apply_patch(b"GLNVPAT1" + patch[8:], source)  # another format
+    assert b.rela_columns(entries[:-1]) is None  # no whole entries
+    assert b.rela_columns(struct.pack("<QQq", 0, 0, -(1 << 63)) + struct.pack("<QQq", 0, 0, (1 << 63) - 1)) is None

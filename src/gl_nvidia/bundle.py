@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import mmap
+import sys
 import zlib
+from array import array
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -244,8 +247,52 @@ def _parts(d: dict[str, Any]) -> ModuleParts:
 # ["lit", n]: the next n literal bytes; ["copy", off, n]: the source's bytes off..off+n; ["add", off, n, d]:
 # the source's bytes off..off+n read as one little-endian integer, plus the next d literal bytes read as
 # one signed little-endian integer (a relocation section whose offsets moved by the same amount is a
-# difference of few distinct bytes), written back in n bytes.
-PATCH_MAGIC = b"GLNVPAT1"
+# difference of few distinct bytes), written back in n bytes; ["rela", n]: a relocation section of n bytes
+# (24-byte entries) that is not in the source, its next n literal bytes the entries' offsets, infos and
+# addends column by column, each column as differences from the entry before (objtool's sections list
+# sites in order: the differences repeat, and compress four times better than the entries).
+PATCH_MAGIC = b"GLNVPAT2"
+RELA = 24  # bytes per Elf64_Rela entry: offset, info, addend
+
+
+def rela_columns(section: bytes) -> bytes | None:
+    """`section` (little-endian Elf64_Rela entries) as the "rela" operation's literal, or None when it has
+    no whole entries or a difference does not fit in 64 bits."""
+    if len(section) % RELA:
+        return None
+    rows = _int64s(section)
+    out = array("q")
+    for i in range(3):
+        col = rows[i::3]
+        diffs = [y - x for x, y in zip([0, *col[:-1]], col, strict=True)]
+        if any(not -(1 << 63) <= d < 1 << 63 for d in diffs):
+            return None
+        out.extend(diffs)
+    return _le(out)
+
+
+def _int64s(data: bytes | memoryview) -> array[int]:
+    a = array("q")
+    a.frombytes(data)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+def _le(a: array[int]) -> bytes:
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tobytes()
+
+
+def _rela_rows(columns: memoryview) -> bytes:
+    """The entries `rela_columns` encoded: prefix sums (itertools.accumulate), interleaved by slices."""
+    diffs = _int64s(columns)
+    count = len(diffs) // 3
+    rows = array("q", bytes(len(diffs) * 8))
+    for i in range(3):
+        rows[i::3] = array("q", accumulate(diffs[i * count:(i + 1) * count]))
+    return _le(rows)
 
 
 def write_patch(ops: list[list[Any]], literals: bytes) -> bytes:
@@ -274,6 +321,9 @@ def apply_patch(patch: bytes, source: bytes | mmap.mmap) -> bytearray:
                 if op[0] == "lit":
                     out += lit[at:at + op[1]]
                     at += op[1]
+                elif op[0] == "rela" and op[1] % RELA == 0:
+                    out += _rela_rows(lit[at:at + op[1]])
+                    at += op[1]
                 elif op[0] in ("copy", "add") and op[1] + op[2] <= len(src):
                     piece = src[op[1]:op[1] + op[2]]
                     if op[0] == "copy":
@@ -284,7 +334,7 @@ def apply_patch(patch: bytes, source: bytes | mmap.mmap) -> bytearray:
                     out += (int.from_bytes(piece, "little") + diff).to_bytes(op[2], "little")
                 else:
                     raise ValueError(f"bad operation {op[:3]!r}")
-        except (TypeError, IndexError, OverflowError) as exc:
+        except (TypeError, IndexError, OverflowError, ValueError) as exc:
             raise ValueError(f"module patch does not fit its source: {exc}") from exc
     if at != len(literals):
         raise ValueError("module patch does not fit its source: literal bytes left over")

@@ -26,7 +26,14 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
-from gl_nvidia.bundle import ModuleParts, ObjtoolStep, PartPaths, apply_patch, write_patch
+from gl_nvidia.bundle import (
+    ModuleParts,
+    ObjtoolStep,
+    PartPaths,
+    apply_patch,
+    rela_columns,
+    write_patch,
+)
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.run import output, run
 
@@ -196,10 +203,11 @@ def link(parts: ModuleParts, at: PartPaths, out: Path, ld: str = "ld") -> Path:
     return out
 
 
-def _sections(data: bytes) -> list[tuple[str, int, int]]:
-    """(name, file offset, size) of every section with bytes in the file, in file order."""
+def _sections(data: bytes) -> list[tuple[str, int, int, bool]]:
+    """(name, file offset, size, is a relocation section) of every section with bytes in the file, in file
+    order."""
     elf = ELFFile(io.BytesIO(data))
-    found = [(s.name, s["sh_offset"], s["sh_size"]) for s in elf.iter_sections()
+    found = [(s.name, s["sh_offset"], s["sh_size"], s["sh_type"] == "SHT_RELA") for s in elf.iter_sections()
              if s["sh_type"] != "SHT_NOBITS" and s["sh_size"]]
     return sorted(found, key=lambda x: x[1])
 
@@ -209,11 +217,12 @@ def module_patch(binary: Path, module: Path) -> bytes:
 
     The linker puts each of the binary's sections, whole, into the module's section of the same name
     (after the interface's part): those bytes are copied, or, where the link or objtool changed them
-    (symbols renumbered, relocation offsets moved), copied with their difference added. Everything else
-    (the interface's code, modpost's objects, what objtool wrote) is literal.
+    (symbols renumbered, relocation offsets moved), copied with their difference added. objtool's new
+    relocation sections go column by column; everything else (the interface's code, modpost's objects,
+    the rest of what objtool wrote) is literal.
     """
     src, dst = binary.read_bytes(), module.read_bytes()
-    theirs = {name: (off, size) for name, off, size in _sections(src)}
+    theirs = {name: (off, size) for name, off, size, _ in _sections(src)}
     ops: list[list[int | str]] = []
     literals = bytearray()
 
@@ -227,12 +236,17 @@ def module_patch(binary: Path, module: Path) -> bytes:
         literals.extend(data)
 
     pos = 0
-    for name, off, size in _sections(dst):
+    for name, off, size, rela in _sections(dst):
         lit(dst[pos:off])
         pos = off + size
         here = dst[off:pos]
         if name not in theirs or not 0 < theirs[name][1] <= size:
-            lit(here)
+            columns = rela_columns(here) if rela else None
+            if columns is None:
+                lit(here)
+            else:  # objtool's new relocation sections: most of what it writes
+                ops.append(["rela", size])
+                literals.extend(columns)
             continue
         s_off, s_size = theirs[name]
         piece = src[s_off:s_off + s_size]
