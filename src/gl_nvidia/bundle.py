@@ -249,10 +249,12 @@ def _parts(d: dict[str, Any]) -> ModuleParts:
 # one signed little-endian integer (a relocation section whose offsets moved by the same amount is a
 # difference of few distinct bytes), written back in n bytes; ["rela", n]: a relocation section of n bytes
 # (24-byte entries) that is not in the source, its next n literal bytes the entries' offsets, infos and
-# addends column by column, each column as differences from the entry before (objtool's sections list
-# sites in order: the differences repeat, and compress four times better than the entries).
+# addends column by column, offsets and addends as differences from the entry before (objtool's sections
+# list sites in order: the differences repeat, and compress three times better than the entries; infos
+# repeat as they are).
 PATCH_MAGIC = b"GLNVPAT2"
 RELA = 24  # bytes per Elf64_Rela entry: offset, info, addend
+_SUMMED = (True, False, True)  # which columns "rela" stores as differences
 
 
 def rela_columns(section: bytes) -> bytes | None:
@@ -262,9 +264,9 @@ def rela_columns(section: bytes) -> bytes | None:
         return None
     rows = _int64s(section)
     out = array("q")
-    for i in range(3):
+    for i, summed in enumerate(_SUMMED):
         col = rows[i::3]
-        diffs = [y - x for x, y in zip([0, *col[:-1]], col, strict=True)]
+        diffs = [y - x for x, y in zip([0, *col[:-1]], col, strict=True)] if summed else col.tolist()
         if any(not -(1 << 63) <= d < 1 << 63 for d in diffs):
             return None
         out.extend(diffs)
@@ -290,8 +292,9 @@ def _rela_rows(columns: memoryview) -> bytes:
     diffs = _int64s(columns)
     count = len(diffs) // 3
     rows = array("q", bytes(len(diffs) * 8))
-    for i in range(3):
-        rows[i::3] = array("q", accumulate(diffs[i * count:(i + 1) * count]))
+    for i, summed in enumerate(_SUMMED):
+        col = diffs[i * count:(i + 1) * count]
+        rows[i::3] = array("q", accumulate(col)) if summed else col
     return _le(rows)
 
 
@@ -313,28 +316,32 @@ def apply_patch(patch: bytes, source: bytes | mmap.mmap) -> bytearray:
         literals = zlib.decompress(patch[head + size:])
     except (ValueError, zlib.error) as exc:
         raise ValueError(f"damaged module patch: {exc}") from exc
-    out = bytearray()
-    at = 0
+    at = pos = 0
     with memoryview(source) as src, memoryview(literals) as lit:  # released here, even when raising
         try:
+            out = bytearray(sum(op[1] if op[0] in ("lit", "rela") else op[2] for op in ops))  # no regrowing
             for op in ops:
                 if op[0] == "lit":
-                    out += lit[at:at + op[1]]
+                    piece: bytes | memoryview = lit[at:at + op[1]]
                     at += op[1]
                 elif op[0] == "rela" and op[1] % RELA == 0:
-                    out += _rela_rows(lit[at:at + op[1]])
+                    piece = _rela_rows(lit[at:at + op[1]])
                     at += op[1]
-                elif op[0] in ("copy", "add") and op[1] + op[2] <= len(src):
+                elif op[0] == "copy" and op[1] + op[2] <= len(src):
                     piece = src[op[1]:op[1] + op[2]]
-                    if op[0] == "copy":
-                        out += piece
-                        continue
+                elif op[0] == "add" and op[1] + op[2] <= len(src):
                     diff = int.from_bytes(lit[at:at + op[3]], "little", signed=True)
                     at += op[3]
-                    out += (int.from_bytes(piece, "little") + diff).to_bytes(op[2], "little")
+                    piece = (int.from_bytes(src[op[1]:op[1] + op[2]], "little") + diff).to_bytes(op[2], "little")
+                elif op[0] in ("copy", "add"):
+                    raise ValueError("module patch does not fit its source: it reads past the source's end")
                 else:
                     raise ValueError(f"bad operation {op[:3]!r}")
-        except (TypeError, IndexError, OverflowError, ValueError) as exc:
+                if len(piece) != (op[1] if op[0] in ("lit", "rela") else op[2]):
+                    raise ValueError(f"operation {op[:3]!r} runs past the literal bytes")
+                out[pos:pos + len(piece)] = piece
+                pos += len(piece)
+        except (TypeError, IndexError, OverflowError) as exc:
             raise ValueError(f"module patch does not fit its source: {exc}") from exc
     if at != len(literals):
         raise ValueError("module patch does not fit its source: literal bytes left over")
