@@ -52,6 +52,9 @@ class Node:
     devices: tuple[PciDevice, ...]
     loaded: dict[str, str | None] = field(default_factory=dict)  # module name -> version (if it has one)
     os_release: dict[str, str] = field(default_factory=dict)
+    # NVLink5 (Blackwell NVL): the NVLink switches are managed through ConnectX ports (VPD "SW_MNG")
+    # instead of NVSwitch PCI devices; fabric manager needs the NVLink subnet manager there.
+    nvlink5: bool = False
 
     @property
     def gpus(self) -> tuple[PciDevice, ...]:
@@ -243,6 +246,32 @@ def modules_to_load(node: Node, rdma_enabled: bool, host_mofed: bool) -> tuple[s
     if rdma_enabled and host_mofed and node.mellanox:
         return (*MODULES, PEERMEM)
     return MODULES
+
+
+# HMM in nvidia-uvm exists only in the open modules (from branch 535); the seed installer turns it off
+# (`uvm_disable_hmm=1`): with HMM on, multi-GPU CUDA on recent GPUs hangs or fails to initialise.
+HMM_FIRST_BRANCH = 535
+UVM_DISABLE_HMM = "uvm_disable_hmm=1"
+
+
+def uvm_params(module_type: str, driver_branch: str, params: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """nvidia-uvm's parameters with the HMM default added where it applies, and why (for the log).
+
+    A `uvm_disable_hmm` in /drivers/nvidia-uvm.conf, whatever its value, wins over the default."""
+    if any(p.split("=", 1)[0] == "uvm_disable_hmm" for p in params):
+        return params, "uvm_disable_hmm from /drivers/nvidia-uvm.conf"
+    branch = int(driver_branch) if driver_branch.isdigit() else 0
+    if module_type != "open" or branch < HMM_FIRST_BRANCH:
+        return params, f"no HMM in the {module_type} modules of branch {driver_branch}"
+    return (*params, UVM_DISABLE_HMM), f"default for the open modules of branch {driver_branch} (HMM off)"
+
+
+def nvlink_device_args(nvswitches: int) -> list[list[str]]:
+    """nvidia-modprobe runs that create the NVSwitch and NVLink device nodes fabric manager opens
+    (/dev/nvidia-nvswitchctl, /dev/nvidia-nvswitch<N>, /dev/nvidia-nvlink), as NVIDIA's driver container does."""
+    if not nvswitches:
+        return []
+    return [["-s", *[a for i in range(nvswitches) for a in ("-c", str(i))]], ["-l"]]
 
 
 def sysfs_name(module: str) -> str:

@@ -52,6 +52,8 @@ class Image:
     source_versions: dict[str, dict[str, str]] = field(default_factory=dict)
     # (kernel, module type, module) -> manifest record (with `parts` for modules shipped as interface + binary)
     records: dict[tuple[str, str, str], ModuleFile] = field(default_factory=dict)
+    # what the build could not ship and why ("fabricmanager" -> "no fabric manager for 535.309.01 in Debian")
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: Path) -> Image:
@@ -68,7 +70,8 @@ class Image:
                 for t, ms in kb.get("module_sets", {}).items()
                 for f in map(module_file, ms.get("modules", ()))
             }
-            return cls(root, d["driver_version"], d["driver_branch"], versions, records)
+            left_out = {str(k): str(v) for k, v in (d.get("left_out") or {}).items()}
+            return cls(root, d["driver_version"], d["driver_branch"], versions, records, left_out)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NodeError(
                 f"this image has no readable driver manifest at {layout.MANIFEST} ({exc})",
