@@ -157,6 +157,9 @@ def test_umoci_unpacks_a_root_filesystem_with_driver_and_runtime(rootfs_k1: Path
     assert (rootfs / f"usr/lib/{TRIPLET}/libcuda.so.{VERSION}").is_file()
     assert os.readlink(rootfs / f"usr/lib/{TRIPLET}/libcuda.so.1") == f"libcuda.so.{VERSION}"
     assert (rootfs / "usr/bin/nvidia-smi").stat().st_mode & 0o111
+    # fabric manager and its config, where the node starts them from
+    assert (rootfs / "usr/bin/nv-fabricmanager").stat().st_mode & 0o111
+    assert (rootfs / "usr/share/nvidia/nvswitch/fabricmanager.cfg").read_text() == "FABRIC_MODE=0\n"
     # /lib is the base's symlink to usr/lib: the firmware layer must not have replaced it with a dir.
     assert (rootfs / "lib").is_symlink()
     assert (rootfs / str(node_layout.FIRMWARE_ROOT).lstrip("/") / VERSION / "gsp_ga10x.bin").is_file()
@@ -422,3 +425,8 @@ def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: R
     assert "libcuda.so.1 (libc6,x86-64)" in listing and "libnvidia-ml.so.1 (libc6,x86-64)" in listing
     assert (rootfs / "usr/bin/nvidia-smi").is_file()
     assert list((rootfs / str(node_layout.FIRMWARE_ROOT).lstrip("/")).glob("*/gsp_*.bin"))
+    # Debian packages no fabric manager: the node reads why from the image (and says it on NVSwitch nodes)
+    node_manifest = json.loads((rootfs / str(node_layout.MANIFEST).lstrip("/")).read_text())
+    assert node_manifest["left_out"] == {"fabricmanager": f"no fabric manager for {DEBIAN_DRIVER} in Debian "
+                                                          "(the archive's nvidia-fabricmanager: no such package)"}
+    assert not (rootfs / "usr/bin/nv-fabricmanager").exists()

@@ -154,6 +154,9 @@ class BundleManifest:
     firmware: tuple[UserspaceFile, ...] = ()  # paths relative to the bundle's firmware/ dir
     kernels: dict[str, KernelBuild] = field(default_factory=dict)
     schema: int = SCHEMA
+    # what the driver source had no copy of, and why ({"fabricmanager": "no fabric manager for ... in Debian"}):
+    # the image ships without it and the node names the reason where it would need it
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,6 +188,7 @@ class BundleManifest:
             firmware=tuple(UserspaceFile(**f) for f in d["firmware"]),
             kernels=kernels,
             schema=d["schema"],
+            left_out=dict(d.get("left_out") or {}),
         )
 
     @classmethod

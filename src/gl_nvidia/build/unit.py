@@ -101,6 +101,8 @@ def build_unit(
         # The bundle's copy of the log: the cache's is an implementation detail.
         outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, out / log_path(unit.kernel, mtype))
     manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug)
+    for component, why in inputs.left_out.items():
+        log.warning("%s: %s left out of the image: %s", unit.key, component, why)
     for o in outcomes.values():
         if o.status != "ok":
             log.error("%s %s failed: %s" + (" (log: %s)" if o.log else ""), unit.key, o.module_type, o.error,
@@ -222,7 +224,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     manifest = b.BundleManifest(
         driver_version=inputs.driver_version, driver_branch=inputs.branch, arch=inputs.arch,
         source=inputs.source, source_digests=dict(inputs.digests), userspace=userspace, firmware=firmware,
-        kernels=kernels,
+        kernels=kernels, left_out=dict(inputs.left_out),
     )
     atomic_write_text(root / b.MANIFEST, manifest.to_json())
     return manifest

@@ -26,7 +26,7 @@ def _line(text: str) -> None:
     ui.stdout.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
-def _source(kind: str, path: str | None, sha256: str | None) -> DriverSource:
+def _source(kind: str, path: str | None, sha256: str | None, fabricmanager: str | None) -> DriverSource:
     if kind == "debian":
         return DebianSource()
     if kind == "dir":
@@ -35,7 +35,7 @@ def _source(kind: str, path: str | None, sha256: str | None) -> DriverSource:
         return DirSource(Path(path))
     from gl_nvidia.build.nvidia import NVIDIA_URL, NvidiaRunSource
 
-    return NvidiaRunSource(path or NVIDIA_URL, sha256=sha256)
+    return NvidiaRunSource(path or NVIDIA_URL, sha256=sha256, fabricmanager=fabricmanager)
 
 
 def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None) -> KernelEnv:
@@ -71,6 +71,8 @@ def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None)
 @click.option("--source-path", help="nvidia: a .run file or URL template ({version}, {machine}; default: NVIDIA's "
               "download site); dir: an unpacked driver tree.")
 @click.option("--sha256", type=SHA256, help="nvidia: the .run's expected sha256.")
+@click.option("--fabricmanager", help="nvidia: fabric manager archive of the same version, a file or URL template "
+              "({version}, {arch}; default: NVIDIA's redist tree, or the archive beside a local .run).")
 @click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
               help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
 @click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
@@ -85,7 +87,7 @@ def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_version: str, os_id: str,
               all_units: bool, profile: str, types: tuple[str, ...], source_kind: str, source_path: str | None,
-              sha256: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
+              sha256: str | None, fabricmanager: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
               make_jobs: int | None, keep_debug: bool, exclude_failed: bool, as_json: bool) -> None:
     """Compile NVIDIA kernel modules for one build unit or the whole matrix into driver bundles."""
     # An option the chosen source or env would not read is a mistake, not something to drop silently.
@@ -94,9 +96,10 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
     if source_kind == "debian" and (source_path or sha256):
         raise UserError("--source-path and --sha256 are read only with --source nvidia or dir",
                         "pass --source nvidia (a .run) or --source dir (an unpacked tree)")
-    if source_kind == "dir" and sha256:
-        raise UserError("--sha256 is read only with --source nvidia", "leave it out for --source dir")
-    source = _source(source_kind, source_path, sha256)
+    if source_kind != "nvidia" and (sha256 or fabricmanager):
+        raise UserError("--sha256 and --fabricmanager are read only with --source nvidia",
+                        f"leave them out for --source {source_kind}")
+    source = _source(source_kind, source_path, sha256, fabricmanager)
     apt_spec: str | None = None
     if all_units:
         if kernel or driver_version:
