@@ -138,7 +138,8 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
     if as_json:
         ui.print_json([{"unit": r.unit.as_dict(), "bundle": str(r.bundle),
                         "modules": {t: {"status": o.status, "cached": o.cached, "error": o.error,
-                                        "log": str(o.log) if o.log else None} for t, o in r.outcomes.items()}}
+                                        "log": str(o.log) if o.log else None} for t, o in r.outcomes.items()},
+                         "left_out": dict(r.manifest.left_out) if r.manifest else {}}
                        for r in results])
     else:
         rows = [[r.unit.kernel, r.unit.driver_version, r.unit.arch,
@@ -148,6 +149,10 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
             for o in r.outcomes.values():
                 if o.status != "ok":
                     _line(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
+        # what the image will not carry, once per bundle: an NVSwitch node would miss it
+        for bundle_dir, left in sorted({str(r.bundle): r.manifest.left_out for r in results if r.manifest}.items()):
+            for component, why in sorted(left.items()):
+                _line(f"{Path(bundle_dir).name}: left out {component}: {why}")
     failed = [r for r in results if not r.ok]
     if exclude_failed and failed:
         assert lock_file is not None
