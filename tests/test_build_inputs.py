@@ -11,6 +11,7 @@ import http.server
 import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 import threading
@@ -28,7 +29,13 @@ from gl_nvidia.build.kenv import (
     kmodbuild_image,
     make_argv,
 )
-from gl_nvidia.build.nvidia import NvidiaRunSource
+from gl_nvidia.build.nvidia import (
+    FABRICMANAGER_URL,
+    NvidiaRunSource,
+    RedistFile,
+    fabricmanager_entry,
+    redist_manifest_url,
+)
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
@@ -76,16 +83,49 @@ def fabricmanager_archive(dest: Path, version: str = FAKE_VERSION, arch: str = "
     return archive
 
 
+def redistrib(version: str, archive: bytes) -> dict[str, object]:
+    """NVIDIA's redistrib_<version>.json in the shape of its driver redist tree, listing `archive` as the
+    fabric manager of both server arches."""
+    def platform(component: str, arch: str) -> dict[str, str]:
+        return {"relative_path": f"{component}/linux-{arch}/{component}-linux-{arch}-{version}-archive.tar.xz",
+                "sha256": hashlib.sha256(archive).hexdigest(), "md5": hashlib.md5(archive).hexdigest(),
+                "size": str(len(archive))}
+    return {
+        "release_date": "2025-10-09", "release_label": version, "release_product": "nvidia-driver",
+        "nvidia_driver": {"name": "NVIDIA Linux Driver", "license": "NVIDIA Driver", "license_path":
+                          "nvidia_driver/LICENSE.txt", "version": version, "linux-x86_64": platform("nvidia_driver", "x86_64")},
+        "fabricmanager": {"name": "NVIDIA Fabric Manager", "license": "NVIDIA Driver", "license_path":
+                          "fabricmanager/LICENSE.txt", "version": version,
+                          "linux-x86_64": platform("fabricmanager", "x86_64"), "linux-sbsa": platform("fabricmanager", "sbsa")},
+    }
+
+
 class _Server:
-    """Serves one installer (and `fm`, a fabric manager archive, at *-archive.tar.xz paths); the first `fail`
-    requests for the installer answer 503, a path of "missing" answers 404."""
+    """Serves one installer, `fm` (a fabric manager archive) at *-archive.tar.xz paths and the redist tree's
+    redistrib_<version>.json listing `listed` (default: `fm`); the first `fail` requests for the installer
+    answer 503, a path of "missing" answers 404."""
 
     def __init__(self, body: bytes, fm: bytes | None = None) -> None:
         self.body, self.fm, self.fail, self.requests, self.fm_requests = body, fm, 0, 0, 0
+        self.listed: bytes | None = None
+        self.manifest_requests = 0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                name = self.path.rpartition("/")[2]
+                if name.startswith("redistrib_") and name.endswith(".json"):
+                    server.manifest_requests += 1
+                    if server.fm is None or "missing" in self.path:
+                        self.send_error(404)
+                        return
+                    version = name.removeprefix("redistrib_").removesuffix(".json")
+                    body = json.dumps(redistrib(version, server.listed or server.fm)).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if self.path.endswith("-archive.tar.xz"):
                     server.fm_requests += 1
                     if server.fm is None or "missing" in self.path:
@@ -160,7 +200,7 @@ def test_nvidia_run_is_downloaded_with_retries_checked_and_laid_out(server: _Ser
     assert (inputs.module_sources["open"].tree / "Kbuild").is_file()
     # Cached by version: a second prepare does not download again.
     source.prepare(FAKE_VERSION, "amd64")
-    assert (server.requests, server.fm_requests) == (3, 1)
+    assert (server.requests, server.fm_requests, server.manifest_requests) == (3, 1, 1)
 
 
 def test_nvidia_source_ships_fabric_manager_of_exactly_the_driver_version(server: _Server, own_cache: Path) -> None:
@@ -182,10 +222,50 @@ def test_no_fabric_manager_from_nvidia_is_a_left_out_reason_not_a_gap(server: _S
     source = NvidiaRunSource(_template(server), fabricmanager=_fm_template(server, "missing"), retry_delay=0.01)
     inputs = source.prepare(FAKE_VERSION, "amd64")
     assert inputs.left_out == {"fabricmanager": f"NVIDIA publishes no fabric manager for {FAKE_VERSION} (amd64): "
-                                                f"{_fm_template(server, 'missing').format(arch='x86_64', version=FAKE_VERSION)}"
-                                                " answered 404"}
+                                                f"{server.url}/missing/redistrib_{FAKE_VERSION}.json answered 404"}
     assert not (inputs.userspace / "usr/bin/nv-fabricmanager").exists()
-    assert server.fm_requests == 1  # a 404 is an answer, not a reason to retry
+    assert (server.manifest_requests, server.fm_requests) == (1, 0)  # a 404 is an answer, not a reason to retry
+
+
+def test_a_fabric_manager_archive_other_than_nvidias_manifest_lists_is_refused(server: _Server,
+                                                                               own_cache: Path) -> None:
+    """The archive on the server was swapped: its sha256 is not the one redistrib_<version>.json lists."""
+    server.listed, server.fm = server.fm, fabricmanager_archive(own_cache.parent).read_bytes() + b"\0"
+    source = NvidiaRunSource(_template(server), fabricmanager=_fm_template(server), retry_delay=0.01)
+    listed = hashlib.sha256(server.listed or b"").hexdigest()
+    with pytest.raises(UserError) as exc:
+        source.prepare(FAKE_VERSION, "amd64")
+    assert re.fullmatch(rf"checksum mismatch for {server.url}/redist/fabricmanager/linux-x86_64/{FM}: "
+                        rf"expected sha256 {listed}, got [0-9a-f]{{64}}", exc.value.message), exc.value.message
+    assert exc.value.hint == f"the archive is not the one {server.url}/redist/redistrib_{FAKE_VERSION}.json lists; " \
+                             "nothing was kept"
+    assert server.fm_requests == 1  # a mismatch is final, not retried
+    assert [p.name for p in (own_cache / "build" / "fabricmanager").iterdir()] == []
+    assert not (own_cache / "build" / "fabricmanager-trees").exists()
+    server.fm = server.listed  # NVIDIA's own archive again: verified, used, cached
+    assert (source.prepare(FAKE_VERSION, "amd64").userspace / "usr/bin/nv-fabricmanager").is_file()
+    assert (own_cache / "build" / "fabricmanager" / f"{FAKE_VERSION}-amd64" / FM).is_file()
+
+
+def test_the_redist_manifest_must_list_exactly_the_archive_of_the_driver() -> None:
+    good = redistrib(FAKE_VERSION, b"archive")
+    assert fabricmanager_entry(good, FAKE_VERSION, "arm64", "m.json") == RedistFile(
+        hashlib.sha256(b"archive").hexdigest(), 7)
+    assert fabricmanager_entry({k: v for k, v in good.items() if k != "fabricmanager"}, FAKE_VERSION, "amd64",
+                               "m.json") is None
+    with pytest.raises(UserError, match=r"^m\.json lists fabricmanager 999\.12\.34 at fabricmanager/linux-x86_64/"
+                                        r"fabricmanager-linux-x86_64-999\.12\.34-archive\.tar\.xz, not 999\.12\.35 at"):
+        fabricmanager_entry(good, "999.12.35", "amd64", "m.json")
+    fm = good["fabricmanager"]
+    assert isinstance(fm, dict)
+    for broken, why in (({**fm["linux-x86_64"], "sha256": "abc"}, "no valid sha256: 'abc'"),
+                        ({k: v for k, v in fm["linux-x86_64"].items() if k != "size"}, "lacks a valid 'size'")):
+        with pytest.raises(UserError, match=why):
+            fabricmanager_entry({**good, "fabricmanager": {**fm, "linux-x86_64": broken}}, FAKE_VERSION, "amd64", "m")
+    with pytest.raises(UserError, match="not in NVIDIA's redist tree layout"):
+        redist_manifest_url("https://mirror.example/fm.tar.xz", FAKE_VERSION, "amd64")
+    assert redist_manifest_url(FABRICMANAGER_URL.format(arch="sbsa", version=FAKE_VERSION), FAKE_VERSION, "arm64") == \
+        f"https://developer.download.nvidia.com/compute/nvidia-driver/redist/redistrib_{FAKE_VERSION}.json"
 
 
 def test_a_fabric_manager_of_another_version_is_refused(tmp_path: Path, own_cache: Path) -> None:

@@ -2,13 +2,20 @@
 
 Downloads are retried, checked against an expected sha256 when one is given, cached by version, and
 unpacked with the installer's own `--extract-only` (which also verifies the installer's embedded
-checksum). The unpacked tree is then read like the `dir` source.
+checksum). The unpacked tree is then read like the `dir` source. The fabric manager archive from NVIDIA's
+redist tree is checked against the sha256 and size its `redistrib_<version>.json` lists before it is used;
+that manifest lists no `.run` (its driver entry is the tree's own archive), so an installer named only by
+URL stays trusted by name unless `sha256` pins it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -24,10 +31,12 @@ log = logging.getLogger(__name__)
 
 NVIDIA_URL = "https://us.download.nvidia.com/tesla/{version}/NVIDIA-Linux-{machine}-{version}.run"
 MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
-# Fabric manager of every data center driver version, in NVIDIA's redist tree ({arch}: x86_64 or sbsa).
-FABRICMANAGER_URL = ("https://developer.download.nvidia.com/compute/cuda/redist/fabricmanager/linux-{arch}/"
-                     "fabricmanager-linux-{arch}-{version}-archive.tar.xz")
+# NVIDIA's driver redist tree: per driver version a redistrib_<version>.json listing each component's
+# archive (its relative_path from the tree's root) with sha256 and size; fabric manager among them.
+REDIST_URL = "https://developer.download.nvidia.com/compute/nvidia-driver/redist/"
+FABRICMANAGER_URL = REDIST_URL + "fabricmanager/linux-{arch}/fabricmanager-linux-{arch}-{version}-archive.tar.xz"
 FM_ARCHES = {"amd64": "x86_64", "arm64": "sbsa"}  # the redist tree's name for arm64 servers
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def run_file_name(version: str, arch: str) -> str:
@@ -36,6 +45,52 @@ def run_file_name(version: str, arch: str) -> str:
 
 def fabricmanager_name(version: str, arch: str) -> str:
     return f"fabricmanager-linux-{FM_ARCHES[arch]}-{version}-archive.tar.xz"
+
+
+def fabricmanager_path(version: str, arch: str) -> str:
+    """The archive's relative_path in the redist tree, as redistrib_<version>.json names it."""
+    return f"fabricmanager/linux-{FM_ARCHES[arch]}/{fabricmanager_name(version, arch)}"
+
+
+def redist_manifest_url(archive_url: str, version: str, arch: str) -> str:
+    """redistrib_<version>.json at the root of the redist tree that holds `archive_url`."""
+    rel = fabricmanager_path(version, arch)
+    if not archive_url.endswith(f"/{rel}"):
+        raise UserError(f"cannot verify {archive_url}: not in NVIDIA's redist tree layout (<tree>/{rel}), whose "
+                        f"redistrib_{version}.json lists its sha256", "pass a URL in that layout, or a local archive")
+    return f"{archive_url.removesuffix(rel)}redistrib_{version}.json"
+
+
+@dataclass(frozen=True)
+class RedistFile:
+    sha256: str
+    size: int
+
+
+def fabricmanager_entry(manifest: Any, version: str, arch: str, where: str) -> RedistFile | None:
+    """What NVIDIA's redistrib_<version>.json (`manifest`, parsed) lists for the fabric manager archive of
+    `arch`; None when it lists none. Anything else than the exact archive of `version` is refused."""
+    if not isinstance(manifest, dict):
+        raise UserError(f"{where} is not NVIDIA's redistrib manifest (not a JSON object)")
+    component = manifest.get("fabricmanager")
+    platform = f"linux-{FM_ARCHES[arch]}"
+    if not isinstance(component, dict) or platform not in component:
+        return None
+    entry, rel = component[platform], fabricmanager_path(version, arch)
+    try:
+        listed = (component["version"], entry["relative_path"], entry["sha256"], int(entry["size"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{where}: fabricmanager {platform} lacks a valid {exc}",
+                        "the manifest is damaged; NVIDIA's lists version, relative_path, sha256 and size") from exc
+    if listed[:2] != (version, rel):
+        raise UserError(f"{where} lists fabricmanager {listed[0]} at {listed[1]}, not {version} at {rel}")
+    if not (isinstance(listed[2], str) and _SHA256.fullmatch(listed[2])):
+        raise UserError(f"{where}: fabricmanager {platform} has no valid sha256: {listed[2]!r}")
+    return RedistFile(listed[2], listed[3])
+
+
+class _NotPublished(UserError):
+    """NVIDIA's tree has no fabric manager of this version: the image ships without it, saying why."""
 
 
 def _is_url(location: str) -> bool:
@@ -80,26 +135,47 @@ class NvidiaRunSource:
         return str(Path(run_file).parent / fabricmanager_name(driver_version, arch))
 
     def fetch_fabricmanager(self, driver_version: str, arch: str) -> tuple[Path | None, str]:
-        """The fabric manager archive of exactly this version (cached), or None and why there is none."""
+        """The fabric manager archive of exactly this version (cached), or None and why there is none.
+
+        A download is used only when its sha256 and size are what NVIDIA's redistrib_<version>.json lists."""
         location = self._fm_location(driver_version, arch)
         name = fabricmanager_name(driver_version, arch)
         if not _is_url(location):
             path = Path(location)
             return (path, "") if path.is_file() else (None, f"no fabric manager for {driver_version}: {path} does not exist")
+        manifest_url = redist_manifest_url(location, driver_version, arch)
         entry = cache_dir("build", "fabricmanager") / f"{driver_version}-{arch}"
-        if cache_hit(entry):
+        if cache_hit(entry):  # filled only with an archive that matched the manifest beside it
             return entry / name, ""
         client = self._client or httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
-        missing = UserError(f"NVIDIA publishes no fabric manager for {driver_version} ({arch})")
+        none = f"NVIDIA publishes no fabric manager for {driver_version} ({arch})"
         try:
             with cache_fill(entry) as tmp:
-                download(client, location, tmp / name, retry_delay=self.retry_delay, not_found=missing,
-                         mismatch_hint="download it again")
-        except UserError as exc:
-            if exc is not missing:
-                raise
-            return None, f"NVIDIA publishes no fabric manager for {driver_version} ({arch}): {location} answered 404"
+                listed = self._redist_entry(client, manifest_url, tmp, driver_version, arch, none)
+                download(client, location, tmp / name, sha256=listed.sha256, retry_delay=self.retry_delay,
+                         not_found=_NotPublished(f"{none}: {location} answered 404"),
+                         mismatch_hint=f"the archive is not the one {manifest_url} lists; nothing was kept")
+                size = (tmp / name).stat().st_size
+                if size != listed.size:
+                    raise UserError(f"size mismatch for {location}: {manifest_url} lists {listed.size} bytes, "
+                                    f"got {size}", "the archive is not the one NVIDIA lists; nothing was kept")
+        except _NotPublished as exc:
+            return None, exc.message
         return entry / name, ""
+
+    def _redist_entry(self, client: httpx.Client, url: str, tmp: Path, driver_version: str, arch: str,
+                      none: str) -> RedistFile:
+        dest = tmp / url.rpartition("/")[2]
+        download(client, url, dest, retry_delay=self.retry_delay, not_found=_NotPublished(f"{none}: {url} answered 404"),
+                 mismatch_hint="download it again")
+        try:
+            manifest = json.loads(dest.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{url} is not NVIDIA's redistrib manifest (not JSON: {exc})") from exc
+        listed = fabricmanager_entry(manifest, driver_version, arch, url)
+        if listed is None:
+            raise _NotPublished(f"{none}: {url} lists none for linux-{FM_ARCHES[arch]}")
+        return listed
 
     def _unpack_fabricmanager(self, archive: Path, driver_version: str, arch: str) -> Path:
         digest = sha256_file(archive)

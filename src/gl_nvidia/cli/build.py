@@ -72,7 +72,8 @@ def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None)
               "download site); dir: an unpacked driver tree.")
 @click.option("--sha256", type=SHA256, help="nvidia: the .run's expected sha256.")
 @click.option("--fabricmanager", help="nvidia: fabric manager archive of the same version, a file or URL template "
-              "({version}, {arch}; default: NVIDIA's redist tree, or the archive beside a local .run).")
+              "({version}, {arch}; default: NVIDIA's redist tree, or the archive beside a local .run). A URL must "
+              "lie in a redist tree: the archive is used only as its redistrib_<version>.json lists it.")
 @click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
               help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
 @click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
