@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from gl_nvidia.catalog.changelog import Change, diff
+from gl_nvidia.catalog.changelog import Change, diff, os_name
 from gl_nvidia.catalog.history import history_path, history_text, read_history, record
 from gl_nvidia.catalog.lock import read_lock, resolved_to_yaml, write_lock
 from gl_nvidia.catalog.matrix import build_matrix
@@ -32,8 +32,7 @@ def update(lock_path: Path, today: date, overrides: SourceOverrides | None = Non
     history = read_history(hist_path)
     new = refresh(lock, today, overrides)
     matrix = build_matrix(lock.os.id, new, lock.policy.exclusions)
-    os_name = "GL" if lock.os.id == "gardenlinux" else lock.os.id.capitalize()
-    changes = diff(lock.resolved, new, lock.policy.branches, os_name)
+    changes = diff(lock.resolved, new, lock.policy.branches, os_name(lock.os.id))
     if not changes:
         return UpdateResult([], matrix, ())
     doc["resolved"] = resolved_to_yaml(new)

@@ -18,6 +18,7 @@ from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.fs import atomic_write_text
 
 if TYPE_CHECKING:
+    from gl_nvidia.catalog.lock import Lock
     from gl_nvidia.catalog.model import BuildUnit
     from gl_nvidia.deploy.preflight import CheckResult
     from gl_nvidia.release.inputs import Decision, UnitInputs
@@ -214,26 +215,37 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--plan", "plan_only", is_flag=True,
               help="Build nothing: print the GitHub Actions strategy matrix of the units to build (one JSON line, "
                    "each with its inputs) and, on stderr, what is skipped and why. Needs --registry.")
+@click.option("--version", "version", metavar="X.Y.Z", default=None,
+              help="A versioned release (semver: the tag without its v). Needs --registry; once every unit is "
+                   "published, writes OUT/release/: the GPU Operator values of each OS version and CHANGELOG.md.")
+@click.option("--since", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --version: the previous release's lock (e.g. `git show v1.3.0:versions.yaml`); the "
+                   "changelog lists what `gl-nvidia update` changed since. Default: the first release.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None, force: bool,
-                plan_only: bool, as_json: bool) -> None:
+                plan_only: bool, version: str | None, since: Path | None, as_json: bool) -> None:
     """catalog -> build -> ABI gate -> image -> push for every build unit. A unit the registry already
     holds, built from the same inputs, is skipped before it is compiled; the table says why each was built
     or skipped."""
     from gl_nvidia.release import plan, release
+    from gl_nvidia.release.assets import release_assets
 
     registry = registry.rstrip("/") if registry else None  # also driver.repository in the values written below
+    previous = _previous_release(profile, registry, plan_only, version, since)
     if plan_only:
         if registry is None:
             raise UserError("--plan needs --registry", "name the repository the workflow publishes to")
         _print_plan(plan(profile, registry, force=force))
         return
     result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, force=force)
+    # A release with a failed unit has no assets: its values could name an image nobody published.
+    assets = release_assets(result, version, previous, out / "release") if version is not None and result.ok else []
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
                        "repository": result.repository, "compiled": result.compiled,
                        "blobs_uploaded": result.blobs_uploaded, "manifests_pushed": result.manifests_pushed,
-                       "signed": result.signed})
+                       "signed": result.signed, "release": {"version": version, "assets": [str(p) for p in assets]}
+                       if version is not None else None})
     else:
         ui.print_table("release", ["unit", "modules", "tags", "digest", "status"],
                        [[f"{u.unit.kernel}\n{u.unit.driver_version} {u.unit.arch}",
@@ -252,12 +264,37 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
                        f"  {values_mod.helm_command(values_file)} --set driver.repository=REGISTRY/PATH", err=as_json)
         else:
             click.echo(f"install the GPU Operator with:\n  {values_mod.helm_command(values_file)}", err=as_json)
+    if assets:
+        click.echo(f"release {version}: {', '.join(p.name for p in assets)} in {assets[0].parent}", err=as_json)
     failed = [u for u in result.units if not u.ok]
     if failed:
         first = failed[0]
         raise CheckFailed(f"{len(failed)} of {len(result.units)} build unit(s) failed; first, {first.unit.key}: "
                             f"{(first.error or '').splitlines()[0]}",
                             "see the table; rerun after fixing the cause: finished units are skipped")
+
+
+def _previous_release(profile: str, registry: str | None, plan_only: bool, version: str | None,
+                      since: Path | None) -> Lock | None:
+    """Check a versioned release's options before anything is built; the previous release's lock, if given."""
+    from gl_nvidia.catalog.lock import read_lock
+    from gl_nvidia.release.assets import check_version
+
+    if version is None:
+        if since is not None:
+            raise UserError("--since is read only with --version", "pass the release's --version too")
+        return None
+    check_version(version)
+    if plan_only or registry is None:
+        raise UserError("--version writes a release's assets from the published images",
+                        "pass --registry, without --plan")
+    if since is None:
+        return None
+    previous, os_id = read_lock(since)[0], load_lock(profile).os.id
+    if previous.os.id != os_id:
+        raise UserError(f"--since {since} is a lock of {previous.os.id}, not of {os_id}",
+                        "pass the previous release's lock of the same profile")
+    return previous
 
 
 def _print_plan(decided: list[tuple[BuildUnit, UnitInputs | None, Decision]]) -> None:

@@ -20,9 +20,9 @@ from gl_nvidia import ui
 from gl_nvidia.build import AptEnv, DebianSource, KernelEnv, KmodbuildEnv, build_all
 from gl_nvidia.build.sources import DriverSource
 from gl_nvidia.build.unit import UnitResult
-from gl_nvidia.catalog.lock import Lock
-from gl_nvidia.catalog.matrix import load_lock, lock_matrix
-from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion
+from gl_nvidia.catalog.lock import Lock, Resolved
+from gl_nvidia.catalog.matrix import build_matrix, load_lock, lock_matrix, lock_resolved
+from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion, Matrix
 from gl_nvidia.deploy.values import check_repository
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import check_writable_dir
@@ -82,6 +82,9 @@ class ReleaseResult:
     compiled: int  # module sets compiled in this run
     blobs_uploaded: int
     manifests_pushed: int
+    lock: Lock
+    matrix: Matrix
+    resolved: Resolved  # the catalog the matrix came from (the lock's, or resolved now for a profile)
     signed: int = 0  # signatures added (release --sign-key)
 
     @property
@@ -208,7 +211,8 @@ def release(
             raise UserError("--sign-key signs pushed images", "pass --registry too")
         key = load_private_key(sign_key)  # a bad key is an error now, not after every compile
     lock = load_lock(profile)
-    matrix = lock_matrix(lock)
+    resolved = lock_resolved(lock)
+    matrix = build_matrix(lock.os.id, resolved, lock.policy.exclusions)
     if not matrix.units:
         raise UserError(f"the matrix of {profile} has no build units", "check the lock's policy and exclusions")
     bundles, layout_dir = out / "bundles", out / "oci"
@@ -233,7 +237,9 @@ def release(
     ordered = tuple(replace(reports[u], left_out=_left_out(u, matrix.excluded),
                             reason=decisions[u].reason if u in decisions else None)
                     for u in matrix.units)
-    return ReleaseResult(ordered, layout_dir, registry, compiled, *pushed)
+    blobs, manifests, signed = pushed
+    return ReleaseResult(ordered, layout_dir, registry, compiled, blobs_uploaded=blobs, manifests_pushed=manifests,
+                         lock=lock, matrix=matrix, resolved=resolved, signed=signed)
 
 
 def _tags(unit: BuildUnit) -> tuple[str, ...]:
