@@ -58,3 +58,53 @@ def test_release_build_compiles_only_the_units_module_types(tmp_path: Path) -> N
         out = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=tmp_path, env={**env, "MODULE_TYPES": types},
                              capture_output=True, text=True, check=True).stdout.splitlines()
         assert [out[i + 1] for i, a in enumerate(out) if a == "--type"] == want
+
+
+def _fake(path: Path, script: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{script}")
+    path.chmod(0o755)
+
+
+def test_a_v_tag_publishes_the_values_and_the_changelog_since_the_previous_tag(tmp_path: Path) -> None:
+    """On a v* tag, once every unit is published: `release --version` (the tag without its v) with the
+    previous v* tag's versions.yaml, then a GitHub release of what it wrote."""
+    workflow = YAML(typ="safe").load((REPO / ".github" / "workflows" / "release.yml").read_text())
+    assert workflow["on"]["push"]["tags"] == ["v*"] and workflow["on"]["push"]["branches"] == ["main"]
+    # A tag on a commit already published plans nothing: build and publish are skipped, the release still runs.
+    assert "include[0] != null" in workflow["jobs"]["build"]["if"] and "include[0] != null" in workflow["jobs"]["publish"]["if"]
+    job = workflow["jobs"]["release"]
+    assert job["needs"] == ["matrix", "publish"] and job["permissions"]["contents"] == "write"
+    assert "startsWith(github.ref, 'refs/tags/v')" in job["if"]
+    assert "(needs.publish.result == 'success' || needs.publish.result == 'skipped')" in job["if"]
+    steps = {s.get("name"): s for s in job["steps"]}
+
+    repo, fakes = tmp_path / "repo", tmp_path / "bin"
+    repo.mkdir()
+    env = {**os.environ, "PATH": f"{fakes}:{os.environ['PATH']}", "RUNNER_TEMP": str(tmp_path),
+           "REGISTRY": "ghcr.io/org/repo", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    run(["git", "init", "-q"], cwd=repo, env=env)
+    for text, tag in (("catalog of 1.0.0\n", "v1.0.0"), ("other file\n", None), ("catalog of 1.1.0\n", "v1.1.0")):
+        (repo / ("notes.txt" if tag is None else "versions.yaml")).write_text(text)
+        run(["git", "add", "-A"], cwd=repo, env=env)
+        run(["git", "commit", "-q", "-m", tag or "notes"], cwd=repo, env=env)
+        if tag:
+            run(["git", "tag", tag], cwd=repo, env=env)
+    _fake(fakes / "gl-nvidia", 'printf "%s\\n" "$@"\nwhile [ $# -gt 0 ]; do [ "$1" = --since ] && cat "$2"; shift; done\n')
+    _fake(fakes / "gh", 'printf "%s\\n" "$@"\n')
+
+    def step(name: str, tag: str) -> list[str]:
+        return subprocess.run(["bash", "-e", "-c", steps[name]["run"]], cwd=repo, env={**env, "TAG": tag},
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+
+    base = ["release", "--profile", "gardenlinux", "--registry", "ghcr.io/org/repo", "--version"]
+    assert step("Write the release assets", "v1.1.0") == [
+        *base, "1.1.0", "--since", f"{tmp_path}/previous-versions.yaml", "--out", "out", "catalog of 1.0.0"]
+    assert step("Write the release assets", "v1.0.0") == [*base, "1.0.0", "--out", "out"]  # the first release
+    (repo / "out" / "release").mkdir(parents=True)
+    for name in ("CHANGELOG.md", "gpu-operator-values-gardenlinux-1877.3.yaml"):
+        (repo / "out" / "release" / name).write_text("x")
+    assert step("Publish the GitHub release", "v1.1.0") == [
+        "release", "create", "v1.1.0", "--title", "v1.1.0", "--notes-file", "out/release/CHANGELOG.md",
+        "out/release/CHANGELOG.md", "out/release/gpu-operator-values-gardenlinux-1877.3.yaml"]
