@@ -22,6 +22,7 @@ from gl_nvidia.catalog.resolve import policy_leaves_out, select_drivers, select_
 from gl_nvidia.catalog.sources import parse_glrd, parse_nvidia
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
+from gl_nvidia.osprofile import DEBIAN, GARDENLINUX
 from gl_nvidia.run import output
 from tests.fixtures.aptrepo import SigningKey, serve, sign_repo
 
@@ -157,8 +158,8 @@ def test_gl_kernel_is_what_the_flavour_meta_package_points_to(
     monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path))
     monkeypatch.setenv("GL_APT_REPOSITORY", served_gl_apt)
     # The index also holds an older 6.12.40 and the -common package; the meta-package decides.
-    assert resolve_kernel("${GL_APT_REPOSITORY}", "1877.3", "cloud", "amd64") == "6.12.44-cloud-amd64"
-    assert resolve_kernel("${GL_APT_REPOSITORY}", "2150.9.0", "metal", "arm64") == "6.12.72-arm64"
+    assert resolve_kernel("${GL_APT_REPOSITORY}", "1877.3", "cloud", "amd64", GARDENLINUX) == "6.12.44-cloud-amd64"
+    assert resolve_kernel("${GL_APT_REPOSITORY}", "2150.9.0", "metal", "arm64", GARDENLINUX) == "6.12.72-arm64"
 
 
 def test_kernel_from_newest_headers_when_there_is_no_meta_package(
@@ -169,13 +170,13 @@ def test_kernel_from_newest_headers_when_there_is_no_meta_package(
     paragraphs = index.read_text().split("\n\n")
     index.write_text("\n\n".join(p for p in paragraphs if "Package: linux-headers-cloud-amd64\n" not in p))
     sign_repo(signed_gl_apt, apt_key)
-    assert resolve_kernel(str(signed_gl_apt), "1877.3", "cloud", "amd64") == "6.12.44-cloud-amd64"
+    assert resolve_kernel(str(signed_gl_apt), "1877.3", "cloud", "amd64", GARDENLINUX) == "6.12.44-cloud-amd64"
 
 
 def test_unset_repository_variable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GL_APT_REPOSITORY", raising=False)
     with pytest.raises(Exception, match="GL_APT_REPOSITORY is not set"):
-        apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+        apt_sources("${GL_APT_REPOSITORY}", "1877.3", GARDENLINUX)
 
 
 def test_a_repository_by_url_is_verified_with_the_keyring_gl_apt_keyring_names(
@@ -184,15 +185,15 @@ def test_a_repository_by_url_is_verified_with_the_keyring_gl_apt_keyring_names(
     monkeypatch.setenv("GL_APT_REPOSITORY", "http://repo.example/gl")
     monkeypatch.delenv("GL_APT_KEYRING", raising=False)
     with pytest.raises(UserError, match=r"GL_APT_KEYRING is not set \(the keyring to verify http://repo\.example/gl with\)"):
-        apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+        apt_sources("${GL_APT_REPOSITORY}", "1877.3", GARDENLINUX)
     monkeypatch.setenv("GL_APT_KEYRING", str(tmp_path / "gardenlinux.asc"))
-    (source,) = apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+    (source,) = apt_sources("${GL_APT_REPOSITORY}", "1877.3", GARDENLINUX)
     assert source.keyring == tmp_path / "gardenlinux.asc"
 
 
 def test_debian_bookworm_cloud_kernel_from_this_machines_archive() -> None:
     """Integration: the real Debian archive configured in /etc/apt, checked against apt itself."""
-    kernel = resolve_kernel("system:bookworm", "12", "cloud", "amd64")
+    kernel = resolve_kernel("system:bookworm", "12", "cloud", "amd64", DEBIAN)
     assert re.fullmatch(r"6\.1\.0-\d+-cloud-amd64", kernel)
     depends = output(["apt-cache", "show", "--no-all-versions", "linux-headers-cloud-amd64"])
     assert f"linux-headers-{kernel} " in depends
