@@ -274,7 +274,7 @@ def test_open_modules_of_another_version_than_the_driver_are_excluded_on_every_k
     assert {c.driver_branch for c in m.cells} == {"535"}
     by_kernel = {u.kernel: u for u in m.units}
     assert "6.1.0-47-cloud-amd64" in by_kernel
-    current = [k for k in by_kernel if k != "6.1.0-47-cloud-amd64"]
+    current = [k for k in by_kernel if k != "6.1.0-47-cloud-amd64" and k.endswith("-cloud-amd64")]
     assert len(current) == 1 and compare_kernels(current[0], "6.1.0-56-cloud-amd64") >= 0
     if open_version == driver:  # the day Debian's open package catches up, both types build
         assert not m.excluded and all(u.module_types == ("open", "proprietary") for u in m.units)
@@ -283,6 +283,21 @@ def test_open_modules_of_another_version_than_the_driver_are_excluded_on_every_k
     assert sorted(e.cell.kernel for e in m.excluded) == sorted(by_kernel)
     assert all(e.module_types == ("open",) and f"open module source {open_version} differs from driver {driver}"
                in e.reason for e in m.excluded)
+
+
+def test_debian_profile_resolves_cloud_and_metal_on_both_arches_from_the_archive() -> None:
+    """Debian's generic kernel stands in for Garden Linux metal: the real archive's binary-amd64 and
+    binary-arm64 indexes give one current kernel per flavour and arch, named as the OS record says."""
+    m = load_matrix("debian")
+    current = {(c.flavour, c.arch): c.kernel for c in m.cells if c.kernel != "6.1.0-47-cloud-amd64"}
+    assert set(current) == {("cloud", "amd64"), ("cloud", "arm64"), ("metal", "amd64"), ("metal", "arm64")}
+    for (flavour, arch), kernel in current.items():
+        infix = "cloud-" if flavour == "cloud" else ""
+        assert re.fullmatch(rf"6\.1\.0-\d+-{infix}{arch}", kernel), (flavour, arch, kernel)
+    depends = output(["apt-cache", "show", "--no-all-versions", "linux-headers-amd64"])
+    assert f"linux-headers-{current[('metal', 'amd64')]} " in depends
+    units = {(u.kernel, u.arch, u.flavour) for u in m.units}
+    assert {(k, a, f) for (f, a), k in current.items()} <= units
 
 
 def test_version_mismatch_is_decided_from_the_resolved_driver_alone() -> None:
