@@ -356,6 +356,25 @@ def run_update(workdir: Path, today: str = SNAPSHOT_DAY, *extra: str) -> int:
                "--nvidia", str(s / "nvidia-releases.json"), "--apt-repository", str(s / "gl-apt"), *extra)
 
 
+def test_update_records_where_and_when_it_resolved(workdir: Path) -> None:
+    """The lock says which sources its `resolved` block came from and on which day; the repository's
+    own lock names the live GLRD and NVIDIA URLs that a plain `gl-nvidia update` reads."""
+    resolved = read_lock(workdir / "versions.yaml")[0].resolved
+    assert resolved is not None and str(resolved.today) == SNAPSHOT_DAY
+    s = workdir / "src"
+    assert resolved.sources is not None
+    assert resolved.sources.model_dump() == {
+        "glrd": [str(s / "glrd-releases-major.json"), str(s / "glrd-releases-minor.json")],
+        "nvidia": str(s / "nvidia-releases.json"), "apt": str(s / "gl-apt")}
+    lock = read_lock(REPO / "versions.yaml")[0]
+    assert all(u.startswith("https://gardenlinux-glrd.") for u in lock.sources.glrd)
+    assert lock.sources.nvidia == "https://docs.nvidia.com/datacenter/tesla/drivers/releases.json"
+    assert lock.resolved is not None and lock.resolved.sources is not None  # the snapshot says it is one
+    above = (REPO / "versions.yaml").read_text().split("\nresolved:")[0].splitlines()
+    comment = " ".join(line for line in above[-8:] if line.startswith("#"))
+    assert "resolved on 2026-11-20" in comment and "tests/data/catalog" in comment and "gl-nvidia update" in comment
+
+
 def edit_json(path: Path, change: Any) -> None:
     data = json.loads(path.read_text())
     change(data)

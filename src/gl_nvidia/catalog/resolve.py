@@ -21,6 +21,7 @@ from gl_nvidia.catalog.lock import (
     Policy,
     Resolved,
     ResolvedDriver,
+    ResolvedFrom,
     ResolvedOSVersion,
     describe_validation_error,
 )
@@ -192,4 +193,5 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
                     kernels.append(KernelEntry(os_version=os_version, flavour=flavour, arch=arch, kernel=kernel))
                 t.advance(1)
     kernels = apply_kernel_policy(kernels, policy, [v.version for v in os_versions])
-    return Resolved(today=today, os_versions=os_versions, drivers=drivers, kernels=kernels)
+    return Resolved(today=today, os_versions=os_versions, drivers=drivers, kernels=kernels,
+                    sources=ResolvedFrom(glrd=glrd, nvidia=nvidia, apt=apt))
