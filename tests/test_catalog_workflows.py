@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from ruamel.yaml import YAML
 
+from gl_nvidia.cli import main
 from gl_nvidia.run import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,3 +111,42 @@ def test_a_v_tag_publishes_the_values_and_the_changelog_since_the_previous_tag(t
     assert step("Publish the GitHub release", "v1.1.0") == [
         "release", "create", "v1.1.0", "--title", "v1.1.0", "--notes-file", "out/release/CHANGELOG.md",
         "out/release/CHANGELOG.md", "out/release/gpu-operator-values-gardenlinux-1877.3.yaml"]
+
+
+def _github_rows(capsys: pytest.CaptureFixture[str], *extra: str) -> list[dict[str, str]]:
+    assert main(["matrix", "--lock", str(REPO / "versions.yaml"), "--format", "github", *extra]) == 0
+    rows: list[dict[str, str]] = json.loads(capsys.readouterr().out)["include"]
+    return rows
+
+
+def test_units_fan_out_over_arch_and_flavour_and_arm64_cross_compiles_unless_a_runner_is_named(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _github_rows(capsys)
+    assert {(r["arch"], r["flavour"]) for r in rows} == {("amd64", "cloud"), ("amd64", "metal"),
+                                                         ("arm64", "cloud"), ("arm64", "metal")}
+    assert {r["runner"] for r in rows} == {"ubuntu-24.04"}  # arm64 too: cross-compiled on amd64
+    assert {r["runner"] for r in _github_rows(capsys, "--arm64-runner", "")} == {"ubuntu-24.04"}
+    native = _github_rows(capsys, "--arm64-runner", "ubuntu-24.04-arm")
+    assert {(r["arch"], r["runner"]) for r in native} == {("amd64", "ubuntu-24.04"), ("arm64", "ubuntu-24.04-arm")}
+
+
+def test_release_build_jobs_run_on_the_units_runner_and_the_plan_reads_the_repository_variable(
+        tmp_path: Path) -> None:
+    jobs = YAML(typ="safe").load((REPO / ".github" / "workflows" / "release.yml").read_text())["jobs"]
+    assert jobs["build"]["runs-on"] == "${{ matrix.runner }}"
+    assert "${{ matrix.flavour }}" in jobs["build"]["name"]
+    (step,) = [s for s in jobs["matrix"]["steps"] if s.get("id") == "matrix"]
+    assert step["env"]["ARM64_RUNNER"] == "${{ vars.GL_NVIDIA_ARM64_RUNNER }}"
+    fake = tmp_path / "bin" / "gl-nvidia"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nprintf "[%s]\\n" "$@"\n')  # brackets: an empty argument shows
+    fake.chmod(0o755)
+    out_file = tmp_path / "github_output"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "GITHUB_OUTPUT": str(out_file), "FORCE": ""}
+    script = step["run"].replace("${{ github.repository }}", "org/repo")
+    for runner in ("", "self-hosted-arm64"):
+        out_file.write_text("")
+        subprocess.run(["bash", "-e", "-c", script], env={**env, "ARM64_RUNNER": runner}, check=True,
+                       capture_output=True)
+        args = out_file.read_text().removeprefix("units=").splitlines()  # the fake prints one per line
+        assert args[args.index("[--arm64-runner]") + 1] == f"[{runner}]"

@@ -42,11 +42,6 @@ def _gets(versions: list[ResolvedOSVersion]) -> str:
     return "gets" if len(versions) == 1 else "get"
 
 
-def os_name(os_id: str) -> str:
-    """How changelog lines name the OS."""
-    return "GL" if os_id == "gardenlinux" else os_id.capitalize()
-
-
 def diff(old: Resolved | None, new: Resolved, branches: int, os_name: str = "GL") -> list[Change]:
     """Changes from `old` (None: never resolved) to `new`; empty when nothing that matters changed."""
     out: list[Change] = []

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from gl_nvidia.catalog.changelog import Change, diff, os_name
+from gl_nvidia.catalog.changelog import Change, diff
 from gl_nvidia.catalog.history import history_path, history_text, read_history, record
 from gl_nvidia.catalog.lock import read_lock, resolved_to_yaml, write_lock
 from gl_nvidia.catalog.matrix import build_matrix
 from gl_nvidia.catalog.model import Matrix
 from gl_nvidia.catalog.resolve import SourceOverrides, refresh
 from gl_nvidia.fs import atomic_write_text
+from gl_nvidia.osprofile import os_profile
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ def update(lock_path: Path, today: date, overrides: SourceOverrides | None = Non
     history = read_history(hist_path)
     new = refresh(lock, today, overrides)
     matrix = build_matrix(lock.os.id, new, lock.policy.exclusions)
-    changes = diff(lock.resolved, new, lock.policy.branches, os_name(lock.os.id))
+    changes = diff(lock.resolved, new, lock.policy.branches, os_profile(lock.os.id).name)
     if not changes:
         return UpdateResult([], matrix, ())
     doc["resolved"] = resolved_to_yaml(new)

@@ -10,6 +10,7 @@ import click
 
 from gl_nvidia import ui
 from gl_nvidia.catalog.matrix import load_lock
+from gl_nvidia.cli.catalog import ARM64_RUNNER_HELP, github_row
 from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.deploy import resolve as resolve_mod
 from gl_nvidia.deploy import values as values_mod
@@ -215,6 +216,7 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--plan", "plan_only", is_flag=True,
               help="Build nothing: print the GitHub Actions strategy matrix of the units to build (one JSON line, "
                    "each with its inputs) and, on stderr, what is skipped and why. Needs --registry.")
+@click.option("--arm64-runner", metavar="LABEL", help=ARM64_RUNNER_HELP)
 @click.option("--version", "version", metavar="X.Y.Z", default=None,
               help="A versioned release (semver: the tag without its v). Needs --registry; once every unit is "
                    "published, writes OUT/release/: the GPU Operator values of each OS version and CHANGELOG.md.")
@@ -223,7 +225,8 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
                    "changelog lists what `gl-nvidia update` changed since. Default: the first release.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None, force: bool,
-                plan_only: bool, version: str | None, since: Path | None, as_json: bool) -> None:
+                plan_only: bool, arm64_runner: str | None, version: str | None, since: Path | None,
+                as_json: bool) -> None:
     """catalog -> build -> ABI gate -> image -> push for every build unit. A unit the registry already
     holds, built from the same inputs, is skipped before it is compiled; the table says why each was built
     or skipped."""
@@ -235,7 +238,7 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
     if plan_only:
         if registry is None:
             raise UserError("--plan needs --registry", "name the repository the workflow publishes to")
-        _print_plan(plan(profile, registry, force=force))
+        _print_plan(plan(profile, registry, force=force), arm64_runner)
         return
     result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, force=force)
     # A release with a failed unit has no assets: its values could name an image nobody published.
@@ -297,10 +300,8 @@ def _previous_release(profile: str, registry: str | None, plan_only: bool, versi
     return previous
 
 
-def _print_plan(decided: list[tuple[BuildUnit, UnitInputs | None, Decision]]) -> None:
-    from gl_nvidia.cli.catalog import github_row
-
-    build = [{**github_row(u), "inputs": inputs.text() if inputs else ""} for u, inputs, d in decided if d.build]
+def _print_plan(decided: list[tuple[BuildUnit, UnitInputs | None, Decision]], arm64_runner: str | None) -> None:
+    build = [{**github_row(u, arm64_runner), "inputs": inputs.text() if inputs else ""} for u, inputs, d in decided if d.build]
     for u, _, d in decided:  # stderr: stdout is the one line for $GITHUB_OUTPUT
         ui.log.info("%s %s: %s", "build" if d.build else "skip", u.key, d.reason)
     ui.log.info("release plan: %d of %d unit(s) to build", len(build), len(decided))

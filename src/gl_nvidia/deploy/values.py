@@ -14,6 +14,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from gl_nvidia.errors import UserError
+from gl_nvidia.osprofile import GARDENLINUX
 from gl_nvidia.yamldoc import check_nesting
 
 # Where Garden Linux publishes its driver images (seed documents).
@@ -34,9 +35,9 @@ OS_VERSION_LABEL = "feature.node.kubernetes.io/system-os_release.VERSION_ID"
 NFD_RULE_NAME = "gardenlinux-version-id-0"
 NFD_RULE: dict[str, Any] = {
     "name": NFD_RULE_NAME,
-    "labels": {"system-os_release.VERSION_ID": "0"},
+    "labels": {"system-os_release.VERSION_ID": GARDENLINUX.version_id},
     "matchFeatures": [
-        {"feature": "system.osrelease", "matchExpressions": {"GARDENLINUX_VERSION": {"op": "Exists"}}},
+        {"feature": "system.osrelease", "matchExpressions": {str(GARDENLINUX.version_id_key): {"op": "Exists"}}},
     ],
 }
 

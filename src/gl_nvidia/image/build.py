@@ -36,6 +36,7 @@ from gl_nvidia.image.layers import Entry, LayerBlob
 from gl_nvidia.image.tags import image_tags, validate_tag
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
+from gl_nvidia.osprofile import os_profile
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
                 if sha256_file(path) != sha:
                     raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
                                     "rebuild the bundle")
-    if opts.os_id != "gardenlinux" and not opts.os_versions:
+    if os_profile(opts.os_id).version_id is None and not opts.os_versions:  # the tags need the nodes' own
         raise UserError(f"no OS version given for os id {opts.os_id!r}", "pass --gl-version (for another --os-id: the nodes' VERSION_ID)")
     tags = image_tags(manifest.driver_version, manifest.driver_branch, kernel, opts.os_id, opts.os_versions)
     for tag in tags:
@@ -468,8 +469,7 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
         f"{LABEL_PREFIX}.os": opts.os_id,
     }
     if opts.os_versions:
-        labels[f"{LABEL_PREFIX}.gardenlinux.versions" if opts.os_id == "gardenlinux" else f"{LABEL_PREFIX}.os.versions"] = \
-            ",".join(sorted(set(opts.os_versions)))
+        labels[f"{LABEL_PREFIX}.{os_profile(opts.os_id).versions_label}"] = ",".join(sorted(set(opts.os_versions)))
     if base_image.name:
         labels["org.opencontainers.image.base.name"] = base_image.name
     if opts.source:

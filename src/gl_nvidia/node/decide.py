@@ -97,11 +97,18 @@ def describe_gpu(gpu: PciDevice) -> str:
     return f"{gpu.address} [{gpu.pci_id}] {architecture(gpu.device)}"
 
 
+# The OS records' (gl_nvidia.osprofile) VERSION_ID rule, in the standard library: an OS whose nodes all
+# report one VERSION_ID, by the os-release key the values' NFD rule matches (tests/test_osprofile.py
+# holds the two equal).
+FIXED_VERSION_IDS = {"gardenlinux": ("GARDENLINUX_VERSION", "0")}
+
+
 def os_tag(os_release: dict[str, str]) -> str:
     """The GPU Operator's `<ID><VERSION_ID>`; Garden Linux nodes report VERSION_ID=0 (the NFD rule)."""
     os_id = os_release.get("ID", "unknown")
-    if os_id == "gardenlinux" or "GARDENLINUX_VERSION" in os_release:
-        return "gardenlinux0"
+    for fixed_id, (key, version_id) in FIXED_VERSION_IDS.items():
+        if os_id == fixed_id or key in os_release:
+            return f"{fixed_id}{version_id}"
     return f"{os_id}{os_release.get('VERSION_ID', '')}"
 
 

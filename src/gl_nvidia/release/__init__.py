@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import gl_nvidia
 from gl_nvidia import ui
-from gl_nvidia.build import AptEnv, DebianSource, KernelEnv, KmodbuildEnv, build_all
+from gl_nvidia.build import DebianSource, KernelEnv, build_all
+from gl_nvidia.build.request import kernel_envs
 from gl_nvidia.build.sources import DriverSource
 from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.lock import Lock, Resolved
@@ -30,6 +31,7 @@ from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
 from gl_nvidia.image.tags import image_tags
 from gl_nvidia.oci import Layout, attachment_tag
+from gl_nvidia.osprofile import os_profile
 from gl_nvidia.release.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide
 
 if TYPE_CHECKING:
@@ -108,21 +110,16 @@ def source_for(lock: Lock) -> DriverSource:
 
 
 def env_for(lock: Lock) -> Callable[[BuildUnit], KernelEnv]:
-    if lock.os.id == "gardenlinux":
-        from gl_nvidia.build.kenv import container_engine
-
-        engine = container_engine()  # no engine: one clear error now, not one per unit later
-        # Garden Linux kernels are built in its kmodbuild container of the newest GL version using them.
-        return lambda unit: KmodbuildEnv(unit.os_versions[-1], engine)
-    apt_env = AptEnv()
-    return lambda unit: apt_env
+    return kernel_envs(os_profile(lock.os.id))
 
 
 def base_for(lock: Lock, arch: str, os_version: str) -> base_mod.BaseSpec:
-    if lock.os.id == "gardenlinux":
+    """The base the OS record names: its apt repository's suite of `os_version`, or this machine's archive."""
+    distro = os_profile(lock.os.id)
+    if distro.base == "apt":
         from gl_nvidia.catalog.kernels import expand_env
 
-        return base_mod.gardenlinux_spec(expand_env(lock.sources.apt), os_version, arch)
+        return base_mod.gardenlinux_spec(expand_env(lock.sources.apt), distro.apt.suite_of(os_version, lock.os.codename), arch)
     return base_mod.debian_spec(arch)
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gl_nvidia.catalog.changelog import Change, diff, os_name
+from gl_nvidia.catalog.changelog import Change, diff
 from gl_nvidia.catalog.model import BuildUnit, Matrix
 from gl_nvidia.deploy.values import ValuesSettings, helm_values, to_yaml
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_dir
+from gl_nvidia.osprofile import os_profile
 
 # semver.org's own expression (2.0.0): MAJOR.MINOR.PATCH, an optional pre-release and build metadata.
 _SEMVER = re.compile(
@@ -115,7 +116,7 @@ def release_assets(result: ReleaseResult, version: str, previous: Lock | None, d
     branches = values_branches(result.matrix, [v.version for v in result.resolved.os_versions],
                                [u.unit for u in published])
     changes = diff(previous.resolved if previous else None, result.resolved, lock.policy.branches,
-                   os_name(lock.os.id))
+                   os_profile(lock.os.id).name)
     images = [PublishedImage(u.tags, u.digest, u.push) for u in published if u.digest is not None]
     text = changelog_text(version, changes, previous is None, lock.os.id, branches, result.repository, images)
     return write_assets(dest, version, lock.os.id, branches, result.repository, text)
