@@ -70,12 +70,7 @@ class ModuleSigner:
 def load_signer(key: Path, cert: Path) -> ModuleSigner:
     """Check that `key` is a usable unencrypted private key and `cert` its certificate; one error line if not,
     naming the file (never its content)."""
-    cert_data = _read(cert, "module signing certificate")
-    try:
-        certificate = (x509.load_pem_x509_certificate(cert_data) if b"-----BEGIN" in cert_data
-                       else x509.load_der_x509_certificate(cert_data))
-    except ValueError as exc:
-        raise UserError(f"module signing certificate {cert} is not a PEM or DER X.509 certificate", _KEY_HINT) from exc
+    certificate = _certificate(cert)
     try:
         private = serialization.load_pem_private_key(_read(key, "module signing key"), password=None)
     except TypeError as exc:
@@ -95,6 +90,19 @@ def load_signer(key: Path, cert: Path) -> ModuleSigner:
     signer = str(names[0].value) if names else certificate.issuer.rfc4514_string()
     der = certificate.public_bytes(serialization.Encoding.DER)
     return ModuleSigner(key, cert, signer, _colon_hex(certificate.serial_number), hashlib.sha256(der).hexdigest())
+
+
+def cert_fingerprint(cert: Path) -> str:
+    """sha256 of a certificate's DER (what the manifest, the image and a release's inputs record)."""
+    return hashlib.sha256(_certificate(cert).public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _certificate(cert: Path) -> x509.Certificate:
+    data = _read(cert, "module signing certificate")
+    try:
+        return (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data))
+    except ValueError as exc:
+        raise UserError(f"module signing certificate {cert} is not a PEM or DER X.509 certificate", _KEY_HINT) from exc
 
 
 def _read(path: Path, what: str) -> bytes:
