@@ -97,14 +97,39 @@ class ModuleParts:
 
 
 @dataclass(frozen=True)
+class ModuleSignature:
+    """The kernel's module signature over a module's gated bytes, in the format of its scripts/sign-file.
+
+    The bytes sign-file appends (a detached PKCS#7 signature in DER, `struct module_signature`, the magic
+    "~Module signature appended~\n") ship as they are: appended to a whole module, and beside the parts
+    of a split one, for the node to append to the module it linked once that is the gated sha256.
+    """
+
+    file: str  # "<module>.ko.sig", beside the interface of a split module
+    sha256: str  # of that file
+    size: int
+    signed_sha256: str  # of the module with it appended: a whole module's shipped file, a split one's on the node
+    signer: str  # the certificate issuer's common name: modinfo's `signer`
+    key_id: str  # the certificate's serial number: modinfo's `sig_key`
+    hash_algo: str  # modinfo's `sig_hashalgo` ("sha256")
+    cert_sha256: str  # the signing certificate's fingerprint (sha256 of its DER); never the key
+
+
+@dataclass(frozen=True)
 class ModuleFile:
     name: str  # "nvidia.ko"
-    sha256: str  # of the shipped (stripped) file; of the module linked from `parts` when it has them
-    size: int  # shipped (stripped) bytes
+    sha256: str  # of the stripped, gated module (linked from `parts` when it has them), before any signature
+    size: int  # shipped (stripped) bytes, before any signature
     size_unstripped: int  # as compiled, with debug info
     vermagic: str
     srcversion: str
     parts: ModuleParts | None = None  # None: the image ships the whole .ko
+    signature: ModuleSignature | None = None  # None: unsigned
+
+    @property
+    def file_sha256(self) -> str:
+        """sha256 of the .ko file a bundle's kernels/ (and an image, for a whole module) holds: signed if signed."""
+        return self.signature.signed_sha256 if self.signature else self.sha256
 
 
 @dataclass(frozen=True)
@@ -211,8 +236,9 @@ def _module_set(d: dict[str, Any]) -> ModuleSet:
 
 
 def module_file(d: dict[str, Any]) -> ModuleFile:
-    parts = d.get("parts")
-    return ModuleFile(**{**d, "parts": _parts(parts) if parts else None})
+    parts, sig = d.get("parts"), d.get("signature")
+    return ModuleFile(**{**d, "parts": _parts(parts) if parts else None,
+                         "signature": ModuleSignature(**sig) if sig else None})
 
 
 def _parts(d: dict[str, Any]) -> ModuleParts:

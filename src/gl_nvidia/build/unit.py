@@ -8,6 +8,7 @@ A failed compile or gate fails its cell, never the run: every other unit still b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -23,6 +24,7 @@ from gl_nvidia import bundle as b
 from gl_nvidia import ui
 from gl_nvidia.build.compile import CompiledSet, compile_set
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders, compiler_mismatch
+from gl_nvidia.build.modsign import ModuleSigner
 from gl_nvidia.build.sources import DriverInputs, DriverSource
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
@@ -68,6 +70,7 @@ def build_unit(
     jobs: int | None = None,
     module_types: Sequence[str] | None = None,
     keep_debug: bool = False,
+    signer: ModuleSigner | None = None,
 ) -> UnitResult:
     """Build `unit`'s module sets and write them into the driver bundle at `out`.
 
@@ -76,7 +79,8 @@ def build_unit(
     all cores); `module_types` defaults to the unit's own (the catalog drops excluded types). Failed
     compiles and gate failures are recorded as `failed` module sets in the manifest and in the returned
     outcomes; problems with the inputs (unknown driver, missing headers, no space)
-    raise `UserError` and leave `out` as it was.
+    raise `UserError` and leave `out` as it was. With `signer`, every module is signed for the kernel's
+    module signature check as it goes into the bundle (from the build cache: signing never recompiles).
     """
     module_types = unit.module_types if module_types is None else module_types
     unknown = set(module_types) - set(b.MODULE_TYPES)
@@ -100,7 +104,7 @@ def build_unit(
         sets[mtype] = cs
         # The bundle's copy of the log: the cache's is an implementation detail.
         outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, out / log_path(unit.kernel, mtype))
-    manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug)
+    manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug, signer=signer)
     for component, why in inputs.left_out.items():
         log.warning("%s: %s left out of the image: %s", unit.key, component, why)
     for o in outcomes.values():
@@ -120,6 +124,7 @@ def build_all(
     make_jobs: int | None = None,
     module_types: Sequence[str] | None = None,
     keep_debug: bool = False,
+    signer: ModuleSigner | None = None,
 ) -> list[UnitResult]:
     """Build many units, `jobs` at a time, into `out/<driver version>-<arch>/` bundles.
 
@@ -133,7 +138,7 @@ def build_all(
         types = [t for t in (module_types or unit.module_types) if t in unit.module_types]
         try:
             return build_unit(unit, bundle_dir, source=source, env=env_for(unit), jobs=per_unit,
-                              module_types=types, keep_debug=keep_debug)
+                              module_types=types, keep_debug=keep_debug, signer=signer)
         except UserError as exc:
             log.error("%s: %s", unit.key, exc)
             return UnitResult(unit, bundle_dir, {t: Outcome(t, "failed", False, str(exc)) for t in types})
@@ -166,15 +171,16 @@ def _locked(bundle: Path) -> Iterator[None]:
 
 
 def write_bundle(out: Path, inputs: DriverInputs, hdrs: KernelHeaders, toolchain: str,
-                 sets: dict[str, CompiledSet], *, keep_debug: bool = False) -> b.BundleManifest:
+                 sets: dict[str, CompiledSet], *, keep_debug: bool = False,
+                 signer: ModuleSigner | None = None) -> b.BundleManifest:
     """Add one kernel's module sets to the bundle at `out` (created with its userspace when new)."""
     with _locked(out):
         old = _existing(out, inputs)
         if old is None:
             # A new bundle appears whole or not at all.
             with atomic_dir(out) as tmp:
-                return _write_parts(tmp, None, inputs, hdrs, toolchain, sets, keep_debug)
-        return _write_parts(out, old, inputs, hdrs, toolchain, sets, keep_debug)
+                return _write_parts(tmp, None, inputs, hdrs, toolchain, sets, keep_debug, signer)
+        return _write_parts(out, old, inputs, hdrs, toolchain, sets, keep_debug, signer)
 
 
 def _existing(out: Path, inputs: DriverInputs) -> b.BundleManifest | None:
@@ -190,7 +196,8 @@ def _existing(out: Path, inputs: DriverInputs) -> b.BundleManifest | None:
 
 
 def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs, hdrs: KernelHeaders,
-                 toolchain: str, sets: dict[str, CompiledSet], keep_debug: bool) -> b.BundleManifest:
+                 toolchain: str, sets: dict[str, CompiledSet], keep_debug: bool,
+                 signer: ModuleSigner | None) -> b.BundleManifest:
     if (old is None or old.source_digests != inputs.digests or not _same_files(old.userspace, inputs.userspace)
             or not _same_files(old.firmware, inputs.firmware)):
         with atomic_dir(b.userspace_dir(root)) as tmp:
@@ -202,6 +209,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     module_sets = dict(old.kernels[hdrs.kernel].module_sets) if old and hdrs.kernel in old.kernels else {}
     for mtype, cs in sets.items():
         log_rel = log_path(hdrs.kernel, mtype)
+        modules = cs.modules
         atomic_write_text(root / log_rel, cs.log_file.read_text(errors="replace"))
         if cs.status != "ok":
             # A failed set ships nothing, not even what an earlier good build of it left here.
@@ -209,16 +217,22 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
             shutil.rmtree(b.interfaces_dir(root, hdrs.kernel, mtype), ignore_errors=True)
             shutil.rmtree(b.debug_dir(root, hdrs.kernel, mtype), ignore_errors=True)
         else:
+            # Signed from the cache's gated bytes: split modules as the node will link them.
+            signed = {ko.name: signer.sign(ko) for ko in cs.ko_files()} if signer else {}
             with atomic_dir(b.modules_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in cs.ko_files():
                     shutil.copyfile(ko, tmp / ko.name)
-            _write_split_parts(root, hdrs.kernel, cs)
+                    if ko.name in signed:
+                        with (tmp / ko.name).open("ab") as fh:
+                            fh.write(signed[ko.name])
+            modules = tuple(dataclasses.replace(m, signature=signer.signature(m.name, ko.read_bytes(), signed[m.name]))
+                            if signer else m for m, ko in zip(cs.modules, cs.ko_files(), strict=True))
+            _write_split_parts(root, hdrs.kernel, cs, modules, signed)
         if keep_debug and cs.status == "ok" and (cs.entry / "debug").is_dir():
             with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in (cs.entry / "debug").iterdir():
                     shutil.copyfile(ko, tmp / ko.name)
-        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, cs.modules, cs.abi_gate,
-                                         cs.error, log_rel)
+        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, modules, cs.abi_gate, cs.error, log_rel)
     kernels = dict(old.kernels) if old else {}
     kernels[hdrs.kernel] = b.KernelBuild(hdrs.kernel, toolchain, hdrs.kernel_compiler, hdrs.digest, module_sets)
     manifest = b.BundleManifest(
@@ -230,9 +244,11 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     return manifest
 
 
-def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> None:
-    """Per-kernel parts (ModuleParts.per_kernel) per kernel; each binary once per bundle and module type."""
-    split = [m.parts for m in cs.modules if m.parts is not None]
+def _write_split_parts(root: Path, kernel: str, cs: CompiledSet, modules: tuple[b.ModuleFile, ...],
+                       signed: dict[str, bytes]) -> None:
+    """Per-kernel parts (ModuleParts.per_kernel) and signatures per kernel; each binary once per bundle and
+    module type."""
+    split = [m.parts for m in modules if m.parts is not None]
     iface_dir = b.interfaces_dir(root, kernel, cs.module_type)
     if not split:
         shutil.rmtree(iface_dir, ignore_errors=True)
@@ -241,6 +257,9 @@ def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> None:
         for p in split:
             for name, _sha in p.per_kernel():  # interface, module.lds; on IBT kernels the final object, objtool
                 shutil.copy2(cs.parts_dir / name, tmp / name)
+        for m in modules:
+            if m.parts is not None and m.signature is not None:
+                (tmp / m.signature.file).write_bytes(signed[m.name])
     bins = b.binaries_dir(root, cs.module_type)
     bins.mkdir(parents=True, exist_ok=True)
     for p in split:

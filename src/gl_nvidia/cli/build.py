@@ -10,6 +10,7 @@ from gl_nvidia import ui
 from gl_nvidia.build import build_all, bundle_name
 from gl_nvidia.build.abi import check_bundle
 from gl_nvidia.build.kenv import kernel_release
+from gl_nvidia.build.modsign import ModuleSigner, bundle_signatures, load_signer
 from gl_nvidia.build.request import driver_source, failures_lock, kernel_request, matrix_request
 from gl_nvidia.build.request import exclude_failed as exclude_failed_units
 from gl_nvidia.bundle import MODULE_TYPES
@@ -22,6 +23,15 @@ from gl_nvidia.osprofile import PROFILES
 def _line(text: str) -> None:
     """One unwrapped line of detail under a table (compiler errors hold brackets: no markup)."""
     ui.stdout.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def module_signer(key: Path | None, cert: Path | None, option: str = "--sign") -> ModuleSigner | None:
+    """The checked module signing key pair of `<option>-key` and `<option>-cert` (None: neither given)."""
+    if key is None and cert is None:
+        return None
+    if key is None or cert is None:
+        raise UserError(f"{option}-key and {option}-cert go together", "pass the private key and its certificate")
+    return load_signer(key, cert)
 
 
 @click.command("build")
@@ -53,14 +63,21 @@ def _line(text: str) -> None:
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1), help="Units built in parallel.")
 @click.option("--make-jobs", type=click.IntRange(1), help="make -j per unit (default: cores / --jobs).")
 @click.option("--keep-debug", is_flag=True, help="Also keep the unstripped modules under debug/.")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Sign every module for the kernel's module signature check with this PEM private key "
+                   "(the kernel's sign-file format; with --sign-cert).")
+@click.option("--sign-cert", type=click.Path(path_type=Path, dir_okay=False),
+              help="The X.509 certificate (PEM or DER) of --sign-key: the one to enrol on the nodes (MOK).")
 @click.option("--exclude-failed", is_flag=True,
               help="Add every failed cell to the lock file's exclusions (with the first compiler error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_version: str, os_id: str,
               all_units: bool, profile: str, types: tuple[str, ...], source_kind: str, source_path: str | None,
               sha256: str | None, fabricmanager: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
-              make_jobs: int | None, keep_debug: bool, exclude_failed: bool, as_json: bool) -> None:
+              make_jobs: int | None, keep_debug: bool, sign_key: Path | None, sign_cert: Path | None,
+              exclude_failed: bool, as_json: bool) -> None:
     """Compile NVIDIA kernel modules for one build unit or the whole matrix into driver bundles."""
+    signer = module_signer(sign_key, sign_cert)  # a bad key is an error now, not after every compile
     source = driver_source(source_kind, source_path, sha256, fabricmanager)
     if all_units:
         if kernel or driver_version:
@@ -73,7 +90,8 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
     lock_file = failures_lock(profile) if exclude_failed else None
     check_writable_dir(out)  # before any compile, not after
     results = build_all(list(request.units), out, source=source, env_for=request.env_for,
-                        jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug)
+                        jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug,
+                        signer=signer)
     if as_json:
         ui.print_json([{"unit": r.unit.as_dict(), "bundle": str(r.bundle),
                         "modules": {t: {"status": o.status, "cached": o.cached, "error": o.error,
@@ -110,9 +128,13 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
 def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None:
     """Would the target kernel load this bundle's modules? (vermagic, symbols, modversions CRCs)"""
     verdicts = check_bundle(bundle, kernel_headers)
+    signatures = bundle_signatures(bundle)
     if as_json:
         ui.print_json([{"kernel": k, "module_type": t, "ok": g.ok, "problems": list(g.problems),
-                        "evidence": list(g.evidence)} for (k, t), g in verdicts.items()])
+                        "evidence": list(g.evidence),
+                        "signatures": {name: sig.as_dict() if sig else None
+                                       for name, sig in signatures.get((k, t), {}).items()}}
+                       for (k, t), g in verdicts.items()])
     else:
         ui.print_table(f"ABI gate against {kernel_release(kernel_headers)}", ["built for", "type", "loads", "problems"],
                        [[k, t, "yes" if g.ok else "no", len(g.problems)] for (k, t), g in verdicts.items()])
@@ -123,6 +145,8 @@ def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None
                 _line(f"{k} {t}: ... and {len(g.problems) - 20} more")
             for e in g.evidence:
                 _line(f"{k} {t}: {e}")
+            for name, sig in signatures.get((k, t), {}).items():
+                _line(f"{k} {t}: {name}: {sig.text() if sig else 'unsigned'}")
     bad = [kt for kt, g in verdicts.items() if not g.ok]
     if bad:
         raise CheckFailed(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")

@@ -195,7 +195,6 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
                        [[r.node, r.status, r.detail] for r in results])
     failed = [r.node for r in results if r.status != "PASSED"]
     if failed:
-
         raise CheckFailed(f"vectorAdd did not pass on {', '.join(failed)}",
                             "see the detail column; `kubectl -n gpu-operator get pods` shows the driver's state")
 
@@ -211,6 +210,10 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Build units in parallel.")
 @click.option("--sign-key", type=click.Path(path_type=Path), default=None,
               help="Sign every pushed image with this ECDSA P-256 PEM key (cosign's format; see `gl-nvidia sign`).")
+@click.option("--module-sign-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Sign every module for the kernel's module signature check (as `build --sign-key`).")
+@click.option("--module-sign-cert", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The certificate of --module-sign-key (with --plan: alone, it is one of each unit's inputs).")
 @click.option("--force", is_flag=True,
               help="Build and push every unit, even one the registry holds from the same inputs.")
 @click.option("--plan", "plan_only", is_flag=True,
@@ -224,12 +227,14 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
               help="With --version: the previous release's lock (e.g. `git show v1.3.0:versions.yaml`); the "
                    "changelog lists what `gl-nvidia update` changed since. Default: the first release.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None, force: bool,
-                plan_only: bool, arm64_runner: str | None, version: str | None, since: Path | None,
-                as_json: bool) -> None:
+def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None,
+                module_sign_key: Path | None, module_sign_cert: Path | None, force: bool, plan_only: bool,
+                arm64_runner: str | None, version: str | None, since: Path | None, as_json: bool) -> None:
     """catalog -> build -> ABI gate -> image -> push for every build unit. A unit the registry already
     holds, built from the same inputs, is skipped before it is compiled; the table says why each was built
     or skipped."""
+    from gl_nvidia.build.modsign import cert_fingerprint
+    from gl_nvidia.cli.build import module_signer
     from gl_nvidia.release import plan, release
     from gl_nvidia.release.assets import release_assets
 
@@ -238,9 +243,11 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
     if plan_only:
         if registry is None:
             raise UserError("--plan needs --registry", "name the repository the workflow publishes to")
-        _print_plan(plan(profile, registry, force=force), arm64_runner)
+        cert = cert_fingerprint(module_sign_cert) if module_sign_cert else ""
+        _print_plan(plan(profile, registry, force=force, module_cert=cert), arm64_runner)
         return
-    result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, force=force)
+    signer = module_signer(module_sign_key, module_sign_cert, "--module-sign")
+    result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, module_signer=signer, force=force)
     # A release with a failed unit has no assets: its values could name an image nobody published.
     assets = release_assets(result, version, previous, out / "release") if version is not None and result.ok else []
     if as_json:

@@ -249,11 +249,13 @@ def usable_module_types(manifest: BundleManifest, kernel: str, types: Sequence[s
 def _module_sources(bundle_dir: Path, kernel: str, module_type: str,
                     mod: bundle_mod.ModuleFile) -> list[tuple[Path, str]]:
     """The bundle files the image takes for one module, with their manifest sha256."""
-    if mod.parts is None:
-        return [(bundle_mod.modules_dir(bundle_dir, kernel, module_type) / mod.name, mod.sha256)]
+    if mod.parts is None:  # signed in place when signed
+        return [(bundle_mod.modules_dir(bundle_dir, kernel, module_type) / mod.name, mod.file_sha256)]
     iface = bundle_mod.interfaces_dir(bundle_dir, kernel, module_type)
+    sig = [(iface / mod.signature.file, mod.signature.sha256)] if mod.signature else []  # the node appends it
     return [
         *((iface / name, sha) for name, sha in mod.parts.per_kernel()),
+        *sig,
         (bundle_mod.binaries_dir(bundle_dir, module_type) / mod.parts.binary, mod.parts.binary_sha256),
     ]
 
@@ -472,6 +474,10 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
         labels[f"{LABEL_PREFIX}.{os_profile(opts.os_id).versions_label}"] = ",".join(sorted(set(opts.os_versions)))
     if base_image.name:
         labels["org.opencontainers.image.base.name"] = base_image.name
+    sets = manifest.kernels[plan.kernel].module_sets
+    certs = sorted({m.signature.cert_sha256 for t in plan.module_types for m in sets[t].modules if m.signature})
+    if certs:  # the certificate a node's keyring (MOK) must hold, never the key
+        labels[f"{LABEL_PREFIX}.modules.signing-cert.sha256"] = ",".join(certs)
     if opts.source:
         labels["org.opencontainers.image.source"] = opts.source
     if opts.revision:

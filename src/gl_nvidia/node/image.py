@@ -28,6 +28,7 @@ class SplitModule:
     srcversion: str
     objtool: Path | None = None  # the kernel's objtool and the final object, when its pipeline runs objtool
     final: Path | None = None
+    signature: Path | None = None  # the kernel's module signature over the gated bytes, to append once linked
 
     @property
     def paths(self) -> PartPaths:
@@ -105,12 +106,13 @@ class Image:
             return []
         split = self.split_module(kernel, module_type, module)
         if split is None:
-            return [Input(self.ko(kernel, module_type, module), record.sha256)]
+            return [Input(self.ko(kernel, module_type, module), record.file_sha256)]  # signed in place if signed
         p = split.parts
         step = [Input(split.final, p.objtool.final_sha256), Input(split.objtool, p.objtool.tool_sha256)] \
             if p.objtool and split.final and split.objtool else []
+        sig = [Input(split.signature, record.signature.sha256)] if split.signature and record.signature else []
         return [Input(split.interface, p.interface_sha256), Input(split.binary, p.binary_sha256),
-                Input(split.lds, p.lds_sha256), *step]
+                Input(split.lds, p.lds_sha256), *step, *sig]
 
     def verify(self, kernel: str, module_type: str, module: str) -> None:
         """Refuse a module unless the manifest lists it and every file it is made from has the bytes the
@@ -143,7 +145,8 @@ class Image:
         step = parts.objtool
         return SplitModule(parts, here / parts.interface, self.at(layout.binaries_dir(module_type)) / parts.binary,
                            here / parts.lds, record.sha256, record.srcversion,
-                           here / step.tool if step else None, here / step.final if step else None)
+                           here / step.tool if step else None, here / step.final if step else None,
+                           here / record.signature.file if record.signature else None)
 
     def module_types(self, kernel: str) -> list[str]:
         """Module types usable with this image's userspace: present, and of the same driver version

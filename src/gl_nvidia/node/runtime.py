@@ -593,14 +593,32 @@ class Runtime:
             problem = _link_problem(tmp, module, split, running, toolchain)
             if problem:
                 raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
+            if split.signature is not None:
+                self._sign(tmp, module, split)
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)  # a failed or killed ld can leave a partial output behind
             obj.unlink(missing_ok=True)
         self.log.info("module linked", module=module, type=module_type, path=str(out),
                       objtool="yes" if split.parts.objtool else "no",
-                      sha256="the build's" if _same_tools(split, toolchain) else "not compared (other ld or libelf)")
+                      sha256="the build's" if split.signature or _same_tools(split, toolchain)
+                      else "not compared (other ld or libelf)",
+                      signed="yes" if split.signature else "no")
         return out
+
+    def _sign(self, ko: Path, module: str, split: SplitModule) -> None:
+        """Append the build's signature, which covers exactly the gated bytes: only to those bytes, whatever
+        the linker (a kernel that enforces signatures would refuse any other module under it)."""
+        assert split.signature is not None
+        actual = sha256_file(ko)
+        if actual != split.sha256:
+            raise NodeError(f"{module}.ko linked on this node (sha256 {actual[:16]}) is not the module the build "
+                            f"gated and signed (sha256 {split.sha256[:16]}); its signature would not verify, "
+                            "refusing to load it",
+                            f"link with the build's linker ({split.parts.linker}) and, for objtool, "
+                            "its libelf: the image's own, unchanged")
+        with ko.open("ab") as f:
+            f.write(split.signature.read_bytes())
 
     def _toolchain(self, split: SplitModule) -> tuple[str, str]:
         """This node's linker and, for objtool parts, the libelf the shipped objtool loads: with the build's

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gl_nvidia
 from gl_nvidia import ui
 from gl_nvidia.build import DebianSource, KernelEnv, build_all
+from gl_nvidia.build.modsign import ModuleSigner
 from gl_nvidia.build.request import kernel_envs
 from gl_nvidia.build.sources import DriverSource
 from gl_nvidia.build.unit import UnitResult
@@ -151,30 +152,32 @@ def _build_state(result: UnitResult) -> tuple[str, str | None]:
     return ("cached" if all(o.cached for o in built) else "compiled"), None
 
 
-def unit_inputs(lock: Lock, unit: BuildUnit, source: DriverSource) -> UnitInputs:
-    """A unit's inputs, from the lock, the source's index and the base spec: nothing is downloaded."""
+def unit_inputs(lock: Lock, unit: BuildUnit, source: DriverSource, module_cert: str = "") -> UnitInputs:
+    """A unit's inputs, from the lock, the source's index and the base spec: nothing is downloaded.
+    `module_cert`: the module signing certificate's sha256 ("": modules unsigned)."""
     os_version = unit.os_versions[-1] if unit.os_versions else ""
     return UnitInputs(unit.as_dict(), source.checksums(unit.driver_version, unit.arch),
-                      base_for(lock, unit.arch, os_version).key(), gl_nvidia.__version__)
+                      base_for(lock, unit.arch, os_version).key(), gl_nvidia.__version__, module_cert)
 
 
-def plan(profile: str | Path, registry: str, *, force: bool = False
+def plan(profile: str | Path, registry: str, *, force: bool = False, module_cert: str = ""
          ) -> list[tuple[BuildUnit, UnitInputs | None, Decision]]:
     """What `release` would build and skip, and why, without building anything (the publish workflow's fan-out)."""
     _target(registry)
     lock = load_lock(profile)
     units = lock_matrix(lock).units
-    inputs = _all_inputs(lock, units, source_for(lock))
+    inputs = _all_inputs(lock, units, source_for(lock), module_cert)
     with ui.progress() as prog:
         decisions = _decide(units, inputs, registry, force, {}, prog)
     return [(u, inputs[u], decisions[u]) for u in units]
 
 
-def _all_inputs(lock: Lock, units: Sequence[BuildUnit], source: DriverSource) -> dict[BuildUnit, UnitInputs | None]:
+def _all_inputs(lock: Lock, units: Sequence[BuildUnit], source: DriverSource,
+                module_cert: str = "") -> dict[BuildUnit, UnitInputs | None]:
     inputs: dict[BuildUnit, UnitInputs | None] = {}
     for u in units:
         try:
-            inputs[u] = unit_inputs(lock, u, source)
+            inputs[u] = unit_inputs(lock, u, source, module_cert)
         except UserError as exc:  # the build says the same for this unit alone, with the others built
             log.warning("%s: inputs unknown before the build: %s", u.key, exc.message)
             inputs[u] = None
@@ -188,11 +191,13 @@ def release(
     *,
     jobs: int = 1,
     sign_key: Path | None = None,
+    module_signer: ModuleSigner | None = None,
     force: bool = False,
 ) -> ReleaseResult:
     """Run the whole pipeline for `profile` into `out` (bundles/, oci/) and, with `registry`
     (`HOST[:PORT]/PATH`, the values' driver.repository), push every image with its SBOM to
-    `<registry>/driver`, and sign each with `sign_key` (cosign's format).
+    `<registry>/driver`, and sign each with `sign_key` (cosign's format). `module_signer` signs every
+    module for the kernel's module signature check (its certificate is one of each unit's inputs).
 
     With `registry`, a unit already published there from the same inputs is skipped before its build
     (`force`: built and pushed anyway); the report says why each unit was built or skipped."""
@@ -214,7 +219,7 @@ def release(
         raise UserError(f"the matrix of {profile} has no build units", "check the lock's policy and exclusions")
     bundles, layout_dir = out / "bundles", out / "oci"
     source = source_for(lock)
-    inputs = _all_inputs(lock, matrix.units, source)
+    inputs = _all_inputs(lock, matrix.units, source, module_signer.cert_sha256 if module_signer else "")
     reports: dict[BuildUnit, UnitReport] = {}
     decisions: dict[BuildUnit, Decision] = {}
     with ui.progress() as prog:
@@ -224,7 +229,8 @@ def release(
         results: list[UnitResult] = []
         if todo:
             with ui.task(prog, f"build {len(todo)} unit(s)"):
-                results = build_all(todo, bundles, source=source, env_for=env_for(lock), jobs=jobs)
+                results = build_all(todo, bundles, source=source, env_for=env_for(lock), jobs=jobs,
+                                    signer=module_signer)
         compiled = sum(1 for r in results for o in r.outcomes.values() if o.status == "ok" and not o.cached)
         images = _images(lock, results, layout_dir, reports, inputs, prog)
         pushed = (0, 0, 0)
