@@ -31,12 +31,11 @@ from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image import layers, sbom, unpack
+from gl_nvidia.image import layers, ldcache, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
 from gl_nvidia.image.tags import image_tags, validate_tag
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
-from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +339,7 @@ def _shared_layers(layout: Layout, bundle_dir: Path, manifest: BundleManifest, r
     return _Shared((
         ("node-runtime", layers.write_layer(layout, runtime)),
         ("userspace", layers.write_layer(layout, _files_only(userspace))),
-        ("ld.so.cache", layers.write_layer(layout, _ld_cache(root, userspace))),
+        ("ld.so.cache", layers.write_layer(layout, _ld_cache(root, userspace, manifest.arch))),
         ("firmware", layers.write_layer(layout, _files_only(firmware))),
     ))
 
@@ -350,8 +349,9 @@ def _files_only(entries: list[Entry]) -> list[Entry]:
     return [e for e in entries if not e.is_dir]
 
 
-def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
-    """/etc/ld.so.cache of base + userspace, made by the real ldconfig in a scratch copy of the tree."""
+def _ld_cache(root: Path, userspace: list[Entry], arch: str) -> list[Entry]:
+    """/etc/ld.so.cache of base + userspace for the image's arch, from a scratch copy of the tree (ldcache.py:
+    no ldconfig runs, so an arm64 image gets its cache on an amd64 machine)."""
     lib_dirs = sorted({str(e.path.parent) for e in userspace if ".so" in e.path.name})
     conf_path = PurePosixPath("/etc/ld.so.conf.d/gl-nvidia.conf")
     conf = "".join(f"{d}\n" for d in lib_dirs).encode()
@@ -362,9 +362,7 @@ def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
         elif e.source is not None:
             shutil.copyfile(e.source, unpack.writable(root, e.path))
     unpack.writable(root, conf_path).write_bytes(conf)
-    # -X: only the cache, no soname links (the bundle ships them); -r: the cache is for this root.
-    run(["ldconfig", "-X", "-r", root], hint="ldconfig -r needs root (it chroots)")
-    cache = unpack.host_path(root, unpack.resolve_in_root(root, "/etc/ld.so.cache", follow=True)).read_bytes()
+    cache = ldcache.build(root, arch)
     return [
         Entry(_place(root, PurePosixPath("/etc/ld.so.cache")), data=cache),
         Entry(_place(root, conf_path), data=conf),
