@@ -51,4 +51,5 @@ def read_node(host: Host) -> Node:
         devices=pci_devices(host),
         loaded=loaded_modules(host),
         os_release=parse_os_release(host.read_opt(HOST_OS_RELEASE) or ""),
+        machine=host.machine(),
     )

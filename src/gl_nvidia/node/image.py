@@ -52,6 +52,7 @@ class Image:
     source_versions: dict[str, dict[str, str]] = field(default_factory=dict)
     # (kernel, module type, module) -> manifest record (with `parts` for modules shipped as interface + binary)
     records: dict[tuple[str, str, str], ModuleFile] = field(default_factory=dict)
+    arch: str = ""  # the bundle's: amd64, arm64
 
     @classmethod
     def load(cls, root: Path) -> Image:
@@ -68,7 +69,7 @@ class Image:
                 for t, ms in kb.get("module_sets", {}).items()
                 for f in map(module_file, ms.get("modules", ()))
             }
-            return cls(root, d["driver_version"], d["driver_branch"], versions, records)
+            return cls(root, d["driver_version"], d["driver_branch"], versions, records, d["arch"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NodeError(
                 f"this image has no readable driver manifest at {layout.MANIFEST} ({exc})",
