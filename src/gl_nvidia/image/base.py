@@ -88,6 +88,7 @@ class BaseImage:
     layers: tuple[layers.LayerBlob, ...]
     description: str  # for labels and logs: "debian bookworm (mmdebstrap)" or the image reference
     digest: str  # its manifest's (org.opencontainers.image.base.digest)
+    arch: str  # its config's architecture
     name: str | None = None  # the registry reference it came from (org.opencontainers.image.base.name)
 
 
@@ -160,6 +161,7 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
         (layers.LayerBlob(desc, m["diff_id"], m["uncompressed_size"]),),
         f"{spec.suite} {spec.arch} (mmdebstrap {spec.variant} {' '.join(spec.packages)})",
         manifest.digest,
+        spec.arch,
     )
 
 
@@ -212,7 +214,7 @@ def from_layout_image(layout: Layout, manifest_digest: str, description: str, na
     if len(diff_ids) != len(manifest.layers):
         raise UserError(f"base image {description} has a malformed config (layers and diff_ids differ)")
     blobs = tuple(layers.LayerBlob(d, diff, 0) for d, diff in zip(manifest.layers, diff_ids, strict=True))
-    return BaseImage(blobs, description, manifest_digest, name)
+    return BaseImage(blobs, description, manifest_digest, str(config.get("architecture", "")), name)
 
 
 def flatten(layout: Layout, base: BaseImage, dest: Path) -> None:

@@ -130,6 +130,10 @@ def build_images(
     with ui.progress() as prog, tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp:
         with ui.task(prog, "base root filesystem"):
             base_image = _resolve_base(base, layout, manifest.arch)
+            if base_image.arch != _ARCH[manifest.arch]:
+                raise UserError(f"base image {base_image.description} is for {base_image.arch or 'no architecture'}, "
+                                f"but bundle {bundle_dir} is {manifest.arch}: its tools could not run the node runtime",
+                                f"use a {manifest.arch} base, or leave out --base to build one")
             root = Path(tmp, "root")
             root.mkdir()
             base_mod.flatten(layout, base_image, root)
