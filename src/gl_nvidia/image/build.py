@@ -33,7 +33,7 @@ from gl_nvidia.fs import sha256_file
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image import layers, ldcache, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
-from gl_nvidia.image.tags import image_tags, validate_tag
+from gl_nvidia.image.tags import image_tags, kernel_arch, validate_tag
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
 
@@ -205,6 +205,11 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
         have = ", ".join(sorted(manifest.kernels)) or "none"
         raise UserError(f"no modules for kernel {kernel} in bundle {bundle_dir} (it holds {have})",
                         f"build them with `gl-nvidia build --kernel {kernel}`")
+    named = kernel_arch(kernel)
+    if named is not None and named != manifest.arch:
+        raise UserError(f"kernel {kernel} is an {named} kernel, but bundle {bundle_dir} is {manifest.arch}: "
+                        f"its image would be published under the {named} image's tags",
+                        "build the bundle for the kernel's own arch")
     if opts.module_types not in MODULE_TYPE_CHOICES:
         raise UserError(f"unknown module type {opts.module_types!r}", "use open, proprietary or both")
     sets = manifest.kernels[kernel].module_sets
