@@ -56,12 +56,12 @@ step modules cat /proc/modules
 """
 
 
-def vmlinuz(kernel: str) -> Path:
+def vmlinuz(kernel: str, arch: str = "amd64") -> Path:
     """The kernel image from Debian's linux-image package (downloaded and unpacked once, cached)."""
     cache = fs.cache_dir("node-qemu", "kernels")
     out = cache / f"vmlinuz-{kernel}"
     if not out.exists():
-        repo = apt.AptRepo(apt.system_sources())
+        repo = apt.AptRepo(apt.system_sources(), arch=arch)
         deb = repo.download(repo.find(f"linux-image-{kernel}"))
         tmp = cache / f".{kernel}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,11 +88,11 @@ def image_initramfs(image_rootfs: Path) -> Path:
     return make_initramfs(image_rootfs)
 
 
-def make_initramfs(root: Path) -> Path:
+def make_initramfs(root: Path, busybox: Path = BUSYBOX, init: str = INIT) -> Path:
     """An image's root filesystem plus busybox-static and an /init script, as an uncompressed cpio."""
     (root / "gl").mkdir()
-    shutil.copy2(BUSYBOX, root / "gl" / "busybox")
-    (root / "init").write_text(INIT)
+    shutil.copy2(busybox, root / "gl" / "busybox")
+    (root / "init").write_text(init)
     (root / "init").chmod(0o755)
     cpio = root.parent.parent / "initramfs.cpio"
     with cpio.open("wb") as out:
@@ -133,7 +133,12 @@ def boot(kernel: str, initramfs: Path) -> Boot:
          "-append", "console=ttyS0 panic=-1 quiet loglevel=4"],
         capture_output=True, text=True, errors="replace", timeout=300, check=False,
     )
-    console = p.stdout.replace("\r", "")
+    return parse_console(p.stdout)
+
+
+def parse_console(stdout: str) -> Boot:
+    """The guest's steps (between MARK lines) from its console; every step must have finished."""
+    console = stdout.replace("\r", "")
     steps: dict[str, tuple[int, str]] = {}
     for chunk in console.split(f"{MARK} begin ")[1:]:
         name, _, rest = chunk.partition("\n")
