@@ -49,6 +49,8 @@ def awkward_root(root: Path, triplet: str, libs: Path, foreign: Path) -> Path:
     shutil.copy(foreign, d / "libforeign.so.1")
     shutil.copy(gcc, d / "nvidia/current/libgcc_s.so.1")  # the same SONAME in a later directory
     shutil.copy(gcc, d / "nvidia/current/not-a-lib.so.1")
+    shutil.copy(libs / "libm.so.6", root / "usr/lib/libm-copy.so.6")  # /lib itself: searched after the conf's
+    os.symlink(f"{triplet}/libm-2.36.so", root / "usr/lib/libm.so.6")  # a link to another directory's file
     return root
 
 
@@ -88,6 +90,7 @@ def test_arm64_cache_holds_aarch64_entries_the_real_ldconfig_reads(tmp_path: Pat
     cache.write_bytes(ldcache.build(root, "arm64"))
     assert listing(cache) == [
         "\tlibm.so.6 (libc6,AArch64) => /lib/aarch64-linux-gnu/libm.so.6",
+        "\tlibm.so.6 (libc6,AArch64) => /lib/libm.so.6",
         "\tlibm.so (libc6,AArch64) => /lib/aarch64-linux-gnu/libm.so",
         "\tlibgcc_s.so.1 (libc6,AArch64) => /lib/aarch64-linux-gnu/libgcc_s.so.1",
         "\tlibgcc_s.so.1 (libc6,AArch64) => /usr/lib/aarch64-linux-gnu/nvidia/current/libgcc_s.so.1",

@@ -6,8 +6,8 @@ architecture without emulation. So the cache is written here, in glibc's format 
 the only one glibc >= 2.32 writes and the one the NVIDIA container toolkit parses), following ldconfig's
 rules (elf/ldconfig.c, glibc 2.36) for what it lists:
 
-- directories: those of /etc/ld.so.conf (`include` globs in sorted order), then the loader's own
-  multiarch directories; missing ones are skipped and a directory reached twice (/lib is /usr/lib on
+- directories: those of /etc/ld.so.conf (`include` globs in sorted order), then the loader's own:
+  /lib/<triplet>, /usr/lib/<triplet>, /lib, /usr/lib; missing ones are skipped and a directory reached twice (/lib is /usr/lib on
   merged-/usr roots) counts once, under the name it was first given;
 - in each: files and symlinks named `lib*.so*` or `ld-*.so*` that are ELF shared objects of the
   image's machine, keyed by their SONAME and listed as `<dir>/<SONAME>`; a symlink whose name is its
@@ -87,7 +87,8 @@ def libcmp(a: str, b: str) -> int:
 def search_dirs(root: Path, arch: str) -> list[PurePosixPath]:
     """The directories ldconfig searches in the image at `root`, in its order, each directory once."""
     triplet = ARCHES[arch][1]
-    named = [*_conf_dirs(root, _CONF, 0), PurePosixPath(f"/lib/{triplet}"), PurePosixPath(f"/usr/lib/{triplet}")]
+    builtin = (f"/lib/{triplet}", f"/usr/lib/{triplet}", "/lib", "/usr/lib")  # Debian's glibc, after the conf
+    named = [*_conf_dirs(root, _CONF, 0), *map(PurePosixPath, builtin)]
     seen: set[PurePosixPath] = set()
     dirs = []
     for d in named:
