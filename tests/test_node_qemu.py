@@ -25,11 +25,13 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import apt, fs
-from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image
+from gl_nvidia.image.build import BuiltImage
 from gl_nvidia.node.image import Image
-from gl_nvidia.run import run
 
 from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
+from .fixtures.images import unpacked_image
+
+__all__ = ["unpacked_image"]  # the IBT and arm64 qemu modules take it from here
 
 OTHER_KERNEL = "6.1.0-47-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")  # busybox-static
@@ -71,16 +73,9 @@ def vmlinuz(kernel: str, arch: str = "amd64") -> Path:
     return out
 
 
-def unpacked_image(bundle: Path, kernel: str, tmp: Path) -> tuple[Path, BuiltImage]:
-    """A real driver image's root filesystem: image stage -> OCI layout -> umoci unpack."""
-    built = build_image(bundle, kernel, tmp / "layout", options=ImageOptions(os_id="debian", os_versions=("12",)))
-    run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:{built.tags[0]}", str(tmp / "bundle")])
-    return tmp / "bundle" / "rootfs", built
-
-
 @pytest.fixture(scope="module")
-def image_rootfs(debian_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return unpacked_image(debian_bundle, DEBIAN_KERNEL, tmp_path_factory.mktemp("node-qemu"))[0]
+def image_rootfs(debian_image: tuple[Path, BuiltImage]) -> Path:
+    return debian_image[0]
 
 
 @pytest.fixture(scope="module")
