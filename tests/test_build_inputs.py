@@ -167,7 +167,7 @@ def test_damaged_installer_is_a_clear_error(tmp_path: Path, own_cache: Path) -> 
 
 def test_kmodbuild_runs_make_in_garden_linux_container() -> None:
     env = KmodbuildEnv("1877.3", engine="podman")
-    hdrs = KernelHeaders("6.12.72-cloud-amd64", Path("/s"), Path("/o"), "d", "gcc-14 (Debian 14.2.0-19) 14.2.0")
+    hdrs = KernelHeaders("6.12.72-cloud-amd64", Path("/s"), Path("/o"), "d", "gcc-14 (Debian 14.2.0-19) 14.2.0", "amd64")
     tree = Path("/cache/work/tree")
     assert kmodbuild_image("arm64", "2150.9.0") == "ghcr.io/gardenlinux/gardenlinux/kmodbuild:arm64-2150.9.0"
     assert env.make_argv(hdrs, tree, 8) == [
