@@ -2,8 +2,9 @@
 
 First the ELF machine: a module of another architecture than the kernel's (an aarch64 module for an
 x86_64 kernel, or the reverse) fails with that one line and nothing else. Then three checks per module,
-the same ones the kernel's loader makes: vermagic equals the kernel's release and flags; every undefined symbol is exported by the kernel (Module.symvers) or by a sibling module;
-every modversions CRC equals the kernel's. A fourth for kernels built with objtool: the module carries
+the same ones the kernel's loader makes: vermagic equals the kernel's release and flags; every undefined
+symbol is exported by the kernel (Module.symvers) or by a sibling module; every modversions CRC equals
+the kernel's. A fourth for kernels built with objtool: the module carries
 the ORC unwind table that kernel's objtool writes, so objtool did process it; on IBT kernels it runs over
 the linked module, which is what the split's node-side link repeats.
 """

@@ -65,9 +65,10 @@ class KernelHeaders:
     @property
     def cc(self) -> str:
         """The kernel's compiler as this machine runs it: the cross one for another architecture's kernel."""
-        if not self.cross_compile or self.kernel_cc.startswith(self.cross_compile):
+        if not self.cross_compile:
             return self.kernel_cc
-        return self.cross_compile + (self.kernel_cc if self.kernel_compiler else "gcc")
+        cc = self.kernel_cc if self.kernel_compiler else "gcc"  # there is no aarch64-linux-gnu-cc
+        return cc if cc.startswith(self.cross_compile) else self.cross_compile + cc
 
     def tool(self, name: str) -> str:
         """A binutils program for the kernel's architecture (`strip`, `ld`): the cross one when needed."""
