@@ -155,7 +155,7 @@ def _ibt_note(elf: ELFFile) -> bool:
 
 
 def machine_problem(modules: Sequence[ModuleElf], arch: str, whose: str) -> str | None:
-    """One line when modules are not ELF of `arch` (`whose`: what claims that arch: a kernel, a bundle)."""
+    """One line naming the modules that are not ELF of `arch` (`whose`: what is of that arch, for the line)."""
     wrong = [m for m in modules if m.machine != ELF_MACHINES[arch]]
     if not wrong:
         return None
