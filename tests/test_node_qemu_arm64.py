@@ -136,7 +136,9 @@ def test_arm64_image_holds_arm64_tools_libraries_and_cache(arm64_rootfs: Path) -
     split = image.split_module(ARM64_KERNEL, "proprietary", "nvidia")
     assert split is not None and not image.ko(ARM64_KERNEL, "proprietary", "nvidia").exists()
     image.verify(ARM64_KERNEL, "proprietary", "nvidia")
-    for f in ("usr/bin/python3", "usr/bin/ld", "usr/bin/kmod", "usr/sbin/ldconfig", "usr/bin/nvidia-smi",
+    for f in ("usr/bin/python3", "usr/bin/ld", "usr/bin/kmod", "usr/sbin/ldconfig", "usr/bin/nvidia-smi", "bin/sh",
+              "usr/bin/touch",  # the GPU Operator's startup probe: sh -c 'nvidia-smi && touch ...'
+
               "usr/lib/aarch64-linux-gnu/libnvidia-ml.so.1", "usr/lib/gl-nvidia/binaries/proprietary/nv-kernel.o"):
         real = unpack.host_path(arm64_rootfs, unpack.resolve_in_root(arm64_rootfs, f, follow=True))
         assert machine(real) == "EM_AARCH64", f

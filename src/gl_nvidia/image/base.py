@@ -49,8 +49,9 @@ SLIM_OPTIONS = (
     "--dpkgopt=path-include=/usr/share/doc/*/copyright",
 )
 # Essential:yes packages an extract base needs spelled out: os-release, /bin/sh (the entrypoint script),
-# ldconfig (the node reruns it if a cache lacks the NVIDIA libraries).
-EXTRACT_PACKAGES = (*PACKAGES, "base-files", "dash", "libc-bin")
+# ldconfig (the node reruns it if a cache lacks the NVIDIA libraries), and coreutils: the GPU Operator's
+# probes run `sh -c 'nvidia-smi && touch ...'` and `rm -f ...` in the driver container.
+EXTRACT_PACKAGES = (*PACKAGES, "base-files", "dash", "libc-bin", "coreutils")
 # mmdebstrap runs extract hooks on the build machine with the root as $1 and the unpacked .debs (paths
 # inside the root) in MMDEBSTRAP_ESSENTIAL.
 STATUS_HOOK = ("--extract-hook=for deb in $MMDEBSTRAP_ESSENTIAL; do dpkg-deb --field \"$1/$deb\"; "
