@@ -25,6 +25,9 @@ from gl_nvidia.build.compile import first_error
 from gl_nvidia.build.kenv import (
     KmodbuildEnv,
     compiler_mismatch,
+    config_arch,
+    cross_prefix,
+    host_arch,
     host_toolchain,
     kmodbuild_image,
     make_argv,
@@ -332,7 +335,7 @@ def test_damaged_installer_is_a_clear_error(tmp_path: Path, own_cache: Path) -> 
 
 def test_kmodbuild_runs_make_in_garden_linux_container() -> None:
     env = KmodbuildEnv("1877.3", engine="podman")
-    hdrs = KernelHeaders("6.12.72-cloud-amd64", Path("/s"), Path("/o"), "d", "gcc-14 (Debian 14.2.0-19) 14.2.0")
+    hdrs = KernelHeaders("6.12.72-cloud-amd64", Path("/s"), Path("/o"), "d", "gcc-14 (Debian 14.2.0-19) 14.2.0", "amd64")
     tree = Path("/cache/work/tree")
     assert kmodbuild_image("arm64", "2150.9.0") == "ghcr.io/gardenlinux/gardenlinux/kmodbuild:arm64-2150.9.0"
     assert env.make_argv(hdrs, tree, 8) == [
@@ -342,6 +345,18 @@ def test_kmodbuild_runs_make_in_garden_linux_container() -> None:
     ]
     assert make_argv(hdrs, tree, 2) == ["make", "-j2", "-C", "/cache/work/tree", "SYSSRC=/s", "SYSOUT=/o", "modules"]
     assert hdrs.cc == "gcc-14"
+
+
+def test_an_arm64_kernel_is_cross_compiled_on_amd64_and_not_on_arm64() -> None:
+    hdrs = KernelHeaders("6.1.0-56-cloud-arm64", Path("/s"), Path("/o"), "d", "gcc-12 (Debian 12.2.0-14) 12.2.0", "arm64")
+    assert cross_prefix("arm64", "amd64") == "aarch64-linux-gnu-" and cross_prefix("arm64", "arm64") == ""
+    assert cross_prefix("amd64", "arm64") == "x86_64-linux-gnu-"
+    assert host_arch() == "amd64"  # this machine; the rest of the test depends on it
+    assert (hdrs.cc, hdrs.kernel_cc, hdrs.tool("ld")) == ("aarch64-linux-gnu-gcc-12", "gcc-12", "aarch64-linux-gnu-ld")
+    assert make_argv(hdrs, Path("/t"), 2)[-4:] == [
+        "ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-", "CC=aarch64-linux-gnu-gcc-12", "modules"]
+    with pytest.raises(UserError, match="is for neither amd64 nor arm64"):
+        config_arch({"CONFIG_PPC64": "y"}, Path("/o"))
 
 
 def test_first_error_is_the_compiler_error_line() -> None:

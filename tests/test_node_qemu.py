@@ -30,12 +30,14 @@ import pytest
 
 from gl_nvidia import apt, fs
 from gl_nvidia import bundle as b
-from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image
+from gl_nvidia.image.build import BuiltImage
 from gl_nvidia.node.image import Image
 from gl_nvidia.oci import Layout
-from gl_nvidia.run import run
 
 from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, MODULE_SIGNER, ModuleKey
+from .fixtures.images import unpacked_image
+
+__all__ = ["unpacked_image"]  # the IBT and arm64 qemu modules take it from here
 
 OTHER_KERNEL = "6.1.0-47-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")  # busybox-static
@@ -64,12 +66,12 @@ step modules cat /proc/modules
 """
 
 
-def vmlinuz(kernel: str) -> Path:
+def vmlinuz(kernel: str, arch: str = "amd64") -> Path:
     """The kernel image from Debian's linux-image package (downloaded and unpacked once, cached)."""
     cache = fs.cache_dir("node-qemu", "kernels")
     out = cache / f"vmlinuz-{kernel}"
     if not out.exists():
-        repo = apt.AptRepo(apt.system_sources())
+        repo = apt.AptRepo(apt.system_sources(), arch=arch)
         deb = repo.download(repo.find(f"linux-image-{kernel}"))
         tmp = cache / f".{kernel}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,24 +81,11 @@ def vmlinuz(kernel: str) -> Path:
     return out
 
 
-def unpacked_image(bundle: Path, kernel: str, tmp: Path) -> tuple[Path, BuiltImage]:
-    """A real driver image's root filesystem: image stage -> OCI layout -> umoci unpack."""
-    built = build_image(bundle, kernel, tmp / "layout", options=ImageOptions(os_id="debian", os_versions=("12",)))
-    run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:{built.tags[0]}", str(tmp / "bundle")])
-    return tmp / "bundle" / "rootfs", built
-
-
 @pytest.fixture(scope="module")
-def signed_image(signed_debian_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltImage]:
-    """The image of the signed bundle (the same modules as `debian_bundle`'s, signed with `module_key`)."""
-    return unpacked_image(signed_debian_bundle, DEBIAN_KERNEL, tmp_path_factory.mktemp("node-qemu"))
-
-
-@pytest.fixture(scope="module")
-def image_rootfs(signed_image: tuple[Path, BuiltImage], debian_bundle: Path) -> Path:
+def image_rootfs(debian_image: tuple[Path, BuiltImage], debian_bundle: Path) -> Path:
     """The signed image's root, plus (outside the image, at /gl) the build's unsigned nvidia.ko."""
-    root = signed_image[0]
-    (root / "gl").mkdir()
+    root = debian_image[0]
+    (root / "gl").mkdir(exist_ok=True)
     shutil.copyfile(b.modules_dir(debian_bundle, DEBIAN_KERNEL, "proprietary") / "nvidia.ko",
                     root / "gl" / "nvidia-unsigned.ko")
     return root
@@ -107,11 +96,11 @@ def image_initramfs(image_rootfs: Path) -> Path:
     return make_initramfs(image_rootfs)
 
 
-def make_initramfs(root: Path) -> Path:
+def make_initramfs(root: Path, busybox: Path = BUSYBOX, init: str = INIT) -> Path:
     """An image's root filesystem plus busybox-static and an /init script, as an uncompressed cpio."""
     (root / "gl").mkdir(exist_ok=True)
-    shutil.copy2(BUSYBOX, root / "gl" / "busybox")
-    (root / "init").write_text(INIT)
+    shutil.copy2(busybox, root / "gl" / "busybox")
+    (root / "init").write_text(init)
     (root / "init").chmod(0o755)
     cpio = root.parent.parent / "initramfs.cpio"
     with cpio.open("wb") as out:
@@ -152,7 +141,12 @@ def boot(kernel: str, initramfs: Path, append: str = "") -> Boot:
          "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 {append}".strip()],
         capture_output=True, text=True, errors="replace", timeout=300, check=False,
     )
-    console = p.stdout.replace("\r", "")
+    return parse_console(p.stdout)
+
+
+def parse_console(stdout: str) -> Boot:
+    """The guest's steps (between MARK lines) from its console; every step must have finished."""
+    console = stdout.replace("\r", "")
     steps: dict[str, tuple[int, str]] = {}
     for chunk in console.split(f"{MARK} begin ")[1:]:
         name, _, rest = chunk.partition("\n")
@@ -203,8 +197,8 @@ def test_other_kernel_is_refused_before_any_module_is_inserted(image_initramfs: 
 
 
 def test_the_image_ships_signed_modules_and_the_certificates_fingerprint_not_the_key(
-        signed_image: tuple[Path, BuiltImage], image_rootfs: Path, module_key: ModuleKey) -> None:
-    root, built = signed_image
+        debian_image: tuple[Path, BuiltImage], image_rootfs: Path, module_key: ModuleKey) -> None:
+    root, built = debian_image
     mods = root / f"usr/lib/gl-nvidia/modules/{DEBIAN_KERNEL}/proprietary"
     image = Image.load(root)
     assert {r.parts is None for r in image.records.values()} == {True, False}

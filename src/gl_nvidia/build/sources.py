@@ -95,12 +95,13 @@ class DebianSource:
     name = "debian"
 
     def __init__(self, repo: apt.AptRepo | None = None) -> None:
-        self._repo = repo
+        # One repository view per architecture: a release builds amd64 and arm64 units side by side.
+        self._repos = {repo.arch: repo} if repo else {}
 
     def repo(self, arch: str) -> apt.AptRepo:
-        if self._repo is None or self._repo.arch != arch:
-            self._repo = apt.AptRepo(apt.system_sources(), arch=arch)
-        return self._repo
+        if arch not in self._repos:
+            self._repos[arch] = apt.AptRepo(apt.system_sources(), arch=arch)
+        return self._repos[arch]
 
     def available_versions(self, arch: str) -> list[str]:
         return [_upstream(p.version) for p in self.repo(arch).versions("nvidia-smi")]

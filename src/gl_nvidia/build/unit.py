@@ -88,8 +88,11 @@ def build_unit(
         raise UserError(f"unknown module type(s): {', '.join(sorted(unknown))}", "use open and/or proprietary")
     inputs = source.prepare(unit.driver_version, unit.arch)
     hdrs = env.headers(unit.kernel, unit.arch)
+    if hdrs.arch != unit.arch:
+        raise UserError(f"the headers of {unit.kernel} are for an {hdrs.arch} kernel, but the unit is {unit.arch}",
+                        f"build it as an {hdrs.arch} unit, or point at the {unit.arch} kernel's headers")
     toolchain = env.toolchain(hdrs)
-    mismatch = compiler_mismatch(toolchain, hdrs.kernel_compiler)
+    mismatch = compiler_mismatch(toolchain, hdrs.kernel_compiler, hdrs.cross_compile)
     if mismatch:
         log.warning("%s: %s", unit.kernel, mismatch)
     sets: dict[str, CompiledSet] = {}

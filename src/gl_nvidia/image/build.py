@@ -31,13 +31,12 @@ from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image import layers, sbom, unpack
+from gl_nvidia.image import layers, ldcache, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
-from gl_nvidia.image.tags import image_tags, validate_tag
+from gl_nvidia.image.tags import image_tags, kernel_arch, validate_tag
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
 from gl_nvidia.osprofile import os_profile
-from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +131,10 @@ def build_images(
     with ui.progress() as prog, tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp:
         with ui.task(prog, "base root filesystem"):
             base_image = _resolve_base(base, layout, manifest.arch)
+            if base_image.arch != _ARCH[manifest.arch]:
+                raise UserError(f"base image {base_image.description} is for {base_image.arch or 'no architecture'}, "
+                                f"but bundle {bundle_dir} is {manifest.arch}: its tools could not run the node runtime",
+                                f"use a {manifest.arch} base, or leave out --base to build one")
             root = Path(tmp, "root")
             root.mkdir()
             base_mod.flatten(layout, base_image, root)
@@ -203,6 +206,11 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
         have = ", ".join(sorted(manifest.kernels)) or "none"
         raise UserError(f"no modules for kernel {kernel} in bundle {bundle_dir} (it holds {have})",
                         f"build them with `gl-nvidia build --kernel {kernel}`")
+    named = kernel_arch(kernel)
+    if named is not None and named != manifest.arch:
+        raise UserError(f"kernel {kernel} is an {named} kernel, but bundle {bundle_dir} is {manifest.arch}: "
+                        f"its image would be published under the {named} image's tags",
+                        "build the bundle for the kernel's own arch")
     if opts.module_types not in MODULE_TYPE_CHOICES:
         raise UserError(f"unknown module type {opts.module_types!r}", "use open, proprietary or both")
     sets = manifest.kernels[kernel].module_sets
@@ -343,7 +351,7 @@ def _shared_layers(layout: Layout, bundle_dir: Path, manifest: BundleManifest, r
     return _Shared((
         ("node-runtime", layers.write_layer(layout, runtime)),
         ("userspace", layers.write_layer(layout, _files_only(userspace))),
-        ("ld.so.cache", layers.write_layer(layout, _ld_cache(root, userspace))),
+        ("ld.so.cache", layers.write_layer(layout, _ld_cache(root, userspace, manifest.arch))),
         ("firmware", layers.write_layer(layout, _files_only(firmware))),
     ))
 
@@ -353,8 +361,9 @@ def _files_only(entries: list[Entry]) -> list[Entry]:
     return [e for e in entries if not e.is_dir]
 
 
-def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
-    """/etc/ld.so.cache of base + userspace, made by the real ldconfig in a scratch copy of the tree."""
+def _ld_cache(root: Path, userspace: list[Entry], arch: str) -> list[Entry]:
+    """/etc/ld.so.cache of base + userspace for the image's arch, from a scratch copy of the tree (ldcache.py:
+    no ldconfig runs, so an arm64 image gets its cache on an amd64 machine)."""
     lib_dirs = sorted({str(e.path.parent) for e in userspace if ".so" in e.path.name})
     conf_path = PurePosixPath("/etc/ld.so.conf.d/gl-nvidia.conf")
     conf = "".join(f"{d}\n" for d in lib_dirs).encode()
@@ -365,9 +374,7 @@ def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
         elif e.source is not None:
             shutil.copyfile(e.source, unpack.writable(root, e.path))
     unpack.writable(root, conf_path).write_bytes(conf)
-    # -X: only the cache, no soname links (the bundle ships them); -r: the cache is for this root.
-    run(["ldconfig", "-X", "-r", root], hint="ldconfig -r needs root (it chroots)")
-    cache = unpack.host_path(root, unpack.resolve_in_root(root, "/etc/ld.so.cache", follow=True)).read_bytes()
+    cache = ldcache.build(root, arch)
     return [
         Entry(_place(root, PurePosixPath("/etc/ld.so.cache")), data=cache),
         Entry(_place(root, conf_path), data=conf),

@@ -52,7 +52,8 @@ def base_packages(root: Path) -> BasePackages:
     found: list[DebPackage] = []
     if status.is_file():
         for para in Deb822.iter_paragraphs(status.read_text(errors="replace").splitlines()):
-            if para.get("Status", "").split()[-1:] != ["installed"] or "Package" not in para:
+            # unpacked: an extract base's packages (base.py), whose maintainer scripts never ran
+            if para.get("Status", "").split()[-1:] not in (["installed"], ["unpacked"]) or "Package" not in para:
                 continue
             source = (para.get("Source") or "").split(" ")[0] or None
             found.append(DebPackage(para["Package"], para.get("Version", ""), para.get("Architecture", ""),

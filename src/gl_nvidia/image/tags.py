@@ -8,6 +8,15 @@ from gl_nvidia.osprofile import os_profile
 
 # OCI distribution spec: a tag is [A-Za-z0-9_][A-Za-z0-9._-]{0,127}
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# Debian's and Garden Linux's kernel releases end in their arch: 6.12.72-cloud-arm64, 6.1.0-56-amd64.
+_KERNEL_ARCH = re.compile(r"-(amd64|arm64)$")
+
+
+def kernel_arch(kernel: str) -> str | None:
+    """The arch a kernel release names (None: a name without one). The operator's tag carries only the
+    kernel, so this suffix is what keeps the amd64 and arm64 images of one version apart."""
+    m = _KERNEL_ARCH.search(kernel)
+    return m.group(1) if m else None
 
 
 def os_tag(os_id: str, version_id: str) -> str:

@@ -11,6 +11,8 @@ MELLANOX = 0x15B3
 TURING_FIRST_DEVICE = 0x1E00  # open kernel modules need Turing or newer
 OPEN_DEFAULT_BRANCH = 560  # from this branch on, NVIDIA defaults to the open modules
 MODULE_TYPES = ("open", "proprietary")
+# The kernel's machine (uname -m) -> the Debian arch name images and manifests use.
+MACHINE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # Load order: each module depends on the ones before it.
 MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
 PEERMEM = "nvidia-peermem"
@@ -55,6 +57,7 @@ class Node:
     # NVLink5 (Blackwell NVL): the NVLink switches are managed through ConnectX ports (VPD "SW_MNG")
     # instead of NVSwitch PCI devices; fabric manager needs the NVLink subnet manager there.
     nvlink5: bool = False
+    machine: str = ""  # the running kernel's machine: x86_64, aarch64
 
     @property
     def gpus(self) -> tuple[PciDevice, ...]:
@@ -117,14 +120,25 @@ def tag_kernel(kernel: str) -> str:
     return kernel.replace("+", "_")
 
 
-def select_kernel(node: Node, image_kernels: list[str], driver_branch: str) -> str:
-    """The kernel directory this image holds for the running kernel, or the one-line reason there is none."""
+def select_kernel(node: Node, image_kernels: list[str], driver_branch: str, image_arch: str) -> str:
+    """The kernel directory this image holds for the running kernel, or the one-line reason there is none.
+
+    An image of another architecture is refused first, whatever kernel names it holds: its modules and
+    tools cannot run here (an amd64 image reaches an arm64 node through a wrong tag or a mirror that
+    dropped the arch, and runs at all only under binfmt emulation)."""
+    needed = f"driver:{driver_branch}-{tag_kernel(node.kernel)}-{os_tag(node.os_release)}"
+    node_arch = MACHINE_ARCH.get(node.machine, node.machine)
+    if node_arch and image_arch and node_arch != image_arch:
+        raise NodeError(
+            f"this image is for {image_arch}, but this node's kernel {node.kernel} is {node_arch} ({node.machine}); "
+            f"the node needs {needed}",
+            f"publish the {node_arch} image under that tag (the kernel's name carries its architecture)",
+        )
     if node.kernel in image_kernels:
         return node.kernel
     held = ", ".join(image_kernels) if image_kernels else "none"
     raise NodeError(
-        f"no modules for kernel {node.kernel} in this image (it holds {held}); "
-        f"the node needs driver:{driver_branch}-{tag_kernel(node.kernel)}-{os_tag(node.os_release)}",
+        f"no modules for kernel {node.kernel} in this image (it holds {held}); the node needs {needed}",
         "build and publish that image (gl-nvidia build/image/publish for this kernel), "
         "or check the node's kernel-version label",
     )

@@ -58,4 +58,5 @@ def read_node(host: Host) -> Node:
         loaded=loaded_modules(host),
         os_release=parse_os_release(host.read_opt(HOST_OS_RELEASE) or ""),
         nvlink5=nvlink5_switch(host),
+        machine=host.machine(),
     )

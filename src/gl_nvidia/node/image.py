@@ -55,6 +55,7 @@ class Image:
     records: dict[tuple[str, str, str], ModuleFile] = field(default_factory=dict)
     # what the build could not ship and why ("fabricmanager" -> "no fabric manager for 535.309.01 in Debian")
     left_out: dict[str, str] = field(default_factory=dict)
+    arch: str = ""  # the bundle's: amd64, arm64
 
     @classmethod
     def load(cls, root: Path) -> Image:
@@ -72,7 +73,7 @@ class Image:
                 for f in map(module_file, ms.get("modules", ()))
             }
             left_out = {str(k): str(v) for k, v in (d.get("left_out") or {}).items()}
-            return cls(root, d["driver_version"], d["driver_branch"], versions, records, left_out)
+            return cls(root, d["driver_version"], d["driver_branch"], versions, records, left_out, d["arch"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NodeError(
                 f"this image has no readable driver manifest at {layout.MANIFEST} ({exc})",

@@ -87,7 +87,7 @@ class Runtime:
     def plan(self) -> Plan:
         node = read_node(self.host)
         self.log.info("node", kernel=node.kernel, gpus=len(node.gpus), os=decide.os_tag(node.os_release))
-        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch)
+        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch, self.image.arch)
         if not node.gpus:
             raise NodeError(
                 f"no NVIDIA GPU on this node (no PCI device with vendor 0x10de and a display class in "
@@ -494,7 +494,7 @@ class Runtime:
         """insmod nvidia.ko into the running kernel and classify, then unload it again (host modules it
         needed, loaded with modprobe, stay loaded)."""
         node = read_node(self.host)
-        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch)
+        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch, self.image.arch)
         if "nvidia" in node.loaded:
             raise NodeError("nvidia is already loaded; check-load needs a kernel without it",
                             "run it on a node (or VM) where the driver is not loaded")
@@ -541,7 +541,7 @@ class Runtime:
                 return
         node = read_node(self.host)
         if "nvidia_peermem" not in node.loaded:
-            kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch)
+            kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch, self.image.arch)
             module_type = self._loaded_type(kernel)
             ko, = self._modules(kernel, module_type, (PEERMEM,), node.kernel)
             p = self._params().params.get(PEERMEM, ())
