@@ -42,7 +42,8 @@ __all__ = ["unpacked_image"]  # the IBT and arm64 qemu modules take it from here
 OTHER_KERNEL = "6.1.0-47-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")  # busybox-static
 MARK = "@@gl-nvidia@@"
-INIT = f"""#!/gl/busybox sh
+# Mounts what the node runtime reads, then `step NAME CMD...` frames each step on the console for parse_console.
+GUEST_PRELUDE = f"""#!/gl/busybox sh
 /gl/busybox mount -t proc proc /proc
 /gl/busybox mount -t sysfs sysfs /sys
 /gl/busybox mount -t devtmpfs devtmpfs /dev
@@ -55,7 +56,8 @@ step() {{
   "$@" 2>&1
   echo "{MARK} end rc=$?"
 }}
-step dry-run nvidia-driver init --dry-run
+"""
+INIT = GUEST_PRELUDE + """step dry-run nvidia-driver init --dry-run
 step check-load nvidia-driver check-load
 step signature /gl/busybox sh -c 'for f in signer sig_hashalgo sig_key; do /usr/sbin/modinfo -F $f /run/gl-nvidia/modules/*/*/nvidia.ko; done'
 step unsigned /gl/busybox sh -c 'test -f /gl/nvidia-unsigned.ko || exit 0; /usr/sbin/insmod /gl/nvidia-unsigned.ko; rc=$?; /usr/bin/dmesg | /gl/busybox tail -n 3; exit $rc'

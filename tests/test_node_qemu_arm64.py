@@ -39,22 +39,16 @@ from gl_nvidia.oci import Layout
 from .fixtures.arm64 import ARM64_KERNEL
 from .fixtures.bundle import DEBIAN_DRIVER
 from .test_image import sh
-from .test_node_qemu import MARK, Boot, make_initramfs, parse_console, unpacked_image, vmlinuz
+from .test_node_qemu import (
+    GUEST_PRELUDE,
+    Boot,
+    make_initramfs,
+    parse_console,
+    unpacked_image,
+    vmlinuz,
+)
 
-INIT = f"""#!/gl/busybox sh
-/gl/busybox mount -t proc proc /proc
-/gl/busybox mount -t sysfs sysfs /sys
-/gl/busybox mount -t devtmpfs devtmpfs /dev
-/gl/busybox mkdir -p /run/nvidia/validations /tmp /host-etc
-/gl/busybox cp /etc/os-release /host-etc/os-release
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-step() {{
-  echo "{MARK} begin $1"
-  shift
-  "$@" 2>&1
-  echo "{MARK} end rc=$?"
-}}
-step check-load nvidia-driver check-load
+INIT = GUEST_PRELUDE + """step check-load nvidia-driver check-load
 step ldconfig-own /gl/busybox sh -c 'ldconfig -X -C /tmp/ld.so.cache && ldconfig -p -C /tmp/ld.so.cache'
 step ldconfig-ours ldconfig -p
 step loader /gl/busybox env LD_DEBUG=libs python3 -c 'import ctypes; ctypes.CDLL("libnvidia-ml.so.1")'
