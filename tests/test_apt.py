@@ -3,6 +3,7 @@ against the real archive and local repositories signed with throwaway keys."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import lzma
@@ -31,14 +32,41 @@ def test_system_sources_reads_one_line_and_deb822(tmp_path: Path) -> None:
     (tmp_path / "sources.list.d" / "old.list.disabled").write_text("deb http://ignored.example x main\n")
     (tmp_path / "sources.list.d" / "vendor.sources").write_text(
         "Types: deb\nURIs: http://vendor.example\nSuites: stable\nComponents: main\nSigned-By: /vendor.gpg\n"
+        "Architectures: amd64 arm64\n"
     )
     # Signed-By / signed-by= name the keyring; without it, Debian's archive keyring, as apt does for Debian.
+    # arch= / Architectures: restrict a source to those architectures' indexes.
     assert system_sources(tmp_path) == [
-        AptSource("http://mirror.example/debian", "bookworm", ("main", "contrib"), Path("/k.gpg")),
+        AptSource("http://mirror.example/debian", "bookworm", ("main", "contrib"), Path("/k.gpg"), ("amd64",)),
         AptSource("http://repo.example/gl", "1877.3", ("main",), DEBIAN_KEYRING),
         AptSource("http://repo.example/gl", "1877.4", ("main",), DEBIAN_KEYRING),
-        AptSource("http://vendor.example", "stable", ("main",), Path("/vendor.gpg")),
+        AptSource("http://vendor.example", "stable", ("main",), Path("/vendor.gpg"), ("amd64", "arm64")),
     ]
+
+
+def test_arm64_indexes_are_read_directly_and_an_amd64_only_source_is_left_out(
+        tmp_path: Path, apt_key: SigningKey) -> None:
+    """An arm64 repository view on this amd64 machine reads `binary-arm64` (no dpkg --add-architecture);
+    a source restricted to amd64 contributes nothing to it, as apt would."""
+    root = tmp_path / "repo"
+    for arch in ("amd64", "arm64"):
+        deb = root / f"pool/main/n/nvidia-kernel-source_535_{arch}.deb"
+        deb.parent.mkdir(parents=True, exist_ok=True)
+        deb.write_bytes(f"{arch} deb".encode())
+        index = root / f"dists/1877.3/main/binary-{arch}/Packages.gz"
+        index.parent.mkdir(parents=True)
+        index.write_bytes(gzip.compress(
+            f"Package: nvidia-kernel-source\nVersion: 535\nArchitecture: {arch}\nFilename: {deb.relative_to(root)}\n"
+            f"Size: {deb.stat().st_size}\nSHA256: {hashlib.sha256(deb.read_bytes()).hexdigest()}\n".encode()))
+    sign_suite(root / "dists/1877.3", apt_key)
+    source = AptSource(f"file://{root}", "1877.3", ("main",), apt_key.keyring)
+    arm64 = AptRepo([source], arch="arm64", cache=tmp_path / "cache")
+    pkg = arm64.find("nvidia-kernel-source")
+    assert pkg.architecture == "arm64" and arm64.download(pkg).read_bytes() == b"arm64 deb"
+    amd64_only = dataclasses.replace(source, arches=("amd64",))
+    assert AptRepo([amd64_only], arch="amd64", cache=tmp_path / "cache").find("nvidia-kernel-source").architecture == "amd64"
+    with pytest.raises(UserError, match="package nvidia-kernel-source not found in no apt source for arm64"):
+        AptRepo([amd64_only], arch="arm64", cache=tmp_path / "cache").find("nvidia-kernel-source")
 
 
 def test_no_sources_is_a_clear_error(tmp_path: Path) -> None:

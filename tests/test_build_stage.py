@@ -134,6 +134,9 @@ def test_build_all_reports_failed_cells_and_excludes_them(
     table = captured.out
     assert "6.1.0-56-cloud-amd64" in table and "6.1.0-47-cloud-amd64" in table
     assert "failed" in table and "pci_resize_resource" in table
+    # Debian packages no fabric manager: a line under the table, not a silent gap in the image
+    assert (f"{DEBIAN_DRIVER}-amd64: left out fabricmanager: no fabric manager for {DEBIAN_DRIVER} in Debian"
+            in " ".join(table.split()))
     rules = YAML(typ="safe").load(lock.read_text())["policy"]["exclusions"]
     assert len(rules) == 1
     assert rules[0]["module_type"] == "open" and rules[0]["kernel"] == f"=={DEBIAN_KERNEL}"
@@ -144,6 +147,8 @@ def test_build_all_reports_failed_cells_and_excludes_them(
     cells = {(r["unit"]["kernel"], t): m for r in rows for t, m in r["modules"].items()}
     assert set(cells) == {(DEBIAN_KERNEL, "proprietary"), (OPEN_OK_KERNEL, "proprietary"), (OPEN_OK_KERNEL, "open")}
     assert all(m["status"] == "ok" and m["cached"] for m in cells.values())
+    assert {r["left_out"]["fabricmanager"] for r in rows} == {
+        f"no fabric manager for {DEBIAN_DRIVER} in Debian (the archive's nvidia-fabricmanager: no such package)"}
     manifest = b.BundleManifest.load(out / f"{DEBIAN_DRIVER}-amd64")
     assert sorted(manifest.kernels) == sorted([DEBIAN_KERNEL, OPEN_OK_KERNEL])
 

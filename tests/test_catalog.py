@@ -22,6 +22,7 @@ from gl_nvidia.catalog.resolve import policy_leaves_out, select_drivers, select_
 from gl_nvidia.catalog.sources import parse_glrd, parse_nvidia
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
+from gl_nvidia.osprofile import DEBIAN, GARDENLINUX
 from gl_nvidia.run import output
 from tests.fixtures.aptrepo import SigningKey, serve, sign_repo
 
@@ -157,8 +158,8 @@ def test_gl_kernel_is_what_the_flavour_meta_package_points_to(
     monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path))
     monkeypatch.setenv("GL_APT_REPOSITORY", served_gl_apt)
     # The index also holds an older 6.12.40 and the -common package; the meta-package decides.
-    assert resolve_kernel("${GL_APT_REPOSITORY}", "1877.3", "cloud", "amd64") == "6.12.44-cloud-amd64"
-    assert resolve_kernel("${GL_APT_REPOSITORY}", "2150.9.0", "metal", "arm64") == "6.12.72-arm64"
+    assert resolve_kernel("${GL_APT_REPOSITORY}", "1877.3", "cloud", "amd64", GARDENLINUX) == "6.12.44-cloud-amd64"
+    assert resolve_kernel("${GL_APT_REPOSITORY}", "2150.9.0", "metal", "arm64", GARDENLINUX) == "6.12.72-arm64"
 
 
 def test_kernel_from_newest_headers_when_there_is_no_meta_package(
@@ -169,13 +170,13 @@ def test_kernel_from_newest_headers_when_there_is_no_meta_package(
     paragraphs = index.read_text().split("\n\n")
     index.write_text("\n\n".join(p for p in paragraphs if "Package: linux-headers-cloud-amd64\n" not in p))
     sign_repo(signed_gl_apt, apt_key)
-    assert resolve_kernel(str(signed_gl_apt), "1877.3", "cloud", "amd64") == "6.12.44-cloud-amd64"
+    assert resolve_kernel(str(signed_gl_apt), "1877.3", "cloud", "amd64", GARDENLINUX) == "6.12.44-cloud-amd64"
 
 
 def test_unset_repository_variable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GL_APT_REPOSITORY", raising=False)
     with pytest.raises(Exception, match="GL_APT_REPOSITORY is not set"):
-        apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+        apt_sources("${GL_APT_REPOSITORY}", "1877.3", GARDENLINUX)
 
 
 def test_a_repository_by_url_is_verified_with_the_keyring_gl_apt_keyring_names(
@@ -184,15 +185,15 @@ def test_a_repository_by_url_is_verified_with_the_keyring_gl_apt_keyring_names(
     monkeypatch.setenv("GL_APT_REPOSITORY", "http://repo.example/gl")
     monkeypatch.delenv("GL_APT_KEYRING", raising=False)
     with pytest.raises(UserError, match=r"GL_APT_KEYRING is not set \(the keyring to verify http://repo\.example/gl with\)"):
-        apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+        apt_sources("${GL_APT_REPOSITORY}", "1877.3", GARDENLINUX)
     monkeypatch.setenv("GL_APT_KEYRING", str(tmp_path / "gardenlinux.asc"))
-    (source,) = apt_sources("${GL_APT_REPOSITORY}", "1877.3")
+    (source,) = apt_sources("${GL_APT_REPOSITORY}", "1877.3", GARDENLINUX)
     assert source.keyring == tmp_path / "gardenlinux.asc"
 
 
 def test_debian_bookworm_cloud_kernel_from_this_machines_archive() -> None:
     """Integration: the real Debian archive configured in /etc/apt, checked against apt itself."""
-    kernel = resolve_kernel("system:bookworm", "12", "cloud", "amd64")
+    kernel = resolve_kernel("system:bookworm", "12", "cloud", "amd64", DEBIAN)
     assert re.fullmatch(r"6\.1\.0-\d+-cloud-amd64", kernel)
     depends = output(["apt-cache", "show", "--no-all-versions", "linux-headers-cloud-amd64"])
     assert f"linux-headers-{kernel} " in depends
@@ -273,7 +274,7 @@ def test_open_modules_of_another_version_than_the_driver_are_excluded_on_every_k
     assert {c.driver_branch for c in m.cells} == {"535"}
     by_kernel = {u.kernel: u for u in m.units}
     assert "6.1.0-47-cloud-amd64" in by_kernel
-    current = [k for k in by_kernel if k != "6.1.0-47-cloud-amd64"]
+    current = [k for k in by_kernel if k != "6.1.0-47-cloud-amd64" and k.endswith("-cloud-amd64")]
     assert len(current) == 1 and compare_kernels(current[0], "6.1.0-56-cloud-amd64") >= 0
     if open_version == driver:  # the day Debian's open package catches up, both types build
         assert not m.excluded and all(u.module_types == ("open", "proprietary") for u in m.units)
@@ -282,6 +283,21 @@ def test_open_modules_of_another_version_than_the_driver_are_excluded_on_every_k
     assert sorted(e.cell.kernel for e in m.excluded) == sorted(by_kernel)
     assert all(e.module_types == ("open",) and f"open module source {open_version} differs from driver {driver}"
                in e.reason for e in m.excluded)
+
+
+def test_debian_profile_resolves_cloud_and_metal_on_both_arches_from_the_archive() -> None:
+    """Debian's generic kernel stands in for Garden Linux metal: the real archive's binary-amd64 and
+    binary-arm64 indexes give one current kernel per flavour and arch, named as the OS record says."""
+    m = load_matrix("debian")
+    current = {(c.flavour, c.arch): c.kernel for c in m.cells if c.kernel != "6.1.0-47-cloud-amd64"}
+    assert set(current) == {("cloud", "amd64"), ("cloud", "arm64"), ("metal", "amd64"), ("metal", "arm64")}
+    for (flavour, arch), kernel in current.items():
+        infix = "cloud-" if flavour == "cloud" else ""
+        assert re.fullmatch(rf"6\.1\.0-\d+-{infix}{arch}", kernel), (flavour, arch, kernel)
+    depends = output(["apt-cache", "show", "--no-all-versions", "linux-headers-amd64"])
+    assert f"linux-headers-{current[('metal', 'amd64')]} " in depends
+    units = {(u.kernel, u.arch, u.flavour) for u in m.units}
+    assert {(k, a, f) for (f, a), k in current.items()} <= units
 
 
 def test_version_mismatch_is_decided_from_the_resolved_driver_alone() -> None:
@@ -338,6 +354,25 @@ def run_update(workdir: Path, today: str = SNAPSHOT_DAY, *extra: str) -> int:
     return cli("update", "--lock", str(workdir / "versions.yaml"), "--today", today,
                "--glrd", str(s / "glrd-releases-major.json"), "--glrd", str(s / "glrd-releases-minor.json"),
                "--nvidia", str(s / "nvidia-releases.json"), "--apt-repository", str(s / "gl-apt"), *extra)
+
+
+def test_update_records_where_and_when_it_resolved(workdir: Path) -> None:
+    """The lock says which sources its `resolved` block came from and on which day; the repository's
+    own lock names the live GLRD and NVIDIA URLs that a plain `gl-nvidia update` reads."""
+    resolved = read_lock(workdir / "versions.yaml")[0].resolved
+    assert resolved is not None and str(resolved.today) == SNAPSHOT_DAY
+    s = workdir / "src"
+    assert resolved.sources is not None
+    assert resolved.sources.model_dump() == {
+        "glrd": [str(s / "glrd-releases-major.json"), str(s / "glrd-releases-minor.json")],
+        "nvidia": str(s / "nvidia-releases.json"), "apt": str(s / "gl-apt")}
+    lock = read_lock(REPO / "versions.yaml")[0]
+    assert all(u.startswith("https://gardenlinux-glrd.") for u in lock.sources.glrd)
+    assert lock.sources.nvidia == "https://docs.nvidia.com/datacenter/tesla/drivers/releases.json"
+    assert lock.resolved is not None and lock.resolved.sources is not None  # the snapshot says it is one
+    above = (REPO / "versions.yaml").read_text().split("\nresolved:")[0].splitlines()
+    comment = " ".join(line for line in above[-8:] if line.startswith("#"))
+    assert "resolved on 2026-11-20" in comment and "tests/data/catalog" in comment and "gl-nvidia update" in comment
 
 
 def edit_json(path: Path, change: Any) -> None:

@@ -1,4 +1,4 @@
-"""GPU Operator values: valid for the real ClusterPolicy CRD, only the chart's own keys, the right variants."""
+"""GPU Operator values: valid for the real ClusterPolicy CRD, only the chart's own keys, only images that are built."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from gl_nvidia.cli import main
+from gl_nvidia.deploy.resolve import DriverSpec, node_os, resolve
 from gl_nvidia.deploy.values import (
     NFD_RULE,
     ValuesSettings,
@@ -20,6 +21,7 @@ from gl_nvidia.deploy.values import (
     to_yaml,
 )
 from gl_nvidia.errors import UserError
+from gl_nvidia.image.tags import image_tags
 
 # NVIDIA's ClusterPolicy CRD and chart values.yaml, kept in the repository so every clone runs these checks.
 REFERENCE = Path(__file__).resolve().parent / "data" / "deploy" / "gpu-operator"
@@ -33,8 +35,7 @@ NFD_MATCH_OPS = {"In", "NotIn", "InRegexp", "Exists", "DoesNotExist", "Gt", "Lt"
 ALL_SETTINGS = [
     ValuesSettings("590"),
     ValuesSettings("590.48.01"),
-    ValuesSettings("590.48.01", variant="compile"),
-    ValuesSettings("570.172.08", variant="gvisor", repository="registry.example:5000/gl/nvidia"),
+    ValuesSettings("570.172.08", repository="registry.example:5000/gl/nvidia"),
 ]
 
 
@@ -97,7 +98,7 @@ def _has_path(data: Any, path: tuple[str, ...]) -> bool:
     return True
 
 
-@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: f"{s.variant}-{s.driver_version}")
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: s.driver_version)
 def test_values_validate_against_clusterpolicy_spec(
     settings: ValuesSettings, spec_schema: dict[str, Any], chart_values: dict[str, Any]
 ) -> None:
@@ -111,7 +112,7 @@ def test_values_validate_against_clusterpolicy_spec(
         {k: v for k, v in spec_schema.items() if k != "required"}))
 
 
-@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: f"{s.variant}-{s.driver_version}")
+@pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: s.driver_version)
 def test_values_use_only_chart_keys(settings: ValuesSettings, chart_values: dict[str, Any]) -> None:
     ours = helm_values(settings)
     for path in _paths(ours):
@@ -157,19 +158,6 @@ def test_nfd_rule_sets_version_id_zero_for_garden_linux() -> None:
     assert all(e["op"] in NFD_MATCH_OPS for e in match["matchExpressions"].values())
 
 
-def test_compile_variant_builds_on_the_node() -> None:
-    v = helm_values(ValuesSettings("590.48.01", variant="compile"))
-    assert v["driver"]["usePrecompiled"] is False
-    with pytest.raises(UserError, match="compile variant needs a full driver version"):
-        helm_values(ValuesSettings("590", variant="compile"))
-
-
-def test_gvisor_variant_needs_an_exact_version() -> None:
-    assert helm_values(ValuesSettings("570.172.08", variant="gvisor"))["driver"]["version"] == "570.172.08"
-    with pytest.raises(UserError, match="nvproxy-qualified"):
-        helm_values(ValuesSettings("570", variant="gvisor"))
-
-
 def test_bad_version_and_repository_are_rejected() -> None:
     with pytest.raises(UserError, match="invalid driver version"):
         helm_values(ValuesSettings("latest"))
@@ -208,7 +196,6 @@ os: {id: gardenlinux}
 policy:
   arches: [amd64]
   flavours: [cloud]
-  pins: [570.172.08]
 sources:
   glrd: [glrd.json]
   nvidia: releases.json
@@ -229,18 +216,39 @@ def test_cli_writes_values_from_the_lock(tmp_path: Path, capsys: pytest.CaptureF
     out = tmp_path / "values.yaml"
     assert main(["values", "--lock", str(lock), "--out", str(out)]) == 0
     assert load_yaml(out.read_text(), "out")["driver"]["version"] == "590"
-    assert main(["values", "--lock", str(lock), "--variant", "gvisor"]) == 0
-    assert load_yaml(capsys.readouterr().out, "stdout")["driver"]["version"] == "570.172.08"
-    assert main(["values", "--lock", str(lock), "--variant", "compile", "--format", "shoot"]) == 0
+    assert main(["values", "--lock", str(lock), "--driver-branch", "590.48.01", "--format", "shoot"]) == 0
     shoot = load_yaml(capsys.readouterr().out, "stdout")
     assert shoot["spec"]["extensions"][0]["providerConfig"]["driver"]["version"] == "590.48.01"
 
 
-def test_cli_gvisor_without_pin_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("args", [[], ["--driver-branch", "590"], ["--driver-branch", "590.48.01"],
+                                  ["--driver-branch", "580.105.08", "--format", "shoot"], ["--format", "shoot"]])
+def test_every_values_option_pulls_an_image_the_image_stage_builds(
+        args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The operator's reference for a Garden Linux node of the lock is one of the tags `image` writes for it."""
     lock = tmp_path / "versions.yaml"
-    lock.write_text(LOCK.replace("  pins: [570.172.08]\n", ""))
-    out = tmp_path / "values.yaml"
-    assert main(["values", "--lock", str(lock), "--variant", "gvisor", "--out", str(out)]) == 2
-    assert "nvproxy" in capsys.readouterr().err
-    assert not out.exists()
+    lock.write_text(LOCK)
+    assert main(["values", "--lock", str(lock), "--repository", "registry.example:5000/gl", *args]) == 0
+    data = load_yaml(capsys.readouterr().out, "stdout")
+    values = data["spec"]["extensions"][0]["providerConfig"] if "spec" in data else data
+    spec = DriverSpec.from_values(values)
+    assert spec.use_precompiled
+    kernel = "6.12.72-cloud-amd64"
+    node = node_os({"ID": "gardenlinux", "GARDENLINUX_VERSION": "1877.3"}, kernel, helm_values(ValuesSettings("590")))
+    ref = resolve(spec, node).reference
+    built = {f"registry.example:5000/gl/driver:{t}" for full, branch in (("590.48.01", "590"), ("580.105.08", "580"))
+             for t in image_tags(full, branch, kernel, "gardenlinux", ("1877.3",))}
+    assert ref in built
+
+
+@pytest.mark.parametrize("variant", ["compile", "gvisor"])
+def test_the_variants_nothing_builds_images_for_are_gone(variant: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    lock = tmp_path / "versions.yaml"
+    lock.write_text(LOCK)
+    assert main(["values", "--lock", str(lock), "--variant", variant]) == 2
+    assert "No such option '--variant'" in capsys.readouterr().err
+
+
+def test_cli_without_a_lock_is_a_clear_error(tmp_path: Path) -> None:
     assert main(["values", "--lock", str(tmp_path / "missing.yaml")]) == 2

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
+from gl_nvidia.download import Transient, retrying
 from gl_nvidia.errors import CommandError, UserError
-from gl_nvidia.fs import atomic_dir, atomic_write_text
+from gl_nvidia.fs import atomic_dir, atomic_write_text, staged_file
 from gl_nvidia.image.tags import image_tags, operator_tag, tag_kernel, validate_tag
 from gl_nvidia.node.decide import tag_kernel as node_tag_kernel
 from gl_nvidia.run import run
@@ -116,3 +117,44 @@ def test_tables_fold_long_values_instead_of_truncating(capsys: pytest.CaptureFix
     out = "".join(capsys.readouterr().out.split())
     assert "…" not in out
     assert "".join(tag.split()) in "".join(c for c in out if c not in "│┃")
+
+
+def test_one_retry_loop_for_downloads_and_the_registry() -> None:
+    """Transient failures are tried again with a growing wait and a hook before each new try; the last
+    one is raised as it is; anything else is final at once."""
+    calls: list[str] = []
+
+    def flaky() -> str:
+        calls.append("try")
+        if calls.count("try") < 3:
+            raise Transient("HTTP 503")
+        return "done"
+
+    assert retrying(flaky, retries=2, delay_s=0.001, what="t", before_retry=lambda: calls.append("resume")) == "done"
+    assert calls == ["try", "resume", "try", "resume", "try"]
+    calls.clear()
+    with pytest.raises(Transient, match="HTTP 503"):
+        retrying(flaky, retries=1, delay_s=0.001, what="t")
+    assert calls == ["try", "try"]
+
+    def refused() -> None:
+        calls.append("refused")
+        raise UserError("digest mismatch")
+
+    calls.clear()
+    with pytest.raises(UserError):
+        retrying(refused, retries=5, delay_s=0.001, what="t")
+    assert calls == ["refused"]
+
+
+def test_a_staged_file_reaches_its_destination_only_when_committed(tmp_path: Path) -> None:
+    dest = tmp_path / "d" / "blob"
+    with pytest.raises(UserError), staged_file(dest) as out:
+        out.write(b"half")
+        raise UserError("refused")
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    with staged_file(dest) as out:
+        out.write(b"whole")
+        assert (out.size, out.sha256) == (5, "5d5766cf2d78701614200418ee1450690d9af12c84d52545e4802f001ad53099")
+        out.commit()
+    assert dest.read_bytes() == b"whole" and list(dest.parent.iterdir()) == [dest]

@@ -18,6 +18,7 @@ from gl_nvidia.cli.image import image_cmd
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
+from gl_nvidia.image.tags import image_tags, kernel_arch
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.node.image import Image as NodeImage
 from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
@@ -157,6 +158,9 @@ def test_umoci_unpacks_a_root_filesystem_with_driver_and_runtime(rootfs_k1: Path
     assert (rootfs / f"usr/lib/{TRIPLET}/libcuda.so.{VERSION}").is_file()
     assert os.readlink(rootfs / f"usr/lib/{TRIPLET}/libcuda.so.1") == f"libcuda.so.{VERSION}"
     assert (rootfs / "usr/bin/nvidia-smi").stat().st_mode & 0o111
+    # fabric manager and its config, where the node starts them from
+    assert (rootfs / "usr/bin/nv-fabricmanager").stat().st_mode & 0o111
+    assert (rootfs / "usr/share/nvidia/nvswitch/fabricmanager.cfg").read_text() == "FABRIC_MODE=0\n"
     # /lib is the base's symlink to usr/lib: the firmware layer must not have replaced it with a dir.
     assert (rootfs / "lib").is_symlink()
     assert (rootfs / str(node_layout.FIRMWARE_ROOT).lstrip("/") / VERSION / "gsp_ga10x.bin").is_file()
@@ -285,6 +289,22 @@ def test_tag_invalid_characters_are_refused(tmp_path: Path) -> None:
         build_image(bad, "6.12.57~rc1-cloud-amd64", tmp_path / "out")
 
 
+def test_arm64_images_are_tagged_apart_by_the_kernel_name_alone() -> None:
+    """The operator's tag carries the kernel, not the arch: the kernel name's suffix keeps them apart."""
+    assert image_tags("580.95.05", "580", "6.12.72-cloud-arm64", "gardenlinux", ("1877.3",)) == [
+        "580-6.12.72-cloud-arm64-gardenlinux0", "580.95.05-6.12.72-cloud-arm64-gardenlinux0",
+        "580-6.12.72-cloud-arm64-gardenlinux1877.3"]
+    assert [kernel_arch(k) for k in ("6.12.72-cloud-arm64", "6.1.0-56-arm64", "6.12.117+deb12-amd64", "6.1.0")] == [
+        "arm64", "arm64", "amd64", None]
+
+
+def test_an_arm64_kernel_in_an_amd64_bundle_is_refused(tmp_path: Path) -> None:
+    """Its image would carry amd64 files under the arm64 image's tags."""
+    bad = make_bundle(tmp_path / "bundle", kernels=("6.1.0-56-cloud-arm64",))
+    with pytest.raises(UserError, match=r"kernel 6\.1\.0-56-cloud-arm64 is an arm64 kernel, but bundle .* is amd64"):
+        build_image(bad, "6.1.0-56-cloud-arm64", tmp_path / "out")
+
+
 def test_base_without_the_node_tools_is_refused(bundle: Path, tmp_path: Path) -> None:
     base = Layout.create(tmp_path / "busy")
     layer = layers.write_layer(base, [layers.Entry(PurePosixPath("/bin/sh"), data=b"#!/bin/sh\n", mode=0o755)])
@@ -293,6 +313,18 @@ def test_base_without_the_node_tools_is_refused(bundle: Path, tmp_path: Path) ->
     base.add_image(Manifest.build(cfg, [layer.descriptor], {}), ["v1"])
     with pytest.raises(UserError, match="lacks python3, kmod \\(modprobe\\), util-linux"):
         build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'busy'}:v1")
+
+
+def test_a_base_of_another_architecture_is_refused(bundle: Path, tmp_path: Path) -> None:
+    """An arm64 base under an amd64 bundle's userspace and modules: refused before any layer is written."""
+    base = Layout.create(tmp_path / "arm")
+    layer = layers.write_layer(base, [layers.Entry(PurePosixPath("/bin/sh"), data=b"#!/bin/sh\n", mode=0o755)])
+    cfg = base.write_blob(canonical_json({"architecture": "arm64", "os": "linux",
+                                          "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}), CONFIG)
+    base.add_image(Manifest.build(cfg, [layer.descriptor], {}), ["v1"])
+    with pytest.raises(UserError, match=r"base image .*arm:v1 is for arm64, but bundle .* is amd64"):
+        build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'arm'}:v1")
+    assert not Layout.open(tmp_path / "out").tags()
 
 
 def test_a_patched_module_ships_its_patch_per_kernel_and_its_binary_in_the_shared_layer(tmp_path: Path) -> None:
@@ -426,3 +458,8 @@ def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: R
     assert "libcuda.so.1 (libc6,x86-64)" in listing and "libnvidia-ml.so.1 (libc6,x86-64)" in listing
     assert (rootfs / "usr/bin/nvidia-smi").is_file()
     assert list((rootfs / str(node_layout.FIRMWARE_ROOT).lstrip("/")).glob("*/gsp_*.bin"))
+    # Debian packages no fabric manager: the node reads why from the image (and says it on NVSwitch nodes)
+    node_manifest = json.loads((rootfs / str(node_layout.MANIFEST).lstrip("/")).read_text())
+    assert node_manifest["left_out"] == {"fabricmanager": f"no fabric manager for {DEBIAN_DRIVER} in Debian "
+                                                          "(the archive's nvidia-fabricmanager: no such package)"}
+    assert not (rootfs / "usr/bin/nv-fabricmanager").exists()

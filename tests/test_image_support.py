@@ -47,6 +47,13 @@ def make_bundle(dest: Path, kernels: tuple[str, ...] = KERNELS) -> Path:
     smi = us / "usr/bin/nvidia-smi"
     _compile("int main(void) { return 0; }\n", smi)
     files.append(b.UserspaceFile("usr/bin/nvidia-smi", _sha(smi), smi.stat().st_size, 0o755))
+    # fabric manager as the nvidia source lays out NVIDIA's archive
+    for rel, text, mode in (("usr/bin/nv-fabricmanager", "#!/bin/sh\n", 0o755),
+                            ("usr/share/nvidia/nvswitch/fabricmanager.cfg", "FABRIC_MODE=0\n", 0o644)):
+        (us / rel).parent.mkdir(parents=True, exist_ok=True)
+        (us / rel).write_text(text)
+        (us / rel).chmod(mode)
+        files.append(b.UserspaceFile(rel, _sha(us / rel), len(text), mode))
     fw = b.firmware_dir(dest) / "nvidia" / VERSION / "gsp_ga10x.bin"
     fw.parent.mkdir(parents=True)
     fw.write_bytes(b"GSP firmware " * 1000)

@@ -76,7 +76,7 @@ def test_unknown_module_type() -> None:
 def test_no_kernel_match_names_kernel_held_kernels_and_tag() -> None:
     node = Node("6.1.0-47-cloud-amd64", (H100,), os_release={"ID": "gardenlinux", "VERSION_ID": "1877.3"})
     with pytest.raises(NodeError) as exc:
-        decide.select_kernel(node, ["6.1.0-56-cloud-amd64", "6.12.72-cloud-amd64"], "535")
+        decide.select_kernel(node, ["6.1.0-56-cloud-amd64", "6.12.72-cloud-amd64"], "535", "amd64")
     assert exc.value.message == (
         "no modules for kernel 6.1.0-47-cloud-amd64 in this image (it holds 6.1.0-56-cloud-amd64, "
         "6.12.72-cloud-amd64); the node needs driver:535-6.1.0-47-cloud-amd64-gardenlinux0"
@@ -86,13 +86,25 @@ def test_no_kernel_match_names_kernel_held_kernels_and_tag() -> None:
 def test_no_kernel_match_names_the_tag_a_plus_kernel_is_published_under() -> None:
     node = Node("6.12.117+deb12-cloud-amd64", (), os_release={"ID": "debian", "VERSION_ID": "12"})
     with pytest.raises(NodeError, match=r"the node needs driver:535-6\.12\.117_deb12-cloud-amd64-debian12$"):
-        decide.select_kernel(node, ["6.12.115+deb12-cloud-amd64"], "535")
+        decide.select_kernel(node, ["6.12.115+deb12-cloud-amd64"], "535", "amd64")
 
 
 def test_no_kernel_match_on_debian_uses_its_version_id() -> None:
     node = Node("6.1.0-47-cloud-amd64", (), os_release={"ID": "debian", "VERSION_ID": "12"})
     with pytest.raises(NodeError, match=r"it holds none\); the node needs driver:535-6.1.0-47-cloud-amd64-debian12"):
-        decide.select_kernel(node, [], "535")
+        decide.select_kernel(node, [], "535", "amd64")
+
+
+def test_an_image_of_another_arch_is_refused_before_its_kernels_are_looked_at() -> None:
+    """An amd64 image on an arm64 node: one line naming both arches and the image the node needs."""
+    node = Node("6.1.0-56-cloud-arm64", (H100,), os_release={"ID": "debian", "VERSION_ID": "12"}, machine="aarch64")
+    with pytest.raises(NodeError) as exc:
+        decide.select_kernel(node, ["6.1.0-56-cloud-arm64"], "535", "amd64")
+    assert exc.value.message == (
+        "this image is for amd64, but this node's kernel 6.1.0-56-cloud-arm64 is arm64 (aarch64); "
+        "the node needs driver:535-6.1.0-56-cloud-arm64-debian12"
+    )
+    assert decide.select_kernel(node, ["6.1.0-56-cloud-arm64"], "535", "arm64") == "6.1.0-56-cloud-arm64"
 
 
 def test_foreign_version_is_refused_naming_both() -> None:

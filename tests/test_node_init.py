@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.host import Result
-from gl_nvidia.node.image import PULL_AGAIN, sha256_file
+from gl_nvidia.node.image import PULL_AGAIN, Image, sha256_file
 from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STAGING_DIR, STATE_FILE, Runtime
 from tests.fixtures.node import (
     BUILD_LINKER,
@@ -59,7 +61,7 @@ def test_h100_full_start_and_sigterm(tmp_path: Path) -> None:
     assert [p.name for p in inserted] == ["nvidia.ko", "nvidia-uvm.ko", "nvidia-modeset.ko"]
     assert {p.parent.name for p in inserted} == {"proprietary"}  # branch 535: auto -> proprietary
     assert "nsenter -t 1 -m -- /run/nvidia/driver/usr/bin/nvidia-modprobe -u -m -c 0 -c 1" in calls
-    assert "nvidia-persistenced --persistence-mode" in calls
+    assert f"{rt.image.root}/usr/bin/nvidia-persistenced --persistence-mode" in calls
     # teardown: daemon stopped, modules unloaded, mount gone, ready and state files removed
     assert "rmmod nvidia-modeset nvidia-uvm nvidia" in calls
     assert not k.pids and not k.mounts
@@ -280,7 +282,8 @@ def test_hgx_with_rdma_loads_peermem_host_deps_and_fabric_manager(tmp_path: Path
     calls = k.names()
     inserted = [Path(c.split()[1]).name for c in calls if c.startswith("insmod")]
     assert inserted == ["nvidia.ko", "nvidia-uvm.ko", "nvidia-modeset.ko", "nvidia-peermem.ko"]
-    assert "nv-fabricmanager -c /usr/share/nvidia/nvswitch/fabricmanager.cfg" in calls
+    fm = rt.image.root / "usr"
+    assert f"{fm}/bin/nv-fabricmanager -c {fm}/share/nvidia/nvswitch/fabricmanager.cfg" in calls
     assert "rmmod nvidia-peermem nvidia-modeset nvidia-uvm nvidia" in calls
     assert not k.pids  # both daemons stopped
 
@@ -305,10 +308,111 @@ def test_rdma_with_containerized_mofed_leaves_peermem_and_ib_core_to_the_sidecar
 
 def test_nvswitch_without_fabric_manager_is_refused_and_undone(tmp_path: Path) -> None:
     rt, k = fake_node(tmp_path, "hgx-h100")
-    with pytest.raises(NodeError, match=r"^this node has 1 NVSwitch\(es\) but the image has no nv-fabricmanager"):
+    with pytest.raises(NodeError, match=r"^this node has 1 NVSwitch\(es\) but the image has no nv-fabricmanager, "
+                                        r"fabricmanager.cfg; CUDA cannot use the GPUs without fabric manager$"):
         rt.init()
     assert not k.mounts
     assert "rmmod nvidia-modeset nvidia-uvm nvidia" in k.names()
+
+
+def test_hgx_init_reaches_driver_ready_with_the_images_own_fabric_manager(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", binaries=("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nv-fabricmanager"))
+    rt, k = fake_node(tmp_path, "hgx-h100", image=image)
+    seen: dict[str, object] = {}
+
+    def wait(timeout: float | None) -> bool:  # "driver ready, waiting for SIGTERM": fabric manager runs
+        fm_pid = int(rt.host.read("/var/run/nvidia-fabricmanager/nv-fabricmanager.pid"))
+        seen["fm running"] = fm_pid in k.pids
+        seen["ready logged"] = any("driver ready" in line for line in rt.log.lines)
+        return True
+
+    rt.wait = wait
+    rt.init()
+    assert seen == {"fm running": True, "ready logged": True}
+    calls = k.names()
+    tool = "nsenter -t 1 -m -- /run/nvidia/driver/usr/bin/nvidia-modprobe"
+    # NVIDIA's device nodes for NVSwitch (ctl + one per switch) and NVLink, before fabric manager opens them
+    assert _index(calls, f"{tool} -s -c 0") < _index(calls, f"{tool} -l") < _index(calls, f"{image.root}/usr/bin/nv-fabricmanager")
+    assert any("device nodes created" in line and "nvswitches=1" in line for line in rt.log.lines)
+    assert not k.pids  # fabric manager and persistenced stopped on SIGTERM
+
+
+def test_fabric_manager_without_its_config_does_not_start(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", binaries=("nvidia-modprobe", "nv-fabricmanager"))
+    (image.root / "usr/share/nvidia/nvswitch/fabricmanager.cfg").write_text("# emptied\n")
+    rt, k = fake_node(tmp_path, "hgx-h100", image=image)
+    with pytest.raises(NodeError, match=r"could not start nv-fabricmanager: .* cannot read fabric manager config"):
+        rt.init()
+    assert not k.mounts and not k.pids
+
+
+def test_a_fabric_manager_the_build_left_out_is_named_on_the_node(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img")
+    manifest = image.at(layout.MANIFEST)
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()),
+                                    "left_out": {"fabricmanager": "no fabric manager for 535.309.01 in Debian"}}))
+    rt, _ = fake_node(tmp_path, "hgx-h100", image=Image.load(image.root))
+    with pytest.raises(NodeError, match=r"no nv-fabricmanager, fabricmanager.cfg \(the build left it out: "
+                                        r"no fabric manager for 535\.309\.01 in Debian\)"):
+        rt.init()
+
+
+NVL_BINARIES = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nv-fabricmanager", "nvidia-fabricmanager-start.sh")
+
+
+def test_blackwell_nvl_starts_nvlsm_and_fabric_manager_over_ib_umad(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", version="570.195.03", binaries=NVL_BINARIES)
+    rt, k = fake_node(tmp_path, "nvl-b200", image=image)
+    running: list[bool] = []
+    rt.wait = lambda timeout: running.extend(
+        int(rt.host.read(f"/var/run/nvidia-fabricmanager/{d}.pid")) in k.pids for d in ("nvlsm", "nv-fabricmanager")
+    ) or True
+    rt.init()
+    assert running == [True, True]
+    calls = k.names()
+    # ib_umad from the host, then the container's /dev/infiniband nodes from its devices' major:minor
+    assert _index(calls, "nsenter -t 1 -m -- modprobe ib_umad") < _index(calls, "mknod")
+    dev = rt.host.path("/dev/infiniband")
+    assert {c for c in calls if c.startswith("mknod")} == {
+        f"mknod -m 0600 {dev}/issm0 c 231 64", f"mknod -m 0600 {dev}/umad0 c 231 0", f"mknod -m 0600 {dev}/umad1 c 231 1"}
+    usr, pids = image.root / "usr", rt.host.path("/var/run/nvidia-fabricmanager")
+    assert (f"{usr}/bin/nvidia-fabricmanager-start.sh --mode start "
+            f"--fm-config-file {usr}/share/nvidia/nvswitch/fabricmanager.cfg --fm-pid-file {pids}/nv-fabricmanager.pid "
+            f"--nvlsm-config-file {usr}/share/nvidia/nvlsm/nvlsm.conf --nvlsm-pid-file {pids}/nvlsm.pid") in calls
+    assert not any("nv-fabricmanager -c" in c for c in calls)  # NVLink5: only through the start script
+    assert not k.pids
+
+
+def test_blackwell_nvl_needs_mlx5_and_the_subnet_managers_files(tmp_path: Path) -> None:
+    rt, k = fake_node(tmp_path, "nvl-b200", image=make_image(tmp_path / "img", version="570.195.03",
+                                                             binaries=NVL_BINARIES[:-1]))
+    with pytest.raises(NodeError, match=r"^this node is an NVLink5 system \(a ConnectX port with SW_MNG\) but the "
+                                        r"image has no nvidia-fabricmanager-start.sh, nvlsm.conf;"):
+        rt.init()
+    rt, k = fake_node(tmp_path / "2", "nvl-b200", image=make_image(tmp_path / "img2", version="570.195.03",
+                                                                   binaries=NVL_BINARIES))
+    rt.host.path("/proc/modules").write_text("ib_core 73728 0 - Live 0x0\n")
+    with pytest.raises(NodeError, match=r"mlx5_core is not loaded"):
+        rt.init()
+    assert not any(c.startswith("mknod") for c in k.names())
+
+
+@pytest.mark.parametrize(("version", "module_type", "conf", "uvm"), [
+    ("570.195.03", "auto", None, "uvm_disable_hmm=1"),  # open: HMM exists, off by default as in the seed
+    ("570.195.03", "auto", "uvm_perf_prefetch_enable=0\n", "uvm_perf_prefetch_enable=0 uvm_disable_hmm=1"),
+    ("570.195.03", "auto", "uvm_disable_hmm=0\n", "uvm_disable_hmm=0"),  # /drivers/nvidia-uvm.conf wins
+    ("535.309.01", "auto", None, ""),  # proprietary modules have no HMM
+    ("570.195.03", "proprietary", None, ""),
+])
+def test_uvm_disable_hmm_default(tmp_path: Path, version: str, module_type: str, conf: str | None, uvm: str) -> None:
+    rt, k = fake_node(tmp_path, "h100", image=make_image(tmp_path / "img", version=version),
+                      KERNEL_MODULE_TYPE=module_type)
+    if conf is not None:
+        rt.host.makedirs("/drivers")
+        rt.host.path("/drivers/nvidia-uvm.conf").write_text(conf)
+    rt.init()
+    insmod = next(c for c in k.names() if c.startswith("insmod") and "nvidia-uvm.ko" in c)
+    assert " ".join(insmod.split()[2:]) == uvm
 
 
 def test_dry_run_prints_detection_and_touches_nothing(tmp_path: Path) -> None:

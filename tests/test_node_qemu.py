@@ -8,7 +8,11 @@ mounting and power-off. Inside, the image's own `nvidia-driver` runs against the
   "NVRM: No NVIDIA GPU found"), `init` stops with the no-GPU error;
 - the same image with one byte appended to NVIDIA's binary object: `check-load` refuses it against the
   image's manifest before linking;
-- another kernel (6.1.0-47): `init` refuses before inserting any module (/proc/modules stays empty).
+- another kernel (6.1.0-47): `init` refuses before inserting any module (/proc/modules stays empty);
+- the matching kernel booted with `module.sig_enforce=1`: the image's modules are signed with a test key
+  (`signed_debian_bundle`), which the kernel's keyring lacks: the node-linked nvidia.ko (its signature
+  appended by the node, shown by the image's own modinfo) is refused for its unavailable key, the build's
+  unsigned nvidia.ko as unsigned. Without enforcement the signed module loads (the kernel only taints).
 qemu runs in software emulation (TCG, about 10 s a boot): on this machine KVM accepts the VM but the
 nested guest hangs before its first console line, so `-accel kvm` is not used.
 """
@@ -25,16 +29,21 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import apt, fs
-from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image
+from gl_nvidia import bundle as b
+from gl_nvidia.image.build import BuiltImage
 from gl_nvidia.node.image import Image
-from gl_nvidia.run import run
+from gl_nvidia.oci import Layout
 
-from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
+from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, MODULE_SIGNER, ModuleKey
+from .fixtures.images import unpacked_image
+
+__all__ = ["unpacked_image"]  # the IBT and arm64 qemu modules take it from here
 
 OTHER_KERNEL = "6.1.0-47-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")  # busybox-static
 MARK = "@@gl-nvidia@@"
-INIT = f"""#!/gl/busybox sh
+# Mounts what the node runtime reads, then `step NAME CMD...` frames each step on the console for parse_console.
+GUEST_PRELUDE = f"""#!/gl/busybox sh
 /gl/busybox mount -t proc proc /proc
 /gl/busybox mount -t sysfs sysfs /sys
 /gl/busybox mount -t devtmpfs devtmpfs /dev
@@ -47,8 +56,11 @@ step() {{
   "$@" 2>&1
   echo "{MARK} end rc=$?"
 }}
-step dry-run nvidia-driver init --dry-run
+"""
+INIT = GUEST_PRELUDE + """step dry-run nvidia-driver init --dry-run
 step check-load nvidia-driver check-load
+step signature /gl/busybox sh -c 'for f in signer sig_hashalgo sig_key; do /usr/sbin/modinfo -F $f /run/gl-nvidia/modules/*/*/nvidia.ko; done'
+step unsigned /gl/busybox sh -c 'test -f /gl/nvidia-unsigned.ko || exit 0; /usr/sbin/insmod /gl/nvidia-unsigned.ko; rc=$?; /usr/bin/dmesg | /gl/busybox tail -n 3; exit $rc'
 step init nvidia-driver init
 step tampered /gl/busybox sh -c 'echo >> /usr/lib/gl-nvidia/binaries/proprietary/nv-kernel.o; exec nvidia-driver check-load'
 step modules cat /proc/modules
@@ -56,12 +68,12 @@ step modules cat /proc/modules
 """
 
 
-def vmlinuz(kernel: str) -> Path:
+def vmlinuz(kernel: str, arch: str = "amd64") -> Path:
     """The kernel image from Debian's linux-image package (downloaded and unpacked once, cached)."""
     cache = fs.cache_dir("node-qemu", "kernels")
     out = cache / f"vmlinuz-{kernel}"
     if not out.exists():
-        repo = apt.AptRepo(apt.system_sources())
+        repo = apt.AptRepo(apt.system_sources(), arch=arch)
         deb = repo.download(repo.find(f"linux-image-{kernel}"))
         tmp = cache / f".{kernel}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -71,16 +83,14 @@ def vmlinuz(kernel: str) -> Path:
     return out
 
 
-def unpacked_image(bundle: Path, kernel: str, tmp: Path) -> tuple[Path, BuiltImage]:
-    """A real driver image's root filesystem: image stage -> OCI layout -> umoci unpack."""
-    built = build_image(bundle, kernel, tmp / "layout", options=ImageOptions(os_id="debian", os_versions=("12",)))
-    run(["umoci", "unpack", "--image", f"{tmp / 'layout'}:{built.tags[0]}", str(tmp / "bundle")])
-    return tmp / "bundle" / "rootfs", built
-
-
 @pytest.fixture(scope="module")
-def image_rootfs(debian_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return unpacked_image(debian_bundle, DEBIAN_KERNEL, tmp_path_factory.mktemp("node-qemu"))[0]
+def image_rootfs(debian_image: tuple[Path, BuiltImage], debian_bundle: Path) -> Path:
+    """The signed image's root, plus (outside the image, at /gl) the build's unsigned nvidia.ko."""
+    root = debian_image[0]
+    (root / "gl").mkdir(exist_ok=True)
+    shutil.copyfile(b.modules_dir(debian_bundle, DEBIAN_KERNEL, "proprietary") / "nvidia.ko",
+                    root / "gl" / "nvidia-unsigned.ko")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +98,11 @@ def image_initramfs(image_rootfs: Path) -> Path:
     return make_initramfs(image_rootfs)
 
 
-def make_initramfs(root: Path) -> Path:
+def make_initramfs(root: Path, busybox: Path = BUSYBOX, init: str = INIT) -> Path:
     """An image's root filesystem plus busybox-static and an /init script, as an uncompressed cpio."""
-    (root / "gl").mkdir()
-    shutil.copy2(BUSYBOX, root / "gl" / "busybox")
-    (root / "init").write_text(INIT)
+    (root / "gl").mkdir(exist_ok=True)
+    shutil.copy2(busybox, root / "gl" / "busybox")
+    (root / "init").write_text(init)
     (root / "init").chmod(0o755)
     cpio = root.parent.parent / "initramfs.cpio"
     with cpio.open("wb") as out:
@@ -114,7 +124,7 @@ def test_image_root_holds_what_the_node_runtime_uses(image_rootfs: Path) -> None
     mods = image_rootfs / f"usr/lib/gl-nvidia/modules/{DEBIAN_KERNEL}/proprietary"
     assert not (mods / "nvidia.ko").exists() and (mods / "nvidia.o").is_file()  # split: linked on the node
     assert (image_rootfs / "usr/lib/gl-nvidia/binaries/proprietary/nv-kernel.o").is_file()
-    for tool in ("insmod", "rmmod", "modprobe", "nsenter", "mount", "umount", "mountpoint", "dmesg", "ldconfig",
+    for tool in ("insmod", "rmmod", "modprobe", "modinfo", "nsenter", "mount", "umount", "mountpoint", "dmesg", "ldconfig",
                  "nvidia-smi", "nvidia-modprobe", "nvidia-driver", "python3", "ld"):
         assert shutil.which(tool, path=":".join(str(image_rootfs / d) for d in
                                                  ("usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"))), tool
@@ -126,14 +136,19 @@ class Boot:
     steps: dict[str, tuple[int, str]]  # step -> (exit code, output)
 
 
-def boot(kernel: str, initramfs: Path) -> Boot:
+def boot(kernel: str, initramfs: Path, append: str = "") -> Boot:
     p = subprocess.run(
         ["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-nographic",
          "-no-reboot", "-kernel", str(vmlinuz(kernel)), "-initrd", str(initramfs),
-         "-append", "console=ttyS0 panic=-1 quiet loglevel=4"],
+         "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 {append}".strip()],
         capture_output=True, text=True, errors="replace", timeout=300, check=False,
     )
-    console = p.stdout.replace("\r", "")
+    return parse_console(p.stdout)
+
+
+def parse_console(stdout: str) -> Boot:
+    """The guest's steps (between MARK lines) from its console; every step must have finished."""
+    console = stdout.replace("\r", "")
     steps: dict[str, tuple[int, str]] = {}
     for chunk in console.split(f"{MARK} begin ")[1:]:
         name, _, rest = chunk.partition("\n")
@@ -181,3 +196,45 @@ def test_other_kernel_is_refused_before_any_module_is_inserted(image_initramfs: 
     ) in out
     assert b.steps["modules"] == (0, "")  # nothing was inserted
     assert b.steps["check-load"][0] == 1  # check-load refuses the same way
+
+
+def test_the_image_ships_signed_modules_and_the_certificates_fingerprint_not_the_key(
+        debian_image: tuple[Path, BuiltImage], image_rootfs: Path, module_key: ModuleKey) -> None:
+    root, built = debian_image
+    mods = root / f"usr/lib/gl-nvidia/modules/{DEBIAN_KERNEL}/proprietary"
+    image = Image.load(root)
+    assert {r.parts is None for r in image.records.values()} == {True, False}
+    for (_k, _t, name), record in image.records.items():
+        assert record.signature is not None, name
+        assert record.signature.cert_sha256 == module_key.fingerprint
+        if record.parts is None:  # whole: signed in place, as kmod's modinfo reads it
+            out = subprocess.run(["modinfo", "-F", "signer", str(mods / f"{name}.ko")], capture_output=True, text=True,
+                                 check=True).stdout
+            assert out.strip() == MODULE_SIGNER
+        else:  # split: the signature beside the parts, for the node to append
+            assert (mods / record.signature.file).is_file() and not (mods / f"{name}.ko").exists()
+    annotations = Layout.open(built.layout).manifest(built.digest).annotations
+    assert annotations["io.gardenlinux.nvidia.modules.signing-cert.sha256"] == module_key.fingerprint
+    for path in (*(root / "usr/lib/gl-nvidia").rglob("*"), *(root / "usr/share/gl-nvidia").rglob("*")):
+        if path.is_file() and path.stat().st_size < 1 << 20:
+            assert not [line for line in module_key.body if line.encode() in path.read_bytes()], path
+
+
+def test_an_enforcing_kernel_refuses_our_unsigned_module_and_names_the_missing_key_for_the_signed_one(
+        image_initramfs: Path) -> None:
+    b = boot(DEBIAN_KERNEL, image_initramfs, "module.sig_enforce=1")
+    rc, out = b.steps["check-load"]
+    assert rc == 1, out
+    # the node linked nvidia.ko to the gated sha256 and appended the build's signature
+    assert (f'msg="module linked" module=nvidia type=proprietary path=/run/gl-nvidia/modules/{DEBIAN_KERNEL}/'
+            "proprietary/nvidia.ko sha256=\"the build's\" signed=yes") in out
+    assert "check-load: rejected by the kernel" in out and "Key was rejected by service" in out
+    assert "Loading of module with unavailable key is rejected" in out, out  # signed, by a key it lacks
+    rc, out = b.steps["signature"]  # the image's own modinfo on the module the node linked and signed
+    signer, hash_algo, key = out.splitlines()
+    assert (rc, signer, hash_algo) == (0, MODULE_SIGNER, "sha256"), out
+    assert re.fullmatch(r"[0-9A-F]{2}(:[0-9A-F]{2})+", key), out
+    rc, out = b.steps["unsigned"]
+    assert rc != 0 and "Key was rejected by service" in out, out
+    assert "Loading of unsigned module is rejected" in out, out
+    assert "nvidia" not in b.steps["modules"][1]

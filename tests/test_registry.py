@@ -11,12 +11,15 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
-from gl_nvidia.image import layers
+from gl_nvidia.image import layers, sbom
 from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
 from gl_nvidia.registry.client import Reference, RegistryClient
+from gl_nvidia.registry.sign import sign_digest
 from gl_nvidia.registry.transfer import ClientOptions, branch_tags, mirror, pull, push
 from tests.fixtures.registry import PASSWORD, USER, Registry
 
@@ -197,3 +200,36 @@ def test_bearer_token_realm_flow(token_registry: Registry, tmp_path: Path, monke
     [again] = push(tmp_path / "l", f"{token_registry.host}/driver")
     assert again.uploaded == 0
     assert token_registry.token is not None and token_registry.token.issued >= 2
+
+
+def test_mirror_carries_each_copied_images_signature_and_sbom(registry: Registry, registry2: Registry,
+                                                               tmp_path: Path) -> None:
+    layout = make_layout(tmp_path / "l", {"535-k1-gardenlinux0": b"1", "590-k1-gardenlinux0": b"9"})
+    digests = layout.tags()
+    for tag in ("535-k1-gardenlinux0", "590-k1-gardenlinux0"):
+        sbom.attach(layout, layout.manifest(digests[tag]), {"spdxVersion": "SPDX-2.3", "name": tag})
+    push(tmp_path / "l", f"{registry.host}/nvidia/driver")
+    key = ec.generate_private_key(ec.SECP256R1())
+    with RegistryClient(registry.host) as c:
+        for digest in digests.values():
+            sign_digest(c, "nvidia/driver", digest, key)
+    ours, other = (digests[t].replace(":", "-") for t in ("535-k1-gardenlinux0", "590-k1-gardenlinux0"))
+    mirror(f"{registry.host}/nvidia/driver", f"{registry2.host}/mirror/driver", driver_branch="535")
+    assert skopeo_tags(f"{registry2.host}/mirror/driver") == ["535-k1-gardenlinux0", f"{ours}.sbom", f"{ours}.sig"]
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                          f"docker://{registry2.host}/mirror/driver:{ours}.sbom"], check=True, capture_output=True).stdout
+    assert json.loads(raw)["subject"]["digest"] == digests["535-k1-gardenlinux0"]
+    pub = tmp_path / "cosign.pub"
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert main(["verify-image", f"{registry2.host}/mirror/driver:535-k1-gardenlinux0", "--key", str(pub)]) == 0
+    # a signature added at the source since moves the mirror's .sig tag on the next run, without --force
+    with RegistryClient(registry.host) as c:
+        sign_digest(c, "nvidia/driver", digests["590-k1-gardenlinux0"], ec.generate_private_key(ec.SECP256R1()))
+        sign_digest(c, "nvidia/driver", digests["535-k1-gardenlinux0"], ec.generate_private_key(ec.SECP256R1()))
+    mirror(f"{registry.host}/nvidia/driver", f"{registry2.host}/mirror/driver")
+    assert skopeo_tags(f"{registry2.host}/mirror/driver") == sorted(
+        ["535-k1-gardenlinux0", "590-k1-gardenlinux0", *(f"{d}.{k}" for d in (ours, other) for k in ("sbom", "sig"))])
+    with RegistryClient(registry2.host) as c:
+        sig = c.get_manifest("mirror/driver", f"{ours}.sig")
+    assert sig is not None and len(sig.layers) == 2

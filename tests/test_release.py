@@ -158,15 +158,34 @@ def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_c
     assert any(name.startswith("nvidia-kernel-source_535.309.01") for name in recorded["sources"])
 
     # Another machine, nothing local: the registry's record alone skips the unit; its build never starts.
+    # As a versioned release it writes the assets: values naming the published image, and the changelog
+    # since the previous release's lock (another driver patch and kernel then).
     stored = _uploads(registry)
+    previous = tmp_path / "previous-versions.yaml"
+    previous.write_text(LOCK.read_text().replace("version: 535.309.01}", "version: 535.288.01}")
+                        .replace("kernel: 6.1.0-56-cloud-amd64}", "kernel: 6.1.0-47-cloud-amd64}"))
     argv = ["release", "--profile", str(LOCK), "--out", str(tmp_path / "second"), "--registry", repo]
-    assert main([*argv, "--json"]) == 0
+    assert main([*argv, "--version", "1.2.0", "--since", str(previous), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     (skipped,) = report["units"]
     assert (skipped["build"], skipped["image"], skipped["push"], skipped["digest"]) == ("skipped", "-", "exists",
                                                                                     unit.digest)
     assert skipped["reason"].startswith("published with the same inputs (sha256:") and report["compiled"] == 0
     assert not (tmp_path / "second" / "bundles").exists() and not (tmp_path / "second" / "oci").exists()
+    assets = tmp_path / "second" / "release"
+    values = assets / "gpu-operator-values-debian-12.yaml"
+    assert report["release"] == {"version": "1.2.0", "assets": [str(assets / "CHANGELOG.md"), str(values)]}
+    assert values.read_text().startswith("# gl-nvidia 1.2.0: GPU Operator values for debian 12\n")
+    assert main(["resolve", "--os-release", str(DATA / "os-release-debian-12"), "--kernel", KERNEL,
+                 "--values", str(values), "--json"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert (resolved["reference"], resolved["exists"]) == (f"{repo}/driver:{TAGS[0]}", True)
+    notes = (assets / "CHANGELOG.md").read_text()
+    assert notes.startswith("# gl-nvidia driver images 1.2.0\n\n## Changes since the previous release\n\n"
+                            "- new driver patch release 535.309.01 (was 535.288.01)\n"
+                            f"- kernel of 12 cloud/amd64: {KERNEL} (was 6.1.0-47-cloud-amd64)\n")
+    assert "- debian 12: driver.version 535 (`gpu-operator-values-debian-12.yaml`)\n" in notes
+    assert f"- `{unit.digest}` (published before, same inputs): `{TAGS[0]}`, `{TAGS[1]}`\n" in notes
     assert main(argv) == 0
     assert "skipped:" in capsys.readouterr().out  # the table says so, and why
     # The publish workflow's fan-out: nothing to build; forced, the unit with the inputs its image records.

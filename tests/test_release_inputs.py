@@ -40,6 +40,14 @@ def test_a_missing_tag_a_changed_input_or_no_record_builds_and_says_why() -> Non
     assert (d.build, d.replace, d.reason) == (True, True, f"{TAGS[0]}: no inputs recorded")
 
 
+def test_a_module_signing_certificate_is_an_input_and_unsigned_digests_stay_as_they_were() -> None:
+    assert "module-signing-cert" not in json.loads(INPUTS_A.text())  # units published unsigned are not rebuilt
+    signed = UnitInputs(INPUTS_A.cell, INPUTS_A.sources, INPUTS_A.base, INPUTS_A.tool, "ef" * 32)
+    d = decide(signed, dict.fromkeys(TAGS, INPUTS_A.annotations()), force=False)
+    assert (d.build, d.replace, d.reason) == (True, True, f"{TAGS[0]}: module-signing-cert changed")
+    assert annotations_from_text(signed.text()) == signed.annotations()
+
+
 def test_force_builds_what_is_published() -> None:
     d = decide(INPUTS_A, dict.fromkeys(TAGS, INPUTS_A.annotations()), force=True)
     assert (d.build, d.replace, d.reason) == (True, True, "forced (--force)")

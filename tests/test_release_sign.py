@@ -1,5 +1,6 @@
-"""`release --sign-key`: every pushed image is signed (cosign's format) and carries its SBOM; the key
-goes nowhere but into the signature. Same narrowed debian lock and build cache as test_release.py."""
+"""`release --sign-key`: every pushed image is signed (cosign's format) and carries its SBOM; with
+`--module-sign-key/--module-sign-cert` its modules are signed for the kernel too. The keys go nowhere but
+into the signatures. Same narrowed debian lock and build cache as test_release.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
+from gl_nvidia.release.inputs import INPUTS
 from gl_nvidia.run import output
+from tests.fixtures.bundle import ModuleKey
 from tests.fixtures.registry import Registry
 from tests.test_release import LOCK, TAGS
 
@@ -28,12 +31,13 @@ def key(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_release_signs_every_pushed_image_and_attaches_its_sbom(registry: Registry, tmp_path: Path,
-                                                                key: tuple[Path, Path],
+                                                                key: tuple[Path, Path], module_key: ModuleKey,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     private, public = key
     repo, out = f"{registry.host}/gl-nvidia", tmp_path / "out"
     argv = ["-v", "release", "--profile", str(LOCK), "--out", str(out), "--registry", repo,
-            "--sign-key", str(private), "--json"]
+            "--sign-key", str(private), "--module-sign-key", str(module_key.key),
+            "--module-sign-cert", str(module_key.cert), "--json"]
     assert main(argv) == 0
     first = capsys.readouterr()
     report = json.loads(first.out)
@@ -46,6 +50,11 @@ def test_release_signs_every_pushed_image_and_attaches_its_sbom(registry: Regist
     sbom = json.loads(output(["skopeo", "inspect", "--raw", "--tls-verify=false",
                               f"docker://{repo}/driver:sha256-{digest.removeprefix('sha256:')}.sbom"]))
     assert sbom["subject"]["digest"] == digest and sbom["artifactType"] == "application/spdx+json"
+    # the modules' signing certificate is in the image's provenance and among the unit's inputs
+    annotations = json.loads(output(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                     f"docker://{repo}/driver@{digest}"]))["annotations"]
+    assert annotations["io.gardenlinux.nvidia.modules.signing-cert.sha256"] == module_key.fingerprint
+    assert json.loads(annotations[INPUTS])["module-signing-cert"] == module_key.fingerprint
 
     # A rerun signs nothing again (the key's signature is there) and uploads nothing.
     assert main(argv) == 0
@@ -62,6 +71,7 @@ def test_release_signs_every_pushed_image_and_attaches_its_sbom(registry: Regist
         assert der not in data and body.encode() not in data
     for text in (first.out, first.err, again.out, again.err):
         assert body[:32] not in text and body[-32:] not in text
+        assert not [line for line in module_key.body if line in text]
 
 
 def test_release_with_an_unusable_key_fails_before_building(registry: Registry, tmp_path: Path,
@@ -76,4 +86,6 @@ def test_release_with_an_unusable_key_fails_before_building(registry: Registry, 
         assert len(err) == 2 and str(path) in err[0]
     assert main(["release", "--profile", str(LOCK), "--out", str(out), "--sign-key", str(key[0])]) == 2
     assert "--sign-key signs pushed images" in capsys.readouterr().err
+    assert main(["release", "--profile", str(LOCK), "--out", str(out), "--module-sign-key", str(key[0])]) == 2
+    assert "gl-nvidia: error: --module-sign-key and --module-sign-cert go together" in capsys.readouterr().err
     assert not out.exists()  # nothing built, nothing half-written

@@ -48,13 +48,17 @@ _WEAK_DIGESTS = {"1", "2", "3"}
 
 @dataclass(frozen=True)
 class AptSource:
-    """One `deb` entry: base URI (or local directory / file:// URI), suite, components, and the keyring
-    its Release must be signed with."""
+    """One `deb` entry: base URI (or local directory / file:// URI), suite, components, the keyring
+    its Release must be signed with, and the architectures it is restricted to (empty: any)."""
 
     uri: str
     suite: str
     components: tuple[str, ...]
     keyring: Path
+    arches: tuple[str, ...] = ()  # `arch=` / `Architectures:`: apt reads no other architecture's index of it
+
+    def serves(self, arch: str) -> bool:
+        return not self.arches or arch in self.arches
 
     @property
     def dists_url(self) -> str:
@@ -109,12 +113,13 @@ def _parse_one_line(text: str) -> list[AptSource]:
     out = []
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
-        # Options in brackets ("deb [arch=amd64 signed-by=...] uri suite comp..."): only signed-by matters here.
+        # Options in brackets ("deb [arch=amd64 signed-by=...] uri suite comp..."): signed-by and arch matter here.
         options = dict(o.split("=", 1) for o in " ".join(re.findall(r"\[([^\]]*)\]", line)).split() if "=" in o)
         line = re.sub(r"\[[^\]]*\]\s*", "", line)
         parts = line.split()
         if len(parts) >= 4 and parts[0] == "deb":
-            out.append(AptSource(parts[1], parts[2], tuple(parts[3:]), _keyring(options.get("signed-by", ""))))
+            out.append(AptSource(parts[1], parts[2], tuple(parts[3:]), _keyring(options.get("signed-by", "")),
+                                 tuple(a for a in options.get("arch", "").split(",") if a)))
     return out
 
 
@@ -124,9 +129,10 @@ def _parse_deb822(text: str) -> list[AptSource]:
         if "deb" not in para.get("Types", "").split() or para.get("Enabled", "yes").lower() == "no":
             continue
         keyring = _keyring(para.get("Signed-By", ""))
+        arches = tuple(para.get("Architectures", "").split())
         for uri in para.get("URIs", "").split():
             for suite in para.get("Suites", "").split():
-                out.append(AptSource(uri, suite, tuple(para.get("Components", "").split()), keyring))
+                out.append(AptSource(uri, suite, tuple(para.get("Components", "").split()), keyring, arches))
     return out
 
 
@@ -243,6 +249,9 @@ def check_index(data: bytes, expected: tuple[int, str], url: str) -> None:
 class AptRepo:
     """The union of several apt sources for one architecture, read lazily.
 
+    Any architecture's `binary-<arch>` indexes are read directly (arm64 ones on an amd64 machine need
+    no `dpkg --add-architecture`); a source restricted to other architectures is left out, as apt does.
+
     A remote suite's verified Release is cached for RELEASE_TTL_S and its indexes by the digest it names
     (local repositories are read and verified every time); paragraphs are parsed only for the package
     names asked about, since Debian's full index has tens of thousands.
@@ -255,14 +264,14 @@ class AptRepo:
         client: httpx.Client | None = None,
         cache: Path | None = None,
     ) -> None:
-        self.sources = list(sources)
+        self.sources = [s for s in sources if s.serves(arch)]
         self.arch = arch
         self._client = client or httpx.Client(timeout=httpx.Timeout(30.0, read=120.0), follow_redirects=True)
         self._cache = cache or cache_dir("apt")
         self._raw: dict[str, list[tuple[bytes, str]]] | None = None  # name -> [(paragraph, base uri)]
 
     def describe(self) -> str:
-        return ", ".join(sorted({f"{s.uri} {s.suite}" for s in self.sources}))
+        return ", ".join(sorted({f"{s.uri} {s.suite}" for s in self.sources})) or f"no apt source for {self.arch}"
 
     def _load(self) -> dict[str, list[tuple[bytes, str]]]:
         if self._raw is None:

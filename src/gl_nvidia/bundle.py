@@ -120,15 +120,40 @@ class ModulePatch:
 
 
 @dataclass(frozen=True)
+class ModuleSignature:
+    """The kernel's module signature over a module's gated bytes, in the format of its scripts/sign-file.
+
+    The bytes sign-file appends (a detached PKCS#7 signature in DER, `struct module_signature`, the magic
+    "~Module signature appended~\n") ship as they are: appended to a whole module, and beside the parts
+    of a split one, for the node to append to the module it linked once that is the gated sha256.
+    """
+
+    file: str  # "<module>.ko.sig", beside the interface of a split module
+    sha256: str  # of that file
+    size: int
+    signed_sha256: str  # of the module with it appended: a whole module's shipped file, a split one's on the node
+    signer: str  # the certificate issuer's common name: modinfo's `signer`
+    key_id: str  # the certificate's serial number: modinfo's `sig_key`
+    hash_algo: str  # modinfo's `sig_hashalgo` ("sha256")
+    cert_sha256: str  # the signing certificate's fingerprint (sha256 of its DER); never the key
+
+
+@dataclass(frozen=True)
 class ModuleFile:
     name: str  # "nvidia.ko"
-    sha256: str  # of the shipped (stripped) file; of the module linked from `parts` when it has them
-    size: int  # shipped (stripped) bytes
+    sha256: str  # of the stripped, gated module (linked from `parts` when it has them), before any signature
+    size: int  # shipped (stripped) bytes, before any signature
     size_unstripped: int  # as compiled, with debug info
     vermagic: str
     srcversion: str
     parts: ModuleParts | None = None  # None: the image ships the whole .ko
     patch: ModulePatch | None = None  # set: the image ships the patch and the binary, not `parts`
+    signature: ModuleSignature | None = None  # None: unsigned
+
+    @property
+    def file_sha256(self) -> str:
+        """sha256 of the .ko file a bundle's kernels/ (and an image, for a whole module) holds: signed if signed."""
+        return self.signature.signed_sha256 if self.signature else self.sha256
 
 
 @dataclass(frozen=True)
@@ -178,6 +203,9 @@ class BundleManifest:
     firmware: tuple[UserspaceFile, ...] = ()  # paths relative to the bundle's firmware/ dir
     kernels: dict[str, KernelBuild] = field(default_factory=dict)
     schema: int = SCHEMA
+    # what the driver source had no copy of, and why ({"fabricmanager": "no fabric manager for ... in Debian"}):
+    # the image ships without it and the node names the reason where it would need it
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +237,7 @@ class BundleManifest:
             firmware=tuple(UserspaceFile(**f) for f in d["firmware"]),
             kernels=kernels,
             schema=d["schema"],
+            left_out=dict(d.get("left_out") or {}),
         )
 
     @classmethod
@@ -231,9 +260,10 @@ def _module_set(d: dict[str, Any]) -> ModuleSet:
 
 
 def module_file(d: dict[str, Any]) -> ModuleFile:
-    parts, patch = d.get("parts"), d.get("patch")
+    parts, patch, sig = d.get("parts"), d.get("patch"), d.get("signature")
     return ModuleFile(**{**d, "parts": _parts(parts) if parts else None,
-                         "patch": ModulePatch(**patch) if patch else None})
+                         "patch": ModulePatch(**patch) if patch else None,
+                         "signature": ModuleSignature(**sig) if sig else None})
 
 
 def _parts(d: dict[str, Any]) -> ModuleParts:

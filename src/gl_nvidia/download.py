@@ -1,29 +1,56 @@
 """Fetching one file: streamed to a temp file beside its destination, retried, checksum-checked, renamed.
 
 The one way the build stage and the apt client bring files in, so both retry, verify and clean up alike:
-a download that fails or does not match its sha256 leaves nothing under `dest`.
+a download that fails or does not match its sha256 leaves nothing under `dest`. `retrying` is the one
+retry-with-backoff loop, the registry client's too; `fs.staged_file` the one stream-hash-rename.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import httpx
 
-from gl_nvidia import ui
+from gl_nvidia import fs, ui
 from gl_nvidia.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 4
+T = TypeVar("T")
+
+
+class Transient(Exception):
+    """A failure worth another try: a dropped connection, a server error, a short read."""
+
+
+def retrying(attempt: Callable[[], T], *, retries: int, delay_s: float, what: str,
+             transient: tuple[type[Exception], ...] = (Transient, httpx.TransportError),
+             before_retry: Callable[[], None] | None = None, level: int = logging.WARNING) -> T:
+    """`attempt()`, tried again after a transient failure at most `retries` times, waiting `delay_s`,
+    then twice as long each time (10 s at most); `before_retry` runs before each new try. The last
+    transient failure is raised as it is, for the caller to say what it means."""
+    failures = 0
+    while True:
+        try:
+            return attempt()
+        except transient as exc:
+            failures += 1
+            if failures > retries:
+                raise
+            delay = min(delay_s * 2 ** (failures - 1), 10.0)
+            log.log(level, "%s: %s; retrying in %.1fs (%d/%d)", what, str(exc) or type(exc).__name__, delay,
+                    failures, retries)
+            time.sleep(delay)
+            if before_retry is not None:
+                before_retry()
 
 
 def download(
@@ -41,55 +68,36 @@ def download(
     Server errors, dropped connections and short reads are retried with backoff; a 404 is an answer
     (`not_found`, when given, says what it means to the caller); a checksum mismatch is final.
     """
-    error: str | None = None
-    for attempt in range(ATTEMPTS):
-        if error is not None:
-            log.warning("download %s: %s; retrying (%d/%d)", url, error, attempt + 1, ATTEMPTS)
-            time.sleep(retry_delay * 2 ** (attempt - 1))
-        try:
-            error = _attempt(client, url, dest, sha256, mismatch_hint, not_found)
-        except httpx.HTTPError as exc:
-            error = str(exc) or type(exc).__name__
-        if error is None:
-            return
-    raise UserError(f"download failed after {ATTEMPTS} attempts: {url}: {error}", "check the network and the URL")
+    try:
+        retrying(lambda: _attempt(client, url, dest, sha256, mismatch_hint, not_found), retries=ATTEMPTS - 1,
+                 delay_s=retry_delay, what=f"download {url}", transient=(Transient, httpx.HTTPError))
+    except (Transient, httpx.HTTPError) as exc:
+        raise UserError(f"download failed after {ATTEMPTS} attempts: {url}: {str(exc) or type(exc).__name__}",
+                        "check the network and the URL") from exc
 
 
 def _attempt(client: httpx.Client, url: str, dest: Path, sha256: str | None, mismatch_hint: str,
-             not_found: UserError | None) -> str | None:
-    """One try: None when `dest` is in place, else why it failed in a way worth retrying."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    h = hashlib.sha256()
+             not_found: UserError | None) -> None:
+    """One try: `dest` is in place, or Transient says why it is worth another."""
     try:
-        with os.fdopen(fd, "wb") as fh, _open(client, url, not_found) as (chunks, total):
-            if isinstance(chunks, str):
-                return chunks
+        with fs.staged_file(dest) as out, _open(client, url, not_found) as (chunks, total):
             with ui.progress(transfer=True) as prog, ui.task(prog, f"download {dest.name}", total) as t:
                 for chunk in chunks:
-                    fh.write(chunk)
-                    h.update(chunk)
+                    out.write(chunk)
                     t.advance(len(chunk))
-            if total is not None and fh.tell() != total:
-                return f"short read ({fh.tell()} of {total} bytes)"
-        got = h.hexdigest()
-        if sha256 and got != sha256:
-            raise UserError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}", mismatch_hint)
-        os.replace(tmp, dest)
-        return None
+            if total is not None and out.size != total:
+                raise Transient(f"short read ({out.size} of {total} bytes)")
+            if sha256 and out.sha256 != sha256:
+                raise UserError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {out.sha256}",
+                                mismatch_hint)
+            out.commit()
     except OSError as exc:
         raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 @contextlib.contextmanager
-def _open(
-    client: httpx.Client, url: str, not_found: UserError | None
-) -> Iterator[tuple[Iterator[bytes] | str, int | None]]:
-    """(chunks, expected size) of `url`, or (reason to retry, None) for a server-side failure."""
+def _open(client: httpx.Client, url: str, not_found: UserError | None) -> Iterator[tuple[Iterator[bytes], int | None]]:
+    """(chunks, expected size) of `url`; a server-side failure is Transient."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme else url)
@@ -104,8 +112,7 @@ def _open(
         if resp.status_code == 404:
             raise not_found or UserError(f"downloading {url} failed: HTTP 404 (not found)")
         if resp.status_code >= 500:
-            yield f"HTTP {resp.status_code}", None
-            return
+            raise Transient(f"HTTP {resp.status_code}")
         if resp.status_code != 200:
             raise UserError(f"downloading {url} failed: HTTP {resp.status_code}")
         yield resp.iter_bytes(1 << 20), int(resp.headers.get("content-length", 0)) or None

@@ -76,6 +76,48 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+class StagedFile:
+    """Bytes on their way to `dest`: written to a temp file beside it and hashed as they come."""
+
+    def __init__(self, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        self.dest, self.tmp = dest, Path(name)
+        self._fh = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._fh.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self) -> None:
+        """Put the content at `dest` (renamed: a reader never sees it half-written)."""
+        self._fh.close()
+        os.replace(self.tmp, self.dest)
+
+    def discard(self) -> None:
+        self._fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+@contextlib.contextmanager
+def staged_file(dest: Path) -> Iterator[StagedFile]:
+    """A `StagedFile` for `dest`: what is not committed when the block ends is removed, so a failed or
+    refused download leaves nothing under `dest`."""
+    staged = StagedFile(dest)
+    try:
+        yield staged
+    finally:
+        staged.discard()  # after commit() there is nothing left to remove
+
+
 def check_writable_dir(path: Path) -> None:
     """Refuse now a directory that could not be created or written, leaving nothing behind: a long job
     (compiles) must not find out at its end that it has nowhere to put its result."""

@@ -1,8 +1,10 @@
 """The ABI gate: would the target kernel accept these modules? Decided from the ELF files alone.
 
-Three checks per module, the same ones the kernel's loader makes: vermagic equals the kernel's release
-and flags; every undefined symbol is exported by the kernel (Module.symvers) or by a sibling module;
-every modversions CRC equals the kernel's. A fourth for kernels built with objtool: the module carries
+First the ELF machine: a module of another architecture than the kernel's (an aarch64 module for an
+x86_64 kernel, or the reverse) fails with that one line and nothing else. Then three checks per module,
+the same ones the kernel's loader makes: vermagic equals the kernel's release and flags; every undefined
+symbol is exported by the kernel (Module.symvers) or by a sibling module; every modversions CRC equals
+the kernel's. A fourth for kernels built with objtool: the module carries
 the ORC unwind table that kernel's objtool writes, so objtool did process it; on IBT kernels it runs over
 the linked module, which is what the split's node-side link repeats.
 """
@@ -18,11 +20,14 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
-from gl_nvidia.build.kenv import kernel_release, read_config
+from gl_nvidia.build.kenv import config_arch, kernel_release, read_config
 from gl_nvidia.bundle import AbiGate, BundleManifest, modules_dir
 from gl_nvidia.errors import UserError
 
 _KSYMTAB = "__ksymtab_"
+# Debian architecture -> the ELF e_machine of its kernel modules (pyelftools' names) and how people call it.
+ELF_MACHINES = {"amd64": "EM_X86_64", "arm64": "EM_AARCH64"}
+_MACHINE_NAMES = {"EM_X86_64": "x86_64", "EM_AARCH64": "aarch64"}
 # The kernel appends these per arch after the generic flags (arch/*/include/asm/vermagic.h).
 _ARCH_VERMAGIC = {"CONFIG_ARM64": "aarch64 "}
 # The section the kernel's objtool writes into every module with code, by the option that makes it write
@@ -39,6 +44,7 @@ class KernelAbi:
     release: str
     vermagic: str
     symvers: dict[str, int]  # exported symbol -> CRC
+    arch: str  # the kernel's Debian architecture: "amd64" | "arm64"
     objtool: tuple[tuple[str, str], ...] = ()  # (section, the option that has objtool write it) every module has
 
 
@@ -49,6 +55,7 @@ class ModuleElf:
     undefined: frozenset[str]
     exported: frozenset[str]
     versions: dict[str, int]  # __versions: symbol -> CRC the module was built against
+    machine: str  # ELF e_machine: "EM_X86_64" | "EM_AARCH64"
     sections: dict[str, int] = field(default_factory=dict)  # section name -> size
     ibt_note: bool = False  # .note.gnu.property marks all its code IBT-enabled (-fcf-protection=branch)
 
@@ -91,13 +98,14 @@ def kernel_abi(sysout: Path) -> KernelAbi:
     config = read_config(sysout)
     objtool = tuple((sec, opt) for sec, opt in OBJTOOL_REQUIRED.items()
                     if config.get("CONFIG_OBJTOOL") == "y" and config.get(opt) == "y")
-    return KernelAbi(release, expected_vermagic(release, config), symvers, objtool)
+    return KernelAbi(release, expected_vermagic(release, config), symvers, config_arch(config, sysout), objtool)
 
 
 def read_module(path: Path) -> ModuleElf:
     try:
         with path.open("rb") as fh:
             elf = ELFFile(fh)
+            machine = str(elf["e_machine"])
             modinfo_sec = elf.get_section_by_name(".modinfo")
             if modinfo_sec is None:
                 raise UserError(f"{path} is not a kernel module (no .modinfo section)")
@@ -132,7 +140,8 @@ def read_module(path: Path) -> ModuleElf:
                     versions[name] = crc & 0xFFFFFFFF
     except (ELFError, OSError, struct.error) as exc:
         raise UserError(f"cannot read kernel module {path}: {exc}") from exc
-    return ModuleElf(path.name, modinfo, frozenset(undefined), frozenset(exported), versions, sections, ibt_note)
+    return ModuleElf(path.name, modinfo, frozenset(undefined), frozenset(exported), versions, machine, sections,
+                     ibt_note)
 
 
 def _ibt_note(elf: ELFFile) -> bool:
@@ -145,8 +154,22 @@ def _ibt_note(elf: ELFFile) -> bool:
                for prop in note["n_desc"])
 
 
+def machine_problem(modules: Sequence[ModuleElf], arch: str, whose: str) -> str | None:
+    """One line naming the modules that are not ELF of `arch` (`whose`: what is of that arch, for the line)."""
+    wrong = [m for m in modules if m.machine != ELF_MACHINES[arch]]
+    if not wrong:
+        return None
+    found = ", ".join(sorted({_MACHINE_NAMES.get(m.machine, m.machine) for m in wrong}))
+    return (f"{', '.join(m.name for m in wrong)}: {found} ELF, but {whose} is {arch} "
+            f"({_MACHINE_NAMES[ELF_MACHINES[arch]]}): modules of another architecture never load")
+
+
 def gate(modules: Sequence[ModuleElf], abi: KernelAbi) -> AbiGate:
     """Check one module set (siblings may use each other's exports) against one kernel."""
+    wrong_arch = machine_problem(modules, abi.arch, f"kernel {abi.release}")
+    if wrong_arch:
+        # Every other check would only repeat it (vermagic, each symbol's CRC).
+        return AbiGate(ok=False, problems=(wrong_arch,), evidence=tuple(evidence(m) for m in modules))
     problems: list[str] = []
     siblings = {sym: m.name for m in modules for sym in m.exported}
     for m in modules:

@@ -127,20 +127,22 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
     # Unstripped copies stay in the cache, so --keep-debug never means compiling again.
     (dest / "debug").mkdir()
     (dest / "parts").mkdir()
-    linker = linker_version()
+    # The kernel's architecture's binutils: aarch64-linux-gnu-ld and -strip for an arm64 kernel on amd64.
+    ld, strip = hdrs.tool("ld"), hdrs.tool("strip")
+    linker = linker_version(ld)
     modules = []
     for ko in kos:
         shipped = dest / "ko" / ko.name
-        split = split_module(tree, ko.name.removesuffix(".ko"), hdrs.sysout, dest / "parts", linker)
+        split = split_module(tree, ko.name.removesuffix(".ko"), hdrs.sysout, dest / "parts", linker, strip)
         if split is not None:
             # What ships is the module linked from its parts, the way the node will link it.
-            link(split.parts, split.paths(), shipped)
+            link(split.parts, split.paths(), shipped, ld)
             problem = _differs(read_module(ko), read_module(shipped))
             if problem:
                 log.warning("%s: linked from parts, %s; shipping it whole", ko.name, problem)
                 split = None
         if split is None:
-            run(["strip", "--strip-debug", "-o", shipped, ko])
+            run([strip, "--strip-debug", "-o", shipped, ko])
         info = read_module(shipped)
         modules.append(ModuleFile(ko.name, sha256_file(shipped), shipped.stat().st_size, ko.stat().st_size,
                                   info.vermagic, info.srcversion, split.parts if split else None))

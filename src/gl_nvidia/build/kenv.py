@@ -2,11 +2,16 @@
 
 `apt` unpacks the headers packages into a private tree (no root, no container); `dir` uses headers
 already on disk; `kmodbuild` runs Garden Linux's developer container with podman or docker.
+
+A kernel of another architecture than this machine's is cross-compiled, never emulated: kbuild gets
+`ARCH` and `CROSS_COMPILE` (`aarch64-linux-gnu-` for arm64 on amd64), and its host programs (`fixdep`,
+`modpost`) come from this machine's own `linux-kbuild` package, which reads any architecture's objects.
 """
 
 from __future__ import annotations
 
 import hashlib
+import platform
 import re
 import shutil
 from dataclasses import dataclass
@@ -19,6 +24,23 @@ from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit, sh
 from gl_nvidia.run import output
 
 _INCLUDE = re.compile(r"^include\s+(\S+)/Makefile\s*$", re.M)
+# Debian architecture -> the GNU triplet its cross tools are prefixed with, and the ARCH NVIDIA's Makefile takes.
+CROSS_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+NVIDIA_ARCH = {"amd64": "x86_64", "arm64": "arm64"}
+# The .config option only that architecture's kernels set.
+_ARCH_CONFIG = {"CONFIG_X86_64": "amd64", "CONFIG_ARM64": "arm64"}
+_MACHINES = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+def host_arch() -> str:
+    """This machine's Debian architecture."""
+    machine = platform.machine()
+    return _MACHINES.get(machine, machine)
+
+
+def cross_prefix(arch: str, host: str) -> str:
+    """CROSS_COMPILE for building `arch` code on a `host` machine ("" when they are the same)."""
+    return "" if arch == host else f"{CROSS_TRIPLETS[arch]}-"
 
 
 @dataclass(frozen=True)
@@ -28,11 +50,29 @@ class KernelHeaders:
     sysout: Path  # the kernel's build output headers: .config, Module.symvers, generated/
     digest: str  # sha256 over the headers' packages or files
     kernel_compiler: str  # CONFIG_CC_VERSION_TEXT: the compiler the kernel was built with
+    arch: str  # the kernel's Debian architecture, from its .config: "amd64" | "arm64"
+
+    @property
+    def cross_compile(self) -> str:
+        """kbuild's CROSS_COMPILE on this machine: "" for a kernel of its own architecture."""
+        return cross_prefix(self.arch, host_arch())
+
+    @property
+    def kernel_cc(self) -> str:
+        """The compiler command the kernel names (NVIDIA's Makefile picks the same one)."""
+        return self.kernel_compiler.split()[0] if self.kernel_compiler else "cc"
 
     @property
     def cc(self) -> str:
-        """The compiler command the kernel names (NVIDIA's Makefile picks the same one)."""
-        return self.kernel_compiler.split()[0] if self.kernel_compiler else "cc"
+        """The kernel's compiler as this machine runs it: the cross one for another architecture's kernel."""
+        if not self.cross_compile:
+            return self.kernel_cc
+        cc = self.kernel_cc if self.kernel_compiler else "gcc"  # there is no aarch64-linux-gnu-cc
+        return cc if cc.startswith(self.cross_compile) else self.cross_compile + cc
+
+    def tool(self, name: str) -> str:
+        """A binutils program for the kernel's architecture (`strip`, `ld`): the cross one when needed."""
+        return self.cross_compile + name
 
 
 class KernelEnv(Protocol):
@@ -48,8 +88,12 @@ class KernelEnv(Protocol):
 
 
 def make_argv(hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
-    """The recipe DESIGN.md records as working: SYSSRC = the common dir, SYSOUT = the arch dir."""
-    return ["make", f"-j{jobs}", "-C", str(tree), f"SYSSRC={hdrs.syssrc}", f"SYSOUT={hdrs.sysout}", "modules"]
+    """The recipe DESIGN.md records as working: SYSSRC = the common dir, SYSOUT = the arch dir; for another
+    architecture's kernel also ARCH and CROSS_COMPILE (NVIDIA's Makefile would take `uname -m` and the
+    host's gcc-12 otherwise)."""
+    cross = [f"ARCH={NVIDIA_ARCH[hdrs.arch]}", f"CROSS_COMPILE={hdrs.cross_compile}", f"CC={hdrs.cc}"] \
+        if hdrs.cross_compile else []
+    return ["make", f"-j{jobs}", "-C", str(tree), f"SYSSRC={hdrs.syssrc}", f"SYSOUT={hdrs.sysout}", *cross, "modules"]
 
 
 def read_config(sysout: Path) -> dict[str, str]:
@@ -73,9 +117,24 @@ def kernel_release(sysout: Path) -> str:
     return m.group(1)
 
 
-def compiler_mismatch(toolchain: str, kernel_compiler: str) -> str | None:
-    """A warning when modules would be built with another compiler than the kernel was (None: same)."""
-    if toolchain == kernel_compiler or not kernel_compiler:
+def config_arch(config: dict[str, str], where: Path) -> str:
+    """The Debian architecture of the kernel a .config belongs to."""
+    found = [arch for key, arch in _ARCH_CONFIG.items() if config.get(key) == "y"]
+    if len(found) != 1:
+        raise UserError(f"the kernel .config in {where} is for neither amd64 nor arm64",
+                        "gl-nvidia builds for x86_64 (amd64) and aarch64 (arm64) kernels")
+    return found[0]
+
+
+def compiler_mismatch(toolchain: str, kernel_compiler: str, cross_compile: str = "") -> str | None:
+    """A warning when modules would be built with another compiler than the kernel was (None: same).
+
+    `cross_compile`: the prefix this machine's compiler has and the kernel's did not (a kernel built
+    natively on arm64 says "gcc-12 (Debian ...)", its cross compiler here "aarch64-linux-gnu-gcc-12 (Debian ...)").
+    """
+    if not kernel_compiler or toolchain == kernel_compiler:
+        return None
+    if cross_compile and toolchain.removeprefix(cross_compile) == kernel_compiler:
         return None
     return (f"building with {toolchain!r}, but the kernel was built with {kernel_compiler!r}; "
             "modules may differ in ABI-relevant code generation (retpolines, structure layout plugins)")
@@ -98,8 +157,9 @@ def dir_headers(sysout: Path, syssrc: Path | None = None) -> KernelHeaders:
     for name in (".config", "Module.symvers", "include/generated/utsrelease.h"):
         if (sysout / name).is_file():
             h.update(sha256_file(sysout / name).encode())
+    config = read_config(sysout)
     return KernelHeaders(kernel_release(sysout), syssrc, sysout, h.hexdigest(),
-                         read_config(sysout).get("CONFIG_CC_VERSION_TEXT", ""))
+                         config.get("CONFIG_CC_VERSION_TEXT", ""), config_arch(config, sysout))
 
 
 class DirEnv:
@@ -145,7 +205,10 @@ class AptEnv:
             raise UserError(f"no kernel headers package {name} in {repo.describe()}",
                             "check the kernel release (uname -r) and the apt repository of its OS version")
         pkg = repo.find(name)
-        pkgs = [pkg, *(repo.find(dep) for dep in _header_deps(pkg.depends))]
+        # kbuild's host programs run here: linux-kbuild of this machine's architecture, never installed.
+        kbuild = self.repo(host_arch())
+        pkgs = [pkg, *((kbuild if dep.startswith("linux-kbuild-") else repo).find(dep)
+                       for dep in _header_deps(pkg.depends))]
         digest = hashlib.sha256("".join(sorted(p.sha256 for p in pkgs)).encode()).hexdigest()
         tree = cache_dir("build", "headers") / f"{kernel}-{digest[:16]}"
         if not cache_hit(tree):
@@ -156,7 +219,7 @@ class AptEnv:
                 _relocate(tmp, tree, kernel)
         sysout = tree / "usr/src" / name
         hdrs = dir_headers(sysout)
-        return KernelHeaders(kernel, hdrs.syssrc, sysout, digest, hdrs.kernel_compiler)
+        return KernelHeaders(kernel, hdrs.syssrc, sysout, digest, hdrs.kernel_compiler, hdrs.arch)
 
     def make_argv(self, hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
         return make_argv(hdrs, tree, jobs)
@@ -238,7 +301,8 @@ class KmodbuildEnv:
         return kmodbuild_argv(self.engine, self.image(_arch_of(hdrs.kernel)), tree, inner)
 
     def toolchain(self, hdrs: KernelHeaders) -> str:
-        argv = kmodbuild_argv(self.engine, self.image(_arch_of(hdrs.kernel)), Path("/tmp"), [hdrs.cc, "--version"])
+        # The container is of the kernel's architecture: its compiler has no cross prefix.
+        argv = kmodbuild_argv(self.engine, self.image(_arch_of(hdrs.kernel)), Path("/tmp"), [hdrs.kernel_cc, "--version"])
         return output(argv).splitlines()[0].strip()
 
 

@@ -47,6 +47,8 @@ class DriverInputs:
     userspace: Path  # root-relative tree: usr/bin/..., usr/lib/<triplet>/...
     firmware: Path  # holds nvidia/<version>/gsp_*.bin
     module_sources: dict[str, ModuleSource] = field(default_factory=dict)  # keyed by module type
+    # a component the source has no copy of, and why: {"fabricmanager": "no fabric manager for ... in Debian"}
+    left_out: dict[str, str] = field(default_factory=dict)
 
 
 class DriverSource(Protocol):
@@ -83,6 +85,8 @@ DEBIAN_USERSPACE = ("nvidia-smi", "libcuda1", "libnvidia-ml1", "nvidia-modprobe"
 # Shipped when the archive has them, in whatever version it has (Debian versions them separately).
 DEBIAN_OPTIONAL = ("nvidia-persistenced", "libnvidia-cfg1")
 DEBIAN_MODULE_SOURCES = {"proprietary": "nvidia-kernel-source", "open": "nvidia-open-kernel-source"}
+# Fabric manager must be of exactly the driver's version (it refuses to run against another).
+DEBIAN_FABRICMANAGER = "nvidia-fabricmanager"
 
 
 class DebianSource:
@@ -91,12 +95,13 @@ class DebianSource:
     name = "debian"
 
     def __init__(self, repo: apt.AptRepo | None = None) -> None:
-        self._repo = repo
+        # One repository view per architecture: a release builds amd64 and arm64 units side by side.
+        self._repos = {repo.arch: repo} if repo else {}
 
     def repo(self, arch: str) -> apt.AptRepo:
-        if self._repo is None or self._repo.arch != arch:
-            self._repo = apt.AptRepo(apt.system_sources(), arch=arch)
-        return self._repo
+        if arch not in self._repos:
+            self._repos[arch] = apt.AptRepo(apt.system_sources(), arch=arch)
+        return self._repos[arch]
 
     def available_versions(self, arch: str) -> list[str]:
         return [_upstream(p.version) for p in self.repo(arch).versions("nvidia-smi")]
@@ -119,6 +124,7 @@ class DebianSource:
         for name in DEBIAN_OPTIONAL:
             if repo.versions(name):
                 pkgs.append(repo.find(name))
+        pkgs += [p for p in repo.versions(DEBIAN_FABRICMANAGER) if _upstream(p.version) == driver_version][:1]
         # Debian ships the open tree on its own schedule: take the newest of the same branch.
         open_pkgs = [p for p in repo.versions(DEBIAN_MODULE_SOURCES["open"])
                      if branch_of(_upstream(p.version)) == branch_of(driver_version)]
@@ -142,7 +148,15 @@ class DebianSource:
             for mtype, pkg in DEBIAN_MODULE_SOURCES.items() if pkg in debs
         }
         return DriverInputs(driver_version, branch_of(driver_version), arch, self.name, digests,
-                            root / "userspace", root / "firmware", module_sources)
+                            root / "userspace", root / "firmware", module_sources,
+                            self._left_out(driver_version, arch, versions))
+
+    def _left_out(self, driver_version: str, arch: str, versions: dict[str, str]) -> dict[str, str]:
+        if DEBIAN_FABRICMANAGER in versions:
+            return {}
+        have = sorted({_upstream(p.version) for p in self.repo(arch).versions(DEBIAN_FABRICMANAGER)})
+        return {"fabricmanager": f"no fabric manager for {driver_version} in Debian (the archive's "
+                                 f"{DEBIAN_FABRICMANAGER}: {', '.join(have) or 'no such package'})"}
 
 
 def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
@@ -165,6 +179,7 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
         if d.is_dir():
             moves += [(p, userspace / sub / p.name) for p in d.iterdir() if not p.is_dir()]
     moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/doc/*/copyright")]
+    moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/nvidia/nvswitch/*")]
     moves += [(p, firmware / p.relative_to(raw / "lib/firmware")) for p in raw.glob("lib/firmware/nvidia/*/*")]
     for src, dst in moves:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -186,8 +201,10 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
 
 # --- an unpacked NVIDIA installer (dir) and the installer itself (nvidia) ------------------------
 
-def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str]) -> DriverInputs:
-    """Map an unpacked `NVIDIA-Linux-*.run` tree (kernel/, kernel-open/, flat userspace) to DriverInputs."""
+def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str], *,
+                    fabricmanager: Path | None = None, left_out: dict[str, str] | None = None) -> DriverInputs:
+    """Map an unpacked `NVIDIA-Linux-*.run` tree (kernel/, kernel-open/, flat userspace) to DriverInputs;
+    `fabricmanager`: NVIDIA's unpacked fabric manager archive of the same version, laid out beside it."""
     manifest = tree / ".manifest"
     if not manifest.is_file() or not (tree / "kernel").is_dir():
         raise UserError(f"{tree} is not an unpacked NVIDIA driver (no .manifest or kernel/)",
@@ -200,13 +217,15 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str])
     if not cache_hit(layout):
         with cache_fill(layout) as tmp:
             _layout_run_tree(tree, tmp, version, arch)
+            if fabricmanager is not None:
+                _layout_fabricmanager(fabricmanager, tmp / "userspace/usr", arch)
     tree_digest = _digest_key(digests)
     module_sources = {
         mtype: ModuleSource(mtype, version, tree / sub, tree_digest)
         for mtype, sub in (("proprietary", "kernel"), ("open", "kernel-open")) if (tree / sub).is_dir()
     }
     return DriverInputs(version, branch_of(version), arch, source, digests,
-                        layout / "userspace", layout / "firmware", module_sources)
+                        layout / "userspace", layout / "firmware", module_sources, dict(left_out or {}))
 
 
 _RUN_TOOLS = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nvidia-debugdump",
@@ -237,6 +256,28 @@ def _layout_run_tree(tree: Path, dest: Path, version: str, arch: str) -> None:
         shutil.copy2(blob, fw / blob.name)
 
 
+def _layout_fabricmanager(archive: Path, usr: Path, arch: str) -> None:
+    """NVIDIA's fabric manager archive (bin/, lib/, etc/, share/nvidia/nvswitch/) where its packages install
+    it: the daemon, its config and the NVSwitch topologies under usr/share/nvidia/nvswitch."""
+    if not (archive / "bin/nv-fabricmanager").is_file():
+        raise UserError(f"{archive.name} has no bin/nv-fabricmanager", "is it NVIDIA's fabric manager archive?")
+    for tool in ("nv-fabricmanager", "nvswitch-audit", "nvidia-fabricmanager-start.sh"):
+        if (archive / "bin" / tool).is_file():
+            shutil.copy2(archive / "bin" / tool, usr / "bin" / tool)
+    libdir = usr / "lib" / TRIPLETS[arch]
+    for lib in (archive / "lib").glob("libnvfm.so*"):
+        shutil.copy2(lib, libdir / lib.name, follow_symlinks=False)
+    nvswitch = usr / "share/nvidia/nvswitch"
+    if (archive / "share/nvidia/nvswitch").is_dir():
+        shutil.copytree(archive / "share/nvidia/nvswitch", nvswitch, dirs_exist_ok=True)
+    nvswitch.mkdir(parents=True, exist_ok=True)
+    for cfg in (archive / "etc").glob("fabricmanager*.cfg"):
+        shutil.copy2(cfg, nvswitch / cfg.name)
+    if (archive / "LICENSE").is_file():
+        (usr / "share/doc/nvidia-fabricmanager").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(archive / "LICENSE", usr / "share/doc/nvidia-fabricmanager/LICENSE")
+
+
 class DirSource:
     """An already-unpacked driver tree on disk (kernel/, kernel-open/, userspace, firmware/)."""
 
@@ -250,7 +291,8 @@ class DirSource:
 
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:
         digest = _tree_digest(self.tree)
-        inputs = run_tree_inputs(self.tree, arch, self.name, {self.tree.name: digest})
+        inputs = run_tree_inputs(self.tree, arch, self.name, {self.tree.name: digest}, left_out={
+            "fabricmanager": "the dir source is an unpacked .run, which has no fabric manager (use --source nvidia)"})
         if driver_version and inputs.driver_version != driver_version:
             raise UserError(f"{self.tree} holds driver {inputs.driver_version}, not {driver_version}")
         return inputs

@@ -141,8 +141,10 @@ class Split:
         return self.parts.paths(str(self.dir), str(self.dir))
 
 
-def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str) -> Split | None:
+def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str, strip: str = "strip") -> Split | None:
     """Write the parts of `<module>.ko` into `dest` (None: not split, the module ships whole).
+
+    `strip`: the binutils `strip` of the kernel's architecture (`aarch64-linux-gnu-strip` when cross-compiling).
 
     A module is left whole when it has no binary object or the kernel's modfinal has no linker script.
     When kbuild ran objtool over the linked `<module>.o`, modpost's objects stay out of the interface
@@ -163,12 +165,12 @@ def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str) -
     rest = [o for o in objects if o != binary]
     interface = dest / f"{module}.o"
     if objtool is None:
-        _ld_r(multi, interface, [*rest, mod_o, *extra])
+        _ld_r(multi, interface, [*rest, mod_o, *extra], strip)
     else:
-        _ld_r(multi, interface, rest)
-        _ld_r(multi, dest / f"{module}.final.o", [mod_o, *extra])
+        _ld_r(multi, interface, rest, strip)
+        _ld_r(multi, dest / f"{module}.final.o", [mod_o, *extra], strip)
     bin_out = dest / binary.name
-    run(["strip", "--strip-debug", "-o", bin_out, binary.with_name(binary.name + "_binary")])
+    run([strip, "--strip-debug", "-o", bin_out, binary.with_name(binary.name + "_binary")])
     lds = dest / LDS
     lds.write_bytes(final.lds.read_bytes())
     step = None
@@ -189,10 +191,10 @@ def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str) -
     return Split(parts, dest)
 
 
-def _ld_r(recipe: KbuildLink, out: Path, objects: list[Path]) -> None:
+def _ld_r(recipe: KbuildLink, out: Path, objects: list[Path], strip: str) -> None:
     """`ld -r` with the flags of kbuild's `<module>.o` link, then without debug info (it is not shipped)."""
     run([recipe.ld, *recipe.flags, "-o", out, *objects])
-    run(["strip", "--strip-debug", out])
+    run([strip, "--strip-debug", out])
 
 
 def link(parts: ModuleParts, at: PartPaths, out: Path, ld: str = "ld") -> Path:

@@ -8,6 +8,7 @@ A failed compile or gate fails its cell, never the run: every other unit still b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -23,6 +24,7 @@ from gl_nvidia import bundle as b
 from gl_nvidia import ui
 from gl_nvidia.build.compile import CompiledSet, compile_set
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders, compiler_mismatch
+from gl_nvidia.build.modsign import ModuleSigner
 from gl_nvidia.build.sources import DriverInputs, DriverSource
 from gl_nvidia.build.split import module_patch
 from gl_nvidia.catalog.model import BuildUnit
@@ -76,6 +78,7 @@ def build_unit(
     jobs: int | None = None,
     module_types: Sequence[str] | None = None,
     keep_debug: bool = False,
+    signer: ModuleSigner | None = None,
 ) -> UnitResult:
     """Build `unit`'s module sets and write them into the driver bundle at `out`.
 
@@ -84,7 +87,8 @@ def build_unit(
     all cores); `module_types` defaults to the unit's own (the catalog drops excluded types). Failed
     compiles and gate failures are recorded as `failed` module sets in the manifest and in the returned
     outcomes; problems with the inputs (unknown driver, missing headers, no space)
-    raise `UserError` and leave `out` as it was.
+    raise `UserError` and leave `out` as it was. With `signer`, every module is signed for the kernel's
+    module signature check as it goes into the bundle (from the build cache: signing never recompiles).
     """
     module_types = unit.module_types if module_types is None else module_types
     unknown = set(module_types) - set(b.MODULE_TYPES)
@@ -92,8 +96,11 @@ def build_unit(
         raise UserError(f"unknown module type(s): {', '.join(sorted(unknown))}", "use open and/or proprietary")
     inputs = source.prepare(unit.driver_version, unit.arch)
     hdrs = env.headers(unit.kernel, unit.arch)
+    if hdrs.arch != unit.arch:
+        raise UserError(f"the headers of {unit.kernel} are for an {hdrs.arch} kernel, but the unit is {unit.arch}",
+                        f"build it as an {hdrs.arch} unit, or point at the {unit.arch} kernel's headers")
     toolchain = env.toolchain(hdrs)
-    mismatch = compiler_mismatch(toolchain, hdrs.kernel_compiler)
+    mismatch = compiler_mismatch(toolchain, hdrs.kernel_compiler, hdrs.cross_compile)
     if mismatch:
         log.warning("%s: %s", unit.kernel, mismatch)
     sets: dict[str, CompiledSet] = {}
@@ -108,7 +115,9 @@ def build_unit(
         sets[mtype] = cs
         # The bundle's copy of the log: the cache's is an implementation detail.
         outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, out / log_path(unit.kernel, mtype))
-    manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug)
+    manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug, signer=signer)
+    for component, why in inputs.left_out.items():
+        log.warning("%s: %s left out of the image: %s", unit.key, component, why)
     for o in outcomes.values():
         if o.status != "ok":
             log.error("%s %s failed: %s" + (" (log: %s)" if o.log else ""), unit.key, o.module_type, o.error,
@@ -126,6 +135,7 @@ def build_all(
     make_jobs: int | None = None,
     module_types: Sequence[str] | None = None,
     keep_debug: bool = False,
+    signer: ModuleSigner | None = None,
 ) -> list[UnitResult]:
     """Build many units, `jobs` at a time, into `out/<driver version>-<arch>/` bundles.
 
@@ -139,7 +149,7 @@ def build_all(
         types = [t for t in (module_types or unit.module_types) if t in unit.module_types]
         try:
             return build_unit(unit, bundle_dir, source=source, env=env_for(unit), jobs=per_unit,
-                              module_types=types, keep_debug=keep_debug)
+                              module_types=types, keep_debug=keep_debug, signer=signer)
         except UserError as exc:
             log.error("%s: %s", unit.key, exc)
             return UnitResult(unit, bundle_dir, {t: Outcome(t, "failed", False, str(exc)) for t in types})
@@ -172,15 +182,16 @@ def _locked(bundle: Path) -> Iterator[None]:
 
 
 def write_bundle(out: Path, inputs: DriverInputs, hdrs: KernelHeaders, toolchain: str,
-                 sets: dict[str, CompiledSet], *, keep_debug: bool = False) -> b.BundleManifest:
+                 sets: dict[str, CompiledSet], *, keep_debug: bool = False,
+                 signer: ModuleSigner | None = None) -> b.BundleManifest:
     """Add one kernel's module sets to the bundle at `out` (created with its userspace when new)."""
     with _locked(out):
         old = _existing(out, inputs)
         if old is None:
             # A new bundle appears whole or not at all.
             with atomic_dir(out) as tmp:
-                return _write_parts(tmp, None, inputs, hdrs, toolchain, sets, keep_debug)
-        return _write_parts(out, old, inputs, hdrs, toolchain, sets, keep_debug)
+                return _write_parts(tmp, None, inputs, hdrs, toolchain, sets, keep_debug, signer)
+        return _write_parts(out, old, inputs, hdrs, toolchain, sets, keep_debug, signer)
 
 
 def _existing(out: Path, inputs: DriverInputs) -> b.BundleManifest | None:
@@ -196,7 +207,8 @@ def _existing(out: Path, inputs: DriverInputs) -> b.BundleManifest | None:
 
 
 def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs, hdrs: KernelHeaders,
-                 toolchain: str, sets: dict[str, CompiledSet], keep_debug: bool) -> b.BundleManifest:
+                 toolchain: str, sets: dict[str, CompiledSet], keep_debug: bool,
+                 signer: ModuleSigner | None) -> b.BundleManifest:
     if (old is None or old.source_digests != inputs.digests or not _same_files(old.userspace, inputs.userspace)
             or not _same_files(old.firmware, inputs.firmware)):
         with atomic_dir(b.userspace_dir(root)) as tmp:
@@ -208,58 +220,68 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     module_sets = dict(old.kernels[hdrs.kernel].module_sets) if old and hdrs.kernel in old.kernels else {}
     for mtype, cs in sets.items():
         log_rel = log_path(hdrs.kernel, mtype)
-        atomic_write_text(root / log_rel, cs.log_file.read_text(errors="replace"))
         modules = cs.modules
+        atomic_write_text(root / log_rel, cs.log_file.read_text(errors="replace"))
         if cs.status != "ok":
             # A failed set ships nothing, not even what an earlier good build of it left here.
             shutil.rmtree(b.modules_dir(root, hdrs.kernel, mtype), ignore_errors=True)
             shutil.rmtree(b.interfaces_dir(root, hdrs.kernel, mtype), ignore_errors=True)
             shutil.rmtree(b.debug_dir(root, hdrs.kernel, mtype), ignore_errors=True)
         else:
+            # Signed from the cache's gated bytes: split modules as the node will link them.
+            signed = {ko.name: signer.sign(ko) for ko in cs.ko_files()} if signer else {}
             with atomic_dir(b.modules_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in cs.ko_files():
                     shutil.copyfile(ko, tmp / ko.name)
-            modules = _write_split_parts(root, hdrs.kernel, cs)
+                    if ko.name in signed:
+                        with (tmp / ko.name).open("ab") as fh:
+                            fh.write(signed[ko.name])
+            modules = tuple(dataclasses.replace(m, signature=signer.signature(m.name, ko.read_bytes(), signed[m.name]))
+                            if signer else m for m, ko in zip(cs.modules, cs.ko_files(), strict=True))
+            modules = _write_split_parts(root, hdrs.kernel, cs, modules, signed)
         if keep_debug and cs.status == "ok" and (cs.entry / "debug").is_dir():
             with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in (cs.entry / "debug").iterdir():
                     shutil.copyfile(ko, tmp / ko.name)
-        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status,
-                                         modules, cs.abi_gate, cs.error, log_rel)
+        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, modules, cs.abi_gate, cs.error, log_rel)
     kernels = dict(old.kernels) if old else {}
     kernels[hdrs.kernel] = b.KernelBuild(hdrs.kernel, toolchain, hdrs.kernel_compiler, hdrs.digest, module_sets)
     manifest = b.BundleManifest(
         driver_version=inputs.driver_version, driver_branch=inputs.branch, arch=inputs.arch,
         source=inputs.source, source_digests=dict(inputs.digests), userspace=userspace, firmware=firmware,
-        kernels=kernels,
+        kernels=kernels, left_out=dict(inputs.left_out),
     )
     atomic_write_text(root / b.MANIFEST, manifest.to_json())
     return manifest
 
 
-def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> tuple[b.ModuleFile, ...]:
-    """Per-kernel parts (ModuleParts.per_kernel) per kernel; each binary once per bundle and module type.
+def _write_split_parts(root: Path, kernel: str, cs: CompiledSet, modules: tuple[b.ModuleFile, ...],
+                       signed: dict[str, bytes]) -> tuple[b.ModuleFile, ...]:
+    """Per-kernel parts (ModuleParts.per_kernel) and signatures per kernel; each binary once per bundle and
+    module type.
 
     Modules whose kernel runs objtool over them also get their patch from the binary (bundle.ModulePatch),
-    which is what the image ships of them. Returns the set's modules with their patches."""
-    split = [m.parts for m in cs.modules if m.parts is not None]
+    which is what the image ships of them. Returns `modules` with their patches."""
+    split = [m.parts for m in modules if m.parts is not None]
     iface_dir = b.interfaces_dir(root, kernel, cs.module_type)
     if not split:
         shutil.rmtree(iface_dir, ignore_errors=True)
-        return cs.modules
-    modules = []
+        return modules
+    patched = []
     with atomic_dir(iface_dir) as tmp:
         for p in split:
             for name, _sha in p.per_kernel():  # interface, module.lds; on IBT kernels the final object, objtool
                 shutil.copy2(cs.parts_dir / name, tmp / name)
-        for m in cs.modules:
+        for m in modules:
+            if m.parts is not None and m.signature is not None:
+                (tmp / m.signature.file).write_bytes(signed[m.name])
             if m.parts is not None and m.parts.objtool is not None:
                 patch = tmp / f"{m.name.removesuffix('.ko')}.patch"
                 _patch(cs.parts_dir / m.parts.binary, cs.entry / "ko" / m.name, patch)
                 m = replace(m, patch=b.ModulePatch(
                     m.parts.binary, m.parts.binary_sha256, m.parts.binary_size,
                     patch.name, sha256_file(patch), patch.stat().st_size))
-            modules.append(m)
+            patched.append(m)
     bins = b.binaries_dir(root, cs.module_type)
     bins.mkdir(parents=True, exist_ok=True)
     for p in split:
@@ -270,7 +292,7 @@ def _write_split_parts(root: Path, kernel: str, cs: CompiledSet) -> tuple[b.Modu
             tmp_file = dest.with_name(f".{dest.name}.tmp")
             shutil.copyfile(cs.parts_dir / p.binary, tmp_file)
             os.replace(tmp_file, dest)
-    return tuple(modules)
+    return tuple(patched)
 
 
 def _patch(binary: Path, module: Path, dest: Path) -> None:

@@ -2,7 +2,8 @@
 
 The flavour's headers meta-package (`linux-headers-cloud-amd64`; metal: `linux-headers-amd64`) depends on
 the current `linux-headers-<kernel>`; without a meta-package the newest `linux-headers-<kernel>` by Debian
-version order wins. Works against any Debian-style repository through `gl_nvidia.apt`.
+version order wins. Kernel names per flavour and arch are the OS record's (`gl_nvidia.osprofile`). Works
+against any Debian-style repository through `gl_nvidia.apt`.
 """
 
 from __future__ import annotations
@@ -15,19 +16,7 @@ from debian.debian_support import Version, version_compare
 
 from gl_nvidia.apt import AptRepo, AptSource, system_sources
 from gl_nvidia.errors import UserError
-
-
-def meta_package(flavour: str, arch: str) -> str:
-    return f"linux-headers-cloud-{arch}" if flavour == "cloud" else f"linux-headers-{arch}"
-
-
-def kernel_flavour(kernel: str) -> str:
-    """Cloud kernels are named `<version>-cloud-<arch>`; metal kernels have no flavour infix."""
-    return "cloud" if "-cloud-" in kernel else "metal"
-
-
-def kernel_suffix(flavour: str, arch: str) -> str:
-    return f"-cloud-{arch}" if flavour == "cloud" else f"-{arch}"
+from gl_nvidia.osprofile import DEBIAN, OSProfile
 
 
 def expand_env(value: str) -> str:
@@ -43,13 +32,14 @@ def expand_env(value: str) -> str:
     return re.sub(r"\$\{(\w+)\}", sub, value)
 
 
-def apt_sources(spec: str, os_version: str, etc_apt: Path = Path("/etc/apt")) -> list[AptSource]:
+def apt_sources(spec: str, os_version: str, distro: OSProfile, codename: str | None = None,
+                etc_apt: Path = Path("/etc/apt")) -> list[AptSource]:
     """The apt sources of one OS version.
 
     `system:<codename>`: this machine's configured archive, only the suites `<codename>` and
     `<codename>-*` (other vendors' entries are not the OS's kernels), verified with their Signed-By keyring.
-    Anything else is the base URL (or directory) of a repository with one suite per OS version, as Garden
-    Linux publishes them, verified with the keyring file GL_APT_KEYRING names.
+    Anything else is the base URL (or directory) of a repository laid out as the OS record says (Garden
+    Linux: one suite per OS version), verified with the keyring file GL_APT_KEYRING names.
     """
     if spec.startswith("system:"):
         codename = spec.removeprefix("system:")
@@ -62,12 +52,12 @@ def apt_sources(spec: str, os_version: str, etc_apt: Path = Path("/etc/apt")) ->
     if not keyring:
         raise UserError(f"environment variable GL_APT_KEYRING is not set (the keyring to verify {uri} with)",
                         "export GL_APT_KEYRING=<the repository's archive keyring file, .gpg or .asc>")
-    return [AptSource(uri, os_version, ("main",), Path(keyring))]
+    return [AptSource(uri, distro.apt.suite_of(os_version, codename), distro.apt.components, Path(keyring))]
 
 
-def kernel_from_index(repo: AptRepo, flavour: str, arch: str) -> str:
-    suffix = kernel_suffix(flavour, arch)
-    meta = meta_package(flavour, arch)
+def kernel_from_index(repo: AptRepo, flavour: str, arch: str, distro: OSProfile) -> str:
+    suffix = distro.kernel_suffix(flavour, arch)
+    meta = distro.headers_meta_package(flavour, arch)
     if repo.versions(meta):
         depends = repo.find(meta).depends
         for alternative in re.split(r"[,|]", depends):
@@ -81,20 +71,21 @@ def kernel_from_index(repo: AptRepo, flavour: str, arch: str) -> str:
             f"no linux-headers-*{suffix} package in {repo.describe()}",
             "check the repository URL and that this version ships the flavour",
         )
-    newest = max(candidates, key=lambda p: (Version(p.version), kernel_sort_key(p.name)))
+    newest = max(candidates, key=lambda p: (Version(p.version), kernel_sort_key(p.name, distro)))
     return newest.name.removeprefix("linux-headers-")
 
 
-def resolve_kernel(spec: str, os_version: str, flavour: str, arch: str) -> str:
+def resolve_kernel(spec: str, os_version: str, flavour: str, arch: str, distro: OSProfile,
+                   codename: str | None = None) -> str:
     """The kernel release (`uname -r`) of one OS version, flavour and arch."""
-    repo = AptRepo(apt_sources(spec, os_version), arch=arch)
-    return kernel_from_index(repo, flavour, arch)
+    repo = AptRepo(apt_sources(spec, os_version, distro, codename), arch=arch)
+    return kernel_from_index(repo, flavour, arch, distro)
 
 
-def kernel_sort_key(kernel: str) -> Version:
+def kernel_sort_key(kernel: str, distro: OSProfile = DEBIAN) -> Version:
     """Debian version order of a kernel release without its flavour suffix ("6.1.0-56", "6.12.38+deb12")."""
-    return Version(re.sub(r"-(cloud-)?(amd64|arm64)$", "", kernel.removeprefix("linux-headers-")))
+    return Version(distro.kernel_version(kernel.removeprefix("linux-headers-")))
 
 
-def compare_kernels(a: str, b: str) -> int:
-    return int(version_compare(str(kernel_sort_key(a)), str(kernel_sort_key(b))))
+def compare_kernels(a: str, b: str, distro: OSProfile = DEBIAN) -> int:
+    return int(version_compare(str(kernel_sort_key(a, distro)), str(kernel_sort_key(b, distro))))

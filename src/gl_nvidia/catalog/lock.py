@@ -144,8 +144,17 @@ class ResolvedDriver(_Strict):
     open_version: DriverVersion | None = None
 
 
+class ResolvedFrom(_Strict):
+    """The sources a `resolved` section was read from, as given (URLs, files, `${VAR}` unexpanded)."""
+
+    glrd: list[str] = Field(default_factory=list)
+    nvidia: str
+    apt: str
+
+
 class Resolved(_Strict):
-    today: date
+    today: date  # the day `gl-nvidia update` resolved it (its --today)
+    sources: ResolvedFrom | None = None  # where it came from; None in locks written before it was recorded
     os_versions: list[ResolvedOSVersion]
     drivers: list[ResolvedDriver]
     kernels: list[KernelEntry]

@@ -145,5 +145,9 @@ def load_matrix(
 
 def lock_matrix(lock: Lock, today: date | None = None, overrides: SourceOverrides | None = None) -> Matrix:
     """`load_matrix` of a lock already read."""
-    resolved = lock.resolved or refresh(lock, today or date.today(), overrides)
-    return build_matrix(lock.os.id, resolved, lock.policy.exclusions)
+    return build_matrix(lock.os.id, lock_resolved(lock, today, overrides), lock.policy.exclusions)
+
+
+def lock_resolved(lock: Lock, today: date | None = None, overrides: SourceOverrides | None = None) -> Resolved:
+    """The lock's `resolved` section, or (a profile without one) its sources resolved now."""
+    return lock.resolved or refresh(lock, today or date.today(), overrides)

@@ -21,6 +21,7 @@ from gl_nvidia.catalog.lock import (
     Policy,
     Resolved,
     ResolvedDriver,
+    ResolvedFrom,
     ResolvedOSVersion,
     describe_validation_error,
 )
@@ -35,6 +36,7 @@ from gl_nvidia.catalog.sources import (
     version_key,
 )
 from gl_nvidia.errors import UserError
+from gl_nvidia.osprofile import os_profile
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,7 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
     nvidia = overrides.nvidia or sources.nvidia
     apt = overrides.apt or sources.apt
     policy = lock.policy
+    distro = os_profile(lock.os.id)
 
     with ui.progress() as prog:
         if lock.os.version is not None:
@@ -163,7 +166,7 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
             known = {lock.os.version}
         else:
             if not glrd:
-                raise UserError("the lock names no GLRD source and no fixed os.version", "set sources.glrd")
+                raise UserError("the lock names no GLRD source and no fixed distro.version", "set sources.glrd")
             with ui.task(prog, "read Garden Linux releases (GLRD)"):
                 majors = parse_glrd([(loc, fetch(loc, "GLRD data")) for loc in glrd])
             os_versions = select_os_versions(majors, today, policy)
@@ -175,7 +178,7 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
 
         with ui.task(prog, "read NVIDIA driver releases"):
             if nvidia.startswith("apt:"):
-                repo = AptRepo(apt_sources(apt, os_versions[0].version), arch=policy.arches[0])
+                repo = AptRepo(apt_sources(apt, os_versions[0].version, distro, lock.os.codename), arch=policy.arches[0])
                 drivers = drivers_from_package(repo, nvidia.removeprefix("apt:"))
             else:
                 drivers = select_drivers(parse_nvidia(fetch(nvidia, "NVIDIA releases.json"), nvidia), policy)
@@ -186,8 +189,9 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
         with ui.task(prog, "resolve kernels from apt repositories", total=len(combos)) as t:
             for os_version, flavour, arch in combos:
                 if (os_version, flavour, arch) not in overridden:
-                    kernel = resolve_kernel(apt, os_version, flavour, arch)
+                    kernel = resolve_kernel(apt, os_version, flavour, arch, distro, lock.os.codename)
                     kernels.append(KernelEntry(os_version=os_version, flavour=flavour, arch=arch, kernel=kernel))
                 t.advance(1)
     kernels = apply_kernel_policy(kernels, policy, [v.version for v in os_versions])
-    return Resolved(today=today, os_versions=os_versions, drivers=drivers, kernels=kernels)
+    return Resolved(today=today, os_versions=os_versions, drivers=drivers, kernels=kernels,
+                    sources=ResolvedFrom(glrd=glrd, nvidia=nvidia, apt=apt))

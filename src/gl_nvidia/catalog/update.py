@@ -13,6 +13,7 @@ from gl_nvidia.catalog.matrix import build_matrix
 from gl_nvidia.catalog.model import Matrix
 from gl_nvidia.catalog.resolve import SourceOverrides, refresh
 from gl_nvidia.fs import atomic_write_text
+from gl_nvidia.osprofile import os_profile
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,7 @@ def update(lock_path: Path, today: date, overrides: SourceOverrides | None = Non
     history = read_history(hist_path)
     new = refresh(lock, today, overrides)
     matrix = build_matrix(lock.os.id, new, lock.policy.exclusions)
-    os_name = "GL" if lock.os.id == "gardenlinux" else lock.os.id.capitalize()
-    changes = diff(lock.resolved, new, lock.policy.branches, os_name)
+    changes = diff(lock.resolved, new, lock.policy.branches, os_profile(lock.os.id).name)
     if not changes:
         return UpdateResult([], matrix, ())
     doc["resolved"] = resolved_to_yaml(new)

@@ -7,18 +7,17 @@ from pathlib import Path
 import click
 
 from gl_nvidia import ui
-from gl_nvidia.build import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, build_all, bundle_name
+from gl_nvidia.build import build_all, bundle_name
 from gl_nvidia.build.abi import check_bundle
 from gl_nvidia.build.kenv import kernel_release
-from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branch_of
+from gl_nvidia.build.modsign import ModuleSigner, bundle_signatures, load_signer
+from gl_nvidia.build.request import driver_source, failures_lock, kernel_request, matrix_request
+from gl_nvidia.build.request import exclude_failed as exclude_failed_units
 from gl_nvidia.bundle import MODULE_TYPES
-from gl_nvidia.catalog.kernels import kernel_flavour
-from gl_nvidia.catalog.lock import exclude_failures
-from gl_nvidia.catalog.matrix import lock_path
-from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.cli.params import DRIVER_VERSION, KERNEL, SHA256
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.fs import check_writable_dir
+from gl_nvidia.osprofile import PROFILES
 
 
 def _line(text: str) -> None:
@@ -26,32 +25,13 @@ def _line(text: str) -> None:
     ui.stdout.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
-def _source(kind: str, path: str | None, sha256: str | None) -> DriverSource:
-    if kind == "debian":
-        return DebianSource()
-    if kind == "dir":
-        if not path:
-            raise UserError("--source dir needs --source-path DIR", "an unpacked driver (sh NVIDIA-*.run --extract-only)")
-        return DirSource(Path(path))
-    from gl_nvidia.build.nvidia import NVIDIA_URL, NvidiaRunSource
-
-    return NvidiaRunSource(path or NVIDIA_URL, sha256=sha256)
-
-
-def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None) -> KernelEnv:
-    if kind == "apt":
-        if apt_spec is None:
-            return AptEnv()
-        from gl_nvidia.catalog.kernels import apt_sources
-
-        return AptEnv(apt_sources(apt_spec, unit.os_versions[-1]))
-    if kind == "dir":
-        if headers is None:
-            raise UserError("--env dir needs --kernel-headers DIR", "the kernel's build headers directory")
-        return DirEnv(headers)
-    if unit.os_id != "gardenlinux":
-        raise UserError(f"--env kmodbuild builds Garden Linux kernels only, not {unit.os_id}", "use --env apt")
-    return KmodbuildEnv(unit.os_versions[-1])
+def module_signer(key: Path | None, cert: Path | None, option: str = "--sign") -> ModuleSigner | None:
+    """The checked module signing key pair of `<option>-key` and `<option>-cert` (None: neither given)."""
+    if key is None and cert is None:
+        return None
+    if key is None or cert is None:
+        raise UserError(f"{option}-key and {option}-cert go together", "pass the private key and its certificate")
+    return load_signer(key, cert)
 
 
 @click.command("build")
@@ -60,7 +40,7 @@ def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None)
               help="Driver version of one build unit (e.g. 535.309.01).")
 @click.option("--arch", default="amd64", show_default=True, type=click.Choice(["amd64", "arm64"]))
 @click.option("--os-version", default="12", show_default=True, help="OS version of the one unit (GL version for kmodbuild).")
-@click.option("--os-id", default="debian", show_default=True, type=click.Choice(["debian", "gardenlinux"]))
+@click.option("--os-id", default="debian", show_default=True, type=click.Choice(sorted(PROFILES)))
 @click.option("--all", "all_units", is_flag=True, help="Build every unit of the matrix (--profile).")
 @click.option("--profile", default="debian", show_default=True,
               help="Profile or lock file for --all: 'debian' (embedded), 'gardenlinux' (./versions.yaml) or a path.")
@@ -71,6 +51,9 @@ def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None)
 @click.option("--source-path", help="nvidia: a .run file or URL template ({version}, {machine}; default: NVIDIA's "
               "download site); dir: an unpacked driver tree.")
 @click.option("--sha256", type=SHA256, help="nvidia: the .run's expected sha256.")
+@click.option("--fabricmanager", help="nvidia: fabric manager archive of the same version, a file or URL template "
+              "({version}, {arch}; default: NVIDIA's redist tree, or the archive beside a local .run). A URL must "
+              "lie in a redist tree: the archive is used only as its redistrib_<version>.json lists it.")
 @click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
               help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
 @click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
@@ -80,62 +63,40 @@ def _env(kind: str, headers: Path | None, unit: BuildUnit, apt_spec: str | None)
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1), help="Units built in parallel.")
 @click.option("--make-jobs", type=click.IntRange(1), help="make -j per unit (default: cores / --jobs).")
 @click.option("--keep-debug", is_flag=True, help="Also keep the unstripped modules under debug/.")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Sign every module for the kernel's module signature check with this PEM private key "
+                   "(the kernel's sign-file format; with --sign-cert).")
+@click.option("--sign-cert", type=click.Path(path_type=Path, dir_okay=False),
+              help="The X.509 certificate (PEM or DER) of --sign-key: the one to enrol on the nodes (MOK).")
 @click.option("--exclude-failed", is_flag=True,
               help="Add every failed cell to the lock file's exclusions (with the first compiler error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_version: str, os_id: str,
               all_units: bool, profile: str, types: tuple[str, ...], source_kind: str, source_path: str | None,
-              sha256: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
-              make_jobs: int | None, keep_debug: bool, exclude_failed: bool, as_json: bool) -> None:
+              sha256: str | None, fabricmanager: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
+              make_jobs: int | None, keep_debug: bool, sign_key: Path | None, sign_cert: Path | None,
+              exclude_failed: bool, as_json: bool) -> None:
     """Compile NVIDIA kernel modules for one build unit or the whole matrix into driver bundles."""
-    # An option the chosen source or env would not read is a mistake, not something to drop silently.
-    if kernel_headers is not None and env_kind != "dir":
-        raise UserError("--kernel-headers is read only with --env dir", "pass --env dir --kernel-headers DIR")
-    if source_kind == "debian" and (source_path or sha256):
-        raise UserError("--source-path and --sha256 are read only with --source nvidia or dir",
-                        "pass --source nvidia (a .run) or --source dir (an unpacked tree)")
-    if source_kind == "dir" and sha256:
-        raise UserError("--sha256 is read only with --source nvidia", "leave it out for --source dir")
-    source = _source(source_kind, source_path, sha256)
-    apt_spec: str | None = None
+    signer = module_signer(sign_key, sign_cert)  # a bad key is an error now, not after every compile
+    source = driver_source(source_kind, source_path, sha256, fabricmanager)
     if all_units:
         if kernel or driver_version:
             raise UserError("--all builds the matrix; leave out --kernel and --driver")
-        from gl_nvidia.catalog.matrix import load_lock, load_matrix
-
-        units = list(load_matrix(profile).units)
-        lock = load_lock(profile)
-        apt_spec = lock.sources.apt
-        # Garden Linux's production path is its kmodbuild container; Debian's headers come from apt.
-        env_kind = env_kind or ("kmodbuild" if lock.os.id == "gardenlinux" else "apt")
+        request = matrix_request(profile, env_kind, kernel_headers)
     else:
         if not kernel:
             raise UserError("say what to build: --kernel K [--driver V], or --all")
-        if not driver_version:
-            if not isinstance(source, DebianSource):
-                raise UserError("--driver is required with --source nvidia or dir")
-            driver_version = source.available_versions(arch)[0]
-        units = [BuildUnit(kernel, driver_version, branch_of(driver_version), arch, kernel_flavour(kernel), os_id,
-                           (os_version,))]
-    lock_file = lock_path(profile)
-    if exclude_failed and lock_file is None:
-        raise UserError("--exclude-failed needs a lock file to write", "pass --profile PATH (or gardenlinux)")
-    kind = env_kind or "apt"
-    envs: dict[str, KernelEnv] = {}  # one per OS version, so each apt index is read once
-
-    def env_for(unit: BuildUnit) -> KernelEnv:
-        key = unit.os_versions[-1] if unit.os_versions else ""
-        if key not in envs:
-            envs[key] = _env(kind, kernel_headers, unit, apt_spec)
-        return envs[key]
-
+        request = kernel_request(kernel, driver_version, arch, os_id, os_version, source, env_kind, kernel_headers)
+    lock_file = failures_lock(profile) if exclude_failed else None
     check_writable_dir(out)  # before any compile, not after
-    results = build_all(units, out, source=source, env_for=env_for,
-                        jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug)
+    results = build_all(list(request.units), out, source=source, env_for=request.env_for,
+                        jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug,
+                        signer=signer)
     if as_json:
         ui.print_json([{"unit": r.unit.as_dict(), "bundle": str(r.bundle),
                         "modules": {t: {"status": o.status, "cached": o.cached, "error": o.error,
-                                        "log": str(o.log) if o.log else None} for t, o in r.outcomes.items()}}
+                                        "log": str(o.log) if o.log else None} for t, o in r.outcomes.items()},
+                         "left_out": dict(r.manifest.left_out) if r.manifest else {}}
                        for r in results])
     else:
         rows = [[r.unit.kernel, r.unit.driver_version, r.unit.arch,
@@ -145,17 +106,18 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
             for o in r.outcomes.values():
                 if o.status != "ok":
                     _line(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
+        # what the image will not carry, once per bundle: an NVSwitch node would miss it
+        for bundle_dir, left in sorted({str(r.bundle): r.manifest.left_out for r in results if r.manifest}.items()):
+            for component, why in sorted(left.items()):
+                _line(f"{Path(bundle_dir).name}: left out {component}: {why}")
     failed = [r for r in results if not r.ok]
-    if exclude_failed and failed:
-        assert lock_file is not None
-        added = sum(exclude_failures(lock_file, r.unit, {o.module_type: o.error or "build failed"
-                                                         for o in r.outcomes.values() if o.status != "ok"})
-                    for r in failed)
-        ui.log.info("added %d exclusion(s) to %s", added, lock_file)
+    if lock_file is not None and failed:
+        ui.log.info("added %d exclusion(s) to %s", exclude_failed_units(lock_file, failed), lock_file)
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(results)} build unit(s) failed",
                         "see the table and logs above; --exclude-failed records them as exclusions")
-    ui.log.info("bundles in %s", ", ".join(sorted({str(out / bundle_name(u.driver_version, u.arch)) for u in units})))
+    ui.log.info("bundles in %s",
+                ", ".join(sorted({str(out / bundle_name(u.driver_version, u.arch)) for u in request.units})))
 
 
 @click.command("check-modules")
@@ -166,9 +128,13 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
 def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None:
     """Would the target kernel load this bundle's modules? (vermagic, symbols, modversions CRCs)"""
     verdicts = check_bundle(bundle, kernel_headers)
+    signatures = bundle_signatures(bundle)
     if as_json:
         ui.print_json([{"kernel": k, "module_type": t, "ok": g.ok, "problems": list(g.problems),
-                        "evidence": list(g.evidence)} for (k, t), g in verdicts.items()])
+                        "evidence": list(g.evidence),
+                        "signatures": {name: sig.as_dict() if sig else None
+                                       for name, sig in signatures.get((k, t), {}).items()}}
+                       for (k, t), g in verdicts.items()])
     else:
         ui.print_table(f"ABI gate against {kernel_release(kernel_headers)}", ["built for", "type", "loads", "problems"],
                        [[k, t, "yes" if g.ok else "no", len(g.problems)] for (k, t), g in verdicts.items()])
@@ -179,6 +145,8 @@ def check_modules_cmd(bundle: Path, kernel_headers: Path, as_json: bool) -> None
                 _line(f"{k} {t}: ... and {len(g.problems) - 20} more")
             for e in g.evidence:
                 _line(f"{k} {t}: {e}")
+            for name, sig in signatures.get((k, t), {}).items():
+                _line(f"{k} {t}: {name}: {sig.text() if sig else 'unsigned'}")
     bad = [kt for kt, g in verdicts.items() if not g.ok]
     if bad:
         raise CheckFailed(f"{len(bad)} module set(s) would not load on the kernel of {kernel_headers}")

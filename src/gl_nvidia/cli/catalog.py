@@ -62,18 +62,29 @@ def print_matrix(matrix: Matrix) -> None:
     )
 
 
-def github_row(u: BuildUnit) -> dict[str, str]:
-    """One unit of a `strategy.matrix` fan-out (flat strings: usable in job names and args)."""
+# GitHub's hosted amd64 runner: every unit builds there, arm64 ones cross-compiled, unless a native
+# arm64 runner is named (a self-hosted Graviton/Ampere machine or GitHub's arm64 runner label).
+RUNNER = "ubuntu-24.04"
+
+
+def github_row(u: BuildUnit, arm64_runner: str | None = None) -> dict[str, str]:
+    """One unit of a `strategy.matrix` fan-out (flat strings: usable in job names and args), with the
+    runner it builds on."""
     return {
         "kernel": u.kernel, "driver_version": u.driver_version, "driver_branch": u.driver_branch,
         "arch": u.arch, "flavour": u.flavour, "os_id": u.os_id, "os_versions": " ".join(u.os_versions),
         "module_types": ",".join(u.module_types), "key": u.key,
+        "runner": arm64_runner if u.arch == "arm64" and arm64_runner else RUNNER,
     }
 
 
-def github_matrix(matrix: Matrix) -> dict[str, list[dict[str, str]]]:
-    """A `strategy.matrix` for a fan-out over build units."""
-    return {"include": [github_row(u) for u in matrix.units]}
+def github_matrix(matrix: Matrix, arm64_runner: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """A `strategy.matrix` for a fan-out over build units (every arch and flavour)."""
+    return {"include": [github_row(u, arm64_runner) for u in matrix.units]}
+
+
+ARM64_RUNNER_HELP = ("--format github / --plan: the runner label of native arm64 builds (empty or unset: "
+                     f"arm64 units cross-compile on {RUNNER}).")
 
 
 @click.command("matrix")
@@ -82,8 +93,9 @@ def github_matrix(matrix: Matrix) -> dict[str, list[dict[str, str]]]:
 @click.option("--lock", "lock", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A lock file to read instead of a profile.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "github"]), default="table", show_default=True)
+@click.option("--arm64-runner", metavar="LABEL", help=ARM64_RUNNER_HELP)
 @_source_options
-def matrix_cmd(profile: str | None, lock: Path | None, fmt: str, today: str | None,
+def matrix_cmd(profile: str | None, lock: Path | None, fmt: str, arm64_runner: str | None, today: str | None,
                glrd: tuple[str, ...], nvidia: str | None, apt_repository: str | None) -> None:
     """The cells to build, the excluded cells with their reason, and the build units."""
     if profile and lock:
@@ -93,7 +105,7 @@ def matrix_cmd(profile: str | None, lock: Path | None, fmt: str, today: str | No
     if fmt == "json":
         ui.print_json(m.as_dict())
     elif fmt == "github":
-        click.echo(json.dumps(github_matrix(m), separators=(",", ":")))
+        click.echo(json.dumps(github_matrix(m, arm64_runner), separators=(",", ":")))
     else:
         print_matrix(m)
 

@@ -10,6 +10,7 @@ import click
 
 from gl_nvidia import ui
 from gl_nvidia.catalog.matrix import load_lock
+from gl_nvidia.cli.catalog import ARM64_RUNNER_HELP, github_row
 from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.deploy import resolve as resolve_mod
 from gl_nvidia.deploy import values as values_mod
@@ -18,6 +19,7 @@ from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.fs import atomic_write_text
 
 if TYPE_CHECKING:
+    from gl_nvidia.catalog.lock import Lock
     from gl_nvidia.catalog.model import BuildUnit
     from gl_nvidia.deploy.preflight import CheckResult
     from gl_nvidia.release.inputs import Decision, UnitInputs
@@ -43,19 +45,16 @@ def _read_text(path: Path, what: str) -> str:
               help="Registry path holding the driver images (driver.repository).")
 @click.option("--driver-branch", "driver_version", default=None,
               help="driver.version: a branch (590) or a full version (590.48.01). "
-                   "Default: the newest tracked branch; for gvisor the nvproxy-qualified pin.")
-@click.option("--variant", type=click.Choice(values_mod.VARIANTS), default="precompiled", show_default=True)
+                   "Default: the newest tracked branch.")
 @click.option("--format", "fmt", type=click.Choice(["helm", "shoot"]), default="helm", show_default=True,
               help="helm: GPU Operator chart values; shoot: the Shoot's nvidia-gpu-extension entry.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
 @LOCK_OPTION
-def values_cmd(repository: str, driver_version: str | None, variant: values_mod.Variant, fmt: str,
-               out: Path | None, lock: str) -> None:
+def values_cmd(repository: str, driver_version: str | None, fmt: str, out: Path | None, lock: str) -> None:
     """GPU Operator Helm values for Garden Linux nodes (or the Gardener Shoot snippet)."""
     settings = values_mod.ValuesSettings(
-        driver_version=driver_version or default_driver_version(variant, load_lock(lock)),
-        variant=variant,
+        driver_version=driver_version or default_driver_version(load_lock(lock)),
         repository=repository,
     )
     data = values_mod.helm_values(settings) if fmt == "helm" else values_mod.shoot_snippet(settings)
@@ -196,7 +195,6 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
                        [[r.node, r.status, r.detail] for r in results])
     failed = [r.node for r in results if r.status != "PASSED"]
     if failed:
-
         raise CheckFailed(f"vectorAdd did not pass on {', '.join(failed)}",
                             "see the detail column; `kubectl -n gpu-operator get pods` shows the driver's state")
 
@@ -212,31 +210,52 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Build units in parallel.")
 @click.option("--sign-key", type=click.Path(path_type=Path), default=None,
               help="Sign every pushed image with this ECDSA P-256 PEM key (cosign's format; see `gl-nvidia sign`).")
+@click.option("--module-sign-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Sign every module for the kernel's module signature check (as `build --sign-key`).")
+@click.option("--module-sign-cert", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The certificate of --module-sign-key (with --plan: alone, it is one of each unit's inputs).")
 @click.option("--force", is_flag=True,
               help="Build and push every unit, even one the registry holds from the same inputs.")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Build nothing: print the GitHub Actions strategy matrix of the units to build (one JSON line, "
                    "each with its inputs) and, on stderr, what is skipped and why. Needs --registry.")
+@click.option("--arm64-runner", metavar="LABEL", help=ARM64_RUNNER_HELP)
+@click.option("--version", "version", metavar="X.Y.Z", default=None,
+              help="A versioned release (semver: the tag without its v). Needs --registry; once every unit is "
+                   "published, writes OUT/release/: the GPU Operator values of each OS version and CHANGELOG.md.")
+@click.option("--since", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --version: the previous release's lock (e.g. `git show v1.3.0:versions.yaml`); the "
+                   "changelog lists what `gl-nvidia update` changed since. Default: the first release.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None, force: bool,
-                plan_only: bool, as_json: bool) -> None:
+def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_key: Path | None,
+                module_sign_key: Path | None, module_sign_cert: Path | None, force: bool, plan_only: bool,
+                arm64_runner: str | None, version: str | None, since: Path | None, as_json: bool) -> None:
     """catalog -> build -> ABI gate -> image -> push for every build unit. A unit the registry already
     holds, built from the same inputs, is skipped before it is compiled; the table says why each was built
     or skipped."""
+    from gl_nvidia.build.modsign import cert_fingerprint
+    from gl_nvidia.cli.build import module_signer
     from gl_nvidia.release import plan, release
+    from gl_nvidia.release.assets import release_assets
 
     registry = registry.rstrip("/") if registry else None  # also driver.repository in the values written below
+    previous = _previous_release(profile, registry, plan_only, version, since)
     if plan_only:
         if registry is None:
             raise UserError("--plan needs --registry", "name the repository the workflow publishes to")
-        _print_plan(plan(profile, registry, force=force))
+        cert = cert_fingerprint(module_sign_cert) if module_sign_cert else ""
+        _print_plan(plan(profile, registry, force=force, module_cert=cert), arm64_runner)
         return
-    result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, force=force)
+    signer = module_signer(module_sign_key, module_sign_cert, "--module-sign")
+    result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, module_signer=signer, force=force)
+    # A release with a failed unit has no assets: its values could name an image nobody published.
+    assets = release_assets(result, version, previous, out / "release") if version is not None and result.ok else []
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
                        "repository": result.repository, "compiled": result.compiled,
                        "blobs_uploaded": result.blobs_uploaded, "manifests_pushed": result.manifests_pushed,
-                       "signed": result.signed})
+                       "signed": result.signed, "release": {"version": version, "assets": [str(p) for p in assets]}
+                       if version is not None else None})
     else:
         ui.print_table("release", ["unit", "modules", "tags", "digest", "status"],
                        [[f"{u.unit.kernel}\n{u.unit.driver_version} {u.unit.arch}",
@@ -255,6 +274,8 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
                        f"  {values_mod.helm_command(values_file)} --set driver.repository=REGISTRY/PATH", err=as_json)
         else:
             click.echo(f"install the GPU Operator with:\n  {values_mod.helm_command(values_file)}", err=as_json)
+    if assets:
+        click.echo(f"release {version}: {', '.join(p.name for p in assets)} in {assets[0].parent}", err=as_json)
     failed = [u for u in result.units if not u.ok]
     if failed:
         first = failed[0]
@@ -263,10 +284,31 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
                             "see the table; rerun after fixing the cause: finished units are skipped")
 
 
-def _print_plan(decided: list[tuple[BuildUnit, UnitInputs | None, Decision]]) -> None:
-    from gl_nvidia.cli.catalog import github_row
+def _previous_release(profile: str, registry: str | None, plan_only: bool, version: str | None,
+                      since: Path | None) -> Lock | None:
+    """Check a versioned release's options before anything is built; the previous release's lock, if given."""
+    from gl_nvidia.catalog.lock import read_lock
+    from gl_nvidia.release.assets import check_version
 
-    build = [{**github_row(u), "inputs": inputs.text() if inputs else ""} for u, inputs, d in decided if d.build]
+    if version is None:
+        if since is not None:
+            raise UserError("--since is read only with --version", "pass the release's --version too")
+        return None
+    check_version(version)
+    if plan_only or registry is None:
+        raise UserError("--version writes a release's assets from the published images",
+                        "pass --registry, without --plan")
+    if since is None:
+        return None
+    previous, os_id = read_lock(since)[0], load_lock(profile).os.id
+    if previous.os.id != os_id:
+        raise UserError(f"--since {since} is a lock of {previous.os.id}, not of {os_id}",
+                        "pass the previous release's lock of the same profile")
+    return previous
+
+
+def _print_plan(decided: list[tuple[BuildUnit, UnitInputs | None, Decision]], arm64_runner: str | None) -> None:
+    build = [{**github_row(u, arm64_runner), "inputs": inputs.text() if inputs else ""} for u, inputs, d in decided if d.build]
     for u, _, d in decided:  # stderr: stdout is the one line for $GITHUB_OUTPUT
         ui.log.info("%s %s: %s", "build" if d.build else "skip", u.key, d.reason)
     ui.log.info("release plan: %d of %d unit(s) to build", len(build), len(decided))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gl_nvidia.catalog.kernels import kernel_flavour
 from gl_nvidia.deploy.resolve import NodeOS
 from gl_nvidia.deploy.values import KERNEL_LABEL, OS_ID_LABEL, OS_VERSION_LABEL
 from gl_nvidia.errors import UserError
+from gl_nvidia.osprofile import os_profile
 
 # The operator labels GPU nodes `nvidia.com/gpu.present=true`; before it has, NFD's PCI label
 # for NVIDIA's vendor id (10de) says the same.
@@ -35,7 +35,7 @@ class NodeFacts:
 
     @property
     def flavour(self) -> str:
-        return kernel_flavour(self.kernel or self.kubelet_kernel)
+        return os_profile(self.os_id or "").kernel_flavour(self.kernel or self.kubelet_kernel)
 
 
 def node_facts(node: dict[str, Any]) -> NodeFacts:

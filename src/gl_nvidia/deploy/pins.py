@@ -8,7 +8,7 @@ from typing import Any
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.resolve import refresh
 from gl_nvidia.catalog.sources import version_key
-from gl_nvidia.deploy.values import ValuesSettings, Variant, helm_values
+from gl_nvidia.deploy.values import ValuesSettings, helm_values
 from gl_nvidia.errors import UserError
 
 
@@ -17,25 +17,14 @@ def resolved(lock: Lock) -> Resolved:
     return lock.resolved or refresh(lock, date.today())
 
 
-def default_driver_version(variant: Variant, lock: Lock) -> str:
-    """precompiled: the newest tracked branch (a moving tag); compile: the newest full version;
-    gvisor: the newest pinned version (gVisor's nvproxy accepts only the exact driver versions it
-    was qualified with, which the lock holds as `policy.pins`)."""
-    if variant == "gvisor":
-        if not lock.policy.pins:
-            raise UserError(
-                "the lock pins no driver version for gVisor: nvproxy only accepts driver versions it was "
-                "qualified with",
-                "add the nvproxy-qualified version to policy.pins in versions.yaml, or pass --driver-branch",
-            )
-        return max(lock.policy.pins, key=version_key)
+def default_driver_version(lock: Lock) -> str:
+    """The newest tracked branch: a moving tag the precompiled images carry."""
     drivers = resolved(lock).drivers
     if not drivers:
         raise UserError("the lock tracks no driver branch", "run `gl-nvidia update`, or pass --driver-branch")
-    newest = max(drivers, key=lambda d: version_key(d.version))
-    return newest.version if variant == "compile" else newest.branch
+    return max(drivers, key=lambda d: version_key(d.version)).branch
 
 
 def generated_values(lock: Lock) -> dict[str, Any]:
     """The Helm values `gl-nvidia values` writes for this lock: what a check assumes when it is given none."""
-    return helm_values(ValuesSettings(default_driver_version("precompiled", lock)))
+    return helm_values(ValuesSettings(default_driver_version(lock)))

@@ -23,6 +23,7 @@ from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.image.tags import node_version_id
+from gl_nvidia.osprofile import os_profile
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,13 @@ class CheckResult:
 
 def kernels_for(
     lock: Lock, resolved: Resolved, os_version: str,
-    resolve_kernel_fn: Callable[[str, str, str, str], str] = resolve_kernel,
+    resolve_kernel_fn: Callable[[str, str, str, str], str] | None = None,
 ) -> dict[tuple[str, str], str]:
     """(flavour, arch) -> kernel of an OS version: from the lock when resolved there, else its apt repository."""
+    distro = os_profile(lock.os.id)
+
+    def from_repository(spec: str, version: str, flavour: str, arch: str) -> str:
+        return resolve_kernel(spec, version, flavour, arch, distro, lock.os.codename)
     known: dict[tuple[str, str], str] = {(k.flavour, k.arch): k.kernel for k in resolved.kernels if k.os_version == os_version}
     if known:
         return known
@@ -82,7 +87,7 @@ def kernels_for(
     for flavour in lock.policy.flavours:
         for arch in lock.policy.arches:
             try:
-                out[(flavour, arch)] = resolve_kernel_fn(lock.sources.apt, os_version, flavour, arch)
+                out[(flavour, arch)] = (resolve_kernel_fn or from_repository)(lock.sources.apt, os_version, flavour, arch)
             except UserError as exc:
                 raise UserError(
                     f"unknown Garden Linux version {os_version}: no {flavour}/{arch} kernel found ({exc.message})",

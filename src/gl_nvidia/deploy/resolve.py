@@ -15,6 +15,7 @@ from typing import Any
 from gl_nvidia.deploy.values import DEFAULT_IMAGE, has_version_id_rule
 from gl_nvidia.errors import UserError
 from gl_nvidia.image.tags import os_tag
+from gl_nvidia.osprofile import GARDENLINUX
 
 # NFD's own os-release parser: `KEY=value`, surrounding quotes stripped.
 _OS_RELEASE_LINE = re.compile(r"^(\w+)=(.+)")
@@ -78,8 +79,8 @@ def node_os(os_release: dict[str, str], kernel: str, values: dict[str, Any]) -> 
     if "ID" not in os_release:
         raise UserError("the os-release file has no ID= line", "pass the node's /etc/os-release")
     version_id = os_release.get("VERSION_ID", "")
-    if "GARDENLINUX_VERSION" in os_release and has_version_id_rule(values):
-        version_id = "0"
+    if GARDENLINUX.version_id is not None and GARDENLINUX.version_id_key in os_release and has_version_id_rule(values):
+        version_id = GARDENLINUX.version_id
     return NodeOS(os_release["ID"], version_id, kernel)
 
 

@@ -9,15 +9,13 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ruamel.yaml import YAML
 
 from gl_nvidia.errors import UserError
+from gl_nvidia.osprofile import GARDENLINUX
 from gl_nvidia.yamldoc import check_nesting
-
-Variant = Literal["precompiled", "compile", "gvisor"]
-VARIANTS: tuple[Variant, ...] = ("precompiled", "compile", "gvisor")
 
 # Where Garden Linux publishes its driver images (seed documents).
 DEFAULT_REPOSITORY = "ghcr.io/gardenlinux/gardenlinux-nvidia-installer"
@@ -37,9 +35,9 @@ OS_VERSION_LABEL = "feature.node.kubernetes.io/system-os_release.VERSION_ID"
 NFD_RULE_NAME = "gardenlinux-version-id-0"
 NFD_RULE: dict[str, Any] = {
     "name": NFD_RULE_NAME,
-    "labels": {"system-os_release.VERSION_ID": "0"},
+    "labels": {"system-os_release.VERSION_ID": GARDENLINUX.version_id},
     "matchFeatures": [
-        {"feature": "system.osrelease", "matchExpressions": {"GARDENLINUX_VERSION": {"op": "Exists"}}},
+        {"feature": "system.osrelease", "matchExpressions": {str(GARDENLINUX.version_id_key): {"op": "Exists"}}},
     ],
 }
 
@@ -54,10 +52,12 @@ _FULL = re.compile(r"^\d{3,4}\.\d+(\.\d+)?$")
 
 @dataclass(frozen=True)
 class ValuesSettings:
-    """What a user chooses; everything else in the values follows from it."""
+    """What a user chooses; everything else in the values follows from it.
+
+    Only precompiled images exist: nothing builds the on-node compile image (`usePrecompiled: false`
+    pulls `<version>-<osTag>`) or gVisor's nvproxy-qualified pins, so neither variant is offered."""
 
     driver_version: str  # a branch ("590") or a full version ("590.48.01")
-    variant: Variant = "precompiled"
     repository: str = DEFAULT_REPOSITORY
     image: str = DEFAULT_IMAGE
 
@@ -69,22 +69,9 @@ def is_branch(driver_version: str) -> bool:
 def check_settings(settings: ValuesSettings) -> ValuesSettings:
     """Reject settings the operator would turn into an image that cannot exist."""
     v = settings.driver_version
-    if settings.variant not in VARIANTS:
-        raise UserError(f"unknown variant {settings.variant!r}", f"choose one of {', '.join(VARIANTS)}")
     if not (_BRANCH.match(v) or _FULL.match(v)):
         raise UserError(
             f"invalid driver version {v!r}: expected a branch like 590 or a full version like 590.48.01"
-        )
-    if settings.variant == "compile" and is_branch(v):
-        # Without precompiled modules the operator pulls `<version>-<osTag>`, which only exists per release.
-        raise UserError(
-            f"the compile variant needs a full driver version, not the branch {v}",
-            "pass e.g. --driver-branch 590.48.01, or use --variant precompiled",
-        )
-    if settings.variant == "gvisor" and is_branch(v):
-        raise UserError(
-            f"the gvisor variant needs the nvproxy-qualified full version, not the branch {v}",
-            "let gl-nvidia pick it from the lock (omit --driver-branch) or pass the full version",
         )
     check_repository(settings.repository)
     return settings
@@ -114,7 +101,7 @@ def driver_settings(settings: ValuesSettings) -> dict[str, Any]:
         "cdi": {"enabled": True},
         "toolkit": {"installDir": TOOLKIT_INSTALL_DIR},
         "driver": {
-            "usePrecompiled": s.variant != "compile",
+            "usePrecompiled": True,
             "repository": s.repository,
             "image": s.image,
             "version": s.driver_version,

@@ -2,6 +2,15 @@
 
 Either way the result is a list of layers in our layout plus a flattened copy on disk, which the
 build uses to check the tools the node runtime needs and to generate /etc/ld.so.cache.
+
+amd64 bases are mmdebstrap's `essential` variant: dpkg installs every package, maintainer scripts run
+in the root. arm64 bases are built on amd64 machines, where an arm64 maintainer script cannot run
+without binfmt/qemu-user, so they are the `extract` variant: the same packages unpacked by the build
+machine's dpkg-deb, no script run. Nothing the node runtime calls needs a script: python3, kmod,
+util-linux, binutils' `ld` and the loader ship as files and symlinks in their packages, and the image
+stage writes /etc/ld.so.cache itself (ldcache.py). A hook records the unpacked packages in dpkg's
+status file (state `unpacked`) for the SBOM. The variant follows the target arch, never the build
+machine, so an arm64 base has the same digest wherever it is built.
 """
 
 from __future__ import annotations
@@ -38,6 +47,14 @@ SLIM_OPTIONS = (
     *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("locale", "man", "info", "doc")),
     "--dpkgopt=path-include=/usr/share/doc/*/copyright",
 )
+# Essential:yes packages an extract base needs spelled out: os-release, /bin/sh (the entrypoint script),
+# ldconfig (the node reruns it if a cache lacks the NVIDIA libraries), and coreutils: the GPU Operator's
+# probes run `sh -c 'nvidia-smi && touch ...'` and `rm -f ...` in the driver container.
+EXTRACT_PACKAGES = (*PACKAGES, "base-files", "dash", "libc-bin", "coreutils")
+# mmdebstrap runs extract hooks on the build machine with the root as $1 and the unpacked .debs (paths
+# inside the root) in MMDEBSTRAP_ESSENTIAL.
+STATUS_HOOK = ("--extract-hook=for deb in $MMDEBSTRAP_ESSENTIAL; do dpkg-deb --field \"$1/$deb\"; "
+               "printf 'Status: install ok unpacked\\n\\n'; done >> \"$1/var/lib/dpkg/status\"")
 REQUIRED_TOOLS = {
     "python3": ("usr/bin/python3",),
     "kmod (modprobe)": ("usr/sbin/modprobe", "sbin/modprobe", "usr/bin/kmod", "bin/kmod"),
@@ -58,9 +75,10 @@ class BaseSpec:
     arch: str
     packages: tuple[str, ...] = PACKAGES
     options: tuple[str, ...] = SLIM_OPTIONS
+    variant: str = "essential"  # mmdebstrap's: essential (maintainer scripts run) or extract (unpacked only)
 
     def key(self) -> str:
-        blob = json.dumps([self.suite, self.mirrors, self.arch, self.packages, self.options,
+        blob = json.dumps([self.suite, self.mirrors, self.arch, self.packages, self.options, self.variant,
                            layers.source_date_epoch()])
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -70,6 +88,7 @@ class BaseImage:
     layers: tuple[layers.LayerBlob, ...]
     description: str  # for labels and logs: "debian bookworm (mmdebstrap)" or the image reference
     digest: str  # its manifest's (org.opencontainers.image.base.digest)
+    arch: str  # its config's architecture
     name: str | None = None  # the registry reference it came from (org.opencontainers.image.base.name)
 
 
@@ -80,12 +99,21 @@ def debian_spec(arch: str) -> BaseSpec:
         raise UserError("no apt source with the `main` component configured", "configure Debian's archive in apt")
     suite = sources[0].suite
     mirrors = tuple(f"deb {s.uri} {s.suite} {' '.join(s.components)}" for s in sources)
-    return BaseSpec(suite=suite, mirrors=mirrors, arch=_arch(arch))
+    return _spec(suite, mirrors, arch)
 
 
 def gardenlinux_spec(repo_url: str, gl_version: str, arch: str) -> BaseSpec:
     """The production profile: the Garden Linux apt repository of that GL version."""
-    return BaseSpec(suite=gl_version, mirrors=(f"deb {repo_url} {gl_version} main",), arch=_arch(arch))
+    return _spec(gl_version, (f"deb {repo_url} {gl_version} main",), arch)
+
+
+def _spec(suite: str, mirrors: tuple[str, ...], arch: str) -> BaseSpec:
+    """amd64: the essential variant; arm64: the extract variant (see the module docstring)."""
+    deb_arch = _arch(arch)
+    if deb_arch == "amd64":
+        return BaseSpec(suite=suite, mirrors=mirrors, arch=deb_arch)
+    return BaseSpec(suite=suite, mirrors=mirrors, arch=deb_arch, packages=EXTRACT_PACKAGES,
+                    options=(*SLIM_OPTIONS, STATUS_HOOK), variant="extract")
 
 
 def _arch(arch: str) -> str:
@@ -102,7 +130,7 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
         with tempfile.TemporaryDirectory(prefix="gl-nvidia-base-") as tmp:
             rootfs = Path(tmp, "rootfs.tar")
             run(
-                ["mmdebstrap", "--variant=essential", "--mode=root", f"--architectures={spec.arch}",
+                ["mmdebstrap", f"--variant={spec.variant}", "--mode=root", f"--architectures={spec.arch}",
                  f"--include={','.join(spec.packages)}", *spec.options, "--quiet", spec.suite, rootfs,
                  *spec.mirrors],
                 env={"SOURCE_DATE_EPOCH": str(layers.source_date_epoch())},
@@ -131,8 +159,9 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
     layout.write_blob(manifest.raw, manifest.media_type)
     return BaseImage(
         (layers.LayerBlob(desc, m["diff_id"], m["uncompressed_size"]),),
-        f"{spec.suite} {spec.arch} (mmdebstrap {' '.join(spec.packages)})",
+        f"{spec.suite} {spec.arch} (mmdebstrap {spec.variant} {' '.join(spec.packages)})",
         manifest.digest,
+        spec.arch,
     )
 
 
@@ -185,7 +214,7 @@ def from_layout_image(layout: Layout, manifest_digest: str, description: str, na
     if len(diff_ids) != len(manifest.layers):
         raise UserError(f"base image {description} has a malformed config (layers and diff_ids differ)")
     blobs = tuple(layers.LayerBlob(d, diff, 0) for d, diff in zip(manifest.layers, diff_ids, strict=True))
-    return BaseImage(blobs, description, manifest_digest, name)
+    return BaseImage(blobs, description, manifest_digest, str(config.get("architecture", "")), name)
 
 
 def flatten(layout: Layout, base: BaseImage, dest: Path) -> None:

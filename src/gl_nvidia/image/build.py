@@ -28,12 +28,12 @@ from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import sha256_file
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image import layers, sbom, unpack
+from gl_nvidia.image import layers, ldcache, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
-from gl_nvidia.image.tags import image_tags, validate_tag
+from gl_nvidia.image.tags import image_tags, kernel_arch, validate_tag
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
-from gl_nvidia.run import run
+from gl_nvidia.osprofile import os_profile
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,10 @@ def build_images(
     with ui.progress() as prog, tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp:
         with ui.task(prog, "base root filesystem"):
             base_image = _resolve_base(base, layout, manifest.arch)
+            if base_image.arch != _ARCH[manifest.arch]:
+                raise UserError(f"base image {base_image.description} is for {base_image.arch or 'no architecture'}, "
+                                f"but bundle {bundle_dir} is {manifest.arch}: its tools could not run the node runtime",
+                                f"use a {manifest.arch} base, or leave out --base to build one")
             root = Path(tmp, "root")
             root.mkdir()
             base_mod.flatten(layout, base_image, root)
@@ -195,6 +199,11 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
         have = ", ".join(sorted(manifest.kernels)) or "none"
         raise UserError(f"no modules for kernel {kernel} in bundle {bundle_dir} (it holds {have})",
                         f"build them with `gl-nvidia build --kernel {kernel}`")
+    named = kernel_arch(kernel)
+    if named is not None and named != manifest.arch:
+        raise UserError(f"kernel {kernel} is an {named} kernel, but bundle {bundle_dir} is {manifest.arch}: "
+                        f"its image would be published under the {named} image's tags",
+                        "build the bundle for the kernel's own arch")
     if opts.module_types not in MODULE_TYPE_CHOICES:
         raise UserError(f"unknown module type {opts.module_types!r}", "use open, proprietary or both")
     sets = manifest.kernels[kernel].module_sets
@@ -220,7 +229,7 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
                 if sha256_file(path) != sha:
                     raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
                                     "rebuild the bundle")
-    if opts.os_id != "gardenlinux" and not opts.os_versions:
+    if os_profile(opts.os_id).version_id is None and not opts.os_versions:  # the tags need the nodes' own
         raise UserError(f"no OS version given for os id {opts.os_id!r}", "pass --gl-version (for another --os-id: the nodes' VERSION_ID)")
     tags = image_tags(manifest.driver_version, manifest.driver_branch, kernel, opts.os_id, opts.os_versions)
     for tag in tags:
@@ -241,14 +250,16 @@ def usable_module_types(manifest: BundleManifest, kernel: str, types: Sequence[s
 def _module_sources(bundle_dir: Path, kernel: str, module_type: str,
                     mod: bundle_mod.ModuleFile) -> list[tuple[Path, str]]:
     """The bundle files the image takes for one module, with their manifest sha256 (the binary last)."""
+    if mod.parts is None:  # signed in place when signed
+        return [(bundle_mod.modules_dir(bundle_dir, kernel, module_type) / mod.name, mod.file_sha256)]
     iface = bundle_mod.interfaces_dir(bundle_dir, kernel, module_type)
+    sig = [(iface / mod.signature.file, mod.signature.sha256)] if mod.signature else []  # the node appends it
     if mod.patch is not None:  # IBT kernels: the node rebuilds it from the binary, without ld or objtool
-        return [(iface / mod.patch.patch, mod.patch.patch_sha256),
+        return [(iface / mod.patch.patch, mod.patch.patch_sha256), *sig,
                 (bundle_mod.binaries_dir(bundle_dir, module_type) / mod.patch.binary, mod.patch.binary_sha256)]
-    if mod.parts is None:
-        return [(bundle_mod.modules_dir(bundle_dir, kernel, module_type) / mod.name, mod.sha256)]
     return [
         *((iface / name, sha) for name, sha in mod.parts.per_kernel()),
+        *sig,
         (bundle_mod.binaries_dir(bundle_dir, module_type) / mod.parts.binary, mod.parts.binary_sha256),
     ]
 
@@ -325,7 +336,7 @@ def _shared_layers(layout: Layout, bundle_dir: Path, manifest: BundleManifest, r
     return _Shared((
         ("node-runtime", layers.write_layer(layout, runtime)),
         ("userspace", layers.write_layer(layout, _files_only(userspace))),
-        ("ld.so.cache", layers.write_layer(layout, _ld_cache(root, userspace))),
+        ("ld.so.cache", layers.write_layer(layout, _ld_cache(root, userspace, manifest.arch))),
         ("firmware", layers.write_layer(layout, _files_only(firmware))),
     ))
 
@@ -335,8 +346,9 @@ def _files_only(entries: list[Entry]) -> list[Entry]:
     return [e for e in entries if not e.is_dir]
 
 
-def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
-    """/etc/ld.so.cache of base + userspace, made by the real ldconfig in a scratch copy of the tree."""
+def _ld_cache(root: Path, userspace: list[Entry], arch: str) -> list[Entry]:
+    """/etc/ld.so.cache of base + userspace for the image's arch, from a scratch copy of the tree (ldcache.py:
+    no ldconfig runs, so an arm64 image gets its cache on an amd64 machine)."""
     lib_dirs = sorted({str(e.path.parent) for e in userspace if ".so" in e.path.name})
     conf_path = PurePosixPath("/etc/ld.so.conf.d/gl-nvidia.conf")
     conf = "".join(f"{d}\n" for d in lib_dirs).encode()
@@ -347,9 +359,7 @@ def _ld_cache(root: Path, userspace: list[Entry]) -> list[Entry]:
         elif e.source is not None:
             shutil.copyfile(e.source, unpack.writable(root, e.path))
     unpack.writable(root, conf_path).write_bytes(conf)
-    # -X: only the cache, no soname links (the bundle ships them); -r: the cache is for this root.
-    run(["ldconfig", "-X", "-r", root], hint="ldconfig -r needs root (it chroots)")
-    cache = unpack.host_path(root, unpack.resolve_in_root(root, "/etc/ld.so.cache", follow=True)).read_bytes()
+    cache = ldcache.build(root, arch)
     return [
         Entry(_place(root, PurePosixPath("/etc/ld.so.cache")), data=cache),
         Entry(_place(root, conf_path), data=conf),
@@ -452,10 +462,13 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
         f"{LABEL_PREFIX}.os": opts.os_id,
     }
     if opts.os_versions:
-        labels[f"{LABEL_PREFIX}.gardenlinux.versions" if opts.os_id == "gardenlinux" else f"{LABEL_PREFIX}.os.versions"] = \
-            ",".join(sorted(set(opts.os_versions)))
+        labels[f"{LABEL_PREFIX}.{os_profile(opts.os_id).versions_label}"] = ",".join(sorted(set(opts.os_versions)))
     if base_image.name:
         labels["org.opencontainers.image.base.name"] = base_image.name
+    sets = manifest.kernels[plan.kernel].module_sets
+    certs = sorted({m.signature.cert_sha256 for t in plan.module_types for m in sets[t].modules if m.signature})
+    if certs:  # the certificate a node's keyring (MOK) must hold, never the key
+        labels[f"{LABEL_PREFIX}.modules.signing-cert.sha256"] = ",".join(certs)
     if opts.source:
         labels["org.opencontainers.image.source"] = opts.source
     if opts.revision:

@@ -52,7 +52,8 @@ def base_packages(root: Path) -> BasePackages:
     found: list[DebPackage] = []
     if status.is_file():
         for para in Deb822.iter_paragraphs(status.read_text(errors="replace").splitlines()):
-            if para.get("Status", "").split()[-1:] != ["installed"] or "Package" not in para:
+            # unpacked: an extract base's packages (base.py), whose maintainer scripts never ran
+            if para.get("Status", "").split()[-1:] not in (["installed"], ["unpacked"]) or "Package" not in para:
                 continue
             source = (para.get("Source") or "").split(" ")[0] or None
             found.append(DebPackage(para["Package"], para.get("Version", ""), para.get("Architecture", ""),
@@ -122,9 +123,14 @@ def document(manifest: BundleManifest, image: ImageFacts, base: BasePackages) ->
                    "sha256 the node checks before loading it") if mod.patch else (
                    "linked on the node from the parts the image ships; this is the sha256 the node checks "
                    "before loading it") if mod.parts else f"shipped as {where}"
+            sig = mod.signature
+            if sig is not None:
+                how += (f"; signed by {sig.signer!r} (certificate sha256 {sig.cert_sha256})"
+                        + (f", sha256 {sig.signed_sha256} with the signature appended" if mod.parts else ""))
             purl = (f"pkg:generic/{quote(mod.name, safe='')}@{quote(ms.source_version, safe='')}"
                     f"?kernel={quote(image.kernel, safe='')}&type={t}")
-            add(_package(ids.new(f"module-{t}-{mod.name}"), mod.name, ms.source_version, "sha256:" + mod.sha256,
+            add(_package(ids.new(f"module-{t}-{mod.name}"), mod.name, ms.source_version,
+                         "sha256:" + (mod.sha256 if mod.parts else mod.file_sha256),
                          purl=purl, comment=f"Linux kernel module for kernel {image.kernel} ({t}, vermagic "
                                             f"{mod.vermagic.strip()!r}), {how}"),
                 "CONTAINS")

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import re
 
+from gl_nvidia.osprofile import os_profile
+
 # OCI distribution spec: a tag is [A-Za-z0-9_][A-Za-z0-9._-]{0,127}
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# Debian's and Garden Linux's kernel releases end in their arch: 6.12.72-cloud-arm64, 6.1.0-56-amd64.
+_KERNEL_ARCH = re.compile(r"-(amd64|arm64)$")
+
+
+def kernel_arch(kernel: str) -> str | None:
+    """The arch a kernel release names (None: a name without one). The operator's tag carries only the
+    kernel, so this suffix is what keeps the amd64 and arm64 images of one version apart."""
+    m = _KERNEL_ARCH.search(kernel)
+    return m.group(1) if m else None
 
 
 def os_tag(os_id: str, version_id: str) -> str:
     """NFD's `system-os_release.ID` + `VERSION_ID`: Garden Linux nodes report VERSION_ID=0 via the custom rule."""
-    return f"{os_id}{version_id}"
+    return os_profile(os_id).os_tag(version_id)
 
 
 def node_version_id(os_id: str, os_version: str) -> str:
-    """The VERSION_ID the operator sees on a node: Garden Linux nodes report 0 (the GL values' NFD
-    rule), so one image serves every GL release with that kernel; other OSes report their own."""
-    return "0" if os_id == "gardenlinux" else os_version
+    """The VERSION_ID the operator sees on a node of `os_version` (the OS record's rule)."""
+    return os_profile(os_id).node_version_id(os_version)
 
 
 def tag_kernel(kernel: str) -> str:
@@ -41,9 +51,10 @@ def image_tags(
     `...-gardenlinux0`; `...-gardenlinux<GL version>` tags let a human see which GL releases it serves.
     Other OSes (the debian profile) get their real VERSION_ID.
     """
-    pulled = ("0",) if os_id == "gardenlinux" else tuple(sorted(set(os_versions)))
+    distro = os_profile(os_id)
+    pulled = distro.pulled_version_ids(os_versions)
     tags = [operator_tag(v, kernel, os_id, vid) for vid in pulled for v in (driver_branch, driver_version)]
-    if os_id == "gardenlinux":
+    if distro.release_tags:
         tags += [operator_tag(driver_branch, kernel, os_id, glv) for glv in sorted(set(os_versions))]
     return list(dict.fromkeys(tags))
 

@@ -14,7 +14,7 @@ applied the way containerd's archive package (`applyNaive` with `fs.RootPath`) a
 - a hard link's target is resolved the same way (its last component not followed, as containerd's
   `hardlinkRootPath`), and must be an existing non-directory inside the root, else one error;
 - device nodes and FIFOs are skipped, owners are not applied and modes lose setuid/setgid and
-  group/other write (as tarfile's "tar" filter): the flattened tree is only read (tool checks, ldconfig).
+  group/other write (as tarfile's "tar" filter): the flattened tree is only read (tool checks, ld.so.cache).
 """
 
 from __future__ import annotations

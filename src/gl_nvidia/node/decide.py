@@ -11,6 +11,8 @@ MELLANOX = 0x15B3
 TURING_FIRST_DEVICE = 0x1E00  # open kernel modules need Turing or newer
 OPEN_DEFAULT_BRANCH = 560  # from this branch on, NVIDIA defaults to the open modules
 MODULE_TYPES = ("open", "proprietary")
+# The kernel's machine (uname -m) -> the Debian arch name images and manifests use.
+MACHINE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # Load order: each module depends on the ones before it.
 MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
 PEERMEM = "nvidia-peermem"
@@ -52,6 +54,10 @@ class Node:
     devices: tuple[PciDevice, ...]
     loaded: dict[str, str | None] = field(default_factory=dict)  # module name -> version (if it has one)
     os_release: dict[str, str] = field(default_factory=dict)
+    # NVLink5 (Blackwell NVL): the NVLink switches are managed through ConnectX ports (VPD "SW_MNG")
+    # instead of NVSwitch PCI devices; fabric manager needs the NVLink subnet manager there.
+    nvlink5: bool = False
+    machine: str = ""  # the running kernel's machine: x86_64, aarch64
 
     @property
     def gpus(self) -> tuple[PciDevice, ...]:
@@ -94,11 +100,18 @@ def describe_gpu(gpu: PciDevice) -> str:
     return f"{gpu.address} [{gpu.pci_id}] {architecture(gpu.device)}"
 
 
+# The OS records' (gl_nvidia.osprofile) VERSION_ID rule, in the standard library: an OS whose nodes all
+# report one VERSION_ID, by the os-release key the values' NFD rule matches (tests/test_osprofile.py
+# holds the two equal).
+FIXED_VERSION_IDS = {"gardenlinux": ("GARDENLINUX_VERSION", "0")}
+
+
 def os_tag(os_release: dict[str, str]) -> str:
     """The GPU Operator's `<ID><VERSION_ID>`; Garden Linux nodes report VERSION_ID=0 (the NFD rule)."""
     os_id = os_release.get("ID", "unknown")
-    if os_id == "gardenlinux" or "GARDENLINUX_VERSION" in os_release:
-        return "gardenlinux0"
+    for fixed_id, (key, version_id) in FIXED_VERSION_IDS.items():
+        if os_id == fixed_id or key in os_release:
+            return f"{fixed_id}{version_id}"
     return f"{os_id}{os_release.get('VERSION_ID', '')}"
 
 
@@ -107,14 +120,25 @@ def tag_kernel(kernel: str) -> str:
     return kernel.replace("+", "_")
 
 
-def select_kernel(node: Node, image_kernels: list[str], driver_branch: str) -> str:
-    """The kernel directory this image holds for the running kernel, or the one-line reason there is none."""
+def select_kernel(node: Node, image_kernels: list[str], driver_branch: str, image_arch: str) -> str:
+    """The kernel directory this image holds for the running kernel, or the one-line reason there is none.
+
+    An image of another architecture is refused first, whatever kernel names it holds: its modules and
+    tools cannot run here (an amd64 image reaches an arm64 node through a wrong tag or a mirror that
+    dropped the arch, and runs at all only under binfmt emulation)."""
+    needed = f"driver:{driver_branch}-{tag_kernel(node.kernel)}-{os_tag(node.os_release)}"
+    node_arch = MACHINE_ARCH.get(node.machine, node.machine)
+    if node_arch and image_arch and node_arch != image_arch:
+        raise NodeError(
+            f"this image is for {image_arch}, but this node's kernel {node.kernel} is {node_arch} ({node.machine}); "
+            f"the node needs {needed}",
+            f"publish the {node_arch} image under that tag (the kernel's name carries its architecture)",
+        )
     if node.kernel in image_kernels:
         return node.kernel
     held = ", ".join(image_kernels) if image_kernels else "none"
     raise NodeError(
-        f"no modules for kernel {node.kernel} in this image (it holds {held}); "
-        f"the node needs driver:{driver_branch}-{tag_kernel(node.kernel)}-{os_tag(node.os_release)}",
+        f"no modules for kernel {node.kernel} in this image (it holds {held}); the node needs {needed}",
         "build and publish that image (gl-nvidia build/image/publish for this kernel), "
         "or check the node's kernel-version label",
     )
@@ -243,6 +267,32 @@ def modules_to_load(node: Node, rdma_enabled: bool, host_mofed: bool) -> tuple[s
     if rdma_enabled and host_mofed and node.mellanox:
         return (*MODULES, PEERMEM)
     return MODULES
+
+
+# HMM in nvidia-uvm exists only in the open modules (from branch 535); the seed installer turns it off
+# (`uvm_disable_hmm=1`): with HMM on, multi-GPU CUDA on recent GPUs hangs or fails to initialise.
+HMM_FIRST_BRANCH = 535
+UVM_DISABLE_HMM = "uvm_disable_hmm=1"
+
+
+def uvm_params(module_type: str, driver_branch: str, params: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """nvidia-uvm's parameters with the HMM default added where it applies, and why (for the log).
+
+    A `uvm_disable_hmm` in /drivers/nvidia-uvm.conf, whatever its value, wins over the default."""
+    if any(p.split("=", 1)[0] == "uvm_disable_hmm" for p in params):
+        return params, "uvm_disable_hmm from /drivers/nvidia-uvm.conf"
+    branch = int(driver_branch) if driver_branch.isdigit() else 0
+    if module_type != "open" or branch < HMM_FIRST_BRANCH:
+        return params, f"no HMM in the {module_type} modules of branch {driver_branch}"
+    return (*params, UVM_DISABLE_HMM), f"default for the open modules of branch {driver_branch} (HMM off)"
+
+
+def nvlink_device_args(nvswitches: int) -> list[list[str]]:
+    """nvidia-modprobe runs that create the NVSwitch and NVLink device nodes fabric manager opens
+    (/dev/nvidia-nvswitchctl, /dev/nvidia-nvswitch<N>, /dev/nvidia-nvlink), as NVIDIA's driver container does."""
+    if not nvswitches:
+        return []
+    return [["-s", *[a for i in range(nvswitches) for a in ("-c", str(i))]], ["-l"]]
 
 
 def sysfs_name(module: str) -> str:

@@ -7,6 +7,7 @@ from .host import Host
 
 PCI_DEVICES = "/sys/bus/pci/devices"
 HOST_OS_RELEASE = "/host-etc/os-release"
+INFINIBAND = "/sys/class/infiniband"
 
 
 def _hex(host: Host, path: str) -> int:
@@ -44,6 +45,11 @@ def parse_os_release(text: str) -> dict[str, str]:
     return out
 
 
+def nvlink5_switch(host: Host) -> bool:
+    """NVIDIA's test: a ConnectX port whose VPD names the switch management function (SW_MNG)."""
+    return any("SW_MNG" in (host.read_opt(f"{INFINIBAND}/{dev}/device/vpd") or "") for dev in host.listdir(INFINIBAND))
+
+
 def read_node(host: Host) -> Node:
     kernel = (host.read_opt("/proc/sys/kernel/osrelease") or "").strip()
     return Node(
@@ -51,4 +57,6 @@ def read_node(host: Host) -> Node:
         devices=pci_devices(host),
         loaded=loaded_modules(host),
         os_release=parse_os_release(host.read_opt(HOST_OS_RELEASE) or ""),
+        nvlink5=nvlink5_switch(host),
+        machine=host.machine(),
     )

@@ -48,6 +48,11 @@ class Host:
     def path(self, p: str | os.PathLike[str]) -> Path:
         return self.root / str(p).lstrip("/")
 
+    def machine(self) -> str:
+        """The running kernel's machine (x86_64, aarch64): its own sysctl (Linux >= 6.1), which binfmt
+        emulation of this container does not change; else uname's."""
+        return (self.read_opt("/proc/sys/kernel/arch") or os.uname().machine).strip()
+
     def run(self, *argv: str) -> Result:
         return self.runner(argv)
 

@@ -26,6 +26,7 @@ class SplitModule:
     lds: Path
     sha256: str  # of the module linked at build time (same linker, same bytes)
     srcversion: str
+    signature: Path | None = None  # the kernel's module signature over the gated bytes, to append once linked
 
     @property
     def paths(self) -> PartPaths:
@@ -40,6 +41,7 @@ class PatchedModule:
     binary: Path
     sha256: str  # what the patch must give: the module the build gated
     srcversion: str
+    signature: Path | None = None  # the kernel's module signature over the gated bytes, appended once rebuilt
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class Image:
     source_versions: dict[str, dict[str, str]] = field(default_factory=dict)
     # (kernel, module type, module) -> manifest record (with `parts` for modules shipped as interface + binary)
     records: dict[tuple[str, str, str], ModuleFile] = field(default_factory=dict)
+    # what the build could not ship and why ("fabricmanager" -> "no fabric manager for 535.309.01 in Debian")
+    left_out: dict[str, str] = field(default_factory=dict)
+    arch: str = ""  # the bundle's: amd64, arm64
 
     @classmethod
     def load(cls, root: Path) -> Image:
@@ -75,7 +80,8 @@ class Image:
                 for t, ms in kb.get("module_sets", {}).items()
                 for f in map(module_file, ms.get("modules", ()))
             }
-            return cls(root, d["driver_version"], d["driver_branch"], versions, records)
+            left_out = {str(k): str(v) for k, v in (d.get("left_out") or {}).items()}
+            return cls(root, d["driver_version"], d["driver_branch"], versions, records, left_out, d["arch"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NodeError(
                 f"this image has no readable driver manifest at {layout.MANIFEST} ({exc})",
@@ -109,13 +115,16 @@ class Image:
             return []
         patched = self.patched_module(kernel, module_type, module)
         if patched is not None and record.patch is not None:
-            return [Input(patched.patch, record.patch.patch_sha256), Input(patched.binary, record.patch.binary_sha256)]
+            sig = [Input(patched.signature, record.signature.sha256)] if patched.signature and record.signature else []
+            return [Input(patched.patch, record.patch.patch_sha256), Input(patched.binary, record.patch.binary_sha256),
+                    *sig]
         split = self.split_module(kernel, module_type, module)
         if split is None:
-            return [Input(self.ko(kernel, module_type, module), record.sha256)]
+            return [Input(self.ko(kernel, module_type, module), record.file_sha256)]  # signed in place if signed
         p = split.parts
+        sig = [Input(split.signature, record.signature.sha256)] if split.signature and record.signature else []
         return [Input(split.interface, p.interface_sha256), Input(split.binary, p.binary_sha256),
-                Input(split.lds, p.lds_sha256)]
+                Input(split.lds, p.lds_sha256), *sig]
 
     def verify(self, kernel: str, module_type: str, module: str) -> None:
         """Refuse a module unless the manifest lists it and every file it is made from has the bytes the
@@ -146,7 +155,8 @@ class Image:
         parts = record.parts
         here = self.at(layout.modules_dir(kernel, module_type))
         return SplitModule(parts, here / parts.interface, self.at(layout.binaries_dir(module_type)) / parts.binary,
-                           here / parts.lds, record.sha256, record.srcversion)
+                           here / parts.lds, record.sha256, record.srcversion,
+                           here / record.signature.file if record.signature else None)
 
     def patched_module(self, kernel: str, module_type: str, module: str) -> PatchedModule | None:
         """The patch and binary of a module the node rebuilds (None: linked, or shipped whole)."""
@@ -154,8 +164,9 @@ class Image:
         if record is None or record.patch is None:
             return None
         p: ModulePatch = record.patch
-        return PatchedModule(self.at(layout.modules_dir(kernel, module_type)) / p.patch,
-                             self.at(layout.binaries_dir(module_type)) / p.binary, record.sha256, record.srcversion)
+        here = self.at(layout.modules_dir(kernel, module_type))
+        return PatchedModule(here / p.patch, self.at(layout.binaries_dir(module_type)) / p.binary, record.sha256,
+                             record.srcversion, here / record.signature.file if record.signature else None)
 
     def module_types(self, kernel: str) -> list[str]:
         """Module types usable with this image's userspace: present, and of the same driver version

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..bundle import apply_patch
@@ -19,7 +19,7 @@ from . import decide
 from .decide import MODULES, PEERMEM, Node, NodeError, TypeChoice, sysfs_name
 from .detect import read_node
 from .host import Host
-from .image import PULL_AGAIN, Image, PatchedModule, sha256_file
+from .image import PULL_AGAIN, Image, PatchedModule, SplitModule, sha256_file
 from .log import Log
 from .modinfo import depends, modinfo
 
@@ -32,11 +32,18 @@ FIRMWARE_PARAM = "/sys/module/firmware_class/parameters/path"
 FIRMWARE_SEARCH_PATH = DRIVER_ROOT + "/lib/firmware"
 MELLANOX_READY = "/run/mellanox/drivers/.driver-ready"
 NVSWITCH_PROC = "/proc/driver/nvidia-nvswitch/devices"
+# Fabric manager and, on NVLink5 systems, the NVLink subnet manager: run from the image's own files.
+FABRICMANAGER = "/usr/bin/nv-fabricmanager"
 FABRICMANAGER_CFG = "/usr/share/nvidia/nvswitch/fabricmanager.cfg"
+FABRICMANAGER_START = "/usr/bin/nvidia-fabricmanager-start.sh"  # starts nvlsm, then fabric manager
+NVLSM_CFG = "/usr/share/nvidia/nvlsm/nvlsm.conf"
+INFINIBAND_MAD = "/sys/class/infiniband_mad"  # ib_umad's umad<N>/issm<N>, each with its dev "major:minor"
+INFINIBAND_DEV = "/dev/infiniband"
 # Daemons write their own pid files; teardown stops what these name.
 DAEMONS = {
     "nvidia-persistenced": "/var/run/nvidia-persistenced/nvidia-persistenced.pid",
     "nv-fabricmanager": "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid",
+    "nvlsm": "/var/run/nvidia-fabricmanager/nvlsm.pid",
 }
 # Modules linked from their parts (interface + NVIDIA's binary object) before insmod: inside the
 # container, never under the driver root the host sees.
@@ -83,7 +90,7 @@ class Runtime:
     def plan(self) -> Plan:
         node = read_node(self.host)
         self.log.info("node", kernel=node.kernel, gpus=len(node.gpus), os=decide.os_tag(node.os_release))
-        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch)
+        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch, self.image.arch)
         if not node.gpus:
             raise NodeError(
                 f"no NVIDIA GPU on this node (no PCI device with vendor 0x10de and a display class in "
@@ -124,6 +131,8 @@ class Runtime:
         for sw in node.nvswitches:
             out("dry-run: nvswitch", address=sw.address, pci_id=sw.pci_id)
         out("dry-run: mellanox nics", count=len(node.mellanox))
+        if node.nvlink5:
+            out("dry-run: nvlink5 system: nvlsm and fabric manager through ib_umad")
         for k in self.image.kernels():
             out("dry-run: image holds", kernel=k, types=",".join(self.image.module_types(k)) or "none",
                 driver=self.image.driver_version)
@@ -185,7 +194,7 @@ class Runtime:
 
     def _install(self, plan: Plan) -> None:
         self.log.info("module type", type=plan.module_type.module_type, reason=plan.module_type.reason)
-        params = self._params()
+        params = self._uvm_default(self._params(), plan)
         kos = self._prepare(plan)  # verified (and linked) before the host is touched
         self._firmware_path(params.params.get("nvidia", ()))
         self._expose()  # before insmod: GSP firmware is read through the driver root at GPU init
@@ -212,6 +221,12 @@ class Runtime:
         for m, p in params.params.items():
             self.log.info("module parameters", module=m, params=" ".join(p))
         return params
+
+    def _uvm_default(self, params: decide.ModuleParams, plan: Plan) -> decide.ModuleParams:
+        uvm, why = decide.uvm_params(plan.module_type.module_type, self.image.driver_branch,
+                                     params.params.get("nvidia-uvm", ()))
+        self.log.info("nvidia-uvm parameters", params=" ".join(uvm) or "none", reason=why)
+        return replace(params, params={**params.params, "nvidia-uvm": uvm})
 
     def _firmware_path(self, nvidia_params: tuple[str, ...]) -> None:
         current = self.host.read_opt(FIRMWARE_PARAM)
@@ -298,28 +313,91 @@ class Runtime:
             return
         args = ["-u", "-m"] + [a for i in range(len(node.gpus)) for a in ("-c", str(i))]
         self._cmd(*HOST_NS, tool, *args, what="create /dev/nvidia* on the host")
-        self.log.info("device nodes created", gpus=len(node.gpus))
+        switches = self._nvswitches(node)
+        for extra in decide.nvlink_device_args(switches):
+            self._cmd(*HOST_NS, tool, *extra, what="create the NVSwitch and NVLink device nodes on the host")
+        self.log.info("device nodes created", gpus=len(node.gpus), nvswitches=switches)
+
+    def _nvswitches(self, node: Node) -> int:
+        return max(len(node.nvswitches), len(self.host.listdir(NVSWITCH_PROC)))
 
     def _start_daemons(self, plan: Plan) -> None:
         if self.image.has("nvidia-persistenced"):
             self._daemon("nvidia-persistenced", "--persistence-mode")
         else:
             self.log.warn("nvidia-persistenced not in this image; persistence mode stays off")
-        if plan.node.nvswitches or self.host.listdir(NVSWITCH_PROC):
-            if not self.image.has("nv-fabricmanager"):
-                raise NodeError(
-                    f"this node has {len(plan.node.nvswitches)} NVSwitch(es) but the image has no nv-fabricmanager; "
-                    "CUDA cannot use the GPUs without it",
-                    "build the image with fabric manager for this driver version",
-                )
-            self._daemon("nv-fabricmanager", "-c", FABRICMANAGER_CFG)
+        if plan.node.nvlink5:
+            self._nvlink5(plan.node)
+        elif self._nvswitches(plan.node):
+            self._require(FABRICMANAGER, FABRICMANAGER_CFG,
+                          why=f"this node has {self._nvswitches(plan.node)} NVSwitch(es)")
+            self._daemon("nv-fabricmanager", "-c", str(self.image.at(FABRICMANAGER_CFG)))
+
+    def _require(self, *paths: str, why: str) -> None:
+        """Fabric manager's files in the image, or the one line naming what is missing and why the build
+        left it out."""
+        missing = [p.rsplit("/", 1)[-1] for p in paths if not self.image.at(p).is_file()]
+        if missing:
+            left = self.image.left_out.get("fabricmanager")
+            raise NodeError(
+                f"{why} but the image has no {', '.join(missing)}"
+                + (f" (the build left it out: {left})" if left else "")
+                + "; CUDA cannot use the GPUs without fabric manager",
+                "build the image with fabric manager of this driver version (the nvidia source ships it)",
+            )
+
+    def _nvlink5(self, node: Node) -> None:
+        """Blackwell NVL: NVIDIA's start script runs the NVLink subnet manager (over ib_umad) and then fabric
+        manager, both from the image."""
+        why = "this node is an NVLink5 system (a ConnectX port with SW_MNG)"
+        self._require(FABRICMANAGER_START, FABRICMANAGER, FABRICMANAGER_CFG, NVLSM_CFG, why=why)
+        if "mlx5_core" not in node.loaded:
+            raise NodeError(f"{why}, but mlx5_core is not loaded: the NVLink subnet manager reaches the switches "
+                            "through it", "load the Mellanox driver first (the host's or the network operator's)")
+        if "ib_umad" not in node.loaded:
+            self._cmd(*HOST_NS, "modprobe", "ib_umad", what="load ib_umad (the subnet manager's MAD interface)")
+            self.log.info("host modules loaded", modules="ib_umad")
+        self._umad_nodes()
+        pid = self._pid("nv-fabricmanager")
+        if pid is not None and self.host.alive(pid):
+            self.log.info("daemon already running", daemon="nv-fabricmanager", pid=pid)
+        else:
+            self._cmd(str(self.image.at(FABRICMANAGER_START)), "--mode", "start",
+                      "--fm-config-file", str(self.image.at(FABRICMANAGER_CFG)),
+                      "--fm-pid-file", str(self.host.path(DAEMONS["nv-fabricmanager"])),
+                      "--nvlsm-config-file", str(self.image.at(NVLSM_CFG)),
+                      "--nvlsm-pid-file", str(self.host.path(DAEMONS["nvlsm"])),
+                      what="start the NVLink subnet manager and fabric manager")
+            self.log.info("daemon started", daemon="nvlsm", pid=self._pid("nvlsm") or "unknown")
+            self.log.info("daemon started", daemon="nv-fabricmanager", pid=self._pid("nv-fabricmanager") or "unknown")
+        self._daemons += ["nvlsm", "nv-fabricmanager"]  # stopped in reverse: fabric manager first
+
+    def _umad_nodes(self) -> None:
+        """The /dev/infiniband nodes ib_umad's devices need in this container: a device the module made
+        after the container started has a node on the host only."""
+        made, seen = [], 0
+        for name in self.host.listdir(INFINIBAND_MAD):
+            major, sep, minor = (self.host.read_opt(f"{INFINIBAND_MAD}/{name}/dev") or "").strip().partition(":")
+            if not sep:
+                continue  # abi_version
+            seen += 1
+            node = f"{INFINIBAND_DEV}/{name}"
+            if not self.host.exists(node):
+                self.host.makedirs(INFINIBAND_DEV)
+                self._cmd("mknod", "-m", "0600", str(self.host.path(node)), "c", major, minor, what=f"create {node}")
+                made.append(name)
+        if not seen:
+            raise NodeError(f"ib_umad is loaded but {INFINIBAND_MAD} lists no umad device; the NVLink subnet "
+                            "manager has no port to manage the switches through",
+                            "check the ConnectX ports of the NVLink switch trays (rdma link show)")
+        self.log.info("infiniband device nodes", created=",".join(made) or "none", present=seen)
 
     def _daemon(self, name: str, *args: str) -> None:
         pid = self._pid(name)
         if pid is not None and self.host.alive(pid):
             self.log.info("daemon already running", daemon=name, pid=pid)
         else:
-            self._cmd(name, *args, what=f"start {name}")
+            self._cmd(str(self.image.at(f"/usr/bin/{name}")), *args, what=f"start {name}")
             self.log.info("daemon started", daemon=name, pid=self._pid(name) or "unknown")
         self._daemons.append(name)
 
@@ -419,7 +497,7 @@ class Runtime:
         """insmod nvidia.ko into the running kernel and classify, then unload it again (host modules it
         needed, loaded with modprobe, stay loaded)."""
         node = read_node(self.host)
-        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch)
+        kernel = decide.select_kernel(node, self._kernels(), self.image.driver_branch, self.image.arch)
         if "nvidia" in node.loaded:
             raise NodeError("nvidia is already loaded; check-load needs a kernel without it",
                             "run it on a node (or VM) where the driver is not loaded")
@@ -466,7 +544,7 @@ class Runtime:
                 return
         node = read_node(self.host)
         if "nvidia_peermem" not in node.loaded:
-            kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch)
+            kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch, self.image.arch)
             module_type = self._loaded_type(kernel)
             ko, = self._modules(kernel, module_type, (PEERMEM,), node.kernel)
             p = self._params().params.get(PEERMEM, ())
@@ -523,16 +601,21 @@ class Runtime:
                                         split.parts.linker)
             if problem:
                 raise NodeError(problem, "rebuild the image from one bundle; do not mix parts of different builds")
+            if patched is not None and patched.signature is not None:  # the gated bytes: checked above
+                with tmp.open("ab") as f:
+                    f.write(patched.signature.read_bytes())
+            elif split is not None and split.signature is not None:
+                self._sign(tmp, module, split)
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)  # a failed or killed ld can leave a partial output behind
         if patched is not None:
             self.log.info("module rebuilt from its patch", module=module, type=module_type, path=str(out),
-                          sha256="the build's")
+                          sha256="the build's", signed="yes" if patched.signature else "no")
         elif split is not None:
             self.log.info("module linked", module=module, type=module_type, path=str(out),
-                          sha256="the build's" if self._ld_version() == split.parts.linker
-                          else "not compared (other ld)")
+                          sha256="the build's" if split.signature or self._ld_version() == split.parts.linker
+                          else "not compared (other ld)", signed="yes" if split.signature else "no")
         return out
 
     def _rebuild(self, patched: PatchedModule, out: Path, module: str, kernel: str) -> str:
@@ -542,9 +625,23 @@ class Runtime:
             with patched.binary.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as binary:
                 data = apply_patch(patched.patch.read_bytes(), binary)
         except (OSError, ValueError) as exc:
-            raise NodeError(f"could not rebuild {module}.ko for kernel {kernel} from its patch: {exc}", PULL_AGAIN) from exc
+            raise NodeError(f"could not rebuild {module}.ko for kernel {kernel} from its patch: {exc}",
+                            PULL_AGAIN) from exc
         out.write_bytes(data)
         return hashlib.sha256(data).hexdigest()
+
+    def _sign(self, ko: Path, module: str, split: SplitModule) -> None:
+        """Append the build's signature, which covers exactly the gated bytes: only to those bytes, whatever
+        the linker (a kernel that enforces signatures would refuse any other module under it)."""
+        assert split.signature is not None
+        actual = sha256_file(ko)
+        if actual != split.sha256:
+            raise NodeError(f"{module}.ko linked on this node (sha256 {actual[:16]}) is not the module the build "
+                            f"gated and signed (sha256 {split.sha256[:16]}); its signature would not verify, "
+                            "refusing to load it",
+                            f"link with the build's linker ({split.parts.linker}): the image's own, unchanged")
+        with ko.open("ab") as f:
+            f.write(split.signature.read_bytes())
 
     def _ld_version(self) -> str:
         if self._linker is None:

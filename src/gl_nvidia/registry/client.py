@@ -12,20 +12,18 @@ never carries them: httpx drops Authorization on cross-origin redirects.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
-import os
 import re
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from gl_nvidia import oci
+from gl_nvidia import fs, oci
+from gl_nvidia.download import Transient, retrying
 from gl_nvidia.errors import UserError
 from gl_nvidia.oci import Descriptor
 from gl_nvidia.registry.credentials import (
@@ -37,6 +35,7 @@ from gl_nvidia.registry.credentials import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK_SIZE = 16 << 20  # blobs above this go up in PATCH chunks; below, one PUT
 _RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -80,10 +79,6 @@ class Reference:
 
     def __str__(self) -> str:
         return self.repository + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
-
-
-class _Transient(Exception):
-    """A dropped connection or a 5xx/429: worth retrying."""
 
 
 class RegistryClient:
@@ -140,23 +135,25 @@ class RegistryClient:
         retry: bool = True,
     ) -> httpx.Response | None:
         """One API call; None for 404 when `missing_ok`. Transient failures retry with backoff."""
-        attempt = 0
-        while True:
-            try:
-                resp = self._send(method, url, scope, headers or {}, content)
-                if resp.status_code in _RETRY_STATUS:
-                    raise _Transient(f"HTTP {resp.status_code}")
-            except (httpx.TransportError, _Transient) as exc:
-                attempt += 1
-                if not retry or attempt > self.retries:
-                    raise self._down(exc) from exc
-                self._sleep(attempt, exc)
-                continue
-            if missing_ok and resp.status_code == 404:
-                return None
-            if resp.status_code not in ok:
-                raise self._http_error(resp, method, url)
+        def attempt() -> httpx.Response:
+            resp = self._send(method, url, scope, headers or {}, content)
+            if resp.status_code in _RETRY_STATUS:
+                raise Transient(f"HTTP {resp.status_code}")
             return resp
+
+        resp = self._retrying(attempt, self.retries if retry else 0)
+        if missing_ok and resp.status_code == 404:
+            return None
+        if resp.status_code not in ok:
+            raise self._http_error(resp, method, url)
+        return resp
+
+    def _retrying(self, attempt: Callable[[], T], retries: int, before_retry: Callable[[], None] | None = None) -> T:
+        try:
+            return retrying(attempt, retries=retries, delay_s=self.backoff_s, what=f"registry {self.host}",
+                            before_retry=before_retry, level=logging.INFO)
+        except (httpx.TransportError, Transient) as exc:
+            raise self._down(exc) from exc
 
     @property
     def credentials(self) -> Credentials | None:
@@ -238,11 +235,6 @@ class RegistryClient:
         self._tokens[scope] = token
         return True
 
-    def _sleep(self, attempt: int, exc: Exception) -> None:
-        delay = min(self.backoff_s * 2 ** (attempt - 1), 10.0)
-        log.info("registry %s: %s; retrying in %.1fs (%d/%d)", self.host, exc, delay, attempt, self.retries)
-        time.sleep(delay)
-
     def _down(self, exc: Exception) -> UserError:
         return UserError(
             f"registry {self.host} is unreachable or failing: {exc}",
@@ -288,30 +280,29 @@ class RegistryClient:
         size = path.stat().st_size
         if size != desc.size:
             raise UserError(f"blob {desc.digest} at {path} has {size} bytes, its descriptor says {desc.size}")
-        location, offset, attempt = self._start_upload(repo), 0, 0
+        location, offset = self._start_upload(repo), 0
         with path.open("rb") as fh:
-            while True:
-                try:
-                    if offset == 0 and size <= self.chunk_size:
-                        data = fh.read()
-                        self._put_final(repo, location, desc.digest, data)
-                        self._progress(size)
-                        return
-                    while offset < size:
-                        fh.seek(offset)
-                        chunk = fh.read(self.chunk_size)
-                        location, offset = self._patch(repo, location, chunk, offset)
-                        self._progress(len(chunk))
-                    self._put_final(repo, location, desc.digest, b"")
+            def attempt() -> None:
+                nonlocal location, offset
+                if offset == 0 and size <= self.chunk_size:
+                    fh.seek(0)
+                    self._put_final(repo, location, desc.digest, fh.read())
+                    self._progress(size)
                     return
-                except _Transient as exc:
-                    attempt += 1
-                    if attempt > self.retries:
-                        raise self._down(exc) from exc
-                    self._sleep(attempt, exc)
-                    location, offset = self._upload_status(repo, location)
-                    if offset:
-                        self.resumed += 1
+                while offset < size:
+                    fh.seek(offset)
+                    chunk = fh.read(self.chunk_size)
+                    location, offset = self._patch(repo, location, chunk, offset)
+                    self._progress(len(chunk))
+                self._put_final(repo, location, desc.digest, b"")
+
+            def resume() -> None:
+                nonlocal location, offset
+                location, offset = self._upload_status(repo, location)
+                if offset:
+                    self.resumed += 1
+
+            self._retrying(attempt, self.retries, before_retry=resume)
 
     def _start_upload(self, repo: str) -> str:
         resp = self._request("POST", f"/v2/{repo}/blobs/uploads/", _push(repo), ok=(202,))
@@ -338,9 +329,9 @@ class RegistryClient:
         try:
             resp = self._send(method, url, _push(repo), headers, data)
         except httpx.TransportError as exc:
-            raise _Transient(str(exc) or type(exc).__name__) from exc
+            raise Transient(str(exc) or type(exc).__name__) from exc
         if resp.status_code in _RETRY_STATUS:
-            raise _Transient(f"HTTP {resp.status_code}")
+            raise Transient(f"HTTP {resp.status_code}")
         if resp.status_code not in ok:
             raise self._http_error(resp, method, url)
         return resp
@@ -358,24 +349,18 @@ class RegistryClient:
 
     def download_blob(self, repo: str, desc: Descriptor, dest: Path) -> None:
         """Stream a blob to `dest`, refusing content that is not `desc`; retried from scratch on a dropped connection."""
-        attempt = 0
-        while True:
+        def attempt() -> None:
+            resp = self._send("GET", f"/v2/{repo}/blobs/{desc.digest}", _pull(repo), {}, None, stream=True)
             try:
-                resp = self._send("GET", f"/v2/{repo}/blobs/{desc.digest}", _pull(repo), {}, None, stream=True)
-                try:
-                    if resp.status_code in _RETRY_STATUS:
-                        raise _Transient(f"HTTP {resp.status_code}")
-                    if resp.status_code != 200:
-                        raise UserError(f"registry {self.host} has no blob {desc.digest} in {repo} (HTTP {resp.status_code})")
-                    _write_stream(resp, dest, desc, self.host)
-                    return
-                finally:
-                    resp.close()
-            except (httpx.TransportError, _Transient) as exc:
-                attempt += 1
-                if attempt > self.retries:
-                    raise self._down(exc) from exc
-                self._sleep(attempt, exc)
+                if resp.status_code in _RETRY_STATUS:
+                    raise Transient(f"HTTP {resp.status_code}")
+                if resp.status_code != 200:
+                    raise UserError(f"registry {self.host} has no blob {desc.digest} in {repo} (HTTP {resp.status_code})")
+                _write_stream(resp, dest, desc, self.host)
+            finally:
+                resp.close()
+
+        self._retrying(attempt, self.retries)
 
     # -- manifests and tags ------------------------------------------------------------------------------
 
@@ -440,24 +425,15 @@ def _range_end(resp: httpx.Response, default: int) -> int:
 
 
 def _write_stream(resp: httpx.Response, dest: Path, desc: Descriptor, host: str) -> None:
-    """Write to a temp file; rename it to `dest` only when the content is exactly the blob asked for."""
-    h, size = hashlib.sha256(), 0
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for block in resp.iter_bytes(1 << 20):
-                size += len(block)
-                if size > desc.size:  # a registry that streams without end fills no disk
-                    raise _wrong_blob(host, desc, f"more than its {desc.size} bytes")
-                h.update(block)
-                fh.write(block)
-        if "sha256:" + h.hexdigest() != desc.digest:
-            raise _wrong_blob(host, desc, f"content with digest sha256:{h.hexdigest()}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Rename the content to `dest` only when it is exactly the blob asked for."""
+    with fs.staged_file(dest) as out:
+        for block in resp.iter_bytes(1 << 20):
+            if out.size + len(block) > desc.size:  # a registry that streams without end fills no disk
+                raise _wrong_blob(host, desc, f"more than its {desc.size} bytes")
+            out.write(block)
+        if "sha256:" + out.sha256 != desc.digest:
+            raise _wrong_blob(host, desc, f"content with digest sha256:{out.sha256}")
+        out.commit()
 
 
 def _wrong_blob(host: str, desc: Descriptor, what: str) -> UserError:

@@ -19,7 +19,7 @@ from gl_nvidia import ui
 from gl_nvidia.errors import UserError
 from gl_nvidia.image.base import LayoutBase
 from gl_nvidia.image.tags import validate_tag
-from gl_nvidia.oci import Descriptor, Layout, Manifest, attachment_tag
+from gl_nvidia.oci import Descriptor, Layout, Manifest, attachment_tag, is_attachment_tag
 from gl_nvidia.registry.client import Reference, RegistryClient
 
 
@@ -52,6 +52,9 @@ class ClientOptions:
         return RegistryClient(host, plain_http=self.plain_http, retries=self.retries, backoff_s=self.backoff_s,
                               on_progress=self.on_progress, **kwargs)
 
+
+# cosign's attachment tags: signatures, attestations, SBOMs (`sha256-<hex>.<kind>`)
+ATTACHMENTS = ("sig", "att", "sbom")
 
 BlobFetcher = Callable[[Descriptor, Path], Path]  # (blob, scratch dir) -> a file holding it
 
@@ -189,14 +192,18 @@ def mirror(
     """Copy all (or one driver branch's) tags of SRC_REPO to DST_REPO, skipping blobs DST has.
 
     Blobs are fetched from the source only when the destination lacks them; on the same registry
-    they are mounted instead of copied.
+    they are mounted instead of copied. What is attached to each copied image goes with it, after it, as
+    `cosign copy` does: its signatures (`sha256-<hex>.sig`), attestations (`.att`) and SBOM (`.sbom`, our
+    OCI 1.1 referrer). Those tags name the image's digest, so they follow the source's (a signature added
+    there since the last mirror moves the destination's `.sig` tag; no --force needed).
     """
     src_ref, dst_ref = Reference.parse(source), Reference.parse(destination)
     if src_ref.tag or dst_ref.tag or src_ref.digest or dst_ref.digest:
         raise UserError("mirror copies whole repositories", "pass REGISTRY/REPO for both, without a tag")
     opts = options or ClientOptions()
     with opts.client(src_ref.host) as src, opts.client(dst_ref.host) as dst:
-        tags = branch_tags(src.list_tags(src_ref.repo), driver_branch)
+        listed = src.list_tags(src_ref.repo)
+        tags = [t for t in branch_tags(listed, driver_branch) if not is_attachment_tag(t)]
         if not tags:
             raise UserError(f"no tags{' for driver branch ' + driver_branch if driver_branch else ''} in {source}")
         by_digest: dict[str, tuple[Manifest, list[str]]] = {}
@@ -212,10 +219,17 @@ def mirror(
             return path
 
         same = src_ref.host == dst_ref.host
-        return [
-            copy_image(m, fetch, dst, dst_ref.repo, t, force=force, mount_from=[src_ref.repo] if same else [])
-            for m, t in by_digest.values()
-        ]
+        mount_from = [src_ref.repo] if same else []
+        results = []
+        for m, t in by_digest.values():
+            results.append(copy_image(m, fetch, dst, dst_ref.repo, t, force=force, mount_from=mount_from))
+            for kind in ATTACHMENTS:
+                tag = attachment_tag(m.digest, kind)
+                attached = src.get_manifest(src_ref.repo, tag) if tag in listed else None
+                if attached is not None:
+                    results.append(copy_image(attached, fetch, dst, dst_ref.repo, [tag], force=True,
+                                              mount_from=mount_from))
+        return results
 
 
 def helm_repository_line(destination: str) -> str:

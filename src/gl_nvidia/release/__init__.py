@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import gl_nvidia
 from gl_nvidia import ui
-from gl_nvidia.build import AptEnv, DebianSource, KernelEnv, KmodbuildEnv, build_all
+from gl_nvidia.build import DebianSource, KernelEnv, build_all
+from gl_nvidia.build.modsign import ModuleSigner
+from gl_nvidia.build.request import kernel_envs
 from gl_nvidia.build.sources import DriverSource
 from gl_nvidia.build.unit import UnitResult
-from gl_nvidia.catalog.lock import Lock
-from gl_nvidia.catalog.matrix import load_lock, lock_matrix
-from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion
+from gl_nvidia.catalog.lock import Lock, Resolved
+from gl_nvidia.catalog.matrix import build_matrix, load_lock, lock_matrix, lock_resolved
+from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion, Matrix
 from gl_nvidia.deploy.values import check_repository
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import check_writable_dir
@@ -30,6 +32,7 @@ from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
 from gl_nvidia.image.tags import image_tags
 from gl_nvidia.oci import Layout, attachment_tag
+from gl_nvidia.osprofile import os_profile
 from gl_nvidia.release.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide
 
 if TYPE_CHECKING:
@@ -82,6 +85,9 @@ class ReleaseResult:
     compiled: int  # module sets compiled in this run
     blobs_uploaded: int
     manifests_pushed: int
+    lock: Lock
+    matrix: Matrix
+    resolved: Resolved  # the catalog the matrix came from (the lock's, or resolved now for a profile)
     signed: int = 0  # signatures added (release --sign-key)
 
     @property
@@ -105,21 +111,16 @@ def source_for(lock: Lock) -> DriverSource:
 
 
 def env_for(lock: Lock) -> Callable[[BuildUnit], KernelEnv]:
-    if lock.os.id == "gardenlinux":
-        from gl_nvidia.build.kenv import container_engine
-
-        engine = container_engine()  # no engine: one clear error now, not one per unit later
-        # Garden Linux kernels are built in its kmodbuild container of the newest GL version using them.
-        return lambda unit: KmodbuildEnv(unit.os_versions[-1], engine)
-    apt_env = AptEnv()
-    return lambda unit: apt_env
+    return kernel_envs(os_profile(lock.os.id))
 
 
 def base_for(lock: Lock, arch: str, os_version: str) -> base_mod.BaseSpec:
-    if lock.os.id == "gardenlinux":
+    """The base the OS record names: its apt repository's suite of `os_version`, or this machine's archive."""
+    distro = os_profile(lock.os.id)
+    if distro.base == "apt":
         from gl_nvidia.catalog.kernels import expand_env
 
-        return base_mod.gardenlinux_spec(expand_env(lock.sources.apt), os_version, arch)
+        return base_mod.gardenlinux_spec(expand_env(lock.sources.apt), distro.apt.suite_of(os_version, lock.os.codename), arch)
     return base_mod.debian_spec(arch)
 
 
@@ -151,30 +152,32 @@ def _build_state(result: UnitResult) -> tuple[str, str | None]:
     return ("cached" if all(o.cached for o in built) else "compiled"), None
 
 
-def unit_inputs(lock: Lock, unit: BuildUnit, source: DriverSource) -> UnitInputs:
-    """A unit's inputs, from the lock, the source's index and the base spec: nothing is downloaded."""
+def unit_inputs(lock: Lock, unit: BuildUnit, source: DriverSource, module_cert: str = "") -> UnitInputs:
+    """A unit's inputs, from the lock, the source's index and the base spec: nothing is downloaded.
+    `module_cert`: the module signing certificate's sha256 ("": modules unsigned)."""
     os_version = unit.os_versions[-1] if unit.os_versions else ""
     return UnitInputs(unit.as_dict(), source.checksums(unit.driver_version, unit.arch),
-                      base_for(lock, unit.arch, os_version).key(), gl_nvidia.__version__)
+                      base_for(lock, unit.arch, os_version).key(), gl_nvidia.__version__, module_cert)
 
 
-def plan(profile: str | Path, registry: str, *, force: bool = False
+def plan(profile: str | Path, registry: str, *, force: bool = False, module_cert: str = ""
          ) -> list[tuple[BuildUnit, UnitInputs | None, Decision]]:
     """What `release` would build and skip, and why, without building anything (the publish workflow's fan-out)."""
     _target(registry)
     lock = load_lock(profile)
     units = lock_matrix(lock).units
-    inputs = _all_inputs(lock, units, source_for(lock))
+    inputs = _all_inputs(lock, units, source_for(lock), module_cert)
     with ui.progress() as prog:
         decisions = _decide(units, inputs, registry, force, {}, prog)
     return [(u, inputs[u], decisions[u]) for u in units]
 
 
-def _all_inputs(lock: Lock, units: Sequence[BuildUnit], source: DriverSource) -> dict[BuildUnit, UnitInputs | None]:
+def _all_inputs(lock: Lock, units: Sequence[BuildUnit], source: DriverSource,
+                module_cert: str = "") -> dict[BuildUnit, UnitInputs | None]:
     inputs: dict[BuildUnit, UnitInputs | None] = {}
     for u in units:
         try:
-            inputs[u] = unit_inputs(lock, u, source)
+            inputs[u] = unit_inputs(lock, u, source, module_cert)
         except UserError as exc:  # the build says the same for this unit alone, with the others built
             log.warning("%s: inputs unknown before the build: %s", u.key, exc.message)
             inputs[u] = None
@@ -188,11 +191,13 @@ def release(
     *,
     jobs: int = 1,
     sign_key: Path | None = None,
+    module_signer: ModuleSigner | None = None,
     force: bool = False,
 ) -> ReleaseResult:
     """Run the whole pipeline for `profile` into `out` (bundles/, oci/) and, with `registry`
     (`HOST[:PORT]/PATH`, the values' driver.repository), push every image with its SBOM to
-    `<registry>/driver`, and sign each with `sign_key` (cosign's format).
+    `<registry>/driver`, and sign each with `sign_key` (cosign's format). `module_signer` signs every
+    module for the kernel's module signature check (its certificate is one of each unit's inputs).
 
     With `registry`, a unit already published there from the same inputs is skipped before its build
     (`force`: built and pushed anyway); the report says why each unit was built or skipped."""
@@ -208,12 +213,13 @@ def release(
             raise UserError("--sign-key signs pushed images", "pass --registry too")
         key = load_private_key(sign_key)  # a bad key is an error now, not after every compile
     lock = load_lock(profile)
-    matrix = lock_matrix(lock)
+    resolved = lock_resolved(lock)
+    matrix = build_matrix(lock.os.id, resolved, lock.policy.exclusions)
     if not matrix.units:
         raise UserError(f"the matrix of {profile} has no build units", "check the lock's policy and exclusions")
     bundles, layout_dir = out / "bundles", out / "oci"
     source = source_for(lock)
-    inputs = _all_inputs(lock, matrix.units, source)
+    inputs = _all_inputs(lock, matrix.units, source, module_signer.cert_sha256 if module_signer else "")
     reports: dict[BuildUnit, UnitReport] = {}
     decisions: dict[BuildUnit, Decision] = {}
     with ui.progress() as prog:
@@ -223,7 +229,8 @@ def release(
         results: list[UnitResult] = []
         if todo:
             with ui.task(prog, f"build {len(todo)} unit(s)"):
-                results = build_all(todo, bundles, source=source, env_for=env_for(lock), jobs=jobs)
+                results = build_all(todo, bundles, source=source, env_for=env_for(lock), jobs=jobs,
+                                    signer=module_signer)
         compiled = sum(1 for r in results for o in r.outcomes.values() if o.status == "ok" and not o.cached)
         images = _images(lock, results, layout_dir, reports, inputs, prog)
         pushed = (0, 0, 0)
@@ -233,7 +240,9 @@ def release(
     ordered = tuple(replace(reports[u], left_out=_left_out(u, matrix.excluded),
                             reason=decisions[u].reason if u in decisions else None)
                     for u in matrix.units)
-    return ReleaseResult(ordered, layout_dir, registry, compiled, *pushed)
+    blobs, manifests, signed = pushed
+    return ReleaseResult(ordered, layout_dir, registry, compiled, blobs_uploaded=blobs, manifests_pushed=manifests,
+                         lock=lock, matrix=matrix, resolved=resolved, signed=signed)
 
 
 def _tags(unit: BuildUnit) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 
 Everything here is known before anything is compiled: the unit's lock cell, the driver source's checksums
 (from the apt index, or the installer's URL or sha256), the base image spec's digest and the gl-nvidia
-version. The image carries them as manifest annotations; `decide` compares them with the registry's.
+version, and the module signing certificate's fingerprint when modules are signed. The image carries them as manifest annotations; `decide` compares them with the registry's.
 """
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ class UnitInputs:
     sources: Mapping[str, str]  # driver source file -> sha256 (or the URL that names it)
     base: str  # digest of the base image spec
     tool: str  # gl-nvidia version
+    module_cert: str = ""  # sha256 of the module signing certificate ("": unsigned modules)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"cell": dict(self.cell), "sources": dict(self.sources), "base": self.base, "gl-nvidia": self.tool}
+        # Absent when unsigned, so the digests of units published before module signing stay the same.
+        signing = {"module-signing-cert": self.module_cert} if self.module_cert else {}
+        return {"cell": dict(self.cell), "sources": dict(self.sources), "base": self.base, "gl-nvidia": self.tool,
+                **signing}
 
     def text(self) -> str:
         return json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
@@ -43,7 +47,8 @@ class UnitInputs:
 def annotations_from_text(text: str) -> dict[str, str]:
     """The annotations for inputs given as their JSON text (the publish workflow passes them on)."""
     data = json.loads(text)
-    return UnitInputs(data["cell"], data["sources"], data["base"], data["gl-nvidia"]).annotations()
+    return UnitInputs(data["cell"], data["sources"], data["base"], data["gl-nvidia"],
+                      data.get("module-signing-cert", "")).annotations()
 
 
 @dataclass(frozen=True)
