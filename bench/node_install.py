@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "src")]
 
 from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT  # noqa: E402
-from tests.fixtures.node import fake_node  # noqa: E402
+from tests.fixtures.node import FAKE_DAEMON, FakeKernel, fake_node  # noqa: E402
 
 from gl_nvidia import bundle as bundle_mod  # noqa: E402
 from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
@@ -42,7 +42,7 @@ from gl_nvidia.fs import cache_dir  # noqa: E402
 from gl_nvidia.node import layout  # noqa: E402
 from gl_nvidia.node.host import subprocess_runner  # noqa: E402
 from gl_nvidia.node.image import Image  # noqa: E402
-from gl_nvidia.node.runtime import DRIVER_ROOT, STAGING_DIR  # noqa: E402
+from gl_nvidia.node.runtime import DRIVER_ROOT, STAGING_DIR, Runtime  # noqa: E402
 
 
 def payload_root(bundle: Path, dest: Path, *, split: bool) -> Path:
@@ -71,6 +71,15 @@ def payload_root(bundle: Path, dest: Path, *, split: bool) -> Path:
     return dest
 
 
+def pretend_daemons(root: Path) -> None:
+    """The fake kernel runs the image's own daemons, and the real nvidia-persistenced needs a GPU: put
+    the fixtures' pretend one in its place (not timed; the staging is what is measured)."""
+    daemon = root / "usr/bin/nvidia-persistenced"
+    daemon.unlink(missing_ok=True)
+    daemon.write_text(FAKE_DAEMON)
+    daemon.chmod(0o755)
+
+
 def tarball(root: Path) -> Path:
     """Today's artefact: the payload as a gzip tarball (made once, cached by the manifest's digest)."""
     key = hashlib.sha256((root / str(layout.MANIFEST).lstrip("/")).read_bytes()).hexdigest()[:16]
@@ -94,10 +103,10 @@ def today(tgz: Path, work: Path) -> float:
     return elapsed
 
 
-def ours(root: Path, work: Path) -> float:
-    rt, kernel = fake_node(work, "h100", image=Image.load(root))
-    real = {"mount", "umount", "mountpoint", "ld"}
-    rt.host.runner = lambda argv: subprocess_runner(argv) if argv[0] in real else kernel(argv)
+def init_until_visible(rt: Runtime, fake: FakeKernel, real: set[str]) -> float:
+    """Run `init` with the commands in `real` run for real and the rest faked; returns the moment the
+    driver root became visible (init then tears down: umount)."""
+    rt.host.runner = lambda argv: subprocess_runner(argv) if argv[0] in real else fake(argv)
     visible: list[float] = []
     target = rt.host.path(DRIVER_ROOT)
 
@@ -107,11 +116,17 @@ def ours(root: Path, work: Path) -> float:
         return True
 
     rt.wait = wait
+    rt.init()
+    return visible[0]
+
+
+def ours(root: Path, work: Path) -> float:
+    rt, kernel = fake_node(work, "h100", image=Image.load(root))
     t = time.monotonic()
-    rt.init()  # tears down (umount) after wait returns
+    visible = init_until_visible(rt, kernel, {"mount", "umount", "mountpoint", "ld"})
     linked = rt.host.path(STAGING_DIR) / DEBIAN_KERNEL / "proprietary"
     assert sorted(p.name for p in linked.iterdir()) == ["nvidia-modeset.ko", "nvidia.ko"]
-    return visible[0] - t
+    return visible - t
 
 
 def main() -> None:
@@ -127,6 +142,7 @@ def main() -> None:
         result = build_unit(DEBIAN_UNIT, bundle, source=DebianSource(), env=AptEnv(), module_types=("proprietary",))
         assert result.ok, result.outcomes
         root = payload_root(bundle, tmp / "image-root", split=True)
+        pretend_daemons(root)
         whole = payload_root(bundle, tmp / "today-root", split=False)
         size = sum(p.stat().st_size for p in whole.rglob("*") if p.is_file() and not p.is_symlink())
         files = sum(1 for p in whole.rglob("*") if p.is_file())

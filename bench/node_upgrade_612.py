@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "src")]
 
 from bench.image_layers import OPTIONS, monolithic  # noqa: E402
+from bench.node_install import init_until_visible, pretend_daemons  # noqa: E402
 from tests.fixtures.ibt import ibt_kernels, ibt_unit  # noqa: E402
 from tests.fixtures.node import fake_node  # noqa: E402
 from tests.fixtures.registry import running_registry  # noqa: E402
@@ -44,7 +45,6 @@ from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.bundle import apply_patch  # noqa: E402
 from gl_nvidia.fs import cache_dir  # noqa: E402
 from gl_nvidia.image.build import build_images  # noqa: E402
-from gl_nvidia.node.host import subprocess_runner  # noqa: E402
 from gl_nvidia.node.image import Image  # noqa: E402
 from gl_nvidia.node.runtime import DRIVER_ROOT, STAGING_DIR  # noqa: E402
 from gl_nvidia.oci import Layout, Manifest  # noqa: E402
@@ -78,24 +78,13 @@ def ours(reg: str, store: Layout, shared_root: Path, held: set[str], work: Path,
     (rt.host.path("/proc/sys/kernel")).mkdir(parents=True, exist_ok=True)
     rt.host.path("/proc/sys/kernel/osrelease").write_text(kernel + "\n")
     assert rt.image.patched_module(kernel, "proprietary", "nvidia") is not None
-    real = {"mount", "umount", "mountpoint"}
-    rt.host.runner = lambda argv: subprocess_runner(argv) if argv[0] in real else fake(argv)
-    visible: list[float] = []
-    target = rt.host.path(DRIVER_ROOT)
-
-    def wait(timeout: float | None) -> bool:
-        visible.append(time.monotonic())
-        assert (target / "usr/bin/nvidia-smi").is_file()
-        return True
-
-    rt.wait = wait
-    rt.init()
+    visible = init_until_visible(rt, fake, {"mount", "umount", "mountpoint"})
     linked = rt.host.path(STAGING_DIR) / kernel / "proprietary"
     assert sorted(p.name for p in linked.iterdir()) == ["nvidia-modeset.ko", "nvidia.ko"]
     assert any("module rebuilt from its patch" in line and "sha256=\"the build's\"" in line
                for line in rt.log.lines), rt.log.lines
     pulled = sum(x.size for x in [image.config, *image.layers] if x.digest not in held)
-    return visible[0] - t, pulled
+    return visible - t, pulled
 
 
 def rebuild_s(root: Path, kernel: str) -> dict[str, float]:
@@ -157,6 +146,7 @@ def main() -> None:
             shared_root = tmp / "shared-root"
             shared_root.mkdir()
             unpack(lay, [x.digest for x in ours_img[a].layers[:-1]], shared_root)
+            pretend_daemons(shared_root)
             for i in range(args.runs):  # interleaved: both see the same machine load
                 w = tmp / f"today-{i}"
                 w.mkdir()
