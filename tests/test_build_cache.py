@@ -23,7 +23,6 @@ from gl_nvidia.fs import SEAL, cache_fill, cache_hit, sha256_file
 from tests.fixtures.bundle import DEBIAN_KERNEL, TINY_SOURCES
 from tests.test_build_inputs import (
     FAKE_VERSION,
-    _fm_template,
     _Server,
     _template,
     own_cache,
@@ -72,7 +71,7 @@ def test_a_truncated_cached_module_is_compiled_again(tmp_path: Path, own_cache: 
 def test_a_damaged_unpacked_library_is_unpacked_again_and_the_bundle_rewritten(
         server: _Server, own_cache: Path, debian_headers: KernelHeaders, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    source, env = NvidiaRunSource(_template(server), fabricmanager=_fm_template(server), retry_delay=0.01), DirEnv(debian_headers.sysout)
+    source, env = NvidiaRunSource(_template(server), redist=server.redist, retry_delay=0.01), DirEnv(debian_headers.sysout)
     out = tmp_path / "bundle"
     first = build_unit(FAKE_UNIT, out, source=source, env=env, module_types=())
     assert first.manifest is not None
@@ -99,7 +98,7 @@ def test_a_damaged_unpacked_library_is_unpacked_again_and_the_bundle_rewritten(
 
 def test_a_truncated_download_is_fetched_again(server: _Server, own_cache: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    source = NvidiaRunSource(_template(server), fabricmanager=_fm_template(server), retry_delay=0.01)
+    source = NvidiaRunSource(_template(server), redist=server.redist, retry_delay=0.01)
     run_file = source.fetch(FAKE_VERSION, "amd64")
     assert run_file.name == run_file_name(FAKE_VERSION, "amd64")
     whole = run_file.read_bytes()

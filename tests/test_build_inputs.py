@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import io
 import json
 import os
 import re
 import subprocess
-import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,15 +30,12 @@ from gl_nvidia.build.kenv import (
     kmodbuild_image,
     make_argv,
 )
-from gl_nvidia.build.nvidia import (
-    FABRICMANAGER_URL,
-    NvidiaRunSource,
-    RedistFile,
-    fabricmanager_entry,
-    redist_manifest_url,
-)
+from gl_nvidia.build.nvidia import NvidiaRunSource
+from gl_nvidia.build.redist import RedistFile, listed
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
+from gl_nvidia.node import runtime as node_runtime
+from tests.fixtures import redist
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
 
 FAKE_VERSION = "999.12.34"
@@ -62,82 +57,21 @@ echo '{{"chips": []}}' > "$d/supported-gpus/supported-gpus.json"
 """
 
 
-def fabricmanager_archive(dest: Path, version: str = FAKE_VERSION, arch: str = "x86_64") -> Path:
-    """An archive in the layout of NVIDIA's fabricmanager-linux-<arch>-<version>-archive.tar.xz."""
-    top = f"fabricmanager-linux-{arch}-{version}-archive"
-    files = {
-        "bin/nv-fabricmanager": ("#!/bin/sh\necho fabric manager\n", 0o755),
-        "bin/nvswitch-audit": ("#!/bin/sh\n", 0o755),
-        "bin/nvidia-fabricmanager-start.sh": ("#!/bin/sh\n", 0o755),
-        "lib/libnvfm.so.1": ("lib", 0o644),
-        "include/nv_fm_agent.h": ("/* api */", 0o644),
-        "etc/fabricmanager.cfg": ("LOG_LEVEL=4\nDAEMONIZE=1\nFABRIC_MODE=0\n", 0o644),
-        "etc/fabricmanager_multinode.cfg": ("FABRIC_MODE=0\n", 0o644),
-        "share/nvidia/nvswitch/dgxh100_hgxh100_topology": ("topology", 0o644),
-        "systemd/nvidia-fabricmanager.service": ("[Service]\n", 0o644),
-        "LICENSE": ("license", 0o644),
-    }
-    archive = dest / f"{top}.tar.xz"
-    with tarfile.open(archive, "w:xz") as tar:
-        for name, (text, mode) in files.items():
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size, info.mode = len(text), mode
-            tar.addfile(info, io.BytesIO(text.encode()))
-    return archive
-
-
-def redistrib(version: str, archive: bytes) -> dict[str, object]:
-    """NVIDIA's redistrib_<version>.json in the shape of its driver redist tree, listing `archive` as the
-    fabric manager of both server arches."""
-    def platform(component: str, arch: str) -> dict[str, str]:
-        return {"relative_path": f"{component}/linux-{arch}/{component}-linux-{arch}-{version}-archive.tar.xz",
-                "sha256": hashlib.sha256(archive).hexdigest(), "md5": hashlib.md5(archive).hexdigest(),
-                "size": str(len(archive))}
-    return {
-        "release_date": "2025-10-09", "release_label": version, "release_product": "nvidia-driver",
-        "nvidia_driver": {"name": "NVIDIA Linux Driver", "license": "NVIDIA Driver", "license_path":
-                          "nvidia_driver/LICENSE.txt", "version": version, "linux-x86_64": platform("nvidia_driver", "x86_64")},
-        "fabricmanager": {"name": "NVIDIA Fabric Manager", "license": "NVIDIA Driver", "license_path":
-                          "fabricmanager/LICENSE.txt", "version": version,
-                          "linux-x86_64": platform("fabricmanager", "x86_64"), "linux-sbsa": platform("fabricmanager", "sbsa")},
-    }
-
-
 class _Server:
-    """Serves one installer, `fm` (a fabric manager archive) at *-archive.tar.xz paths and the redist tree's
-    redistrib_<version>.json listing `listed` (default: `fm`); the first `fail` requests for the installer
-    answer 503, a path of "missing" answers 404."""
+    """Serves one installer (the first `fail` requests answer 503, a path with "missing" 404) and the redist
+    tree in `tree` under /redist/ (a file it lacks answers 404), counting the requests of each."""
 
-    def __init__(self, body: bytes, fm: bytes | None = None) -> None:
-        self.body, self.fm, self.fail, self.requests, self.fm_requests = body, fm, 0, 0, 0
-        self.listed: bytes | None = None
-        self.manifest_requests = 0
+    def __init__(self, body: bytes, tree: Path) -> None:
+        self.body, self.tree, self.fail, self.requests = body, tree, 0, 0
+        self.redist_requests: list[str] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                name = self.path.rpartition("/")[2]
-                if name.startswith("redistrib_") and name.endswith(".json"):
-                    server.manifest_requests += 1
-                    if server.fm is None or "missing" in self.path:
-                        self.send_error(404)
-                        return
-                    version = name.removeprefix("redistrib_").removesuffix(".json")
-                    body = json.dumps(redistrib(version, server.listed or server.fm)).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                if self.path.endswith("-archive.tar.xz"):
-                    server.fm_requests += 1
-                    if server.fm is None or "missing" in self.path:
-                        self.send_error(404)
-                        return
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(server.fm)))
-                    self.end_headers()
-                    self.wfile.write(server.fm)
+                if self.path.startswith("/redist/"):
+                    rel = self.path.removeprefix("/redist/")
+                    server.redist_requests.append(rel)
+                    self._answer(server.tree / rel)
                     return
                 server.requests += 1
                 if "missing" in self.path:
@@ -146,22 +80,34 @@ class _Server:
                     server.fail -= 1
                     self.send_error(503)
                 else:
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(server.body)))
-                    self.end_headers()
-                    self.wfile.write(server.body)
+                    self._send(server.body)
+
+            def _answer(self, path: Path) -> None:
+                if path.is_file():
+                    self._send(path.read_bytes())
+                else:
+                    self.send_error(404)
+
+            def _send(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.redist = self.url + "/redist/"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
 @pytest.fixture
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
-    s = _Server(FAKE_RUN.encode(), fabricmanager_archive(tmp_path_factory.mktemp("fm")).read_bytes())
+    tree = tmp_path_factory.mktemp("redist")
+    redist.write_tree(tree, FAKE_VERSION)
+    s = _Server(FAKE_RUN.encode(), tree)
     yield s
     s.httpd.shutdown()
 
@@ -177,21 +123,20 @@ def _template(server: _Server) -> str:
     return server.url + "/tesla/{version}/NVIDIA-Linux-{machine}-{version}.run"
 
 
-def _fm_template(server: _Server, where: str = "redist") -> str:
-    return server.url + f"/{where}/fabricmanager/linux-{{arch}}/fabricmanager-linux-{{arch}}-{{version}}-archive.tar.xz"
-
-
-FM = f"fabricmanager-linux-x86_64-{FAKE_VERSION}-archive.tar.xz"
+MANIFEST = f"redistrib_{FAKE_VERSION}.json"
+ARCHIVES = {c: redist.relative_path(c, "linux-x86_64", redist.component_version(c, FAKE_VERSION))
+            for c in redist.CONTENTS}
 
 
 def test_nvidia_run_is_downloaded_with_retries_checked_and_laid_out(server: _Server, own_cache: Path) -> None:
     server.fail = 2
     digest = hashlib.sha256(FAKE_RUN.encode()).hexdigest()
-    source = NvidiaRunSource(_template(server), sha256=digest, fabricmanager=_fm_template(server), retry_delay=0.01)
+    source = NvidiaRunSource(_template(server), sha256=digest, redist=server.redist, retry_delay=0.01)
     inputs = source.prepare(FAKE_VERSION, "amd64")
     assert server.requests == 3
     assert (inputs.driver_version, inputs.branch, inputs.source) == (FAKE_VERSION, "999", "nvidia")
-    assert inputs.digests == {f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run": digest, FM: hashlib.sha256(server.fm or b"").hexdigest()}
+    assert inputs.digests == {f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run": digest, **{
+        rel.rpartition("/")[2]: hashlib.sha256((server.tree / rel).read_bytes()).hexdigest() for rel in ARCHIVES.values()}}
     assert inputs.left_out == {}
     lib = inputs.userspace / "usr/lib/x86_64-linux-gnu"
     assert os.access(inputs.userspace / "usr/bin/nvidia-smi", os.X_OK)
@@ -201,84 +146,137 @@ def test_nvidia_run_is_downloaded_with_retries_checked_and_laid_out(server: _Ser
     assert (inputs.firmware / "nvidia" / FAKE_VERSION / "gsp_ga10x.bin").is_file()
     assert sorted(inputs.module_sources) == ["open", "proprietary"]
     assert (inputs.module_sources["open"].tree / "Kbuild").is_file()
-    # Cached by version: a second prepare does not download again.
+    # Cached: a second prepare downloads nothing again, the manifest included.
     source.prepare(FAKE_VERSION, "amd64")
-    assert (server.requests, server.fm_requests, server.manifest_requests) == (3, 1, 1)
+    assert server.requests == 3 and sorted(server.redist_requests) == sorted([MANIFEST, *ARCHIVES.values()])
 
 
-def test_nvidia_source_ships_fabric_manager_of_exactly_the_driver_version(server: _Server, own_cache: Path) -> None:
-    source = NvidiaRunSource(_template(server), fabricmanager=_fm_template(server), retry_delay=0.01)
-    assert source.checksums(FAKE_VERSION, "amd64")[FM] == _fm_template(server).format(arch="x86_64", version=FAKE_VERSION)
-    usr = source.prepare(FAKE_VERSION, "amd64").userspace / "usr"
-    for tool in ("nv-fabricmanager", "nvswitch-audit", "nvidia-fabricmanager-start.sh"):
+def test_nvidia_source_ships_fabric_manager_imex_and_nvlsm_of_the_release(server: _Server, own_cache: Path) -> None:
+    source = NvidiaRunSource(_template(server), redist=server.redist, retry_delay=0.01)
+    root = source.prepare(FAKE_VERSION, "amd64").userspace
+    usr = root / "usr"
+    for tool in ("nv-fabricmanager", "nvswitch-audit", "nvidia-fabricmanager-start.sh", "nvidia-imex", "nvidia-imex-ctl"):
         assert os.access(usr / "bin" / tool, os.X_OK), tool
     nvswitch = usr / "share/nvidia/nvswitch"
     assert sorted(p.name for p in nvswitch.iterdir()) == [
         "dgxh100_hgxh100_topology", "fabricmanager.cfg", "fabricmanager_multinode.cfg"]
     assert "FABRIC_MODE=0" in (nvswitch / "fabricmanager.cfg").read_text()  # NVIDIA's own config, as shipped
     assert (usr / "lib/x86_64-linux-gnu/libnvfm.so.1").is_file()
-    assert (usr / "share/doc/nvidia-fabricmanager/LICENSE").is_file()
     assert not (usr / "include").exists()  # the API headers are for building against it, not for the node
+    # nvlsm where its RUNPATH and nvidia-fabricmanager-start.sh look for it; IMEX's defaults for hosts running it
+    assert os.access(root / "opt/nvidia/nvlsm/sbin/nvlsm", os.X_OK)
+    assert (root / "opt/nvidia/nvlsm/lib/libgrpc_mgr.so").is_file()
+    assert sorted(p.name for p in (usr / "share/nvidia/nvlsm").iterdir()) == ["grpc_mgr.conf", "nvlsm.conf"]
+    assert sorted(p.name for p in (usr / "share/nvidia/imex").iterdir()) == ["config.cfg", "nodes_config.cfg"]
+    assert sorted(p.name for p in (usr / "share/doc").iterdir()) == ["nvidia", "nvidia-fabricmanager", "nvidia-imex",
+                                                                       "nvlsm"]
+    # every file the node runs on an NVSwitch or NVLink5 node is where the build put it
+    for path in (*node_runtime.COMPONENT_OF, "/usr/bin/nvidia-imex"):
+        assert (root / path.lstrip("/")).is_file(), path
+    # What `release` compares to skip a unit: the sha256 NVIDIA's manifest lists for each archive.
+    listed = json.loads((server.tree / MANIFEST).read_text())
+    sums = source.checksums(FAKE_VERSION, "amd64")
+    for component, rel in ARCHIVES.items():
+        assert sums[rel.rpartition("/")[2]] == listed[component]["linux-x86_64"]["sha256"]
 
 
-def test_no_fabric_manager_from_nvidia_is_a_left_out_reason_not_a_gap(server: _Server, own_cache: Path) -> None:
-    source = NvidiaRunSource(_template(server), fabricmanager=_fm_template(server, "missing"), retry_delay=0.01)
+def test_a_new_archive_in_the_release_changes_the_units_inputs(server: _Server, own_cache: Path) -> None:
+    """NVIDIA re-lists nvlsm (a respin) under the same driver release: the unit is not "the same inputs"."""
+    before = NvidiaRunSource(_template(server), redist=server.redist).checksums(FAKE_VERSION, "amd64")
+    doc = json.loads((server.tree / MANIFEST).read_text())
+    respin = redist.archive("nvlsm", "linux-x86_64", redist.NVLSM_VERSION) + b"\0"
+    doc["nvlsm"]["linux-x86_64"]["sha256"] = hashlib.sha256(respin).hexdigest()
+    redist.write_manifest(server.tree, FAKE_VERSION, doc)
+    after = NvidiaRunSource(_template(server), redist=server.redist).checksums(FAKE_VERSION, "amd64")
+    assert {k for k in before if before[k] != after[k]} == {ARCHIVES["nvlsm"].rpartition("/")[2]}
+
+
+def test_no_release_in_the_redist_tree_is_a_left_out_reason_not_a_gap(server: _Server, own_cache: Path) -> None:
+    source = NvidiaRunSource(_template(server), redist=server.url + "/redist/missing", retry_delay=0.01)
     inputs = source.prepare(FAKE_VERSION, "amd64")
-    assert inputs.left_out == {"fabricmanager": f"NVIDIA publishes no fabric manager for {FAKE_VERSION} (amd64): "
-                                                f"{server.url}/missing/redistrib_{FAKE_VERSION}.json answered 404"}
+    why = f"the redist tree has no release {FAKE_VERSION}: {server.url}/redist/missing/{MANIFEST} does not exist"
+    assert inputs.left_out == {"fabricmanager": why, "imex": why, "nvlsm": why}
     assert not (inputs.userspace / "usr/bin/nv-fabricmanager").exists()
-    assert (server.manifest_requests, server.fm_requests) == (1, 0)  # a 404 is an answer, not a reason to retry
+    assert server.redist_requests == [f"missing/{MANIFEST}"]  # a 404 is an answer, not a reason to retry
+    assert source.checksums(FAKE_VERSION, "amd64")["nvlsm"] == f"none: {why}"
 
 
-def test_a_fabric_manager_archive_other_than_nvidias_manifest_lists_is_refused(server: _Server,
-                                                                               own_cache: Path) -> None:
-    """The archive on the server was swapped: its sha256 is not the one redistrib_<version>.json lists."""
-    server.listed, server.fm = server.fm, fabricmanager_archive(own_cache.parent).read_bytes() + b"\0"
-    source = NvidiaRunSource(_template(server), fabricmanager=_fm_template(server), retry_delay=0.01)
-    listed = hashlib.sha256(server.listed or b"").hexdigest()
-    with pytest.raises(UserError) as exc:
-        source.prepare(FAKE_VERSION, "amd64")
-    assert re.fullmatch(rf"checksum mismatch for {server.url}/redist/fabricmanager/linux-x86_64/{FM}: "
-                        rf"expected sha256 {listed}, got [0-9a-f]{{64}}", exc.value.message), exc.value.message
-    assert exc.value.hint == f"the archive is not the one {server.url}/redist/redistrib_{FAKE_VERSION}.json lists; " \
-                             "nothing was kept"
-    assert server.fm_requests == 1  # a mismatch is final, not retried
-    assert [p.name for p in (own_cache / "build" / "fabricmanager").iterdir()] == []
-    assert not (own_cache / "build" / "fabricmanager-trees").exists()
-    server.fm = server.listed  # NVIDIA's own archive again: verified, used, cached
-    assert (source.prepare(FAKE_VERSION, "amd64").userspace / "usr/bin/nv-fabricmanager").is_file()
-    assert (own_cache / "build" / "fabricmanager" / f"{FAKE_VERSION}-amd64" / FM).is_file()
-
-
-def test_the_redist_manifest_must_list_exactly_the_archive_of_the_driver() -> None:
-    good = redistrib(FAKE_VERSION, b"archive")
-    assert fabricmanager_entry(good, FAKE_VERSION, "arm64", "m.json") == RedistFile(
-        hashlib.sha256(b"archive").hexdigest(), 7)
-    assert fabricmanager_entry({k: v for k, v in good.items() if k != "fabricmanager"}, FAKE_VERSION, "amd64",
-                               "m.json") is None
-    with pytest.raises(UserError, match=r"^m\.json lists fabricmanager 999\.12\.34 at fabricmanager/linux-x86_64/"
-                                        r"fabricmanager-linux-x86_64-999\.12\.34-archive\.tar\.xz, not 999\.12\.35 at"):
-        fabricmanager_entry(good, "999.12.35", "amd64", "m.json")
-    fm = good["fabricmanager"]
-    assert isinstance(fm, dict)
-    for broken, why in (({**fm["linux-x86_64"], "sha256": "abc"}, "no valid sha256: 'abc'"),
-                        ({k: v for k, v in fm["linux-x86_64"].items() if k != "size"}, "lacks a valid 'size'")):
-        with pytest.raises(UserError, match=why):
-            fabricmanager_entry({**good, "fabricmanager": {**fm, "linux-x86_64": broken}}, FAKE_VERSION, "amd64", "m")
-    with pytest.raises(UserError, match="not in NVIDIA's redist tree layout"):
-        redist_manifest_url("https://mirror.example/fm.tar.xz", FAKE_VERSION, "amd64")
-    assert redist_manifest_url(FABRICMANAGER_URL.format(arch="sbsa", version=FAKE_VERSION), FAKE_VERSION, "arm64") == \
-        f"https://developer.download.nvidia.com/compute/nvidia-driver/redist/redistrib_{FAKE_VERSION}.json"
-
-
-def test_a_fabric_manager_of_another_version_is_refused(tmp_path: Path, own_cache: Path) -> None:
+def test_a_component_the_release_does_not_list_is_left_out_by_name(tmp_path: Path, own_cache: Path) -> None:
     run_file = tmp_path / f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run"
     run_file.write_text(FAKE_RUN)
-    other = fabricmanager_archive(tmp_path, version="999.12.33")
+    redist.write_tree(tmp_path, FAKE_VERSION, ("fabricmanager",))  # a pre-Blackwell release
+    inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")  # the tree beside a local .run
+    listed = f"{tmp_path}/{MANIFEST}"
+    assert inputs.left_out == {"imex": f"{listed} lists no imex for linux-x86_64",
+                               "nvlsm": f"{listed} lists no nvlsm for linux-x86_64"}
+    assert (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
+
+
+def test_an_archive_other_than_the_manifest_lists_is_refused(server: _Server, own_cache: Path) -> None:
+    """The archive on the server was swapped: its sha256 is not the one redistrib_<version>.json lists."""
+    path = server.tree / ARCHIVES["imex"]
+    good = path.read_bytes()
+    path.write_bytes(good + b"\0")
+    source = NvidiaRunSource(_template(server), redist=server.redist, retry_delay=0.01)
+    with pytest.raises(UserError) as exc:
+        source.prepare(FAKE_VERSION, "amd64")
+    assert re.fullmatch(rf"checksum mismatch for {server.redist}{ARCHIVES['imex']}: expected sha256 "
+                        rf"{hashlib.sha256(good).hexdigest()}, got [0-9a-f]{{64}}", exc.value.message), exc.value.message
+    assert exc.value.hint == f"the archive is not the one {server.redist}{MANIFEST} lists; nothing was kept"
+    assert server.redist_requests.count(ARCHIVES["imex"]) == 1  # a mismatch is final, not retried
+    assert not (own_cache / "build" / "redist" / hashlib.sha256(good).hexdigest()).exists()
+    path.write_bytes(good)  # NVIDIA's own archive again: verified, used, cached
+    assert (source.prepare(FAKE_VERSION, "amd64").userspace / "usr/bin/nvidia-imex").is_file()
+    assert (own_cache / "build" / "redist" / hashlib.sha256(good).hexdigest()).is_dir()
+
+
+def test_the_redist_manifest_must_list_exactly_the_release() -> None:
+    good = redist.manifest(FAKE_VERSION, {c: {"linux-sbsa": c.encode()} for c in redist.CONTENTS})
+    files, missing = listed(good, FAKE_VERSION, "arm64", "m.json")
+    assert files["fabricmanager"] == RedistFile("fabricmanager", FAKE_VERSION, redist.relative_path(
+        "fabricmanager", "linux-sbsa", FAKE_VERSION), hashlib.sha256(b"fabricmanager").hexdigest(), 13)
+    assert files["nvlsm"].version == redist.NVLSM_VERSION and missing == {}  # nvlsm: the release names its own
+    assert listed(good, FAKE_VERSION, "amd64", "m.json") == ({}, {c: f"m.json lists no {c} for linux-x86_64"
+                                                                  for c in redist.CONTENTS})
+
+    def broken(component: str, **change: object) -> dict[str, object]:
+        entry = good[component]
+        assert isinstance(entry, dict)
+        return {**good, component: {**entry, "linux-sbsa": {**entry["linux-sbsa"], **change}}}
+
+    for doc, why in (
+        ({**good, "release_label": "999.12.35"}, r"^m\.json is the manifest of 999\.12\.35, not of 999\.12\.34$"),
+        ({**good, "imex": {**good["imex"], "version": "999.12.33"}},  # type: ignore[dict-item]
+         r"lists imex 999\.12\.33 at .*, not an archive of that version"),
+        (broken("fabricmanager", relative_path="fabricmanager/linux-sbsa/../../../etc/passwd-999.12.34-archive.tar.xz"),
+         r"not an archive of that version under fabricmanager/linux-sbsa/"),
+        (broken("nvlsm", relative_path="/nvlsm/linux-sbsa/nvlsm-linux-sbsa-2025.06.10-archive.tar.xz"), "not an archive"),
+        (broken("imex", relative_path="fabricmanager/linux-sbsa/nvidia-imex-linux-sbsa-999.12.34-archive.tar.xz"),
+         "not an archive"),
+        (broken("imex", sha256="abc"), r"imex linux-sbsa has no valid sha256: 'abc'"),
+        (broken("nvlsm", size="many"), r"nvlsm linux-sbsa lacks a valid"),
+        ([], "not a JSON object"),
+    ):
+        with pytest.raises(UserError, match=why):
+            listed(doc, FAKE_VERSION, "arm64", "m.json")
+    same_path = {**good, "imex": {**good["imex"], "version": "999.12.33",  # type: ignore[dict-item]
+                                  "linux-sbsa": {**good["imex"]["linux-sbsa"],  # type: ignore[index]
+                                                 "relative_path": redist.relative_path("imex", "linux-sbsa", "999.12.33")}}}
+    with pytest.raises(UserError, match=r"lists imex 999\.12\.33, not 999\.12\.34: it must be of exactly the driver"):
+        listed(same_path, FAKE_VERSION, "arm64", "m.json")
+
+
+def test_an_archive_that_unpacks_to_another_release_is_refused(tmp_path: Path, own_cache: Path) -> None:
+    run_file = tmp_path / f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run"
+    run_file.write_text(FAKE_RUN)
+    other = redist.archive("fabricmanager", "linux-x86_64", "999.12.33")  # listed, but holds 999.12.33
+    (tmp_path / ARCHIVES["fabricmanager"]).parent.mkdir(parents=True)
+    (tmp_path / ARCHIVES["fabricmanager"]).write_bytes(other)
+    redist.write_manifest(tmp_path, FAKE_VERSION, redist.manifest(FAKE_VERSION, {"fabricmanager": {"linux-x86_64": other}}))
     with pytest.raises(UserError, match=r"holds fabricmanager-linux-x86_64-999\.12\.33-archive, not "
-                                        r"fabricmanager-linux-x86_64-999\.12\.34-archive: fabric manager must be of "
-                                        r"exactly driver 999\.12\.34"):
-        NvidiaRunSource(str(run_file), fabricmanager=str(other)).prepare(FAKE_VERSION, "amd64")
+                                        r"fabricmanager-linux-x86_64-999\.12\.34-archive"):
+        NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")
+    assert not any((own_cache / "build" / "redist-trees").iterdir())
 
 
 def test_nvidia_checksum_mismatch_leaves_nothing_behind(server: _Server, own_cache: Path) -> None:
@@ -308,8 +306,8 @@ def test_local_run_file_and_dir_source(tmp_path: Path, own_cache: Path) -> None:
     run_file.write_text(FAKE_RUN)
     inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")
     assert inputs.source == "nvidia" and (inputs.userspace / "usr/bin/nvidia-smi").is_file()
-    assert inputs.left_out == {"fabricmanager": f"no fabric manager for {FAKE_VERSION}: {tmp_path / FM} does not exist"}
-    fabricmanager_archive(tmp_path)  # beside the installer: taken by default
+    assert inputs.left_out["nvlsm"] == f"the redist tree has no release {FAKE_VERSION}: {tmp_path}/{MANIFEST} does not exist"
+    redist.write_tree(tmp_path, FAKE_VERSION)  # beside the installer: taken by default
     inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")
     assert inputs.left_out == {} and (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
     with pytest.raises(UserError, match=r"holds driver 999\.12\.34, not 1\.0\.0"):
@@ -320,7 +318,7 @@ def test_local_run_file_and_dir_source(tmp_path: Path, own_cache: Path) -> None:
     subprocess.run(["sh", str(run_file), "--extract-only", "--target", str(tree)], check=True)
     d = DirSource(tree).prepare(FAKE_VERSION, "amd64")
     assert d.source == "dir" and (d.module_sources["proprietary"].tree / "Kbuild").is_file()
-    assert "has no fabric manager" in d.left_out["fabricmanager"]
+    assert sorted(d.left_out) == ["fabricmanager", "imex", "nvlsm"] and "has no imex" in d.left_out["imex"]
     with pytest.raises(UserError, match="is not an unpacked NVIDIA driver"):
         DirSource(tmp_path).prepare(FAKE_VERSION, "amd64")
 
@@ -367,11 +365,14 @@ def test_first_error_is_the_compiler_error_line() -> None:
     assert first_error("make: *** No rule to make target 'modules'.  Stop.\n").startswith("make: ***")
 
 
-def test_debian_has_no_fabric_manager_of_the_driver_version_and_says_so() -> None:
-    """Debian 12 packages no nvidia-fabricmanager: the bundle records why the image ships without it."""
+def test_debian_has_no_fabric_manager_imex_or_nvlsm_and_says_so() -> None:
+    """Debian 12 packages none of them: the bundle records why the image ships without each."""
     inputs = DebianSource().prepare(DEBIAN_DRIVER, "amd64")
-    assert inputs.left_out == {"fabricmanager": f"no fabric manager for {DEBIAN_DRIVER} in Debian "
-                                                "(the archive's nvidia-fabricmanager: no such package)"}
+    assert inputs.left_out == {
+        "fabricmanager": f"no fabric manager for {DEBIAN_DRIVER} in Debian (the archive's nvidia-fabricmanager: no "
+                         "such package)",
+        "imex": "Debian packages no imex (NVIDIA's redist tree has it: --source nvidia)",
+        "nvlsm": "Debian packages no nvlsm (NVIDIA's redist tree has it: --source nvidia)"}
     assert "nvidia-fabricmanager" not in DebianSource().checksums(DEBIAN_DRIVER, "amd64")
 
 
@@ -390,8 +391,8 @@ def test_unknown_driver_version_in_debian(tmp_path: Path, capsys: pytest.Capture
     (["--env", "apt", "--kernel-headers", "."], "--kernel-headers is read only with --env dir"),
     (["--source-path", "/x.run"], "--source-path and --sha256 are read only"),
     (["--sha256", "0" * 64], "--source-path and --sha256 are read only"),
-    (["--source", "dir", "--source-path", ".", "--sha256", "0" * 64], "--sha256 and --fabricmanager are read only"),
-    (["--fabricmanager", "/fm.tar.xz"], "--sha256 and --fabricmanager are read only with --source nvidia"),
+    (["--source", "dir", "--source-path", ".", "--sha256", "0" * 64], "--sha256 and --redist are read only"),
+    (["--redist", "/mirror/redist"], "--sha256 and --redist are read only with --source nvidia"),
 ])
 def test_options_the_build_would_ignore_are_refused(args: list[str], ignored: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

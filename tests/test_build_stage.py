@@ -134,9 +134,10 @@ def test_build_all_reports_failed_cells_and_excludes_them(
     table = captured.out
     assert "6.1.0-56-cloud-amd64" in table and "6.1.0-47-cloud-amd64" in table
     assert "failed" in table and "pci_resize_resource" in table
-    # Debian packages no fabric manager: a line under the table, not a silent gap in the image
+    # Debian packages no fabric manager, IMEX or nvlsm: lines under the table, not silent gaps in the image
     assert (f"{DEBIAN_DRIVER}-amd64: left out fabricmanager: no fabric manager for {DEBIAN_DRIVER} in Debian"
             in " ".join(table.split()))
+    assert f"{DEBIAN_DRIVER}-amd64: left out nvlsm: Debian packages no nvlsm" in " ".join(table.split())
     rules = YAML(typ="safe").load(lock.read_text())["policy"]["exclusions"]
     assert len(rules) == 1
     assert rules[0]["module_type"] == "open" and rules[0]["kernel"] == f"=={DEBIAN_KERNEL}"

@@ -458,8 +458,10 @@ def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: R
     assert "libcuda.so.1 (libc6,x86-64)" in listing and "libnvidia-ml.so.1 (libc6,x86-64)" in listing
     assert (rootfs / "usr/bin/nvidia-smi").is_file()
     assert list((rootfs / str(node_layout.FIRMWARE_ROOT).lstrip("/")).glob("*/gsp_*.bin"))
-    # Debian packages no fabric manager: the node reads why from the image (and says it on NVSwitch nodes)
+    # Debian packages no fabric manager, IMEX or nvlsm: the node reads why from the image (and says it
+    # on NVSwitch nodes)
     node_manifest = json.loads((rootfs / str(node_layout.MANIFEST).lstrip("/")).read_text())
-    assert node_manifest["left_out"] == {"fabricmanager": f"no fabric manager for {DEBIAN_DRIVER} in Debian "
-                                                          "(the archive's nvidia-fabricmanager: no such package)"}
+    assert node_manifest["left_out"]["fabricmanager"] == (f"no fabric manager for {DEBIAN_DRIVER} in Debian "
+                                                          "(the archive's nvidia-fabricmanager: no such package)")
+    assert sorted(node_manifest["left_out"]) == ["fabricmanager", "imex", "nvlsm"]
     assert not (rootfs / "usr/bin/nv-fabricmanager").exists()

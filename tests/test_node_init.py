@@ -353,11 +353,12 @@ def test_a_fabric_manager_the_build_left_out_is_named_on_the_node(tmp_path: Path
                                     "left_out": {"fabricmanager": "no fabric manager for 535.309.01 in Debian"}}))
     rt, _ = fake_node(tmp_path, "hgx-h100", image=Image.load(image.root))
     with pytest.raises(NodeError, match=r"no nv-fabricmanager, fabricmanager.cfg \(the build left it out: "
-                                        r"no fabric manager for 535\.309\.01 in Debian\)"):
+                                        r"fabricmanager: no fabric manager for 535\.309\.01 in Debian\)"):
         rt.init()
 
 
-NVL_BINARIES = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nv-fabricmanager", "nvidia-fabricmanager-start.sh")
+NVL_BINARIES = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nv-fabricmanager", "nvidia-fabricmanager-start.sh",
+                "nvidia-imex", "nvlsm")
 
 
 def test_blackwell_nvl_starts_nvlsm_and_fabric_manager_over_ib_umad(tmp_path: Path) -> None:
@@ -380,14 +381,20 @@ def test_blackwell_nvl_starts_nvlsm_and_fabric_manager_over_ib_umad(tmp_path: Pa
             f"--fm-config-file {usr}/share/nvidia/nvswitch/fabricmanager.cfg --fm-pid-file {pids}/nv-fabricmanager.pid "
             f"--nvlsm-config-file {usr}/share/nvidia/nvlsm/nvlsm.conf --nvlsm-pid-file {pids}/nvlsm.pid") in calls
     assert not any("nv-fabricmanager -c" in c for c in calls)  # NVLink5: only through the start script
+    assert any("imex available" in line and "started_by=\"DRA driver compute domains\"" in line for line in rt.log.lines)
+    assert not any("nvidia-imex" in c for c in calls)  # IMEX runs per workload, under the DRA driver
     assert not k.pids
 
 
 def test_blackwell_nvl_needs_mlx5_and_the_subnet_managers_files(tmp_path: Path) -> None:
-    rt, k = fake_node(tmp_path, "nvl-b200", image=make_image(tmp_path / "img", version="570.195.03",
-                                                             binaries=NVL_BINARIES[:-1]))
+    image = make_image(tmp_path / "img", version="570.195.03", binaries=NVL_BINARIES[:-1])
+    manifest = image.at(layout.MANIFEST)
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "left_out": {
+        "nvlsm": "Debian packages no nvlsm (NVIDIA's redist tree has it: --source nvidia)"}}))
+    rt, k = fake_node(tmp_path, "nvl-b200", image=Image.load(image.root))
     with pytest.raises(NodeError, match=r"^this node is an NVLink5 system \(a ConnectX port with SW_MNG\) but the "
-                                        r"image has no nvidia-fabricmanager-start.sh, nvlsm.conf;"):
+                                        r"image has no nvlsm, nvlsm.conf \(the build left it out: nvlsm: Debian "
+                                        r"packages no nvlsm .*\); CUDA cannot use the GPUs without fabric manager$"):
         rt.init()
     rt, k = fake_node(tmp_path / "2", "nvl-b200", image=make_image(tmp_path / "img2", version="570.195.03",
                                                                    binaries=NVL_BINARIES))

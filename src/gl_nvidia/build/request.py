@@ -21,16 +21,16 @@ from gl_nvidia.errors import UserError
 from gl_nvidia.osprofile import OSProfile, os_profile
 
 
-def driver_source(kind: str, path: str | None, sha256: str | None, fabricmanager: str | None = None) -> DriverSource:
+def driver_source(kind: str, path: str | None, sha256: str | None, redist: str | None = None) -> DriverSource:
     """`debian` (the archive's packages), `nvidia` (a .run: `path` a file or URL template, NVIDIA's
-    site by default, `sha256` its checksum, `fabricmanager` its fabric manager archive) or `dir` (an
-    unpacked tree at `path`)."""
+    site by default, `sha256` its checksum, `redist` the redist tree of its fabric manager, IMEX and
+    nvlsm) or `dir` (an unpacked tree at `path`)."""
     # An option the chosen source would not read is a mistake, not something to drop silently.
     if kind == "debian" and (path or sha256):
         raise UserError("--source-path and --sha256 are read only with --source nvidia or dir",
                         "pass --source nvidia (a .run) or --source dir (an unpacked tree)")
-    if kind != "nvidia" and (sha256 or fabricmanager):
-        raise UserError("--sha256 and --fabricmanager are read only with --source nvidia",
+    if kind != "nvidia" and (sha256 or redist):
+        raise UserError("--sha256 and --redist are read only with --source nvidia",
                         f"leave them out for --source {kind}")
     if kind == "debian":
         return DebianSource()
@@ -43,7 +43,7 @@ def driver_source(kind: str, path: str | None, sha256: str | None, fabricmanager
         NvidiaRunSource,
     )
 
-    return NvidiaRunSource(path or NVIDIA_URL, sha256=sha256, fabricmanager=fabricmanager)
+    return NvidiaRunSource(path or NVIDIA_URL, sha256=sha256, redist=redist)
 
 
 def kernel_envs(

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,8 @@ from gl_nvidia.fs import cache_dir, cache_fill, cache_hit
 from gl_nvidia.run import run
 
 TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+# What the image carries beside the driver's own files: NVIDIA's redist tree has them (nvidia source).
+EXTRA_COMPONENTS = ("fabricmanager", "imex", "nvlsm")
 
 
 @dataclass(frozen=True)
@@ -152,11 +155,14 @@ class DebianSource:
                             self._left_out(driver_version, arch, versions))
 
     def _left_out(self, driver_version: str, arch: str, versions: dict[str, str]) -> dict[str, str]:
-        if DEBIAN_FABRICMANAGER in versions:
-            return {}
-        have = sorted({_upstream(p.version) for p in self.repo(arch).versions(DEBIAN_FABRICMANAGER)})
-        return {"fabricmanager": f"no fabric manager for {driver_version} in Debian (the archive's "
-                                 f"{DEBIAN_FABRICMANAGER}: {', '.join(have) or 'no such package'})"}
+        """Debian packages neither IMEX nor nvlsm; its fabric manager, where there is one, is rarely of the
+        driver's version."""
+        why = {c: f"Debian packages no {c} (NVIDIA's redist tree has it: --source nvidia)" for c in ("imex", "nvlsm")}
+        if DEBIAN_FABRICMANAGER not in versions:
+            have = sorted({_upstream(p.version) for p in self.repo(arch).versions(DEBIAN_FABRICMANAGER)})
+            why["fabricmanager"] = (f"no fabric manager for {driver_version} in Debian (the archive's "
+                                    f"{DEBIAN_FABRICMANAGER}: {', '.join(have) or 'no such package'})")
+        return why
 
 
 def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
@@ -202,9 +208,10 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
 # --- an unpacked NVIDIA installer (dir) and the installer itself (nvidia) ------------------------
 
 def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str], *,
-                    fabricmanager: Path | None = None, left_out: dict[str, str] | None = None) -> DriverInputs:
+                    components: Mapping[str, Path] | None = None,
+                    left_out: Mapping[str, str] | None = None) -> DriverInputs:
     """Map an unpacked `NVIDIA-Linux-*.run` tree (kernel/, kernel-open/, flat userspace) to DriverInputs;
-    `fabricmanager`: NVIDIA's unpacked fabric manager archive of the same version, laid out beside it."""
+    `components`: NVIDIA's unpacked redist archives of the release (fabric manager, ...), laid out beside it."""
     manifest = tree / ".manifest"
     if not manifest.is_file() or not (tree / "kernel").is_dir():
         raise UserError(f"{tree} is not an unpacked NVIDIA driver (no .manifest or kernel/)",
@@ -217,8 +224,8 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str],
     if not cache_hit(layout):
         with cache_fill(layout) as tmp:
             _layout_run_tree(tree, tmp, version, arch)
-            if fabricmanager is not None:
-                _layout_fabricmanager(fabricmanager, tmp / "userspace/usr", arch)
+            for component, unpacked in sorted((components or {}).items()):
+                lay_out(component, unpacked, tmp / "userspace", arch)
     tree_digest = _digest_key(digests)
     module_sources = {
         mtype: ModuleSource(mtype, version, tree / sub, tree_digest)
@@ -256,26 +263,71 @@ def _layout_run_tree(tree: Path, dest: Path, version: str, arch: str) -> None:
         shutil.copy2(blob, fw / blob.name)
 
 
-def _layout_fabricmanager(archive: Path, usr: Path, arch: str) -> None:
-    """NVIDIA's fabric manager archive (bin/, lib/, etc/, share/nvidia/nvswitch/) where its packages install
-    it: the daemon, its config and the NVSwitch topologies under usr/share/nvidia/nvswitch."""
-    if not (archive / "bin/nv-fabricmanager").is_file():
-        raise UserError(f"{archive.name} has no bin/nv-fabricmanager", "is it NVIDIA's fabric manager archive?")
+# --- NVIDIA's redist archives in the image: where NVIDIA's packages install them ------------------
+
+def lay_out(component: str, tree: Path, root: Path, arch: str) -> None:
+    """Copy one unpacked component archive into the image's userspace tree `root` (usr/, opt/)."""
+    {"fabricmanager": _fabricmanager, "imex": _imex, "nvlsm": _nvlsm}[component](tree, root, arch)
+
+
+def _need(tree: Path, rel: str, what: str) -> None:
+    if not (tree / rel).is_file():
+        raise UserError(f"{tree.name} has no {rel}", f"is it NVIDIA's {what} archive?")
+
+
+def _copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest, follow_symlinks=False)
+
+
+def _fabricmanager(tree: Path, root: Path, arch: str) -> None:
+    """The daemon, its start script, libnvfm, NVIDIA's config and the NVSwitch topologies (share/nvidia/nvswitch)."""
+    _need(tree, "bin/nv-fabricmanager", "fabric manager")
+    usr = root / "usr"
     for tool in ("nv-fabricmanager", "nvswitch-audit", "nvidia-fabricmanager-start.sh"):
-        if (archive / "bin" / tool).is_file():
-            shutil.copy2(archive / "bin" / tool, usr / "bin" / tool)
-    libdir = usr / "lib" / TRIPLETS[arch]
-    for lib in (archive / "lib").glob("libnvfm.so*"):
-        shutil.copy2(lib, libdir / lib.name, follow_symlinks=False)
+        if (tree / "bin" / tool).is_file():
+            _copy(tree / "bin" / tool, usr / "bin" / tool)
+    for lib in (tree / "lib").glob("libnvfm.so*"):
+        _copy(lib, usr / "lib" / TRIPLETS[arch] / lib.name)
     nvswitch = usr / "share/nvidia/nvswitch"
-    if (archive / "share/nvidia/nvswitch").is_dir():
-        shutil.copytree(archive / "share/nvidia/nvswitch", nvswitch, dirs_exist_ok=True)
-    nvswitch.mkdir(parents=True, exist_ok=True)
-    for cfg in (archive / "etc").glob("fabricmanager*.cfg"):
-        shutil.copy2(cfg, nvswitch / cfg.name)
-    if (archive / "LICENSE").is_file():
-        (usr / "share/doc/nvidia-fabricmanager").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(archive / "LICENSE", usr / "share/doc/nvidia-fabricmanager/LICENSE")
+    if (tree / "share/nvidia/nvswitch").is_dir():
+        shutil.copytree(tree / "share/nvidia/nvswitch", nvswitch, dirs_exist_ok=True)
+    for cfg in (tree / "etc").glob("fabricmanager*.cfg"):
+        _copy(cfg, nvswitch / cfg.name)
+    _license(tree, usr, "nvidia-fabricmanager")
+
+
+def _imex(tree: Path, root: Path, arch: str) -> None:
+    """nvidia-imex and nvidia-imex-ctl where the DRA driver's compute domains run them from (the driver root's
+    /usr/bin), and NVIDIA's default config for hosts that run IMEX themselves."""
+    _need(tree, "bin/nvidia-imex", "IMEX")
+    usr = root / "usr"
+    for tool in ("nvidia-imex", "nvidia-imex-ctl"):
+        if (tree / "bin" / tool).is_file():
+            _copy(tree / "bin" / tool, usr / "bin" / tool)
+    for cfg in sorted((tree / "etc").rglob("*.cfg")):
+        _copy(cfg, usr / "share/nvidia/imex" / cfg.name)
+    _license(tree, usr, "nvidia-imex")
+
+
+def _nvlsm(tree: Path, root: Path, arch: str) -> None:
+    """nvlsm and its libraries under /opt/nvidia/nvlsm (its binary's RUNPATH), its configs where
+    nvidia-fabricmanager-start.sh reads them (/usr/share/nvidia/nvlsm)."""
+    _need(tree, "sbin/nvlsm", "NVLink subnet manager")
+    opt = root / "opt/nvidia/nvlsm"
+    _copy(tree / "sbin/nvlsm", opt / "sbin/nvlsm")
+    for lib in sorted((tree / "lib").glob("*.so*")):
+        _copy(lib, opt / "lib" / lib.name)
+    for cfg in sorted((tree / "share/nvidia/nvlsm").glob("*")):
+        if cfg.is_file():
+            _copy(cfg, root / "usr/share/nvidia/nvlsm" / cfg.name)
+    _license(tree, root / "usr", "nvlsm")
+
+
+def _license(tree: Path, usr: Path, package: str) -> None:
+    for name in ("LICENSE", "LICENSE.txt", "third-party-notices.txt"):
+        if (tree / name).is_file():
+            _copy(tree / name, usr / "share/doc" / package / name)
 
 
 class DirSource:
@@ -292,7 +344,7 @@ class DirSource:
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:
         digest = _tree_digest(self.tree)
         inputs = run_tree_inputs(self.tree, arch, self.name, {self.tree.name: digest}, left_out={
-            "fabricmanager": "the dir source is an unpacked .run, which has no fabric manager (use --source nvidia)"})
+            c: f"the dir source is an unpacked .run, which has no {c} (use --source nvidia)" for c in EXTRA_COMPONENTS})
         if driver_version and inputs.driver_version != driver_version:
             raise UserError(f"{self.tree} holds driver {inputs.driver_version}, not {driver_version}")
         return inputs

@@ -51,9 +51,9 @@ def module_signer(key: Path | None, cert: Path | None, option: str = "--sign") -
 @click.option("--source-path", help="nvidia: a .run file or URL template ({version}, {machine}; default: NVIDIA's "
               "download site); dir: an unpacked driver tree.")
 @click.option("--sha256", type=SHA256, help="nvidia: the .run's expected sha256.")
-@click.option("--fabricmanager", help="nvidia: fabric manager archive of the same version, a file or URL template "
-              "({version}, {arch}; default: NVIDIA's redist tree, or the archive beside a local .run). A URL must "
-              "lie in a redist tree: the archive is used only as its redistrib_<version>.json lists it.")
+@click.option("--redist", help="nvidia: the redist tree (URL or directory: NVIDIA's, a mirror) whose "
+              "redistrib_<version>.json lists the release's fabric manager, IMEX and nvlsm; each is used only with "
+              "the sha256 it lists (default: NVIDIA's tree, or the directory of a local .run).")
 @click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
               help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
 @click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
@@ -73,12 +73,12 @@ def module_signer(key: Path | None, cert: Path | None, option: str = "--sign") -
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_version: str, os_id: str,
               all_units: bool, profile: str, types: tuple[str, ...], source_kind: str, source_path: str | None,
-              sha256: str | None, fabricmanager: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
+              sha256: str | None, redist: str | None, env_kind: str | None, kernel_headers: Path | None, out: Path, jobs: int,
               make_jobs: int | None, keep_debug: bool, sign_key: Path | None, sign_cert: Path | None,
               exclude_failed: bool, as_json: bool) -> None:
     """Compile NVIDIA kernel modules for one build unit or the whole matrix into driver bundles."""
     signer = module_signer(sign_key, sign_cert)  # a bad key is an error now, not after every compile
-    source = driver_source(source_kind, source_path, sha256, fabricmanager)
+    source = driver_source(source_kind, source_path, sha256, redist)
     if all_units:
         if kernel or driver_version:
             raise UserError("--all builds the matrix; leave out --kernel and --driver")

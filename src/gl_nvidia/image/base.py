@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 # which python3-minimal lacks.
 # binutils: the node links split modules (interface + NVIDIA's binary object) with ld before insmod (on
 # kernels that run objtool over linked modules, IBT: 6.12, it applies the build's patch instead: no tools).
-PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount", "binutils")
+# libibumad3: NVIDIA's nvlsm (Blackwell NVL) reaches the NVLink switches through ib_umad with it (NVIDIA's
+# packages of nvlsm depend on rdma-core for it; 40 KB).
+PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount", "binutils", "libibumad3")
 # Every node pulls the base: keep out what a driver container never reads. The merged-usr hook lays out
 # /usr without the usrmerge package (which drags in perl); locales, manuals and docs (copyright kept)
 # are not unpacked. Together: 76 MB -> 42 MB compressed.

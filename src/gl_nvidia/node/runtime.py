@@ -36,7 +36,11 @@ NVSWITCH_PROC = "/proc/driver/nvidia-nvswitch/devices"
 FABRICMANAGER = "/usr/bin/nv-fabricmanager"
 FABRICMANAGER_CFG = "/usr/share/nvidia/nvswitch/fabricmanager.cfg"
 FABRICMANAGER_START = "/usr/bin/nvidia-fabricmanager-start.sh"  # starts nvlsm, then fabric manager
+NVLSM = "/opt/nvidia/nvlsm/sbin/nvlsm"
 NVLSM_CFG = "/usr/share/nvidia/nvlsm/nvlsm.conf"
+# the build's name for what each file comes with, to say why the image lacks it
+COMPONENT_OF = {FABRICMANAGER: "fabricmanager", FABRICMANAGER_CFG: "fabricmanager",
+                FABRICMANAGER_START: "fabricmanager", NVLSM: "nvlsm", NVLSM_CFG: "nvlsm"}
 INFINIBAND_MAD = "/sys/class/infiniband_mad"  # ib_umad's umad<N>/issm<N>, each with its dev "major:minor"
 INFINIBAND_DEV = "/dev/infiniband"
 # Daemons write their own pid files; teardown stops what these name.
@@ -334,23 +338,25 @@ class Runtime:
             self._daemon("nv-fabricmanager", "-c", str(self.image.at(FABRICMANAGER_CFG)))
 
     def _require(self, *paths: str, why: str) -> None:
-        """Fabric manager's files in the image, or the one line naming what is missing and why the build
-        left it out."""
-        missing = [p.rsplit("/", 1)[-1] for p in paths if not self.image.at(p).is_file()]
+        """Fabric manager's (and nvlsm's) files in the image, or the one line naming what is missing and why
+        the build left it out."""
+        missing = [p for p in paths if not self.image.at(p).is_file()]
         if missing:
-            left = self.image.left_out.get("fabricmanager")
+            components = sorted({COMPONENT_OF[p] for p in missing})
+            left = [f"{c}: {self.image.left_out[c]}" for c in components if c in self.image.left_out]
             raise NodeError(
-                f"{why} but the image has no {', '.join(missing)}"
-                + (f" (the build left it out: {left})" if left else "")
+                f"{why} but the image has no {', '.join(p.rsplit('/', 1)[-1] for p in missing)}"
+                + (f" (the build left it out: {'; '.join(left)})" if left else "")
                 + "; CUDA cannot use the GPUs without fabric manager",
-                "build the image with fabric manager of this driver version (the nvidia source ships it)",
+                f"build the image with {' and '.join(components)} of this driver release "
+                "(the nvidia source ships them from NVIDIA's redist tree)",
             )
 
     def _nvlink5(self, node: Node) -> None:
         """Blackwell NVL: NVIDIA's start script runs the NVLink subnet manager (over ib_umad) and then fabric
         manager, both from the image."""
         why = "this node is an NVLink5 system (a ConnectX port with SW_MNG)"
-        self._require(FABRICMANAGER_START, FABRICMANAGER, FABRICMANAGER_CFG, NVLSM_CFG, why=why)
+        self._require(FABRICMANAGER_START, FABRICMANAGER, FABRICMANAGER_CFG, NVLSM, NVLSM_CFG, why=why)
         if "mlx5_core" not in node.loaded:
             raise NodeError(f"{why}, but mlx5_core is not loaded: the NVLink subnet manager reaches the switches "
                             "through it", "load the Mellanox driver first (the host's or the network operator's)")
@@ -371,6 +377,13 @@ class Runtime:
             self.log.info("daemon started", daemon="nvlsm", pid=self._pid("nvlsm") or "unknown")
             self.log.info("daemon started", daemon="nv-fabricmanager", pid=self._pid("nv-fabricmanager") or "unknown")
         self._daemons += ["nvlsm", "nv-fabricmanager"]  # stopped in reverse: fabric manager first
+        # IMEX runs per workload, from the driver root, under the DRA driver's compute domains (which also
+        # make the channels): the node only says whether this image can serve them.
+        if self.image.has("nvidia-imex"):
+            self.log.info("imex available", binary="/usr/bin/nvidia-imex", started_by="DRA driver compute domains")
+        else:
+            self.log.warn("no nvidia-imex in this image: multi-node NVLink compute domains cannot start",
+                          why=self.image.left_out.get("imex", "not built with it"))
 
     def _umad_nodes(self) -> None:
         """The /dev/infiniband nodes ib_umad's devices need in this container: a device the module made

@@ -1,0 +1,151 @@
+"""NVIDIA's driver redist tree: the components the image carries beside the `.run`, as NVIDIA lists them.
+
+Per driver release the tree's root holds `redistrib_<version>.json`: per component (`fabricmanager`,
+`imex`, `nvlsm`, ...) its version and, per platform, the archive's `relative_path`, `sha256` and `size`.
+The image takes three: fabric manager and IMEX of exactly the driver version, and the NVLink subnet manager
+that the release names (nvlsm is versioned on its own). The tree may be NVIDIA's, a mirror's or a local
+directory: an archive is used only when its sha256 and size are the ones the manifest lists, and a
+manifest path that leaves the component's directory is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+
+from gl_nvidia.build.sources import EXTRA_COMPONENTS
+from gl_nvidia.download import download
+from gl_nvidia.errors import CommandError, UserError
+from gl_nvidia.fs import cache_dir, cache_fill, cache_hit
+from gl_nvidia.run import run
+
+REDIST_URL = "https://developer.download.nvidia.com/compute/nvidia-driver/redist/"
+PLATFORMS = {"amd64": "linux-x86_64", "arm64": "linux-sbsa"}  # the tree's names; sbsa: arm64 servers
+OWN_VERSION = {"nvlsm"}  # versioned on its own; every other component is of exactly the driver's version
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class RedistFile:
+    component: str
+    version: str
+    relative_path: str
+    sha256: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.relative_path).name
+
+    @property
+    def top(self) -> str:
+        """The one directory NVIDIA's archives unpack to."""
+        return self.name.removesuffix(".tar.xz")
+
+
+def manifest_name(driver_version: str) -> str:
+    return f"redistrib_{driver_version}.json"
+
+
+def listed(manifest: Any, driver_version: str, arch: str, where: str) -> tuple[dict[str, RedistFile], dict[str, str]]:
+    """The archives the parsed manifest lists for `arch`, and why each component it lists none of is missing.
+
+    A listing that is damaged, of another version, or whose path leaves `<component>/<platform>/` is an
+    error: the manifest is the only thing that vouches for the archives."""
+    if not isinstance(manifest, dict):
+        raise UserError(f"{where} is not NVIDIA's redistrib manifest (not a JSON object)")
+    if manifest.get("release_label", driver_version) != driver_version:
+        raise UserError(f"{where} is the manifest of {manifest['release_label']}, not of {driver_version}")
+    platform = PLATFORMS[arch]
+    files: dict[str, RedistFile] = {}
+    missing: dict[str, str] = {}
+    for component in EXTRA_COMPONENTS:
+        entry = manifest.get(component)
+        if not isinstance(entry, dict) or platform not in entry:
+            missing[component] = f"{where} lists no {component} for {platform}"
+            continue
+        try:
+            f = RedistFile(component, str(entry["version"]), str(entry[platform]["relative_path"]),
+                           str(entry[platform]["sha256"]), int(entry[platform]["size"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{where}: {component} {platform} lacks a valid {exc}", "the manifest is damaged; "
+                            "NVIDIA's lists version, relative_path, sha256 and size") from exc
+        path = PurePosixPath(f.relative_path)
+        if (path.is_absolute() or ".." in path.parts or path.parts[:2] != (component, platform)
+                or not f.name.endswith(f"-{f.version}-archive.tar.xz")):
+            raise UserError(f"{where} lists {component} {f.version} at {f.relative_path!r}, not an archive of "
+                            f"that version under {component}/{platform}/")
+        if component not in OWN_VERSION and f.version != driver_version:
+            raise UserError(f"{where} lists {component} {f.version}, not {driver_version}: it must be of exactly "
+                            "the driver's version")
+        if not _SHA256.fullmatch(f.sha256):
+            raise UserError(f"{where}: {component} {platform} has no valid sha256: {f.sha256!r}")
+        files[component] = f
+    return files, missing
+
+
+class NotPublished(UserError):
+    """The tree has no manifest for this release: the image ships without its components, saying why."""
+
+
+class RedistTree:
+    """A redist tree at `location`: an http(s) URL or a local directory, laid out as NVIDIA's."""
+
+    def __init__(self, location: str, client: httpx.Client | None = None, retry_delay: float = 1.0) -> None:
+        self.location = location.rstrip("/") + "/"
+        self._client = client
+        self.retry_delay = retry_delay
+
+    def url(self, relative: str) -> str:
+        return self.location + relative
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
+        return self._client
+
+    def manifest(self, driver_version: str, arch: str, dest: Path) -> tuple[dict[str, RedistFile], dict[str, str]]:
+        """Read redistrib_<version>.json into `dest` and what it lists; NotPublished when the tree has none."""
+        url = self.url(manifest_name(driver_version))
+        download(self.client, url, dest, retry_delay=self.retry_delay, mismatch_hint="download it again",
+                 not_found=NotPublished(f"the redist tree has no release {driver_version}: {url} does not exist"))
+        try:
+            parsed = json.loads(dest.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{url} is not NVIDIA's redistrib manifest (not JSON: {exc})") from exc
+        return listed(parsed, driver_version, arch, url)
+
+    def fetch(self, f: RedistFile, driver_version: str) -> Path:
+        """The archive, downloaded once and kept by its sha256; a mismatch keeps nothing."""
+        entry = cache_dir("build", "redist") / f.sha256
+        if not cache_hit(entry):
+            with cache_fill(entry) as tmp:
+                download(self.client, self.url(f.relative_path), tmp / f.name, sha256=f.sha256,
+                         retry_delay=self.retry_delay, mismatch_hint=f"the archive is not the one "
+                         f"{self.url(manifest_name(driver_version))} lists; nothing was kept")
+                size = (tmp / f.name).stat().st_size
+                if size != f.size:
+                    raise UserError(f"size mismatch for {self.url(f.relative_path)}: the manifest lists {f.size} "
+                                    f"bytes, got {size}", "the archive is not the one NVIDIA lists; nothing was kept")
+        return entry / f.name
+
+    def unpack(self, f: RedistFile, driver_version: str) -> Path:
+        archive = self.fetch(f, driver_version)
+        tree = cache_dir("build", "redist-trees") / f.sha256
+        if not cache_hit(tree):
+            with cache_fill(tree) as tmp:
+                try:
+                    run(["tar", "-xJf", archive, "-C", tmp, "--no-same-owner"])
+                except CommandError as exc:
+                    raise UserError(f"cannot unpack {archive}: {exc.message}", "the archive is damaged") from exc
+                found = sorted(p.name for p in tmp.iterdir())
+                if found != [f.top]:
+                    raise UserError(f"{f.name} holds {', '.join(found) or 'nothing'}, not {f.top}",
+                                    "NVIDIA's archives unpack to one directory named like the archive")
+        return tree / f.top
