@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import httpx
 import pytest
 
 from gl_nvidia.bundle import BundleManifest, apply_patch
@@ -21,7 +22,7 @@ from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_i
 from gl_nvidia.image.tags import image_tags, kernel_arch
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.node.image import Image as NodeImage
-from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
+from gl_nvidia.oci import CONFIG, INDEX, Layout, Manifest, canonical_json
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.transfer import pull_base, push
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
@@ -370,13 +371,50 @@ def test_existing_image_in_a_registry_as_base(bundle: Path, built: list[BuiltIma
                                               tmp_path: Path) -> None:
     """--base REGISTRY/REPO:TAG: a previous driver image (it has python3, kmod, util-linux) works as a base."""
     push(built[0].layout, f"{registry.host}/base:{built[0].tags[0]}")
-    base = pull_base(f"{registry.host}/base:{built[0].tags[0]}", tmp_path / "pulled")  # as `image --base` does
+    base = pull_base(f"{registry.host}/base:{built[0].tags[0]}", tmp_path / "pulled", "amd64")  # as `image --base`
     img = build_image(bundle, K1, tmp_path / "out", base=base, options=GL)
     assert [x.digest for x in img.layers[: len(built[0].layers)]] == [x.digest for x in built[0].layers]
     assert len(img.layers) == len(built[0].layers) * 2 - 1  # its layers, then ours above them
     annotations = json.loads(Layout.open(tmp_path / "out").resolve(img.tags[0]).raw)["annotations"]
     assert annotations["org.opencontainers.image.base.name"] == f"{registry.host}/base:{built[0].tags[0]}"
     assert annotations["org.opencontainers.image.base.digest"] == built[0].digest
+
+
+def test_a_multi_platform_base_gives_the_bundles_arch(bundle: Path, built: list[BuiltImage], registry: Registry,
+                                                     tmp_path: Path) -> None:
+    """--base naming an index (how registries publish debian:bookworm): the linux/<arch> image is pulled,
+    by digest; an index without that platform is one line naming what it has."""
+    arm = Layout.create(tmp_path / "arm")
+    layer = layers.write_layer(arm, [layers.Entry(PurePosixPath("/bin/sh"), data=b"arm64 sh", mode=0o755)])
+    cfg = arm.write_blob(canonical_json({"architecture": "arm64", "os": "linux",
+                                         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}), CONFIG)
+    arm.add_image(Manifest.build(cfg, [layer.descriptor], {}), ["arm64"])
+    push(built[0].layout, f"{registry.host}/multi:{built[0].tags[0]}")
+    push(tmp_path / "arm", f"{registry.host}/multi:arm64")
+    amd_manifest = Layout.open(built[0].layout).resolve(built[0].tags[0])
+    arm_manifest = arm.resolve("arm64")
+
+    def index(*entries: tuple[Manifest, str]) -> bytes:
+        return canonical_json({"schemaVersion": 2, "mediaType": INDEX, "manifests": [
+            {**m.descriptor.as_dict(), "platform": {"os": "linux", "architecture": a}} for m, a in entries]})
+
+    def put_index(tag: str, body: bytes) -> None:
+        httpx.put(f"http://{registry.host}/v2/multi/manifests/{tag}", content=body,
+                  headers={"Content-Type": INDEX}).raise_for_status()
+
+    put_index("bookworm", index((arm_manifest, "arm64"), (amd_manifest, "amd64")))
+    raw = json.loads(sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/multi:bookworm"))
+    assert raw["mediaType"] == INDEX  # what the registry serves is an index, not an image
+    pulled = pull_base(f"{registry.host}/multi:bookworm", tmp_path / "pulled", "amd64")
+    assert Layout.open(tmp_path / "pulled").resolve("base").digest == amd_manifest.digest
+    img = build_image(bundle, K1, tmp_path / "out", base=pulled, options=GL)
+    assert img.layers[0].digest == built[0].layers[0].digest
+    pull_base(f"{registry.host}/multi:bookworm", tmp_path / "a", "arm64")
+    assert Layout.open(tmp_path / "a").resolve("base").digest == arm_manifest.digest
+    put_index("amd64-only", index((amd_manifest, "amd64")))
+    with pytest.raises(UserError, match=rf"^{registry.host}/multi:amd64-only has no linux/arm64 image \(its index "
+                                        r"lists linux/amd64\)"):
+        pull_base(f"{registry.host}/multi:amd64-only", tmp_path / "b", "arm64")
 
 
 def test_push_built_images_and_verify_in_the_registry(built: list[BuiltImage], registry: Registry, tmp_path: Path) -> None:

@@ -33,8 +33,9 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 EMPTY = "application/vnd.oci.empty.v1+json"  # the config of an artifact (OCI 1.1): the two bytes `{}`
-# Single-image manifests the registry client accepts, OCI first.
+# Single-image manifests the registry client accepts, OCI first; and multi-platform indexes.
 IMAGE_MANIFESTS = (MANIFEST, DOCKER_MANIFEST)
+IMAGE_INDEXES = (INDEX, DOCKER_LIST)
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -81,6 +82,21 @@ class Descriptor:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Descriptor:
         return cls(d["mediaType"], check_digest(d["digest"]), int(d["size"]), dict(d.get("annotations") or {}))
+
+
+def platform_manifest(raw: bytes, arch: str, where: str) -> Descriptor:
+    """The image of linux/`arch` a multi-platform index lists (a registry's `debian:bookworm`, say)."""
+    try:
+        entries = [(Descriptor.from_dict(m), m.get("platform") or {}) for m in json.loads(raw)["manifests"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"malformed image index {where}: {exc}") from exc
+    found = [d for d, p in entries if p.get("os") == "linux" and p.get("architecture") == arch
+             and d.media_type in IMAGE_MANIFESTS]
+    if not found:
+        listed = sorted({f"{p.get('os')}/{p.get('architecture')}" for _, p in entries})
+        raise UserError(f"{where} has no linux/{arch} image (its index lists {', '.join(listed) or 'none'})",
+                        f"use a base image built for {arch}")
+    return found[0]
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def image_cmd(
                 pull_base,  # only a registry base needs the client
             )
 
-            chosen = pull_base(base, Path(tmp))
+            chosen = pull_base(base, Path(tmp), read_bundle_manifest(bundle).arch)
         images = build_images(
             bundle, None if all_kernels else list(kernels), out, base=chosen,
             options=ImageOptions(module_types, os_id, os_versions, source_url, revision), annotations=annotations,

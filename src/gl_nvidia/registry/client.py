@@ -12,6 +12,7 @@ never carries them: httpx drops Authorization on cross-origin redirects.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -364,9 +365,12 @@ class RegistryClient:
 
     # -- manifests and tags ------------------------------------------------------------------------------
 
-    def get_manifest(self, repo: str, ref: str) -> oci.Manifest | None:
+    def get_manifest(self, repo: str, ref: str, *, arch: str | None = None) -> oci.Manifest | None:
+        """The image manifest `ref` names; with `arch`, a multi-platform index resolves to its linux/`arch`
+        image (fetched by digest, so checked like any other)."""
+        accept = (*oci.IMAGE_MANIFESTS, *(oci.IMAGE_INDEXES if arch else ()))
         resp = self._request("GET", f"/v2/{repo}/manifests/{ref}", _pull(repo),
-                             headers={"Accept": ", ".join(oci.IMAGE_MANIFESTS)}, missing_ok=True)
+                             headers={"Accept": ", ".join(accept)}, missing_ok=True)
         if resp is None:
             return None
         if ref.startswith("sha256:") and oci.digest_bytes(resp.content) != ref:
@@ -375,7 +379,11 @@ class RegistryClient:
                 f"{oci.digest_bytes(resp.content)}; refusing it",
                 "the registry (or something between us and it) serves other content than asked for",
             )
-        return oci.Manifest.parse(resp.content, resp.headers.get("content-type", "").split(";")[0] or None)
+        media_type = resp.headers.get("content-type", "").split(";")[0] or None
+        if arch and (_media_type(resp.content) or media_type) in oci.IMAGE_INDEXES:
+            chosen = oci.platform_manifest(resp.content, arch, f"{self.host}/{repo}:{ref}")
+            return self.get_manifest(repo, chosen.digest)
+        return oci.Manifest.parse(resp.content, media_type)
 
     def manifest_digest(self, repo: str, tag: str) -> str | None:
         """What a tag points at now (None: no such tag)."""
@@ -439,3 +447,11 @@ def _write_stream(resp: httpx.Response, dest: Path, desc: Descriptor, host: str)
 def _wrong_blob(host: str, desc: Descriptor, what: str) -> UserError:
     return UserError(f"registry {host} sent {what} for blob {desc.digest}; refusing it",
                      "the registry (or something between us and it) serves other content than asked for")
+
+
+def _media_type(raw: bytes) -> str | None:
+    try:
+        found = json.loads(raw).get("mediaType")
+    except (ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None

@@ -149,13 +149,14 @@ def _layout_blob(layout: Layout, blob: Descriptor) -> Path:
     return path
 
 
-def pull(source: str, layout: Layout, *, options: ClientOptions | None = None) -> str:
-    """Copy one image (`REGISTRY/REPO:TAG` or `@DIGEST`) into a layout; returns its manifest digest."""
+def pull(source: str, layout: Layout, *, arch: str | None = None, options: ClientOptions | None = None) -> str:
+    """Copy one image (`REGISTRY/REPO:TAG` or `@DIGEST`) into a layout; returns its manifest digest.
+    With `arch`, a multi-platform index gives its linux/`arch` image."""
     ref = Reference.parse(source)
     want = ref.digest or ref.tag or "latest"
     opts = options or ClientOptions()
     with opts.client(ref.host) as client:
-        manifest = client.get_manifest(ref.repo, want)
+        manifest = client.get_manifest(ref.repo, want, arch=arch)
         if manifest is None:
             raise UserError(f"image {source} not found", "check the reference (repository and tag)")
         for blob in manifest.blobs:
@@ -165,11 +166,11 @@ def pull(source: str, layout: Layout, *, options: ClientOptions | None = None) -
     return manifest.digest
 
 
-def pull_base(source: str, layout_dir: Path) -> LayoutBase:
+def pull_base(source: str, layout_dir: Path, arch: str) -> LayoutBase:
     """A registry image as a base for the image stage, which reads layouts only: pulled into a new
-    layout at `layout_dir` and tagged there."""
+    layout at `layout_dir` and tagged there; of `arch` when `source` is a multi-platform index."""
     layout = Layout.create(layout_dir)
-    digest = pull(source, layout)
+    digest = pull(source, layout, arch=arch)
     layout.add_image(layout.manifest(digest), ["base"])
     return LayoutBase(layout_dir, "base", name=source)
 

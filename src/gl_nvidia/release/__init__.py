@@ -153,7 +153,8 @@ def _build_state(result: UnitResult) -> tuple[str, str | None]:
 
 
 def unit_inputs(lock: Lock, unit: BuildUnit, source: DriverSource, module_cert: str = "") -> UnitInputs:
-    """A unit's inputs, from the lock, the source's index and the base spec: nothing is downloaded.
+    """A unit's inputs, from the lock, the source's index and the base spec: nothing is downloaded but the
+    source's index (Debian's signed apt index; NVIDIA's redistrib_<version>.json, a few KB).
     `module_cert`: the module signing certificate's sha256 ("": modules unsigned)."""
     os_version = unit.os_versions[-1] if unit.os_versions else ""
     return UnitInputs(unit.as_dict(), source.checksums(unit.driver_version, unit.arch),

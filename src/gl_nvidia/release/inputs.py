@@ -1,8 +1,10 @@
 """What a published image was built from, and whether a unit must be built again.
 
 Everything here is known before anything is compiled: the unit's lock cell, the driver source's checksums
-(from the apt index, or the installer's URL or sha256), the base image spec's digest and the gl-nvidia
-version, and the module signing certificate's fingerprint when modules are signed. The image carries them as manifest annotations; `decide` compares them with the registry's.
+(from the apt index, or the installer's URL or sha256 and each redist archive's sha256 as NVIDIA's manifest
+lists it), the base image spec's digest and the gl-nvidia version, and the module signing certificate's
+fingerprint when modules are signed. The image carries them as manifest annotations; `decide` compares
+them with the registry's.
 """
 
 from __future__ import annotations
