@@ -11,14 +11,13 @@ stays trusted by name unless `sha256` pins it.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 
 from gl_nvidia import ui
-from gl_nvidia.build.redist import REDIST_URL, NotPublished, RedistFile, RedistTree, manifest_name
+from gl_nvidia.build.redist import REDIST_URL, NotPublished, RedistFile, RedistTree
 from gl_nvidia.build.sources import EXTRA_COMPONENTS, DriverInputs, run_tree_inputs
 from gl_nvidia.download import download
 from gl_nvidia.errors import CommandError, UserError
@@ -81,12 +80,10 @@ class NvidiaRunSource:
         component is missing."""
         key = (driver_version, arch)
         if key not in self._listed:
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    self._listed[key] = self.tree(*key).manifest(driver_version, arch,
-                                                                  Path(tmp) / manifest_name(driver_version))
-                except NotPublished as exc:
-                    self._listed[key] = ({}, {c: exc.message for c in EXTRA_COMPONENTS})
+            try:
+                self._listed[key] = self.tree(*key).manifest(driver_version, arch)
+            except NotPublished as exc:
+                self._listed[key] = ({}, {c: exc.message for c in EXTRA_COMPONENTS})
         return self._listed[key]
 
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -110,20 +111,23 @@ class RedistTree:
             self._client = httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
         return self._client
 
-    def manifest(self, driver_version: str, arch: str, dest: Path) -> tuple[dict[str, RedistFile], dict[str, str]]:
-        """Read redistrib_<version>.json into `dest` and what it lists; NotPublished when the tree has none."""
+    def manifest(self, driver_version: str, arch: str) -> tuple[dict[str, RedistFile], dict[str, str]]:
+        """What redistrib_<version>.json lists; NotPublished when the tree has none."""
         url = self.url(manifest_name(driver_version))
-        download(self.client, url, dest, retry_delay=self.retry_delay, mismatch_hint="download it again",
-                 not_found=NotPublished(f"the redist tree has no release {driver_version}: {url} does not exist"))
+        with tempfile.TemporaryDirectory(prefix="gl-nvidia-redist-") as tmp:
+            dest = Path(tmp) / manifest_name(driver_version)
+            download(self.client, url, dest, retry_delay=self.retry_delay, mismatch_hint="download it again",
+                     not_found=NotPublished(f"the redist tree has no release {driver_version}: {url} does not exist"))
+            raw = dest.read_bytes()
         try:
-            parsed = json.loads(dest.read_bytes())
+            parsed = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{url} is not NVIDIA's redistrib manifest (not JSON: {exc})") from exc
         return listed(parsed, driver_version, arch, url)
 
     def fetch(self, f: RedistFile, driver_version: str) -> Path:
         """The archive, downloaded once and kept by its sha256; a mismatch keeps nothing."""
-        entry = cache_dir("build", "redist") / f.sha256
+        entry = cache_dir("build", "redist") / f"{f.top}-{f.sha256}"
         if not cache_hit(entry):
             with cache_fill(entry) as tmp:
                 download(self.client, self.url(f.relative_path), tmp / f.name, sha256=f.sha256,
@@ -137,7 +141,7 @@ class RedistTree:
 
     def unpack(self, f: RedistFile, driver_version: str) -> Path:
         archive = self.fetch(f, driver_version)
-        tree = cache_dir("build", "redist-trees") / f.sha256
+        tree = cache_dir("build", "redist-trees") / f"{f.top}-{f.sha256}"
         if not cache_hit(tree):
             with cache_fill(tree) as tmp:
                 try:
