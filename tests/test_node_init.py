@@ -386,6 +386,18 @@ def test_blackwell_nvl_starts_nvlsm_and_fabric_manager_over_ib_umad(tmp_path: Pa
     assert not k.pids
 
 
+def test_blackwell_nvl_without_imex_starts_and_says_compute_domains_cannot(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", version="570.195.03", binaries=tuple(b for b in NVL_BINARIES if b != "nvidia-imex"))
+    manifest = image.at(layout.MANIFEST)
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "left_out": {
+        "imex": "redistrib_570.195.03.json lists no imex for linux-sbsa"}}))
+    rt, k = fake_node(tmp_path, "nvl-b200", image=Image.load(image.root))
+    rt.wait = lambda timeout: True
+    rt.init()  # fabric manager does not need IMEX: the node serves single-node jobs
+    assert any("nvidia-fabricmanager-start.sh --mode start" in c for c in k.names())
+    assert any("no nvidia-imex in this image" in line and "lists no imex for linux-sbsa" in line for line in rt.log.lines)
+
+
 def test_blackwell_nvl_needs_mlx5_and_the_subnet_managers_files(tmp_path: Path) -> None:
     image = make_image(tmp_path / "img", version="570.195.03", binaries=NVL_BINARIES[:-1])
     manifest = image.at(layout.MANIFEST)
