@@ -16,6 +16,7 @@ import pytest
 from gl_nvidia.cli import main
 from gl_nvidia.release import release
 from gl_nvidia.run import output
+from tests.fixtures.ibt import ibt_kernels
 from tests.fixtures.kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
 from tests.fixtures.registry import Registry
 
@@ -120,15 +121,19 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_a_kernel_only_upgrade_pulls_only_the_new_kernels_layer(registry: Registry, tmp_path: Path,
+def test_a_kernel_only_upgrade_pulls_only_the_new_kernels_layer(ibt_bundle: Path, registry: Registry, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """Both Debian kernels released into a real registry: a node moving from one to the other (either
-    way) lacks only the new kernel's modules layer and config, whatever module types the release left out."""
+    """Two Debian kernels released into a real registry, 6.1 and a 6.12 with IBT (the kernel line Garden
+    Linux moves to): a node moving from one to the other (either way) lacks only the new kernel's modules
+    layer and config, whatever module types the release left out."""
     repo = f"{registry.host}/gl-nvidia"
-    argv = ["release", "--profile", str(TWO_KERNELS), "--out", str(tmp_path / "out"), "--registry", repo]
+    lock = tmp_path / "versions.yaml"
+    lock.write_text(TWO_KERNELS.read_text().replace("IBT_KERNEL", ibt_kernels().built))
+    argv = ["release", "--profile", str(lock), "--out", str(tmp_path / "out"), "--registry", repo]
     assert main([*argv, "--json"]) == 0
     units = json.loads(capsys.readouterr().out)["units"]
-    assert [u["unit"]["kernel"] for u in units] == ["6.1.0-47-cloud-amd64", KERNEL]
+    assert [u["unit"]["kernel"] for u in units] == [KERNEL, ibt_kernels().built]
+    assert all(u["build"] == "cached" for u in units)  # the fixtures' compiles
     assert all(u["left_out"] == [{"module_type": "open", "reason": "open 535.261.03 is not the driver 535.309.01 "
                                   "(as the profile resolves it today)"}] for u in units)
     assert main(argv) == 0
