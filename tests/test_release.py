@@ -121,7 +121,8 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_a_kernel_only_upgrade_pulls_only_the_new_kernels_layer(ibt_bundle: Path, registry: Registry, tmp_path: Path,
+def test_a_kernel_only_upgrade_pulls_only_the_new_kernels_layer(debian_bundle: Path, ibt_bundle: Path,
+                                                                registry: Registry, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Two Debian kernels released into a real registry, 6.1 and a 6.12 with IBT (the kernel line Garden
     Linux moves to): a node moving from one to the other (either way) lacks only the new kernel's modules
