@@ -119,6 +119,20 @@ def test_tables_fold_long_values_instead_of_truncating(capsys: pytest.CaptureFix
     assert "".join(tag.split()) in "".join(c for c in out if c not in "│┃")
 
 
+def test_output_is_printed_as_it_is_never_as_markup_or_emoji(capsys: pytest.CaptureFixture[str]) -> None:
+    """A certificate serial holding ":AB:" once printed as "🆎" (rich's emoji codes), a compiler line's
+    "[-Werror]" would vanish as a style tag: tables and lines show data verbatim."""
+    from gl_nvidia import ui
+
+    key = "67:17:00:E4:7D:AB:90:BE:DE:2C:OK:CL:ID:UP"
+    error = "nv.c:12:3: error: [-Werror=implicit-function-declaration] [red]x[/red] :smile:"
+    ui.print_table("signatures", ["module", "key"], [["nvidia.ko", key], ["nv.o", error]])
+    ui.stdout.print(error, soft_wrap=True)
+    out = capsys.readouterr().out
+    assert key in out and "🆎" not in out
+    assert out.count(error) == 1 and "[-Werror=implicit-function-declaration]" in out
+
+
 def test_one_retry_loop_for_downloads_and_the_registry() -> None:
     """Transient failures are tried again with a growing wait and a hook before each new try; the last
     one is raised as it is; anything else is final at once."""

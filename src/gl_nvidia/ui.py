@@ -20,8 +20,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console(stderr=True)
-stdout = Console()
+# What we print is data (key ids, digests, compiler errors), never rich markup: ":AB:" in a certificate serial
+# must not become an emoji, "[foo]" in a compiler line must not vanish as a style tag.
+console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+stdout = Console(markup=False, emoji=False, highlight=False)
 log = logging.getLogger("gl_nvidia")
 
 

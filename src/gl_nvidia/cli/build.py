@@ -21,8 +21,8 @@ from gl_nvidia.osprofile import PROFILES
 
 
 def _line(text: str) -> None:
-    """One unwrapped line of detail under a table (compiler errors hold brackets: no markup)."""
-    ui.stdout.print(text, soft_wrap=True, markup=False, highlight=False)
+    """One unwrapped line of detail under a table."""
+    ui.stdout.print(text, soft_wrap=True)
 
 
 def module_signer(key: Path | None, cert: Path | None, option: str = "--sign") -> ModuleSigner | None:
