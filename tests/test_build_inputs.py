@@ -234,7 +234,7 @@ def test_the_redist_manifest_must_list_exactly_the_release() -> None:
     good = redist.manifest(FAKE_VERSION, {c: {"linux-sbsa": c.encode()} for c in redist.CONTENTS})
     files, missing = listed(good, FAKE_VERSION, "arm64", "m.json")
     assert files["fabricmanager"] == RedistFile("fabricmanager", FAKE_VERSION, redist.relative_path(
-        "fabricmanager", "linux-sbsa", FAKE_VERSION), hashlib.sha256(b"fabricmanager").hexdigest(), 13)
+        "fabricmanager", "linux-sbsa", FAKE_VERSION), hashlib.sha256(b"fabricmanager").hexdigest(), 13, "m.json")
     assert files["nvlsm"].version == redist.NVLSM_VERSION and missing == {}  # nvlsm: the release names its own
     assert listed(good, FAKE_VERSION, "amd64", "m.json") == ({}, {c: f"m.json lists no {c} for linux-x86_64"
                                                                   for c in redist.CONTENTS})

@@ -73,7 +73,14 @@ class NvidiaRunSource:
         if location is None:
             run_file = self.location.format(version=driver_version, machine=MACHINES[arch])
             location = REDIST_URL if _is_url(run_file) else str(Path(run_file).parent)
-        return RedistTree(location, self._client, self.retry_delay)
+        return RedistTree(location, self.client, self.retry_delay)
+
+    @property
+    def client(self) -> httpx.Client:
+        """One HTTP client for the installer and the redist tree (made on first use: a local .run needs none)."""
+        if self._client is None:
+            self._client = httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
+        return self._client
 
     def components(self, driver_version: str, arch: str) -> tuple[dict[str, RedistFile], dict[str, str]]:
         """What the redist tree lists for this release (read once per source), and why each other
@@ -102,7 +109,7 @@ class NvidiaRunSource:
                                     "the installer is damaged or not an NVIDIA .run; download it again") from exc
         files, missing = self.components(driver_version, arch)
         redist = self.tree(driver_version, arch)
-        trees = {c: redist.unpack(f, driver_version) for c, f in files.items()}
+        trees = {c: redist.unpack(f) for c, f in files.items()}
         digests = {run_file.name: digest, **{f.name: f.sha256 for f in files.values()}}
         inputs = run_tree_inputs(tree / "driver", arch, self.name, digests, components=trees, left_out=missing)
         if inputs.driver_version != driver_version:
@@ -126,9 +133,8 @@ class NvidiaRunSource:
         return cached
 
     def _download(self, url: str, dest: Path, driver_version: str) -> None:
-        client = self._client or httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
         download(
-            client, url, dest, sha256=self.sha256, retry_delay=self.retry_delay,
+            self.client, url, dest, sha256=self.sha256, retry_delay=self.retry_delay,
             mismatch_hint="check --sha256; the file on the server differs from the one expected",
             not_found=UserError(f"unknown driver version {driver_version}: {url} does not exist (HTTP 404)",
                                 "check the version against NVIDIA's releases (gl-nvidia matrix)"),

@@ -38,6 +38,7 @@ class RedistFile:
     relative_path: str
     sha256: str
     size: int
+    listed_by: str  # the manifest that vouches for it
 
     @property
     def name(self) -> str:
@@ -72,7 +73,7 @@ def listed(manifest: Any, driver_version: str, arch: str, where: str) -> tuple[d
             continue
         try:
             f = RedistFile(component, str(entry["version"]), str(entry[platform]["relative_path"]),
-                           str(entry[platform]["sha256"]), int(entry[platform]["size"]))
+                           str(entry[platform]["sha256"]), int(entry[platform]["size"]), where)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{where}: {component} {platform} lacks a valid {exc}", "the manifest is damaged; "
                             "NVIDIA's lists version, relative_path, sha256 and size") from exc
@@ -97,19 +98,13 @@ class NotPublished(UserError):
 class RedistTree:
     """A redist tree at `location`: an http(s) URL or a local directory, laid out as NVIDIA's."""
 
-    def __init__(self, location: str, client: httpx.Client | None = None, retry_delay: float = 1.0) -> None:
+    def __init__(self, location: str, client: httpx.Client, retry_delay: float = 1.0) -> None:
         self.location = location.rstrip("/") + "/"
-        self._client = client
+        self.client = client
         self.retry_delay = retry_delay
 
     def url(self, relative: str) -> str:
         return self.location + relative
-
-    @property
-    def client(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
-        return self._client
 
     def manifest(self, driver_version: str, arch: str) -> tuple[dict[str, RedistFile], dict[str, str]]:
         """What redistrib_<version>.json lists; NotPublished when the tree has none."""
@@ -125,22 +120,22 @@ class RedistTree:
             raise UserError(f"{url} is not NVIDIA's redistrib manifest (not JSON: {exc})") from exc
         return listed(parsed, driver_version, arch, url)
 
-    def fetch(self, f: RedistFile, driver_version: str) -> Path:
+    def fetch(self, f: RedistFile) -> Path:
         """The archive, downloaded once and kept by its sha256; a mismatch keeps nothing."""
         entry = cache_dir("build", "redist") / f"{f.top}-{f.sha256}"
         if not cache_hit(entry):
             with cache_fill(entry) as tmp:
                 download(self.client, self.url(f.relative_path), tmp / f.name, sha256=f.sha256,
-                         retry_delay=self.retry_delay, mismatch_hint=f"the archive is not the one "
-                         f"{self.url(manifest_name(driver_version))} lists; nothing was kept")
+                         retry_delay=self.retry_delay,
+                         mismatch_hint=f"the archive is not the one {f.listed_by} lists; nothing was kept")
                 size = (tmp / f.name).stat().st_size
                 if size != f.size:
                     raise UserError(f"size mismatch for {self.url(f.relative_path)}: the manifest lists {f.size} "
                                     f"bytes, got {size}", "the archive is not the one NVIDIA lists; nothing was kept")
         return entry / f.name
 
-    def unpack(self, f: RedistFile, driver_version: str) -> Path:
-        archive = self.fetch(f, driver_version)
+    def unpack(self, f: RedistFile) -> Path:
+        archive = self.fetch(f)
         tree = cache_dir("build", "redist-trees") / f"{f.top}-{f.sha256}"
         if not cache_hit(tree):
             with cache_fill(tree) as tmp:
