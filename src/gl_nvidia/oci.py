@@ -84,6 +84,20 @@ class Descriptor:
         return cls(d["mediaType"], check_digest(d["digest"]), int(d["size"]), dict(d.get("annotations") or {}))
 
 
+def _declared(doc: Any, served_as: str | None) -> Any:
+    """What a manifest says it is: its own mediaType, else the Content-Type the registry served it with."""
+    return (doc.get("mediaType") if isinstance(doc, dict) else None) or served_as
+
+
+def is_index(raw: bytes, served_as: str | None) -> bool:
+    """Whether `raw` is a multi-platform index rather than one image's manifest."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return False
+    return _declared(doc, served_as) in IMAGE_INDEXES
+
+
 def platform_manifest(raw: bytes, arch: str, where: str) -> Descriptor:
     """The image of linux/`arch` a multi-platform index lists (a registry's `debian:bookworm`, say)."""
     try:
@@ -130,7 +144,7 @@ class Manifest:
     def parse(cls, raw: bytes, media_type: str | None = None) -> Manifest:
         try:
             d = json.loads(raw)
-            mt = d.get("mediaType") or media_type or MANIFEST
+            mt = _declared(d, media_type) or MANIFEST
             if mt not in IMAGE_MANIFESTS:
                 raise UserError(f"unsupported manifest type {mt}", "only single-platform images are supported")
             return cls(raw, mt, Descriptor.from_dict(d["config"]), tuple(Descriptor.from_dict(x) for x in d["layers"]))

@@ -12,7 +12,6 @@ never carries them: httpx drops Authorization on cross-origin redirects.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -380,7 +379,7 @@ class RegistryClient:
                 "the registry (or something between us and it) serves other content than asked for",
             )
         media_type = resp.headers.get("content-type", "").split(";")[0] or None
-        if arch and (_media_type(resp.content) or media_type) in oci.IMAGE_INDEXES:
+        if arch and oci.is_index(resp.content, media_type):
             chosen = oci.platform_manifest(resp.content, arch, f"{self.host}/{repo}:{ref}")
             return self.get_manifest(repo, chosen.digest)
         return oci.Manifest.parse(resp.content, media_type)
@@ -447,11 +446,3 @@ def _write_stream(resp: httpx.Response, dest: Path, desc: Descriptor, host: str)
 def _wrong_blob(host: str, desc: Descriptor, what: str) -> UserError:
     return UserError(f"registry {host} sent {what} for blob {desc.digest}; refusing it",
                      "the registry (or something between us and it) serves other content than asked for")
-
-
-def _media_type(raw: bytes) -> str | None:
-    try:
-        found = json.loads(raw).get("mediaType")
-    except (ValueError, AttributeError):
-        return None
-    return found if isinstance(found, str) else None
