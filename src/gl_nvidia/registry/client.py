@@ -408,7 +408,7 @@ class RegistryClient:
     def _start_upload(self, repo: str) -> str:
         resp = self._request("POST", f"/v2/{repo}/blobs/uploads/", _push(repo), ok=(202,))
         assert resp is not None
-        if "location" not in resp.headers:
+        if not resp.headers.get("location"):
             raise UserError(f"registry {self.host} opened an upload without saying where it goes (no Location)",
                             "the registry does not follow the OCI distribution API; tell its operator")
         return resp.headers["location"]
