@@ -347,7 +347,7 @@ class RegistryClient:
             detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or detail
         except (ValueError, AttributeError, TypeError):  # not the distribution API's error body
             pass
-        path = urlsplit(url).path
+        path = url.split("?")[0].removeprefix(self.base)
         if resp.status_code < 400:  # a status the API does not give this request, not a refusal
             return UserError(f"registry {self.host} answered {method} {path} with HTTP {resp.status_code}, "
                              "which the OCI distribution API does not give it", "tell the registry's operator")
