@@ -328,6 +328,19 @@ def modules_to_load(node: Node, rdma_enabled: bool, host_mofed: bool) -> tuple[s
     return MODULES
 
 
+# nvidia-peermem registers GPU memory with MOFED's peer-memory API in ib_core; built against a kernel's inbox
+# RDMA stack, which lacks that API, NVIDIA compiles it to a stub whose init returns -EINVAL and which uses
+# nothing of ib_core. Inbox RDMA reaches GPU memory through DMA-BUF instead (open modules, no nvidia-peermem).
+PEERMEM_STUB = ("nvidia-peermem in this image is built against the kernel's inbox RDMA stack, which has no "
+                "peer-memory API (MOFED's): its init refuses to load")
+DMA_BUF_ROUTE = ("use GPUDirect RDMA through DMA-BUF: open kernel modules (driver.kernelModuleType auto or open) "
+                 "and driver.rdma.enabled=false; NCCL and UCX use DMA-BUF where nvidia-peermem is absent")
+
+
+def peermem_stub(depends: tuple[str, ...]) -> bool:
+    return "ib_core" not in depends
+
+
 # HMM in nvidia-uvm exists only in the open modules (from branch 535); the seed installer turns it off
 # (`uvm_disable_hmm=1`): with HMM on, multi-GPU CUDA on recent GPUs hangs or fails to initialise.
 HMM_FIRST_BRANCH = 535

@@ -287,16 +287,17 @@ class Runtime:
     def _expose(self) -> None:
         """The container's root at /run/nvidia/driver on the host, as NVIDIA's entrypoint mounts it: a
         recursive bind (no copy of the userspace), so the driver root's /dev is this container's, where the
-        validator and the toolkit look for the device nodes once the driver root has a /dev; /sys is made
-        private and unbindable first, so it is left out and no mount event under it reaches the host."""
+        validator and the toolkit look for the device nodes once the driver root has a /dev. /sys first has
+        its submounts made unbindable (the cgroup mounts are left out) and itself private (no mount event
+        under it reaches the host through the shared /run/nvidia)."""
         self._ensure_ld_cache()
         if self.host.is_mountpoint(DRIVER_ROOT):
             self.log.info("driver root still mounted from an earlier run, replacing it", path=DRIVER_ROOT)
             self._umount()
         sys_dir = str(self.image.at("/sys"))
         if self.host.run("mountpoint", "-q", sys_dir).rc == 0:
-            self._cmd("mount", "--make-runbindable", sys_dir, what="keep /sys out of the driver root")
-            self._cmd("mount", "--make-private", sys_dir, what="keep /sys out of the driver root")
+            self._cmd("mount", "--make-runbindable", sys_dir, what="keep the mounts under /sys out of the driver root")
+            self._cmd("mount", "--make-private", sys_dir, what="make /sys private")
         self.host.makedirs(DRIVER_ROOT)
         self._cmd("mount", "--rbind", str(self.image.root), str(self.host.path(DRIVER_ROOT)), what="bind-mount the driver root")
         self._mounted = True
@@ -355,6 +356,9 @@ class Runtime:
             self.log.info("host modules loaded", modules=",".join(host_deps))
         for m, ko in zip(plan.modules, kos, strict=True):
             if sysfs_name(m) in plan.node.loaded:
+                continue
+            if m == PEERMEM and decide.peermem_stub(depends(ko)):
+                self.log.warn(decide.PEERMEM_STUB + ", not loading it", module=m, route=decide.DMA_BUF_ROUTE)
                 continue
             p = params.params.get(m, ())
             res = self.host.run("insmod", str(ko), *p)
@@ -691,6 +695,8 @@ class Runtime:
             kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch, self.image.arch)
             module_type = self._loaded_type(kernel)
             ko, = self._modules(kernel, module_type, (PEERMEM,), node.kernel)
+            if decide.peermem_stub(depends(ko)):
+                raise NodeError(decide.PEERMEM_STUB, decide.DMA_BUF_ROUTE)
             p = self._params().params.get(PEERMEM, ())
             deps = [d for d in depends(ko) if d not in node.loaded]
             if deps:
