@@ -334,7 +334,7 @@ def modules_to_load(node: Node, rdma_enabled: bool, host_mofed: bool) -> tuple[s
 PEERMEM_STUB = ("nvidia-peermem in this image is built against the kernel's inbox RDMA stack, which has no "
                 "peer-memory API (MOFED's): its init refuses to load")
 DMA_BUF_ROUTE = ("use GPUDirect RDMA through DMA-BUF: open kernel modules (driver.kernelModuleType auto or open) "
-                 "and driver.rdma.enabled=false; NCCL and UCX use DMA-BUF where nvidia-peermem is absent")
+                 "and driver.rdma.enabled=false; NCCL and UCX use DMA-BUF where the kernel and driver offer it")
 
 
 def peermem_stub(depends: tuple[str, ...]) -> bool:

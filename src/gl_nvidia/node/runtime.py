@@ -151,6 +151,7 @@ class Runtime:
         for sw in node.nvswitches:
             out("dry-run: nvswitch", address=sw.address, pci_id=sw.pci_id)
         out("dry-run: mellanox nics", count=len(node.mellanox))
+        out("dry-run: grace-coupled gpus", count=len(node.coherent_gpus))
         if node.nvlink5:
             out("dry-run: nvlink5 system: nvlsm and fabric manager through ib_umad")
         for k in self.image.kernels():
