@@ -104,10 +104,10 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path: Path, manifest: str
     'NVreg_X="' + '\\"' * (1 << 19) + '"',
     "NVreg_X=1 " * (1 << 17),
 ])
-def test_a_one_mib_conf_line_parses_in_well_under_a_second(line: str) -> None:
+def test_a_one_mib_conf_line_parses_in_linear_time(line: str) -> None:
     start = time.monotonic()
     params, problems = decide.parse_module_conf("nvidia", line + "\n", "/drivers/nvidia.conf")
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 3.0  # 0.5 s at most on an idle machine; shlex took 15 s on the first
     assert problems == () and params and all(p.startswith("NVreg_X=") for p in params)
 
 

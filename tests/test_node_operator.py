@@ -85,10 +85,13 @@ def test_a_daemon_that_does_not_stay_up_keeps_the_probe_failing(tmp_path: Path) 
     daemon = image.at("/usr/bin/nv-fabricmanager")
     daemon.write_text("#!/bin/sh\nexit 0\n")  # exits at once, before writing its pid file
     rt, _ = fake_node(tmp_path, "hgx-h100", image=image)
+    slept: list[float] = []
+    rt.sleep = slept.append
     with pytest.raises(NodeError, match=r"^nv-fabricmanager started but is not running \(no live nv-fabricmanager of "
                                         r"this image in /var/run/nvidia-fabricmanager/nv-fabricmanager.pid\)$"):
         rt.init()
     assert rt.host.read(DAEMONS_STATUS) == "NotReady\n"
+    assert sum(slept) == pytest.approx(5.0)  # it had 5 s to write its pid file
 
 
 def test_nvlink5_ready_only_with_nvlsm_and_fabric_manager(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ PID_FILE = "/run/nvidia/nvidia-driver.pid"  # locked while an init runs: one dri
 READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
 DAEMONS_STATUS = "/run/nvidia/validations/.driver-daemons-status"
 MONITOR_PERIOD = 10.0  # seconds between checks that the daemons still run (the probe's period)
+DAEMON_START_TRIES = 50  # a started daemon's pid file names it within 5 s (0.1 s apart)
 FIRMWARE_PARAM = "/sys/module/firmware_class/parameters/path"
 FIRMWARE_SEARCH_PATH = DRIVER_ROOT + "/lib/firmware"
 MELLANOX_READY = "/run/mellanox/drivers/.driver-ready"
@@ -527,7 +528,12 @@ class Runtime:
         self._daemons.append(name)
 
     def _started(self, name: str) -> int:
-        """The pid of a daemon just started, or the one line saying it is not running: readiness waits on it."""
+        """The pid of a daemon just started, or the one line saying it is not running: readiness waits on it.
+        A daemon writes its pid file after it forks, maybe after the command that started it returned."""
+        for _ in range(DAEMON_START_TRIES):
+            if self._running(name, quiet=True) is not None:
+                break
+            self.sleep(0.1)
         pid = self._running(name)
         if pid is None:
             raise NodeError(f"{name} started but is not running (no live {name} of this image in {DAEMONS[name]})",
@@ -538,9 +544,10 @@ class Runtime:
         text = self.host.read_opt(DAEMONS[daemon])
         return int(text.strip()) if text and text.strip().isdigit() else None
 
-    def _running(self, name: str) -> int | None:
+    def _running(self, name: str, quiet: bool = False) -> int | None:
         """The pid in `name`'s pid file when it is a live process of this image's binary in this container's
-        mount namespace (where init starts its daemons); None otherwise, a stale file named in the log."""
+        mount namespace (where init starts its daemons); None otherwise, a stale file named in the log
+        unless `quiet`."""
         pid = self._pid(name)
         if pid is None or not self.host.alive(pid):
             return None
@@ -548,8 +555,9 @@ class Runtime:
         ns = self.host.readlink(f"/proc/{pid}/ns/mnt")
         if exe == str(self.image.at(DAEMON_BINARY[name])) and ns is not None and ns == self.host.readlink("/proc/self/ns/mnt"):
             return pid
-        self.log.warn("pid file names a process that is not this image's daemon, leaving it alone",
-                      daemon=name, pid=pid, pid_file=DAEMONS[name], exe=exe or "unreadable")
+        if not quiet:
+            self.log.warn("pid file names a process that is not this image's daemon, leaving it alone",
+                          daemon=name, pid=pid, pid_file=DAEMONS[name], exe=exe or "unreadable")
         return None
 
     # ---------------------------------------------------------------- teardown
