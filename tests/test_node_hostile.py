@@ -16,6 +16,7 @@ from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.image import Image
 from gl_nvidia.node.runtime import PID_FILE, STATE_FILE
 from tests.fixtures.node import fake_node, make_image
+from tests.test_fuzz_input import samples
 
 PERSISTENCED_PID = "/var/run/nvidia-persistenced/nvidia-persistenced.pid"
 HOST_NS = "mnt:[4026531840]"  # the host's mount namespace, not the runtime's
@@ -140,3 +141,38 @@ def test_a_manifest_arch_that_is_not_a_string_is_named(tmp_path: Path) -> None:
     image.at(layout.MANIFEST).write_text(json.dumps({**d, "arch": ["amd64"]}))
     with pytest.raises(NodeError, match=r"\(arch is not a string\)"):
         Image.load(image.root)
+
+
+@pytest.mark.parametrize(("what", "salt"), [("nvidia.conf", 41), ("proc-modules", 42), ("manifest", 43)])
+def test_fuzzed_node_inputs_load_or_end_in_one_line(tmp_path: Path, what: str, salt: int) -> None:
+    """The CLI fuzz test's mutations (tests/test_fuzz_input.py) on what the node reads from the host and the
+    image: each sample loads, or stops with a NodeError (main's one line, exit 1); nothing else escapes."""
+    image = make_image(tmp_path / "img")
+    seeds = {
+        "nvidia.conf": b"NVreg_EnableGpuFirmware=1 NVreg_RegistryDwords=\"A=1;B=2\"\n# comment\nNVreg_X='a b'\n",
+        "proc-modules": b"virtio_net 73728 0 - Live 0x0\nib_core 450560 1 mlx5_ib, Live 0x0\n",
+        "manifest": image.at(layout.MANIFEST).read_bytes(),
+    }
+    outcomes: dict[str, int] = {"ran": 0, "one line": 0}
+    for n, data in enumerate(samples(seeds[what], 25, salt)):
+        if what == "manifest":
+            image.at(layout.MANIFEST).write_bytes(data)
+            try:
+                Image.load(image.root)
+                outcomes["ran"] += 1
+            except NodeError:
+                outcomes["one line"] += 1
+            continue
+        rt, _ = fake_node(tmp_path / str(n), "h100", image=image)
+        if what == "nvidia.conf":
+            rt.host.makedirs("/drivers")
+            rt.host.path("/drivers/nvidia.conf").write_bytes(data)
+        else:
+            rt.host.path("/proc/modules").write_bytes(data)
+        try:
+            rt.init()
+            outcomes["ran"] += 1
+        except NodeError as exc:
+            assert "\n" not in exc.message and len(exc.message) < 600, exc.message
+            outcomes["one line"] += 1
+    assert sum(outcomes.values()) == 25 and outcomes["one line"] > 0, outcomes
