@@ -613,3 +613,17 @@ def test_versions_with_a_missing_or_malformed_lock_is_an_error(tmp_path: Path,
 def test_profile_and_lock_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("matrix", "--profile", "debian", "--lock", "versions.yaml") == 2
     assert "--profile and --lock exclude each other" in capsys.readouterr().err
+
+
+def test_tables_in_a_log_keep_one_row_a_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off a terminal (CI logs, `| tee`) a table is as wide as its rows: a reason once wrapped to one word a line."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("GL_APT_REPOSITORY", raising=False)
+    assert cli("matrix", "--profile", "gardenlinux") == 0
+    out = capsys.readouterr().out
+    lock, _ = read_lock(REPO / "versions.yaml")
+    reasons = {r.reason for r in lock.policy.exclusions}
+    assert reasons and all(len(r) > 40 for r in reasons)
+    for reason in reasons:
+        assert any(reason in line for line in out.splitlines()), reason
+    assert max(len(line) for line in out.splitlines()) > 80

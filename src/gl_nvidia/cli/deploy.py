@@ -258,9 +258,9 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
                        if version is not None else None})
     else:
         ui.print_table("release", ["unit", "modules", "tags", "digest", "status"],
-                       [[f"{u.unit.kernel}\n{u.unit.driver_version} {u.unit.arch}",
-                         "\n".join([",".join(u.unit.module_types), *(f"no {t}: {r}" for t, r in u.left_out)]),
-                         "\n".join(u.tags), (u.digest or "-").removeprefix("sha256:")[:12], u.status]
+                       [[(u.unit.kernel, f"{u.unit.driver_version} {u.unit.arch}"),
+                         [",".join(u.unit.module_types), *(f"no {t}: {r}" for t, r in u.left_out)],
+                         list(u.tags), (u.digest or "-").removeprefix("sha256:")[:12], u.status]
                         for u in result.units])
     branch = result.values_branch
     if branch is not None:
