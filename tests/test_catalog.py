@@ -527,9 +527,29 @@ def bad_glrd(workdir: Path) -> None:
     (workdir / "src" / "glrd-releases-major.json").write_text('{"releases": [{"name": "major-1877"}]}')
 
 
+def glrd_5000_digits(workdir: Path) -> None:
+    path = workdir / "src" / "glrd-releases-major.json"
+    path.write_text(path.read_text().replace('"major": 1877', '"major": ' + "9" * 5000, 1))
+
+
+def glrd_deep(workdir: Path) -> None:
+    (workdir / "src" / "glrd-releases-minor.json").write_text('{"releases": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+def nvidia_version_of_5000_digits(workdir: Path) -> None:
+    path = workdir / "src" / "nvidia-releases.json"
+    data = json.loads(path.read_text())
+    data["570"]["driver_info"][0]["release_version"] = "570." + "9" * 5000
+    path.write_text(json.dumps(data))
+
+
 @pytest.mark.parametrize(
     ("breaker", "message"),
     [
+        (glrd_5000_digits, r"GLRD data is not valid JSON: \S+glrd-releases-major\.json: Exceeds the limit \(4300 digits\)$"),
+        (glrd_deep, r"GLRD data is not valid JSON: \S+glrd-releases-minor\.json: nested too deeply$"),
+        (nvidia_version_of_5000_digits, r"NVIDIA releases\.json \S+: branch 570: driver_info\.0\.release_version: "
+                                        r"Value error, '570\.9+' is not a driver version"),
         (break_json, r"NVIDIA releases\.json is not valid JSON: .*nvidia-releases\.json"),
         (bad_glrd, r"GLRD data .*glrd-releases-major\.json: releases\.0\.type: Field required"),
         (unknown_gl_version, r"no InRelease or Release in apt repository \S+/gl-apt/dists/2150\.11\.0/"),
