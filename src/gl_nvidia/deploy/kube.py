@@ -107,9 +107,10 @@ class Kube:
                 ) from exc
             # The reason phrase, never the body: a proxy in front of the API server may answer anything.
             raise KubeAccessError(
-                f"the Kubernetes API at {self.server} answered HTTP {exc.status} {exc.reason or ''}".rstrip()
+                f"the Kubernetes API at {self.server} answered HTTP {exc.status} {(exc.reason or '')[:100]}".rstrip()
                 + f" to {what}",
-                "check the API server's health (`kubectl get --raw /readyz`) and retry",
+                "check the API server's health (`kubectl get --raw /readyz`) and retry" if (exc.status or 0) >= 500
+                else f"check that what the command names exists (a namespace, a node) and that the user may {what}",
             ) from exc
         except urllib3.exceptions.HTTPError as exc:
             raise KubeAccessError(
