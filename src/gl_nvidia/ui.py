@@ -59,14 +59,18 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def _cell(value: Any) -> str:
-    """A cell's text: a list or tuple is its lines; anything else one line, control characters escaped."""
-    if isinstance(value, list | tuple):
-        text = "\n".join(printable(str(v)) for v in value)
-    else:
-        text = "" if value is None else printable(str(value))
-    if len(text) > MAX_CELL:
-        text = f"{text[:MAX_CELL]}... ({len(text) - MAX_CELL} more characters)"
-    return text
+    """A cell's text: a list or tuple is its lines; anything else one line. Control characters are escaped;
+    past MAX_CELL characters the rest is left out (cut before escaping: a megabyte is never walked)."""
+    lines = ["" if v is None else str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    shown: list[str] = []
+    room = MAX_CELL
+    for line in lines:
+        if room <= 0:
+            break
+        shown.append(line[:room])
+        room -= len(shown[-1]) + 1
+    left = sum(map(len, lines)) + len(lines) - sum(map(len, shown)) - len(shown)
+    return "\n".join(printable(line) for line in shown) + (f"... ({left} more characters)" if left else "")
 
 
 def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
