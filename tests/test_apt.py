@@ -16,7 +16,7 @@ import pytest
 from gl_nvidia.apt import DEBIAN_KEYRING, AptRepo, AptSource, extract, system_sources
 from gl_nvidia.errors import UserError
 from gl_nvidia.run import run
-from tests.fixtures.aptrepo import SigningKey, serve, sign_suite, valid_for
+from tests.fixtures.aptrepo import SigningKey, release_text, serve, sign_suite, valid_for
 
 
 def test_system_sources_reads_one_line_and_deb822(tmp_path: Path) -> None:
@@ -141,8 +141,9 @@ def test_real_debian_archive_current_cloud_kernel_and_extract(tmp_path: Path) ->
 # --- signed Release verification, over HTTP as real repositories are reached ----------------------------------
 
 
-def _signed_repo(root: Path, key: SigningKey, **sign: object) -> Path:
-    """One suite with an xz Packages index naming one .deb, signed (InRelease unless detached=True)."""
+def _signed_repo(root: Path, key: SigningKey, edit: tuple[str, str] = ("", ""), **sign: object) -> Path:
+    """One suite with an xz Packages index naming one .deb, signed (InRelease unless detached=True);
+    `edit` replaces a line of the index before it is signed."""
     deb = root / "pool/main/n/nvidia-smi/nvidia-smi_535_amd64.deb"
     deb.parent.mkdir(parents=True)
     deb.write_bytes(b"the real deb")
@@ -150,7 +151,7 @@ def _signed_repo(root: Path, key: SigningKey, **sign: object) -> Path:
     index.parent.mkdir(parents=True)
     index.write_bytes(lzma.compress(
         f"Package: nvidia-smi\nVersion: 535\nArchitecture: amd64\nFilename: {deb.relative_to(root)}\n"
-        f"Size: 12\nSHA256: {hashlib.sha256(b'the real deb').hexdigest()}\n".encode()))
+        f"Size: 12\nSHA256: {hashlib.sha256(b'the real deb').hexdigest()}\n".replace(*edit).encode()))
     sign_suite(root / "dists/1877.3", key, **sign)  # type: ignore[arg-type]
     return root
 
@@ -280,3 +281,31 @@ def test_missing_keyring_or_gpgv_is_one_clear_error(
         AptRepo([source], cache=tmp_path / "cache").find("a")
     assert exc.value.hint and "gpgv" in exc.value.hint
     assert os.environ["PATH"] == str(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (("Version: 535\n", "Version: ???\n"), "package nvidia-smi has a malformed Version"),
+    (("Version: 535\n", "Version: 1:\n"), "package nvidia-smi has a malformed Version"),
+    (("Version: 535\n", ""), "package nvidia-smi has no Version"),
+    (("Size: 12\n", "Size: abc\n"), "package nvidia-smi has a malformed Size"),
+    (("Size: 12\n", f"Size: {'9' * 5000}\n"), "package nvidia-smi has a malformed Size"),
+], ids=["version-???", "version-epoch-only", "no-version", "size-abc", "size-5000-digits"])
+def test_a_signed_index_with_a_malformed_field_is_one_line(tmp_path: Path, apt_key: SigningKey,
+                                                          edit: tuple[str, str], words: str) -> None:
+    """Signed is not well-formed: apt refuses such an index too, and the error names the field, not its text."""
+    root = _signed_repo(tmp_path / "repo", apt_key, edit)
+    with serve(root) as url, pytest.raises(UserError, match=f"apt index of {url}: {words}") as err:
+        _find(url, apt_key.keyring, tmp_path / "cache")
+    assert "???" not in str(err.value) and "abc" not in str(err.value)
+
+
+@pytest.mark.parametrize("line", [" {sha} abc main/binary-amd64/Packages.xz", " {sha}", " zz 12 main/x"],
+                         ids=["size-abc", "no-size", "sha-zz"])
+def test_a_signed_release_with_a_malformed_sha256_line_is_one_line(tmp_path: Path, apt_key: SigningKey,
+                                                                   line: str) -> None:
+    root = _signed_repo(tmp_path / "repo", apt_key)
+    suite = root / "dists/1877.3"
+    text = release_text(suite) + line.format(sha="a" * 64) + "\n"
+    sign_suite(suite, apt_key, release=text)
+    with serve(root) as url, pytest.raises(UserError, match="has a malformed SHA256 line"):
+        _find(url, apt_key.keyring, tmp_path / "cache")

@@ -527,9 +527,29 @@ def bad_glrd(workdir: Path) -> None:
     (workdir / "src" / "glrd-releases-major.json").write_text('{"releases": [{"name": "major-1877"}]}')
 
 
+def glrd_5000_digits(workdir: Path) -> None:
+    path = workdir / "src" / "glrd-releases-major.json"
+    path.write_text(path.read_text().replace('"major": 1877', '"major": ' + "9" * 5000, 1))
+
+
+def glrd_deep(workdir: Path) -> None:
+    (workdir / "src" / "glrd-releases-minor.json").write_text('{"releases": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+def nvidia_version_of_5000_digits(workdir: Path) -> None:
+    path = workdir / "src" / "nvidia-releases.json"
+    data = json.loads(path.read_text())
+    data["570"]["driver_info"][0]["release_version"] = "570." + "9" * 5000
+    path.write_text(json.dumps(data))
+
+
 @pytest.mark.parametrize(
     ("breaker", "message"),
     [
+        (glrd_5000_digits, r"GLRD data is not valid JSON: \S+glrd-releases-major\.json: Exceeds the limit \(4300 digits\)$"),
+        (glrd_deep, r"GLRD data is not valid JSON: \S+glrd-releases-minor\.json: nested too deeply$"),
+        (nvidia_version_of_5000_digits, r"NVIDIA releases\.json \S+: branch 570: driver_info\.0\.release_version: "
+                                        r"Value error, '570\.9+' is not a driver version"),
         (break_json, r"NVIDIA releases\.json is not valid JSON: .*nvidia-releases\.json"),
         (bad_glrd, r"GLRD data .*glrd-releases-major\.json: releases\.0\.type: Field required"),
         (unknown_gl_version, r"no InRelease or Release in apt repository \S+/gl-apt/dists/2150\.11\.0/"),
@@ -613,3 +633,17 @@ def test_versions_with_a_missing_or_malformed_lock_is_an_error(tmp_path: Path,
 def test_profile_and_lock_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("matrix", "--profile", "debian", "--lock", "versions.yaml") == 2
     assert "--profile and --lock exclude each other" in capsys.readouterr().err
+
+
+def test_tables_in_a_log_keep_one_row_a_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off a terminal (CI logs, `| tee`) a table is as wide as its rows: a reason once wrapped to one word a line."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("GL_APT_REPOSITORY", raising=False)
+    assert cli("matrix", "--profile", "gardenlinux") == 0
+    out = capsys.readouterr().out
+    lock, _ = read_lock(REPO / "versions.yaml")
+    reasons = {r.reason for r in lock.policy.exclusions}
+    assert reasons and all(len(r) > 40 for r in reasons)
+    for reason in reasons:
+        assert any(reason in line for line in out.splitlines()), reason
+    assert max(len(line) for line in out.splitlines()) > 80

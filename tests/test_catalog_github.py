@@ -37,6 +37,8 @@ class FakeGitHub:
         self.refs: dict[str, str] = {"heads/main": main_sha}
         self.pulls: list[dict[str, Any]] = []
         self.calls: list[tuple[str, str]] = []
+        # (method, path below the repository) -> what that call answers instead: (status, raw body)
+        self.answers: dict[tuple[str, str], tuple[int, bytes]] = {}
 
     @staticmethod
     def _sha(kind: str, text: str) -> str:
@@ -63,6 +65,8 @@ class FakeGitHub:
             return 404, {"message": "Not Found"}
         rest = path[len(prefix):]
         self.calls.append((method, rest))
+        if (method, rest) in self.answers:
+            return self.answers[(method, rest)]
         if method == "GET" and rest == "":
             return 200, {"id": 1, "name": NAME, "full_name": f"{OWNER}/{NAME}", "default_branch": "main"}
         if method == "GET" and (m := re.fullmatch(r"/git/ref/(heads/.+)", rest)):
@@ -136,7 +140,7 @@ def github() -> Iterator[FakeGitHub]:
                 body = json.loads(self.rfile.read(length)) if length else None
                 url = urlparse(self.path)
                 code, payload = state.handle(self.command, url.path, parse_qs(url.query), body)
-            data = json.dumps(payload).encode()
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
@@ -234,3 +238,46 @@ def test_a_rejected_token_is_one_clear_line(
     err = capsys.readouterr().err
     assert f"gl-nvidia: error: GitHub refused GET /repos/{OWNER}/{NAME} (HTTP 401)" in err
     assert github.pulls == []
+
+
+def test_a_failed_pull_request_leaves_the_lock_so_a_rerun_proposes_the_change_again(
+    workdir: Path, github: FakeGitHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    new_driver(workdir, "580.105.10")
+    files = {name: (workdir / name).read_bytes() for name in ("versions.yaml", "versions-history.yaml")}
+    github.answers[("POST", "/pulls")] = (500, b'{"message": "Server Error"}')
+    assert update_pr(workdir) == 2
+    captured = capsys.readouterr()
+    assert f"GitHub API POST /repos/{OWNER}/{NAME}/pulls failed with HTTP 500: Server Error" in captured.err
+    assert captured.out == ""  # nothing reported as changed: nothing was
+    assert {name: (workdir / name).read_bytes() for name in files} == files
+    del github.answers[("POST", "/pulls")]
+    assert update_pr(workdir) == 0  # the rerun sees the same change, not "no changes"
+    captured = capsys.readouterr()
+    assert "new driver patch release 580.105.10" in captured.out and "opened pull request #1" in captured.err
+    assert "version: 580.105.10" in (workdir / "versions.yaml").read_text()
+    assert (workdir / "versions.yaml").read_text() == github.branch_file(github.pulls[0]["head"], "versions.yaml")
+
+
+@pytest.mark.parametrize(("call", "body", "words"), [
+    (("GET", ""), b"<html>Sign in</html>", f"GET /repos/{OWNER}/{NAME} answered with a body that is not JSON"),
+    (("GET", ""), b'{"default_branch": 5}', "answered with no default_branch (str)"),
+    (("GET", ""), b'{"default_branch": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "a body that is not JSON"),
+    (("GET", ""), b'{"default_branch": "main", "id": ' + b"9" * 5000 + b"}", "a body that is not JSON"),
+    (("GET", "/git/ref/heads/main"), b'{"object": "x"}', "answered with no object.sha (str)"),
+    (("GET", "/git/ref/heads/main"), b'{"object": {"sha": "../../x"}}', "object.sha that is not a git object id"),
+    (("GET", "/pulls"), b'{"items": []}', "/pulls answered with a body that is not a list"),
+    (("GET", "/pulls"), b'[{"number": "1"}]', "answered with no number (int)"),
+    (("POST", "/pulls"), b'{"number": 1}', "answered with no html_url (str)"),
+], ids=["html", "branch-5", "deep", "5000-digits", "object-str", "sha-path", "pulls-object",
+        "number-str", "no-url"])
+def test_unexpected_github_answers_are_one_line(workdir: Path, github: FakeGitHub, capsys: pytest.CaptureFixture[str],
+                                                 call: tuple[str, str], body: bytes, words: str) -> None:
+    new_driver(workdir, "580.105.10")
+    before = (workdir / "versions.yaml").read_bytes()
+    github.answers[call] = (200, body)
+    assert update_pr(workdir) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("gl-nvidia: error:") == 1, err
+    assert "GITHUB_API_URL" in err
+    assert (workdir / "versions.yaml").read_bytes() == before

@@ -21,7 +21,9 @@ from gl_nvidia.deploy.nodes import gpu_nodes
 from gl_nvidia.deploy.verify import PASSED, verify_nodes
 from tests.fixtures.kube import (
     FORBIDDEN_TOKEN,
+    GOOD_TOKEN,
     FakeCluster,
+    node_json,
     write_kubeconfig,
 )
 
@@ -139,3 +141,121 @@ def test_ctrl_c_deletes_the_pods(cluster: tuple[FakeCluster, str], tmp_path: Pat
     assert "interrupted" in err
     assert sorted(fake.deleted) == sorted(fake.created)
     assert not fake.pods
+
+
+def test_a_token_file_ending_in_a_newline_works(cluster: tuple[FakeCluster, str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    _, server = cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{GOOD_TOKEN}\n")  # what `echo "$T" > token` writes; kubectl trims it
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server, token_file=token_file)
+    kube = Kube(kubeconfig)
+    # Twice: the client puts the kubeconfig's credential back before every request.
+    assert [n.name for n in gpu_nodes(kube.nodes(), kube.server)] == ["gpu-a", "gpu-b"]
+    assert kube.cluster_policies()
+    assert main(["verify", "--kubeconfig", str(kubeconfig), "--json"]) == 0
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["PASSED", "PASSED"]
+    # An inline token (a YAML block scalar ends in a newline) is trimmed alike.
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server, f"{GOOD_TOKEN}\n")
+    assert main(["verify", "--kubeconfig", str(kubeconfig), "--json"]) == 0
+
+
+SECRET = "s3cr3t-line"
+
+
+@pytest.mark.parametrize(("token", "file_text"), [
+    (f"{GOOD_TOKEN}\r\nX-Injected: {SECRET}", None),  # a second header smuggled in
+    (f"tök{SECRET}", None),
+    (f"{SECRET}\x1b[2J", None),
+    ("", f"root:x:0:0:{SECRET}:/root:/bin/bash\ndaemon:x:1:1:{SECRET}:/usr/sbin:/usr/sbin/nologin\n"),  # tokenFile: /etc/passwd
+    ("", f"{GOOD_TOKEN}\n{SECRET}\n"),
+    ("", "\n \n"),
+], ids=["crlf-header", "non-ascii", "ansi", "token-file-is-another-file", "two-lines", "blank"])
+def test_a_token_no_header_can_carry_is_refused_without_showing_it(
+        cluster: tuple[FakeCluster, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        token: str, file_text: str | None) -> None:
+    fake, server = cluster
+    token_file = None
+    if file_text is not None:
+        token_file = tmp_path / "token"
+        token_file.write_text(file_text)
+    kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", server, token, token_file))
+    assert main(["verify", "--kubeconfig", kubeconfig]) == 2
+    err = capsys.readouterr().err
+    assert "token (or tokenFile) is" in err
+    assert SECRET not in err and "root:" not in err and "Bearer" not in err, err
+    assert err.count("\n") == 2  # one error line and its hint
+    assert not fake.created
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_failing_api_server_is_no_access_not_a_bug(cluster: tuple[FakeCluster, str], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str], status: int) -> None:
+    fake, server = cluster
+    fake.fail_with = status
+    kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", server))
+    for argv in (["verify", "--kubeconfig", kubeconfig], ["preflight", "--kubeconfig", kubeconfig, "--lock", "debian"]):
+        assert main(argv) == 4  # README: 4, no access to Kubernetes
+        err = capsys.readouterr().err
+        assert f"the Kubernetes API at {server} answered HTTP {status}" in err and "to list nodes" in err, err
+        assert "etcdserver" not in err  # the reason phrase, not the body
+        assert err.count("gl-nvidia: error:") == 1
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (b"<html>login</html>", "is not JSON"),
+    (b'{"items": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "is not JSON"),
+    (b'{"items": [' + b"9" * 5000 + b"]}", "is not JSON"),
+    (b"[]", "is not a JSON object"),
+    (b'{"items": 5}', "has items that are not a list of objects"),
+    (b'{"items": [5]}', "has items that are not a list of objects"),
+], ids=["html", "deep", "5000-digits", "list", "items-5", "item-5"])
+def test_an_answer_that_is_not_a_node_list_is_one_line(cluster: tuple[FakeCluster, str], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str], body: bytes,
+                                                       words: str) -> None:
+    fake, server = cluster
+    fake.nodes_body = body
+    assert main(["verify", "--kubeconfig", str(write_kubeconfig(tmp_path / "kubeconfig", server))]) == 4
+    err = capsys.readouterr().err
+    assert f"the Kubernetes API at {server} answered to list nodes with a body that {words}" in err, err
+    assert err.count("\n") == 2
+
+
+def test_nodes_of_other_shapes_read_as_unlabelled(cluster: tuple[FakeCluster, str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    fake, server = cluster
+    fake.nodes = [{"metadata": 5}, {"metadata": {"labels": [1]}, "status": "x"}]
+    assert main(["verify", "--kubeconfig", str(write_kubeconfig(tmp_path / "kubeconfig", server))]) == 2
+    assert "no GPU nodes in the cluster" in capsys.readouterr().err
+
+
+HOSTILE_NODE = "gpu-\x1b[31mred\x1b[0m\nINFO forged\u202eline"
+
+
+def test_node_names_reach_tables_and_logs_escaped(cluster: tuple[FakeCluster, str], tmp_path: Path) -> None:
+    fake, server = cluster
+    fake.nodes = [node_json(HOSTILE_NODE, gpu=True)]
+    kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", server))
+    cli = Path(sys.executable).with_name("gl-nvidia")  # a process of its own: its logging as users see it
+    proc = subprocess.run([str(cli), "verify", "--kubeconfig", kubeconfig], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    escaped = "gpu-\\x1b[31mred\\x1b[0m\\nINFO forged\\u202eline"
+    for stream in (proc.stdout, proc.stderr):
+        assert "\x1b" not in stream and "\u202e" not in stream
+        assert "\nINFO forged" not in stream
+    assert f"{escaped}: PASSED" in proc.stderr  # the log line
+    assert escaped in proc.stdout  # the table cell, one line
+
+
+def test_a_huge_cell_is_cut_with_a_marker_and_renders_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    from gl_nvidia import ui
+
+    start = time.monotonic()
+    ui.print_table("CUDA vectorAdd per node", ["node", "result", "detail"],
+                   [["gpu-a", "FAILED", "word " * 200_000], ["gpu-b", "PASSED", "Test PASSED"]])
+    assert time.monotonic() - start < 2  # 22 s before cells were bounded
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if "gpu-a" in line]  # not on a terminal: one line a row
+    assert row.rstrip(" │").endswith(f"word ... ({1_000_000 - ui.MAX_CELL} more characters)")
+    assert len(out) < 10 * ui.MAX_CELL

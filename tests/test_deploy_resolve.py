@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,23 @@ def test_binary_os_release_or_values_is_one_error_line(tmp_path: Path, capsys: p
     text = DATA / "os-release-gardenlinux-1877.3"
     assert main(["resolve", "--os-release", str(text), "--kernel", KERNEL, "--values", str(binary)]) == 2
     assert "values file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("driver", "words"), [
+    ({"repository": "registry.example/UPPER", "version": "590", "usePrecompiled": True}, "invalid image reference"),
+    ({"repository": "gl", "version": "590", "usePrecompiled": True}, "invalid image reference"),  # no registry host
+    ([1], "driver in the Helm values"),
+], ids=["upper-case", "no-host", "driver-not-a-mapping"])
+def test_resolve_prints_nothing_on_stdout_for_a_reference_it_refuses(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], driver: object, words: str) -> None:
+    """`ref=$(gl-nvidia resolve ...)` must never capture a reference the command then refuses."""
+    from gl_nvidia.cli import main
+
+    values = tmp_path / "values.yaml"
+    values.write_text(json.dumps({"driver": driver}))
+    text = DATA / "os-release-gardenlinux-1877.3"
+    for extra in ([], ["--json"]):
+        assert main(["resolve", "--os-release", str(text), "--kernel", KERNEL, "--values", str(values), *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert words in captured.err and captured.err.count("gl-nvidia: error:") == 1

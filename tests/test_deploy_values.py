@@ -184,7 +184,7 @@ def test_shoot_snippet_carries_the_same_settings() -> None:
 def test_yaml_round_trips() -> None:
     v = helm_values(ValuesSettings("590"))
     assert load_yaml(to_yaml(v), "x") == v
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match="malformed YAML"):
         load_yaml("driver: [", "values.yaml")
     with pytest.raises(UserError, match="must be a YAML mapping"):
         load_yaml("- a", "values.yaml")

@@ -130,7 +130,7 @@ def test_output_is_printed_as_it_is_never_as_markup_or_emoji(capsys: pytest.Capt
     ui.stdout.print(error, soft_wrap=True)
     out = capsys.readouterr().out
     assert key in out and "🆎" not in out
-    assert out.count(error) == 1 and "[-Werror=implicit-function-declaration]" in out
+    assert out.count(error) == 2 and "[-Werror=implicit-function-declaration]" in out  # the cell, the line
 
 
 def test_one_retry_loop_for_downloads_and_the_registry() -> None:

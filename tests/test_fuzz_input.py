@@ -16,6 +16,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from gl_nvidia.oci import CONFIG, INDEX, LAYER_GZIP, Layout, Manifest
 from gl_nvidia.registry.transfer import push
+from tests.fixtures.aptrepo import SigningKey, sign_repo, sign_suite
 from tests.fixtures.hostile_registry import HostileRegistry, Request, Response
+from tests.fixtures.kube import GOOD_TOKEN, FakeCluster, node_json, write_kubeconfig
 from tests.fixtures.registry import Registry, free_port
 from tests.test_registry import make_layout
 
@@ -329,3 +332,132 @@ def test_fuzzed_registry_answers(hostile_registry: HostileRegistry, registry: Re
             assert rc in (0, 1, 2), (kind, data, err)
             refused += rc == 2
     assert refused >= 40  # most answers are broken: the error paths were reached
+
+
+# --- issue 21: credentials in kubeconfigs, API server answers, catalog sources, signed apt indexes, values ---
+
+
+def test_fuzzed_kubeconfig_credentials(cluster: tuple[FakeCluster, str], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Tokens and token files as people and attackers write them: one that works is trimmed and used, any
+    other is refused (2) or turned away by the server (4); nothing of a token file ever reaches stderr."""
+    fake, server = cluster
+    kubeconfig, token_file, lock = tmp_path / "kubeconfig", tmp_path / "token", tmp_path / "versions.yaml"
+    lock.write_bytes(offline_lock())
+    seed = f"{GOOD_TOKEN}\n".encode()
+    corpus = [seed, f"  {GOOD_TOKEN}\r\n".encode(), f"{GOOD_TOKEN}\r\nX-Injected: 1\n".encode(),
+              b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n", b"", b"\xff\xfe",
+              "tökén".encode(), b"a\x00b", b"\x1b[2Jok"]
+    worked = 0
+    for i, data in enumerate(corpus + samples(seed, 16, 5)):
+        token_file.write_bytes(data)
+        inline = i % 2 == 1  # every other one as the kubeconfig's own `token`
+        write_kubeconfig(kubeconfig, server, data.decode("utf-8", "replace"), None if inline else token_file)
+        rc, err = run(["preflight", "--kubeconfig", str(kubeconfig), "--lock", str(lock)], capsys)
+        assert rc in (2, 4), (data, err)  # 2: refused here, or the registry of the policy is unreachable
+        worked += "unreachable" in err
+        secret = [w for w in re.split(rb"[\s:]+", data) if len(w) >= 6 and w != GOOD_TOKEN.encode()]
+        assert not any(w.decode("utf-8", "replace") in err for w in secret), (data, err)
+    assert not fake.created and worked >= 2
+
+
+def test_fuzzed_api_server_answers(cluster: tuple[FakeCluster, str], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    fake, server = cluster
+    kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", server))
+    lock = tmp_path / "versions.yaml"
+    lock.write_bytes(offline_lock())
+    seed = json.dumps({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
+                       "items": [node_json("gpu-a", gpu=True), node_json("cpu-1", gpu=False)]}, indent=1).encode()
+    corpus = [b"", b"<html>", b"[]", b'{"items": 5}', b'{"items": [5]}', b'{"items": [{"metadata": []}]}',
+              b"[" * 100_000, b'{"items": [' + b"9" * 5000 + b"]}",
+              seed.replace(b'"gpu-a"', b'"gpu-\\u001b[31ma\\nINFO forged"')]
+    rng = random.Random(SEED + 6)
+    for data in [None, *corpus, *samples(seed, 6, 6), *(mutate_json(rng, seed) for _ in range(16))]:
+        fake.fail_with, fake.nodes_body = (500, None) if data is None else (None, data)
+        rc, err = run(["preflight", "--kubeconfig", kubeconfig, "--lock", str(lock)], capsys)
+        assert rc in (1, 2, 4), (data, err)  # 1: a node the mutation left without NFD labels
+        assert "\x1b" not in err and "\nINFO forged" not in err
+
+
+HOSTILE_JSON: list[object] = [5, -1, 1.5, True, None, "", "x", "../../etc", "570.1.2", "2026-13-45", [], {}, [5], {"a": []},
+                               "\u001b[31m", "9" * 60]
+
+
+def mutate_json(rng: random.Random, data: bytes) -> bytes:
+    """`data` (JSON) with one value, anywhere in it, swapped for a hostile one: still JSON, another shape."""
+    doc = json.loads(data)
+    paths: list[list[str | int]] = []
+
+    def walk(node: object, path: list[str | int]) -> None:
+        paths.append(path)
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for key, child in items:
+            walk(child, [*path, key])
+    walk(doc, [])
+    path = rng.choice(paths[1:])
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = rng.choice(HOSTILE_JSON)
+    return json.dumps(doc).encode()
+
+
+def _resolving_lock(work: Path, apt_key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A lock without `resolved`, its sources a signed copy of the offline snapshot: `matrix` resolves it now."""
+    shutil.copytree(CATALOG, work / "src")
+    sign_repo(work / "src" / "gl-apt", apt_key)
+    monkeypatch.setenv("GL_APT_KEYRING", str(apt_key.keyring))
+    lock = work / "versions.yaml"
+    lock.write_text(offline_lock().decode().split("\nresolved:")[0].replace(str(CATALOG), str(work / "src")) + "\n")
+    return lock
+
+
+def test_fuzzed_catalog_sources(tmp_path: Path, apt_key: SigningKey, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
+    lock = _resolving_lock(tmp_path / "work", apt_key, monkeypatch)
+    argv = ["matrix", "--lock", str(lock), "--today", "2026-11-20", "--format", "json"]
+    assert run(argv, capsys)[0] == 0
+    for name, salt in (("nvidia-releases.json", 7), ("glrd-releases-major.json", 8), ("glrd-releases-minor.json", 9)):
+        path = tmp_path / "work" / "src" / name
+        seed = path.read_bytes()
+        corpus = [b"9" * 5000, b"[" * 100_000, b"[]", b"{}", seed.replace(b'"', b"", 1),
+                  re.sub(rb'"(major|release_version)": "?[0-9.]+"?', lambda m: m.group(0)[:-3] + b"9" * 5000, seed,
+                         count=1)]
+        rng = random.Random(SEED + salt)
+        for data in corpus + samples(seed, 3, salt) + [mutate_json(rng, seed) for _ in range(10)]:
+            path.write_bytes(data)
+            rc, err = run(argv, capsys)
+            assert rc in (0, 2), (name, data[:200], err)
+        path.write_bytes(seed)
+
+
+def test_fuzzed_signed_apt_index(tmp_path: Path, apt_key: SigningKey, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Indexes signed by the trusted key but malformed (a broken archive tool, a compromised one)."""
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
+    lock = _resolving_lock(tmp_path / "work", apt_key, monkeypatch)
+    suite = tmp_path / "work" / "src" / "gl-apt" / "dists" / "2150.9.0"
+    index = suite / "main" / "binary-amd64" / "Packages"
+    seed = index.read_bytes()
+    corpus = [re.sub(rb"Version: \S+", b"Version: ???", seed), re.sub(rb"Size: \d+", b"Size: abc", seed),
+              re.sub(rb"Size: \d+", b"Size: " + b"9" * 5000, seed), re.sub(rb"Version: \S+\n", b"", seed)]
+    for data in corpus + samples(seed, 2, 10):
+        index.write_bytes(data)
+        sign_suite(suite, apt_key)
+        rc, err = run(["matrix", "--lock", str(lock), "--today", "2026-11-20", "--format", "json"], capsys)
+        assert rc in (0, 2), (data[:300], err)
+        assert "???" not in err
+
+
+def test_fuzzed_values_files(registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    values = tmp_path / "values.yaml"
+    assert main(["values", "--lock", "debian", "--repository", f"{registry.host}/fuzz", "--out", str(values)]) == 0
+    seed = values.read_bytes()
+    corpus = [b"driver: [1]\n", b"driver: 5\n", b"driver: {version: " + b"9" * 5000 + b"}\n",
+              b"".join(b" " * i + b"a:\n" for i in range(2000)), b"driver: " + b"[" * 5000, seed.replace(b"driver:", b"driver: !!binary")]
+    for data in corpus + samples(seed, 16, 11):
+        values.write_bytes(data)
+        rc, err = run(["resolve", "--os-release", str(OS_RELEASE), "--kernel", KERNEL, "--values", str(values)], capsys)
+        assert rc in (1, 2), (data[:200], err)

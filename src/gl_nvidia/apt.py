@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # A suite's verified Release is fetched and verified again when older than this.
 RELEASE_TTL_S = 3600.0
 _PKG_LINE = re.compile(rb"^Package: (\S+)$", re.M)
+_SIZE = re.compile(r"[0-9]{1,19}")  # bytes, as apt reads them: decimal, within 64 bits
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 # What apt trusts for a Debian source without Signed-By.
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # OpenPGP hash algorithm ids apt no longer accepts in a Release signature: MD5, SHA1, RIPEMD160.
@@ -142,12 +144,24 @@ def _keyring(signed_by: str) -> Path:
     return Path(value) if value.startswith("/") and "\n" not in value else DEBIAN_KEYRING
 
 
+def _broken(what: str) -> UserError:
+    """A signed index or Release that apt could not use either: the field named, never its text."""
+    return UserError(what, "the repository publishes a broken index: tell its maintainers, or use another mirror")
+
+
 def parse_packages(data: bytes, base_uri: str) -> dict[str, list[AptPackage]]:
     """Parse a `Packages` index into name -> versions (newest first)."""
     index: dict[str, list[AptPackage]] = {}
     for para in Packages.iter_paragraphs(data.decode("utf-8", errors="replace").splitlines(), use_apt_pkg=False):
         if "Package" not in para or "Filename" not in para:
             continue
+        where = f"apt index of {base_uri}: package {para['Package'][:100]}"
+        try:
+            Version(para.get("Version", ""))
+        except ValueError:
+            raise _broken(f"{where} has {'a malformed' if para.get('Version') else 'no'} Version") from None
+        if not _SIZE.fullmatch(para.get("Size", "0")):
+            raise _broken(f"{where} has a malformed Size")
         pkg = AptPackage(
             name=para["Package"],
             version=para["Version"],
@@ -178,6 +192,9 @@ def parse_release(text: str, where: str) -> ReleaseInfo:
             raise UserError(f"apt Release {where} has a malformed Valid-Until: {rel['Valid-Until']!r}") from exc
         if valid_until.tzinfo is None:  # RFC 2822 "-0000": UTC
             valid_until = valid_until.replace(tzinfo=UTC)
+    for f in rel["SHA256"]:
+        if not (_SIZE.fullmatch(f.get("size", "")) and _SHA256.fullmatch(f["sha256"]) and f.get("name")):
+            raise _broken(f"apt Release {where} has a malformed SHA256 line (expected: sha256 size path)")
     return ReleaseInfo(
         files={f["name"]: (int(f["size"]), f["sha256"].lower()) for f in rel["SHA256"]},
         valid_until=valid_until,

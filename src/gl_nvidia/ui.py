@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,14 +27,30 @@ console = Console(stderr=True, markup=False, emoji=False, highlight=False)
 stdout = Console(markup=False, emoji=False, highlight=False)
 log = logging.getLogger("gl_nvidia")
 
+# Characters that steer a terminal or a log reader instead of showing: C0/C1 controls (ESC starts ANSI
+# sequences, CR/LF forge lines), zero-width and bidi formatting marks, line/paragraph separators.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
+# A table cell longer than this is cut (with a marker): rich lays out a megabyte cell for tens of seconds.
+MAX_CELL = 2000
+# Tables on a pipe or in a log: rows as wide as they are, never folded to the 80 columns rich assumes.
+LOG_WIDTH = 100_000
+
+
+def printable(text: str) -> str:
+    """`text` from outside (a node name, an API message, a file) with every control character escaped as
+    Python writes it (`\\x1b`, `\\n`), so it shows as what it is and can neither colour nor forge a line."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class _PrintableFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     # Also the switch for tracebacks of unexpected errors (cli.main), even where logging was set up before.
     log.setLevel(logging.DEBUG if verbose else logging.NOTSET)
     # Library chatter (HTTP connection pools) is noise at INFO.
@@ -41,14 +58,30 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _cell(value: Any) -> str:
+    """A cell's text: a list or tuple is its lines; anything else one line. Control characters are escaped;
+    past MAX_CELL characters the rest is left out (cut before escaping: a megabyte is never walked)."""
+    lines = ["" if v is None else str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    shown: list[str] = []
+    room = MAX_CELL
+    for line in lines:
+        if room <= 0:
+            break
+        shown.append(line[:room])
+        room -= len(shown[-1]) + 1
+    left = sum(map(len, lines)) + len(lines) - sum(map(len, shown)) - len(shown)
+    return "\n".join(printable(line) for line in shown) + (f"... ({left} more characters)" if left else "")
+
+
 def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    table = Table(title=title, show_lines=False)
+    """A table on stdout. Cells are data: a str (or number) is one line, a list or tuple of them its lines."""
+    table = Table(title=printable(title) if title else None, show_lines=False)
     for col in columns:
         # Fold, never truncate: a tag or digest cut to "535-6.1.0-47-clou…" in a CI log is useless.
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    stdout.print(table)
+        table.add_row(*(_cell(v) for v in row))
+    (stdout if stdout.is_terminal else Console(markup=False, emoji=False, highlight=False, width=LOG_WIDTH)).print(table)
 
 
 def print_json(data: Any) -> None:

@@ -216,11 +216,16 @@ def dump(doc: Any) -> str:
     return buf.getvalue()
 
 
-def write_lock(path: Path, doc: CommentedMap) -> None:
-    """Validate the edited document again, then replace the file atomically."""
+def lock_text(path: Path, doc: CommentedMap) -> str:
+    """The edited document as the text of the lock at `path`, validated again."""
     text = dump(doc)
     parse_lock_text(text, str(path))  # a bug that produced an invalid lock must not reach the disk
-    atomic_write_text(path, text)
+    return text
+
+
+def write_lock(path: Path, doc: CommentedMap) -> None:
+    """Validate the edited document again, then replace the file atomically."""
+    atomic_write_text(path, lock_text(path, doc))
 
 
 def resolved_to_yaml(resolved: Resolved) -> CommentedMap:

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gl_nvidia.catalog.lock import describe_validation_error
+from gl_nvidia.catalog.lock import DriverVersion, describe_validation_error
 from gl_nvidia.errors import UserError
 
 
@@ -48,6 +48,12 @@ def _json(data: bytes, what: str, location: str) -> Any:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} is not valid JSON: {location}: {exc}", "check the source file or URL") from exc
+    except ValueError as exc:  # a number Python refuses to read: more than 4300 digits
+        problem = str(exc).split(" for integer string conversion")[0]
+        raise UserError(f"{what} is not valid JSON: {location}: {problem}", "check the source file or URL") from exc
+    except RecursionError as exc:
+        raise UserError(f"{what} is not valid JSON: {location}: nested too deeply",
+                        "check the source file or URL") from exc
 
 
 # --- GLRD -------------------------------------------------------------------------------------------
@@ -174,7 +180,7 @@ class DriverBranch:
 
 
 class _DriverInfo(_Loose):
-    release_version: str
+    release_version: DriverVersion  # becomes a tag and a file name, and is sorted by its numbers
     release_date: str | None = None
 
 

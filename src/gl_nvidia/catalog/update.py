@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gl_nvidia.catalog.changelog import Change, diff
 from gl_nvidia.catalog.history import history_path, history_text, read_history, record
-from gl_nvidia.catalog.lock import read_lock, resolved_to_yaml, write_lock
+from gl_nvidia.catalog.lock import lock_text, read_lock, resolved_to_yaml
 from gl_nvidia.catalog.matrix import build_matrix
 from gl_nvidia.catalog.model import Matrix
 from gl_nvidia.catalog.resolve import SourceOverrides, refresh
@@ -20,13 +20,18 @@ from gl_nvidia.osprofile import os_profile
 class UpdateResult:
     changes: list[Change]
     matrix: Matrix
-    written: tuple[Path, ...]  # files rewritten; empty when nothing changed
+    files: dict[Path, str]  # the new text of each file to rewrite; empty when nothing changed
+
+    def write(self) -> None:
+        for path, text in self.files.items():
+            atomic_write_text(path, text)
 
 
 def update(lock_path: Path, today: date, overrides: SourceOverrides | None = None) -> UpdateResult:
-    """Resolve again; when anything changed, rewrite the lock's `resolved` section and the history.
+    """Resolve again; when anything changed, the new text of the lock (its `resolved` section) and the history.
 
-    Everything is read and validated before the first write, so bad input leaves both files as they were.
+    Nothing is written here: the caller writes them (`write()`) once whatever goes with them (a pull
+    request) succeeded, so a failure leaves both files as they were and a rerun finds the same change.
     """
     lock, doc = read_lock(lock_path)
     hist_path = history_path(lock_path)
@@ -35,8 +40,7 @@ def update(lock_path: Path, today: date, overrides: SourceOverrides | None = Non
     matrix = build_matrix(lock.os.id, new, lock.policy.exclusions)
     changes = diff(lock.resolved, new, lock.policy.branches, os_profile(lock.os.id).name)
     if not changes:
-        return UpdateResult([], matrix, ())
+        return UpdateResult([], matrix, {})
     doc["resolved"] = resolved_to_yaml(new)
-    atomic_write_text(hist_path, history_text(record(history, matrix, today)))
-    write_lock(lock_path, doc)
-    return UpdateResult(changes, matrix, (lock_path, hist_path))
+    return UpdateResult(changes, matrix, {lock_path: lock_text(lock_path, doc),
+                                          hist_path: history_text(record(history, matrix, today))})

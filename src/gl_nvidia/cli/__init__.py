@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="gl-nvidia", standalone_mode=False)
     except UserError as exc:
-        click.echo(f"gl-nvidia: error: {exc.message}", err=True)
+        # Messages quote outside data (node names, index fields): escaped, so each stays one plain line.
+        click.echo(f"gl-nvidia: error: {ui.printable(exc.message)}", err=True)
         if exc.hint:
-            click.echo(f"gl-nvidia: hint: {exc.hint}", err=True)
+            click.echo(f"gl-nvidia: hint: {ui.printable(exc.hint)}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so in one line, with its own exit code (1 means a check said no)
         if ui.log.isEnabledFor(logging.DEBUG):
             traceback.print_exc()
-        first = next(iter(str(exc).splitlines()), "")
+        first = ui.printable(next(iter(str(exc).splitlines()), ""))
         click.echo(f"gl-nvidia: error: unexpected {type(exc).__name__}" + (f": {first}" if first else ""), err=True)
         click.echo("gl-nvidia: hint: this is a bug in gl-nvidia; rerun with -v for the traceback and report it",
                    err=True)

@@ -127,20 +127,23 @@ def update_cmd(lock: Path, today: str | None, glrd: tuple[str, ...], nvidia: str
                         os.environ.get("GITHUB_TOKEN", ""), repo or os.environ.get("GITHUB_REPOSITORY", ""))
     day = _today(today)
     result = update(lock, day, SourceOverrides(glrd, nvidia, apt_repository))
+    proposal = None
+    if github is not None and result.changes:  # first: the lock is rewritten only once the PR holds the change
+        body = "\n".join(f"- {c.text}" for c in result.changes)
+        body += f"\n\n{len(result.matrix.cells)} cells, {len(result.matrix.units)} build units, " \
+                f"{len(result.matrix.excluded)} exclusions. Resolved by `gl-nvidia update` on {day}."
+        files = {os.path.relpath(p, Path.cwd()): text for p, text in result.files.items()}
+        proposal = github.propose(PR_BRANCH, files, f"Update driver catalog ({day})", body)
+    result.write()
     if as_json:
         ui.print_json({"changes": [c.as_dict() for c in result.changes],
-                       "written": [str(p) for p in result.written]})
+                       "written": [str(p) for p in result.files]})
     elif not result.changes:
         click.echo("no changes")
     else:
         for change in result.changes:
             click.echo(f"- {change.text}")
-    if github is not None and result.changes:
-        body = "\n".join(f"- {c.text}" for c in result.changes)
-        body += f"\n\n{len(result.matrix.cells)} cells, {len(result.matrix.units)} build units, " \
-                f"{len(result.matrix.excluded)} exclusions. Resolved by `gl-nvidia update` on {day}."
-        files = {os.path.relpath(p, Path.cwd()): p.read_text() for p in result.written}
-        proposal = github.propose(PR_BRANCH, files, f"Update driver catalog ({day})", body)
+    if proposal is not None:
         verb = "opened" if proposal.created else "updated"
         click.echo(f"{verb} pull request #{proposal.number}: {proposal.url}", err=True)
 

@@ -81,6 +81,7 @@ def resolve_cmd(os_release: Path, kernel: str, values_file: Path | None, registr
                 as_json: bool, lock: str) -> None:
     """The exact image the GPU Operator pulls for such a node, and whether it exists."""
     from gl_nvidia.deploy.registry import image_exists
+    from gl_nvidia.registry.client import Reference
 
     if values_file is not None:
         values = values_mod.load_yaml(_read_text(values_file, "values file"), str(values_file))
@@ -91,6 +92,7 @@ def resolve_cmd(os_release: Path, kernel: str, values_file: Path | None, registr
     spec = resolve_mod.DriverSpec.from_values(values)
     node = resolve_mod.node_os(resolve_mod.parse_os_release(_read_text(os_release, "os-release")), kernel, values)
     res = resolve_mod.resolve(spec, node)
+    Reference.parse(res.reference)  # decided before anything is printed: stdout never holds a refused reference
     exists: bool | None = None
     try:
         exists = image_exists(res.reference)
@@ -258,9 +260,9 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
                        if version is not None else None})
     else:
         ui.print_table("release", ["unit", "modules", "tags", "digest", "status"],
-                       [[f"{u.unit.kernel}\n{u.unit.driver_version} {u.unit.arch}",
-                         "\n".join([",".join(u.unit.module_types), *(f"no {t}: {r}" for t, r in u.left_out)]),
-                         "\n".join(u.tags), (u.digest or "-").removeprefix("sha256:")[:12], u.status]
+                       [[(u.unit.kernel, f"{u.unit.driver_version} {u.unit.arch}"),
+                         [",".join(u.unit.module_types), *(f"no {t}: {r}" for t, r in u.left_out)],
+                         list(u.tags), (u.digest or "-").removeprefix("sha256:")[:12], u.status]
                         for u in result.units])
     branch = result.values_branch
     if branch is not None:

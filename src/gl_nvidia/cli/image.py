@@ -81,7 +81,7 @@ def image_cmd(
         ui.print_json([i.as_dict() for i in images])
         return
     ui.print_table(f"images in {out}", ["kernel", "digest", "size MB", "modules", "tags"],
-                   [(i.kernel, i.digest[:19], f"{i.size / 1e6:.1f}", ",".join(i.module_types), "\n".join(i.tags))
+                   [(i.kernel, i.digest[:19], f"{i.size / 1e6:.1f}", ",".join(i.module_types), list(i.tags))
                     for i in images])
 
 
@@ -176,7 +176,7 @@ def _report(results: list[PushResult], as_json: bool) -> None:
         return
     ui.print_table(None, ["repository", "digest", "uploaded", "skipped", "mounted", "MB sent", "tags"],
                    [(r.repository, r.digest[:19], r.uploaded, r.skipped, r.mounted, f"{r.bytes_uploaded / 1e6:.1f}",
-                     "\n".join(r.tags)) for r in results])
+                     list(r.tags)) for r in results])
 
 
 COMMANDS: list[click.Command] = [image_cmd, push_cmd, mirror_cmd, sign_cmd, verify_image_cmd]

@@ -38,10 +38,15 @@ class NodeFacts:
         return os_profile(self.os_id or "").kernel_flavour(self.kernel or self.kubelet_kernel)
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """A field of a Node that should be an object; anything else (an API server we cannot trust) reads as empty."""
+    return value if isinstance(value, dict) else {}
+
+
 def node_facts(node: dict[str, Any]) -> NodeFacts:
-    meta = node.get("metadata") or {}
-    labels: dict[str, str] = meta.get("labels") or {}
-    info = (node.get("status") or {}).get("nodeInfo") or {}
+    meta = _object(node.get("metadata"))
+    labels = {str(k): str(v) for k, v in _object(meta.get("labels")).items()}
+    info = _object(_object(node.get("status")).get("nodeInfo"))
     return NodeFacts(
         name=str(meta.get("name", "")),
         arch=labels.get("kubernetes.io/arch") or str(info.get("architecture", "")),

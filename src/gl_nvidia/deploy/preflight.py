@@ -128,6 +128,9 @@ def cluster_spec(policies: list[dict[str, Any]], lock: Lock, registry: str | Non
     `registry` checks a mirror instead of its driver.repository."""
     if policies:
         values = policies[0].get("spec") or {}
+        if not isinstance(values, dict):
+            raise UserError("the cluster's ClusterPolicy has a spec that is not an object",
+                            "check it with `kubectl get clusterpolicies -o yaml`")
     else:
         log.warning("no ClusterPolicy in the cluster: checking the values gl-nvidia generates")
         values = generated_values(lock)

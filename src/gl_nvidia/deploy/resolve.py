@@ -34,6 +34,9 @@ class DriverSpec:
     def from_values(cls, values: dict[str, Any]) -> DriverSpec:
         """From Helm values or a ClusterPolicy `spec` (same `driver` shape)."""
         driver = values.get("driver") or {}
+        if not isinstance(driver, dict):
+            raise UserError("driver in the Helm values (or the ClusterPolicy's spec) is not a mapping",
+                            "set driver.repository, driver.image and driver.version")
         return cls(
             repository=str(driver.get("repository") or ""),
             image=str(driver.get("image") or DEFAULT_IMAGE),

@@ -13,9 +13,9 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from gl_nvidia import yamldoc
 from gl_nvidia.errors import UserError
 from gl_nvidia.osprofile import GARDENLINUX
-from gl_nvidia.yamldoc import check_nesting
 
 # Where Garden Linux publishes its driver images (seed documents).
 DEFAULT_REPOSITORY = "ghcr.io/gardenlinux/gardenlinux-nvidia-installer"
@@ -145,11 +145,7 @@ def to_yaml(data: dict[str, Any]) -> str:
 
 
 def load_yaml(text: str, what: str) -> dict[str, Any]:
-    check_nesting(text, what)
-    try:
-        data = YAML(typ="safe").load(text)
-    except Exception as exc:  # ruamel raises many types; all mean "not YAML"
-        raise UserError(f"{what} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = yamldoc.load(YAML(typ="safe"), text, what)
     if data is None:
         return {}
     if not isinstance(data, dict):
