@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gl_nvidia import bundle as b
 from gl_nvidia import ui
+from gl_nvidia.build import nvfs
 from gl_nvidia.build.compile import CompiledSet, compile_set
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders, compiler_mismatch
 from gl_nvidia.build.modsign import ModuleSigner
@@ -115,6 +116,10 @@ def build_unit(
         sets[mtype] = cs
         # The bundle's copy of the log: the cache's is an implementation detail.
         outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, out / log_path(unit.kernel, mtype))
+    # GPUDirect Storage's nvidia-fs joins each built set whose nvidia.ko it passes the gate against.
+    sets, left_out = nvfs.add_to_sets(sets, inputs.module_sources, hdrs, env, toolchain,
+                                      nvfs.repo_for(source, unit.arch), jobs=jobs or os.cpu_count() or 1)
+    inputs = dataclasses.replace(inputs, left_out={**inputs.left_out, **left_out})
     manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug, signer=signer)
     for component, why in inputs.left_out.items():
         log.warning("%s: %s left out of the image: %s", unit.key, component, why)

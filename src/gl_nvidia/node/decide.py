@@ -16,6 +16,7 @@ MACHINE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # Load order: each module depends on the ones before it.
 MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
 PEERMEM = "nvidia-peermem"
+NVIDIA_FS = "nvidia-fs"  # GPUDirect Storage, loaded when GDS_ENABLED=true
 CONF_DIR = "/drivers"
 
 
@@ -267,6 +268,14 @@ def modules_to_load(node: Node, rdma_enabled: bool, host_mofed: bool) -> tuple[s
     if rdma_enabled and host_mofed and node.mellanox:
         return (*MODULES, PEERMEM)
     return MODULES
+
+
+def gds_enabled(value: str) -> bool:
+    """GDS_ENABLED (the GPU Operator's name on the driver container): true or false, nothing else."""
+    if value.strip().lower() not in ("true", "false"):
+        raise NodeError(f"GDS_ENABLED={value!r} is not true or false",
+                        "set GDS_ENABLED to true (load nvidia-fs) or false in driver.env")
+    return value.strip().lower() == "true"
 
 
 # HMM in nvidia-uvm exists only in the open modules (from branch 535); the seed installer turns it off

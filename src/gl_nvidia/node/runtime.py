@@ -120,6 +120,8 @@ class Runtime:
         choice = decide.choose_module_type(requested, self.image.driver_branch, node.gpus, usable)
         modules = decide.modules_to_load(node, self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true",
                                          self.env.get("USE_HOST_MOFED", "false") == "true")
+        if decide.gds_enabled(self.env.get("GDS_ENABLED", "false")):
+            modules = (*modules, decide.NVIDIA_FS)
         return Plan(node, kernel, choice, modules)
 
     def _kernels(self) -> list[str]:
@@ -289,7 +291,10 @@ class Runtime:
         t = plan.module_type.module_type
         missing = [f"{m}.ko" for m in plan.modules if not self.image.has_module(plan.kernel, t, m)]
         if missing:
-            raise NodeError(f"this image lacks {', '.join(missing)} for kernel {plan.kernel}",
+            left = [f"{m}: {self.image.left_out[m]}" for m in (decide.NVIDIA_FS,) if f"{m}.ko" in missing
+                    and m in self.image.left_out]  # GDS: the build names why it did not ship nvidia-fs
+            raise NodeError(f"this image lacks {', '.join(missing)} for kernel {plan.kernel}"
+                            + (f" (the build left out {'; '.join(left)})" if left else ""),
                             "rebuild the image from a complete bundle")
         return self._modules(plan.kernel, t, plan.modules, plan.node.kernel)
 
@@ -472,7 +477,7 @@ class Runtime:
 
     def _unload(self) -> bool:
         """rmmod the NVIDIA modules unless something holds them; then say who does. True when none is left."""
-        order = [PEERMEM, "nvidia-modeset", "nvidia-uvm", "nvidia", "nvidia-drm"]
+        order = [decide.NVIDIA_FS, PEERMEM, "nvidia-modeset", "nvidia-uvm", "nvidia", "nvidia-drm"]
         refcnt = {}
         for m in order:
             text = self.host.read_opt(f"/sys/module/{sysfs_name(m)}/refcnt")
