@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import UnitResult
+from gl_nvidia.build import DebianSource, UnitResult
 from gl_nvidia.build.abi import KernelAbi, ModuleElf, check_bundle, read_module
 from gl_nvidia.build.kenv import AptEnv
 from gl_nvidia.build.nvfs import (
@@ -131,6 +131,13 @@ def test_symbol_get_of_non_gpl_exports_passes_only_before_the_kernel_refused_it(
                                                   ((6, 12, 0), True)])
 def test_which_kernels_refuse_symbol_get_of_non_gpl_exports(version: tuple[int, int, int], refused: bool) -> None:
     assert symbol_get_gpl_only(version) is refused
+
+
+def test_a_new_nvidia_fs_dkms_is_an_input_of_every_debian_unit() -> None:
+    """release rebuilds a unit when Debian uploads another nvidia-fs-dkms (its sha256 is in the checksums)."""
+    sums = DebianSource().checksums("535.309.01", "amd64")
+    (deb,) = [name for name in sums if name.startswith("nvidia-fs-dkms_")]
+    assert deb.endswith("_amd64.deb") and len(sums[deb]) == 64
 
 
 def test_upstream_version_of_debians_package() -> None:

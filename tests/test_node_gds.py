@@ -73,3 +73,18 @@ def test_bad_gds_enabled_is_one_line_before_anything_starts(tmp_path: Path, valu
     assert exc.value.message == f"GDS_ENABLED={value!r} is not true or false"
     assert "\n" not in exc.value.message and exc.value.hint
     assert k.names() == []  # nothing inserted, mounted or started
+
+
+def test_a_process_holding_nvidia_keeps_the_driver_although_nvidia_fs_holds_nothing(tmp_path: Path) -> None:
+    """nvidia-fs 2.13.5 is no dependant of nvidia while closed: it must not stand in for a real holder."""
+    rt, k = fake_node(tmp_path, "h100", _image(tmp_path / "image", nvidia_fs=True), GDS_ENABLED="true")
+
+    def wait(timeout: float | None) -> bool:  # a process opens /dev/nvidiactl while the driver runs
+        nv = rt.host.path("/sys/module/nvidia/refcnt")
+        nv.write_text(f"{int(nv.read_text()) + 1}\n")
+        return True
+
+    rt.wait = wait
+    rt.init()
+    assert not [c for c in k.names() if c.startswith("rmmod")]
+    assert 'msg="driver in use, modules stay loaded"' in rt.log.stream.getvalue()  # type: ignore[attr-defined]

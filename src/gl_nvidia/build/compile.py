@@ -47,7 +47,8 @@ class CompiledSet:
     abi_gate: AbiGate | None
     error: str | None
     cached: bool  # True when nothing was compiled for it in this run
-    files: dict[str, Path] = field(default_factory=dict)  # modules kept in another cache entry (nvidia-fs.ko)
+    # modules kept in another cache entry of the same layout (ko/, debug/): nvidia-fs.ko
+    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def log_file(self) -> Path:
@@ -55,6 +56,10 @@ class CompiledSet:
 
     def ko_files(self) -> list[Path]:
         return [self.files.get(m.name, self.entry / "ko" / m.name) for m in self.modules]
+
+    def debug_files(self) -> list[Path]:
+        """The unstripped copies of `files` (those of the set's own modules are under `entry/debug`)."""
+        return [ko.parent.parent / "debug" / ko.name for ko in self.files.values()]
 
     @property
     def parts_dir(self) -> Path:

@@ -39,21 +39,21 @@ from gl_nvidia import bundle as b
 from gl_nvidia.build.abi import KernelAbi, ModuleElf, gate, kernel_abi, read_module
 from gl_nvidia.build.compile import CompiledSet, first_error
 from gl_nvidia.build.kenv import NVIDIA_ARCH, KernelEnv, KernelHeaders
-from gl_nvidia.build.sources import DebianSource, DriverSource, ModuleSource
+from gl_nvidia.build.sources import DEBIAN_NVIDIA_FS, DebianSource, DriverSource, ModuleSource
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "nvidia-fs-dkms"
+PACKAGE = DEBIAN_NVIDIA_FS
 MODULE = "nvidia-fs.ko"
 COMPONENT = "nvidia-fs"  # its key in the bundle's left_out
 # gdrdrv (GDRCopy) is the other module the GPU Operator's sidecars compile on the node.
 GDRCOPY_LEFT_OUT = ("no gdrdrv source is reachable from the build: NVIDIA publishes it only on GitHub "
                     "(NVIDIA/gdrcopy) and Debian packages no gdrcopy; GDRCopy needs the operator's "
                     "on-node compile (usePrecompiled: false)")
-RECIPE = 1
+RECIPE = 2  # 2: the unstripped module kept under debug/ (--keep-debug)
 # include/linux/license.h: license_is_gpl_compatible
 GPL_COMPATIBLE = ("GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL", "Dual MIT/GPL", "Dual MPL/GPL")
 # Where __symbol_get of an export that is not EXPORT_SYMBOL_GPL fails: every series from 6.6, and these
@@ -91,7 +91,7 @@ class NvidiaExports:
 
 @dataclass(frozen=True)
 class NvfsBuild:
-    entry: Path  # cache entry: ko/nvidia-fs.ko, build.log, result.json
+    entry: Path  # cache entry: ko/nvidia-fs.ko (stripped), debug/nvidia-fs.ko, build.log, result.json
     version: str
     status: str  # "ok" | "failed"
     module: b.ModuleFile | None
@@ -294,8 +294,10 @@ def _collect(tree: Path, dest: Path, src: NvfsSource, hdrs: KernelHeaders, nvidi
         err = first_error(build_log.read_text(errors="replace")) if returncode else f"make built no {MODULE}"
         return {**result, "status": "failed", "error": err.replace(f"{tree}/", "")}
     (dest / "ko").mkdir()
+    (dest / "debug").mkdir()
     shipped = dest / "ko" / MODULE
     run([hdrs.tool("strip"), "--strip-debug", "-o", shipped, ko])
+    shutil.copyfile(ko, dest / "debug" / MODULE)
     info = read_module(shipped)
     module = b.ModuleFile(MODULE, sha256_file(shipped), shipped.stat().st_size, ko.stat().st_size,
                           info.vermagic, info.srcversion)

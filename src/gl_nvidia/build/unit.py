@@ -246,7 +246,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
             modules = _write_split_parts(root, hdrs.kernel, cs, modules, signed)
         if keep_debug and cs.status == "ok" and (cs.entry / "debug").is_dir():
             with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
-                for ko in (cs.entry / "debug").iterdir():
+                for ko in (*(cs.entry / "debug").iterdir(), *cs.debug_files()):
                     shutil.copyfile(ko, tmp / ko.name)
         module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, modules, cs.abi_gate, cs.error, log_rel)
     kernels = dict(old.kernels) if old else {}

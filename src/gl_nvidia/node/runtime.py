@@ -485,7 +485,10 @@ class Runtime:
                 refcnt[m] = int(text.strip())
         if not refcnt:
             return True
-        if decide.in_use(refcnt) or "nvidia-drm" in refcnt:
+        # nvidia-fs that binds nvidia_p2p_* with symbol_get (2.13.5) holds nvidia only while it is open
+        fs_idle = refcnt.get(decide.NVIDIA_FS) == 0 and "nvidia_fs" not in self.host.listdir("/sys/module/nvidia/holders")
+        if decide.in_use({m: n for m, n in refcnt.items() if not (fs_idle and m == decide.NVIDIA_FS)}) \
+                or "nvidia-drm" in refcnt:
             self.log.warn("driver in use, modules stay loaded", holders=self._holders() or "unknown",
                           refcnt=",".join(f"{m}={n}" for m, n in refcnt.items()))
             return False
