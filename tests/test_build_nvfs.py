@@ -15,19 +15,24 @@ from pathlib import Path
 
 import pytest
 
+from gl_nvidia import apt
 from gl_nvidia import bundle as b
 from gl_nvidia.build import DebianSource, UnitResult
 from gl_nvidia.build.abi import KernelAbi, ModuleElf, check_bundle, read_module
-from gl_nvidia.build.kenv import AptEnv
+from gl_nvidia.build.compile import CompiledSet
+from gl_nvidia.build.kenv import AptEnv, DirEnv, KernelHeaders, KmodbuildEnv
 from gl_nvidia.build.nvfs import (
     GDRCOPY_LEFT_OUT,
     Export,
     NvidiaExports,
+    add_to_sets,
     gate_nvfs,
+    source,
     symbol_get_gpl_only,
     symbol_get_names,
     upstream_version,
 )
+from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.fs import sha256_file
 from tests.fixtures.bundle import DEBIAN_KERNEL
 from tests.test_build_stage import OPEN_OK_KERNEL, open_bundle
@@ -138,6 +143,21 @@ def test_a_new_nvidia_fs_dkms_is_an_input_of_every_debian_unit() -> None:
     sums = DebianSource().checksums("535.309.01", "amd64")
     (deb,) = [name for name in sums if name.startswith("nvidia-fs-dkms_")]
     assert deb.endswith("_amd64.deb") and len(sums[deb]) == 64
+
+
+def test_where_nvidia_fs_cannot_be_built_the_bundle_says_why(tmp_path: Path) -> None:
+    nvidia = b.ModuleFile("nvidia.ko", "0" * 64, 1, 1, VERMAGIC, "x")
+    cs = CompiledSet(tmp_path, "open", "550.163.01", "ok", (nvidia,), b.AbiGate(True), None, True)
+    src = {"open": ModuleSource("open", "550.163.01", tmp_path, "0" * 64)}
+    hdrs = KernelHeaders(KERNEL, tmp_path, tmp_path, "0" * 64, "gcc-12", "amd64")
+    sets, left = add_to_sets({"open": cs}, src, hdrs, KmodbuildEnv("1877.3"), "gcc-12", None, jobs=1)
+    assert sets == {"open": cs} and left == {
+        "gdrcopy": GDRCOPY_LEFT_OUT, "nvidia-fs": "built only with --env apt or dir (this unit: --env kmodbuild)"}
+    _, left = add_to_sets({"open": cs}, src, hdrs, DirEnv(tmp_path), "gcc-12", None, jobs=1)
+    assert left["nvidia-fs"] == "no apt repository to take nvidia-fs-dkms from"
+    # bookworm packages it for amd64 only
+    arm64 = apt.AptRepo([s for s in apt.system_sources() if s.suite.startswith("bookworm")], arch="arm64")
+    assert source(arm64) == f"no nvidia-fs-dkms for arm64 in {arm64.describe()}"
 
 
 def test_upstream_version_of_debians_package() -> None:
