@@ -27,6 +27,8 @@ from gl_nvidia.build.nvfs import (
     NvidiaExports,
     add_to_sets,
     gate_nvfs,
+    gpl_only_symbols,
+    kernel_version,
     source,
     symbol_get_gpl_only,
     symbol_get_names,
@@ -158,6 +160,13 @@ def test_where_nvidia_fs_cannot_be_built_the_bundle_says_why(tmp_path: Path) -> 
     # bookworm packages it for amd64 only
     arm64 = apt.AptRepo([s for s in apt.system_sources() if s.suite.startswith("bookworm")], arch="arm64")
     assert source(arm64) == f"no nvidia-fs-dkms for arm64 in {arm64.describe()}"
+
+
+def test_the_kernels_version_and_gpl_only_exports_from_its_headers(debian_headers: KernelHeaders) -> None:
+    version = kernel_version(debian_headers.sysout)  # Debian's 6.1.0-56 is Linux 6.1.<sublevel>
+    assert version[:2] == (6, 1) and symbol_get_gpl_only(version)
+    gpl = gpl_only_symbols(debian_headers.sysout)
+    assert "__symbol_get" in gpl and "filp_open" not in gpl
 
 
 def test_upstream_version_of_debians_package() -> None:

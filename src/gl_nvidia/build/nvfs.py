@@ -92,12 +92,10 @@ class NvidiaExports:
 @dataclass(frozen=True)
 class NvfsBuild:
     entry: Path  # cache entry: ko/nvidia-fs.ko (stripped), debug/nvidia-fs.ko, build.log, result.json
-    version: str
     status: str  # "ok" | "failed"
     module: b.ModuleFile | None
     abi_gate: b.AbiGate | None
     error: str | None
-    cached: bool
 
     @property
     def ko(self) -> Path:
@@ -175,12 +173,12 @@ def symbol_get_names(ko: Path) -> frozenset[str]:
 
 def kernel_version(sysout: Path) -> tuple[int, int, int]:
     """The kernel's upstream version (6.1.192 for Debian's 6.1.0-56), from its generated version.h."""
-    text = (sysout / "include/generated/uapi/linux/version.h").read_text()
-    fields = {k: int(v) for k, v in re.findall(r"#define LINUX_VERSION_(MAJOR|PATCHLEVEL|SUBLEVEL) (\d+)", text)}
+    version_h = sysout / "include/generated/uapi/linux/version.h"
+    fields = dict(re.findall(r"#define LINUX_VERSION_(MAJOR|PATCHLEVEL|SUBLEVEL) (\d+)",
+                             version_h.read_text() if version_h.is_file() else ""))
     if len(fields) != 3:
-        code = int(re.search(r"#define LINUX_VERSION_CODE (\d+)", text).group(1))  # type: ignore[union-attr]
-        return code >> 16, (code >> 8) & 0xFF, code & 0xFF
-    return fields["MAJOR"], fields["PATCHLEVEL"], fields["SUBLEVEL"]
+        raise UserError(f"{version_h} does not give the kernel's version", "point at a kernel's build headers (5.15 or later)")
+    return int(fields["MAJOR"]), int(fields["PATCHLEVEL"]), int(fields["SUBLEVEL"])
 
 
 def symbol_get_gpl_only(version: tuple[int, int, int]) -> bool:
@@ -249,7 +247,6 @@ def build(src: NvfsSource, hdrs: KernelHeaders, toolchain: str, nvidia: Compiled
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not cache_hit(entry):
             _compile(entry, src, hdrs, nvidia.entry / "ko" / "nvidia.ko", nv_source, jobs)
-            return replace(_load(entry), cached=False)
         return _load(entry)
 
 
@@ -311,9 +308,8 @@ def _collect(tree: Path, dest: Path, src: NvfsSource, hdrs: KernelHeaders, nvidi
 def _load(entry: Path) -> NvfsBuild:
     d = json.loads((entry / "result.json").read_text())
     g = d["abi_gate"]
-    return NvfsBuild(entry, d["version"], d["status"], b.module_file(d["module"]) if d["module"] else None,
-                     b.AbiGate(g["ok"], tuple(g["problems"]), tuple(g["evidence"])) if g else None,
-                     d.get("error"), cached=True)
+    return NvfsBuild(entry, d["status"], b.module_file(d["module"]) if d["module"] else None,
+                     b.AbiGate(g["ok"], tuple(g["problems"]), tuple(g["evidence"])) if g else None, d.get("error"))
 
 
 # --- into the unit's module sets ------------------------------------------------------------------
