@@ -17,7 +17,7 @@ import pytest
 
 from gl_nvidia import apt
 from gl_nvidia import bundle as b
-from gl_nvidia.build import DebianSource, UnitResult
+from gl_nvidia.build import DebianSource, UnitResult, build_unit
 from gl_nvidia.build.abi import KernelAbi, ModuleElf, check_bundle, read_module
 from gl_nvidia.build.compile import CompiledSet
 from gl_nvidia.build.kenv import AptEnv, DirEnv, KernelHeaders, KmodbuildEnv
@@ -36,8 +36,8 @@ from gl_nvidia.build.nvfs import (
 )
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.fs import sha256_file
-from tests.fixtures.bundle import DEBIAN_KERNEL
-from tests.test_build_stage import OPEN_OK_KERNEL, open_bundle
+from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT
+from tests.test_build_stage import OPEN_OK_KERNEL, UNIT_47, open_bundle
 
 __all__ = ["open_bundle"]  # the qemu boot takes it from here
 
@@ -67,19 +67,30 @@ def test_nvidia_fs_ships_in_the_open_set_it_passed_the_gate_with(open_bundle: tu
     # the kernel's own gate (check-modules) passes the set, nvidia-fs.ko with it
     headers = AptEnv().headers(OPEN_OK_KERNEL, "amd64")
     assert check_bundle(bundle_dir, headers.sysout)[(OPEN_OK_KERNEL, "open")].ok
-    assert manifest.left_out["gdrcopy"] == GDRCOPY_LEFT_OUT and "nvidia-fs" not in manifest.left_out
+    assert manifest.left_out["gdrcopy"] == GDRCOPY_LEFT_OUT and not [k for k in manifest.left_out if "nvidia-fs" in k]
 
 
 @pytest.mark.slow
 def test_nvidia_fs_is_left_out_beside_proprietary_modules_with_the_kernels_reason(debian_bundle: Path) -> None:
     manifest = b.BundleManifest.load(debian_bundle)
-    assert manifest.left_out["nvidia-fs"] == (
-        f"nvidia-fs 2.13.5 for {DEBIAN_KERNEL}: proprietary: ABI gate: nvidia-fs.ko: binds {', '.join(P2P)} with "
+    assert manifest.left_out[f"nvidia-fs {DEBIAN_KERNEL}"] == (
+        f"nvidia-fs 2.13.5: proprietary: ABI gate: nvidia-fs.ko: binds {', '.join(P2P)} with "
         "symbol_get, which Linux 6.1.192 refuses for exports that are not EXPORT_SYMBOL_GPL, and nvidia.ko "
         "(license 'NVIDIA') exports them with EXPORT_SYMBOL: GDS needs the open kernel modules")
     ms = manifest.kernels[DEBIAN_KERNEL].module_sets["proprietary"]
     assert ms.status == "ok" and "nvidia-fs.ko" not in {m.name for m in ms.modules}
     assert not (b.modules_dir(debian_bundle, DEBIAN_KERNEL, "proprietary") / "nvidia-fs.ko").exists()
+
+
+@pytest.mark.slow
+def test_a_bundle_keeps_each_kernels_reason_when_another_kernel_is_added(tmp_path: Path) -> None:
+    """One bundle, two units: 6.1.0-56's reason stays when 6.1.0-47 (which ships nvidia-fs) is built after it."""
+    out = tmp_path / "bundle"
+    for unit, types in ((DEBIAN_UNIT, ("proprietary",)), (UNIT_47, ("open",))):
+        assert build_unit(unit, out, source=DebianSource(), env=AptEnv(), module_types=types).ok
+    left = b.BundleManifest.load(out).left_out
+    assert left[f"nvidia-fs {DEBIAN_KERNEL}"].startswith("nvidia-fs 2.13.5: proprietary: ABI gate: ")
+    assert f"nvidia-fs {OPEN_OK_KERNEL}" not in left
 
 
 # --- the gate on the other shapes (no compile) ------------------------------------------------------------
@@ -154,9 +165,9 @@ def test_where_nvidia_fs_cannot_be_built_the_bundle_says_why(tmp_path: Path) -> 
     hdrs = KernelHeaders(KERNEL, tmp_path, tmp_path, "0" * 64, "gcc-12", "amd64")
     sets, left = add_to_sets({"open": cs}, src, hdrs, KmodbuildEnv("1877.3"), "gcc-12", None, jobs=1)
     assert sets == {"open": cs} and left == {
-        "gdrcopy": GDRCOPY_LEFT_OUT, "nvidia-fs": "built only with --env apt or dir (this unit: --env kmodbuild)"}
+        "gdrcopy": GDRCOPY_LEFT_OUT, f"nvidia-fs {KERNEL}": "built only with --env apt or dir (this unit: --env kmodbuild)"}
     _, left = add_to_sets({"open": cs}, src, hdrs, DirEnv(tmp_path), "gcc-12", None, jobs=1)
-    assert left["nvidia-fs"] == "no apt repository to take nvidia-fs-dkms from"
+    assert left[f"nvidia-fs {KERNEL}"] == "no apt repository to take nvidia-fs-dkms from"
     # bookworm packages it for amd64 only
     arm64 = apt.AptRepo([s for s in apt.system_sources() if s.suite.startswith("bookworm")], arch="arm64")
     assert source(arm64) == f"no nvidia-fs-dkms for arm64 in {arm64.describe()}"

@@ -14,8 +14,8 @@ from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.image import Image
 from tests.fixtures.node import KERNEL, fake_node, make_image, make_ko
 
-WHY = ("nvidia-fs 2.13.5 for 6.1.0-56-cloud-amd64: proprietary: ABI gate: nvidia-fs.ko: binds nvidia_p2p_get_pages "
-       "with symbol_get, which Linux 6.1.192 refuses for exports that are not EXPORT_SYMBOL_GPL")
+WHY = ("nvidia-fs 2.13.5: proprietary: ABI gate: nvidia-fs.ko: binds nvidia_p2p_get_pages with symbol_get, which "
+       "Linux 6.1.192 refuses for exports that are not EXPORT_SYMBOL_GPL")
 
 
 def _image(root: Path, nvidia_fs: bool, left_out: dict[str, str] | None = None) -> Image:
@@ -53,7 +53,7 @@ def test_without_gds_nvidia_fs_stays_out(tmp_path: Path) -> None:
 
 
 def test_gds_on_an_image_without_nvidia_fs_names_the_builds_reason_and_touches_nothing(tmp_path: Path) -> None:
-    rt, k = fake_node(tmp_path, "h100", _image(tmp_path / "image", nvidia_fs=False, left_out={"nvidia-fs": WHY}),
+    rt, k = fake_node(tmp_path, "h100", _image(tmp_path / "image", nvidia_fs=False, left_out={f"nvidia-fs {KERNEL}": WHY, "nvidia-fs 6.1.0-47-cloud-amd64": "another kernel's"}),
                       GDS_ENABLED="true")
     with pytest.raises(NodeError) as exc:
         rt.init()

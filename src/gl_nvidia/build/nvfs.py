@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = DEBIAN_NVIDIA_FS
 MODULE = "nvidia-fs.ko"
-COMPONENT = "nvidia-fs"  # its key in the bundle's left_out
+COMPONENT = "nvidia-fs"  # left_out["nvidia-fs <kernel>"]: why that kernel's image has none
 # gdrdrv (GDRCopy) is the other module the GPU Operator's sidecars compile on the node.
 GDRCOPY_LEFT_OUT = ("no gdrdrv source is reachable from the build: NVIDIA publishes it only on GitHub "
                     "(NVIDIA/gdrcopy) and Debian packages no gdrcopy; GDRCopy needs the operator's "
@@ -318,22 +318,22 @@ def add_to_sets(sets: Mapping[str, CompiledSet], module_sources: Mapping[str, Mo
                 env: KernelEnv, toolchain: str, repo: apt.AptRepo | None, *,
                 jobs: int) -> tuple[dict[str, CompiledSet], dict[str, str]]:
     """Each built module set with nvidia-fs built against its nvidia.ko, when that passes the gate; and
-    what the image will lack ({"nvidia-fs": why, "gdrcopy": why}).
+    what the image will lack ({"nvidia-fs <kernel>": why, "gdrcopy": why}).
 
     `repo`: where nvidia-fs-dkms comes from (None: no apt repository here)."""
-    left = {"gdrcopy": GDRCOPY_LEFT_OUT}
+    left, key = {"gdrcopy": GDRCOPY_LEFT_OUT}, f"{COMPONENT} {hdrs.kernel}"
     built = {t: cs for t, cs in sets.items()
              if cs.status == "ok" and t in module_sources and any(m.name == "nvidia.ko" for m in cs.modules)}
     if not built:
         return dict(sets), left
     if env.name not in ("apt", "dir"):
-        return dict(sets), {**left, COMPONENT: f"built only with --env apt or dir (this unit: --env {env.name})"}
+        return dict(sets), {**left, key: f"built only with --env apt or dir (this unit: --env {env.name})"}
     try:
         src = source(repo) if repo is not None else f"no apt repository to take {PACKAGE} from"
     except UserError as exc:  # GDS is optional: the driver's modules still ship
         src = f"{PACKAGE}: {exc}"
     if isinstance(src, str):
-        return dict(sets), {**left, COMPONENT: src}
+        return dict(sets), {**left, key: src}
     out, why = dict(sets), []
     for mtype, cs in sorted(built.items()):
         with ui.progress() as prog, ui.task(prog, f"nvidia-fs {src.version} for {hdrs.kernel} ({mtype})"):
@@ -345,5 +345,10 @@ def add_to_sets(sets: Mapping[str, CompiledSet], module_sources: Mapping[str, Mo
         else:
             why.append(f"{mtype}: {nvfs.error}")
     if why:
-        left[COMPONENT] = f"nvidia-fs {src.version} for {hdrs.kernel}: " + "; ".join(why)
+        left[key] = f"nvidia-fs {src.version}: " + "; ".join(why)
     return out, left
+
+
+def other_kernels(left_out: Mapping[str, str], kernel: str) -> dict[str, str]:
+    """A bundle's nvidia-fs reasons for its other kernels: a unit rewrites only its own kernel's."""
+    return {k: v for k, v in left_out.items() if k.startswith(f"{COMPONENT} ") and k != f"{COMPONENT} {kernel}"}

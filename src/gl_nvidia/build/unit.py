@@ -254,7 +254,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     manifest = b.BundleManifest(
         driver_version=inputs.driver_version, driver_branch=inputs.branch, arch=inputs.arch,
         source=inputs.source, source_digests=dict(inputs.digests), userspace=userspace, firmware=firmware,
-        kernels=kernels, left_out=dict(inputs.left_out),
+        kernels=kernels, left_out={**nvfs.other_kernels(old.left_out if old else {}, hdrs.kernel), **inputs.left_out},
     )
     atomic_write_text(root / b.MANIFEST, manifest.to_json())
     return manifest

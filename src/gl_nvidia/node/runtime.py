@@ -291,8 +291,8 @@ class Runtime:
         t = plan.module_type.module_type
         missing = [f"{m}.ko" for m in plan.modules if not self.image.has_module(plan.kernel, t, m)]
         if missing:
-            left = [f"{m}: {self.image.left_out[m]}" for m in (decide.NVIDIA_FS,) if f"{m}.ko" in missing
-                    and m in self.image.left_out]  # GDS: the build names why it did not ship nvidia-fs
+            left = [f"{m}: {self.image.left_out[k]}" for m in (decide.NVIDIA_FS,) if f"{m}.ko" in missing
+                    and (k := f"{m} {plan.kernel}") in self.image.left_out]  # GDS: why the build shipped none
             raise NodeError(f"this image lacks {', '.join(missing)} for kernel {plan.kernel}"
                             + (f" (the build left out {'; '.join(left)})" if left else ""),
                             "rebuild the image from a complete bundle")
