@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from gl_nvidia.build.abi import OBJTOOL_SECTIONS, ModuleElf, gate, kernel_abi, read_module
@@ -47,13 +47,19 @@ class CompiledSet:
     abi_gate: AbiGate | None
     error: str | None
     cached: bool  # True when nothing was compiled for it in this run
+    # modules kept in another cache entry of the same layout (ko/, debug/): nvidia-fs.ko
+    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def log_file(self) -> Path:
         return self.entry / "build.log"
 
     def ko_files(self) -> list[Path]:
-        return [self.entry / "ko" / m.name for m in self.modules]
+        return [self.files.get(m.name, self.entry / "ko" / m.name) for m in self.modules]
+
+    def debug_files(self) -> list[Path]:
+        """The unstripped copies of `files` (those of the set's own modules are under `entry/debug`)."""
+        return [ko.parent.parent / "debug" / ko.name for ko in self.files.values()]
 
     @property
     def parts_dir(self) -> Path:

@@ -90,6 +90,7 @@ DEBIAN_OPTIONAL = ("nvidia-persistenced", "libnvidia-cfg1")
 DEBIAN_MODULE_SOURCES = {"proprietary": "nvidia-kernel-source", "open": "nvidia-open-kernel-source"}
 # Fabric manager must be of exactly the driver's version (it refuses to run against another).
 DEBIAN_FABRICMANAGER = "nvidia-fabricmanager"
+DEBIAN_NVIDIA_FS = "nvidia-fs-dkms"  # GPUDirect Storage's module source, of its own version
 
 
 class DebianSource:
@@ -110,7 +111,9 @@ class DebianSource:
         return [_upstream(p.version) for p in self.repo(arch).versions("nvidia-smi")]
 
     def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
-        return {p.deb_name: p.sha256 for p in self._packages(driver_version, arch)}
+        # nvidia-fs-dkms too (build/nvfs.py builds GDS's module from it): a new upload rebuilds the unit
+        nvfs = self.repo(arch).versions(DEBIAN_NVIDIA_FS)[:1]
+        return {p.deb_name: p.sha256 for p in (*self._packages(driver_version, arch), *nvfs)}
 
     def _packages(self, driver_version: str, arch: str) -> list[apt.AptPackage]:
         repo = self.repo(arch)

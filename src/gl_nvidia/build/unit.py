@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gl_nvidia import bundle as b
 from gl_nvidia import ui
+from gl_nvidia.build import nvfs
 from gl_nvidia.build.compile import CompiledSet, compile_set
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders, compiler_mismatch
 from gl_nvidia.build.modsign import ModuleSigner
@@ -115,6 +116,10 @@ def build_unit(
         sets[mtype] = cs
         # The bundle's copy of the log: the cache's is an implementation detail.
         outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, out / log_path(unit.kernel, mtype))
+    # GPUDirect Storage's nvidia-fs joins each built set whose nvidia.ko it passes the gate against.
+    sets, left_out = nvfs.add_to_sets(sets, inputs.module_sources, hdrs, env, toolchain,
+                                      nvfs.repo_for(source, unit.arch), jobs=jobs or os.cpu_count() or 1)
+    inputs = dataclasses.replace(inputs, left_out={**inputs.left_out, **left_out})
     manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug, signer=signer)
     for component, why in inputs.left_out.items():
         log.warning("%s: %s left out of the image: %s", unit.key, component, why)
@@ -241,7 +246,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
             modules = _write_split_parts(root, hdrs.kernel, cs, modules, signed)
         if keep_debug and cs.status == "ok" and (cs.entry / "debug").is_dir():
             with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
-                for ko in (cs.entry / "debug").iterdir():
+                for ko in (*(cs.entry / "debug").iterdir(), *cs.debug_files()):
                     shutil.copyfile(ko, tmp / ko.name)
         module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, modules, cs.abi_gate, cs.error, log_rel)
     kernels = dict(old.kernels) if old else {}
@@ -249,7 +254,7 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
     manifest = b.BundleManifest(
         driver_version=inputs.driver_version, driver_branch=inputs.branch, arch=inputs.arch,
         source=inputs.source, source_digests=dict(inputs.digests), userspace=userspace, firmware=firmware,
-        kernels=kernels, left_out=dict(inputs.left_out),
+        kernels=kernels, left_out={**nvfs.other_kernels(old.left_out if old else {}, hdrs.kernel), **inputs.left_out},
     )
     atomic_write_text(root / b.MANIFEST, manifest.to_json())
     return manifest

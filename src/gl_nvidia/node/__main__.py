@@ -32,7 +32,7 @@ commands:
   reload_nvidia_peermem  sidecar: load nvidia-peermem once MOFED and the driver are ready, then wait
   probe_nvidia_peermem   exit 0 unless MOFED is loaded and nvidia-peermem is not
 
-environment: KERNEL_MODULE_TYPE (auto|open|proprietary), GPU_DIRECT_RDMA_ENABLED, DRIVER_CONFIG_DIGEST,
+environment: KERNEL_MODULE_TYPE (auto|open|proprietary), GPU_DIRECT_RDMA_ENABLED, GDS_ENABLED, DRIVER_CONFIG_DIGEST,
   USE_HOST_MOFED, NODE_NAME, NVFM_CONFIG_<KEY> (fabric manager's fabricmanager.cfg KEY); module parameters
   from /drivers/<module>.conf
 """

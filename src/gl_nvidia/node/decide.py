@@ -15,6 +15,7 @@ MACHINE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # Load order: each module depends on the ones before it.
 MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
 PEERMEM = "nvidia-peermem"
+NVIDIA_FS = "nvidia-fs"  # GPUDirect Storage, loaded when GDS_ENABLED=true
 CONF_DIR = "/drivers"
 
 
@@ -339,6 +340,14 @@ DMA_BUF_ROUTE = ("use GPUDirect RDMA through DMA-BUF: open kernel modules (drive
 
 def peermem_stub(depends: tuple[str, ...]) -> bool:
     return "ib_core" not in depends
+
+
+def gds_enabled(value: str) -> bool:
+    """GDS_ENABLED (the GPU Operator's name on the driver container): true or false, nothing else."""
+    if value.strip().lower() not in ("true", "false"):
+        raise NodeError(f"GDS_ENABLED={value!r} is not true or false",
+                        "set GDS_ENABLED to true (load nvidia-fs) or false in driver.env")
+    return value.strip().lower() == "true"
 
 
 # HMM in nvidia-uvm exists only in the open modules (from branch 535); the seed installer turns it off

@@ -137,6 +137,8 @@ class Runtime:
         choice = decide.choose_module_type(requested, self.image.driver_branch, node.gpus, usable)
         modules = decide.modules_to_load(node, self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true",
                                          self.env.get("USE_HOST_MOFED", "false") == "true")
+        if decide.gds_enabled(self.env.get("GDS_ENABLED", "false")):
+            modules = (*modules, decide.NVIDIA_FS)
         return Plan(node, kernel, choice, modules)
 
     def _kernels(self) -> list[str]:
@@ -335,7 +337,10 @@ class Runtime:
         t = plan.module_type.module_type
         missing = [f"{m}.ko" for m in plan.modules if not self.image.has_module(plan.kernel, t, m)]
         if missing:
-            raise NodeError(f"this image lacks {', '.join(missing)} for kernel {plan.kernel}",
+            left = [f"{m}: {self.image.left_out[k]}" for m in (decide.NVIDIA_FS,) if f"{m}.ko" in missing
+                    and (k := f"{m} {plan.kernel}") in self.image.left_out]  # GDS: why the build shipped none
+            raise NodeError(f"this image lacks {', '.join(missing)} for kernel {plan.kernel}"
+                            + (f" (the build left out {'; '.join(left)})" if left else ""),
                             "rebuild the image from a complete bundle")
         return self._modules(plan.kernel, t, plan.modules, plan.node.kernel)
 
@@ -616,7 +621,7 @@ class Runtime:
 
     def _unload(self) -> bool:
         """rmmod the NVIDIA modules unless something holds them; then say who does. True when none is left."""
-        order = [PEERMEM, "nvidia-modeset", "nvidia-uvm", "nvidia", "nvidia-drm"]
+        order = [decide.NVIDIA_FS, PEERMEM, "nvidia-modeset", "nvidia-uvm", "nvidia", "nvidia-drm"]
         refcnt = {}
         for m in order:
             text = self.host.read_opt(f"/sys/module/{sysfs_name(m)}/refcnt")
@@ -624,7 +629,10 @@ class Runtime:
                 refcnt[m] = int(text.strip())
         if not refcnt:
             return True
-        if decide.in_use(refcnt) or "nvidia-drm" in refcnt:
+        # nvidia-fs that binds nvidia_p2p_* with symbol_get (2.13.5) holds nvidia only while it is open
+        fs_idle = refcnt.get(decide.NVIDIA_FS) == 0 and "nvidia_fs" not in self.host.listdir("/sys/module/nvidia/holders")
+        if decide.in_use({m: n for m, n in refcnt.items() if not (fs_idle and m == decide.NVIDIA_FS)}) \
+                or "nvidia-drm" in refcnt:
             self.log.warn("driver in use, modules stay loaded", holders=self._holders() or "unknown",
                           refcnt=",".join(f"{m}={n}" for m, n in refcnt.items()))
             return False
