@@ -46,19 +46,16 @@ def _read_text(path: Path, what: str) -> str:
 @click.option("--driver-branch", "driver_version", default=None,
               help="driver.version: a branch (590) or a full version (590.48.01). "
                    "Default: the newest tracked branch.")
-@click.option("--format", "fmt", type=click.Choice(["helm", "shoot"]), default="helm", show_default=True,
-              help="helm: GPU Operator chart values; shoot: the Shoot's nvidia-gpu-extension entry.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
 @LOCK_OPTION
-def values_cmd(repository: str, driver_version: str | None, fmt: str, out: Path | None, lock: str) -> None:
-    """GPU Operator Helm values for Garden Linux nodes (or the Gardener Shoot snippet)."""
+def values_cmd(repository: str, driver_version: str | None, out: Path | None, lock: str) -> None:
+    """GPU Operator Helm values for Garden Linux nodes."""
     settings = values_mod.ValuesSettings(
         driver_version=driver_version or default_driver_version(load_lock(lock)),
         repository=repository,
     )
-    data = values_mod.helm_values(settings) if fmt == "helm" else values_mod.shoot_snippet(settings)
-    text = values_mod.to_yaml(data)
+    text = values_mod.to_yaml(values_mod.helm_values(settings))
     if out is None:
         click.echo(text, nl=False)
     else:
