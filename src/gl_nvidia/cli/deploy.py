@@ -130,15 +130,28 @@ def _print_checks(title: str, results: list[CheckResult], as_json: bool, subject
 @click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Check the live cluster's GPU nodes and ClusterPolicy instead of the lock's plan.")
 @click.option("--context", default=None, help="kubeconfig context (default: its current-context).")
+@click.option("--cloudprofile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A Gardener CloudProfile (kubectl get cloudprofile NAME -o yaml): check every Garden Linux "
+                   "version it offers and has not expired, on each arch it lists.")
+@click.option("--shoot", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A Gardener Shoot (kubectl get shoot NAME -o yaml): check each GPU worker pool's Garden Linux "
+                   "version and arch (GPU pools: machine types --cloudprofile lists with GPUs).")
 @LOCK_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path | None, context: str | None,
-                  lock: str, as_json: bool) -> None:
-    """Will every GPU node still find its driver image after upgrading to --gl-version? Exit 1 if not."""
+                  cloudprofile: Path | None, shoot: Path | None, lock: str, as_json: bool) -> None:
+    """Will every GPU node still find its driver image after upgrading to --gl-version (or on every Garden Linux
+    version a Gardener CloudProfile offers, or on each GPU pool of a Shoot)? Exit 1 if not."""
     from gl_nvidia.deploy import preflight
     from gl_nvidia.deploy.pins import resolved
     from gl_nvidia.deploy.registry import ImageChecker
 
+    if cloudprofile is not None or shoot is not None:
+        if os_version is not None or kubeconfig is not None:
+            raise UserError("--cloudprofile and --shoot name the versions to check; --gl-version and --kubeconfig "
+                            "cannot be combined with them", "run one check at a time")
+        _gardener_preflight(cloudprofile, shoot, registry, lock, as_json)
+        return
     if kubeconfig is None and os_version is None:
         raise UserError("preflight needs --gl-version (the plan for an OS version) or --kubeconfig (a live cluster)")
     lk = load_lock(lock)
@@ -162,6 +175,33 @@ def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path
             results = preflight.check_nodes(nodes, spec, checker, upgrade)
             title = f"driver images for the GPU nodes of {kube.server}"
     _print_checks(title, results, as_json, None if kubeconfig is None else "node")
+    preflight.raise_if_missing(results)
+
+
+def _gardener_preflight(cloudprofile: Path | None, shoot: Path | None, registry: str | None, lock: str,
+                        as_json: bool) -> None:
+    from datetime import UTC, datetime
+
+    from gl_nvidia.deploy import gardener, preflight
+    from gl_nvidia.deploy.pins import resolved
+    from gl_nvidia.deploy.registry import ImageChecker
+
+    now = datetime.now(UTC)
+    profile = (gardener.parse_cloudprofile(_read_text(cloudprofile, "CloudProfile"), str(cloudprofile), now)
+               if cloudprofile is not None else None)
+    cluster = gardener.parse_shoot(_read_text(shoot, "Shoot"), str(shoot)) if shoot is not None else None
+    lk = load_lock(lock)
+    res = resolved(lk)
+    repository = registry or values_mod.DEFAULT_REPOSITORY
+    with ImageChecker() as checker:
+        if cluster is not None:
+            results = preflight.shoot_results(cluster, profile, lk, res, repository, checker)
+            title, subject = f"driver images for the GPU worker pools of Shoot {cluster.name}", "pool"
+        else:
+            assert profile is not None
+            results = preflight.cloudprofile_results(profile, lk, res, repository, checker)
+            title, subject = f"driver images for the Garden Linux versions of CloudProfile {profile.name}", "version"
+    _print_checks(title, results, as_json, subject)
     preflight.raise_if_missing(results)
 
 
