@@ -259,7 +259,8 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--arm64-runner", metavar="LABEL", help=ARM64_RUNNER_HELP)
 @click.option("--version", "version", metavar="X.Y.Z", default=None,
               help="A versioned release (semver: the tag without its v). Needs --registry; once every unit is "
-                   "published, writes OUT/release/: the GPU Operator values of each OS version and CHANGELOG.md.")
+                   "published, writes OUT/release/: the GPU Operator values of each OS version, CHANGELOG.md and "
+                   "the OCM component descriptor, which it pushes to REGISTRY/component-descriptors/.")
 @click.option("--since", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --version: the previous release's lock (e.g. `git show v1.3.0:versions.yaml`); the "
                    "changelog lists what `gl-nvidia update` changed since. Default: the first release.")
@@ -286,7 +287,8 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
     signer = module_signer(module_sign_key, module_sign_cert, "--module-sign")
     result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, module_signer=signer, force=force)
     # A release with a failed unit has no assets: its values could name an image nobody published.
-    assets = release_assets(result, version, previous, out / "release") if version is not None and result.ok else []
+    assets = (release_assets(result, version, previous, out / "release", force=force)
+              if version is not None and result.ok else [])
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
                        "repository": result.repository, "compiled": result.compiled,
