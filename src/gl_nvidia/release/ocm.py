@@ -311,7 +311,7 @@ class CopiedResource:
     source: str
     destination: str  # REPO:TAG@DIGEST in the destination
     uploaded: int  # blobs sent
-    signature: str  # "verified" (with --key), "copied", "-" (an attachment, or unsigned)
+    signature: str  # an image's: "verified" (with --key), "copied", "unsigned"; "-" for an attachment
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -404,6 +404,12 @@ def mirror_component(source: str, destination: str, component: str, *, public_ke
     with opts.client(src_base.host) as src, opts.client(dst_base.host) as dst:
         descriptor = read_descriptor(src, source, name, version)
         plan = _plan(descriptor, src, src_base, dst_base)  # every check on the source before any copy
+        signed = {_key(p.resource) for p in plan if str(p.resource.type) == ATTACHED["sig"][0]}
+        verified = [p for p in plan if str(p.resource.type) == str(ocm.ArtefactType.OCI_IMAGE)
+                    and _key(p.resource) in signed and public_key is not None]
+        for p in verified:  # a signature that does not verify at the source is not carried anywhere
+            assert public_key is not None
+            verify_image(src, Reference(p.source.host, p.source.repo, digest=p.manifest.digest), public_key)
 
         def fetch_from(repo: str) -> Callable[[oci.Descriptor, Path], Path]:
             def fetch(blob: oci.Descriptor, scratch: Path) -> Path:
@@ -417,7 +423,6 @@ def mirror_component(source: str, destination: str, component: str, *, public_ke
         copied = _retarget(descriptor, destination, plan)
         push_descriptor(dst, destination, copied, force=force)
         again = read_descriptor(dst, destination, name, version)
-        signed = {_key(p.resource) for p in plan if str(p.resource.type) == ATTACHED["sig"][0]}
         results = []
         for p, r, res in zip(plan, again.component.resources, pushed, strict=True):
             ref = Reference.parse(str(_access(r).get("imageReference", "")))
@@ -426,10 +431,11 @@ def mirror_component(source: str, destination: str, component: str, *, public_ke
             if held is None or ref.digest != digest or any(dst.manifest_digest(ref.repo, t) != digest for t in p.tags):
                 raise UserError(f"the copy of {r.name} {dict(r.extraIdentity)} in {dst_base.host} does not hold "
                                 f"{digest} under its tags", "run the mirror again")
-            state = "-"
-            if str(r.type) == str(ocm.ArtefactType.OCI_IMAGE) and _key(r) in signed:
-                state = "copied"
-                if public_key is not None:
+            state = "-"  # what is attached to an image
+            if str(r.type) == str(ocm.ArtefactType.OCI_IMAGE):
+                state = "copied" if _key(r) in signed else "unsigned"
+                if p in verified:
+                    assert public_key is not None
                     verify_image(dst, Reference(ref.host, ref.repo, digest=digest), public_key)
                     state = "verified"
             results.append(CopiedResource(r.name, dict(r.extraIdentity), str(p.source), str(ref), res.uploaded, state))
