@@ -190,6 +190,8 @@ def test_the_component_is_pushed_and_gardeners_retrieval_reads_it(tls: tuple[TLS
     assert (labels["io.gardenlinux.nvidia.arch"], labels["io.gardenlinux.nvidia.flavour"]) == ("amd64", "cloud")
     assert labels["io.gardenlinux.nvidia.module-types"] == ["open", "proprietary"]
     assert labels["io.gardenlinux.nvidia.tags"] == list(tags(UNITS[0]))
+    assert labels["io.gardenlinux.nvidia.inputs.digest"] == UnitInputs(
+        UNITS[0].as_dict(), {"nvidia-kernel-source_580.105.08_amd64.deb": "ab" * 32}, "cd" * 32, "0.1.0").digest
     kinds = sorted((r.name, r.extraIdentity["kernel"]) for r in got.resources if r not in images)
     assert kinds == [("driver-sbom", "6.12.72-cloud-amd64"), ("driver-sbom", "6.12.72-cloud-arm64"),
                      ("driver-signature", "6.12.72-cloud-amd64")]  # only the amd64 image is signed

@@ -41,7 +41,7 @@ from gl_nvidia.image.build import LABEL_PREFIX
 from gl_nvidia.osprofile import os_profile
 from gl_nvidia.registry.client import Reference, RegistryClient
 from gl_nvidia.registry.transfer import ClientOptions, PushResult, copy_image
-from gl_nvidia.release.inputs import INPUTS
+from gl_nvidia.release.inputs import INPUTS, INPUTS_DIGEST
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -68,6 +68,7 @@ class ComponentImage:
     digest: str
     inputs: Mapping[str, Any] | None  # the inputs its manifest records (release.inputs), if any
     attached: Mapping[str, str]  # "sig" / "sbom" -> digest of that attachment's manifest
+    inputs_digest: str | None = None  # the inputs' digest, as recorded there
 
 
 def oci_tag(version: str) -> str:
@@ -119,7 +120,8 @@ def component_descriptor(version: str, registry: str, repository: str, images: S
                 labels=[_label("files", dict(sorted((img.inputs.get("sources") or {}).items()))),
                         _label("origin", origin)]))
             src_refs.append(ocm.SourceReference(identitySelector={"name": "nvidia-driver", **sid}, labels=[]))
-            labels.append(_label("inputs", dict(img.inputs)))
+        if img.inputs_digest is not None:  # the image's own annotations hold the inputs, the source their files
+            labels.append(_label("inputs.digest", img.inputs_digest))
         resources.append(ocm.Resource(
             name="driver", version=version, type=ocm.ArtefactType.OCI_IMAGE, extraIdentity=_identity(u),
             access={"type": str(ocm.AccessType.OCI_REGISTRY), "imageReference": _reference(repository, full, img.digest)},
@@ -280,7 +282,8 @@ def published_images(client: RegistryClient, repo: str, units: Sequence[tuple[Bu
             inputs = None
         attached = {kind: d for kind in ATTACHED
                     if (d := client.manifest_digest(repo, oci.attachment_tag(digest, kind))) is not None}
-        out.append(ComponentImage(unit, tags, digest, inputs if isinstance(inputs, dict) else None, attached))
+        out.append(ComponentImage(unit, tags, digest, inputs if isinstance(inputs, dict) else None, attached,
+                                  manifest.annotations.get(INPUTS_DIGEST)))
     return out
 
 
