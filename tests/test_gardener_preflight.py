@@ -44,9 +44,10 @@ resolved:
               for v, k in KERNELS.items() for a in ("amd64", "arm64"))
 
 
-def publish(registry: Registry, tmp_path: Path, cells: Iterable[tuple[str, str]]) -> None:
-    """The tags `image` gives each (GL version, arch) cell's image for both branches: one tiny image, many tags."""
-    tags = [t for version, arch in cells for b, full in DRIVERS.items()
+def publish(registry: Registry, tmp_path: Path, cells: Iterable[tuple[str, str]], branches: Iterable[str] = DRIVERS
+            ) -> None:
+    """The tags `image` gives each (GL version, arch) cell's image for these branches: one tiny image, many tags."""
+    tags = [t for version, arch in cells for b, full in DRIVERS.items() if b in branches
             for t in image_tags(full, b, f"{KERNELS[version]}-cloud-{arch}", "gardenlinux", (version,))]
     layout = Layout.create(tmp_path / "layout")
     layer = layers.write_layer(layout, [layers.Entry(PurePosixPath("/x"), data=b"x")])
@@ -117,6 +118,29 @@ def test_without_the_cloudprofile_every_garden_linux_pool_counts(registry: Regis
     assert "590-6.12.44-cloud-amd64-gardenlinux0" in err  # cpu-worker's 1877.2.0
 
 
+def test_with_values_only_the_driver_they_deploy_counts(registry: Registry, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # only the 590 branch is published for the GPU pools' versions: enough for a cluster whose values say 590
+    publish(registry, tmp_path, [(v, a) for v in ("2150.8.0", "2150.9.0") for a in ("amd64", "arm64")], ["590"])
+    lock = tmp_path / "versions.yaml"
+    lock.write_text(LOCK)
+    values = tmp_path / "values.yaml"
+    args = ["--shoot", str(DATA / "shoot.yaml"), "--cloudprofile", str(DATA / "cloudprofile.yaml")]
+    for branch, rc in (("590", 0), ("580", 1)):
+        assert main(["values", "--lock", str(lock), "--repository", f"{registry.host}/gl", "--driver-branch", branch,
+                     "--out", str(values)]) == 0
+        assert main(["preflight", "--lock", str(lock), *args, "--values", str(values), "--json"]) == rc
+        rows = json.loads(capsys.readouterr().out)
+        assert len(rows) == 3 and all(f" {branch} cloud/" in r["subject"] for r in rows)  # one image per pool
+    assert preflight(tmp_path, registry, *args) == 1  # every tracked branch: 580 is missing
+    values.write_text(values.read_text().replace("version: '580'", "version: '470'"))
+    assert main(["preflight", "--lock", str(lock), *args, "--values", str(values)]) == 1
+    assert "driver.version 470 is not a driver the lock tracks" in capsys.readouterr().err
+    values.write_text("driver: {usePrecompiled: false, version: '590'}\n")
+    assert main(["preflight", "--lock", str(lock), *args, "--values", str(values)]) == 2
+    assert "does not deploy precompiled driver images" in capsys.readouterr().err
+
+
 def test_lifecycle_and_expiry_as_gardener_reads_them() -> None:
     text = (DATA / "cloudprofile.yaml").read_text()
     states = {v.version: v.classification for v in parse_cloudprofile(text, "cp", NOW).versions}
@@ -183,7 +207,7 @@ def test_gardener_checks_do_not_mix_with_the_others(tmp_path: Path, registry: Re
     assert "cannot be combined" in capsys.readouterr().err
     with pytest.raises(UserError, match="uses CloudProfile aws, not gcp"):
         from gl_nvidia.catalog.lock import parse_lock_text
-        from gl_nvidia.deploy.preflight import shoot_results
+        from gl_nvidia.deploy.preflight import Wanted, shoot_results
         from gl_nvidia.deploy.registry import ImageChecker
 
         lock = parse_lock_text(LOCK, "lock")[0]
@@ -192,4 +216,4 @@ def test_gardener_checks_do_not_mix_with_the_others(tmp_path: Path, registry: Re
                                      "cp", NOW)
         with ImageChecker() as checker:
             shoot_results(parse_shoot((DATA / "shoot.yaml").read_text(), "s"), profile, lock, lock.resolved,
-                          f"{registry.host}/gl", checker)
+                          Wanted(f"{registry.host}/gl"), checker)

@@ -136,10 +136,14 @@ def _print_checks(title: str, results: list[CheckResult], as_json: bool, subject
 @click.option("--shoot", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A Gardener Shoot (kubectl get shoot NAME -o yaml): check each GPU worker pool's Garden Linux "
                    "version and arch (GPU pools: machine types --cloudprofile lists with GPUs).")
+@click.option("--values", "values_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --cloudprofile/--shoot: only the driver these Helm values deploy (default: every tracked "
+                   "branch).")
 @LOCK_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path | None, context: str | None,
-                  cloudprofile: Path | None, shoot: Path | None, lock: str, as_json: bool) -> None:
+                  cloudprofile: Path | None, shoot: Path | None, values_file: Path | None, lock: str,
+                  as_json: bool) -> None:
     """Will every GPU node still find its driver image after upgrading to --gl-version (or on every Garden Linux
     version a Gardener CloudProfile offers, or on each GPU pool of a Shoot)? Exit 1 if not."""
     from gl_nvidia.deploy import preflight
@@ -150,8 +154,11 @@ def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path
         if os_version is not None or kubeconfig is not None:
             raise UserError("--cloudprofile and --shoot name the versions to check; --gl-version and --kubeconfig "
                             "cannot be combined with them", "run one check at a time")
-        _gardener_preflight(cloudprofile, shoot, registry, lock, as_json)
+        _gardener_preflight(cloudprofile, shoot, registry, values_file, lock, as_json)
         return
+    if values_file is not None:
+        raise UserError("--values is read with --cloudprofile or --shoot",
+                        "the plan checks every tracked branch; --kubeconfig reads the cluster's ClusterPolicy")
     if kubeconfig is None and os_version is None:
         raise UserError("preflight needs --gl-version (the plan for an OS version) or --kubeconfig (a live cluster)")
     lk = load_lock(lock)
@@ -178,8 +185,8 @@ def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path
     preflight.raise_if_missing(results)
 
 
-def _gardener_preflight(cloudprofile: Path | None, shoot: Path | None, registry: str | None, lock: str,
-                        as_json: bool) -> None:
+def _gardener_preflight(cloudprofile: Path | None, shoot: Path | None, registry: str | None,
+                        values_file: Path | None, lock: str, as_json: bool) -> None:
     from datetime import UTC, datetime
 
     from gl_nvidia.deploy import gardener, preflight
@@ -192,14 +199,21 @@ def _gardener_preflight(cloudprofile: Path | None, shoot: Path | None, registry:
     cluster = gardener.parse_shoot(_read_text(shoot, "Shoot"), str(shoot)) if shoot is not None else None
     lk = load_lock(lock)
     res = resolved(lk)
-    repository = registry or values_mod.DEFAULT_REPOSITORY
+    wanted = preflight.Wanted(registry or values_mod.DEFAULT_REPOSITORY)
+    if values_file is not None:
+        spec = resolve_mod.DriverSpec.from_values(
+            values_mod.load_yaml(_read_text(values_file, "values file"), str(values_file)))
+        if not spec.use_precompiled or not spec.version:
+            raise UserError(f"{values_file} does not deploy precompiled driver images (driver.usePrecompiled, "
+                            "driver.version)", "pass the values `gl-nvidia values` writes")
+        wanted = preflight.Wanted(registry or spec.repository, spec.image, spec.version)
     with ImageChecker() as checker:
         if cluster is not None:
-            results = preflight.shoot_results(cluster, profile, lk, res, repository, checker)
+            results = preflight.shoot_results(cluster, profile, lk, res, wanted, checker)
             title, subject = f"driver images for the GPU worker pools of Shoot {cluster.name}", "pool"
         else:
             assert profile is not None
-            results = preflight.cloudprofile_results(profile, lk, res, repository, checker)
+            results = preflight.cloudprofile_results(profile, lk, res, wanted, checker)
             title, subject = f"driver images for the Garden Linux versions of CloudProfile {profile.name}", "version"
     _print_checks(title, results, as_json, subject)
     preflight.raise_if_missing(results)

@@ -205,9 +205,19 @@ def lock_version(version: str, known: Collection[str]) -> str:
     return next((k for k in known if nums is not None and _numbers(k) == nums), version)
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """Which images a Gardener check asks for: driver.repository and driver.image, and driver.version (None:
+    every tracked branch, by branch and by full version, as a release publishes them)."""
+
+    repository: str
+    image: str = DEFAULT_IMAGE
+    driver_version: str | None = None
+
+
 def _version_results(prefix: str, version: str, arches: Sequence[str], flavour: str, lock: Lock, resolved: Resolved,
-                     repository: str, checker: ImageChecker, kernels_fn: KernelsFn) -> list[CheckResult]:
-    """The images nodes of one Garden Linux version, flavour and these arches need, for every tracked branch."""
+                     wanted: Wanted, checker: ImageChecker, kernels_fn: KernelsFn) -> list[CheckResult]:
+    """The images nodes of one Garden Linux version, flavour and these arches need."""
     os_version = lock_version(version, [v.version for v in resolved.os_versions])
     try:
         kernels = kernels_fn(lock, resolved, os_version)
@@ -217,12 +227,17 @@ def _version_results(prefix: str, version: str, arches: Sequence[str], flavour: 
                            f"no {flavour}/{arch} kernel of {lock.os.id} {os_version} in the lock (policy.flavours, "
                            "policy.arches)")
                for arch in arches if (flavour, arch) not in kernels]
-    wanted = {(flavour, arch): kernels[(flavour, arch)] for arch in arches if (flavour, arch) in kernels}
-    checked = check_targets(plan_targets(lock, resolved, os_version, wanted), repository, DEFAULT_IMAGE, checker)
+    found = {(flavour, arch): kernels[(flavour, arch)] for arch in arches if (flavour, arch) in kernels}
+    targets = [t for t in plan_targets(lock, resolved, os_version, found)
+               if wanted.driver_version in (None, t.driver_version)]
+    if found and not targets:
+        return [CheckResult(f"{prefix} {wanted.driver_version}", None, None,
+                            f"driver.version {wanted.driver_version} is not a driver the lock tracks")]
+    checked = check_targets(targets, wanted.repository, wanted.image, checker)
     return results + [replace(r, subject=f"{prefix} {r.subject}") for r in checked]
 
 
-def cloudprofile_results(profile: CloudProfile, lock: Lock, resolved: Resolved, repository: str,
+def cloudprofile_results(profile: CloudProfile, lock: Lock, resolved: Resolved, wanted: Wanted,
                          checker: ImageChecker, kernels_fn: KernelsFn = kernels_for) -> list[CheckResult]:
     """Every Garden Linux version the landscape offers (preview, supported, deprecated; not expired or
     unavailable), on each arch it offers the version for."""
@@ -235,11 +250,11 @@ def cloudprofile_results(profile: CloudProfile, lock: Lock, resolved: Resolved, 
         if not v.offered:
             log.info("%s %s is %s: not checked", IMAGE_NAME, v.version, v.classification)
     return [r for v in offered for r in _version_results(f"{v.version} ({v.classification})", v.version,
-                                                          v.architectures, flavour, lock, resolved, repository,
+                                                          v.architectures, flavour, lock, resolved, wanted,
                                                           checker, kernels_fn)]
 
 
-def shoot_results(shoot: Shoot, profile: CloudProfile | None, lock: Lock, resolved: Resolved, repository: str,
+def shoot_results(shoot: Shoot, profile: CloudProfile | None, lock: Lock, resolved: Resolved, wanted: Wanted,
                   checker: ImageChecker, kernels_fn: KernelsFn = kernels_for) -> list[CheckResult]:
     """Each GPU worker pool running Garden Linux, on its version and arch. GPU pools are those whose machine
     type the CloudProfile lists with GPUs; without a CloudProfile every Garden Linux pool counts."""
@@ -263,5 +278,5 @@ def shoot_results(shoot: Shoot, profile: CloudProfile | None, lock: Lock, resolv
                             "Gardener has filled it in")
         state = f", {states[p.version]}" if p.version in states else ""
         results += _version_results(f"pool {p.name} ({p.version}{state})", p.version, (p.arch,),
-                                    flavour_of(shoot.provider), lock, resolved, repository, checker, kernels_fn)
+                                    flavour_of(shoot.provider), lock, resolved, wanted, checker, kernels_fn)
     return results
