@@ -2,7 +2,7 @@
 
 Lock files, os-release files, kubeconfigs and OCI layouts are mutated from a valid seed with a fixed
 random seed (bounded, reproducible): bytes flipped, lines dropped or repeated, the text cut short,
-values swapped for hostile ones. Each command runs in-process (as the other CLI tests do) against a
+values swapped for hostile ones; a hostile registry's answers are mutated the same way. Each command runs in-process (as the other CLI tests do) against a
 real registry and a closed port for Kubernetes; nothing compiles: a lock that still parses is only
 given to the commands that read it without building.
 
@@ -20,12 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gl_nvidia.catalog.lock import read_lock
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
-from gl_nvidia.oci import CONFIG, LAYER_GZIP, Layout, Manifest
+from gl_nvidia.oci import CONFIG, INDEX, LAYER_GZIP, Layout, Manifest
+from gl_nvidia.registry.transfer import push
+from tests.fixtures.hostile_registry import HostileRegistry, Request, Response
 from tests.fixtures.registry import Registry, free_port
+from tests.test_registry import make_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "tests" / "data" / "catalog"
@@ -324,3 +329,77 @@ def test_fuzzed_component_descriptors(registry: Registry, registry2: Registry, t
             if rc:
                 with RegistryClient(registry2.host) as dst:
                     assert dst.manifest_digest(f"copy{i}/driver", "t1") is None, data
+
+
+def test_fuzzed_registry_answers(hostile_registry: HostileRegistry, registry: Registry, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A registry's answers mutated from real ones (tag lists, manifests, tokens, challenges, `Link`,
+    upload `Location`, `Docker-Content-Digest`), each given to the command that reads it."""
+    hostile = hostile_registry
+    src = make_layout(tmp_path / "src", {"535-a": b"a", "535-b": b"b"})
+    push(src.root, f"{hostile.backend.host}/driver")
+    make_layout(tmp_path / "l", {"535-a": b"a", "590-k": b"new"})
+    key = tmp_path / "cosign.pub"
+    key.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    mirror_argv = ["mirror", f"{hostile.host}/driver", f"{registry.host}/driver"]
+    read_argv = ["verify-image", f"{hostile.host}/driver:535-a", "--key", str(key)]
+    push_argv = ["push", str(tmp_path / "l"), f"{hostile.host}/driver"]
+    manifest = src.read_blob(src.tags()["535-a"])
+    header = re.compile(rb"[\x00-\x1f\x7f]")  # what no HTTP header can carry: the fixture could not send it
+
+    def body(hit: Callable[[Request], bool], data: bytes) -> Callable[[Request, Response], Response]:
+        return lambda req, resp: Response(200, {"Content-Type": "application/json"}, data) if hit(req) else resp
+
+    def headers(hit: Callable[[Request, Response], bool], name: str, value: bytes) -> Callable[[Request, Response],
+                                                                                              Response]:
+        def rewrite(req: Request, resp: Response) -> Response:
+            if hit(req, resp):
+                resp.headers = {k: v for k, v in resp.headers.items() if k.lower() != name.lower()}
+                resp.headers[name] = header.sub(b"", value).decode("latin-1")
+            return resp
+        return rewrite
+
+    def tags(req: Request) -> bool:
+        return req.method == "GET" and "/tags/list" in req.path
+
+    def by_tag(req: Request) -> bool:
+        return req.method == "GET" and "/manifests/535-a" in req.path
+
+    kinds: list[tuple[str, bytes, list[bytes], list[str], Callable[[bytes], None]]] = [
+        ("tags", b'{"name":"driver","tags":["535-a","535-b"]}',
+         [b'{"tags": null}', b'{"tags": ["535-a", "535-a"]}', b'{"name": 5, "tags": ["535-a"]}', b'{"tags": [""]}',
+          b'{"tags": ["' + b"x" * 200 + b'"]}', b'{"tags": ["535-a"]}' + b" " * (5 << 20)], mirror_argv,
+         lambda d: setattr(hostile, "rewrite", body(tags, d))),
+        ("manifest", manifest,
+         [b"{}", b'{"config": 5, "layers": []}', b'{"mediaType": "' + INDEX.encode() + b'", "manifests": 5}',
+          manifest.replace(b'"size":', b'"size":' + b"9" * 5000 + b","), manifest.replace(b"sha256:", b"sha256:../", 1),
+          b"[" * 100_000], read_argv, lambda d: setattr(hostile, "rewrite", body(by_tag, d))),
+        ("token", b'{"token": "token-1", "expires_in": 300}',
+         [b'{"token": 5}', b'{"access_token": "unknown-token"}', b'{"token": ""}', b'{"token": "a b"}', b"[]",
+          b'{"token": "\\u0000"}'], read_argv, lambda d: setattr(hostile, "token_body", d)),
+        ("challenge", f'Bearer realm="{hostile.token_url}",service="hostile"'.encode(),
+         [b'Basic realm="x"', b'Bearer realm=""', b'Bearer service="x"', b'Bearer realm="ftp://x/"',
+          b'Bearer realm="/token"', b'Bearer realm="http://[::1"', b"Bearer"], read_argv,
+         lambda d: setattr(hostile, "rewrite", headers(lambda _q, r: r.status == 401, "WWW-Authenticate", d))),
+        ("link", b'</v2/driver/tags/list?n=1000&last=535-a>; rel="next"',
+         [b'<>; rel="next"', b'<http://[::1>; rel="next"', b'</v2/driver/tags/list?n=1000&last=535-a>; rel="prev"',
+          b'<//evil.example/x>; rel="next"', b'<ftp://x/>; rel="next"'], mirror_argv,
+         lambda d: setattr(hostile, "rewrite", headers(lambda q, _r: tags(q), "Link", d))),
+        ("location", b"/v2/driver/blobs/uploads/0b8f?_state=abc",
+         [b"", b"http://[::1", f"//{hostile.cdn}/x".encode(), b"ftp://x/", b"uploads/x", b"?digest=x"], push_argv,
+         lambda d: setattr(hostile, "rewrite", headers(lambda q, _r: q.method == "POST", "Location", d))),
+        ("digest", src.tags()["535-a"].encode(), [b"sha256:" + b"0" * 64, b"sha256:../x", b""], push_argv,
+         lambda d: setattr(hostile, "rewrite", headers(lambda q, _r: q.method == "HEAD" and "/manifests/" in q.path,
+                                                       "Docker-Content-Digest", d))),
+    ]
+    refused = 0
+    for salt, (kind, seed, corpus, argv, apply) in enumerate(kinds, start=10):
+        for data in corpus + samples(seed, 6, salt):
+            hostile.rewrite, hostile.token_body = None, None
+            hostile.token_uses = 1000 if kind in ("token", "challenge") else None
+            apply(data)
+            rc, err = run(argv, capsys)
+            assert rc in (0, 1, 2), (kind, data, err)
+            refused += rc == 2
+    assert refused >= 40  # most answers are broken: the error paths were reached

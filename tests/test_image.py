@@ -79,6 +79,7 @@ def test_skopeo_sees_entrypoint_env_and_labels(built: list[BuiltImage]) -> None:
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["DRIVER_VERSION"] == VERSION and env["DRIVER_BRANCH"] == BRANCH and env["KERNEL_VERSION"] == K1
     assert "/usr/local/bin" in env["PATH"]
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"  # the toolkit's hook leaves the driver container alone
     assert config["Labels"]["io.gardenlinux.nvidia.kernel"] == K1
     assert config["Labels"]["io.gardenlinux.nvidia.gardenlinux.versions"] == "1877.3"
     raw = json.loads(sh("skopeo", "inspect", "--raw", f"oci:{img.layout}:{img.tags[0]}"))

@@ -27,7 +27,7 @@ def test_help_lists_every_verb() -> None:
 def test_unknown_verb_is_a_usage_error() -> None:
     p = _run("update")
     assert p.returncode == 2
-    assert "invalid choice: 'update'" in p.stderr
+    assert "invalid choice: 'update'" in p.stderr and len(p.stderr.splitlines()) == 1
 
 
 def test_outside_a_driver_image_init_says_so_in_one_line() -> None:
@@ -41,3 +41,27 @@ def test_outside_a_driver_image_init_says_so_in_one_line() -> None:
     )
     assert p.stderr.splitlines()[1] == "nvidia-driver: hint: the image was not built by `gl-nvidia image`; rebuild it"
     assert re.match(r'^ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=error msg="this image has no', p.stdout)
+
+
+def test_nvidias_init_options_are_accepted() -> None:
+    """The operator passes driver.args after `init`; NVIDIA's entrypoint takes -a/--accept-license and
+    -m/--max-threads N. Accepted (the run then stops where any init outside an image stops)."""
+    for args in (("-a",), ("--accept-license",), ("-m", "8"), ("--max-threads=4",), ("-a", "-m", "16")):
+        p = _run("init", *args)
+        assert p.returncode == 1, args
+        assert p.stderr.startswith("nvidia-driver: error: this image has no readable driver manifest"), args
+        assert "NVIDIA's init options accepted, nothing to apply" in p.stdout.splitlines()[0]
+
+
+def test_anything_else_is_one_line_naming_the_supported_set() -> None:
+    supported = ("; commands: init [--dry-run] [-a|--accept-license] [-m|--max-threads N], check-load, "
+                 "reload_nvidia_peermem, probe_nvidia_peermem")
+    for args, why in ((("init", "--foo"), "unrecognized arguments: --foo"),
+                      (("init", "-m", "many"), "argument -m/--max-threads: not a positive number of threads: 'many'"),
+                      (("init", "-m"), "argument -m/--max-threads: expected one argument"),
+                      (("update", "-k", "6.1"), "argument COMMAND: invalid choice: 'update'"),
+                      ((), "the following arguments are required: COMMAND")):
+        p = _run(*args)
+        assert p.returncode == 2, args
+        assert p.stdout == "" and len(p.stderr.splitlines()) == 1, args
+        assert p.stderr.startswith(f"nvidia-driver: error: {why}") and p.stderr.rstrip().endswith(supported), args

@@ -143,7 +143,7 @@ def test_module_conf_reports_malformed_lines_with_file_and_line() -> None:
     assert problems == (
         "/drivers/nvidia-uvm.conf:2: '=1' is not a nvidia-uvm parameter (expected name=value)",
         "/drivers/nvidia-uvm.conf:3: 'bar-baz=1' is not a nvidia-uvm parameter (expected name=value)",
-        "/drivers/nvidia-uvm.conf:4: No closing quotation in 'quoted=\"open'",
+        "/drivers/nvidia-uvm.conf:4: no closing quotation, or a backslash at the end",
     )
 
 

@@ -92,3 +92,62 @@ def test_bind_mount_and_sigterm_teardown_in_a_mount_namespace(tmp_path: Path) ->
     assert report["fast:after-sigterm"] == {"mounted": False, "ready file": False, "state": "d1\n", "modules": "nvidia_modeset"}
     assert report["fast:stale mount before"] is True  # replaced, not stacked: none is left after teardown
     assert report["fast:inserted"] == []
+
+
+RBIND_CHILD = r"""
+import json, os, signal, subprocess, sys
+from pathlib import Path
+from gl_nvidia.node.host import subprocess_runner
+from gl_nvidia.node.runtime import DRIVER_ROOT, wait_for_signal
+from tests.fixtures.node import fake_node, make_image
+
+tmp = Path(sys.argv[1])
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+image = make_image(tmp / "image")
+for d in ("dev", "sys"):  # the container's /dev and /sys: mounts of their own under its root
+    (image.root / d).mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", d, str(image.root / d)], check=True)
+(image.root / "sys/fs/cgroup").mkdir(parents=True)
+subprocess.run(["mount", "-t", "tmpfs", "cgroup", str(image.root / "sys/fs/cgroup")], check=True)
+rt, k = fake_node(tmp, "h100", image=image)
+rt.host.runner = lambda argv: subprocess_runner(argv) if argv[0] in {"mount", "umount", "mountpoint"} else k(argv)
+target = rt.host.path(DRIVER_ROOT)
+report = {}
+
+
+def under(path):
+    return sorted(line.split()[4] for line in open("/proc/self/mountinfo") if line.split()[4].startswith(str(path)))
+
+
+def wait(timeout):
+    report["running"] = {"mounts": [m.removeprefix(str(target)) for m in under(target)],
+                         "dev": sorted(os.listdir(target / "dev")), "cgroup": os.listdir(target / "sys/fs/cgroup")}
+    os.kill(os.getpid(), signal.SIGTERM)
+    return wait_for_signal(timeout)
+
+
+rt.wait = wait
+rt.init()
+report["after"] = under(target)
+print(json.dumps(report))
+"""
+
+
+def test_the_driver_root_is_a_recursive_bind_without_what_is_mounted_under_sys(tmp_path: Path) -> None:
+    """NVIDIA's mount: the container's root with its /dev (where the validator and the toolkit look for
+    the device nodes once the driver root has a /dev) and its /sys made private, the mounts under /sys
+    (cgroups) unbindable and so left out; all of it gone on SIGTERM."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{repo / 'src'}"}
+    p = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", RBIND_CHILD, str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=repo, timeout=60, check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["running"] == {
+        "mounts": ["", "/dev", "/sys"],
+        "dev": ["nvidia-modeset", "nvidia-uvm", "nvidia-uvm-tools", "nvidia0", "nvidia1", "nvidiactl"],
+        "cgroup": [],
+    }
+    assert report["after"] == []

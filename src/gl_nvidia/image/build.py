@@ -423,6 +423,8 @@ def _kernel_image(
                 f"DRIVER_BRANCH={manifest.driver_branch}",
                 f"KERNEL_VERSION={plan.kernel}",
                 f"KERNEL_MODULE_TYPES={','.join(plan.module_types)}",
+                # as NVIDIA's driver images: the runtime hook injects no GPU into the driver container
+                "NVIDIA_VISIBLE_DEVICES=void",
             ],
             "Labels": labels,
             "WorkingDir": "/",

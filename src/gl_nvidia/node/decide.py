@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass, field
 
 NVIDIA = 0x10DE
@@ -71,6 +70,18 @@ class Node:
     def mellanox(self) -> tuple[PciDevice, ...]:
         return tuple(d for d in self.devices if d.vendor == MELLANOX)
 
+    @property
+    def coherent_gpus(self) -> tuple[PciDevice, ...]:
+        """GPUs coupled to a Grace CPU over NVLink-C2C (GH200, GB200, GB300): their memory is coherent
+        with the CPU's. Only arm64 nodes have them."""
+        if MACHINE_ARCH.get(self.machine) != "arm64":
+            return ()
+        return tuple(g for g in self.gpus if g.device in COHERENT_DEVICE_IDS)
+
+
+# The C2C-coherent GPUs of Grace superchips, by PCI device id: the table the kernel's nvgrace-gpu VFIO driver
+# binds (drivers/vfio/pci/nvgrace-gpu/main.c, Linux 6.18): GH200 120GB, GH200 480GB, GH200, GB200, GB300.
+COHERENT_DEVICE_IDS = frozenset({0x2342, 0x2345, 0x2348, 0x2941, 0x31C2})
 
 # Device-id ranges by architecture, for humans; the open/proprietary rule uses TURING_FIRST_DEVICE only.
 # Ordered: the first range that contains the id wins (GH100 sits inside the Ampere GA10x span).
@@ -209,7 +220,44 @@ def fast_path(loaded_version: str | None, ours: str, digest: str, state: str | N
     return bool(digest) and loaded_version == ours and state is not None and state.strip() == digest
 
 
-_PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(=.*)?$")
+# A value holds no control character: the kernel's parameter parser would cut it, and insmod's argv cannot
+# carry a NUL.
+_PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(=[^\x00-\x1f\x7f]*)?$")
+# shlex.split(line, comments=True) in one regular-expression pass (shlex grows its token a character at a
+# time, quadratic on a long line): unquoted runs, backslash escapes, '...', "..." with \" and \\ escapes;
+# an unquoted # starts a comment. Each word is a run of these pieces.
+_PIECE = r"[^ \t\r\n'\"\\#]+|(?:\\.)+|'[^']*'|\"(?:[^\"\\]|\\.)*\""
+_WORD = re.compile(rf"[ \t\r\n]*(?:((?:{_PIECE})+)|#.*|(.)|$)", re.S)
+_UNESCAPE = re.compile(r"\\(.)", re.S)
+_UNESCAPE_DQ = re.compile(r'\\(["\\])')
+
+
+def _unquote(word: str) -> str:
+    out = []
+    for m in re.finditer(_PIECE, word, re.S):
+        piece = m.group()
+        if piece[0] == "'":
+            out.append(piece[1:-1])
+        elif piece[0] == '"':
+            out.append(_UNESCAPE_DQ.sub(r"\1", piece[1:-1]))
+        else:
+            out.append(_UNESCAPE.sub(r"\1", piece))
+    return "".join(out)
+
+
+def split_words(line: str) -> list[str]:
+    """`shlex.split(line, comments=True)`, linear in the line's length; ValueError where shlex raises one."""
+    words: list[str] = []
+    pos = 0
+    while m := _WORD.match(line, pos):  # always matches: its last alternative is the end of the line
+        word, other = m.groups()
+        if word is None:
+            if other is not None:
+                raise ValueError("no closing quotation, or a backslash at the end")
+            return words  # a comment, or the end of the line
+        words.append(_unquote(word))
+        pos = m.end()
+    return words
 
 
 @dataclass(frozen=True)
@@ -219,7 +267,9 @@ class ModuleParams:
 
 
 def parse_module_conf(name: str, text: str, path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """One `<module>.conf`: parameters, one or more per line; comments (#) and blank lines skipped."""
+    """One `<module>.conf`: parameters, one or more per line; comments (#) and blank lines skipped.
+
+    A problem names the file, the line and the parameter's name, never the value (a line may be long)."""
     params: list[str] = []
     problems: list[str] = []
     for n, raw in enumerate(text.splitlines(), 1):
@@ -227,16 +277,25 @@ def parse_module_conf(name: str, text: str, path: str) -> tuple[tuple[str, ...],
         if not line or line.startswith("#"):
             continue
         try:
-            words = shlex.split(line, comments=True)
+            words = split_words(line)
         except ValueError as exc:
-            problems.append(f"{path}:{n}: {exc} in {raw.strip()!r}")
+            problems.append(f"{path}:{n}: {exc}")
             continue
         bad = [w for w in words if not _PARAM.match(w)]
         if bad:
-            problems.append(f"{path}:{n}: {bad[0]!r} is not a {name} parameter (expected name=value)")
+            key = bad[0].partition("=")[0]
+            what = (f"{shown(key)}'s value holds a control character" if _PARAM.match(key)
+                    else f"{shown(bad[0])} is not a {name} parameter (expected name=value)")
+            problems.append(f"{path}:{n}: {what}")
             continue
         params += words
     return tuple(params), tuple(problems)
+
+
+def shown(word: str) -> str:
+    """A word from a user's file for an error line: printable, and short."""
+    text = repr(word[:40])
+    return text + ("..." if len(word) > 40 else "")
 
 
 def module_params(confs: dict[str, tuple[str, str]]) -> ModuleParams:
@@ -269,6 +328,19 @@ def modules_to_load(node: Node, rdma_enabled: bool, host_mofed: bool) -> tuple[s
     return MODULES
 
 
+# nvidia-peermem registers GPU memory with MOFED's peer-memory API in ib_core; built against a kernel's inbox
+# RDMA stack, which lacks that API, NVIDIA compiles it to a stub whose init returns -EINVAL and which uses
+# nothing of ib_core. Inbox RDMA reaches GPU memory through DMA-BUF instead (open modules, no nvidia-peermem).
+PEERMEM_STUB = ("nvidia-peermem in this image is built against the kernel's inbox RDMA stack, which has no "
+                "peer-memory API (MOFED's): its init refuses to load")
+DMA_BUF_ROUTE = ("use GPUDirect RDMA through DMA-BUF: open kernel modules (driver.kernelModuleType auto or open) "
+                 "and driver.rdma.enabled=false; NCCL and UCX use DMA-BUF where the kernel and driver offer it")
+
+
+def peermem_stub(depends: tuple[str, ...]) -> bool:
+    return "ib_core" not in depends
+
+
 # HMM in nvidia-uvm exists only in the open modules (from branch 535); the seed installer turns it off
 # (`uvm_disable_hmm=1`): with HMM on, multi-GPU CUDA on recent GPUs hangs or fails to initialise.
 HMM_FIRST_BRANCH = 535
@@ -285,6 +357,66 @@ def uvm_params(module_type: str, driver_branch: str, params: tuple[str, ...]) ->
     if module_type != "open" or branch < HMM_FIRST_BRANCH:
         return params, f"no HMM in the {module_type} modules of branch {driver_branch}"
     return (*params, UVM_DISABLE_HMM), f"default for the open modules of branch {driver_branch} (HMM off)"
+
+
+# NVIDIA's entrypoint (R580 on) loads nvidia with NVreg_CoherentGPUMemoryMode=driver: the driver keeps a
+# coherent GPU's memory instead of onlining it as a NUMA node, which the kubelet would count as the node's
+# memory. Branches before 580 do not have the parameter.
+COHERENT_FIRST_BRANCH = 580
+COHERENT_PARAM = "NVreg_CoherentGPUMemoryMode"
+
+
+def coherent_params(driver_branch: str, node: Node, params: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """nvidia's parameters with the coherent-memory default added where the branch has it, and why (for the
+    log; "warn: ..." where a Grace node keeps its GPU memory as NUMA nodes).
+
+    An NVreg_CoherentGPUMemoryMode in /drivers/nvidia.conf, whatever its value, wins over the default."""
+    grace = node.coherent_gpus
+    where = f"{len(grace)} Grace-coupled GPU(s)" if grace else "no Grace-coupled GPU"
+    if any(p.split("=", 1)[0] == COHERENT_PARAM for p in params):
+        return params, f"{COHERENT_PARAM} from /drivers/nvidia.conf ({where})"
+    branch = int(driver_branch) if driver_branch.isdigit() else 0
+    if branch < COHERENT_FIRST_BRANCH:
+        if grace:
+            return params, (f"warn: branch {driver_branch} has no {COHERENT_PARAM} (from {COHERENT_FIRST_BRANCH}): "
+                            "the Grace-coupled GPUs' memory becomes NUMA nodes the kubelet counts as the node's")
+        return params, f"branch {driver_branch} < {COHERENT_FIRST_BRANCH} has no {COHERENT_PARAM} ({where})"
+    return (f"{COHERENT_PARAM}=driver", *params), f"{COHERENT_PARAM}=driver, NVIDIA's default from {COHERENT_FIRST_BRANCH} ({where})"
+
+
+# NVFM_CONFIG_<KEY>=<value> in the container's environment sets fabricmanager.cfg's KEY (NVIDIA's knob);
+# the config's keys are upper case, and a value is one line.
+NVFM_PREFIX = "NVFM_CONFIG_"
+_FM_KEY = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+def fabricmanager_overrides(env: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in sorted(env.items()):
+        if not name.startswith(NVFM_PREFIX):
+            continue
+        key = name.removeprefix(NVFM_PREFIX)
+        if not _FM_KEY.match(key):
+            raise NodeError(f"{shown(name)} does not name a fabric manager setting (expected {NVFM_PREFIX}<KEY>, "
+                            "KEY as in fabricmanager.cfg: upper case, digits, _)",
+                            "fix the driver container's env in the ClusterPolicy (driver.env)")
+        if any(c in value for c in "\r\n\0"):
+            raise NodeError(f"{name} holds a line break; a fabric manager setting is one line",
+                            "fix the driver container's env in the ClusterPolicy (driver.env)")
+        out[key] = value
+    return out
+
+
+def fabricmanager_config(text: str, overrides: dict[str, str]) -> str:
+    """fabricmanager.cfg with each KEY's line set to KEY=value, or the line added when the file has none."""
+    lines = text.splitlines()
+    for key, value in overrides.items():
+        at = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+        for i in at:
+            lines[i] = f"{key}={value}"
+        if not at:
+            lines.append(f"{key}={value}")
+    return "".join(line + "\n" for line in lines)
 
 
 def nvlink_device_args(nvswitches: int) -> list[list[str]]:

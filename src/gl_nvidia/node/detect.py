@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from .decide import Node, PciDevice
+import re
+
+from .decide import Node, NodeError, PciDevice, shown
 from .host import Host
 
 PCI_DEVICES = "/sys/bus/pci/devices"
 HOST_OS_RELEASE = "/host-etc/os-release"
 INFINIBAND = "/sys/class/infiniband"
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # shorter than the kernel's MODULE_NAME_LEN
 
 
 def _hex(host: Host, path: str) -> int:
@@ -31,8 +34,15 @@ def pci_devices(host: Host) -> tuple[PciDevice, ...]:
 
 
 def loaded_modules(host: Host) -> dict[str, str | None]:
-    """Module name -> its version (from /sys/module/<name>/version) for every module in /proc/modules."""
+    """Module name -> its version (from /sys/module/<name>/version) for every module in /proc/modules.
+
+    A name the kernel cannot have (a NUL, a path) is refused: it would name a path under /sys/module."""
     names = [line.split()[0] for line in (host.read_opt("/proc/modules") or "").splitlines() if line.strip()]
+    for n, name in enumerate(names, 1):
+        if not _MODULE_NAME.match(name):
+            raise NodeError(f"/proc/modules line {n} names no kernel module ({shown(name)}); "
+                            "refusing to read the node's modules from it",
+                            "run the driver container with the host's /proc (hostPID: true)")
     return {n: (v.strip() if (v := host.read_opt(f"/sys/module/{n}/version")) else None) for n in names}
 
 

@@ -7,9 +7,11 @@ runs without root. Nothing else in `gl_nvidia.node` calls subprocess or touches 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
+import stat
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,10 +87,14 @@ class Host:
         self.path(p).write_text(text)
 
     def write_atomic(self, p: str, text: str) -> None:
+        """Write through a fresh temporary file (never through a link planted at its name), then rename."""
         target = self.path(p)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, target)
 
     def makedirs(self, p: str) -> None:
@@ -102,10 +108,21 @@ class Host:
             return False
 
     def lock(self, p: str) -> bool:
-        """Take an exclusive lock on a host file for the life of this process; False when another holds it."""
+        """Take an exclusive lock on a host file for the life of this process; False when another holds it.
+
+        The file is opened without following a symlink and must be a regular file: a link planted at its
+        name (the directory is the host's /run/nvidia) would have this process truncate and write its target."""
         target = self.path(p)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise OSError(exc.errno, "a symlink, not the lock file: refusing to write through it", p) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file: refusing to use it as the lock file", p)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

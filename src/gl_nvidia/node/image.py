@@ -70,21 +70,27 @@ class Image:
         path = root / str(layout.MANIFEST).lstrip("/")
         try:
             d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise TypeError("not a JSON object")
+            kernels = d.get("kernels", {})
             versions = {
                 k: {t: ms["source_version"] for t, ms in kb.get("module_sets", {}).items()}
-                for k, kb in d.get("kernels", {}).items()
+                for k, kb in kernels.items()
             }
             records = {
                 (k, t, f.name.removesuffix(".ko")): f
-                for k, kb in d.get("kernels", {}).items()
+                for k, kb in kernels.items()
                 for t, ms in kb.get("module_sets", {}).items()
                 for f in map(module_file, ms.get("modules", ()))
             }
             left_out = {str(k): str(v) for k, v in (d.get("left_out") or {}).items()}
-            return cls(root, d["driver_version"], d["driver_branch"], versions, records, left_out, d["arch"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return cls(root, _text(d, "driver_version"), _text(d, "driver_branch"), versions, records, left_out,
+                       _text(d, "arch"))
+        # A manifest of the wrong shape fails where it is read (a list for an object, a number for a name);
+        # one nested past the parser's recursion limit fails in json itself.
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise NodeError(
-                f"this image has no readable driver manifest at {layout.MANIFEST} ({exc})",
+                f"this image has no readable driver manifest at {layout.MANIFEST} ({_why(exc)})",
                 "the image was not built by `gl-nvidia image`; rebuild it",
             ) from exc
 
@@ -183,6 +189,20 @@ class Image:
 
     def has(self, binary: str) -> bool:
         return self.at(f"/usr/bin/{binary}").is_file()
+
+
+def _text(d: dict[str, object], key: str) -> str:
+    value = d[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is not a string")
+    return value
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    text = str(exc)
+    return text if len(text) <= 120 else text[:120] + "..."
 
 
 def sha256_file(path: Path) -> str:

@@ -27,7 +27,12 @@ RUN_DIR = "/run/nvidia"
 DRIVER_ROOT = "/run/nvidia/driver"
 STATE_FILE = "/run/nvidia/nvidia-driver.state"
 PID_FILE = "/run/nvidia/nvidia-driver.pid"  # locked while an init runs: one driver container per node
+# The operator's startup probe (its driver DaemonSet's startup-probe.sh) fails while this file exists and
+# does not say "Ready"; on success it writes READY_FILE, which the validator and the peermem sidecar wait for.
 READY_FILE = "/run/nvidia/validations/.driver-ctr-ready"
+DAEMONS_STATUS = "/run/nvidia/validations/.driver-daemons-status"
+MONITOR_PERIOD = 10.0  # seconds between checks that the daemons still run (the probe's period)
+DAEMON_START_TRIES = 50  # a started daemon's pid file names it within 5 s (0.1 s apart)
 FIRMWARE_PARAM = "/sys/module/firmware_class/parameters/path"
 FIRMWARE_SEARCH_PATH = DRIVER_ROOT + "/lib/firmware"
 MELLANOX_READY = "/run/mellanox/drivers/.driver-ready"
@@ -43,12 +48,23 @@ COMPONENT_OF = {FABRICMANAGER: "fabricmanager", FABRICMANAGER_CFG: "fabricmanage
                 FABRICMANAGER_START: "fabricmanager", NVLSM: "nvlsm", NVLSM_CFG: "nvlsm"}
 INFINIBAND_MAD = "/sys/class/infiniband_mad"  # ib_umad's umad<N>/issm<N>, each with its dev "major:minor"
 INFINIBAND_DEV = "/dev/infiniband"
-# Daemons write their own pid files; teardown stops what these name.
+# Daemons write their own pid files; teardown stops what these name, once the process they name is the
+# image's binary in this container (a stale file may name any process: hostPID shows the host's).
 DAEMONS = {
     "nvidia-persistenced": "/var/run/nvidia-persistenced/nvidia-persistenced.pid",
     "nv-fabricmanager": "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid",
     "nvlsm": "/var/run/nvidia-fabricmanager/nvlsm.pid",
 }
+DAEMON_BINARY = {"nvidia-persistenced": "/usr/bin/nvidia-persistenced", "nv-fabricmanager": FABRICMANAGER,
+                 "nvlsm": NVLSM}
+# NVIDIA's entrypoint loads these before the driver (i2c for the GPUs' I2C buses, the IPMI device interface
+# for the BMC's view of the GPUs); a kernel without them still runs CUDA, so a failure is a warning.
+SUPPORT_MODULES = ("i2c_core", "ipmi_msghandler", "ipmi_devintf")
+# NVLink5: NVIDIA's entrypoint waits for the ConnectX driver and ib_umad (another operator may load them).
+NVLINK5_MODULES = ("mlx5_core", "ib_umad")
+NVLINK5_WAIT = 300.0  # seconds before init gives up on them
+# Fabric manager's config with the NVFM_CONFIG_<KEY> overrides applied: in the container, not the image.
+FABRICMANAGER_RUN_CFG = "/run/gl-nvidia/fabricmanager.cfg"
 # Modules linked from their parts (interface + NVIDIA's binary object) before insmod: inside the
 # container, never under the driver root the host sees.
 STAGING_DIR = "/run/gl-nvidia/modules"
@@ -101,6 +117,7 @@ class Runtime:
                 f"/sys/bus/pci/devices); nothing loaded into kernel {node.kernel}",
                 "run the driver only on GPU nodes (node label nvidia.com/gpu.deploy.driver=true)",
             )
+        decide.fabricmanager_overrides(self.env)  # a bad NVFM_CONFIG_* stops init before it touches anything
         requested = self.env.get("KERNEL_MODULE_TYPE", "auto")
         other = self.image.mismatch(kernel, requested.strip().lower())
         if other is not None:
@@ -135,6 +152,7 @@ class Runtime:
         for sw in node.nvswitches:
             out("dry-run: nvswitch", address=sw.address, pci_id=sw.pci_id)
         out("dry-run: mellanox nics", count=len(node.mellanox))
+        out("dry-run: grace-coupled gpus", count=len(node.coherent_gpus))
         if node.nvlink5:
             out("dry-run: nvlink5 system: nvlsm and fabric manager through ib_umad")
         for k in self.image.kernels():
@@ -160,6 +178,7 @@ class Runtime:
                 f"pid {(self.host.read_opt(PID_FILE) or '?').strip()})",
                 "wait for the other driver pod to stop; only one may load the driver at a time",
             )
+        self.host.write_atomic(DAEMONS_STATUS, "NotReady\n")
         plan = self.plan()
         ours = self.image.driver_version
         loaded = _loaded_version(plan.node)
@@ -191,20 +210,28 @@ class Runtime:
         except BaseException:
             self.teardown(failed=True)
             raise
-        self.log.info("driver ready, waiting for SIGTERM", version=ours, type=plan.module_type.module_type)
-        self.wait(None)
+        self.host.write_atomic(DAEMONS_STATUS, "Ready\n")
+        self.log.info("driver ready, waiting for SIGTERM", version=ours, type=plan.module_type.module_type,
+                      daemons=",".join(self._daemons) or "none")
+        while not self.wait(MONITOR_PERIOD):
+            down = [d for d in self._daemons if self._running(d) is None]
+            if down:  # the pod must not stay ready without them: stop, and let the kubelet start it again
+                why = f"{down[0]} exited"
+                self.log.error(f"{why}, shutting down so the pod restarts", daemon=down[0])
+                self.teardown(why=why)
+                raise NodeError(f"{why} while the driver was ready; {DAEMONS_STATUS} says NotReady",
+                                f"see the daemon's log ({_daemon_log(down[0])}); the kubelet restarts the pod")
         self.log.info("signal received, shutting down")
         self.teardown()
 
     def _install(self, plan: Plan) -> None:
         self.log.info("module type", type=plan.module_type.module_type, reason=plan.module_type.reason)
-        params = self._uvm_default(self._params(), plan)
+        params = self._coherent_default(self._uvm_default(self._params(), plan), plan)
         kos = self._prepare(plan)  # verified (and linked) before the host is touched
         self._firmware_path(params.params.get("nvidia", ()))
         self._expose()  # before insmod: GSP firmware is read through the driver root at GPU init
-        # Peer DMA between NIC and GPU needs it whoever loads nvidia-peermem (init or the sidecar).
-        if self.env.get("GPU_DIRECT_RDMA_ENABLED", "false") == "true" and plan.node.mellanox:
-            self._iommu_identity(plan.node)
+        self._iommu_identity(plan.node)
+        self._support_modules(plan.node)
         self._load(plan, params, kos)
         self._device_nodes(plan.node)
         self._start_daemons(plan)
@@ -232,6 +259,14 @@ class Runtime:
         self.log.info("nvidia-uvm parameters", params=" ".join(uvm) or "none", reason=why)
         return replace(params, params={**params.params, "nvidia-uvm": uvm})
 
+    def _coherent_default(self, params: decide.ModuleParams, plan: Plan) -> decide.ModuleParams:
+        nvidia, why = decide.coherent_params(self.image.driver_branch, plan.node, params.params.get("nvidia", ()))
+        if why.startswith("warn: "):
+            self.log.warn(why.removeprefix("warn: "), gpus=",".join(g.address for g in plan.node.coherent_gpus))
+        else:
+            self.log.info("coherent GPU memory", reason=why)
+        return replace(params, params={**params.params, "nvidia": nvidia})
+
     def _firmware_path(self, nvidia_params: tuple[str, ...]) -> None:
         current = self.host.read_opt(FIRMWARE_PARAM)
         if current is None:
@@ -252,13 +287,21 @@ class Runtime:
         self.log.info("firmware search path", action=action, path=FIRMWARE_SEARCH_PATH)
 
     def _expose(self) -> None:
-        """The image's root at /run/nvidia/driver on the host: a bind mount, no copy of the userspace."""
+        """The container's root at /run/nvidia/driver on the host, as NVIDIA's entrypoint mounts it: a
+        recursive bind (no copy of the userspace), so the driver root's /dev is this container's, where the
+        validator and the toolkit look for the device nodes once the driver root has a /dev. /sys first has
+        its submounts made unbindable (the cgroup mounts are left out) and itself private (no mount event
+        under it reaches the host through the shared /run/nvidia)."""
         self._ensure_ld_cache()
         if self.host.is_mountpoint(DRIVER_ROOT):
             self.log.info("driver root still mounted from an earlier run, replacing it", path=DRIVER_ROOT)
             self._umount()
+        sys_dir = str(self.image.at("/sys"))
+        if self.host.run("mountpoint", "-q", sys_dir).rc == 0:
+            self._cmd("mount", "--make-runbindable", sys_dir, what="keep the mounts under /sys out of the driver root")
+            self._cmd("mount", "--make-private", sys_dir, what="make /sys private")
         self.host.makedirs(DRIVER_ROOT)
-        self._cmd("mount", "--bind", str(self.image.root), str(self.host.path(DRIVER_ROOT)), what="bind-mount the driver root")
+        self._cmd("mount", "--rbind", str(self.image.root), str(self.host.path(DRIVER_ROOT)), what="bind-mount the driver root")
         self._mounted = True
         self.log.info("driver root visible", path=DRIVER_ROOT, source=str(self.image.root))
 
@@ -271,7 +314,10 @@ class Runtime:
         self._cmd("ldconfig", what="rebuild the driver root's loader cache")
 
     def _iommu_identity(self, node: Node) -> None:
-        """GPUDirect RDMA: peer DMA between NIC and GPU needs the GPUs' IOMMU groups in identity mode."""
+        """The GPUs' IOMMU groups in identity mode before the driver binds them, as the seed installer sets
+        them on metal nodes: in a translated (DMA) group the GPU faults during probe (IO_PAGE_FAULT) and gets
+        no device nodes, and GPUDirect RDMA's peer DMA between NIC and GPU needs it too. The kernel takes the
+        change only while no driver is bound; a group that refuses it stays as it is, with a warning."""
         for gpu in node.gpus:
             group = self.host.readlink(f"/sys/bus/pci/devices/{gpu.address}/iommu_group")
             if not group:
@@ -293,6 +339,17 @@ class Runtime:
                             "rebuild the image from a complete bundle")
         return self._modules(plan.kernel, t, plan.modules, plan.node.kernel)
 
+    def _support_modules(self, node: Node) -> None:
+        wanted = [m for m in SUPPORT_MODULES if m not in node.loaded]
+        if not wanted:
+            return
+        res = self.host.run(*HOST_NS, "modprobe", "-a", *wanted)
+        if res.rc == 0:
+            self.log.info("host modules loaded", modules=",".join(wanted))
+        else:
+            self.log.warn("could not load the i2c/ipmi modules NVIDIA's entrypoint loads; the driver runs without "
+                          "them (no BMC view of the GPUs)", modules=",".join(wanted), error=_reason(res.stderr))
+
     def _load(self, plan: Plan, params: decide.ModuleParams, kos: list[Path]) -> None:
         ours = {sysfs_name(m) for m in plan.modules}
         host_deps = sorted({d for k in kos for d in depends(k)} - ours - set(plan.node.loaded))
@@ -301,6 +358,9 @@ class Runtime:
             self.log.info("host modules loaded", modules=",".join(host_deps))
         for m, ko in zip(plan.modules, kos, strict=True):
             if sysfs_name(m) in plan.node.loaded:
+                continue
+            if m == PEERMEM and decide.peermem_stub(depends(ko)):
+                self.log.warn(decide.PEERMEM_STUB + ", not loading it", module=m, route=decide.DMA_BUF_ROUTE)
                 continue
             p = params.params.get(m, ())
             res = self.host.run("insmod", str(ko), *p)
@@ -311,16 +371,19 @@ class Runtime:
             self.log.info("module loaded", module=m, type=plan.module_type.module_type, params=" ".join(p))
 
     def _device_nodes(self, node: Node) -> None:
-        tool = DRIVER_ROOT + "/usr/bin/nvidia-modprobe"
+        """/dev/nvidia* on the host (for what runs there) and in this container, whose /dev is the driver
+        root's: the validator and the toolkit take the driver root as the dev root once it has a /dev."""
         if not self.image.has("nvidia-modprobe"):
             self.log.warn("nvidia-modprobe not in this image; device nodes are left to the kernel")
             return
         args = ["-u", "-m"] + [a for i in range(len(node.gpus)) for a in ("-c", str(i))]
-        self._cmd(*HOST_NS, tool, *args, what="create /dev/nvidia* on the host")
         switches = self._nvswitches(node)
-        for extra in decide.nvlink_device_args(switches):
-            self._cmd(*HOST_NS, tool, *extra, what="create the NVSwitch and NVLink device nodes on the host")
-        self.log.info("device nodes created", gpus=len(node.gpus), nvswitches=switches)
+        for where, tool in (("the host", [*HOST_NS, DRIVER_ROOT + "/usr/bin/nvidia-modprobe"]),
+                            ("the driver root", [str(self.image.at("/usr/bin/nvidia-modprobe"))])):
+            self._cmd(*tool, *args, what=f"create /dev/nvidia* on {where}")
+            for extra in decide.nvlink_device_args(switches):
+                self._cmd(*tool, *extra, what=f"create the NVSwitch and NVLink device nodes on {where}")
+        self.log.info("device nodes created", gpus=len(node.gpus), nvswitches=switches, on="host,driver root")
 
     def _nvswitches(self, node: Node) -> int:
         return max(len(node.nvswitches), len(self.host.listdir(NVSWITCH_PROC)))
@@ -335,7 +398,35 @@ class Runtime:
         elif self._nvswitches(plan.node):
             self._require(FABRICMANAGER, FABRICMANAGER_CFG,
                           why=f"this node has {self._nvswitches(plan.node)} NVSwitch(es)")
-            self._daemon("nv-fabricmanager", "-c", str(self.image.at(FABRICMANAGER_CFG)))
+            self._daemon("nv-fabricmanager", "-c", self._fabricmanager_cfg())
+        if plan.node.nvswitches or plan.node.nvlink5:
+            self._nscq()
+
+    def _fabricmanager_cfg(self) -> str:
+        """The config fabric manager starts with: the image's, or a copy with the NVFM_CONFIG_<KEY>=<value>
+        overrides NVIDIA's entrypoint applies (each key's line replaced, or added)."""
+        overrides = decide.fabricmanager_overrides(self.env)
+        image_cfg = str(self.image.at(FABRICMANAGER_CFG))
+        if not overrides:
+            return image_cfg
+        text = decide.fabricmanager_config(self.image.at(FABRICMANAGER_CFG).read_text(), overrides)
+        self.host.write_atomic(FABRICMANAGER_RUN_CFG, text)
+        for key, value in overrides.items():
+            self.log.info("fabric manager config override", key=key, value=value, source=f"NVFM_CONFIG_{key}")
+        return str(self.host.path(FABRICMANAGER_RUN_CFG))
+
+    def _nscq(self) -> None:
+        """DCGM reads NVSwitch state through libnvidia-nscq (NVLink5: libnvsdm) from the driver root."""
+        have = [lib for lib in ("libnvidia-nscq.so", "libnvsdm.so") if self._has_library(lib)]
+        if have:
+            self.log.info("nvswitch monitoring libraries", present=",".join(have))
+        else:
+            self.log.warn("no libnvidia-nscq or libnvsdm in this image: DCGM cannot read the NVSwitches",
+                          why=self.image.left_out.get("nscq", "not built with them"))
+
+    def _has_library(self, stem: str) -> bool:
+        return any(d.is_dir() and any(p.name.startswith(stem) for p in d.iterdir())
+                   for d in (self.image.at(f"/usr/lib/{t}") for t in ("x86_64-linux-gnu", "aarch64-linux-gnu")))
 
     def _require(self, *paths: str, why: str) -> None:
         """Fabric manager's (and nvlsm's) files in the image, or the one line naming what is missing and why
@@ -357,25 +448,24 @@ class Runtime:
         manager, both from the image."""
         why = "this node is an NVLink5 system (a ConnectX port with SW_MNG)"
         self._require(FABRICMANAGER_START, FABRICMANAGER, FABRICMANAGER_CFG, NVLSM, NVLSM_CFG, why=why)
-        if "mlx5_core" not in node.loaded:
-            raise NodeError(f"{why}, but mlx5_core is not loaded: the NVLink subnet manager reaches the switches "
-                            "through it", "load the Mellanox driver first (the host's or the network operator's)")
-        if "ib_umad" not in node.loaded:
-            self._cmd(*HOST_NS, "modprobe", "ib_umad", what="load ib_umad (the subnet manager's MAD interface)")
-            self.log.info("host modules loaded", modules="ib_umad")
+        self._wait_for_nvlink5_modules(why)
         self._umad_nodes()
-        pid = self._pid("nv-fabricmanager")
-        if pid is not None and self.host.alive(pid):
+        pid = self._running("nv-fabricmanager")
+        if pid is not None:
             self.log.info("daemon already running", daemon="nv-fabricmanager", pid=pid)
         else:
             self._cmd(str(self.image.at(FABRICMANAGER_START)), "--mode", "start",
-                      "--fm-config-file", str(self.image.at(FABRICMANAGER_CFG)),
+                      "--fm-config-file", self._fabricmanager_cfg(),
                       "--fm-pid-file", str(self.host.path(DAEMONS["nv-fabricmanager"])),
                       "--nvlsm-config-file", str(self.image.at(NVLSM_CFG)),
                       "--nvlsm-pid-file", str(self.host.path(DAEMONS["nvlsm"])),
                       what="start the NVLink subnet manager and fabric manager")
-            self.log.info("daemon started", daemon="nvlsm", pid=self._pid("nvlsm") or "unknown")
-            self.log.info("daemon started", daemon="nv-fabricmanager", pid=self._pid("nv-fabricmanager") or "unknown")
+            for name in ("nvlsm", "nv-fabricmanager"):
+                self.log.info("daemon started", daemon=name, pid=self._started(name))
+            if decide.fabricmanager_overrides(self.env).get("FABRIC_MODE") == "1":
+                # NVIDIA's entrypoint: a GPU reset clears fabric partitions left from before FABRIC_MODE=1
+                self._cmd(str(self.image.at("/usr/bin/nvidia-smi")), "-r", what="reset the GPUs for FABRIC_MODE=1")
+                self.log.info("gpus reset after fabric manager start", reason="NVFM_CONFIG_FABRIC_MODE=1")
         self._daemons += ["nvlsm", "nv-fabricmanager"]  # stopped in reverse: fabric manager first
         # IMEX runs per workload, from the driver root, under the DRA driver's compute domains (which also
         # make the channels): the node only says whether this image can serve them.
@@ -384,6 +474,29 @@ class Runtime:
         else:
             self.log.warn("no nvidia-imex in this image: multi-node NVLink compute domains cannot start",
                           why=self.image.left_out.get("imex", "not built with it"))
+
+    def _wait_for_nvlink5_modules(self, why: str) -> None:
+        """mlx5_core comes from the host or the network operator, maybe after this pod starts: wait for it
+        (bounded, a line every try) and load ib_umad from the host once it is there, as NVIDIA's entrypoint
+        waits for both."""
+        waited = 0.0
+        while True:
+            loaded = read_node(self.host).loaded
+            if "mlx5_core" in loaded and "ib_umad" not in loaded:
+                self._cmd(*HOST_NS, "modprobe", "ib_umad", what="load ib_umad (the subnet manager's MAD interface)")
+                self.log.info("host modules loaded", modules="ib_umad")
+                loaded = read_node(self.host).loaded
+            missing = [m for m in NVLINK5_MODULES if m not in loaded]
+            if not missing:
+                return
+            if waited >= NVLINK5_WAIT:
+                raise NodeError(f"{why}, but {' and '.join(missing)} did not load within {NVLINK5_WAIT:.0f} s: the "
+                                "NVLink subnet manager reaches the switches through them",
+                                "load the Mellanox driver (the host's or the network operator's); the pod retries")
+            self.log.info("waiting for the kernel modules the NVLink subnet manager needs",
+                          missing=",".join(missing), waited_s=int(waited), limit_s=int(NVLINK5_WAIT))
+            self.sleep(MONITOR_PERIOD)
+            waited += MONITOR_PERIOD
 
     def _umad_nodes(self) -> None:
         """The /dev/infiniband nodes ib_umad's devices need in this container: a device the module made
@@ -406,26 +519,57 @@ class Runtime:
         self.log.info("infiniband device nodes", created=",".join(made) or "none", present=seen)
 
     def _daemon(self, name: str, *args: str) -> None:
-        pid = self._pid(name)
-        if pid is not None and self.host.alive(pid):
+        pid = self._running(name)
+        if pid is not None:
             self.log.info("daemon already running", daemon=name, pid=pid)
         else:
             self._cmd(str(self.image.at(f"/usr/bin/{name}")), *args, what=f"start {name}")
-            self.log.info("daemon started", daemon=name, pid=self._pid(name) or "unknown")
+            self.log.info("daemon started", daemon=name, pid=self._started(name))
         self._daemons.append(name)
+
+    def _started(self, name: str) -> int:
+        """The pid of a daemon just started, or the one line saying it is not running: readiness waits on it.
+        A daemon writes its pid file after it forks, maybe after the command that started it returned."""
+        for _ in range(DAEMON_START_TRIES):
+            if self._running(name, quiet=True) is not None:
+                break
+            self.sleep(0.1)
+        pid = self._running(name)
+        if pid is None:
+            raise NodeError(f"{name} started but is not running (no live {name} of this image in {DAEMONS[name]})",
+                            f"see its log ({_daemon_log(name)})")
+        return pid
 
     def _pid(self, daemon: str) -> int | None:
         text = self.host.read_opt(DAEMONS[daemon])
         return int(text.strip()) if text and text.strip().isdigit() else None
 
+    def _running(self, name: str, quiet: bool = False) -> int | None:
+        """The pid in `name`'s pid file when it is a live process of this image's binary in this container's
+        mount namespace (where init starts its daemons); None otherwise, a stale file named in the log
+        unless `quiet`."""
+        pid = self._pid(name)
+        if pid is None or not self.host.alive(pid):
+            return None
+        exe = (self.host.readlink(f"/proc/{pid}/exe") or "").removesuffix(" (deleted)")
+        ns = self.host.readlink(f"/proc/{pid}/ns/mnt")
+        if exe == str(self.image.at(DAEMON_BINARY[name])) and ns is not None and ns == self.host.readlink("/proc/self/ns/mnt"):
+            return pid
+        if not quiet:
+            self.log.warn("pid file names a process that is not this image's daemon, leaving it alone",
+                          daemon=name, pid=pid, pid_file=DAEMONS[name], exe=exe or "unreadable")
+        return None
+
     # ---------------------------------------------------------------- teardown
 
-    def teardown(self, failed: bool = False) -> None:
-        """Stop daemons, unload modules unless in use, undo the mount, remove the ready file.
+    def teardown(self, failed: bool = False, why: str = "") -> None:
+        """Stop daemons, unload modules unless in use, undo the mount, remove the ready file and say NotReady.
 
         Never raises: after a failed init the error that stopped it is the one to report, and every step
         is tried whatever the one before it met. A step that fails is a warning line.
         """
+        status = "NotReady" + (f": {why}" if why else "") + "\n"
+        self._teardown_step("mark the daemons not ready", lambda: self.host.write_atomic(DAEMONS_STATUS, status))
         self._teardown_step("stop the daemons", self._stop_daemons)
         if not failed or self._loaded:
             self._teardown_step("unload the modules", self._unload_and_drop_state)
@@ -443,8 +587,8 @@ class Runtime:
 
     def _stop_daemons(self) -> None:
         for name in reversed(self._daemons):
-            pid = self._pid(name)
-            if pid is None or not self.host.alive(pid):
+            pid = self._running(name)
+            if pid is None:
                 continue
             self.host.kill(pid)
             for _ in range(50):
@@ -463,7 +607,7 @@ class Runtime:
             self._umount()
 
     def _umount(self) -> None:
-        res = self.host.run("umount", "--lazy", str(self.host.path(DRIVER_ROOT)))
+        res = self.host.run("umount", "--lazy", "--recursive", str(self.host.path(DRIVER_ROOT)))
         if res.rc != 0:
             self.log.warn("could not unmount the driver root", path=DRIVER_ROOT, error=_reason(res.stderr))
         else:
@@ -560,6 +704,8 @@ class Runtime:
             kernel = decide.select_kernel(node, self.image.kernels(), self.image.driver_branch, self.image.arch)
             module_type = self._loaded_type(kernel)
             ko, = self._modules(kernel, module_type, (PEERMEM,), node.kernel)
+            if decide.peermem_stub(depends(ko)):
+                raise NodeError(decide.PEERMEM_STUB, decide.DMA_BUF_ROUTE)
             p = self._params().params.get(PEERMEM, ())
             deps = [d for d in depends(ko) if d not in node.loaded]
             if deps:
@@ -676,6 +822,11 @@ class Runtime:
         lines = self._kernel_log_lines()
         new = lines[len(before):] if before is not None and lines[: len(before)] == before else lines[-5:]
         return " | ".join(line.strip() for line in new[-5:]) or "nothing new"
+
+
+def _daemon_log(name: str) -> str:
+    return {"nvidia-persistenced": "syslog of the node", "nv-fabricmanager": "/var/log/fabricmanager.log",
+            "nvlsm": "/var/log/nvlsm.log"}[name]
 
 
 def _loaded_version(node: Node) -> str | None:

@@ -8,7 +8,8 @@ Credential helpers (`credsStore`, `credHelpers`) and identity tokens are not rea
 They go to that host's registry (plain HTTP only for loopback or `--plain-http` hosts) and to the
 token service its challenge names (the distribution spec's token flow, which may live on another
 host) only when that realm is HTTPS, loopback, or the registry's own `--plain-http` host: a
-password never crosses the network in clear text to a host the user did not choose.
+password never crosses the network in clear text to a host the user did not choose. Any other URL
+the registry names (an upload `Location`, a redirect) gets them only on the registry's own origin.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def docker_credentials(host: str, config: Path) -> Credentials | None:
             raise _malformed(config, f"auths[{key!r}].auth is not a string")
         try:
             user, sep, password = base64.b64decode(auth, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError) as exc:
-            raise _malformed(config, f"auths[{key!r}].auth is not base64 of USER:PASSWORD ({exc})") from exc
+        except (binascii.Error, UnicodeDecodeError) as exc:  # their messages quote the credential's bytes
+            raise _malformed(config, f"auths[{key!r}].auth is not base64 of USER:PASSWORD in UTF-8") from exc
         if not sep:
             raise _malformed(config, f"auths[{key!r}].auth has no ':' between user and password")
         return Credentials(user, password)
@@ -128,6 +129,19 @@ def is_loopback(hostname: str | None) -> bool:
     try:
         return ipaddress.ip_address(hostname).is_loopback
     except ValueError:
+        return False
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+def same_origin(url: str, registry_base: str) -> bool:
+    """Is `url` on the registry's own origin (scheme, host, port), the only place its credentials go?"""
+    try:
+        a, b = urlsplit(url), urlsplit(registry_base)
+        return a.scheme in _PORTS and (a.scheme, a.hostname, a.port or _PORTS[a.scheme]) == \
+            (b.scheme, b.hostname, b.port or _PORTS.get(b.scheme))
+    except ValueError:  # a port that is no number: not the registry's
         return False
 
 

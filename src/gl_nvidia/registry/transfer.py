@@ -1,9 +1,11 @@
 """Push, pull and mirror: one copy routine over the digest-addressed image model.
 
-`copy_image` takes a manifest and a way to get each blob as a file; it uploads only blobs the
-destination lacks (HEAD, then a cross-repository mount when the source is on the same registry),
-then PUTs the manifest by digest, and only then moves tags. So a tag never points at a partial
-image, and a second push of the same content uploads nothing.
+`copy_images` takes manifests and a way to get each blob as a file. All or nothing: it checks every
+tag first (none may move without --force), uploads only blobs the destination lacks (HEAD, then a
+cross-repository mount when the source is on the same registry), PUTs each manifest by digest, and
+only then writes the tags, after checking them again. So a tag never points at a partial image, a
+refused tag leaves nothing tagged, and a second push of the same content uploads nothing.
+`push` also checks every local blob against its digest before the first upload.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gl_nvidia import ui
+from gl_nvidia import fs, ui
 from gl_nvidia.errors import UserError
 from gl_nvidia.image.base import LayoutBase
 from gl_nvidia.image.tags import validate_tag
 from gl_nvidia.oci import Descriptor, Layout, Manifest, attachment_tag, is_attachment_tag
 from gl_nvidia.registry.client import Reference, RegistryClient
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,12 @@ class ClientOptions:
     backoff_s: float = 0.5
     chunk_size: int | None = None
     on_progress: Callable[[int], None] | None = None
+    timeout_s: float = 120.0  # per read, and the base of each answer's deadline
 
     def client(self, host: str) -> RegistryClient:
         kwargs: dict[str, Any] = {"chunk_size": self.chunk_size} if self.chunk_size else {}
         return RegistryClient(host, plain_http=self.plain_http, retries=self.retries, backoff_s=self.backoff_s,
-                              on_progress=self.on_progress, **kwargs)
+                              on_progress=self.on_progress, timeout_s=self.timeout_s, **kwargs)
 
 
 # cosign's attachment tags: signatures, attestations, SBOMs (`sha256-<hex>.<kind>`)
@@ -70,38 +76,74 @@ def copy_image(
     mount_from: Sequence[str] = (),
 ) -> PushResult:
     """Put one image into `dst/repo` and point `tags` at it; see the module docstring for the order."""
-    for tag in tags:
-        try:
-            validate_tag(tag)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
+    [result] = copy_images([(manifest, tags)], fetch, dst, repo, force=force, mount_from=mount_from)
+    return result
+
+
+def copy_images(
+    images: Sequence[tuple[Manifest, Sequence[str]]],
+    fetch: BlobFetcher,
+    dst: RegistryClient,
+    repo: str,
+    *,
+    force: bool = False,
+    mount_from: Sequence[str] = (),
+) -> list[PushResult]:
+    """Put images into `dst/repo` and point each one's tags at it: every tag checked before the first
+    upload, every tag written after the last."""
+    for _m, tags in images:
+        for tag in tags:
+            try:
+                validate_tag(tag)
+            except ValueError as exc:
+                raise UserError(str(exc)) from exc
     # Refuse before uploading anything: moving a tag to other content is an explicit decision.
-    current = {t: dst.manifest_digest(repo, t) for t in tags}
-    moved = {t: d for t, d in current.items() if d is not None and d != manifest.digest}
-    if moved and not force:
-        t, d = next(iter(moved.items()))
-        raise UserError(
-            f"tag {dst.host}/{repo}:{t} already points to other content ({d}); refusing to move it",
-            "pass --force to move the tag(s) to the new image",
-        )
+    _refuse_moves(dst, repo, images, force)
+    counts = []
+    with ui.progress(transfer=True) as prog, tempfile.TemporaryDirectory(prefix="gl-nvidia-blobs-") as scratch:
+        for manifest, _tags in images:
+            counts.append(_upload(manifest, fetch, dst, repo, mount_from, prog, Path(scratch)))
+            dst.put_manifest(repo, manifest.digest, manifest)
+    # The API has no conditional tag write: look again right before writing, so that only a push landing
+    # between this check and the writes is overwritten, not one that tagged during our uploads.
+    _refuse_moves(dst, repo, images, force)
+    for manifest, tags in images:
+        for tag in tags:
+            dst.put_manifest(repo, tag, manifest)
+    return [PushResult(f"{dst.host}/{repo}", m.digest, tuple(tags), *c) for (m, tags), c in zip(images, counts, strict=True)]
+
+
+def _refuse_moves(dst: RegistryClient, repo: str, images: Sequence[tuple[Manifest, Sequence[str]]],
+                  force: bool) -> None:
+    """An error when a tag points at other content than its image (none with `force`: it moves them)."""
+    if force:
+        return
+    for manifest, tags in images:
+        for tag in tags:
+            d = dst.manifest_digest(repo, tag)
+            if d is not None and d != manifest.digest:
+                raise UserError(
+                    f"tag {dst.host}/{repo}:{tag} already points to other content ({d}); refusing to move it",
+                    "pass --force to move the tag(s) to the new image; nothing was tagged",
+                )
+
+
+def _upload(manifest: Manifest, fetch: BlobFetcher, dst: RegistryClient, repo: str, mount_from: Sequence[str],
+            prog: Progress | None, scratch: Path) -> tuple[int, int, int, int]:
+    """The image's blobs the destination lacks: (uploaded, skipped, mounted, bytes uploaded)."""
     uploaded = skipped = mounted = sent = 0
-    total = sum(b.size for b in manifest.blobs)
-    with ui.progress(transfer=True) as prog, ui.task(prog, f"push {dst.host}/{repo}", total=total) as task, \
-            tempfile.TemporaryDirectory(prefix="gl-nvidia-blobs-") as scratch:
+    with ui.task(prog, f"push {dst.host}/{repo}", total=sum(b.size for b in manifest.blobs)) as task:
         for blob in manifest.blobs:
             if dst.has_blob(repo, blob.digest):
                 skipped += 1
             elif any(dst.mount_blob(repo, blob.digest, src) for src in mount_from if src != repo):
                 mounted += 1
             else:
-                dst.upload_blob(repo, fetch(blob, Path(scratch)), blob)
+                dst.upload_blob(repo, fetch(blob, scratch), blob)
                 uploaded += 1
                 sent += blob.size
             task.advance(blob.size)
-    dst.put_manifest(repo, manifest.digest, manifest)
-    for tag in tags:
-        dst.put_manifest(repo, tag, manifest)
-    return PushResult(f"{dst.host}/{repo}", manifest.digest, tuple(tags), uploaded, skipped, mounted, sent)
+    return uploaded, skipped, mounted, sent
 
 
 def push(
@@ -134,19 +176,25 @@ def push(
     if not by_digest:
         what = f"tagged {ref.tag!r}" if ref.tag else "with a tag"
         raise UserError(f"no image {what} in {layout_dir}", f"tags there: {', '.join(sorted(layout.tags())) or 'none'}")
+    images = [(layout.manifest(d), tags) for d, tags in by_digest.items()]
+    _verify_blobs(layout, [m for m, _t in images])
     opts = options or ClientOptions()
     with opts.client(ref.host) as client:
-        return [
-            copy_image(layout.manifest(d), lambda b, _s: _layout_blob(layout, b), client, ref.repo, tags, force=force)
-            for d, tags in by_digest.items()
-        ]
+        return copy_images(images, lambda b, _s: layout.blob_path(b.digest), client, ref.repo, force=force)
 
 
-def _layout_blob(layout: Layout, blob: Descriptor) -> Path:
-    path = layout.blob_path(blob.digest)
-    if not path.is_file():
-        raise UserError(f"blob {blob.digest} is missing from {layout.root}", "rebuild the image layout")
-    return path
+def _verify_blobs(layout: Layout, manifests: Sequence[Manifest]) -> None:
+    """Every blob the images name is in the layout with its size and digest (`Layout.manifest` checked
+    the manifests): a registry that does not verify would otherwise store and tag the wrong bytes."""
+    for blob in {b.digest: b for m in manifests for b in m.blobs}.values():
+        path = layout.blob_path(blob.digest)
+        if not path.is_file():
+            raise UserError(f"blob {blob.digest} is missing from {layout.root}", "rebuild the image layout")
+        size, digest = path.stat().st_size, "sha256:" + fs.sha256_file(path)
+        if size != blob.size or digest != blob.digest:
+            raise UserError(f"blob {blob.digest} in layout {layout.root} has changed: its content has digest {digest} "
+                            f"({size} bytes, the manifest says {blob.size}); nothing pushed",
+                            "the layout is damaged or was changed; rebuild it")
 
 
 def pull(source: str, layout: Layout, *, arch: str | None = None, options: ClientOptions | None = None) -> str:
@@ -169,6 +217,12 @@ def pull(source: str, layout: Layout, *, arch: str | None = None, options: Clien
 def pull_base(source: str, layout_dir: Path, arch: str) -> LayoutBase:
     """A registry image as a base for the image stage, which reads layouts only: pulled into a new
     layout at `layout_dir` and tagged there; of `arch` when `source` is a multi-platform index."""
+    try:
+        Reference.parse(source)
+    except UserError as exc:  # `image --base` takes both: a path that is not there reads as a bad reference
+        raise UserError(f"--base {source}: no OCI layout directory {LayoutBase.split(source)[0]}, "
+                        "and not a registry reference", "name an OCI layout directory[:TAG] or REGISTRY/REPO[:TAG]") \
+            from exc
     layout = Layout.create(layout_dir)
     digest = pull(source, layout, arch=arch)
     layout.add_image(layout.manifest(digest), ["base"])
@@ -213,6 +267,8 @@ def mirror(
             if m is None:
                 continue  # deleted while we listed
             by_digest.setdefault(m.digest, (m, []))[1].append(tag)
+        if not by_digest:
+            raise UserError(f"none of the {len(tags)} tags {source} lists has a manifest there; nothing to copy")
 
         def fetch(blob: Descriptor, scratch: Path) -> Path:
             path = scratch / blob.digest.removeprefix("sha256:")
@@ -221,9 +277,8 @@ def mirror(
 
         same = src_ref.host == dst_ref.host
         mount_from = [src_ref.repo] if same else []
-        results = []
-        for m, t in by_digest.values():
-            results.append(copy_image(m, fetch, dst, dst_ref.repo, t, force=force, mount_from=mount_from))
+        results = copy_images(list(by_digest.values()), fetch, dst, dst_ref.repo, force=force, mount_from=mount_from)
+        for m, _t in by_digest.values():
             for kind in ATTACHMENTS:
                 tag = attachment_tag(m.digest, kind)
                 attached = src.get_manifest(src_ref.repo, tag) if tag in listed else None
