@@ -296,7 +296,8 @@ def test_a_release_component_naming_a_missing_image_is_refused_before_anything_i
     assert not any(r.startswith("gl/component-descriptors") for r in repositories(registry))
 
 
-def test_the_component_read_back_is_checked(registry: Registry, tmp_path: Path) -> None:
+def test_the_component_read_back_is_checked(registry: Registry, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     p = publish(registry, tmp_path)
     with RegistryClient(registry.host) as c:
         push_descriptor(c, p.base, describe(registry, p))
@@ -306,6 +307,17 @@ def test_the_component_read_back_is_checked(registry: Registry, tmp_path: Path) 
             read_descriptor(c, p.base, COMPONENT, "9.9.9")
     for bad in ("nocolon", "Upper.example/x:1.0.0", f"{COMPONENT}:"):
         assert main(["mirror", "--component", bad, p.base, f"{registry.host}/x"]) == 2
+        assert "is not NAME:VERSION" in capsys.readouterr().err
+    for argv, error in ((["--key", str(p.pub)], "--key verifies the images of a component"),
+                        (["--component", f"{COMPONENT}:{VERSION}", "--driver-branch", "580"],
+                         "--component copies the whole component"),
+                        (["--component", f"{COMPONENT}:{VERSION}", "--key", str(tmp_path / "none.pub")], "none.pub"),
+                        (["--component", f"{COMPONENT}:{VERSION}"], "names a tag or digest")):
+        dst = f"{registry.host}/x" + (":t" if error == "names a tag or digest" else "")
+        assert main(["mirror", *argv, p.base, dst]) == 2
+        err = capsys.readouterr().err
+        assert error in err and len([line for line in err.splitlines() if "error" in line]) == 1, err
+    assert not any(r.startswith("x") for r in repositories(registry))
 
 
 def _release(registry: Registry, tmp_path: Path, digest: str | None = None) -> tuple[ReleaseResult, str]:
