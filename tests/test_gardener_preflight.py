@@ -205,6 +205,8 @@ def test_gardener_checks_do_not_mix_with_the_others(tmp_path: Path, registry: Re
     assert preflight(tmp_path, registry, "--cloudprofile", str(DATA / "cloudprofile.yaml"),
                      "--gl-version", "1877.3") == 2
     assert "cannot be combined" in capsys.readouterr().err
+    assert main(["preflight", "--lock", "debian", "--cloudprofile", str(DATA / "cloudprofile.yaml")]) == 2
+    assert "the lock is of debian" in capsys.readouterr().err
     with pytest.raises(UserError, match="uses CloudProfile aws, not gcp"):
         from gl_nvidia.catalog.lock import parse_lock_text
         from gl_nvidia.deploy.preflight import Wanted, shoot_results

@@ -198,6 +198,7 @@ def _gardener_preflight(cloudprofile: Path | None, shoot: Path | None, registry:
                if cloudprofile is not None else None)
     cluster = gardener.parse_shoot(_read_text(shoot, "Shoot"), str(shoot)) if shoot is not None else None
     lk = load_lock(lock)
+    preflight.check_gardenlinux(lk)  # before a profile without `resolved` is resolved from its sources
     res = resolved(lk)
     wanted = preflight.Wanted(registry or values_mod.DEFAULT_REPOSITORY)
     if values_file is not None:

@@ -237,10 +237,17 @@ def _version_results(prefix: str, version: str, arches: Sequence[str], flavour: 
     return results + [replace(r, subject=f"{prefix} {r.subject}") for r in checked]
 
 
+def check_gardenlinux(lock: Lock) -> None:
+    if lock.os.id != IMAGE_NAME:
+        raise UserError(f"Gardener's documents name Garden Linux versions; the lock is of {lock.os.id}",
+                        "pass --lock gardenlinux (./versions.yaml) or a Garden Linux lock")
+
+
 def cloudprofile_results(profile: CloudProfile, lock: Lock, resolved: Resolved, wanted: Wanted,
                          checker: ImageChecker, kernels_fn: KernelsFn = kernels_for) -> list[CheckResult]:
     """Every Garden Linux version the landscape offers (preview, supported, deprecated; not expired or
     unavailable), on each arch it offers the version for."""
+    check_gardenlinux(lock)
     flavour = flavour_of(profile.provider)
     offered = [v for v in profile.versions if v.offered]
     if not offered:
@@ -258,6 +265,7 @@ def shoot_results(shoot: Shoot, profile: CloudProfile | None, lock: Lock, resolv
                   checker: ImageChecker, kernels_fn: KernelsFn = kernels_for) -> list[CheckResult]:
     """Each GPU worker pool running Garden Linux, on its version and arch. GPU pools are those whose machine
     type the CloudProfile lists with GPUs; without a CloudProfile every Garden Linux pool counts."""
+    check_gardenlinux(lock)
     if profile is not None and shoot.cloud_profile and profile.name and shoot.cloud_profile != profile.name:
         raise UserError(f"Shoot {shoot.name} uses CloudProfile {shoot.cloud_profile}, not {profile.name}",
                         "pass the CloudProfile the Shoot names")
