@@ -264,6 +264,9 @@ def _altered(registry: Registry, p: Published, field: str) -> None:
     other = p.digests[1]
     if field in ("digest", "both"):
         first.digest = ocm.DigestSpec.from_oci_artifact_digest(other)
+    if field == "tags":
+        first.labels = [ocm.Label(name=lb.name, value=[*lb.value, "../x"]) if lb.name.endswith(".tags") else lb
+                        for lb in first.labels]
     if field == "both":
         ref = first.access["imageReference"].rsplit("@", 1)[0]
         first.access = ocm.AccessDict({**first.access, "imageReference": f"{ref}@sha256:{'0' * 64}"})
@@ -275,6 +278,7 @@ def _altered(registry: Registry, p: Published, field: str) -> None:
 @pytest.mark.parametrize(("field", "error"), [
     ("digest", "its digest says sha256:"),
     ("both", "the source has no"),
+    ("tags", "invalid tag '../x'"),
 ])
 def test_an_altered_or_dangling_component_is_refused_and_nothing_is_copied(
         field: str, error: str, registry: Registry, registry2: Registry, tmp_path: Path,

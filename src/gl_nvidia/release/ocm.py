@@ -38,6 +38,7 @@ from gl_nvidia import oci, yamldoc
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
 from gl_nvidia.image.build import LABEL_PREFIX
+from gl_nvidia.image.tags import validate_tag
 from gl_nvidia.osprofile import os_profile
 from gl_nvidia.registry.client import Reference, RegistryClient
 from gl_nvidia.registry.transfer import ClientOptions, PushResult, copy_image
@@ -377,6 +378,11 @@ def _plan(descriptor: ocm.ComponentDescriptor, src: RegistryClient, src_base: Re
         label = next((lb.value for lb in r.labels if lb.name == TAGS_LABEL), None)
         tags = tuple(str(t) for t in label) if isinstance(label, list) else ()
         tags = tuple(dict.fromkeys([*([ref.tag] if ref.tag else []), *tags]))
+        for tag in tags:  # a tag no registry takes would stop the copy half-way
+            try:
+                validate_tag(tag)
+            except ValueError as exc:
+                raise UserError(f"{what}: {exc}", "the component descriptor was altered") from exc
         plan.append(_Planned(r, ref, manifest, tags, Reference(dst_base.host, _target_repo(ref.repo, src_base, dst_base))))
     return plan
 
