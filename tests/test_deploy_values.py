@@ -17,7 +17,6 @@ from gl_nvidia.deploy.values import (
     ValuesSettings,
     helm_values,
     load_yaml,
-    shoot_snippet,
     to_yaml,
 )
 from gl_nvidia.errors import UserError
@@ -171,16 +170,6 @@ def test_bad_version_and_repository_are_rejected() -> None:
         assert helm_values(ValuesSettings("590", repository=good))["driver"]["repository"] == good
 
 
-def test_shoot_snippet_carries_the_same_settings() -> None:
-    settings = ValuesSettings("590", repository="registry.example:5000/gl")
-    shoot = shoot_snippet(settings)
-    assert shoot["kind"] == "Shoot"
-    (ext,) = shoot["spec"]["extensions"]
-    assert ext["type"] == "nvidia-gpu-extension"
-    helm = helm_values(settings)
-    assert ext["providerConfig"] == {k: helm[k] for k in ("cdi", "toolkit", "driver")}
-
-
 def test_yaml_round_trips() -> None:
     v = helm_values(ValuesSettings("590"))
     assert load_yaml(to_yaml(v), "x") == v
@@ -216,21 +205,27 @@ def test_cli_writes_values_from_the_lock(tmp_path: Path, capsys: pytest.CaptureF
     out = tmp_path / "values.yaml"
     assert main(["values", "--lock", str(lock), "--out", str(out)]) == 0
     assert load_yaml(out.read_text(), "out")["driver"]["version"] == "590"
-    assert main(["values", "--lock", str(lock), "--driver-branch", "590.48.01", "--format", "shoot"]) == 0
-    shoot = load_yaml(capsys.readouterr().out, "stdout")
-    assert shoot["spec"]["extensions"][0]["providerConfig"]["driver"]["version"] == "590.48.01"
+
+
+def test_no_shoot_snippet_for_an_extension_nobody_built(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No Gardener extension reads an `nvidia-gpu-extension` entry: values writes Helm values only."""
+    lock = tmp_path / "versions.yaml"
+    lock.write_text(LOCK)
+    assert main(["values", "--lock", str(lock), "--format", "shoot"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "--format" in captured.err
 
 
 @pytest.mark.parametrize("args", [[], ["--driver-branch", "590"], ["--driver-branch", "590.48.01"],
-                                  ["--driver-branch", "580.105.08", "--format", "shoot"], ["--format", "shoot"]])
+                                  ["--driver-branch", "580.105.08"]])
 def test_every_values_option_pulls_an_image_the_image_stage_builds(
         args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The operator's reference for a Garden Linux node of the lock is one of the tags `image` writes for it."""
     lock = tmp_path / "versions.yaml"
     lock.write_text(LOCK)
     assert main(["values", "--lock", str(lock), "--repository", "registry.example:5000/gl", *args]) == 0
-    data = load_yaml(capsys.readouterr().out, "stdout")
-    values = data["spec"]["extensions"][0]["providerConfig"] if "spec" in data else data
+    values = load_yaml(capsys.readouterr().out, "stdout")
     spec = DriverSpec.from_values(values)
     assert spec.use_precompiled
     kernel = "6.12.72-cloud-amd64"

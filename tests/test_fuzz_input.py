@@ -260,6 +260,80 @@ def test_mutations_are_deterministic(what: str, make: Callable[[], bytes]) -> No
     assert all(s != make() for s in samples(make(), 50, 9))
 
 
+GARDENER = ROOT / "tests" / "data" / "gardener"
+
+
+@pytest.mark.parametrize(("option", "seed_file", "salt"), [("--cloudprofile", "cloudprofile.yaml", 5),
+                                                            ("--shoot", "shoot.yaml", 6)])
+def test_fuzzed_gardener_documents(option: str, seed_file: str, salt: int, registry: Registry, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    lock = work / "versions.yaml"
+    lock.write_bytes(offline_lock())
+    doc = work / seed_file
+    seed = (GARDENER / seed_file).read_bytes()
+    corpus = [seed + b"\xff\n", b"", b"[]", b"{" * 5000, seed.replace(b"versions:", b"versions: 5"),
+              seed.replace(b"core.gardener.cloud/v1beta1", b"v1")]
+    for data in corpus + samples(seed, 20, salt):
+        doc.write_bytes(data)
+        before = snapshot(work)
+        rc, err = run(["preflight", option, str(doc), "--lock", str(lock), "--registry", f"{registry.host}/fuzz"],
+                      capsys)
+        assert rc in (0, 1, 2), (data, err)  # images found (or none to check), missing, bad input
+        assert snapshot(work) == before
+
+
+def test_fuzzed_component_descriptors(registry: Registry, registry2: Registry, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A component version whose descriptor is malformed is refused at the source: nothing reaches the copy."""
+    import io
+    import tarfile
+
+    from gl_nvidia.oci import Descriptor, canonical_json, digest_bytes
+    from gl_nvidia.registry.client import RegistryClient
+
+    _layout(tmp_path / "img")
+    image = Layout(tmp_path / "img").tags()["t1"]
+    from gl_nvidia.registry.transfer import push
+
+    push(tmp_path / "img", f"{registry.host}/gl/driver")
+    seed = (f"meta: {{schemaVersion: v2}}\ncomponent:\n  name: github.com/x/y\n  version: 1.0.0\n"
+            f"  provider: x\n  repositoryContexts: [{{type: ociRegistry, baseUrl: '{registry.host}/gl'}}]\n"
+            f"  sources: []\n  componentReferences: []\n  resources:\n  - name: driver\n    version: 1.0.0\n"
+            f"    type: ociImage\n    relation: local\n    access: {{type: ociRegistry, imageReference: "
+            f"'{registry.host}/gl/driver:t1@{image}'}}\n    digest: {{hashAlgorithm: SHA-256, "
+            f"normalisationAlgorithm: ociArtifactDigest/v1, value: {image.removeprefix('sha256:')}}}\n").encode()
+    with RegistryClient(registry.host) as client:
+        for i, data in enumerate([seed.replace(b"name: driver", b"name: ../x"), b"\xff", b"[" * 5000,
+                                  *samples(seed, 20, 7)]):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tf:
+                info = tarfile.TarInfo("component-descriptor.yaml")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            layer = buf.getvalue()
+            config = canonical_json({"componentDescriptorLayer": {
+                "mediaType": "application/vnd.gardener.cloud.cnudie.component-descriptor.v2+yaml+tar",
+                "digest": digest_bytes(layer), "size": len(layer)}})
+            blobs = [(Descriptor("application/vnd.gardener.cloud.cnudie.component.config.v1+json",
+                                 digest_bytes(config), len(config)), config),
+                     (Descriptor("application/vnd.gardener.cloud.cnudie.component-descriptor.v2+yaml+tar",
+                                 digest_bytes(layer), len(layer)), layer)]
+            repo = "gl/component-descriptors/github.com/x/y"
+            for desc, blob in blobs:
+                path = tmp_path / desc.digest.removeprefix("sha256:")
+                path.write_bytes(blob)
+                client.upload_blob(repo, path, desc)
+            client.put_manifest(repo, "1.0.0", Manifest.build(blobs[0][0], [blobs[1][0]], {}))
+            rc, err = run(["mirror", "--component", "github.com/x/y:1.0.0", f"{registry.host}/gl",
+                           f"{registry2.host}/copy{i}"], capsys)
+            assert rc in (0, 2), (data, err)
+            if rc:
+                with RegistryClient(registry2.host) as dst:
+                    assert dst.manifest_digest(f"copy{i}/driver", "t1") is None, data
+
+
 def test_fuzzed_registry_answers(hostile_registry: HostileRegistry, registry: Registry, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A registry's answers mutated from real ones (tag lists, manifests, tokens, challenges, `Link`,

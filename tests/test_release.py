@@ -15,6 +15,7 @@ import pytest
 
 from gl_nvidia.cli import main
 from gl_nvidia.release import release
+from gl_nvidia.release.ocm import COMPONENT
 from gl_nvidia.run import output
 from tests.fixtures.ibt import ibt_kernels
 from tests.fixtures.kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
@@ -180,7 +181,16 @@ def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_c
     assert not (tmp_path / "second" / "bundles").exists() and not (tmp_path / "second" / "oci").exists()
     assets = tmp_path / "second" / "release"
     values = assets / "gpu-operator-values-debian-12.yaml"
-    assert report["release"] == {"version": "1.2.0", "assets": [str(assets / "CHANGELOG.md"), str(values)]}
+    assert report["release"] == {"version": "1.2.0", "assets": [str(assets / "CHANGELOG.md"),
+                                                                str(assets / "component-descriptor.yaml"), str(values)]}
+    # ... and pushes the release as one OCM component version: its descriptor (manifest, config, layer) is all
+    # it uploaded
+    added = sorted(set(_uploads(registry)) - set(stored))
+    assert len([p for p in added if "/blobs/" in str(p)]) == 3
+    assert all("/blobs/" in str(p) or "/component-descriptors/" in str(p) for p in added)
+    assert json.loads(output(["skopeo", "list-tags", "--tls-verify=false", f"docker://{repo}/component-descriptors/"
+                                                                           f"{COMPONENT}"]))["Tags"] == ["1.2.0"]
+    stored = _uploads(registry)
     assert values.read_text().startswith("# gl-nvidia 1.2.0: GPU Operator values for debian 12\n")
     assert main(["resolve", "--os-release", str(DATA / "os-release-debian-12"), "--kernel", KERNEL,
                  "--values", str(values), "--json"]) == 0

@@ -46,19 +46,16 @@ def _read_text(path: Path, what: str) -> str:
 @click.option("--driver-branch", "driver_version", default=None,
               help="driver.version: a branch (590) or a full version (590.48.01). "
                    "Default: the newest tracked branch.")
-@click.option("--format", "fmt", type=click.Choice(["helm", "shoot"]), default="helm", show_default=True,
-              help="helm: GPU Operator chart values; shoot: the Shoot's nvidia-gpu-extension entry.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here (atomically) instead of stdout.")
 @LOCK_OPTION
-def values_cmd(repository: str, driver_version: str | None, fmt: str, out: Path | None, lock: str) -> None:
-    """GPU Operator Helm values for Garden Linux nodes (or the Gardener Shoot snippet)."""
+def values_cmd(repository: str, driver_version: str | None, out: Path | None, lock: str) -> None:
+    """GPU Operator Helm values for Garden Linux nodes."""
     settings = values_mod.ValuesSettings(
         driver_version=driver_version or default_driver_version(load_lock(lock)),
         repository=repository,
     )
-    data = values_mod.helm_values(settings) if fmt == "helm" else values_mod.shoot_snippet(settings)
-    text = values_mod.to_yaml(data)
+    text = values_mod.to_yaml(values_mod.helm_values(settings))
     if out is None:
         click.echo(text, nl=False)
     else:
@@ -135,15 +132,35 @@ def _print_checks(title: str, results: list[CheckResult], as_json: bool, subject
 @click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Check the live cluster's GPU nodes and ClusterPolicy instead of the lock's plan.")
 @click.option("--context", default=None, help="kubeconfig context (default: its current-context).")
+@click.option("--cloudprofile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A Gardener CloudProfile (kubectl get cloudprofile NAME -o yaml): check every Garden Linux "
+                   "version it offers and has not expired, on each arch it lists.")
+@click.option("--shoot", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A Gardener Shoot (kubectl get shoot NAME -o yaml): check each GPU worker pool's Garden Linux "
+                   "version and arch (GPU pools: machine types --cloudprofile lists with GPUs).")
+@click.option("--values", "values_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --cloudprofile/--shoot: only the driver these Helm values deploy (default: every tracked "
+                   "branch).")
 @LOCK_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path | None, context: str | None,
-                  lock: str, as_json: bool) -> None:
-    """Will every GPU node still find its driver image after upgrading to --gl-version? Exit 1 if not."""
+                  cloudprofile: Path | None, shoot: Path | None, values_file: Path | None, lock: str,
+                  as_json: bool) -> None:
+    """Will every GPU node still find its driver image after upgrading to --gl-version (or on every Garden Linux
+    version a Gardener CloudProfile offers, or on each GPU pool of a Shoot)? Exit 1 if not."""
     from gl_nvidia.deploy import preflight
     from gl_nvidia.deploy.pins import resolved
     from gl_nvidia.deploy.registry import ImageChecker
 
+    if cloudprofile is not None or shoot is not None:
+        if os_version is not None or kubeconfig is not None:
+            raise UserError("--cloudprofile and --shoot name the versions to check; --gl-version and --kubeconfig "
+                            "cannot be combined with them", "run one check at a time")
+        _gardener_preflight(cloudprofile, shoot, registry, values_file, lock, as_json)
+        return
+    if values_file is not None:
+        raise UserError("--values is read with --cloudprofile or --shoot",
+                        "the plan checks every tracked branch; --kubeconfig reads the cluster's ClusterPolicy")
     if kubeconfig is None and os_version is None:
         raise UserError("preflight needs --gl-version (the plan for an OS version) or --kubeconfig (a live cluster)")
     lk = load_lock(lock)
@@ -167,6 +184,41 @@ def preflight_cmd(os_version: str | None, registry: str | None, kubeconfig: Path
             results = preflight.check_nodes(nodes, spec, checker, upgrade)
             title = f"driver images for the GPU nodes of {kube.server}"
     _print_checks(title, results, as_json, None if kubeconfig is None else "node")
+    preflight.raise_if_missing(results)
+
+
+def _gardener_preflight(cloudprofile: Path | None, shoot: Path | None, registry: str | None,
+                        values_file: Path | None, lock: str, as_json: bool) -> None:
+    from datetime import UTC, datetime
+
+    from gl_nvidia.deploy import gardener, preflight
+    from gl_nvidia.deploy.pins import resolved
+    from gl_nvidia.deploy.registry import ImageChecker
+
+    now = datetime.now(UTC)
+    profile = (gardener.parse_cloudprofile(_read_text(cloudprofile, "CloudProfile"), str(cloudprofile), now)
+               if cloudprofile is not None else None)
+    cluster = gardener.parse_shoot(_read_text(shoot, "Shoot"), str(shoot)) if shoot is not None else None
+    lk = load_lock(lock)
+    preflight.check_gardenlinux(lk)  # before a profile without `resolved` is resolved from its sources
+    res = resolved(lk)
+    wanted = preflight.Wanted(registry or values_mod.DEFAULT_REPOSITORY)
+    if values_file is not None:
+        spec = resolve_mod.DriverSpec.from_values(
+            values_mod.load_yaml(_read_text(values_file, "values file"), str(values_file)))
+        if not spec.use_precompiled or not spec.version:
+            raise UserError(f"{values_file} does not deploy precompiled driver images (driver.usePrecompiled, "
+                            "driver.version)", "pass the values `gl-nvidia values` writes")
+        wanted = preflight.Wanted(registry or spec.repository, spec.image, spec.version)
+    with ImageChecker() as checker:
+        if cluster is not None:
+            results = preflight.shoot_results(cluster, profile, lk, res, wanted, checker)
+            title, subject = f"driver images for the GPU worker pools of Shoot {cluster.name}", "pool"
+        else:
+            assert profile is not None
+            results = preflight.cloudprofile_results(profile, lk, res, wanted, checker)
+            title, subject = f"driver images for the Garden Linux versions of CloudProfile {profile.name}", "version"
+    _print_checks(title, results, as_json, subject)
     preflight.raise_if_missing(results)
 
 
@@ -224,7 +276,8 @@ def verify_cmd(kubeconfig: Path, context: str | None, node: str | None, namespac
 @click.option("--arm64-runner", metavar="LABEL", help=ARM64_RUNNER_HELP)
 @click.option("--version", "version", metavar="X.Y.Z", default=None,
               help="A versioned release (semver: the tag without its v). Needs --registry; once every unit is "
-                   "published, writes OUT/release/: the GPU Operator values of each OS version and CHANGELOG.md.")
+                   "published, writes OUT/release/: the GPU Operator values of each OS version, CHANGELOG.md and "
+                   "the OCM component descriptor, which it pushes to REGISTRY/component-descriptors/.")
 @click.option("--since", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --version: the previous release's lock (e.g. `git show v1.3.0:versions.yaml`); the "
                    "changelog lists what `gl-nvidia update` changed since. Default: the first release.")
@@ -251,7 +304,8 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
     signer = module_signer(module_sign_key, module_sign_cert, "--module-sign")
     result = release(profile, out, registry, jobs=jobs, sign_key=sign_key, module_signer=signer, force=force)
     # A release with a failed unit has no assets: its values could name an image nobody published.
-    assets = release_assets(result, version, previous, out / "release") if version is not None and result.ok else []
+    assets = (release_assets(result, version, previous, out / "release", force=force)
+              if version is not None and result.ok else [])
     if as_json:
         ui.print_json({"units": [u.as_dict() for u in result.units], "layout": str(result.layout),
                        "repository": result.repository, "compiled": result.compiled,

@@ -104,10 +104,18 @@ def push_cmd(layout: Path, target: str, force: bool, plain_http: bool | None, as
 @click.option("--driver-branch", help="Only this driver branch's tags (e.g. 535).")
 @click.option("--force", is_flag=True, help="Move destination tags that point to other content.")
 @click.option("--plain-http", is_flag=True, default=None, help="Talk HTTP, not HTTPS (default only for loopback).")
+@click.option("--component", metavar="NAME:VERSION",
+              help="Copy this OCM component version (what `release --version` pushes) with every image it lists; "
+                   "SOURCE and DESTINATION are then OCM repositories (REGISTRY/PATH).")
+@click.option("--key", "key_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="With --component: verify each signed image's copy with this public key (cosign.pub).")
 @click.option("--json", "as_json", is_flag=True)
 def mirror_cmd(source: str, destination: str, driver_branch: str | None, force: bool,
-               plain_http: bool | None, as_json: bool) -> None:
-    """Copy driver images from SOURCE to DESTINATION repository (air-gapped sites)."""
+               plain_http: bool | None, component: str | None, key_path: Path | None, as_json: bool) -> None:
+    """Copy driver images from SOURCE to DESTINATION repository (air-gapped sites), or a whole OCM component."""
+    if component is not None or key_path is not None:
+        _mirror_component(source, destination, component, key_path, driver_branch, force, plain_http, as_json)
+        return
     from gl_nvidia.registry.transfer import ClientOptions
 
     results = mirror(source, destination, driver_branch=driver_branch, force=force,
@@ -117,6 +125,28 @@ def mirror_cmd(source: str, destination: str, driver_branch: str | None, force: 
         return
     _report(results, as_json=False)
     click.echo(f"GPU Operator: helm ... {helm_repository_line(destination)}")
+
+
+def _mirror_component(source: str, destination: str, component: str | None, key_path: Path | None,
+                      driver_branch: str | None, force: bool, plain_http: bool | None, as_json: bool) -> None:
+    from gl_nvidia.registry.sign import load_public_key
+    from gl_nvidia.registry.transfer import ClientOptions
+    from gl_nvidia.release.ocm import mirror_component
+
+    if component is None:
+        raise UserError("--key verifies the images of a component", "pass --component NAME:VERSION too")
+    if driver_branch is not None:
+        raise UserError("--component copies the whole component", "leave out --driver-branch")
+    public = load_public_key(key_path) if key_path is not None else None
+    copied = mirror_component(source, destination, component, public_key=public, force=force,
+                              options=ClientOptions(plain_http=plain_http))
+    if as_json:
+        ui.print_json(copied.as_dict())
+        return
+    ui.print_table(f"component {copied.component}", ["resource", "copy", "blobs sent", "signature"],
+                   [[f"{r.name} {' '.join(r.identity.values())}", r.destination, str(r.uploaded), r.signature]
+                    for r in copied.resources])
+    click.echo(f"component descriptor: {copied.descriptor}")
 
 
 @click.command("sign")

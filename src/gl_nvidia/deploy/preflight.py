@@ -1,15 +1,17 @@
 """Before an OS upgrade: does every driver image the GPU Operator will ask for exist?
 
 Two views: the fleet plan (every tracked branch x flavour x arch of an OS version, from the lock) and
-the live cluster (each GPU node's labels and the ClusterPolicy, now and after the upgrade).
+the live cluster (each GPU node's labels and the ClusterPolicy, now and after the upgrade). Gardener's
+documents give the plan its OS versions: every Garden Linux version a CloudProfile offers, or the version
+and arch of each GPU worker pool of a Shoot.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gl_nvidia.catalog.kernels import resolve_kernel
@@ -17,10 +19,12 @@ from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.matrix import rule_matches
 from gl_nvidia.catalog.model import MODULE_TYPES, Cell
 from gl_nvidia.catalog.resolve import policy_leaves_out
+from gl_nvidia.deploy.gardener import IMAGE_NAME, CloudProfile, Shoot, flavour_of
 from gl_nvidia.deploy.nodes import NodeFacts
 from gl_nvidia.deploy.pins import generated_values
 from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
+from gl_nvidia.deploy.values import DEFAULT_IMAGE
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.image.tags import node_version_id
 from gl_nvidia.osprofile import os_profile
@@ -182,3 +186,108 @@ def raise_if_missing(results: list[CheckResult]) -> None:
             f"{len(bad)} of {len(results)} driver images are missing: {refs}",
             "build and publish them (gl-nvidia release) before upgrading these nodes",
         )
+
+
+KernelsFn = Callable[[Lock, Resolved, str], dict[tuple[str, str], str]]
+
+
+def _numbers(version: str) -> tuple[int, ...] | None:
+    parts = version.split(".")
+    if not all(p.isdigit() for p in parts):
+        return None
+    nums = [int(p) for p in parts]
+    while len(nums) > 1 and nums[-1] == 0:
+        nums.pop()
+    return tuple(nums)
+
+
+def lock_version(version: str, known: Collection[str]) -> str:
+    """The lock's spelling of a Gardener machine image version: CloudProfiles write Garden Linux 1877.3
+    as the semantic version 1877.3.0."""
+    nums = _numbers(version)
+    return next((k for k in known if nums is not None and _numbers(k) == nums), version)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Which images a Gardener check asks for: driver.repository and driver.image, and driver.version (None:
+    every tracked branch, by branch and by full version, as a release publishes them)."""
+
+    repository: str
+    image: str = DEFAULT_IMAGE
+    driver_version: str | None = None
+
+
+def _version_results(prefix: str, version: str, arches: Sequence[str], flavour: str, lock: Lock, resolved: Resolved,
+                     wanted: Wanted, checker: ImageChecker, kernels_fn: KernelsFn) -> list[CheckResult]:
+    """The images nodes of one Garden Linux version, flavour and these arches need."""
+    os_version = lock_version(version, [v.version for v in resolved.os_versions])
+    try:
+        kernels = kernels_fn(lock, resolved, os_version)
+    except UserError as exc:  # the version is unknown here: such nodes cannot be said to find a driver
+        return [CheckResult(f"{prefix} {flavour}/{arch}", None, None, exc.message) for arch in arches]
+    results = [CheckResult(f"{prefix} {flavour}/{arch}", None, None,
+                           f"no {flavour}/{arch} kernel of {lock.os.id} {os_version} in the lock (policy.flavours, "
+                           "policy.arches)")
+               for arch in arches if (flavour, arch) not in kernels]
+    found = {(flavour, arch): kernels[(flavour, arch)] for arch in arches if (flavour, arch) in kernels}
+    targets = [t for t in plan_targets(lock, resolved, os_version, found)
+               if wanted.driver_version in (None, t.driver_version)]
+    if found and not targets:
+        return [CheckResult(f"{prefix} {wanted.driver_version}", None, None,
+                            f"driver.version {wanted.driver_version} is not a driver the lock tracks")]
+    checked = check_targets(targets, wanted.repository, wanted.image, checker)
+    return results + [replace(r, subject=f"{prefix} {r.subject}") for r in checked]
+
+
+def check_gardenlinux(lock: Lock) -> None:
+    if lock.os.id != IMAGE_NAME:
+        raise UserError(f"Gardener's documents name Garden Linux versions; the lock is of {lock.os.id}",
+                        "pass --lock gardenlinux (./versions.yaml) or a Garden Linux lock")
+
+
+def cloudprofile_results(profile: CloudProfile, lock: Lock, resolved: Resolved, wanted: Wanted,
+                         checker: ImageChecker, kernels_fn: KernelsFn = kernels_for) -> list[CheckResult]:
+    """Every Garden Linux version the landscape offers (preview, supported, deprecated; not expired or
+    unavailable), on each arch it offers the version for."""
+    check_gardenlinux(lock)
+    flavour = flavour_of(profile.provider)
+    offered = [v for v in profile.versions if v.offered]
+    if not offered:
+        raise UserError(f"CloudProfile {profile.name} offers no {IMAGE_NAME} version that has not expired",
+                        f"check spec.machineImages[name={IMAGE_NAME}]")
+    for v in profile.versions:
+        if not v.offered:
+            log.info("%s %s is %s: not checked", IMAGE_NAME, v.version, v.classification)
+    return [r for v in offered for r in _version_results(f"{v.version} ({v.classification})", v.version,
+                                                          v.architectures, flavour, lock, resolved, wanted,
+                                                          checker, kernels_fn)]
+
+
+def shoot_results(shoot: Shoot, profile: CloudProfile | None, lock: Lock, resolved: Resolved, wanted: Wanted,
+                  checker: ImageChecker, kernels_fn: KernelsFn = kernels_for) -> list[CheckResult]:
+    """Each GPU worker pool running Garden Linux, on its version and arch. GPU pools are those whose machine
+    type the CloudProfile lists with GPUs; without a CloudProfile every Garden Linux pool counts."""
+    check_gardenlinux(lock)
+    if profile is not None and shoot.cloud_profile and profile.name and shoot.cloud_profile != profile.name:
+        raise UserError(f"Shoot {shoot.name} uses CloudProfile {shoot.cloud_profile}, not {profile.name}",
+                        "pass the CloudProfile the Shoot names")
+    pools = [p for p in shoot.pools if p.image == IMAGE_NAME]
+    if profile is None:
+        log.warning("no --cloudprofile: which machine types have GPUs is unknown, every %s pool is checked",
+                    IMAGE_NAME)
+    else:
+        pools = [p for p in pools if p.machine_type in profile.gpu_machine_types]
+    if not pools:
+        log.warning("Shoot %s has no GPU worker pool running %s: nothing to check", shoot.name, IMAGE_NAME)
+    states = {v.version: v.classification for v in profile.versions} if profile is not None else {}
+    results = []
+    for p in pools:
+        if p.version is None:
+            raise UserError(f"Shoot {shoot.name}: worker pool {p.name} names no machine image version",
+                            "pass the Shoot as the API serves it (kubectl get shoot NAME -o yaml), where "
+                            "Gardener has filled it in")
+        state = f", {states[p.version]}" if p.version in states else ""
+        results += _version_results(f"pool {p.name} ({p.version}{state})", p.version, (p.arch,),
+                                    flavour_of(shoot.provider), lock, resolved, wanted, checker, kernels_fn)
+    return results

@@ -1,4 +1,6 @@
-"""GPU Operator Helm values for Garden Linux (contract 3), and the planned Gardener extension's snippet.
+"""GPU Operator Helm values for Garden Linux (contract 3).
+
+No Gardener extension consumes these settings yet (README: Gardener), so no Shoot snippet is written.
 
 Pure functions from typed settings to plain dicts; rendering to YAML is the only formatting step.
 """
@@ -95,7 +97,7 @@ def pull_policy(driver_version: str) -> str:
 
 
 def driver_settings(settings: ValuesSettings) -> dict[str, Any]:
-    """The shared part of the Helm values and the Shoot providerConfig."""
+    """The driver part of the Helm values: what the operator deploys on every GPU node."""
     s = check_settings(settings)
     return {
         "cdi": {"enabled": True},
@@ -115,15 +117,6 @@ def helm_values(settings: ValuesSettings) -> dict[str, Any]:
     values = driver_settings(settings)
     values["node-feature-discovery"] = {"worker": {"config": {"sources": {"custom": [NFD_RULE]}}}}
     return values
-
-
-def shoot_snippet(settings: ValuesSettings) -> dict[str, Any]:
-    """The `kind: Shoot` extension entry of the planned `nvidia-gpu-extension` (seed document)."""
-    return {
-        "apiVersion": "core.gardener.cloud/v1beta1",
-        "kind": "Shoot",
-        "spec": {"extensions": [{"type": "nvidia-gpu-extension", "providerConfig": driver_settings(settings)}]},
-    }
 
 
 def has_version_id_rule(values: dict[str, Any]) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gl_nvidia import ui
 from gl_nvidia.catalog.changelog import Change, diff
 from gl_nvidia.catalog.model import BuildUnit, Matrix
 from gl_nvidia.deploy.values import ValuesSettings, helm_values, to_yaml
@@ -91,11 +92,17 @@ def changelog_text(version: str, changes: Sequence[Change], first: bool, os_id: 
 
 
 def write_assets(dest: Path, version: str, os_id: str, branches: Mapping[str, str | None], repository: str,
-                 changelog: str) -> list[Path]:
-    """The values files and CHANGELOG.md into `dest`, replaced as a whole (nothing half-written)."""
+                 changelog: str, component: str | None = None) -> list[Path]:
+    """The values files, CHANGELOG.md and the OCM component descriptor (`component`, YAML) into `dest`, replaced
+    as a whole (nothing half-written)."""
+    from gl_nvidia.release.ocm import DESCRIPTOR_FILE
+
     names = [CHANGELOG]
     with atomic_dir(dest) as tmp:
         (tmp / CHANGELOG).write_text(changelog)
+        if component is not None:
+            (tmp / DESCRIPTOR_FILE).write_text(component)
+            names.append(DESCRIPTOR_FILE)
         for os_version, branch in branches.items():
             if branch is None:
                 continue
@@ -106,9 +113,22 @@ def write_assets(dest: Path, version: str, os_id: str, branches: Mapping[str, st
     return [dest / n for n in names]
 
 
-def release_assets(result: ReleaseResult, version: str, previous: Lock | None, dest: Path) -> list[Path]:
+def release_assets(result: ReleaseResult, version: str, previous: Lock | None, dest: Path, *,
+                   force: bool = False) -> list[Path]:
     """The assets of release `version` from a release that published every unit; `previous`: the lock of
-    the release before, whose catalog the changelog starts from (None: the first release)."""
+    the release before, whose catalog the changelog starts from (None: the first release).
+
+    The release is also one OCM component version, pushed to the registry last: its descriptor is made (every
+    image it lists checked in the registry) before anything is written, and pushed once the assets are."""
+    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.registry.transfer import ClientOptions
+    from gl_nvidia.release.ocm import (
+        describe_release,
+        descriptor_repository,
+        descriptor_text,
+        push_descriptor,
+    )
+
     if result.repository is None or not result.ok:
         raise UserError("release assets name published images only", "release with --registry, every unit ok")
     lock = result.lock
@@ -119,4 +139,10 @@ def release_assets(result: ReleaseResult, version: str, previous: Lock | None, d
                    os_profile(lock.os.id).name)
     images = [PublishedImage(u.tags, u.digest, u.push) for u in published if u.digest is not None]
     text = changelog_text(version, changes, previous is None, lock.os.id, branches, result.repository, images)
-    return write_assets(dest, version, lock.os.id, branches, result.repository, text)
+    with ClientOptions(retries=2).client(Reference.parse(f"{result.repository}/x").host) as client:
+        descriptor = describe_release(client, result, version)
+        paths = write_assets(dest, version, lock.os.id, branches, result.repository, text, descriptor_text(descriptor))
+        push_descriptor(client, result.repository, descriptor, force=force)
+    ui.log.info("OCM component %s:%s in %s", descriptor.component.name, version,
+                descriptor_repository(result.repository, descriptor.component.name))
+    return paths
