@@ -136,7 +136,7 @@ def build_images(
             root.mkdir()
             base_mod.flatten(layout, base_image, root)
             base_mod.check_tools(root, base_image.description)
-            base_packages = sbom.base_packages(root)
+            base_packages = sbom.base_packages(root, f"base image {base_image.description}")
         with ui.task(prog, "shared layers (node runtime, userspace, ld.so.cache, firmware)"):
             shared = _shared_layers(layout, bundle_dir, manifest, root)
         with ui.task(prog, "kernel images", total=len(plans)) as t:
