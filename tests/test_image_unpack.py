@@ -14,7 +14,9 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,3 +327,35 @@ def test_a_base_config_that_is_not_an_object_is_one_error(config: bytes, tmp_pat
     assert rc == 2, err
     assert [line for line in err.splitlines() if line.startswith("gl-nvidia: error:")] == [
         next(line for line in err.splitlines() if "has a" in line and "config" in line)]
+
+
+def test_sigterm_during_the_image_build_leaves_no_temp_dirs_and_no_layout(tmp_path: Path) -> None:
+    """A cancelled CI job: gl-nvidia unwinds, removing its temp root and the layout it began."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with (src / "zeros").open("wb") as fh:
+        fh.truncate(400 << 20)  # read as 400 MiB of zeros (no --sparse): seconds of work in the temp root
+    raw = tmp_path / "layer.tar"
+    subprocess.run(["tar", "-cf", str(raw), "-C", str(src), "zeros"], check=True)
+    layout = Layout.create(tmp_path / "base")
+    desc = layout.write_blob(subprocess.run(["gzip", "-1", "-c", str(raw)], check=True, capture_output=True).stdout,
+                             LAYER_GZIP)
+    cfg = layout.write_blob(canonical_json({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(raw.read_bytes()).hexdigest()}"]}}), CONFIG)
+    layout.add_image(Manifest.build(cfg, [desc], {}), ["v1"])
+    raw.unlink()
+    bundle = make_bundle(tmp_path / "bundle", kernels=KERNELS[:1])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from gl_nvidia.cli import main; sys.exit(main())", "image", str(bundle), "--kernel", KERNELS[0],
+                             "--base", f"{tmp_path / 'base'}:v1", "--out", str(tmp_path / "out")],
+                            env={**os.environ, "TMPDIR": str(tmp)}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp.glob("gl-nvidia-image-*/root")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "gl-nvidia: interrupted"
+    assert list(tmp.iterdir()) == []
+    assert not (tmp_path / "out").exists()
