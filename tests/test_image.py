@@ -344,6 +344,8 @@ def test_unwritable_output_is_a_clear_error(bundle: Path, tmp_path: Path) -> Non
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=f"cannot write image layout .*: {tmp_path}/file is a file, not a directory"):
         build_image(bundle, K1, tmp_path / "file" / "layout")
+    with pytest.raises(UserError, match=f"cannot write image layout .*: {tmp_path}/file is a file, not a directory"):
+        build_image(bundle, K1, tmp_path / "file")
     assert (tmp_path / "file").read_text() == "x"
 
 

@@ -348,7 +348,8 @@ def _first_missing(path: Path) -> Path | None:
 def _open_out(out_layout: Path) -> Layout:
     if out_layout.is_dir() and any(out_layout.iterdir()) and not (out_layout / "index.json").exists():
         raise UserError(f"{out_layout} exists and is not an OCI image layout", "choose an empty or new --out")
-    blocker = next((p for p in out_layout.absolute().parents if os.path.lexists(p) and not p.is_dir()), None)
+    blocker = next((p for p in (out_layout.absolute(), *out_layout.absolute().parents)
+                    if os.path.lexists(p) and not p.is_dir()), None)
     if blocker is not None:  # mkdir would say "File exists" or "Not a directory"
         raise UserError(f"cannot write image layout {out_layout}: {blocker} is a file, not a directory",
                         "choose another --out")
