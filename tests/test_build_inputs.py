@@ -33,7 +33,7 @@ from gl_nvidia.build.kenv import (
 from gl_nvidia.build.nvidia import NvidiaRunSource
 from gl_nvidia.build.redist import RedistFile, listed
 from gl_nvidia.cli import main
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.node import runtime as node_runtime
 from tests.fixtures import redist
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
@@ -277,6 +277,87 @@ def test_an_archive_that_unpacks_to_another_release_is_refused(tmp_path: Path, o
                                         r"fabricmanager-linux-x86_64-999\.12\.34-archive"):
         NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")
     assert not any((own_cache / "build" / "redist-trees").iterdir())
+
+
+SECRET = b"build-host secret: a docker config.json"
+
+
+@pytest.mark.parametrize(("links", "member"), [
+    ({"share/nvidia/nvswitch/config.json": "{secret}"}, "share/nvidia/nvswitch/config.json"),  # absolute
+    ({"share/nvidia/nvswitch/config.json": "../../../../../../../../../../../../..{secret}"},
+     "share/nvidia/nvswitch/config.json"),  # relative, leaving the tree
+    ({"share/nvidia/nvswitch/host": "{host}"}, "share/nvidia/nvswitch/host"),  # a symlinked directory
+    ({"share/nvidia/nvswitch": "{host}"}, "share/nvidia/nvswitch"),  # the copied directory itself
+    ({"etc": "{host}"}, "etc"),  # a directory the layout looks into
+], ids=["absolute", "relative-out", "symlinked-dir", "symlinked-top", "symlinked-parent"])
+def test_an_archive_whose_links_leave_it_copies_nothing_of_the_build_host(
+        links: dict[str, str], member: str, tmp_path: Path, own_cache: Path) -> None:
+    """The archive is the one the manifest lists (its sha256 matches): only its links are hostile."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "config.json").write_bytes(SECRET)
+    (host / "fabricmanager.cfg").write_bytes(SECRET)
+    secret = host / "config.json"
+    run_file = tmp_path / f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run"
+    run_file.write_text(FAKE_RUN)
+    redist.write_tree(tmp_path / "redist", FAKE_VERSION, links={"fabricmanager": {
+        name: target.format(secret=secret, host=host) for name, target in links.items()}})
+    with pytest.raises(IntegrityError) as exc:
+        NvidiaRunSource(str(run_file), redist=str(tmp_path / "redist")).prepare(FAKE_VERSION, "amd64")
+    assert exc.value.message.startswith(f"fabricmanager-linux-x86_64-{FAKE_VERSION}-archive: {member} is a symlink")
+    assert not [p for p in own_cache.rglob("*") if p.is_file() and not p.is_symlink() and SECRET in p.read_bytes()]
+    assert not any((own_cache / "build" / "driver").iterdir())  # no layout of the driver was kept
+
+
+def test_links_inside_an_archive_are_copied_as_links(tmp_path: Path, own_cache: Path) -> None:
+    run_file = tmp_path / f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run"
+    run_file.write_text(FAKE_RUN)
+    redist.write_tree(tmp_path, FAKE_VERSION, links={"fabricmanager": {
+        "lib/libnvfm.so": "libnvfm.so.1", "share/nvidia/nvswitch/current": "dgxh100_hgxh100_topology"}})
+    usr = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64").userspace / "usr"
+    assert os.readlink(usr / "lib/x86_64-linux-gnu/libnvfm.so") == "libnvfm.so.1"
+    assert (usr / "share/nvidia/nvswitch/current").read_text() == "topology"
+
+
+def test_a_run_tree_whose_links_leave_it_is_refused(tmp_path: Path, own_cache: Path) -> None:
+    """The dir source (an unpacked .run on disk) goes through the same copy."""
+    tree = tmp_path / "unpacked"
+    run_file = tmp_path / "driver.run"
+    run_file.write_text(FAKE_RUN)
+    subprocess.run(["sh", str(run_file), "--extract-only", "--target", str(tree)], check=True)
+    (tmp_path / "secret").write_bytes(SECRET)
+    (tree / "LICENSE").unlink()
+    (tree / "LICENSE").symlink_to(tmp_path / "secret")
+    with pytest.raises(IntegrityError, match=rf"unpacked driver {FAKE_VERSION}: LICENSE is a symlink to '/"):
+        DirSource(tree).prepare(FAKE_VERSION, "amd64")
+
+
+@pytest.mark.parametrize("hostile", ["link", "checksum", "manifest"])
+def test_a_hostile_redist_tree_is_bad_input_never_a_failed_unit(hostile: str, tmp_path: Path, own_cache: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """exit 2 with one line, no unit table, and nothing offered to (or written by) --exclude-failed."""
+    run_file = tmp_path / f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run"
+    run_file.write_text(FAKE_RUN)
+    tree = tmp_path / "redist"
+    redist.write_tree(tree, FAKE_VERSION, links={"imex": {"LICENSE": "/etc/hostname"}} if hostile == "link" else None)
+    if hostile == "checksum":
+        (tree / ARCHIVES["imex"]).write_bytes(b"not the listed archive")
+    if hostile == "manifest":
+        (tree / MANIFEST).write_text('{"release_label": ' + "9" * 5000 + "}")
+    lock = tmp_path / "versions.yaml"
+    lock.write_bytes((Path(__file__).parent / "data/deploy/release-debian-lock.yaml").read_bytes())
+    before = lock.read_bytes()
+    rc = main(["build", "--kernel", "6.1.0-99-cloud-amd64", "--driver", FAKE_VERSION, "--source", "nvidia",
+               "--source-path", str(run_file), "--redist", str(tree), "--exclude-failed", "--profile", str(lock),
+               "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert rc == 2, captured
+    errors = [line for line in captured.err.splitlines() if line.startswith("gl-nvidia: error:")]
+    assert len(errors) == 1 and "build results" not in captured.out and "exclude-failed" not in captured.err
+    assert {"link": "LICENSE is a symlink to '/etc/hostname'", "checksum": "checksum mismatch for",
+            "manifest": "is not NVIDIA's redistrib manifest"}[hostile] in errors[0]
+    assert lock.read_bytes() == before
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_nvidia_checksum_mismatch_leaves_nothing_behind(server: _Server, own_cache: Path) -> None:

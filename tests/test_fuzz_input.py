@@ -1,6 +1,7 @@
 """Malformed files fed to every command that reads them: no traceback, a documented exit code, nothing written.
 
-Lock files, os-release files, kubeconfigs and OCI layouts are mutated from a valid seed with a fixed
+Lock files, os-release files, kubeconfigs, OCI layouts, NVIDIA's redist manifests, bundle manifests and
+base image configs are mutated from a valid seed with a fixed
 random seed (bounded, reproducible): bytes flipped, lines dropped or repeated, the text cut short,
 values swapped for hostile ones; a hostile registry's answers are mutated the same way. Each command runs in-process (as the other CLI tests do) against a
 real registry and a closed port for Kubernetes; nothing compiles: a lock that still parses is only
@@ -12,6 +13,7 @@ access to Kubernetes; 70 is a bug and fails this test.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -535,3 +537,72 @@ def test_fuzzed_values_files(registry: Registry, tmp_path: Path, capsys: pytest.
         values.write_bytes(data)
         rc, err = run(["resolve", "--os-release", str(OS_RELEASE), "--kernel", KERNEL, "--values", str(values)], capsys)
         assert rc in (1, 2), (data[:200], err)
+
+
+def test_fuzzed_redist_manifests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NVIDIA's redistrib_<version>.json as a mirror could serve it: bad input (2), or, when it still lists
+    the release, the build goes on to the unit (1: this kernel has no headers); never a bug."""
+    from tests.fixtures import redist
+    from tests.test_build_inputs import FAKE_RUN, FAKE_VERSION
+
+    work = tmp_path / "work"
+    run_file = work / "NVIDIA.run"
+    run_file.parent.mkdir()
+    run_file.write_text(FAKE_RUN)
+    tree = work / "redist"
+    redist.write_tree(tree, FAKE_VERSION)
+    manifest = tree / f"redistrib_{FAKE_VERSION}.json"
+    seed = manifest.read_bytes()
+    corpus = [b"9" * 5000, b"[" * 5000 + b"]" * 5000, seed.replace(b'"size": "', b'"size": "' + b"9" * 5000),
+              seed.replace(b'"release_label": "999.12.34"', b'"release_label": ' + b"[" * 100000),
+              seed.replace(b'"fabricmanager/', b'"fabricmanager/../../'), b"[]", b"\xff"]
+    argv = ["build", "--kernel", "6.1.0-99-cloud-amd64", "--driver", FAKE_VERSION, "--source", "nvidia",
+            "--source-path", str(run_file), "--redist", str(tree), "--out", str(work / "out")]
+    for data in corpus + samples(seed, 16, 5):
+        manifest.write_bytes(data)
+        before = snapshot(work)
+        rc, err = run(argv, capsys)
+        assert rc in (1, 2), (data, err)
+        assert snapshot(work) == before
+
+
+EMPTY_TAR = b"\0" * 1024  # two zero blocks: a tar of nothing
+
+
+def _tiny_base(root: Path, config: bytes) -> None:
+    """A layout whose image has `config` and one small layer (no python3: a valid config still ends in 2)."""
+    layout = Layout.create(root)
+    layer = layout.write_blob(gzip.compress(EMPTY_TAR, mtime=0), LAYER_GZIP)
+    layout.add_image(Manifest.build(layout.write_blob(config, CONFIG), [layer], {}), ["v1"])
+
+
+def test_fuzzed_bundle_manifests_and_base_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle's manifest.json and a --base image's config, malformed: `image` says so in one line (2) and
+    leaves no layout behind."""
+    from tests.test_image_support import KERNELS, make_bundle
+
+    work = tmp_path / "work"
+    bundle = make_bundle(work / "bundle", kernels=KERNELS[:1])
+    good_config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(EMPTY_TAR).hexdigest()}"]}}).encode()
+    base = work / "base"
+    _tiny_base(base, good_config)
+    argv = ["image", str(bundle), "--all", "--base", f"{base}:v1", "--out", str(work / "out")]
+    seed = (bundle / "manifest.json").read_bytes()
+    corpus = [b"9" * 5000, b"[" * 100000, b"[]", seed.replace(b'"nvidia.ko"', b'"../../../../etc/cron.d/x"'),
+              seed.replace(b'"usr/bin/nvidia-smi"', b'"../../etc/passwd"'), seed.replace(b'"size": ', b'"size": ' +
+                                                                                            b"9" * 5000 + b"0 + ")]
+    for data in corpus + samples(seed, 16, 6):
+        (bundle / "manifest.json").write_bytes(data)
+        before = snapshot(work)
+        rc, err = run(argv, capsys)
+        assert rc == 2, (data, err)
+        assert snapshot(work) == before
+    (bundle / "manifest.json").write_bytes(seed)
+    for data in [b"[]", b"5", b"9" * 5000, b"[" * 100000, b'{"rootfs": []}', *samples(good_config, 16, 7)]:
+        shutil.rmtree(base)
+        _tiny_base(base, data)
+        before = snapshot(work)
+        rc, err = run(argv, capsys)
+        assert rc == 2, (data, err)
+        assert snapshot(work) == before

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gl_nvidia.bundle import BundleManifest, apply_patch
+from gl_nvidia.bundle import BundleManifest, OSRecord, apply_patch
 from gl_nvidia.cli import main
 from gl_nvidia.cli.image import image_cmd
 from gl_nvidia.errors import UserError
@@ -35,6 +36,7 @@ from tests.test_image_support import (
     edit_module_sets,
     make_bundle,
     with_extra_kernels,
+    with_os,
     with_patch,
     with_split_nvidia,
 )
@@ -267,10 +269,70 @@ def test_gardenlinux_base_for_a_missing_bundle_is_a_clear_error(tmp_path: Path,
 
 def test_other_os_without_a_version_names_the_option_image_takes(bundle: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["image", str(bundle), "--kernel", K1, "--os-id", "debian", "--out", str(tmp_path / "out")]) == 2
+    old = with_os(Path(shutil.copytree(bundle, tmp_path / "old", symlinks=True)), None)  # before bundles recorded it
+    assert main(["image", str(old), "--kernel", K1, "--os-id", "debian", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "no OS version given for os id 'debian'" in err and "--gl-version" in err
     assert "--gl-version" in [p.opts[0] for p in image_cmd.params]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_image_is_for_the_os_the_bundle_records(bundle: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`build` defaults to Debian 12: imaged without options, its bundle is tagged for Debian 12, not for
+    Garden Linux; an option may repeat the record, never contradict it."""
+    debian = with_os(Path(shutil.copytree(bundle, tmp_path / "debian", symlinks=True)), OSRecord("debian", ("12",)))
+    img = build_image(debian, K1, tmp_path / "layout")
+    assert img.tags == (f"{BRANCH}-{K1}-debian12", f"{VERSION}-{K1}-debian12")
+    out = tmp_path / "out"
+    for flags, why in ((["--os-id", "gardenlinux"], f"--os-id gardenlinux disagrees with bundle {debian}: kernel {K1} "
+                                                    "was built for debian"),
+                       (["--gl-version", "13"], f"--gl-version 13 disagrees with bundle {debian}: kernel {K1} was built "
+                                                "for debian 12")):
+        assert main(["image", str(debian), "--kernel", K1, *flags, "--out", str(out)]) == 2
+        assert capsys.readouterr().err.splitlines()[0] == f"gl-nvidia: error: {why}"
+    assert main(["image", str(debian), "--kernel", K1, "--os-id", "debian", "--gl-version", "12", "--out", str(out),
+                 "--base", f"{tmp_path / 'layout'}:{img.tags[0]}"]) == 0  # repeating the record is fine
+    old = with_os(Path(shutil.copytree(bundle, tmp_path / "old", symlinks=True)), None)
+    assert main(["image", str(old), "--kernel", K1, "--out", str(tmp_path / "old-out")]) == 2
+    assert "does not record the OS kernel" in capsys.readouterr().err
+    assert not (tmp_path / "old-out").exists()
+
+
+def test_the_image_takes_only_what_the_bundle_lists(bundle: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    changed = Path(shutil.copytree(bundle, tmp_path / "changed", symlinks=True))
+    (changed / "userspace/etc").mkdir()
+    (changed / "userspace/etc/ld.so.preload").write_text("/tmp/evil.so\n")
+    out = tmp_path / "out"
+    assert main(["image", str(changed), "--kernel", K1, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"gl-nvidia: error: bundle {changed} holds userspace/etc/ld.so.preload, which its manifest does not list")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("module", "../../../etc/cron.d/x"), ("module", "a/b.ko"), ("userspace", "../../etc/passwd"),
+    ("userspace", "/etc/passwd"), ("kernel", ".."), ("deep", "[" * 100000), ("digits", "9" * 5000)])
+def test_a_bundle_manifest_with_names_that_leave_the_bundle_is_refused(field: str, value: str, bundle: Path,
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    hostile = Path(shutil.copytree(bundle, tmp_path / "hostile", symlinks=True))
+    doc = json.loads((hostile / "manifest.json").read_text())
+    text = None
+    if field == "module":
+        doc["kernels"][K1]["module_sets"]["open"]["modules"][0]["name"] = value
+    elif field == "userspace":
+        doc["userspace"][0]["path"] = value
+    elif field == "kernel":
+        doc["kernels"][value] = doc["kernels"].pop(K1)
+    else:
+        text = json.dumps(doc).replace('"schema": 1', f'"schema": 1, "x": {value}' + ("]" * 100000 if field == "deep"
+                                                                                        else ""))
+    (hostile / "manifest.json").write_text(text or json.dumps(doc))
+    assert main(["image", str(hostile), "--all", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gl-nvidia: error: bundle manifest {hostile}/manifest.json is invalid: "), err
     assert not (tmp_path / "out").exists()
 
 
@@ -281,8 +343,11 @@ def test_unknown_kernel_names_the_kernels_the_bundle_holds(bundle: Path, tmp_pat
 
 def test_unwritable_output_is_a_clear_error(bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="cannot write image layout"):
+    with pytest.raises(UserError, match=f"cannot write image layout .*: {tmp_path}/file is a file, not a directory"):
         build_image(bundle, K1, tmp_path / "file" / "layout")
+    with pytest.raises(UserError, match=f"cannot write image layout .*: {tmp_path}/file is a file, not a directory"):
+        build_image(bundle, K1, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_tag_invalid_characters_are_refused(tmp_path: Path) -> None:
@@ -326,7 +391,13 @@ def test_a_base_of_another_architecture_is_refused(bundle: Path, tmp_path: Path)
     base.add_image(Manifest.build(cfg, [layer.descriptor], {}), ["v1"])
     with pytest.raises(UserError, match=r"base image .*arm:v1 is for arm64, but bundle .* is amd64"):
         build_image(bundle, K1, tmp_path / "out", base=f"{tmp_path / 'arm'}:v1")
-    assert not Layout.open(tmp_path / "out").tags()
+    assert not (tmp_path / "out").exists()  # no empty layout, no imported blobs
+    kept = Layout.create(tmp_path / "kept")  # a layout added to: as it was, index and blobs
+    kept.write_blob(b"an earlier image's blob", CONFIG)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"is for arm64"):
+        build_image(bundle, K1, tmp_path / "kept", base=f"{tmp_path / 'arm'}:v1")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()} == before
 
 
 def test_a_patched_module_ships_its_patch_per_kernel_and_its_binary_in_the_shared_layer(tmp_path: Path) -> None:

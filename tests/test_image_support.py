@@ -70,7 +70,7 @@ def make_bundle(dest: Path, kernels: tuple[str, ...] = KERNELS) -> Path:
                                          f"{k} SMP mod_unload modversions", "0" * 24))
             sets[t] = b.ModuleSet(t, VERSION, "ok", tuple(mods), b.AbiGate(True))
         builds[k] = b.KernelBuild(k, "gcc (Debian 12.2.0-14) 12.2.0", "gcc-12 (Debian 12.2.0-14) 12.2.0",
-                                  "0" * 64, sets)
+                                  "0" * 64, sets, b.OSRecord("gardenlinux", ("1877.3",)))
     manifest = b.BundleManifest(VERSION, BRANCH, "amd64", "debian", {"nvidia-driver.deb": "0" * 64},
                                 tuple(files), firmware, builds)
     (dest / b.MANIFEST).write_text(manifest.to_json())
@@ -149,5 +149,13 @@ def edit_module_sets(bundle: Path, kernel: str, **changes: b.ModuleSet | None) -
     kb = manifest.kernels[kernel]
     sets = {t: ms for t, ms in {**kb.module_sets, **changes}.items() if ms is not None}
     kernels = {**manifest.kernels, kernel: dataclasses.replace(kb, module_sets=sets)}
+    (bundle / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())
+    return bundle
+
+
+def with_os(bundle: Path, record: b.OSRecord | None) -> Path:
+    """The bundle's kernels recorded as built for `record` (None: a bundle from before the record)."""
+    manifest = b.BundleManifest.load(bundle)
+    kernels = {k: dataclasses.replace(kb, os=record) for k, kb in manifest.kernels.items()}
     (bundle / b.MANIFEST).write_text(dataclasses.replace(manifest, kernels=kernels).to_json())
     return bundle

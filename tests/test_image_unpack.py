@@ -11,8 +11,12 @@ import gzip
 import hashlib
 import io
 import os
+import signal
 import stat
+import subprocess
+import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +96,10 @@ def outside(tmp_path: Path) -> Path:
     return d
 
 
-def untouched(outside: Path) -> bool:
+def untouched(outside: Path, extra: int = 0) -> bool:
+    """The sentinel as it was, and nothing added beside it but the `extra` entries the test put there."""
     s = outside / "sentinel"
-    return (sorted(p.name for p in outside.iterdir()) == ["sentinel"] and not s.is_symlink()
+    return (len(list(outside.iterdir())) == 1 + extra and not s.is_symlink()
             and s.read_bytes() == SENTINEL and s.stat().st_nlink == 1)
 
 
@@ -214,3 +219,143 @@ def test_a_base_with_a_file_where_the_libraries_go_is_one_error(tmp_path: Path) 
     with pytest.raises(UserError, match=rf"cannot write /usr/lib/{TRIPLET}/.* into the base image: File exists"):
         build_image(bundle, KERNELS[0], tmp_path / "out", base=f"{tmp_path / 'base'}:v1",
                     options=ImageOptions(os_versions=("1877.3",)))
+
+
+HOST_STATUS = b"Package: host-only-tool\nStatus: install ok installed\nVersion: 1.0\nArchitecture: amd64\n\n"
+BASE_STATUS = b"Package: base-files\nStatus: install ok installed\nVersion: 12.4\nArchitecture: amd64\n\n"
+
+
+@pytest.mark.parametrize("members", [
+    [S("var/lib/dpkg/status", "{outside}/lib/dpkg/status")],  # the status file a link to the host's
+    [S("var", "{outside}")],  # all of var a link to the host
+    [S("var", "../../../../../../../../../..{outside}")],  # relative, climbing out
+    [S("usr/lib", "{outside}"), S("etc/os-release", "../usr/lib/os-release")],  # os-release through a linked dir
+    [S("etc/os-release", "{outside}/os-release")],
+    [S("var/lib/dpkg/status", "/proc/kmsg")],  # would block a read on the host
+], ids=["status", "var", "var-relative", "usr-lib", "os-release", "kmsg"])
+def test_the_sbom_reads_the_base_never_the_build_host(members: list[M], tmp_path: Path, outside: Path) -> None:
+    from gl_nvidia.image import sbom
+
+    (outside / "lib/dpkg").mkdir(parents=True)
+    (outside / "lib/dpkg/status").write_bytes(HOST_STATUS)
+    (outside / "os-release").write_bytes(b"ID=hostos\nVERSION_ID=99\n")
+    hostile = [M(m.name, m.kind, m.data, m.link.format(outside=outside), m.mode) for m in members]
+    root = flatten(tmp_path, [[D("var/"), D("var/lib/"), D("var/lib/dpkg/"), M("var/lib/dpkg/status", data=BASE_STATUS),
+                               D("usr/"), D("usr/lib/"), M("usr/lib/os-release", data=b"ID=debian\nVERSION_ID=12\n"),
+                               D("etc/"), S("etc/os-release", "../usr/lib/os-release")], hostile])
+
+    def stuck(*_: object) -> None:
+        raise TimeoutError("the SBOM read blocked")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(10)
+    try:
+        found = sbom.base_packages(root, "base image hostile:v1")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert [p.name for p in found.packages] in ([], ["base-files"])
+    assert (found.distro, found.distro_version) in (("debian", "12"), ("debian", ""))
+    assert untouched_but_status(outside)
+
+
+def untouched_but_status(outside: Path) -> bool:
+    return (outside / "lib/dpkg/status").read_bytes() == HOST_STATUS and untouched(outside, extra=2)
+
+
+def test_a_base_status_that_loops_or_is_a_directory_is_one_error(tmp_path: Path) -> None:
+    from gl_nvidia.image import sbom
+
+    root = flatten(tmp_path, [[S("var/lib/dpkg/status", "/var/lib/dpkg/status")]])
+    with pytest.raises(UserError, match=r"^base image b:v1: too many levels of symbolic links"):
+        sbom.base_packages(root, "base image b:v1")
+    (root / "var/lib/dpkg/status").unlink()
+    (root / "var/lib/dpkg/status").mkdir()
+    with pytest.raises(UserError, match=r"^base image b:v1: var/lib/dpkg/status is not a regular file"):
+        sbom.base_packages(root, "base image b:v1")
+
+
+def _raw_base(path: Path, raw: bytes, diff_id: str | None = None, config: bytes | None = None) -> Layout:
+    """A layout whose one layer is the tar `raw`, listed under `diff_id` (default: its own), with `config`."""
+    layout = Layout.create(path)
+    desc = layout.write_blob(gzip.compress(raw, mtime=0), LAYER_GZIP)
+    cfg = layout.write_blob(config if config is not None else canonical_json({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [diff_id or f"sha256:{hashlib.sha256(raw).hexdigest()}"]}}), CONFIG)
+    layout.add_image(Manifest.build(cfg, [desc], {}), ["v1"])
+    return layout
+
+
+def test_a_layer_that_is_not_its_diff_id_is_refused(tmp_path: Path) -> None:
+    """umoci refuses such an image ("diffid mismatch"); the build must not publish it."""
+    layout = _raw_base(tmp_path / "base", _tar([M("etc/x", data=b"x")]), diff_id="sha256:" + "0" * 64)
+    image = base_mod.from_layout_image(layout, layout.resolve("v1").digest, "lying:v1")
+    (tmp_path / "root").mkdir()
+    with pytest.raises(UserError, match=r"^base image lying:v1, layer 1 \(sha256:[0-9a-f]{64}\): its content is "
+                                        r"sha256:[0-9a-f]{64}, not the sha256:0{64} its config lists"):
+        base_mod.flatten(layout, image, tmp_path / "root")
+
+
+def test_a_tiny_layer_with_a_sparse_huge_file_writes_nothing_big(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with (src / "huge").open("wb") as fh:
+        fh.truncate(4 << 30)  # 4 GiB of holes
+    raw = subprocess.run(["tar", "--sparse", "-cf", "-", "-C", str(src), "huge"], check=True, capture_output=True).stdout
+    assert len(gzip.compress(raw)) < 1000
+    layout = _raw_base(tmp_path / "base", raw)
+    image = base_mod.from_layout_image(layout, layout.resolve("v1").digest, "sparse:v1")
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(UserError, match=r"^base image sparse:v1, layer 1 \(sha256:[0-9a-f]{64}\): the base unpacks to "
+                                        r"more than 2 GiB \(sparse files counted at their full size\)"):
+        base_mod.flatten(layout, image, root)
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("config", [b"[]", b"5", b"9" * 5000, b"[" * 100000, b'{"rootfs": []}',
+                                    b'{"rootfs": {"diff_ids": ["../../etc"]}}', b"\xff"])
+def test_a_base_config_that_is_not_an_object_is_one_error(config: bytes, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from gl_nvidia.cli import main
+
+    _raw_base(tmp_path / "base", _tar([M("etc/x", data=b"x")]), config=config)
+    bundle = make_bundle(tmp_path / "bundle", kernels=KERNELS[:1])
+    rc = main(["image", str(bundle), "--kernel", KERNELS[0], "--base", f"{tmp_path / 'base'}:v1",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert [line for line in err.splitlines() if line.startswith("gl-nvidia: error:")] == [
+        next(line for line in err.splitlines() if "has a" in line and "config" in line)]
+
+
+def test_sigterm_during_the_image_build_leaves_no_temp_dirs_and_no_layout(tmp_path: Path) -> None:
+    """A cancelled CI job: gl-nvidia unwinds, removing its temp root and the layout it began."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with (src / "zeros").open("wb") as fh:
+        fh.truncate(400 << 20)  # read as 400 MiB of zeros (no --sparse): seconds of work in the temp root
+    raw = tmp_path / "layer.tar"
+    subprocess.run(["tar", "-cf", str(raw), "-C", str(src), "zeros"], check=True)
+    layout = Layout.create(tmp_path / "base")
+    desc = layout.write_blob(subprocess.run(["gzip", "-1", "-c", str(raw)], check=True, capture_output=True).stdout,
+                             LAYER_GZIP)
+    cfg = layout.write_blob(canonical_json({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(raw.read_bytes()).hexdigest()}"]}}), CONFIG)
+    layout.add_image(Manifest.build(cfg, [desc], {}), ["v1"])
+    raw.unlink()
+    bundle = make_bundle(tmp_path / "bundle", kernels=KERNELS[:1])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from gl_nvidia.cli import main; sys.exit(main())", "image", str(bundle), "--kernel", KERNELS[0],
+                             "--base", f"{tmp_path / 'base'}:v1", "--out", str(tmp_path / "out")],
+                            env={**os.environ, "TMPDIR": str(tmp)}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp.glob("gl-nvidia-image-*/root")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "gl-nvidia: interrupted"
+    assert list(tmp.iterdir()) == []
+    assert not (tmp_path / "out").exists()

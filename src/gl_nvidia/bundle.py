@@ -175,12 +175,21 @@ class ModuleSet:
 
 
 @dataclass(frozen=True)
+class OSRecord:
+    """The nodes a kernel's modules were built for: what its image's tags and labels name."""
+
+    id: str  # NFD's system-os_release.ID ("debian", "gardenlinux")
+    versions: tuple[str, ...]  # the OS versions that ship the kernel ("12"; Garden Linux versions)
+
+
+@dataclass(frozen=True)
 class KernelBuild:
     kernel: str  # uname -r
     toolchain: str  # compiler the modules were built with ("gcc (Debian 12.2.0-14) 12.2.0")
     kernel_compiler: str  # compiler the kernel itself was built with (from its headers)
     headers_digest: str  # sha256 over the headers packages/tree used
     module_sets: dict[str, ModuleSet] = field(default_factory=dict)  # keyed by module type
+    os: OSRecord | None = None  # None: a bundle written before bundles recorded it
 
 
 @dataclass(frozen=True)
@@ -224,10 +233,11 @@ class BundleManifest:
                 kernel_compiler=kb["kernel_compiler"],
                 headers_digest=kb["headers_digest"],
                 module_sets={t: _module_set(ms) for t, ms in kb["module_sets"].items()},
+                os=_os_record(kb["os"]) if kb.get("os") else None,
             )
             for k, kb in d["kernels"].items()
         }
-        return cls(
+        manifest = cls(
             driver_version=d["driver_version"],
             driver_branch=d["driver_branch"],
             arch=d["arch"],
@@ -239,10 +249,68 @@ class BundleManifest:
             schema=d["schema"],
             left_out=dict(d.get("left_out") or {}),
         )
+        _check_paths(manifest)
+        return manifest
 
     @classmethod
     def load(cls, bundle_dir: Path) -> BundleManifest:
-        return cls.from_dict(json.loads((bundle_dir / MANIFEST).read_text()))
+        d = read_json((bundle_dir / MANIFEST).read_bytes())
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return cls.from_dict(d)
+
+
+def read_json(data: bytes | str) -> Any:
+    """JSON we did not write ourselves in this run (a bundle's manifest, NVIDIA's redist manifest, a base's
+    config): whatever is wrong with it (not UTF-8, not JSON, an integer of thousands of digits, nesting
+    deeper than Python recurses) is one ValueError."""
+    try:
+        return json.loads(data)
+    except RecursionError as exc:
+        raise ValueError("it is nested too deeply") from exc
+
+
+def _check_paths(m: BundleManifest) -> None:
+    """Every name the manifest joins to a bundle or image path stays where it is joined: a module, part
+    or kernel name is one path component, a userspace or firmware path relative and without `..`."""
+    for f in (*m.userspace, *m.firmware):
+        _relative(f.path, "file")
+    for kernel, kb in m.kernels.items():
+        _name(kernel, "kernel")
+        for mtype, ms in kb.module_sets.items():
+            if mtype not in MODULE_TYPES:
+                raise ValueError(f"kernel {kernel!r} has module type {mtype!r}, not one of {', '.join(MODULE_TYPES)}")
+            if ms.log is not None:
+                _relative(ms.log, "log")
+            for mod in ms.modules:
+                names = [mod.name]
+                if mod.parts:
+                    names += [mod.parts.interface, mod.parts.binary, mod.parts.lds]
+                    if mod.parts.objtool:
+                        names += [mod.parts.objtool.tool, mod.parts.objtool.final]
+                if mod.patch:
+                    names += [mod.patch.patch, mod.patch.binary]
+                if mod.signature:
+                    names.append(mod.signature.file)
+                for name in names:
+                    _name(name, f"module file of {kernel} {mtype}")
+
+
+def _name(value: object, what: str) -> None:
+    if not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\0" in value:
+        raise ValueError(f"{what} {value!r} is not a plain file name")
+
+
+def _relative(value: object, what: str) -> None:
+    if (not isinstance(value, str) or value.startswith("/") or "\0" in value
+            or any(p in ("", ".", "..") for p in value.split("/"))):
+        raise ValueError(f"{what} {value!r} is not a relative path inside the bundle")
+
+
+def _os_record(d: dict[str, Any]) -> OSRecord:
+    if not isinstance(d["id"], str) or not isinstance(d["versions"], list):
+        raise ValueError(f"os record {d!r} is not an id and a list of versions")
+    return OSRecord(d["id"], tuple(str(v) for v in d["versions"]))
 
 
 def _module_set(d: dict[str, Any]) -> ModuleSet:

@@ -31,6 +31,12 @@ class CheckFailed(UserError):
     exit_code = 1
 
 
+class IntegrityError(UserError):
+    """Input that failed a check of what it is (a listed sha256, a path or link that leaves its tree):
+    exit 2 for the whole run, never recorded as one build unit's failure, which would offer an attack to
+    `--exclude-failed` as an exclusion."""
+
+
 class CommandError(UserError):
     """An external command failed; carries its command line and the end of its output."""
 

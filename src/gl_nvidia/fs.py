@@ -11,13 +11,14 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import IntegrityError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,60 @@ def check_writable_dir(path: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise _as_user_error(exc, path) from exc
+
+
+def copy_from_tree(tree: Path, src: Path, dest: Path, what: str) -> None:
+    """Copy `src` (a file, symlink or directory under the unpacked archive or tree `tree`) to `dest`,
+    reading nothing outside `tree`: the one way files leave an archive for a bundle or an image.
+
+    Directories on the way from `tree` to `src` must be directories, not symlinks; a symlink is copied as
+    a symlink, and only when its target is relative and stays inside what is copied (a directory's
+    subtree, a file's own directory), so it resolves inside `dest` as it did inside `tree`. Anything
+    else (an absolute link, one that climbs out, a FIFO or device) is an IntegrityError naming `what`
+    and the member: NVIDIA's and Debian's archives hold none, and a copy that followed it would put a
+    build-host file into the image."""
+    rel = src.relative_to(tree)
+    for i in range(len(rel.parts) - 1):
+        _tree_dir(tree, Path(*rel.parts[: i + 1]), what)
+    st = src.lstat()
+    if stat.S_ISDIR(st.st_mode):
+        for top, dirs, names in os.walk(src):
+            here = Path(top)
+            (dest / here.relative_to(src)).mkdir(parents=True, exist_ok=True)
+            for name in sorted(names + dirs):
+                member = here / name
+                if not member.is_symlink() and member.is_dir():
+                    continue  # os.walk goes into it (it never follows a symlinked one)
+                _copy_member(tree, member, dest / member.relative_to(src),
+                             here.relative_to(src).as_posix(), what)
+    else:
+        _copy_member(tree, src, dest, ".", what)
+
+
+def _tree_dir(tree: Path, rel: Path, what: str) -> None:
+    if (tree / rel).is_symlink():
+        raise IntegrityError(f"{what}: {rel.as_posix()} is a symlink to {os.readlink(tree / rel)!r}, not a directory",
+                             "an archive's directories must be directories; nothing of it was used")
+
+
+def _copy_member(tree: Path, src: Path, dest: Path, at: str, what: str) -> None:
+    """One non-directory; `at`: its directory, relative to the top of what is copied (where links must stay)."""
+    rel = src.relative_to(tree).as_posix()
+    st = src.lstat()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(dest) and not dest.is_dir():
+        dest.unlink()  # a later member of the same name wins, as a move would
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(src)
+        if target.startswith("/") or posixpath.normpath(posixpath.join(at, target)).split("/")[0] == "..":
+            raise IntegrityError(f"{what}: {rel} is a symlink to {target!r}, which leaves the files copied from it",
+                                 "an archive's links must stay inside it; nothing of it was used")
+        os.symlink(target, dest)
+    elif stat.S_ISREG(st.st_mode):
+        shutil.copy2(src, dest, follow_symlinks=False)
+    else:
+        raise IntegrityError(f"{what}: {rel} is not a regular file, directory or symlink",
+                             "an archive's members must be files, directories or links; nothing of it was used")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -5,12 +5,12 @@ Per driver release the tree's root holds `redistrib_<version>.json`: per compone
 The image takes three: fabric manager and IMEX of exactly the driver version, and the NVLink subnet manager
 that the release names (nvlsm is versioned on its own). The tree may be NVIDIA's, a mirror's or a local
 directory: an archive is used only when its sha256 and size are the ones the manifest lists, and a
-manifest path that leaves the component's directory is refused.
+manifest path that leaves the component's directory is refused. Every such refusal is an
+IntegrityError: bad input for the whole run, never one build unit's failure.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 
 from gl_nvidia.build.sources import EXTRA_COMPONENTS
+from gl_nvidia.bundle import read_json
 from gl_nvidia.download import download
-from gl_nvidia.errors import CommandError, UserError
-from gl_nvidia.fs import cache_dir, cache_fill, cache_hit
+from gl_nvidia.errors import CommandError, IntegrityError, UserError
+from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import run
 
 REDIST_URL = "https://developer.download.nvidia.com/compute/nvidia-driver/redist/"
@@ -60,9 +61,9 @@ def listed(manifest: Any, driver_version: str, arch: str, where: str) -> tuple[d
     A listing that is damaged, of another version, or whose path leaves `<component>/<platform>/` is an
     error: the manifest is the only thing that vouches for the archives."""
     if not isinstance(manifest, dict):
-        raise UserError(f"{where} is not NVIDIA's redistrib manifest (not a JSON object)")
+        raise IntegrityError(f"{where} is not NVIDIA's redistrib manifest (not a JSON object)")
     if manifest.get("release_label", driver_version) != driver_version:
-        raise UserError(f"{where} is the manifest of {manifest['release_label']}, not of {driver_version}")
+        raise IntegrityError(f"{where} is the manifest of {manifest['release_label']}, not of {driver_version}")
     platform = PLATFORMS[arch]
     files: dict[str, RedistFile] = {}
     missing: dict[str, str] = {}
@@ -75,18 +76,18 @@ def listed(manifest: Any, driver_version: str, arch: str, where: str) -> tuple[d
             f = RedistFile(component, str(entry["version"]), str(entry[platform]["relative_path"]),
                            str(entry[platform]["sha256"]), int(entry[platform]["size"]), where)
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{where}: {component} {platform} lacks a valid {exc}", "the manifest is damaged; "
+            raise IntegrityError(f"{where}: {component} {platform} lacks a valid {exc}", "the manifest is damaged; "
                             "NVIDIA's lists version, relative_path, sha256 and size") from exc
         path = PurePosixPath(f.relative_path)
         if (path.is_absolute() or ".." in path.parts or path.parts[:2] != (component, platform)
                 or not f.name.endswith(f"-{f.version}-archive.tar.xz")):
-            raise UserError(f"{where} lists {component} {f.version} at {f.relative_path!r}, not an archive of "
+            raise IntegrityError(f"{where} lists {component} {f.version} at {f.relative_path!r}, not an archive of "
                             f"that version under {component}/{platform}/")
         if component not in OWN_VERSION and f.version != driver_version:
-            raise UserError(f"{where} lists {component} {f.version}, not {driver_version}: it must be of exactly "
+            raise IntegrityError(f"{where} lists {component} {f.version}, not {driver_version}: it must be of exactly "
                             "the driver's version")
         if not _SHA256.fullmatch(f.sha256):
-            raise UserError(f"{where}: {component} {platform} has no valid sha256: {f.sha256!r}")
+            raise IntegrityError(f"{where}: {component} {platform} has no valid sha256: {f.sha256!r}")
         files[component] = f
     return files, missing
 
@@ -115,23 +116,27 @@ class RedistTree:
                      not_found=NotPublished(f"the redist tree has no release {driver_version}: {url} does not exist"))
             raw = dest.read_bytes()
         try:
-            parsed = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{url} is not NVIDIA's redistrib manifest (not JSON: {exc})") from exc
+            parsed = read_json(raw)
+        except ValueError as exc:
+            raise IntegrityError(f"{url} is not NVIDIA's redistrib manifest (not JSON: {exc})") from exc
         return listed(parsed, driver_version, arch, url)
 
     def fetch(self, f: RedistFile) -> Path:
         """The archive, downloaded once and kept by its sha256; a mismatch keeps nothing."""
         entry = cache_dir("build", "redist") / f"{f.top}-{f.sha256}"
         if not cache_hit(entry):
+            url = self.url(f.relative_path)
             with cache_fill(entry) as tmp:
-                download(self.client, self.url(f.relative_path), tmp / f.name, sha256=f.sha256,
-                         retry_delay=self.retry_delay,
-                         mismatch_hint=f"the archive is not the one {f.listed_by} lists; nothing was kept")
+                # Checked here, not by download(): a mismatch is an IntegrityError, a network failure is not.
+                download(self.client, url, tmp / f.name, retry_delay=self.retry_delay, mismatch_hint="")
+                got = sha256_file(tmp / f.name)
+                if got != f.sha256:
+                    raise IntegrityError(f"checksum mismatch for {url}: expected sha256 {f.sha256}, got {got}",
+                                         f"the archive is not the one {f.listed_by} lists; nothing was kept")
                 size = (tmp / f.name).stat().st_size
                 if size != f.size:
-                    raise UserError(f"size mismatch for {self.url(f.relative_path)}: the manifest lists {f.size} "
-                                    f"bytes, got {size}", "the archive is not the one NVIDIA lists; nothing was kept")
+                    raise IntegrityError(f"size mismatch for {url}: the manifest lists {f.size} bytes, got {size}",
+                                         "the archive is not the one NVIDIA lists; nothing was kept")
         return entry / f.name
 
     def unpack(self, f: RedistFile) -> Path:
@@ -142,9 +147,9 @@ class RedistTree:
                 try:
                     run(["tar", "-xJf", archive, "-C", tmp, "--no-same-owner"])
                 except CommandError as exc:
-                    raise UserError(f"cannot unpack {archive}: {exc.message}", "the archive is damaged") from exc
+                    raise IntegrityError(f"cannot unpack {archive}: {exc.message}", "the archive is damaged") from exc
                 found = sorted(p.name for p in tmp.iterdir())
-                if found != [f.top]:
-                    raise UserError(f"{f.name} holds {', '.join(found) or 'nothing'}, not {f.top}",
+                if found != [f.top] or (tmp / f.top).is_symlink():
+                    raise IntegrityError(f"{f.name} holds {', '.join(found) or 'nothing'}, not {f.top}",
                                     "NVIDIA's archives unpack to one directory named like the archive")
         return tree / f.top

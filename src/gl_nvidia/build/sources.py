@@ -22,7 +22,7 @@ from debian.debian_support import Version
 
 from gl_nvidia import apt
 from gl_nvidia.errors import UserError
-from gl_nvidia.fs import cache_dir, cache_fill, cache_hit
+from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, copy_from_tree
 from gl_nvidia.run import run
 
 TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
@@ -191,8 +191,7 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
     moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/nvidia/nvswitch/*")]
     moves += [(p, firmware / p.relative_to(raw / "lib/firmware")) for p in raw.glob("lib/firmware/nvidia/*/*")]
     for src, dst in moves:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        copy_from_tree(raw, src, dst, f"the unpacked .debs ({', '.join(sorted(debs))})")
     for mtype, pkg in DEBIAN_MODULE_SOURCES.items():
         tar = next((raw / "usr/src").glob(f"{pkg.removesuffix('-source')}.tar.*"), None)
         if pkg not in debs or tar is None:
@@ -247,23 +246,28 @@ def _layout_run_tree(tree: Path, dest: Path, version: str, arch: str) -> None:
     libdir = usr / "lib" / TRIPLETS[arch]
     for d in (usr / "bin", libdir, usr / "share/doc/nvidia", usr / "share/nvidia"):
         d.mkdir(parents=True, exist_ok=True)
+    what = f"the unpacked driver {version}"
+
+    def copy(src: Path, dest: Path) -> None:
+        copy_from_tree(tree, src, dest, what)
+
     for tool in _RUN_TOOLS:
         if (tree / tool).is_file():
-            shutil.copy2(tree / tool, usr / "bin" / tool)
+            copy(tree / tool, usr / "bin" / tool)
     for lib in tree.glob(f"lib*.so.{version}"):
-        shutil.copy2(lib, libdir / lib.name)
+        copy(lib, libdir / lib.name)
         soname = re.sub(rf"\.so\.{re.escape(version)}$", ".so.1", lib.name)
         if not (libdir / soname).exists():
             (libdir / soname).symlink_to(lib.name)
     if (tree / "LICENSE").is_file():
-        shutil.copy2(tree / "LICENSE", usr / "share/doc/nvidia/LICENSE")
+        copy(tree / "LICENSE", usr / "share/doc/nvidia/LICENSE")
     gpus = tree / "supported-gpus/supported-gpus.json"
     if gpus.is_file():
-        shutil.copy2(gpus, usr / "share/nvidia/supported-gpus.json")
+        copy(gpus, usr / "share/nvidia/supported-gpus.json")
     fw = dest / "firmware/nvidia" / version
     fw.mkdir(parents=True)
     for blob in (tree / "firmware").glob("gsp_*.bin"):
-        shutil.copy2(blob, fw / blob.name)
+        copy(blob, fw / blob.name)
 
 
 # --- NVIDIA's redist archives in the image: where NVIDIA's packages install them ------------------
@@ -278,9 +282,9 @@ def _need(tree: Path, rel: str, what: str) -> None:
         raise UserError(f"{tree.name} has no {rel}", f"is it NVIDIA's {what} archive?")
 
 
-def _copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dest, follow_symlinks=False)
+def _copy(tree: Path, src: Path, dest: Path) -> None:
+    """`src` of the archive unpacked at `tree` (its one top directory, named like the archive)."""
+    copy_from_tree(tree, src, dest, tree.name)
 
 
 def _fabricmanager(tree: Path, root: Path, arch: str) -> None:
@@ -289,14 +293,14 @@ def _fabricmanager(tree: Path, root: Path, arch: str) -> None:
     usr = root / "usr"
     for tool in ("nv-fabricmanager", "nvswitch-audit", "nvidia-fabricmanager-start.sh"):
         if (tree / "bin" / tool).is_file():
-            _copy(tree / "bin" / tool, usr / "bin" / tool)
+            _copy(tree, tree / "bin" / tool, usr / "bin" / tool)
     for lib in (tree / "lib").glob("libnvfm.so*"):
-        _copy(lib, usr / "lib" / TRIPLETS[arch] / lib.name)
+        _copy(tree, lib, usr / "lib" / TRIPLETS[arch] / lib.name)
     nvswitch = usr / "share/nvidia/nvswitch"
     if (tree / "share/nvidia/nvswitch").is_dir():
-        shutil.copytree(tree / "share/nvidia/nvswitch", nvswitch, dirs_exist_ok=True)
+        _copy(tree, tree / "share/nvidia/nvswitch", nvswitch)
     for cfg in (tree / "etc").glob("fabricmanager*.cfg"):
-        _copy(cfg, nvswitch / cfg.name)
+        _copy(tree, cfg, nvswitch / cfg.name)
     _license(tree, usr, "nvidia-fabricmanager")
 
 
@@ -307,9 +311,9 @@ def _imex(tree: Path, root: Path, arch: str) -> None:
     usr = root / "usr"
     for tool in ("nvidia-imex", "nvidia-imex-ctl"):
         if (tree / "bin" / tool).is_file():
-            _copy(tree / "bin" / tool, usr / "bin" / tool)
+            _copy(tree, tree / "bin" / tool, usr / "bin" / tool)
     for cfg in sorted((tree / "etc").rglob("*.cfg")):
-        _copy(cfg, usr / "share/nvidia/imex" / cfg.name)
+        _copy(tree, cfg, usr / "share/nvidia/imex" / cfg.name)
     _license(tree, usr, "nvidia-imex")
 
 
@@ -318,19 +322,19 @@ def _nvlsm(tree: Path, root: Path, arch: str) -> None:
     nvidia-fabricmanager-start.sh reads them (/usr/share/nvidia/nvlsm)."""
     _need(tree, "sbin/nvlsm", "NVLink subnet manager")
     opt = root / "opt/nvidia/nvlsm"
-    _copy(tree / "sbin/nvlsm", opt / "sbin/nvlsm")
+    _copy(tree, tree / "sbin/nvlsm", opt / "sbin/nvlsm")
     for lib in sorted((tree / "lib").glob("*.so*")):
-        _copy(lib, opt / "lib" / lib.name)
+        _copy(tree, lib, opt / "lib" / lib.name)
     for cfg in sorted((tree / "share/nvidia/nvlsm").glob("*")):
         if cfg.is_file():
-            _copy(cfg, root / "usr/share/nvidia/nvlsm" / cfg.name)
+            _copy(tree, cfg, root / "usr/share/nvidia/nvlsm" / cfg.name)
     _license(tree, root / "usr", "nvlsm")
 
 
 def _license(tree: Path, usr: Path, package: str) -> None:
     for name in ("LICENSE", "LICENSE.txt", "third-party-notices.txt"):
         if (tree / name).is_file():
-            _copy(tree / name, usr / "share/doc" / package / name)
+            _copy(tree, tree / name, usr / "share/doc" / package / name)
 
 
 class DirSource:

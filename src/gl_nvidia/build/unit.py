@@ -29,7 +29,7 @@ from gl_nvidia.build.modsign import ModuleSigner
 from gl_nvidia.build.sources import DriverInputs, DriverSource
 from gl_nvidia.build.split import module_patch
 from gl_nvidia.catalog.model import BuildUnit
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.fs import (
     atomic_dir,
     atomic_write_text,
@@ -120,7 +120,8 @@ def build_unit(
     sets, left_out = nvfs.add_to_sets(sets, inputs.module_sources, hdrs, env, toolchain,
                                       nvfs.repo_for(source, unit.arch), jobs=jobs or os.cpu_count() or 1)
     inputs = dataclasses.replace(inputs, left_out={**inputs.left_out, **left_out})
-    manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug, signer=signer)
+    manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug, signer=signer,
+                            os_record=b.OSRecord(unit.os_id, unit.os_versions))
     for component, why in inputs.left_out.items():
         log.warning("%s: %s left out of the image: %s", unit.key, component, why)
     for o in outcomes.values():
@@ -155,6 +156,8 @@ def build_all(
         try:
             return build_unit(unit, bundle_dir, source=source, env=env_for(unit), jobs=per_unit,
                               module_types=types, keep_debug=keep_debug, signer=signer)
+        except IntegrityError:
+            raise  # an input that is not what it claims fails the run, never one cell (no exclusion offered)
         except UserError as exc:
             log.error("%s: %s", unit.key, exc)
             return UnitResult(unit, bundle_dir, {t: Outcome(t, "failed", False, str(exc)) for t in types})
@@ -188,15 +191,16 @@ def _locked(bundle: Path) -> Iterator[None]:
 
 def write_bundle(out: Path, inputs: DriverInputs, hdrs: KernelHeaders, toolchain: str,
                  sets: dict[str, CompiledSet], *, keep_debug: bool = False,
-                 signer: ModuleSigner | None = None) -> b.BundleManifest:
-    """Add one kernel's module sets to the bundle at `out` (created with its userspace when new)."""
+                 signer: ModuleSigner | None = None, os_record: b.OSRecord | None = None) -> b.BundleManifest:
+    """Add one kernel's module sets to the bundle at `out` (created with its userspace when new);
+    `os_record`: the nodes the kernel is built for, which its image's tags name."""
     with _locked(out):
         old = _existing(out, inputs)
         if old is None:
             # A new bundle appears whole or not at all.
             with atomic_dir(out) as tmp:
-                return _write_parts(tmp, None, inputs, hdrs, toolchain, sets, keep_debug, signer)
-        return _write_parts(out, old, inputs, hdrs, toolchain, sets, keep_debug, signer)
+                return _write_parts(tmp, None, inputs, hdrs, toolchain, sets, keep_debug, signer, os_record)
+        return _write_parts(out, old, inputs, hdrs, toolchain, sets, keep_debug, signer, os_record)
 
 
 def _existing(out: Path, inputs: DriverInputs) -> b.BundleManifest | None:
@@ -213,7 +217,7 @@ def _existing(out: Path, inputs: DriverInputs) -> b.BundleManifest | None:
 
 def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs, hdrs: KernelHeaders,
                  toolchain: str, sets: dict[str, CompiledSet], keep_debug: bool,
-                 signer: ModuleSigner | None) -> b.BundleManifest:
+                 signer: ModuleSigner | None, os_record: b.OSRecord | None) -> b.BundleManifest:
     if (old is None or old.source_digests != inputs.digests or not _same_files(old.userspace, inputs.userspace)
             or not _same_files(old.firmware, inputs.firmware)):
         with atomic_dir(b.userspace_dir(root)) as tmp:
@@ -250,7 +254,8 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
                     shutil.copyfile(ko, tmp / ko.name)
         module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, modules, cs.abi_gate, cs.error, log_rel)
     kernels = dict(old.kernels) if old else {}
-    kernels[hdrs.kernel] = b.KernelBuild(hdrs.kernel, toolchain, hdrs.kernel_compiler, hdrs.digest, module_sets)
+    kernels[hdrs.kernel] = b.KernelBuild(hdrs.kernel, toolchain, hdrs.kernel_compiler, hdrs.digest, module_sets,
+                                         os_record)
     manifest = b.BundleManifest(
         driver_version=inputs.driver_version, driver_branch=inputs.branch, arch=inputs.arch,
         source=inputs.source, source_digests=dict(inputs.digests), userspace=userspace, firmware=firmware,

@@ -6,8 +6,11 @@ Each stage's commands live in a module of this package named after the stage.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import traceback
+from types import FrameType
 
 import click
 
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line (and a hint) and exit non-zero; a bug prints one line and
     exits BUG_EXIT_CODE, its traceback only under -v."""
     _register()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         cli.main(args=argv, prog_name="gl-nvidia", standalone_mode=False)
     except UserError as exc:
@@ -59,7 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("gl-nvidia: hint: this is a bug in gl-nvidia; rerun with -v for the traceback and report it",
                    err=True)
         return BUG_EXIT_CODE
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (a cancelled CI job, a stopped pod) unwinds like Ctrl-C: every temp directory and
+    half-made output is removed on the way out, as for any other error."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

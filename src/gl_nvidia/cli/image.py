@@ -32,9 +32,11 @@ from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror
 @click.option("--gardenlinux-repo", metavar="URL",
               help="Build the base from this Garden Linux apt repository (needs --gl-version) instead of Debian's.")
 @click.option("--module-types", type=click.Choice(sorted(MODULE_TYPE_CHOICES)), default="both", show_default=True)
-@click.option("--os-id", default="gardenlinux", show_default=True, help="Node OS id (NFD system-os_release.ID).")
+@click.option("--os-id", help="Node OS id (NFD system-os_release.ID; default: the one the bundle records, which "
+              "this may only repeat).")
 @click.option("--gl-version", "os_versions", multiple=True,
-              help="GL version (or, for other --os-id, VERSION_ID) this kernel ships in; repeatable.")
+              help="GL version (or, for other --os-id, VERSION_ID) this kernel ships in; repeatable (default: the "
+                   "ones the bundle records).")
 @click.option("--source-url", help="org.opencontainers.image.source label.")
 @click.option("--revision", help="org.opencontainers.image.revision label (git commit).")
 @click.option("--inputs", "inputs_text", metavar="JSON",
@@ -43,7 +45,7 @@ from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror
 @click.option("--json", "as_json", is_flag=True, help="Print the built images as JSON.")
 def image_cmd(
     bundle: Path, kernels: tuple[str, ...], all_kernels: bool, out: Path, base: str | None,
-    gardenlinux_repo: str | None, module_types: str, os_id: str, os_versions: tuple[str, ...],
+    gardenlinux_repo: str | None, module_types: str, os_id: str | None, os_versions: tuple[str, ...],
     source_url: str | None, revision: str | None, inputs_text: str | None, as_json: bool,
 ) -> None:
     """Build driver images from BUNDLE into an OCI image layout, without a container engine."""

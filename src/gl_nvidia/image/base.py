@@ -19,12 +19,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from gl_nvidia import apt, fs, oci
+from gl_nvidia.bundle import read_json
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers, unpack
 from gl_nvidia.oci import Descriptor, Layout
@@ -66,6 +68,8 @@ REQUIRED_TOOLS = {
     "binutils (ld)": ("usr/bin/ld", "bin/ld"),
 }
 _DEB_ARCH = {"amd64": "amd64", "arm64": "arm64"}
+_DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
+_MALFORMED = "the base image is malformed; use another --base"
 
 
 @dataclass(frozen=True)
@@ -211,19 +215,29 @@ class LayoutBase:
 def from_layout_image(layout: Layout, manifest_digest: str, description: str, name: str | None = None) -> BaseImage:
     """An existing image already in `layout` (copied in from another layout, or from the registry image `name`)."""
     manifest = layout.manifest(manifest_digest)
-    config = json.loads(layout.read_blob(manifest.config.digest))
-    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+    try:
+        config = read_json(layout.read_blob(manifest.config.digest))
+    except ValueError as exc:
+        raise UserError(f"base image {description} has a config that is not JSON: {exc}", _MALFORMED) from exc
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) and _DIFF_ID.fullmatch(d) for d in diff_ids):
+        raise UserError(f"base image {description} has a malformed config (no JSON object with rootfs.diff_ids, "
+                        "a list of sha256 digests)", _MALFORMED)
     if len(diff_ids) != len(manifest.layers):
-        raise UserError(f"base image {description} has a malformed config (layers and diff_ids differ)")
+        raise UserError(f"base image {description} has a malformed config (layers and diff_ids differ)", _MALFORMED)
     blobs = tuple(layers.LayerBlob(d, diff, 0) for d, diff in zip(manifest.layers, diff_ids, strict=True))
     return BaseImage(blobs, description, manifest_digest, str(config.get("architecture", "")), name)
 
 
 def flatten(layout: Layout, base: BaseImage, dest: Path) -> None:
-    """Apply the base layers in order to `dest`, never touching anything outside it (see `unpack`)."""
+    """Apply the base layers in order to `dest`, never touching anything outside it, each checked against
+    its config's diff_id, all of them within unpack.MAX_UNPACKED bytes (see `unpack`)."""
+    budget = unpack.MAX_UNPACKED
     for i, blob in enumerate(base.layers, 1):
-        unpack.apply_layer(layout.blob_path(blob.descriptor.digest), dest,
-                           f"base image {base.description}, layer {i} ({blob.descriptor.digest})")
+        budget -= unpack.apply_layer(layout.blob_path(blob.descriptor.digest), dest,
+                                     f"base image {base.description}, layer {i} ({blob.descriptor.digest})",
+                                     diff_id=blob.diff_id, budget=budget)
 
 
 def check_tools(root: Path, description: str) -> None:

@@ -11,12 +11,14 @@ small modules and the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,7 +28,7 @@ from gl_nvidia import bundle as bundle_mod
 from gl_nvidia import oci, ui
 from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
-from gl_nvidia.fs import sha256_file
+from gl_nvidia.fs import atomic_write_bytes, sha256_file
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image import layers, ldcache, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
@@ -49,8 +51,8 @@ class ImageOptions:
     """What an image says about itself beyond the bundle: tags' OS and provenance labels."""
 
     module_types: str = "both"  # open | proprietary | both
-    os_id: str = "gardenlinux"  # NFD system-os_release.ID of the nodes
-    os_versions: tuple[str, ...] = ()  # GL versions this kernel ships in (extra, human tags)
+    os_id: str | None = None  # NFD system-os_release.ID of the nodes; None: the one the bundle records
+    os_versions: tuple[str, ...] = ()  # OS (GL) versions the kernel ships in; (): the ones the bundle records
     source: str | None = None  # org.opencontainers.image.source
     revision: str | None = None  # org.opencontainers.image.revision
 
@@ -122,10 +124,10 @@ def build_images(
     if not wanted:
         raise UserError(f"bundle {bundle_dir} holds no kernels", "build modules with `gl-nvidia build` first")
     plans = [_plan_kernel(bundle_dir, manifest, k, opts) for k in wanted]  # all input errors before any work
-    layout = _open_out(out_layout)
     results = []
     binaries: dict[str, LayerBlob | None] = {}  # one layer of NVIDIA's objects per module type
-    with ui.progress() as prog, tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp:
+    with (_out_layout(out_layout) as layout, ui.progress() as prog,
+          tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp):
         with ui.task(prog, "base root filesystem"):
             base_image = _resolve_base(base, layout, manifest.arch)
             if base_image.arch != _ARCH[manifest.arch]:
@@ -136,7 +138,7 @@ def build_images(
             root.mkdir()
             base_mod.flatten(layout, base_image, root)
             base_mod.check_tools(root, base_image.description)
-            base_packages = sbom.base_packages(root)
+            base_packages = sbom.base_packages(root, f"base image {base_image.description}")
         with ui.task(prog, "shared layers (node runtime, userspace, ld.so.cache, firmware)"):
             shared = _shared_layers(layout, bundle_dir, manifest, root)
         with ui.task(prog, "kernel images", total=len(plans)) as t:
@@ -157,6 +159,7 @@ class _KernelPlan:
     kernel: str
     module_types: tuple[str, ...]
     tags: tuple[str, ...]
+    os: bundle_mod.OSRecord  # what the tags and labels name
 
 
 def read_bundle_manifest(bundle_dir: Path) -> BundleManifest:
@@ -175,23 +178,39 @@ def _load_bundle(bundle_dir: Path) -> BundleManifest:
     manifest = read_bundle_manifest(bundle_dir)
     if manifest.arch not in _ARCH:
         raise UserError(f"bundle {bundle_dir} has unsupported arch {manifest.arch!r}")
-    for f in manifest.userspace:
-        _check_file(bundle_mod.userspace_dir(bundle_dir) / f.path, f, bundle_dir)
-    for f in manifest.firmware:
-        _check_file(bundle_mod.firmware_dir(bundle_dir) / f.path, f, bundle_dir)
+    for tree, files in ((bundle_mod.userspace_dir(bundle_dir), manifest.userspace),
+                        (bundle_mod.firmware_dir(bundle_dir), manifest.firmware)):
+        for f in files:
+            _check_file(tree, f, bundle_dir)
+        _check_unlisted(tree, files, bundle_dir)
     return manifest
 
 
-def _check_file(path: Path, f: bundle_mod.UserspaceFile, bundle_dir: Path) -> None:
+def _check_file(tree: Path, f: bundle_mod.UserspaceFile, bundle_dir: Path) -> None:
+    path = tree / f.path
+    if path.parent.resolve() != (tree.resolve() / f.path).parent:  # a directory on the way is a symlink
+        raise UserError(f"bundle {bundle_dir} is corrupt: {path} lies behind a symlink", "rebuild the bundle")
     if f.link is not None:
         if not path.is_symlink():
             raise UserError(f"bundle {bundle_dir} is incomplete: symlink {path} is missing", "rebuild the bundle")
         return
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():
         raise UserError(f"bundle {bundle_dir} is incomplete: {path} is missing", "rebuild the bundle")
     if path.stat().st_size != f.size or sha256_file(path) != f.sha256:
         raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
                         "rebuild the bundle")
+
+
+def _check_unlisted(tree: Path, files: tuple[bundle_mod.UserspaceFile, ...], bundle_dir: Path) -> None:
+    """The image takes only what the manifest lists; a file it does not list (an `etc/ld.so.preload` put
+    beside the bundle's own) means the bundle was changed after the build."""
+    listed = {f.path for f in files}
+    for top, dirs, names in os.walk(tree):
+        for name in sorted(names + [d for d in dirs if os.path.islink(os.path.join(top, d))]):
+            rel = os.path.relpath(os.path.join(top, name), tree)
+            if rel not in listed:
+                raise UserError(f"bundle {bundle_dir} holds {tree.name}/{rel}, which its manifest does not list",
+                                "rebuild the bundle; the image takes only what the build listed")
 
 
 def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: ImageOptions) -> _KernelPlan:
@@ -229,15 +248,35 @@ def _plan_kernel(bundle_dir: Path, manifest: BundleManifest, kernel: str, opts: 
                 if sha256_file(path) != sha:
                     raise UserError(f"bundle {bundle_dir} is corrupt: {path} does not match its manifest checksum",
                                     "rebuild the bundle")
-    if os_profile(opts.os_id).version_id is None and not opts.os_versions:  # the tags need the nodes' own
-        raise UserError(f"no OS version given for os id {opts.os_id!r}", "pass --gl-version (for another --os-id: the nodes' VERSION_ID)")
-    tags = image_tags(manifest.driver_version, manifest.driver_branch, kernel, opts.os_id, opts.os_versions)
+    nodes = _os_of(bundle_dir, manifest.kernels[kernel], opts)
+    if os_profile(nodes.id).version_id is None and not nodes.versions:  # the tags need the nodes' own
+        raise UserError(f"no OS version given for os id {nodes.id!r}", "pass --gl-version (for another --os-id: the nodes' VERSION_ID)")
+    tags = image_tags(manifest.driver_version, manifest.driver_branch, kernel, nodes.id, nodes.versions)
     for tag in tags:
         try:
             validate_tag(tag)
         except ValueError as exc:
             raise UserError(str(exc), "kernel, driver version and OS version must only use [A-Za-z0-9_.-]") from exc
-    return _KernelPlan(kernel, ok, tuple(tags))
+    return _KernelPlan(kernel, ok, tuple(tags), nodes)
+
+
+def _os_of(bundle_dir: Path, kb: bundle_mod.KernelBuild, opts: ImageOptions) -> bundle_mod.OSRecord:
+    """The nodes a kernel's image is for: the bundle's record; an option may only repeat it (a Debian
+    bundle imaged without options is tagged for Debian, not for Garden Linux)."""
+    rec = kb.os
+    if rec is None:  # a bundle from before bundles recorded it
+        if opts.os_id is None:
+            raise UserError(f"bundle {bundle_dir} does not record the OS kernel {kb.kernel} was built for",
+                            "pass --os-id (and --gl-version), or rebuild the bundle")
+        return bundle_mod.OSRecord(opts.os_id, opts.os_versions)
+    if opts.os_id is not None and opts.os_id != rec.id:
+        raise UserError(f"--os-id {opts.os_id} disagrees with bundle {bundle_dir}: kernel {kb.kernel} was built for "
+                        f"{rec.id}", "leave out --os-id: the image takes the bundle's")
+    if opts.os_versions and rec.versions and sorted(set(opts.os_versions)) != sorted(set(rec.versions)):
+        raise UserError(f"--gl-version {', '.join(opts.os_versions)} disagrees with bundle {bundle_dir}: kernel "
+                        f"{kb.kernel} was built for {rec.id} {', '.join(rec.versions)}",
+                        "leave out --gl-version: the image takes the bundle's")
+    return bundle_mod.OSRecord(rec.id, opts.os_versions or rec.versions)
 
 
 def usable_module_types(manifest: BundleManifest, kernel: str, types: Sequence[str]) -> tuple[str, ...]:
@@ -269,11 +308,53 @@ def _binary(mod: bundle_mod.ModuleFile) -> str | None:
     return mod.patch.binary if mod.patch else mod.parts.binary if mod.parts else None
 
 
-def _open_out(out_layout: Path) -> Layout:
+@contextlib.contextmanager
+def _out_layout(out_layout: Path) -> Iterator[Layout]:
+    """The layout at `out_layout`, left as it was when the block fails: a layout it made is removed (and
+    the directories made for it), one it added to gets its index back and loses the blobs written since."""
+    made = _first_missing(out_layout)
+    index, blobs = out_layout / "index.json", out_layout / "blobs" / "sha256"
+    old_index = index.read_bytes() if made is None and index.is_file() else None
+    old_blobs = set(os.listdir(blobs)) if old_index is not None and blobs.is_dir() else set()
+    empty = made is None and out_layout.is_dir() and not any(out_layout.iterdir())
     try:
-        if out_layout.is_dir() and any(out_layout.iterdir()) and not (out_layout / "index.json").exists():
-            raise UserError(f"{out_layout} exists and is not an OCI image layout", "choose an empty or new --out")
-        if not out_layout.exists():  # a parent that is a file fails here, with the message below
+        yield _open_out(out_layout)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        elif empty:  # back to empty
+            for child in out_layout.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        elif old_index is not None:
+            atomic_write_bytes(index, old_index)
+            for name in set(os.listdir(blobs)) - old_blobs:
+                (blobs / name).unlink(missing_ok=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (None: it exists)."""
+    missing = None
+    for p in (path.absolute(), *path.absolute().parents):
+        if os.path.lexists(p):
+            break
+        missing = p
+    return missing
+
+
+def _open_out(out_layout: Path) -> Layout:
+    if out_layout.is_dir() and any(out_layout.iterdir()) and not (out_layout / "index.json").exists():
+        raise UserError(f"{out_layout} exists and is not an OCI image layout", "choose an empty or new --out")
+    blocker = next((p for p in (out_layout.absolute(), *out_layout.absolute().parents)
+                    if os.path.lexists(p) and not p.is_dir()), None)
+    if blocker is not None:  # mkdir would say "File exists" or "Not a directory"
+        raise UserError(f"cannot write image layout {out_layout}: {blocker} is a file, not a directory",
+                        "choose another --out")
+    try:
+        if not out_layout.exists():
             out_layout.mkdir(parents=True)
         return Layout.create(out_layout)
     except OSError as exc:
@@ -325,25 +406,23 @@ def _shared_layers(layout: Layout, bundle_dir: Path, manifest: BundleManifest, r
         ],
         Entry(_place(root, node_layout.ENTRYPOINT), mode=0o755, data=ENTRYPOINT_SCRIPT),
     ]
-    userspace = [
-        dataclasses.replace(e, path=_place(root, e.path))
-        for e in layers.tree_entries(bundle_mod.userspace_dir(bundle_dir), PurePosixPath("/"))
-    ]
-    firmware = [
-        dataclasses.replace(e, path=_place(root, e.path))
-        for e in layers.tree_entries(bundle_mod.firmware_dir(bundle_dir), node_layout.FIRMWARE_ROOT.parent)
-    ]
+    userspace = [dataclasses.replace(e, path=_place(root, e.path)) for e in
+                 _listed(bundle_mod.userspace_dir(bundle_dir), manifest.userspace, PurePosixPath("/"))]
+    firmware = [dataclasses.replace(e, path=_place(root, e.path)) for e in
+                _listed(bundle_mod.firmware_dir(bundle_dir), manifest.firmware, node_layout.FIRMWARE_ROOT.parent)]
     return _Shared((
         ("node-runtime", layers.write_layer(layout, runtime)),
-        ("userspace", layers.write_layer(layout, _files_only(userspace))),
+        ("userspace", layers.write_layer(layout, userspace)),
         ("ld.so.cache", layers.write_layer(layout, _ld_cache(root, userspace, manifest.arch))),
-        ("firmware", layers.write_layer(layout, _files_only(firmware))),
+        ("firmware", layers.write_layer(layout, firmware)),
     ))
 
 
-def _files_only(entries: list[Entry]) -> list[Entry]:
-    """Directories come back as parents (0755, root) from `write_layer`; skip the bundle's own."""
-    return [e for e in entries if not e.is_dir]
+def _listed(tree: Path, files: tuple[bundle_mod.UserspaceFile, ...], dest: PurePosixPath) -> list[Entry]:
+    """The layer entries of what the manifest lists of `tree` (`_load_bundle` checked each), under `dest`."""
+    return [Entry(dest / f.path, link=f.link) if f.link is not None else
+            Entry(dest / f.path, mode=stat.S_IMODE((tree / f.path).lstat().st_mode) & 0o755 | 0o644, source=tree / f.path)
+            for f in sorted(files, key=lambda f: f.path)]
 
 
 def _ld_cache(root: Path, userspace: list[Entry], arch: str) -> list[Entry]:
@@ -461,10 +540,10 @@ def _labels(manifest: BundleManifest, plan: _KernelPlan, base_image: base_mod.Ba
         f"{LABEL_PREFIX}.driver.branch": manifest.driver_branch,
         f"{LABEL_PREFIX}.kernel": plan.kernel,
         f"{LABEL_PREFIX}.module-types": ",".join(plan.module_types),
-        f"{LABEL_PREFIX}.os": opts.os_id,
+        f"{LABEL_PREFIX}.os": plan.os.id,
     }
-    if opts.os_versions:
-        labels[f"{LABEL_PREFIX}.{os_profile(opts.os_id).versions_label}"] = ",".join(sorted(set(opts.os_versions)))
+    if plan.os.versions:
+        labels[f"{LABEL_PREFIX}.{os_profile(plan.os.id).versions_label}"] = ",".join(sorted(set(plan.os.versions)))
     if base_image.name:
         labels["org.opencontainers.image.base.name"] = base_image.name
     sets = manifest.kernels[plan.kernel].module_sets

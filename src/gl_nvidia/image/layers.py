@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import io
 import os
-import stat
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,21 +48,6 @@ class LayerBlob:
     descriptor: Descriptor  # of the compressed blob
     diff_id: str  # sha256 of the uncompressed tar (the image config's rootfs.diff_ids)
     uncompressed_size: int
-
-
-def tree_entries(src: Path, dest: PurePosixPath) -> list[Entry]:
-    """Every file, symlink and directory under `src`, placed under `dest` in the image."""
-    entries: list[Entry] = []
-    for path in sorted(src.rglob("*")):
-        target = dest / path.relative_to(src).as_posix()
-        st = path.lstat()
-        if stat.S_ISLNK(st.st_mode):
-            entries.append(Entry(target, link=os.readlink(path)))
-        elif stat.S_ISDIR(st.st_mode):
-            entries.append(Entry(target, mode=0o755, is_dir=True))
-        elif stat.S_ISREG(st.st_mode):
-            entries.append(Entry(target, mode=stat.S_IMODE(st.st_mode) & 0o755 | 0o644, source=path))
-    return entries
 
 
 def with_parents(entries: Iterable[Entry]) -> list[Entry]:

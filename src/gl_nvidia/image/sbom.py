@@ -20,7 +20,7 @@ from debian.deb822 import Deb822
 import gl_nvidia
 from gl_nvidia import oci
 from gl_nvidia.bundle import BundleManifest
-from gl_nvidia.image import layers
+from gl_nvidia.image import layers, unpack
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
 
@@ -45,13 +45,16 @@ class BasePackages:
     packages: tuple[DebPackage, ...]
 
 
-def base_packages(root: Path) -> BasePackages:
-    """What dpkg says is installed in the flattened base `root` (nothing for a base without dpkg)."""
-    release = _os_release(root)
-    status = root / "var/lib/dpkg/status"
+def base_packages(root: Path, what: str) -> BasePackages:
+    """What dpkg says is installed in the flattened base `root` (nothing for a base without dpkg).
+
+    Both files are read inside `root` (unpack.read_in_root): a base whose `var/lib/dpkg/status`, `var` or
+    os-release is a symlink names a file of the image, never one of the build machine."""
+    release = _os_release(root, what)
+    status = unpack.read_in_root(root, "var/lib/dpkg/status", what)
     found: list[DebPackage] = []
-    if status.is_file():
-        for para in Deb822.iter_paragraphs(status.read_text(errors="replace").splitlines()):
+    if status is not None:
+        for para in Deb822.iter_paragraphs(status.decode(errors="replace").splitlines()):
             # unpacked: an extract base's packages (base.py), whose maintainer scripts never ran
             if para.get("Status", "").split()[-1:] not in (["installed"], ["unpacked"]) or "Package" not in para:
                 continue
@@ -62,11 +65,12 @@ def base_packages(root: Path) -> BasePackages:
                         tuple(sorted(found, key=lambda p: (p.name, p.arch))))
 
 
-def _os_release(root: Path) -> dict[str, str]:
-    # etc/os-release is usually a link, perhaps absolute: read inside the root, never the host's.
-    for path in (root / "usr/lib/os-release", root / "etc/os-release"):
-        if path.is_file() and not path.is_symlink():
-            return dict(_pair(line) for line in path.read_text().splitlines() if "=" in line)
+def _os_release(root: Path, what: str) -> dict[str, str]:
+    # etc/os-release is usually a link, perhaps absolute: resolved inside the root, never on the host.
+    for path in ("etc/os-release", "usr/lib/os-release"):
+        data = unpack.read_in_root(root, path, what, limit=1 << 20)
+        if data is not None:
+            return dict(_pair(line) for line in data.decode(errors="replace").splitlines() if "=" in line)
     return {}
 
 

@@ -14,11 +14,18 @@ applied the way containerd's archive package (`applyNaive` with `fs.RootPath`) a
 - a hard link's target is resolved the same way (its last component not followed, as containerd's
   `hardlinkRootPath`), and must be an existing non-directory inside the root, else one error;
 - device nodes and FIFOs are skipped, owners are not applied and modes lose setuid/setgid and
-  group/other write (as tarfile's "tar" filter): the flattened tree is only read (tool checks, ld.so.cache).
+  group/other write (as tarfile's "tar" filter): the flattened tree is only read (tool checks, ld.so.cache);
+- a layer must be the bytes its config's diff_id names (as umoci checks), and the whole base may unpack
+  to at most MAX_UNPACKED bytes, sparse files counted at their full size: a small layer never writes GBs.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
+import io
+import lzma
 import os
 import posixpath
 import shutil
@@ -34,7 +41,10 @@ MAX_LINKS = 255  # symlinks followed while resolving one path, as umoci's secure
 OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
 _MALFORMED = "the base image is malformed; use another --base"
-_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+# What a base may unpack to, all layers together: a driver container's base is 150-400 MB; more is a
+# layer that would fill the disk (a 290-byte layer can hold a sparse 4 GiB file).
+MAX_UNPACKED = 2 << 30
 
 
 def resolve_in_root(root: Path, path: PurePosixPath | str, *, follow: bool = False) -> PurePosixPath:
@@ -93,13 +103,78 @@ def exists_in_root(root: Path, path: PurePosixPath | str) -> bool:
     return host_path(root, resolve_in_root(root, path, follow=True)).exists()
 
 
-def apply_layer(layer: Path, root: Path, what: str) -> None:
-    """Apply one layer tarball (gzip or plain) to `root`. `what` names the layer in errors."""
+def read_in_root(root: Path, path: PurePosixPath | str, what: str, limit: int = 64 << 20) -> bytes | None:
+    """The bytes of the regular file `path` in the tree, its symlinks followed inside `root` (never on
+    this machine); None when there is none. Anything else there (a FIFO, a device, a directory, more
+    than `limit` bytes) is one error naming `what`, never a read that hangs or fills memory."""
+    try:
+        host = host_path(root, resolve_in_root(root, path, follow=True))
+    except UserError as exc:
+        raise UserError(f"{what}: {exc.message}", exc.hint) from exc
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UserError(f"{what}: cannot read {path}: {exc.strerror or exc}", _MALFORMED) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{what}: {path} is not a regular file", _MALFORMED)
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UserError(f"{what}: {path} is larger than {limit >> 20} MiB", _MALFORMED)
+    return data
+
+
+def apply_layer(layer: Path, root: Path, what: str, *, diff_id: str, budget: int = MAX_UNPACKED) -> int:
+    """Apply one layer tarball (gzip, bzip2, xz or plain) whose uncompressed digest is `diff_id` to
+    `root`, writing at most `budget` bytes; returns the bytes it took. `what` names the layer in errors."""
     try:
         with tarfile.open(layer, "r:*") as tar:
-            _apply(tar, tar.getmembers(), root, what)
+            members = tar.getmembers()
+            apparent = sum(m.size for m in members if m.isreg())  # a sparse file's full size
+            if apparent > budget:
+                raise _too_big(what)
+            size = _check_digest(layer, what, diff_id, budget)
+            _apply(tar, members, root, what)
     except _READ_ERRORS as exc:
         raise UserError(f"{what}: not a readable layer tarball: {exc}", _MALFORMED) from exc
+    return max(size, apparent)
+
+
+def _check_digest(layer: Path, what: str, diff_id: str, budget: int) -> int:
+    """Hash the uncompressed layer (no more than `budget` bytes of it) against its diff_id; its size."""
+    h, size = hashlib.sha256(), 0
+    with _uncompressed(layer) as stream:
+        while chunk := stream.read(1 << 20):
+            size += len(chunk)
+            if size > budget:
+                raise _too_big(what)
+            h.update(chunk)
+    if f"sha256:{h.hexdigest()}" != diff_id:
+        raise UserError(f"{what}: its content is sha256:{h.hexdigest()}, not the {diff_id} its config lists "
+                        "(rootfs.diff_ids)", _MALFORMED)
+    return size
+
+
+def _uncompressed(layer: Path) -> io.BufferedIOBase:
+    """The layer's tar stream, whichever of tarfile's compressions it has."""
+    with layer.open("rb") as fh:
+        magic = fh.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(layer)
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(layer)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(layer)
+    return layer.open("rb")
+
+
+def _too_big(what: str) -> UserError:
+    return UserError(f"{what}: the base unpacks to more than {MAX_UNPACKED >> 30} GiB (sparse files counted at "
+                     "their full size)", _MALFORMED)
 
 
 def _apply(tar: tarfile.TarFile, members: list[tarfile.TarInfo], root: Path, what: str) -> None:
