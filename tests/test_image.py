@@ -573,5 +573,6 @@ def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: R
     node_manifest = json.loads((rootfs / str(node_layout.MANIFEST).lstrip("/")).read_text())
     assert node_manifest["left_out"]["fabricmanager"] == (f"no fabric manager for {DEBIAN_DRIVER} in Debian "
                                                           "(the archive's nvidia-fabricmanager: no such package)")
-    assert sorted(node_manifest["left_out"]) == ["fabricmanager", "gdrcopy", "imex", f"nvidia-fs {DEBIAN_KERNEL}", "nvlsm"]
+    assert sorted(node_manifest["left_out"]) == ["fabricmanager", "gdrcopy", "imex", "libnvidia_nscq", "libnvsdm",
+                                               f"nvidia-fs {DEBIAN_KERNEL}", "nvlsm"]
     assert not (rootfs / "usr/bin/nv-fabricmanager").exists()
