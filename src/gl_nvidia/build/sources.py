@@ -358,7 +358,7 @@ def _libraries(tree: Path, root: Path, arch: str, package: str) -> None:
     for member in members:
         _copy(tree, member, libdir / member.name)
     for member in members:
-        soname = None if member.is_symlink() else dt_soname(member)
+        soname = None if member.is_symlink() else _dt_soname(member)
         if soname and soname != member.name and not (libdir / soname).is_symlink():
             if "/" in soname or not soname.startswith(package):
                 raise IntegrityError(f"{tree.name}: {member.name} names itself {soname!r}",
@@ -367,7 +367,7 @@ def _libraries(tree: Path, root: Path, arch: str, package: str) -> None:
     _license(tree, root / "usr", package)
 
 
-def dt_soname(path: Path) -> str | None:
+def _dt_soname(path: Path) -> str | None:
     """The DT_SONAME of the ELF shared object at `path`, as the loader reads it (PT_DYNAMIC)."""
     try:
         with path.open("rb") as fh:
