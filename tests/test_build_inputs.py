@@ -34,6 +34,7 @@ from gl_nvidia.build.nvidia import NvidiaRunSource
 from gl_nvidia.build.redist import RedistFile, listed
 from gl_nvidia.cli import main
 from gl_nvidia.errors import IntegrityError, UserError
+from gl_nvidia.image import ldcache
 from gl_nvidia.node import runtime as node_runtime
 from tests.fixtures import redist
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
@@ -168,8 +169,8 @@ def test_nvidia_source_ships_fabric_manager_imex_and_nvlsm_of_the_release(server
     assert (root / "opt/nvidia/nvlsm/lib/libgrpc_mgr.so").is_file()
     assert sorted(p.name for p in (usr / "share/nvidia/nvlsm").iterdir()) == ["grpc_mgr.conf", "nvlsm.conf"]
     assert sorted(p.name for p in (usr / "share/nvidia/imex").iterdir()) == ["config.cfg", "nodes_config.cfg"]
-    assert sorted(p.name for p in (usr / "share/doc").iterdir()) == ["nvidia", "nvidia-fabricmanager", "nvidia-imex",
-                                                                       "nvlsm"]
+    assert sorted(p.name for p in (usr / "share/doc").iterdir()) == [
+        "libnvidia-nscq", "libnvsdm", "nvidia", "nvidia-fabricmanager", "nvidia-imex", "nvlsm"]
     # every file the node runs on an NVSwitch or NVLink5 node is where the build put it
     for path in (*node_runtime.COMPONENT_OF, "/usr/bin/nvidia-imex"):
         assert (root / path.lstrip("/")).is_file(), path
@@ -195,7 +196,7 @@ def test_no_release_in_the_redist_tree_is_a_left_out_reason_not_a_gap(server: _S
     source = NvidiaRunSource(_template(server), redist=server.url + "/redist/missing", retry_delay=0.01)
     inputs = source.prepare(FAKE_VERSION, "amd64")
     why = f"the redist tree has no release {FAKE_VERSION}: {server.url}/redist/missing/{MANIFEST} does not exist"
-    assert inputs.left_out == {"fabricmanager": why, "imex": why, "nvlsm": why}
+    assert inputs.left_out == {c: why for c in ("fabricmanager", "imex", "nvlsm", "libnvidia_nscq", "libnvsdm")}
     assert not (inputs.userspace / "usr/bin/nv-fabricmanager").exists()
     assert server.redist_requests == [f"missing/{MANIFEST}"]  # a 404 is an answer, not a reason to retry
     assert source.checksums(FAKE_VERSION, "amd64")["nvlsm"] == f"none: {why}"
@@ -207,8 +208,8 @@ def test_a_component_the_release_does_not_list_is_left_out_by_name(tmp_path: Pat
     redist.write_tree(tmp_path, FAKE_VERSION, ("fabricmanager",))  # a pre-Blackwell release
     inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")  # the tree beside a local .run
     listed = f"{tmp_path}/{MANIFEST}"
-    assert inputs.left_out == {"imex": f"{listed} lists no imex for linux-x86_64",
-                               "nvlsm": f"{listed} lists no nvlsm for linux-x86_64"}
+    assert inputs.left_out == {c: f"{listed} lists no {c} for linux-x86_64"
+                               for c in ("imex", "nvlsm", "libnvidia_nscq", "libnvsdm")}
     assert (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
 
 
@@ -228,6 +229,51 @@ def test_an_archive_other_than_the_manifest_lists_is_refused(server: _Server, ow
     path.write_bytes(good)  # NVIDIA's own archive again: verified, used, cached
     assert (source.prepare(FAKE_VERSION, "amd64").userspace / "usr/bin/nvidia-imex").is_file()
     assert any(p.name.endswith(hashlib.sha256(good).hexdigest()) for p in (own_cache / "build" / "redist").iterdir())
+
+
+def test_nscq_and_nvsdm_are_installed_as_nvidias_packages_do(tmp_path: Path, own_cache: Path) -> None:
+    """DCGM opens libnvidia-nscq.so.2 and libnvsdm.so.1: each library lands in the multiarch directory with
+    its SONAME link (read from the library, as ldconfig does) and the links its archive has, and the image's
+    ld.so.cache lists it under that SONAME."""
+    run_file = tmp_path / f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run"
+    run_file.write_text(FAKE_RUN)
+    redist.write_tree(tmp_path, FAKE_VERSION, links={"libnvidia_nscq": {"lib/libnvidia-nscq.so": "libnvidia-nscq.so.2"}})
+    inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")
+    assert inputs.left_out == {}
+    root = inputs.userspace
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    for stem, soname in (("libnvidia-nscq", "libnvidia-nscq.so.2"), ("libnvsdm", "libnvsdm.so.1")):
+        real = lib / f"{stem}.so.{FAKE_VERSION}"
+        assert real.is_file() and not real.is_symlink() and os.access(real, os.X_OK)
+        assert os.readlink(lib / soname) == real.name
+        assert (root / "usr/share/doc" / stem / "LICENSE").is_file()
+    assert os.readlink(lib / "libnvidia-nscq.so") == "libnvidia-nscq.so.2"  # the archive's own link, kept
+    cache = {e.soname: e.path for e in ldcache.entries(root, "amd64")}
+    assert cache["libnvidia-nscq.so.2"] == "/usr/lib/x86_64-linux-gnu/libnvidia-nscq.so.2"
+    assert cache["libnvsdm.so.1"] == "/usr/lib/x86_64-linux-gnu/libnvsdm.so.1"
+
+
+def test_nscq_archive_other_than_the_manifest_lists_is_refused(server: _Server, own_cache: Path) -> None:
+    """The same sha256 rule as fabric manager's: a swapped libnvidia_nscq archive stops the run, nothing kept."""
+    path = server.tree / ARCHIVES["libnvidia_nscq"]
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # same size, other bytes
+    source = NvidiaRunSource(_template(server), redist=server.redist, retry_delay=0.01)
+    with pytest.raises(IntegrityError) as exc:
+        source.prepare(FAKE_VERSION, "amd64")
+    assert exc.value.message.startswith(f"checksum mismatch for {server.redist}{ARCHIVES['libnvidia_nscq']}: "
+                                        f"expected sha256 {hashlib.sha256(good).hexdigest()}, got ")
+    assert not [p for p in (own_cache / "build" / "redist").iterdir() if p.name.startswith("libnvidia_nscq")]
+
+
+def test_a_release_without_nvsdm_for_arm64_names_it_left_out(tmp_path: Path) -> None:
+    """NVIDIA's 570 releases list libnvsdm for x86_64 only: arm64 images say why they lack it."""
+    bodies = {c: {"linux-x86_64": c.encode(), **({} if c == "libnvsdm" else {"linux-sbsa": c.encode()})}
+              for c in redist.CONTENTS}
+    files, missing = listed(redist.manifest(FAKE_VERSION, bodies), FAKE_VERSION, "arm64", "m.json")
+    assert missing == {"libnvsdm": "m.json lists no libnvsdm for linux-sbsa"}
+    assert files["libnvidia_nscq"].relative_path == (
+        f"libnvidia_nscq/linux-sbsa/libnvidia_nscq-linux-sbsa-{FAKE_VERSION}-archive.tar.xz")
 
 
 def test_the_redist_manifest_must_list_exactly_the_release() -> None:
@@ -399,7 +445,7 @@ def test_local_run_file_and_dir_source(tmp_path: Path, own_cache: Path) -> None:
     subprocess.run(["sh", str(run_file), "--extract-only", "--target", str(tree)], check=True)
     d = DirSource(tree).prepare(FAKE_VERSION, "amd64")
     assert d.source == "dir" and (d.module_sources["proprietary"].tree / "Kbuild").is_file()
-    assert sorted(d.left_out) == ["fabricmanager", "imex", "nvlsm"] and "has no imex" in d.left_out["imex"]
+    assert sorted(d.left_out) == ["fabricmanager", "imex", "libnvidia_nscq", "libnvsdm", "nvlsm"] and "has no imex" in d.left_out["imex"]
     with pytest.raises(UserError, match="is not an unpacked NVIDIA driver"):
         DirSource(tmp_path).prepare(FAKE_VERSION, "amd64")
 
@@ -453,7 +499,9 @@ def test_debian_has_no_fabric_manager_imex_or_nvlsm_and_says_so() -> None:
         "fabricmanager": f"no fabric manager for {DEBIAN_DRIVER} in Debian (the archive's nvidia-fabricmanager: no "
                          "such package)",
         "imex": "Debian packages no imex (NVIDIA's redist tree has it: --source nvidia)",
-        "nvlsm": "Debian packages no nvlsm (NVIDIA's redist tree has it: --source nvidia)"}
+        "nvlsm": "Debian packages no nvlsm (NVIDIA's redist tree has it: --source nvidia)",
+        "libnvidia_nscq": "Debian packages no libnvidia_nscq (NVIDIA's redist tree has it: --source nvidia)",
+        "libnvsdm": "Debian packages no libnvsdm (NVIDIA's redist tree has it: --source nvidia)"}
     assert "nvidia-fabricmanager" not in DebianSource().checksums(DEBIAN_DRIVER, "amd64")
 
 

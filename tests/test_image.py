@@ -187,6 +187,25 @@ def test_base_carries_no_locales_manuals_or_perl_but_keeps_licenses(rootfs_k1: P
     assert (rootfs_k1 / "usr/bin/python3").exists() and (rootfs_k1 / "usr/bin/ld").exists()
 
 
+def test_base_carries_ibstat_whose_libraries_the_cache_resolves(rootfs_k1: Path) -> None:
+    """NVIDIA's nvidia-fabricmanager-start.sh runs ibstat on NVLink5 nodes: the binary (not infiniband-diags'
+    perl scripts) with its license, and every DT_NEEDED of it listed by the image's ld.so.cache at a file
+    the image has."""
+    from elftools.elf.elffile import ELFFile
+
+    ibstat = rootfs_k1 / "usr/sbin/ibstat"
+    assert os.access(ibstat, os.X_OK) and (rootfs_k1 / "usr/share/doc/infiniband-diags/copyright").is_file()
+    assert not (rootfs_k1 / "usr/sbin/ibhosts").exists()  # the rest of the package (perl, shell) stays out
+    with ibstat.open("rb") as fh:
+        dynamic = ELFFile(fh).get_section_by_name(".dynamic")
+        needed = [str(t.needed) for t in dynamic.iter_tags("DT_NEEDED")]  # type: ignore[union-attr]
+    assert {"libibmad.so.5", "libibumad.so.3", "libc.so.6"} <= set(needed)
+    listing = sh("ldconfig", "-p", "-C", rootfs_k1 / "etc/ld.so.cache")
+    for lib in needed:
+        found = re.search(rf"^\t{re.escape(lib)} \(libc6,x86-64\) => (\S+)$", listing, re.M)
+        assert found and (rootfs_k1 / found[1].lstrip("/")).resolve().is_file(), lib
+
+
 def test_ld_so_cache_lists_the_nvidia_libraries(rootfs_k1: Path) -> None:
     listing = sh("ldconfig", "-p", "-C", rootfs_k1 / "etc/ld.so.cache")
     assert f"libcuda.so.1 (libc6,x86-64) => /usr/lib/{TRIPLET}/libcuda.so.1" in listing
@@ -573,5 +592,6 @@ def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: R
     node_manifest = json.loads((rootfs / str(node_layout.MANIFEST).lstrip("/")).read_text())
     assert node_manifest["left_out"]["fabricmanager"] == (f"no fabric manager for {DEBIAN_DRIVER} in Debian "
                                                           "(the archive's nvidia-fabricmanager: no such package)")
-    assert sorted(node_manifest["left_out"]) == ["fabricmanager", "gdrcopy", "imex", f"nvidia-fs {DEBIAN_KERNEL}", "nvlsm"]
+    assert sorted(node_manifest["left_out"]) == ["fabricmanager", "gdrcopy", "imex", "libnvidia_nscq", "libnvsdm",
+                                               f"nvidia-fs {DEBIAN_KERNEL}", "nvlsm"]
     assert not (rootfs / "usr/bin/nv-fabricmanager").exists()

@@ -398,6 +398,19 @@ def test_blackwell_nvl_without_imex_starts_and_says_compute_domains_cannot(tmp_p
     assert any("no nvidia-imex in this image" in line and "lists no imex for linux-sbsa" in line for line in rt.log.lines)
 
 
+def test_nvswitch_monitoring_libraries_missing_say_why_the_build_left_them_out(tmp_path: Path) -> None:
+    """The build names them left out under NVIDIA's component names; DCGM's warning carries that reason."""
+    image = make_image(tmp_path / "img", version="570.195.03", binaries=NVL_BINARIES)
+    manifest = image.at(layout.MANIFEST)
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "left_out": {
+        "libnvidia_nscq": "Debian packages no libnvidia_nscq (NVIDIA's redist tree has it: --source nvidia)"}}))
+    rt, _ = fake_node(tmp_path, "nvl-b200", image=Image.load(image.root))
+    rt.wait = lambda timeout: True
+    rt.init()
+    assert any("DCGM cannot read the NVSwitches" in line and "Debian packages no libnvidia_nscq" in line
+               for line in rt.log.lines)
+
+
 def test_blackwell_nvl_needs_mlx5_and_the_subnet_managers_files(tmp_path: Path) -> None:
     image = make_image(tmp_path / "img", version="570.195.03", binaries=NVL_BINARIES[:-1])
     manifest = image.at(layout.MANIFEST)

@@ -2,8 +2,9 @@
 
 Per driver release the tree's root holds `redistrib_<version>.json`: per component (`fabricmanager`,
 `imex`, `nvlsm`, ...) its version and, per platform, the archive's `relative_path`, `sha256` and `size`.
-The image takes three: fabric manager and IMEX of exactly the driver version, and the NVLink subnet manager
-that the release names (nvlsm is versioned on its own). The tree may be NVIDIA's, a mirror's or a local
+The image takes five: fabric manager, IMEX, libnvidia_nscq and libnvsdm (which DCGM needs on NVSwitch
+systems) of exactly the driver version, and the NVLink subnet manager that the release names (nvlsm is
+versioned on its own). The tree may be NVIDIA's, a mirror's or a local
 directory: an archive is used only when its sha256 and size are the ones the manifest lists, and a
 manifest path that leaves the component's directory is refused. Every such refusal is an
 IntegrityError: bad input for the whole run, never one build unit's failure.

@@ -13,21 +13,25 @@ import os
 import re
 import shutil
 import stat
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from debian.debian_support import Version
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSegment
+from elftools.elf.elffile import ELFFile
 
 from gl_nvidia import apt
-from gl_nvidia.errors import UserError
+from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, copy_from_tree
 from gl_nvidia.run import run
 
 TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 # What the image carries beside the driver's own files: NVIDIA's redist tree has them (nvidia source).
-EXTRA_COMPONENTS = ("fabricmanager", "imex", "nvlsm")
+EXTRA_COMPONENTS = ("fabricmanager", "imex", "nvlsm", "libnvidia_nscq", "libnvsdm")
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,8 @@ class DebianSource:
     def _left_out(self, driver_version: str, arch: str, versions: dict[str, str]) -> dict[str, str]:
         """Debian packages neither IMEX nor nvlsm; its fabric manager, where there is one, is rarely of the
         driver's version."""
-        why = {c: f"Debian packages no {c} (NVIDIA's redist tree has it: --source nvidia)" for c in ("imex", "nvlsm")}
+        why = {c: f"Debian packages no {c} (NVIDIA's redist tree has it: --source nvidia)"
+               for c in ("imex", "nvlsm", "libnvidia_nscq", "libnvsdm")}
         if DEBIAN_FABRICMANAGER not in versions:
             have = sorted({_upstream(p.version) for p in self.repo(arch).versions(DEBIAN_FABRICMANAGER)})
             why["fabricmanager"] = (f"no fabric manager for {driver_version} in Debian (the archive's "
@@ -274,7 +279,8 @@ def _layout_run_tree(tree: Path, dest: Path, version: str, arch: str) -> None:
 
 def lay_out(component: str, tree: Path, root: Path, arch: str) -> None:
     """Copy one unpacked component archive into the image's userspace tree `root` (usr/, opt/)."""
-    {"fabricmanager": _fabricmanager, "imex": _imex, "nvlsm": _nvlsm}[component](tree, root, arch)
+    {"fabricmanager": _fabricmanager, "imex": _imex, "nvlsm": _nvlsm, "libnvidia_nscq": _nscq,
+     "libnvsdm": _nvsdm}[component](tree, root, arch)
 
 
 def _need(tree: Path, rel: str, what: str) -> None:
@@ -329,6 +335,47 @@ def _nvlsm(tree: Path, root: Path, arch: str) -> None:
         if cfg.is_file():
             _copy(tree, cfg, root / "usr/share/nvidia/nvlsm" / cfg.name)
     _license(tree, root / "usr", "nvlsm")
+
+
+def _nscq(tree: Path, root: Path, arch: str) -> None:
+    """libnvidia-nscq, which DCGM opens by its SONAME to read the NVSwitches."""
+    _libraries(tree, root, arch, "libnvidia-nscq")
+
+
+def _nvsdm(tree: Path, root: Path, arch: str) -> None:
+    """libnvsdm, DCGM's view of NVLink5 switch trays."""
+    _libraries(tree, root, arch, "libnvsdm")
+
+
+def _libraries(tree: Path, root: Path, arch: str, package: str) -> None:
+    """The archive's lib/<package>.so* where NVIDIA's package installs them (the multiarch directory), its
+    links as they are and each library's SONAME link (ldconfig makes it on install; the image's
+    ld.so.cache lists a library only under its SONAME)."""
+    members = sorted((tree / "lib").glob(f"{package}.so*")) if (tree / "lib").is_dir() else []
+    if not any(m.is_file() and not m.is_symlink() for m in members):
+        raise UserError(f"{tree.name} has no lib/{package}.so*", f"is it NVIDIA's {package} archive?")
+    libdir = root / "usr/lib" / TRIPLETS[arch]
+    for member in members:
+        _copy(tree, member, libdir / member.name)
+    for member in members:
+        soname = None if member.is_symlink() else _dt_soname(member)
+        if soname and soname != member.name and not (libdir / soname).is_symlink():
+            if "/" in soname or not soname.startswith(package):
+                raise IntegrityError(f"{tree.name}: {member.name} names itself {soname!r}",
+                                     f"NVIDIA's {package} has a SONAME of its own name")
+            (libdir / soname).symlink_to(member.name)
+    _license(tree, root / "usr", package)
+
+
+def _dt_soname(path: Path) -> str | None:
+    """The DT_SONAME of the ELF shared object at `path`, as the loader reads it (PT_DYNAMIC)."""
+    try:
+        with path.open("rb") as fh:
+            dynamic = next((s for s in ELFFile(fh).iter_segments() if isinstance(s, DynamicSegment)), None)
+            names = [str(t.soname) for t in dynamic.iter_tags("DT_SONAME")] if dynamic else []  # type: ignore[attr-defined]
+    except (ELFError, ValueError, struct.error) as exc:
+        raise IntegrityError(f"{path.name} is not an ELF shared object ({exc})") from exc
+    return names[0] if names else None
 
 
 def _license(tree: Path, usr: Path, package: str) -> None:

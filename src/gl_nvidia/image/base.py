@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 # binutils: the node links split modules (interface + NVIDIA's binary object) with ld before insmod (on
 # kernels that run objtool over linked modules, IBT: 6.12, it applies the build's patch instead: no tools).
 # libibumad3: NVIDIA's nvlsm (Blackwell NVL) reaches the NVLink switches through ib_umad with it (NVIDIA's
-# packages of nvlsm depend on rdma-core for it; 40 KB).
-PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount", "binutils", "libibumad3")
+# packages of nvlsm depend on rdma-core for it; 40 KB). libibmad5: ibstat's other library (IBSTAT_HOOK).
+PACKAGES = ("python3-minimal", "python3", "kmod", "util-linux", "mount", "binutils", "libibumad3", "libibmad5")
 # Every node pulls the base: keep out what a driver container never reads. The merged-usr hook lays out
 # /usr without the usrmerge package (which drags in perl); locales, manuals and docs (copyright kept)
 # are not unpacked. Together: 76 MB -> 42 MB compressed.
@@ -59,6 +59,14 @@ EXTRACT_PACKAGES = (*PACKAGES, "base-files", "dash", "libc-bin", "coreutils")
 # inside the root) in MMDEBSTRAP_ESSENTIAL.
 STATUS_HOOK = ("--extract-hook=for deb in $MMDEBSTRAP_ESSENTIAL; do dpkg-deb --field \"$1/$deb\"; "
                "printf 'Status: install ok unpacked\\n\\n'; done >> \"$1/var/lib/dpkg/status\"")
+# ibstat, which NVIDIA's nvidia-fabricmanager-start.sh runs on NVLink5 nodes, without the rest of
+# infiniband-diags: the package depends on perl for its scripts (42 -> 54 MB compressed). The hook fetches
+# the .deb through the root's own apt configuration (the signed Release's hashes vouch for it) and unpacks
+# only the binary and its license; its libraries are packages of the base. An extract hook, which both
+# variants run (a customize hook left the arm64 extract base without it).
+IBSTAT_HOOK = ("--extract-hook=cd \"$1/tmp\" && APT_CONFIG=\"$MMDEBSTRAP_APT_CONFIG\" apt-get download --quiet=2 "
+               "infiniband-diags && dpkg-deb --fsys-tarfile infiniband-diags_*.deb | tar -x -C \"$1\" "
+               "./usr/sbin/ibstat ./usr/share/doc/infiniband-diags/copyright && rm infiniband-diags_*.deb")
 REQUIRED_TOOLS = {
     "python3": ("usr/bin/python3",),
     "kmod (modprobe)": ("usr/sbin/modprobe", "sbin/modprobe", "usr/bin/kmod", "bin/kmod"),
@@ -80,7 +88,7 @@ class BaseSpec:
     mirrors: tuple[str, ...]  # full `deb URI SUITE COMPONENTS` lines
     arch: str
     packages: tuple[str, ...] = PACKAGES
-    options: tuple[str, ...] = SLIM_OPTIONS
+    options: tuple[str, ...] = (*SLIM_OPTIONS, IBSTAT_HOOK)
     variant: str = "essential"  # mmdebstrap's: essential (maintainer scripts run) or extract (unpacked only)
 
     def key(self) -> str:
@@ -119,7 +127,7 @@ def _spec(suite: str, mirrors: tuple[str, ...], arch: str) -> BaseSpec:
     if deb_arch == "amd64":
         return BaseSpec(suite=suite, mirrors=mirrors, arch=deb_arch)
     return BaseSpec(suite=suite, mirrors=mirrors, arch=deb_arch, packages=EXTRACT_PACKAGES,
-                    options=(*SLIM_OPTIONS, STATUS_HOOK), variant="extract")
+                    options=(*SLIM_OPTIONS, STATUS_HOOK, IBSTAT_HOOK), variant="extract")
 
 
 def _arch(arch: str) -> str:

@@ -427,7 +427,7 @@ class Runtime:
             self.log.info("nvswitch monitoring libraries", present=",".join(have))
         else:
             self.log.warn("no libnvidia-nscq or libnvsdm in this image: DCGM cannot read the NVSwitches",
-                          why=self.image.left_out.get("nscq", "not built with them"))
+                          why=self.image.left_out.get("libnvidia_nscq", "not built with them"))
 
     def _has_library(self, stem: str) -> bool:
         return any(d.is_dir() and any(p.name.startswith(stem) for p in d.iterdir())
