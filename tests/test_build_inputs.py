@@ -6,6 +6,7 @@ installer (it answers `--extract-only --target DIR` like NVIDIA's makeself archi
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
@@ -35,26 +36,35 @@ from gl_nvidia.build.redist import RedistFile, listed
 from gl_nvidia.cli import main
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.node import runtime as node_runtime
-from tests.fixtures import redist
+from tests.fixtures import redist, runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
 
 FAKE_VERSION = "999.12.34"
+_LIBS = {f"libcuda.so.{FAKE_VERSION}": "libcuda.so.1", f"libnvidia-ml.so.{FAKE_VERSION}": "libnvidia-ml.so.1"}
+FAKE_MANIFEST = runfile.manifest_text(FAKE_VERSION, "amd64", [
+    "nvidia-smi 0755 UTILITY_BINARY",
+    *(f"{lib} 0755 UTILITY_LIB NATIVE\n{soname} 0777 UTILITY_LIB_SYMLINK NATIVE {lib}" for lib, soname in _LIBS.items()),
+    "firmware/gsp_ga10x.bin 0644 FIRMWARE INHERIT_PATH_DEPTH:1"])
 FAKE_RUN = f"""#!/bin/sh
 # A .run-shaped test installer: only --extract-only --target DIR, like NVIDIA's makeself archives.
 set -e
 [ "$1" = --extract-only ] && [ "$2" = --target ] || {{ echo "usage: $0 --extract-only --target DIR" >&2; exit 2; }}
 d="$3"
 mkdir -p "$d/kernel" "$d/kernel-open" "$d/firmware" "$d/supported-gpus"
-printf 'NVIDIA Accelerated Graphics Driver for Linux-x86_64\\n{FAKE_VERSION}\\n' > "$d/.manifest"
+printf '%s' '{FAKE_MANIFEST}' > "$d/.manifest"
 echo 'obj-m += nvidia.o' > "$d/kernel/Kbuild"
 echo 'obj-m += nvidia.o' > "$d/kernel-open/Kbuild"
 printf '#!/bin/sh\\necho smi\\n' > "$d/nvidia-smi"; chmod 755 "$d/nvidia-smi"
-echo lib > "$d/libcuda.so.{FAKE_VERSION}"
-echo lib > "$d/libnvidia-ml.so.{FAKE_VERSION}"
-echo fw > "$d/firmware/gsp_ga10x.bin"
+""" + "".join(f"echo {base64.b64encode(runfile.tiny_elf(soname)).decode()} | base64 -d > \"$d/{lib}\"\n"
+              for lib, soname in _LIBS.items()) + """echo fw > "$d/firmware/gsp_ga10x.bin"
 echo license > "$d/LICENSE"
-echo '{{"chips": []}}' > "$d/supported-gpus/supported-gpus.json"
+echo '{"chips": []}' > "$d/supported-gpus/supported-gpus.json"
 """
+
+
+def _components(left_out: dict[str, str]) -> dict[str, str]:
+    """The components left out (fabric manager, IMEX, nvlsm), not the capability report's names."""
+    return {k: v for k, v in left_out.items() if ":" not in k}
 
 
 class _Server:
@@ -137,7 +147,7 @@ def test_nvidia_run_is_downloaded_with_retries_checked_and_laid_out(server: _Ser
     assert (inputs.driver_version, inputs.branch, inputs.source) == (FAKE_VERSION, "999", "nvidia")
     assert inputs.digests == {f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run": digest, **{
         rel.rpartition("/")[2]: hashlib.sha256((server.tree / rel).read_bytes()).hexdigest() for rel in ARCHIVES.values()}}
-    assert inputs.left_out == {}
+    assert _components(inputs.left_out) == {}
     lib = inputs.userspace / "usr/lib/x86_64-linux-gnu"
     assert os.access(inputs.userspace / "usr/bin/nvidia-smi", os.X_OK)
     assert os.readlink(lib / "libcuda.so.1") == f"libcuda.so.{FAKE_VERSION}"
@@ -195,7 +205,7 @@ def test_no_release_in_the_redist_tree_is_a_left_out_reason_not_a_gap(server: _S
     source = NvidiaRunSource(_template(server), redist=server.url + "/redist/missing", retry_delay=0.01)
     inputs = source.prepare(FAKE_VERSION, "amd64")
     why = f"the redist tree has no release {FAKE_VERSION}: {server.url}/redist/missing/{MANIFEST} does not exist"
-    assert inputs.left_out == {"fabricmanager": why, "imex": why, "nvlsm": why}
+    assert _components(inputs.left_out) == {"fabricmanager": why, "imex": why, "nvlsm": why}
     assert not (inputs.userspace / "usr/bin/nv-fabricmanager").exists()
     assert server.redist_requests == [f"missing/{MANIFEST}"]  # a 404 is an answer, not a reason to retry
     assert source.checksums(FAKE_VERSION, "amd64")["nvlsm"] == f"none: {why}"
@@ -207,7 +217,7 @@ def test_a_component_the_release_does_not_list_is_left_out_by_name(tmp_path: Pat
     redist.write_tree(tmp_path, FAKE_VERSION, ("fabricmanager",))  # a pre-Blackwell release
     inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")  # the tree beside a local .run
     listed = f"{tmp_path}/{MANIFEST}"
-    assert inputs.left_out == {"imex": f"{listed} lists no imex for linux-x86_64",
+    assert _components(inputs.left_out) == {"imex": f"{listed} lists no imex for linux-x86_64",
                                "nvlsm": f"{listed} lists no nvlsm for linux-x86_64"}
     assert (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
 
@@ -390,7 +400,7 @@ def test_local_run_file_and_dir_source(tmp_path: Path, own_cache: Path) -> None:
     assert inputs.left_out["nvlsm"] == f"the redist tree has no release {FAKE_VERSION}: {tmp_path}/{MANIFEST} does not exist"
     redist.write_tree(tmp_path, FAKE_VERSION)  # beside the installer: taken by default
     inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")
-    assert inputs.left_out == {} and (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
+    assert _components(inputs.left_out) == {} and (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
     with pytest.raises(UserError, match=r"holds driver 999\.12\.34, not 1\.0\.0"):
         NvidiaRunSource(str(run_file)).prepare("1.0.0", "amd64")
     with pytest.raises(UserError, match="no such driver installer"):
@@ -399,7 +409,7 @@ def test_local_run_file_and_dir_source(tmp_path: Path, own_cache: Path) -> None:
     subprocess.run(["sh", str(run_file), "--extract-only", "--target", str(tree)], check=True)
     d = DirSource(tree).prepare(FAKE_VERSION, "amd64")
     assert d.source == "dir" and (d.module_sources["proprietary"].tree / "Kbuild").is_file()
-    assert sorted(d.left_out) == ["fabricmanager", "imex", "nvlsm"] and "has no imex" in d.left_out["imex"]
+    assert sorted(_components(d.left_out)) == ["fabricmanager", "imex", "nvlsm"] and "has no imex" in d.left_out["imex"]
     with pytest.raises(UserError, match="is not an unpacked NVIDIA driver"):
         DirSource(tmp_path).prepare(FAKE_VERSION, "amd64")
 
@@ -449,7 +459,7 @@ def test_first_error_is_the_compiler_error_line() -> None:
 def test_debian_has_no_fabric_manager_imex_or_nvlsm_and_says_so() -> None:
     """Debian 12 packages none of them: the bundle records why the image ships without each."""
     inputs = DebianSource().prepare(DEBIAN_DRIVER, "amd64")
-    assert inputs.left_out == {
+    assert _components(inputs.left_out) == {
         "fabricmanager": f"no fabric manager for {DEBIAN_DRIVER} in Debian (the archive's nvidia-fabricmanager: no "
                          "such package)",
         "imex": "Debian packages no imex (NVIDIA's redist tree has it: --source nvidia)",
