@@ -5,6 +5,8 @@ capability lists reported against it; a hostile `.manifest` is one line and noth
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,13 +39,18 @@ def _libraries(root: Path) -> dict[str, str | None]:
 
 
 @pytest.fixture(scope="module")
-def debian_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return runfile.debian_run(tmp_path_factory.mktemp("run"), DEBIAN_DRIVER)
+def debian_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The installer, and a cache of its own for what is unpacked of it (1.2 GB, removed afterwards)."""
+    d = tmp_path_factory.mktemp("run")
+    yield runfile.debian_run(d, DEBIAN_DRIVER)
+    shutil.rmtree(d)
 
 
-def test_run_and_debian_lay_out_the_same_libraries_under_the_same_sonames(debian_run: Path) -> None:
-    from_run = NvidiaRunSource(str(debian_run)).prepare(DEBIAN_DRIVER, "amd64")
+def test_run_and_debian_lay_out_the_same_libraries_under_the_same_sonames(debian_run: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from_deb = DebianSource().prepare(DEBIAN_DRIVER, "amd64")
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(debian_run.parent / "cache"))  # out of the shared cache
+    from_run = NvidiaRunSource(str(debian_run)).prepare(DEBIAN_DRIVER, "amd64")
     run_libs, deb_libs = _libraries(from_run.userspace), _libraries(from_deb.userspace)
     assert run_libs == deb_libs
     sonames = {s for s in run_libs.values() if s}
@@ -134,3 +141,4 @@ def test_links_and_sonames_come_from_the_manifest_and_the_elf(tmp_path: Path, mo
     assert entries["libnvidia-glcore.so.999.1.2"] == f"/{LIB}/libnvidia-glcore.so.999.1.2"
     for path in entries.values():
         assert (root / path.lstrip("/")).exists()
+
