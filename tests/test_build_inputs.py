@@ -62,11 +62,6 @@ echo '{"chips": []}' > "$d/supported-gpus/supported-gpus.json"
 """
 
 
-def _components(left_out: dict[str, str]) -> dict[str, str]:
-    """The components left out (fabric manager, IMEX, nvlsm), not the capability report's names."""
-    return {k: v for k, v in left_out.items() if ":" not in k}
-
-
 class _Server:
     """Serves one installer (the first `fail` requests answer 503, a path with "missing" 404) and the redist
     tree in `tree` under /redist/ (a file it lacks answers 404), counting the requests of each."""
@@ -147,7 +142,7 @@ def test_nvidia_run_is_downloaded_with_retries_checked_and_laid_out(server: _Ser
     assert (inputs.driver_version, inputs.branch, inputs.source) == (FAKE_VERSION, "999", "nvidia")
     assert inputs.digests == {f"NVIDIA-Linux-x86_64-{FAKE_VERSION}.run": digest, **{
         rel.rpartition("/")[2]: hashlib.sha256((server.tree / rel).read_bytes()).hexdigest() for rel in ARCHIVES.values()}}
-    assert _components(inputs.left_out) == {}
+    assert inputs.left_out == {}
     lib = inputs.userspace / "usr/lib/x86_64-linux-gnu"
     assert os.access(inputs.userspace / "usr/bin/nvidia-smi", os.X_OK)
     assert os.readlink(lib / "libcuda.so.1") == f"libcuda.so.{FAKE_VERSION}"
@@ -205,7 +200,7 @@ def test_no_release_in_the_redist_tree_is_a_left_out_reason_not_a_gap(server: _S
     source = NvidiaRunSource(_template(server), redist=server.url + "/redist/missing", retry_delay=0.01)
     inputs = source.prepare(FAKE_VERSION, "amd64")
     why = f"the redist tree has no release {FAKE_VERSION}: {server.url}/redist/missing/{MANIFEST} does not exist"
-    assert _components(inputs.left_out) == {"fabricmanager": why, "imex": why, "nvlsm": why}
+    assert inputs.left_out == {"fabricmanager": why, "imex": why, "nvlsm": why}
     assert not (inputs.userspace / "usr/bin/nv-fabricmanager").exists()
     assert server.redist_requests == [f"missing/{MANIFEST}"]  # a 404 is an answer, not a reason to retry
     assert source.checksums(FAKE_VERSION, "amd64")["nvlsm"] == f"none: {why}"
@@ -217,7 +212,7 @@ def test_a_component_the_release_does_not_list_is_left_out_by_name(tmp_path: Pat
     redist.write_tree(tmp_path, FAKE_VERSION, ("fabricmanager",))  # a pre-Blackwell release
     inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")  # the tree beside a local .run
     listed = f"{tmp_path}/{MANIFEST}"
-    assert _components(inputs.left_out) == {"imex": f"{listed} lists no imex for linux-x86_64",
+    assert inputs.left_out == {"imex": f"{listed} lists no imex for linux-x86_64",
                                "nvlsm": f"{listed} lists no nvlsm for linux-x86_64"}
     assert (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
 
@@ -400,7 +395,7 @@ def test_local_run_file_and_dir_source(tmp_path: Path, own_cache: Path) -> None:
     assert inputs.left_out["nvlsm"] == f"the redist tree has no release {FAKE_VERSION}: {tmp_path}/{MANIFEST} does not exist"
     redist.write_tree(tmp_path, FAKE_VERSION)  # beside the installer: taken by default
     inputs = NvidiaRunSource(str(run_file)).prepare(FAKE_VERSION, "amd64")
-    assert _components(inputs.left_out) == {} and (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
+    assert inputs.left_out == {} and (inputs.userspace / "usr/bin/nv-fabricmanager").is_file()
     with pytest.raises(UserError, match=r"holds driver 999\.12\.34, not 1\.0\.0"):
         NvidiaRunSource(str(run_file)).prepare("1.0.0", "amd64")
     with pytest.raises(UserError, match="no such driver installer"):
@@ -409,7 +404,7 @@ def test_local_run_file_and_dir_source(tmp_path: Path, own_cache: Path) -> None:
     subprocess.run(["sh", str(run_file), "--extract-only", "--target", str(tree)], check=True)
     d = DirSource(tree).prepare(FAKE_VERSION, "amd64")
     assert d.source == "dir" and (d.module_sources["proprietary"].tree / "Kbuild").is_file()
-    assert sorted(_components(d.left_out)) == ["fabricmanager", "imex", "nvlsm"] and "has no imex" in d.left_out["imex"]
+    assert sorted(d.left_out) == ["fabricmanager", "imex", "nvlsm"] and "has no imex" in d.left_out["imex"]
     with pytest.raises(UserError, match="is not an unpacked NVIDIA driver"):
         DirSource(tmp_path).prepare(FAKE_VERSION, "amd64")
 
@@ -459,7 +454,7 @@ def test_first_error_is_the_compiler_error_line() -> None:
 def test_debian_has_no_fabric_manager_imex_or_nvlsm_and_says_so() -> None:
     """Debian 12 packages none of them: the bundle records why the image ships without each."""
     inputs = DebianSource().prepare(DEBIAN_DRIVER, "amd64")
-    assert _components(inputs.left_out) == {
+    assert inputs.left_out == {
         "fabricmanager": f"no fabric manager for {DEBIAN_DRIVER} in Debian (the archive's nvidia-fabricmanager: no "
                          "such package)",
         "imex": "Debian packages no imex (NVIDIA's redist tree has it: --source nvidia)",

@@ -73,7 +73,7 @@ def test_run_and_debian_lay_out_the_same_libraries_under_the_same_sonames(debian
 
 def test_the_capability_report_names_each_missing_toolkit_file_with_why() -> None:
     inputs = DebianSource().prepare(DEBIAN_DRIVER, "amd64")
-    gaps = {k: v for k, v in inputs.left_out.items() if ":" in k}
+    gaps = inputs.lacks
     why = f"no Debian package of driver {DEBIAN_DRIVER} carries it"
     # 535 has no gpucomp (545+) nor tileiras; NSCQ and fabric manager are NVIDIA's, not Debian's
     for name in ("compute: libnvidia-gpucomp.so", "compute: libnvidia-tileiras.so", "utility: libnvidia-nscq.so",

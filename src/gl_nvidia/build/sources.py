@@ -51,9 +51,11 @@ class DriverInputs:
     userspace: Path  # root-relative tree: usr/bin/..., usr/lib/<triplet>/...
     firmware: Path  # holds nvidia/<version>/gsp_*.bin
     module_sources: dict[str, ModuleSource] = field(default_factory=dict)  # keyed by module type
-    # a component the source has no copy of, and why: {"fabricmanager": "no fabric manager for ... in Debian"};
-    # and each name of the container toolkit's capability lists it lacks: {"compute: libnvidia-gpucomp.so": ...}
+    # a component the source has no copy of, and why: {"fabricmanager": "no fabric manager for ... in Debian"}
     left_out: dict[str, str] = field(default_factory=dict)
+    # each name of the container toolkit's capability lists the userspace lacks, and why: the build reports
+    # them; the bundle does not record them (its manifest is in every per-kernel layer)
+    lacks: dict[str, str] = field(default_factory=dict)
 
 
 class DriverSource(Protocol):
@@ -176,7 +178,7 @@ class DebianSource:
                                     f"no Debian package of driver {driver_version} carries it")
         return DriverInputs(driver_version, branch_of(driver_version), arch, self.name, digests,
                             root / "userspace", root / "firmware", module_sources,
-                            {**self._left_out(driver_version, arch, versions), **gaps})
+                            self._left_out(driver_version, arch, versions), gaps)
 
     def _left_out(self, driver_version: str, arch: str, versions: dict[str, str]) -> dict[str, str]:
         """Debian packages neither IMEX nor nvlsm; its fabric manager, where there is one, is rarely of the
@@ -280,7 +282,7 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str],
     }
     gaps = capabilities.missing(layout / "userspace", TRIPLETS[arch], f"driver {version}'s .manifest lists no such file")
     return DriverInputs(version, branch_of(version), arch, source, digests,
-                        layout / "userspace", layout / "firmware", module_sources, {**(left_out or {}), **gaps})
+                        layout / "userspace", layout / "firmware", module_sources, dict(left_out or {}), gaps)
 
 
 def _layout_run_tree(tree: Path, dest: Path, version: str, placements: list[runmanifest.Placement]) -> None:
