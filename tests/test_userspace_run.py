@@ -27,40 +27,47 @@ ICD_FILES = ("etc/OpenCL/vendors/nvidia.icd", "etc/vulkan/icd.d/nvidia_icd.json"
              "etc/vulkan/implicit_layer.d/nvidia_layers.json", "usr/share/glvnd/egl_vendor.d/10_nvidia.json")
 
 
-def _libraries(root: Path) -> dict[str, str | None]:
+def _libraries(root: Path, arch: str) -> dict[str, str | None]:
     """Every name in the library directories -> the DT_SONAME of the file it is (or names)."""
+    lib = root / "usr/lib" / TRIPLETS[arch]
     found: dict[str, str | None] = {}
-    for d in (root / LIB, root / LIB / "vdpau"):
+    for d in (lib, lib / "vdpau"):
         for p in d.iterdir():
             if p.name.startswith("lib") and p.resolve().is_file():
                 dyn = ldcache.dynamic(p.resolve())
-                found[p.relative_to(root / LIB).as_posix()] = dyn.soname if dyn else None
+                assert dyn is not None and dyn.machine == ldcache.ARCHES[arch][0], p
+                found[p.relative_to(lib).as_posix()] = dyn.soname
     return found
 
 
-@pytest.fixture(scope="module")
-def debian_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The installer, and a cache of its own for what is unpacked of it (1.2 GB, removed afterwards)."""
+@pytest.fixture(params=["amd64", "arm64"])
+def debian_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """One arch's installer, and a cache of its own for what is unpacked of it (1.2 GB, removed afterwards)."""
     d = tmp_path_factory.mktemp("run")
-    yield runfile.debian_run(d, DEBIAN_DRIVER)
+    yield request.param, runfile.debian_run(d, DEBIAN_DRIVER, request.param)
     shutil.rmtree(d)
 
 
-def test_run_and_debian_lay_out_the_same_libraries_under_the_same_sonames(debian_run: Path,
+def test_run_and_debian_lay_out_the_same_libraries_under_the_same_sonames(debian_run: tuple[str, Path],
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from_deb = DebianSource().prepare(DEBIAN_DRIVER, "amd64")
-    monkeypatch.setenv("GL_NVIDIA_CACHE", str(debian_run.parent / "cache"))  # out of the shared cache
-    from_run = NvidiaRunSource(str(debian_run)).prepare(DEBIAN_DRIVER, "amd64")
-    run_libs, deb_libs = _libraries(from_run.userspace), _libraries(from_deb.userspace)
+    arch, run_file = debian_run
+    from_deb = DebianSource().prepare(DEBIAN_DRIVER, arch)
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(run_file.parent / "cache"))  # out of the shared cache
+    from_run = NvidiaRunSource(str(run_file)).prepare(DEBIAN_DRIVER, arch)
+    run_libs, deb_libs = _libraries(from_run.userspace, arch), _libraries(from_deb.userspace, arch)
     assert run_libs == deb_libs
     sonames = {s for s in run_libs.values() if s}
     assert sonames >= NOT_SO1 and "vdpau/libvdpau_nvidia.so.1" in run_libs
+    assert from_run.lacks == {k: v.replace(f"no Debian package of driver {DEBIAN_DRIVER} carries it",
+                                           f"driver {DEBIAN_DRIVER}'s .manifest lists no such file")
+                              for k, v in from_deb.lacks.items()}
+    lib = f"usr/lib/{TRIPLETS[arch]}"
     for root in (from_run.userspace, from_deb.userspace):
         # the loader finds every library under its soname (one without: its own name) in its own directory
-        for name, soname in _libraries(root).items():
+        for name, soname in _libraries(root, arch).items():
             soname = soname or Path(name).name
-            d = (root / LIB / name).parent
-            assert (d / soname).resolve() == (root / LIB / name).resolve(), name
+            d = (root / lib / name).parent
+            assert (d / soname).resolve() == (root / lib / name).resolve(), name
         for f in ICD_FILES:
             assert (root / f).is_file(), f
         assert (root / "usr/share/nvidia/nvoptix.bin").is_file()
