@@ -94,17 +94,21 @@ def test_the_capability_report_names_each_missing_toolkit_file_with_why() -> Non
         assert present not in gaps
 
 
-def _tree(tmp_path: Path, entries: list[str], files: dict[str, bytes]) -> Path:
+def _tree(tmp_path: Path, entries: list[str], files: dict[str, bytes | str]) -> Path:
+    """An unpacked installer: `files` name -> bytes, or a symlink's target."""
     tree = tmp_path / "driver"
     (tree / "kernel").mkdir(parents=True)
     for name, data in files.items():
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        (tree / name).write_bytes(data)
+        if isinstance(data, str):
+            (tree / name).symlink_to(data)
+        else:
+            (tree / name).write_bytes(data)
     (tree / ".manifest").write_text(runfile.manifest_text("999.1.2", "amd64", entries))
     return tree
 
 
-LIBFOO = {"libfoo.so.999.1.2": runfile.tiny_elf("libfoo.so.1")}
+LIBFOO: dict[str, bytes | str] = {"libfoo.so.999.1.2": runfile.tiny_elf("libfoo.so.1")}
 
 
 @pytest.mark.parametrize(("entries", "files", "message"), [
@@ -116,8 +120,9 @@ LIBFOO = {"libfoo.so.999.1.2": runfile.tiny_elf("libfoo.so.1")}
     (["libfoo.so.999.1.2 0755 UTILITY_LIB NATIVE", "libfoo.so.2 0777 UTILITY_LIB_SYMLINK NATIVE libfoo.so.999.1.2"],
      LIBFOO, r"libfoo\.so\.999\.1\.2 has DT_SONAME libfoo\.so\.1, but the manifest declares no link libfoo\.so\.1"),
     (["libfoo.so.999.1.2 0755 CUDA_LIB NATIVE /"], {"libfoo.so.999.1.2": b"not an ELF"}, r"is no amd64 ELF shared library"),
-], ids=["file-outside", "link-out-of-root", "path-outside", "soname-disagrees", "not-elf"])
-def test_a_hostile_manifest_is_one_line_and_nothing_written(entries: list[str], files: dict[str, bytes], message: str,
+    (["libfoo.so.999.1.2 0755 UTILITY_LIB NATIVE"], {"libfoo.so.999.1.2": "/etc/hostname"}, r"libfoo\.so\.999\.1\.2 is not a regular file inside the unpacked installer"),
+], ids=["file-outside", "link-out-of-root", "path-outside", "soname-disagrees", "not-elf", "file-is-a-link"])
+def test_a_hostile_manifest_is_one_line_and_nothing_written(entries: list[str], files: dict[str, bytes | str], message: str,
                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
     tree = _tree(tmp_path, entries, files)

@@ -138,7 +138,7 @@ def _entry(words: list[str], at: str) -> Entry:
                 raise UserError(f"{at}: {typ} entry {file} has no INHERIT_PATH_DEPTH:N")
             parts = file.split("/")[:-1]
             path = "/".join(parts[int(depth.split(":")[1]):])
-        if typ.endswith("SYMLINK") or typ == "XMODULE_NEWSYM":
+        if typ.endswith("SYMLINK"):
             target = next(rest)
     except StopIteration:
         raise UserError(f"{at}: {typ} entry {file} lacks a field", "the installer is damaged; download it again") from None
@@ -162,6 +162,11 @@ def plan(manifest: Manifest, tree: Path, arch: str) -> list[Placement]:
         if not _inside(e.file):
             raise IntegrityError(f"{where}: {e.file} is outside the unpacked installer",
                                  "a .manifest names files inside its own tree; nothing was written")
+        src = tree / e.file
+        if e.target is None and (src.is_symlink() or not src.is_file()
+                                 or not src.resolve().is_relative_to(tree.resolve())):
+            raise IntegrityError(f"{where}: {e.file} is not a regular file inside the unpacked installer",
+                                 "nothing was written")
         if base is None:  # an absolute directory: the entry's own path
             if not e.path or not e.path.startswith("/") or not _inside(e.path.lstrip("/") or "."):
                 raise IntegrityError(f"{where}: {e.file} goes to {e.path!r}, outside the image's root",
