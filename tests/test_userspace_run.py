@@ -5,6 +5,7 @@ capability lists reported against it; a hostile `.manifest` is one line and noth
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +16,11 @@ from gl_nvidia.build import DebianSource, DirSource
 from gl_nvidia.build import capabilities as caps
 from gl_nvidia.build.nvidia import NvidiaRunSource
 from gl_nvidia.build.sources import TRIPLETS
-from gl_nvidia.errors import IntegrityError
+from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
 from tests.fixtures import runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER
+from tests.test_fuzz_input import SEED, mutate
 
 LIB = f"usr/lib/{TRIPLETS['amd64']}"
 # NVIDIA's own sonames that are not `.so.1`: a naming rule gets each of them wrong.
@@ -154,3 +156,24 @@ def test_links_and_sonames_come_from_the_manifest_and_the_elf(tmp_path: Path, mo
     for path in entries.values():
         assert (root / path.lstrip("/")).exists()
 
+
+
+def test_a_fuzzed_manifest_is_laid_out_or_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutations of a valid .manifest (bytes flipped, lines dropped or repeated, hostile values): a layout,
+    or a UserError (exit 2) with nothing written; never another exception."""
+    entries = ["libfoo.so.999.1.2 0755 CUDA_LIB NATIVE /", "libfoo.so.1 0777 CUDA_SYMLINK NATIVE / libfoo.so.999.1.2",
+               "tool 0755 UTILITY_BINARY", "nvidia_icd.json 0644 VULKAN_ICD_JSON icd.d",
+               "firmware/gsp_x.bin 0644 FIRMWARE INHERIT_PATH_DEPTH:1"]
+    tree = _tree(tmp_path, entries, {**LIBFOO, "tool": b"#!/bin/sh\n", "nvidia_icd.json": b"{}",
+                                     "firmware/gsp_x.bin": b"fw"})
+    seed = (tree / ".manifest").read_bytes()
+    rng = random.Random(SEED)
+    for i in range(60):
+        cache = tmp_path / f"cache{i}"
+        monkeypatch.setenv("GL_NVIDIA_CACHE", str(cache))
+        (tree / ".manifest").write_bytes(mutate(rng, seed))
+        try:
+            DirSource(tree).prepare("", "amd64")
+        except UserError as exc:
+            assert exc.exit_code == 2 and "\n" not in exc.message
+            assert not (cache / "build/driver").exists() or not any((cache / "build/driver").iterdir())
