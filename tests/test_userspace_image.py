@@ -14,7 +14,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from gl_nvidia import bundle as b
+from gl_nvidia.build import DebianSource, capabilities
 from gl_nvidia.build.nvidia import NvidiaRunSource
+from gl_nvidia.build.sources import TRIPLETS
 from gl_nvidia.build.unit import _copy_tree
 from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.image import ldcache, unpack
@@ -93,3 +95,11 @@ def test_every_nvidia_elf_resolves_each_dt_needed_through_the_images_cache(image
         unresolved = set(dyn.needed) - set(cache) - WORKLOADS_OWN
         assert not unresolved, f"{f.path} needs {sorted(unresolved)}"
     assert elves > 30
+
+
+def test_every_toolkit_name_is_in_the_image_or_reported_with_why(image: tuple[str, Path, Path]) -> None:
+    """What the build reported missing (DriverInputs.lacks, one warning each) is exactly what the image lacks."""
+    arch, _, rootfs = image
+    lacks = DebianSource().prepare(DEBIAN_DRIVER, arch).lacks
+    assert set(capabilities.missing(rootfs, TRIPLETS[arch], "")) == set(lacks)
+    assert all(why for why in lacks.values())
