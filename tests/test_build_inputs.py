@@ -6,6 +6,7 @@ installer (it answers `--extract-only --target DIR` like NVIDIA's makeself archi
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
@@ -36,25 +37,29 @@ from gl_nvidia.cli import main
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
 from gl_nvidia.node import runtime as node_runtime
-from tests.fixtures import redist
+from tests.fixtures import redist, runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
 
 FAKE_VERSION = "999.12.34"
+_LIBS = {f"libcuda.so.{FAKE_VERSION}": "libcuda.so.1", f"libnvidia-ml.so.{FAKE_VERSION}": "libnvidia-ml.so.1"}
+FAKE_MANIFEST = runfile.manifest_text(FAKE_VERSION, "amd64", [
+    "nvidia-smi 0755 UTILITY_BINARY",
+    *(f"{lib} 0755 UTILITY_LIB NATIVE\n{soname} 0777 UTILITY_LIB_SYMLINK NATIVE {lib}" for lib, soname in _LIBS.items()),
+    "firmware/gsp_ga10x.bin 0644 FIRMWARE INHERIT_PATH_DEPTH:1"])
 FAKE_RUN = f"""#!/bin/sh
 # A .run-shaped test installer: only --extract-only --target DIR, like NVIDIA's makeself archives.
 set -e
 [ "$1" = --extract-only ] && [ "$2" = --target ] || {{ echo "usage: $0 --extract-only --target DIR" >&2; exit 2; }}
 d="$3"
 mkdir -p "$d/kernel" "$d/kernel-open" "$d/firmware" "$d/supported-gpus"
-printf 'NVIDIA Accelerated Graphics Driver for Linux-x86_64\\n{FAKE_VERSION}\\n' > "$d/.manifest"
+printf '%s' '{FAKE_MANIFEST}' > "$d/.manifest"
 echo 'obj-m += nvidia.o' > "$d/kernel/Kbuild"
 echo 'obj-m += nvidia.o' > "$d/kernel-open/Kbuild"
 printf '#!/bin/sh\\necho smi\\n' > "$d/nvidia-smi"; chmod 755 "$d/nvidia-smi"
-echo lib > "$d/libcuda.so.{FAKE_VERSION}"
-echo lib > "$d/libnvidia-ml.so.{FAKE_VERSION}"
-echo fw > "$d/firmware/gsp_ga10x.bin"
+""" + "".join(f"echo {base64.b64encode(runfile.tiny_elf(soname)).decode()} | base64 -d > \"$d/{lib}\"\n"
+              for lib, soname in _LIBS.items()) + """echo fw > "$d/firmware/gsp_ga10x.bin"
 echo license > "$d/LICENSE"
-echo '{{"chips": []}}' > "$d/supported-gpus/supported-gpus.json"
+echo '{"chips": []}' > "$d/supported-gpus/supported-gpus.json"
 """
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from debian.debian_support import Version
@@ -25,8 +24,10 @@ from elftools.elf.dynamic import DynamicSegment
 from elftools.elf.elffile import ELFFile
 
 from gl_nvidia import apt
+from gl_nvidia.build import capabilities, runmanifest
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, copy_from_tree
+from gl_nvidia.image import ldcache
 from gl_nvidia.run import run
 
 TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
@@ -56,6 +57,9 @@ class DriverInputs:
     module_sources: dict[str, ModuleSource] = field(default_factory=dict)  # keyed by module type
     # a component the source has no copy of, and why: {"fabricmanager": "no fabric manager for ... in Debian"}
     left_out: dict[str, str] = field(default_factory=dict)
+    # each name of the container toolkit's capability lists the userspace lacks, and why: the build reports
+    # them; the bundle does not record them (its manifest is in every per-kernel layer)
+    lacks: dict[str, str] = field(default_factory=dict)
 
 
 class DriverSource(Protocol):
@@ -80,6 +84,10 @@ def _upstream(deb_version: str) -> str:
     return Version(deb_version).upstream_version or deb_version
 
 
+# The layout's own revision, part of each unpacked tree's cache key: a new layout is never read from an old entry.
+_LAYOUT = {"layout": "2: NVIDIA's .manifest, sonames from DT_SONAME"}
+
+
 def _digest_key(digests: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
@@ -89,6 +97,19 @@ def _digest_key(digests: dict[str, str]) -> str:
 # Debian's packages for a headless GPU node; all must carry exactly the requested driver version.
 DEBIAN_USERSPACE = ("nvidia-smi", "libcuda1", "libnvidia-ml1", "nvidia-modprobe",
                     "libnvidia-ptxjitcompiler1", "firmware-nvidia-gsp")
+# What NVIDIA's driver container has for the toolkit's capabilities beyond those: each taken when the
+# archive has it in exactly the driver's version (a package the version lacks is a name the capability
+# report lists as missing).
+DEBIAN_CAPABILITIES = {
+    "compute": ("libcudadebugger1", "libnvidia-nvvm4", "nvidia-opencl-icd", "nvidia-opencl-common",
+                "libnvidia-allocator1", "libnvidia-pkcs11-openssl3", "nvidia-cuda-mps"),
+    "utility": ("nvidia-driver-bin",),  # nvidia-debugdump, nvidia-bug-report.sh
+    "video": ("libnvcuvid1", "libnvidia-encode1", "libnvidia-opticalflow1", "nvidia-vdpau-driver"),
+    "graphics": ("libnvidia-glcore", "libnvidia-eglcore", "libglx-nvidia0", "libegl-nvidia0", "libgles-nvidia1",
+                 "libgles-nvidia2", "libnvidia-glvkspirv", "nvidia-vulkan-common", "nvidia-egl-common",
+                 "libnvidia-rtcore", "libnvoptix1", "libnvidia-fbc1", "libnvidia-api1"),
+    "ngx": ("libnvidia-ngx1",),
+}
 # Shipped when the archive has them, in whatever version it has (Debian versions them separately).
 DEBIAN_OPTIONAL = ("nvidia-persistenced", "libnvidia-cfg1")
 DEBIAN_MODULE_SOURCES = {"proprietary": "nvidia-kernel-source", "open": "nvidia-open-kernel-source"}
@@ -131,6 +152,9 @@ class DebianSource:
                     "pick a driver version the archive serves, or use --source nvidia",
                 )
             pkgs.append(match[0])
+        for names in DEBIAN_CAPABILITIES.values():
+            for name in names:
+                pkgs += [p for p in repo.versions(name) if _upstream(p.version) == driver_version][:1]
         for name in DEBIAN_OPTIONAL:
             if repo.versions(name):
                 pkgs.append(repo.find(name))
@@ -148,7 +172,7 @@ class DebianSource:
         debs = {p.name: repo.download(p) for p in pkgs}
         digests = {p.deb_name: p.sha256 for p in pkgs}
         versions = {p.name: _upstream(p.version) for p in pkgs}
-        root = cache_dir("build", "driver") / f"debian-{driver_version}-{arch}-{_digest_key(digests)[:16]}"
+        root = cache_dir("build", "driver") / f"debian-{driver_version}-{arch}-{_digest_key({**digests, **_LAYOUT})[:16]}"
         if not cache_hit(root):
             with cache_fill(root) as tmp:
                 _unpack_debian(debs, tmp, arch)
@@ -157,9 +181,11 @@ class DebianSource:
                                 next(p.sha256 for p in pkgs if p.name == pkg))
             for mtype, pkg in DEBIAN_MODULE_SOURCES.items() if pkg in debs
         }
+        gaps = capabilities.missing(root / "userspace", TRIPLETS[arch],
+                                    f"no Debian package of driver {driver_version} carries it")
         return DriverInputs(driver_version, branch_of(driver_version), arch, self.name, digests,
                             root / "userspace", root / "firmware", module_sources,
-                            self._left_out(driver_version, arch, versions))
+                            self._left_out(driver_version, arch, versions), gaps)
 
     def _left_out(self, driver_version: str, arch: str, versions: dict[str, str]) -> dict[str, str]:
         """Debian packages neither IMEX nor nvlsm; its fabric manager, where there is one, is rarely of the
@@ -182,21 +208,35 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
     alt_bin = raw / "usr/lib/nvidia/current"
     alt_lib = raw / f"usr/lib/{triplet}/nvidia/current"
     userspace, firmware = dest / "userspace", dest / "firmware"
+    lib = userspace / f"usr/lib/{triplet}"
     moves: list[tuple[Path, Path]] = []
     if alt_bin.is_dir():
         moves += [(p, userspace / "usr/bin" / p.name) for p in alt_bin.iterdir()
                   if p.is_file() and os.access(p, os.X_OK)]
     if alt_lib.is_dir():
-        moves += [(p, userspace / f"usr/lib/{triplet}" / p.name) for p in alt_lib.iterdir()]
+        # GBM's backend link is a display's. Where NVIDIA installs them: OptiX's data in /usr/share/nvidia,
+        # the VDPAU driver in the directory libvdpau loads drivers from.
+        moves += [(p, userspace / "usr/share/nvidia" / p.name if p.name == "nvoptix.bin" else
+                   lib / "vdpau" / p.name if p.name.startswith("libvdpau_nvidia.") else lib / p.name)
+                  for p in alt_lib.iterdir() if not p.is_dir() and p.name != "nvidia-drm_gbm.so"]
     for sub in ("usr/bin", f"usr/lib/{triplet}"):
         d = raw / sub
         if d.is_dir():
             moves += [(p, userspace / sub / p.name) for p in d.iterdir() if not p.is_dir()]
+    moves += [(p, userspace / "usr/bin" / p.name) for p in raw.glob("usr/sbin/*")]  # nvidia-cuda-mps-server
     moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/doc/*/copyright")]
     moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/nvidia/nvswitch/*")]
+    # The ICD files where NVIDIA's installer puts them (Debian keeps Vulkan's under /usr/share).
+    moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("etc/OpenCL/vendors/*")]
+    moves += [(p, userspace / "etc/vulkan" / p.relative_to(raw / "usr/share/vulkan")) for p in raw.glob("usr/share/vulkan/*/*")]
+    moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/glvnd/egl_vendor.d/*")]
+    moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/egl/egl_external_platform.d/*")]
     moves += [(p, firmware / p.relative_to(raw / "lib/firmware")) for p in raw.glob("lib/firmware/nvidia/*/*")]
+    what = f"the unpacked .debs ({', '.join(sorted(debs))})"
     for src, dst in moves:
-        copy_from_tree(raw, src, dst, f"the unpacked .debs ({', '.join(sorted(debs))})")
+        copy_from_tree(raw, src, dst, what)
+    for d in (lib, lib / "vdpau"):
+        check_sonames(d, arch, what)
     for mtype, pkg in DEBIAN_MODULE_SOURCES.items():
         tar = next((raw / "usr/src").glob(f"{pkg.removesuffix('-source')}.tar.*"), None)
         if pkg not in debs or tar is None:
@@ -212,6 +252,17 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
     shutil.rmtree(raw)
 
 
+def check_sonames(libdir: Path, arch: str, what: str) -> None:
+    """Every library in `libdir` is found under its DT_SONAME there: the name the loader and ldconfig look up."""
+    machine = ldcache.ARCHES[arch][0]
+    for p in sorted(libdir.iterdir()) if libdir.is_dir() else []:
+        if p.is_symlink() or not p.is_file() or (dyn := ldcache.dynamic(p)) is None or dyn.machine != machine:
+            continue
+        if dyn.soname and (libdir / dyn.soname).resolve() != p.resolve():
+            raise IntegrityError(f"{what}: {p.name} has DT_SONAME {dyn.soname}, which does not name it in {libdir.name}",
+                                 "nothing of it was used")
+
+
 # --- an unpacked NVIDIA installer (dir) and the installer itself (nvidia) ------------------------
 
 def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str], *,
@@ -219,18 +270,17 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str],
                     left_out: Mapping[str, str] | None = None) -> DriverInputs:
     """Map an unpacked `NVIDIA-Linux-*.run` tree (kernel/, kernel-open/, flat userspace) to DriverInputs;
     `components`: NVIDIA's unpacked redist archives of the release (fabric manager, ...), laid out beside it."""
-    manifest = tree / ".manifest"
-    if not manifest.is_file() or not (tree / "kernel").is_dir():
+    manifest_file = tree / ".manifest"
+    if not manifest_file.is_file() or not (tree / "kernel").is_dir():
         raise UserError(f"{tree} is not an unpacked NVIDIA driver (no .manifest or kernel/)",
                         "unpack the installer with: sh NVIDIA-Linux-*.run --extract-only --target DIR")
-    lines = manifest.read_text(errors="replace").splitlines()
-    version = lines[1].strip() if len(lines) > 1 else ""
-    if not re.fullmatch(r"\d+\.\d+(\.\d+)?", version):
-        raise UserError(f"cannot read the driver version from {manifest}")
-    layout = cache_dir("build", "driver") / f"run-{version}-{arch}-{_digest_key(digests)[:16]}"
+    manifest = runmanifest.parse(manifest_file.read_text(errors="replace"), str(manifest_file))
+    version = manifest.version
+    layout = cache_dir("build", "driver") / f"run-{version}-{arch}-{_digest_key({**digests, **_LAYOUT})[:16]}"
     if not cache_hit(layout):
+        placements = runmanifest.plan(manifest, tree, arch)  # every check before anything is written
         with cache_fill(layout) as tmp:
-            _layout_run_tree(tree, tmp, version, arch)
+            _layout_run_tree(tree, tmp, version, placements)
             for component, unpacked in sorted((components or {}).items()):
                 lay_out(component, unpacked, tmp / "userspace", arch)
     tree_digest = _digest_key(digests)
@@ -238,41 +288,34 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str],
         mtype: ModuleSource(mtype, version, tree / sub, tree_digest)
         for mtype, sub in (("proprietary", "kernel"), ("open", "kernel-open")) if (tree / sub).is_dir()
     }
+    gaps = capabilities.missing(layout / "userspace", TRIPLETS[arch], f"driver {version}'s .manifest lists no such file")
     return DriverInputs(version, branch_of(version), arch, source, digests,
-                        layout / "userspace", layout / "firmware", module_sources, dict(left_out or {}))
+                        layout / "userspace", layout / "firmware", module_sources, dict(left_out or {}), gaps)
 
 
-_RUN_TOOLS = ("nvidia-smi", "nvidia-modprobe", "nvidia-persistenced", "nvidia-debugdump",
-              "nvidia-cuda-mps-control", "nvidia-cuda-mps-server")
-
-
-def _layout_run_tree(tree: Path, dest: Path, version: str, arch: str) -> None:
-    usr = dest / "userspace/usr"
-    libdir = usr / "lib" / TRIPLETS[arch]
-    for d in (usr / "bin", libdir, usr / "share/doc/nvidia", usr / "share/nvidia"):
-        d.mkdir(parents=True, exist_ok=True)
+def _layout_run_tree(tree: Path, dest: Path, version: str, placements: list[runmanifest.Placement]) -> None:
+    """What the installer's .manifest installs (`placements`), plus its license and GPU list."""
     what = f"the unpacked driver {version}"
-
-    def copy(src: Path, dest: Path) -> None:
-        copy_from_tree(tree, src, dest, what)
-
-    for tool in _RUN_TOOLS:
-        if (tree / tool).is_file():
-            copy(tree / tool, usr / "bin" / tool)
-    for lib in tree.glob(f"lib*.so.{version}"):
-        copy(lib, libdir / lib.name)
-        soname = re.sub(rf"\.so\.{re.escape(version)}$", ".so.1", lib.name)
-        if not (libdir / soname).exists():
-            (libdir / soname).symlink_to(lib.name)
+    firmware = PurePosixPath("lib/firmware")
+    for p in placements:
+        at = dest / ("firmware" / p.dest.relative_to(firmware) if p.dest.is_relative_to(firmware)
+                     else "userspace" / p.dest)
+        if p.link is not None:
+            at.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(at):
+                at.unlink()
+            at.symlink_to(p.link)
+        else:
+            assert p.source is not None
+            copy_from_tree(tree, tree / p.source, at, what)
+            at.chmod(p.mode)
+    usr = dest / "userspace/usr"
     if (tree / "LICENSE").is_file():
-        copy(tree / "LICENSE", usr / "share/doc/nvidia/LICENSE")
+        copy_from_tree(tree, tree / "LICENSE", usr / "share/doc/nvidia/LICENSE", what)
     gpus = tree / "supported-gpus/supported-gpus.json"
     if gpus.is_file():
-        copy(gpus, usr / "share/nvidia/supported-gpus.json")
-    fw = dest / "firmware/nvidia" / version
-    fw.mkdir(parents=True)
-    for blob in (tree / "firmware").glob("gsp_*.bin"):
-        copy(blob, fw / blob.name)
+        copy_from_tree(tree, gpus, usr / "share/nvidia/supported-gpus.json", what)
+    (dest / "firmware/nvidia" / version).mkdir(parents=True, exist_ok=True)
 
 
 # --- NVIDIA's redist archives in the image: where NVIDIA's packages install them ------------------

@@ -124,6 +124,8 @@ def build_unit(
                             os_record=b.OSRecord(unit.os_id, unit.os_versions))
     for component, why in inputs.left_out.items():
         log.warning("%s: %s left out of the image: %s", unit.key, component, why)
+    for name, why in inputs.lacks.items():  # the container toolkit's names for a capability
+        log.warning("%s: the image has no %s: %s", unit.key, name, why)
     for o in outcomes.values():
         if o.status != "ok":
             log.error("%s %s failed: %s" + (" (log: %s)" if o.log else ""), unit.key, o.module_type, o.error,

@@ -130,21 +130,40 @@ def _is_dso(name: str) -> bool:
         (name.startswith("ld.so.") and "." not in name[6:]) or (name.startswith("ld64.so.") and "." not in name[8:])
 
 
-def _soname(path: Path, machine: str) -> tuple[bool, str | None]:
-    """(whether `path` is an ELF shared object of `machine`, its DT_SONAME)."""
+@dataclass(frozen=True)
+class Dynamic:
+    """What the loader reads of an ELF64 file's PT_DYNAMIC."""
+
+    machine: str  # e_machine, e.g. "EM_X86_64"
+    soname: str | None
+    needed: tuple[str, ...]
+
+
+def dynamic(path: Path) -> Dynamic | None:
+    """`path`'s dynamic section as the loader sees it (PT_DYNAMIC: section headers may be stripped), or None
+    when it is no ELF64 file with one."""
     try:
         with path.open("rb") as fh:
             elf = ELFFile(fh)
-            if elf["e_machine"] != machine or elf.elfclass != 64:
-                return False, None
-            # The loader's view: PT_DYNAMIC, as ldconfig reads it (section headers may be stripped).
-            dynamic = next((s for s in elf.iter_segments() if isinstance(s, DynamicSegment)), None)
-            if dynamic is None:
-                return False, None
-            names = [str(t.soname) for t in dynamic.iter_tags("DT_SONAME")]  # type: ignore[attr-defined]
-            return True, names[0] if names else None
+            if elf.elfclass != 64:
+                return None
+            segment = next((s for s in elf.iter_segments() if isinstance(s, DynamicSegment)), None)
+            if segment is None:
+                return None
+            tags = list(segment.iter_tags())
+            sonames = [str(t.soname) for t in tags if t.entry.d_tag == "DT_SONAME"]  # type: ignore[attr-defined]
+            return Dynamic(str(elf["e_machine"]), sonames[0] if sonames else None,
+                           tuple(str(t.needed) for t in tags if t.entry.d_tag == "DT_NEEDED"))  # type: ignore[attr-defined]
     except (ELFError, OSError, ValueError, struct.error):
+        return None
+
+
+def _soname(path: Path, machine: str) -> tuple[bool, str | None]:
+    """(whether `path` is an ELF shared object of `machine`, its DT_SONAME)."""
+    dyn = dynamic(path)
+    if dyn is None or dyn.machine != machine:
         return False, None
+    return True, dyn.soname
 
 
 @dataclass
