@@ -13,6 +13,7 @@ import pytest
 from gl_nvidia.cli import main
 from gl_nvidia.deploy import values as values_mod
 from gl_nvidia.names import check_driver_version, check_kernel
+from gl_nvidia.reference import check_repository
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "versions.yaml"
@@ -149,7 +150,7 @@ def test_a_repository_without_a_registry_host_is_refused(repository: str, tmp_pa
     _one_error(capsys.readouterr().err, "names no registry host")
     assert _tree(tmp_path) == []
     for good in ("localhost/gpu", "localhost:5000/gpu", "registry.example/gpu", "[::1]:5000/gpu"):
-        assert values_mod.check_repository(good) == good
+        assert check_repository(good, "driver") == good
 
 
 def test_an_unexpected_exception_exits_70_with_one_line(monkeypatch: pytest.MonkeyPatch,

@@ -28,7 +28,8 @@ from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers, sbom
 from gl_nvidia.image.tags import image_tags
 from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
-from gl_nvidia.registry.client import Reference, RegistryClient
+from gl_nvidia.reference import Reference
+from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.sign import load_public_key, sign_digest, verify_image
 from gl_nvidia.registry.transfer import ClientOptions, push
 from gl_nvidia.release import ReleaseResult, UnitReport

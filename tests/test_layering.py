@@ -9,15 +9,20 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "gl_nvidia"
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (function-level imports count too)."""
+def _imports(path: Path, root: Path = SRC) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports count too), relative imports
+    resolved against the file's own package (`root` is gl_nvidia's directory)."""
     found: set[str] = set()
+    package = ".".join(("gl_nvidia", *path.relative_to(root).parent.parts))
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names if node.module == "gl_nvidia"}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            found.add(module)
+            if module == "gl_nvidia" or node.module is None:  # `from gl_nvidia import x`, `from . import x`
+                found |= {f"{module}.{a.name}" for a in node.names}
     return found
 
 
@@ -47,3 +52,19 @@ def test_stages_import_only_the_stages_before_them() -> None:
         for path, modules in _package_imports(stage).items():
             back = sorted(m for m in modules if any(m == x or m.startswith(x + ".") for x in later))
             assert not back, f"{stage}/{path.name} imports {back}"
+
+
+def test_the_registry_stage_does_not_import_the_image_stage() -> None:
+    """README: image and registry share only the OCI model (`oci.py`) and the references (`reference.py`)."""
+    for path, modules in _package_imports("registry").items():
+        image = sorted(m for m in modules if m == "gl_nvidia.image" or m.startswith("gl_nvidia.image."))
+        assert not image, f"registry/{path.name} imports {image}"
+
+
+def test_relative_imports_are_read(tmp_path: Path) -> None:
+    """A relative import names the same module as its absolute spelling, so no rule above can be evaded."""
+    sample = tmp_path / "node" / "sample.py"
+    sample.parent.mkdir()
+    sample.write_text("from . import decide\nfrom .. import image\nfrom ..registry.client import X\n")
+    assert _imports(sample, tmp_path) == {"gl_nvidia.node", "gl_nvidia.node.decide", "gl_nvidia", "gl_nvidia.image",
+                                          "gl_nvidia.registry.client"}

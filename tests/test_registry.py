@@ -18,7 +18,8 @@ from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers, sbom
 from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
-from gl_nvidia.registry.client import Reference, RegistryClient
+from gl_nvidia.reference import Reference
+from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.sign import sign_digest
 from gl_nvidia.registry.transfer import ClientOptions, branch_tags, mirror, pull, push
 from tests.fixtures.registry import PASSWORD, USER, Registry

@@ -78,7 +78,7 @@ def resolve_cmd(os_release: Path, kernel: str, values_file: Path | None, registr
                 as_json: bool, lock: str) -> None:
     """The exact image the GPU Operator pulls for such a node, and whether it exists."""
     from gl_nvidia.deploy.registry import image_exists
-    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.reference import Reference
 
     if values_file is not None:
         values = values_mod.load_yaml(_read_text(values_file, "values file"), str(values_file))

@@ -19,6 +19,7 @@ from gl_nvidia.image.build import (
     build_images,
     read_bundle_manifest,
 )
+from gl_nvidia.oci import LayoutBase
 from gl_nvidia.registry.transfer import PushResult, helm_repository_line, mirror, push
 
 
@@ -61,7 +62,7 @@ def image_cmd(
             annotations = {kernels[0]: annotations_from_text(inputs_text)}
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"--inputs is not what `release --plan` prints: {exc}") from exc
-    chosen: str | base_mod.BaseSpec | base_mod.LayoutBase | None = base
+    chosen: str | base_mod.BaseSpec | LayoutBase | None = base
     if gardenlinux_repo:
         if base or not os_versions:
             raise UserError("--gardenlinux-repo needs --gl-version and no --base")
@@ -69,7 +70,7 @@ def image_cmd(
         newest = max(os_versions, key=version_key)
         chosen = base_mod.gardenlinux_spec(gardenlinux_repo, newest, read_bundle_manifest(bundle).arch)
     with tempfile.TemporaryDirectory(prefix="gl-nvidia-base-") as tmp:
-        if base and not base_mod.LayoutBase.split(base)[0].is_dir():
+        if base and not LayoutBase.split(base)[0].is_dir():
             from gl_nvidia.registry.transfer import (
                 pull_base,  # only a registry base needs the client
             )
@@ -159,7 +160,7 @@ def _mirror_component(source: str, destination: str, component: str | None, key_
 @click.option("--json", "as_json", is_flag=True)
 def sign_cmd(images: tuple[str, ...], key_path: Path, plain_http: bool | None, as_json: bool) -> None:
     """Sign pushed IMAGES (REGISTRY/REPO:TAG or @DIGEST) the way `cosign sign --key` does: the digest is signed."""
-    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.reference import Reference
     from gl_nvidia.registry.sign import load_private_key, sign_digest
     from gl_nvidia.registry.transfer import ClientOptions
 
@@ -187,7 +188,7 @@ def sign_cmd(images: tuple[str, ...], key_path: Path, plain_http: bool | None, a
 @click.option("--json", "as_json", is_flag=True)
 def verify_image_cmd(image: str, key_path: Path, plain_http: bool | None, as_json: bool) -> None:
     """Check IMAGE carries a cosign signature by KEY of its exact digest (exit 1 if not)."""
-    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.reference import Reference
     from gl_nvidia.registry.sign import load_public_key, verify_image
     from gl_nvidia.registry.transfer import ClientOptions
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from gl_nvidia.registry.client import Reference, RegistryClient
+from gl_nvidia.reference import Reference
+from gl_nvidia.registry.client import RegistryClient
 
 
 class ImageChecker:

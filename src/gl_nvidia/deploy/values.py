@@ -18,6 +18,7 @@ from ruamel.yaml import YAML
 from gl_nvidia import yamldoc
 from gl_nvidia.errors import UserError
 from gl_nvidia.osprofile import GARDENLINUX
+from gl_nvidia.reference import check_repository
 
 # Where Garden Linux publishes its driver images (seed documents).
 DEFAULT_REPOSITORY = "ghcr.io/gardenlinux/gardenlinux-nvidia-installer"
@@ -43,11 +44,6 @@ NFD_RULE: dict[str, Any] = {
     ],
 }
 
-# driver.repository as container runtimes parse it: an optional registry host[:port], then lower-case
-# path components (the distribution spec's grammar); the operator appends `/<driver.image>:<tag>`.
-_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::\d+)?"
-_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"^(?:(?:{_HOST}/)?{_PATH}(?:/{_PATH})*|{_HOST})$")
 _BRANCH = re.compile(r"^\d{3,4}$")
 _FULL = re.compile(r"^\d{3,4}\.\d+(\.\d+)?$")
 
@@ -75,20 +71,8 @@ def check_settings(settings: ValuesSettings) -> ValuesSettings:
         raise UserError(
             f"invalid driver version {v!r}: expected a branch like 590 or a full version like 590.48.01"
         )
-    check_repository(settings.repository)
+    check_repository(settings.repository, settings.image)
     return settings
-
-
-def check_repository(repository: str) -> str:
-    """`repository` when container runtimes pull `<repository>/<image>` from the registry it names."""
-    if not _REPOSITORY.match(repository):
-        raise UserError(f"invalid repository {repository!r}", "pass e.g. registry.example:5000/gl-nvidia")
-    first = repository.split("/", 1)[0]
-    # Runtimes read the first component as a host only with a dot, a port or as localhost; else Docker Hub.
-    if not ("." in first or ":" in first or first == "localhost"):
-        raise UserError(f"repository {repository!r} names no registry host: the operator would pull "
-                        f"docker.io/{repository}/{DEFAULT_IMAGE}", f"pass e.g. registry.example:5000/{repository}")
-    return repository
 
 
 def pull_policy(driver_version: str) -> str:

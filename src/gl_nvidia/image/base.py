@@ -193,33 +193,6 @@ def _cache_hit(cache: Path) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class LayoutBase:
-    """An existing image in an OCI layout on disk, used as the base (`name`: the registry image it was
-    pulled from, for the provenance annotation)."""
-
-    layout: Path
-    tag: str | None = None
-    name: str | None = None
-
-    @staticmethod
-    def split(ref: str) -> tuple[Path, str | None]:
-        """`dir` or `dir:tag` -> (dir, tag); whether dir is a directory is for the caller to ask."""
-        if Path(ref).is_dir() or ":" not in ref:
-            return Path(ref), None
-        path, tag = ref.rsplit(":", 1)
-        return Path(path), tag or None
-
-    @classmethod
-    def parse(cls, ref: str) -> LayoutBase:
-        """`dir` or `dir:tag`; a registry reference must be pulled into a layout first."""
-        path, tag = cls.split(ref)
-        if not path.is_dir():
-            raise UserError(f"base image {ref} is not an OCI layout directory",
-                            "pass an OCI layout dir[:tag], or REGISTRY/REPO:TAG to `gl-nvidia image --base`")
-        return cls(path, tag)
-
-
 def from_layout_image(layout: Layout, manifest_digest: str, description: str, name: str | None = None) -> BaseImage:
     """An existing image already in `layout` (copied in from another layout, or from the registry image `name`)."""
     manifest = layout.manifest(manifest_digest)

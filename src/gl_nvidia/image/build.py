@@ -32,10 +32,11 @@ from gl_nvidia.fs import atomic_write_bytes, sha256_file
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image import layers, ldcache, sbom, unpack
 from gl_nvidia.image.layers import Entry, LayerBlob
-from gl_nvidia.image.tags import image_tags, kernel_arch, validate_tag
+from gl_nvidia.image.tags import image_tags, kernel_arch
 from gl_nvidia.node import layout as node_layout
-from gl_nvidia.oci import Layout, Manifest
+from gl_nvidia.oci import Layout, LayoutBase, Manifest
 from gl_nvidia.osprofile import os_profile
+from gl_nvidia.reference import validate_tag
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def build_image(
     kernel: str,
     out_layout: Path,
     *,
-    base: str | base_mod.BaseSpec | base_mod.LayoutBase | None = None,
+    base: str | base_mod.BaseSpec | LayoutBase | None = None,
     options: ImageOptions | None = None,
 ) -> BuiltImage:
     """Build the image for one kernel of a bundle into the OCI layout `out_layout`.
@@ -110,7 +111,7 @@ def build_images(
     kernels: Sequence[str] | None,
     out_layout: Path,
     *,
-    base: str | base_mod.BaseSpec | base_mod.LayoutBase | None = None,
+    base: str | base_mod.BaseSpec | LayoutBase | None = None,
     options: ImageOptions | None = None,
     annotations: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[BuiltImage]:
@@ -361,16 +362,16 @@ def _open_out(out_layout: Path) -> Layout:
         raise UserError(f"cannot write image layout {out_layout}: {exc.strerror or exc}", "choose a writable --out") from exc
 
 
-def _resolve_base(base: str | base_mod.BaseSpec | base_mod.LayoutBase | None, layout: Layout,
+def _resolve_base(base: str | base_mod.BaseSpec | LayoutBase | None, layout: Layout,
                   arch: str) -> base_mod.BaseImage:
     if base is None:
         return base_mod.build_base(base_mod.debian_spec(arch), layout)
     if isinstance(base, base_mod.BaseSpec):
         return base_mod.build_base(base, layout)
-    return _existing_base(base_mod.LayoutBase.parse(base) if isinstance(base, str) else base, layout)
+    return _existing_base(LayoutBase.parse(base) if isinstance(base, str) else base, layout)
 
 
-def _existing_base(base: base_mod.LayoutBase, layout: Layout) -> base_mod.BaseImage:
+def _existing_base(base: LayoutBase, layout: Layout) -> base_mod.BaseImage:
     ref = base.name or f"{base.layout}{f':{base.tag}' if base.tag else ''}"
     src = Layout.open(base.layout)
     m = src.resolve(base.tag)

@@ -6,8 +6,6 @@ import re
 
 from gl_nvidia.osprofile import os_profile
 
-# OCI distribution spec: a tag is [A-Za-z0-9_][A-Za-z0-9._-]{0,127}
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 # Debian's and Garden Linux's kernel releases end in their arch: 6.12.72-cloud-arm64, 6.1.0-56-amd64.
 _KERNEL_ARCH = re.compile(r"-(amd64|arm64)$")
 
@@ -57,12 +55,3 @@ def image_tags(
     if distro.release_tags:
         tags += [operator_tag(driver_branch, kernel, os_id, glv) for glv in sorted(set(os_versions))]
     return list(dict.fromkeys(tags))
-
-
-def validate_tag(tag: str) -> str:
-    if not _TAG.match(tag):
-        raise ValueError(
-            f"invalid tag {tag!r}: tags are 1-128 characters of letters, digits, '_', '.', '-' "
-            "and may not start with '.' or '-'"
-        )
-    return tag

@@ -32,6 +32,7 @@ from gl_nvidia import fs, oci
 from gl_nvidia.download import Transient, retrying
 from gl_nvidia.errors import UserError
 from gl_nvidia.oci import Descriptor
+from gl_nvidia.reference import validate_tag
 from gl_nvidia.registry.credentials import (
     Credentials,
     find_credentials,
@@ -53,46 +54,6 @@ _RETRY_STATUS = {429, 500, 502, 503, 504}
 _DONE = (200, 201, 202, 204)  # what a completing PUT may answer (containerd takes these too)
 _B64TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")  # a Bearer token's syntax (RFC 6750), all a header may carry
 _NEXT = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?')
-_REF = re.compile(
-    r"^(?P<host>[A-Za-z0-9.-]+(:[0-9]+)?|\[[0-9a-fA-F:]+\](:[0-9]+)?)/"
-    r"(?P<repo>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
-    r"(?::(?P<tag>[^@/]+))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
-)
-
-
-@dataclass(frozen=True)
-class Reference:
-    """`host[:port]/repo[:tag][@digest]`."""
-
-    host: str
-    repo: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, ref: str) -> Reference:
-        m = _REF.match(ref)
-        if not m or ("." not in m["host"] and ":" not in m["host"] and m["host"] != "localhost"):
-            raise UserError(
-                f"invalid image reference {ref!r}",
-                "write REGISTRY/REPOSITORY[:TAG], e.g. registry.example.com:5000/nvidia/driver "
-                "(lower-case repository path)",
-            )
-        if m["tag"] is not None:
-            from gl_nvidia.image.tags import validate_tag
-
-            try:
-                validate_tag(m["tag"])
-            except ValueError as exc:
-                raise UserError(str(exc)) from exc
-        return cls(m["host"], m["repo"], m["tag"], m["digest"])
-
-    @property
-    def repository(self) -> str:
-        return f"{self.host}/{self.repo}"
-
-    def __str__(self) -> str:
-        return self.repository + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
 
 
 @dataclass(frozen=True)
@@ -613,8 +574,6 @@ def _json(raw: bytes) -> Any:
 
 
 def _tag_page(raw: bytes, where: str) -> list[str]:
-    from gl_nvidia.image.tags import validate_tag
-
     try:
         body = _json(raw)
         tags = body.get("tags") or []

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gl_nvidia import oci
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.oci import Descriptor, Manifest
-from gl_nvidia.registry.client import Reference, RegistryClient
+from gl_nvidia.reference import Reference
+from gl_nvidia.registry.client import RegistryClient
 
 PAYLOAD_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"

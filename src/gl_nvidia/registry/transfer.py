@@ -19,10 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 from gl_nvidia import fs, ui
 from gl_nvidia.errors import UserError
-from gl_nvidia.image.base import LayoutBase
-from gl_nvidia.image.tags import validate_tag
-from gl_nvidia.oci import Descriptor, Layout, Manifest, attachment_tag, is_attachment_tag
-from gl_nvidia.registry.client import Reference, RegistryClient
+from gl_nvidia.oci import (
+    Descriptor,
+    Layout,
+    LayoutBase,
+    Manifest,
+    attachment_tag,
+    is_attachment_tag,
+)
+from gl_nvidia.reference import Reference, validate_tag
+from gl_nvidia.registry.client import RegistryClient
 
 if TYPE_CHECKING:
     from rich.progress import Progress

@@ -25,7 +25,6 @@ from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.matrix import build_matrix, load_lock, lock_matrix, lock_resolved
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion, Matrix
-from gl_nvidia.deploy.values import check_repository
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import check_writable_dir
 from gl_nvidia.image import base as base_mod
@@ -33,13 +32,15 @@ from gl_nvidia.image.build import BuiltImage, ImageOptions, build_images
 from gl_nvidia.image.tags import image_tags
 from gl_nvidia.oci import Layout, attachment_tag
 from gl_nvidia.osprofile import os_profile
+from gl_nvidia.reference import check_repository
 from gl_nvidia.release.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
     from rich.progress import Progress
 
-    from gl_nvidia.registry.client import Reference, RegistryClient
+    from gl_nvidia.reference import Reference
+    from gl_nvidia.registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def release(
     With `registry`, a unit already published there from the same inputs is skipped before its build
     (`force`: built and pushed anyway); the report says why each unit was built or skipped."""
     if registry is not None:  # a typo in --registry is an error now, not after every compile
-        check_repository(registry)  # it becomes driver.repository in the values written at the end
+        check_repository(registry, IMAGE)  # it becomes driver.repository in the values written at the end
         _target(registry)
     check_writable_dir(out)  # likewise an --out that cannot hold the result
     key = None
@@ -325,7 +326,7 @@ def _images(lock: Lock, results: list[UnitResult], layout_dir: Path, reports: di
 
 def _target(registry: str) -> Reference:
     """`<registry>/driver`, the repository release pushes to."""
-    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.reference import Reference
 
     ref = Reference.parse(f"{registry.rstrip('/')}/{IMAGE}")
     if ref.tag or ref.digest:

@@ -120,7 +120,7 @@ def release_assets(result: ReleaseResult, version: str, previous: Lock | None, d
 
     The release is also one OCM component version, pushed to the registry last: its descriptor is made (every
     image it lists checked in the registry) before anything is written, and pushed once the assets are."""
-    from gl_nvidia.registry.client import Reference
+    from gl_nvidia.reference import Reference
     from gl_nvidia.registry.transfer import ClientOptions
     from gl_nvidia.release.ocm import (
         describe_release,

@@ -38,9 +38,9 @@ from gl_nvidia import oci, yamldoc
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
 from gl_nvidia.image.build import LABEL_PREFIX
-from gl_nvidia.image.tags import validate_tag
 from gl_nvidia.osprofile import os_profile
-from gl_nvidia.registry.client import Reference, RegistryClient
+from gl_nvidia.reference import Reference, validate_tag
+from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.transfer import ClientOptions, PushResult, copy_image
 from gl_nvidia.release.inputs import INPUTS, INPUTS_DIGEST
 
