@@ -7,6 +7,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import httpx
@@ -18,7 +19,7 @@ from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers, sbom
 from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
-from gl_nvidia.reference import Reference
+from gl_nvidia.reference import Reference, check_repository
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.sign import sign_digest
 from gl_nvidia.registry.transfer import ClientOptions, branch_tags, mirror, pull, push
@@ -136,6 +137,25 @@ def test_invalid_references_and_tags_are_refused(registry: Registry, tmp_path: P
     with pytest.raises(UserError, match="no image tagged '590-k'"):
         push(tmp_path / "l", f"{registry.host}/driver:590-k")
     assert Reference.parse("r.example:5000/a/b:535-k") == Reference("r.example:5000", "a/b", "535-k")
+
+
+@pytest.mark.parametrize("repository", [
+    "localhost/gpu", "localhost:5000/gpu", "registry.example/gpu", "[::1]:5000/gpu", "r.example:5000/a/b",
+    "gpu/drivers", "Registry/gpu", "-registry.example/gpu", "registry..example/gpu", "registry.example:x/gpu",
+    "registry.example/GPU", "registry.example//gpu",
+])
+def test_a_registry_host_is_one_rule_for_references_and_repositories(repository: str) -> None:
+    """`release --registry R` checks R as values' driver.repository and then pushes to R/driver: a host
+    one accepts and the other refuses would fail a release after its build, or write values no runtime pulls."""
+    def accepted(check: Callable[[], object]) -> bool:
+        try:
+            check()
+        except UserError:
+            return False
+        return True
+
+    assert accepted(lambda: check_repository(repository, "driver")) == \
+        accepted(lambda: Reference.parse(f"{repository}/driver:590-k"))
 
 
 def test_mirror_copies_a_branch_between_registries(registry: Registry, registry2: Registry, tmp_path: Path,
