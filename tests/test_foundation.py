@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
-from gl_nvidia.download import Transient, retrying
 from gl_nvidia.errors import CommandError, UserError
 from gl_nvidia.fs import atomic_dir, atomic_write_text, staged_file
 from gl_nvidia.image.tags import image_tags, operator_tag, tag_kernel
+from gl_nvidia.net import Transient, retrying
 from gl_nvidia.node.decide import tag_kernel as node_tag_kernel
 from gl_nvidia.reference import validate_tag
 from gl_nvidia.run import run

@@ -30,6 +30,7 @@ import httpx
 from debian.deb822 import Deb822, Packages, Release
 from debian.debian_support import Version
 
+from gl_nvidia import net
 from gl_nvidia.download import download
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_bytes, cache_dir, sha256_file
@@ -283,7 +284,7 @@ class AptRepo:
     ) -> None:
         self.sources = [s for s in sources if s.serves(arch)]
         self.arch = arch
-        self._client = client or httpx.Client(timeout=httpx.Timeout(30.0, read=120.0), follow_redirects=True)
+        self._client = client or net.client(read_s=120.0)
         self._cache = cache or cache_dir("apt")
         self._raw: dict[str, list[tuple[bytes, str]]] | None = None  # name -> [(paragraph, base uri)]
 
@@ -403,7 +404,7 @@ class AptRepo:
         if local is not None:
             return local.read_bytes() if local.is_file() else None
         try:
-            resp = self._client.get(url)
+            resp = net.get(self._client, url)
         except httpx.HTTPError as exc:
             raise UserError(f"apt repository unreachable: {url}: {exc}", "check the repository URL and the network") from exc
         if resp.status_code == 404:

@@ -1,56 +1,25 @@
 """Fetching one file: streamed to a temp file beside its destination, retried, checksum-checked, renamed.
 
 The one way the build stage and the apt client bring files in, so both retry, verify and clean up alike:
-a download that fails or does not match its sha256 leaves nothing under `dest`. `retrying` is the one
-retry-with-backoff loop, the registry client's too; `fs.staged_file` the one stream-hash-rename.
+a download that fails or does not match its sha256 leaves nothing under `dest`. `net.retrying` is the
+one retry-with-backoff loop; `fs.staged_file` the one stream-hash-rename.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlparse
 
 import httpx
 
 from gl_nvidia import fs, ui
 from gl_nvidia.errors import UserError
-
-log = logging.getLogger(__name__)
+from gl_nvidia.net import Transient, retrying
 
 ATTEMPTS = 4
-T = TypeVar("T")
-
-
-class Transient(Exception):
-    """A failure worth another try: a dropped connection, a server error, a short read."""
-
-
-def retrying(attempt: Callable[[], T], *, retries: int, delay_s: float, what: str,
-             transient: tuple[type[Exception], ...] = (Transient, httpx.TransportError),
-             before_retry: Callable[[], None] | None = None, level: int = logging.WARNING) -> T:
-    """`attempt()`, tried again after a transient failure at most `retries` times, waiting `delay_s`,
-    then twice as long each time (10 s at most); `before_retry` runs before each new try. The last
-    transient failure is raised as it is, for the caller to say what it means."""
-    failures = 0
-    while True:
-        try:
-            return attempt()
-        except transient as exc:
-            failures += 1
-            if failures > retries:
-                raise
-            delay = min(delay_s * 2 ** (failures - 1), 10.0)
-            log.log(level, "%s: %s; retrying in %.1fs (%d/%d)", what, str(exc) or type(exc).__name__, delay,
-                    failures, retries)
-            time.sleep(delay)
-            if before_retry is not None:
-                before_retry()
 
 
 def download(

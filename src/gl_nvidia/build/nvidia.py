@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from gl_nvidia import ui
+from gl_nvidia import net, ui
 from gl_nvidia.build.redist import REDIST_URL, NotPublished, RedistFile, RedistTree
 from gl_nvidia.build.sources import EXTRA_COMPONENTS, DriverInputs, run_tree_inputs
 from gl_nvidia.download import download
@@ -79,7 +79,7 @@ class NvidiaRunSource:
     def client(self) -> httpx.Client:
         """One HTTP client for the installer and the redist tree (made on first use: a local .run needs none)."""
         if self._client is None:
-            self._client = httpx.Client(timeout=httpx.Timeout(30.0, read=300.0), follow_redirects=True)
+            self._client = net.client(read_s=300.0)
         return self._client
 
     def components(self, driver_version: str, arch: str) -> tuple[dict[str, RedistFile], dict[str, str]]:

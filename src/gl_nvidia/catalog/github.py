@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from gl_nvidia import net
 from gl_nvidia.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class GitHub:
             what = f"bad GitHub repository {repo!r}" if repo else "no GitHub repository"
             raise UserError(what, "pass --repo OWNER/NAME or set GITHUB_REPOSITORY")
         self.repo = repo
-        self._http = client or httpx.Client(timeout=30.0)
+        self._http = client or net.client()
         self._base = api_url.rstrip("/")
         self._headers = {
             "Authorization": f"Bearer {token}",

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from gl_nvidia import net
 from gl_nvidia.catalog.lock import DriverVersion, describe_validation_error
 from gl_nvidia.errors import UserError
 
@@ -30,7 +31,8 @@ def fetch(location: str, what: str) -> bytes:
     """The bytes at a URL (http/https) or a local path (file:// or plain)."""
     if location.startswith(("http://", "https://")):
         try:
-            resp = httpx.get(location, timeout=30.0, follow_redirects=True)
+            with net.client() as http:
+                resp = net.get(http, location)
         except httpx.HTTPError as exc:
             raise UserError(f"{what} unreachable: {location}: {exc}", "check the URL and the network, or pass a local file") from exc
         if resp.status_code != 200:

@@ -18,6 +18,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from gl_nvidia import net
 from gl_nvidia.errors import UserError
 from gl_nvidia.yamldoc import check_nesting
 
@@ -72,6 +73,7 @@ class Kube:
         cfg.retries = 1  # fail fast on an unreachable API server instead of urllib3's default retries
         self.server = cfg.host
         self.api = client.ApiClient(cfg)
+        self.api.user_agent = net.USER_AGENT  # the Kubernetes client is urllib3's, not httpx's: the same name
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
 

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gl_nvidia import fs, oci
-from gl_nvidia.download import Transient, retrying
+from gl_nvidia import fs, net, oci
 from gl_nvidia.errors import UserError
+from gl_nvidia.net import RETRY_STATUS, Transient, retrying
 from gl_nvidia.oci import Descriptor
 from gl_nvidia.reference import validate_tag
 from gl_nvidia.registry.credentials import (
@@ -50,7 +50,6 @@ CHUNK_SIZE = 16 << 20  # blobs above this go up in PATCH chunks; below, one PUT
 # Bytes of any answer but a blob: docker-registry's own limit on a manifest; a tags page or a token is far smaller.
 ANSWER_LIMIT = 4 << 20
 MIN_RATE = 64 << 10  # bytes/s: an answer must be complete by timeout_s plus its bytes at this rate
-_RETRY_STATUS = {429, 500, 502, 503, 504}
 _DONE = (200, 201, 202, 204)  # what a completing PUT may answer (containerd takes these too)
 _B64TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")  # a Bearer token's syntax (RFC 6750), all a header may carry
 _NEXT = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?')
@@ -92,7 +91,7 @@ class RegistryClient:
         self.on_progress = on_progress
         self.timeout_s = timeout_s
         self.resumed = 0  # uploads continued after a dropped connection (for reports and tests)
-        self._http = httpx.Client(timeout=timeout_s, follow_redirects=True)
+        self._http = net.client(timeout_s=timeout_s)
         self._tokens: dict[str, str] = {}  # scope -> bearer token
         self._basic = False
 
@@ -122,7 +121,7 @@ class RegistryClient:
         """One API call; None for 404 when `missing_ok`. Transient failures retry with backoff."""
         def attempt() -> Answer:
             resp = self._send(method, url, scope, headers or {}, content)
-            if resp.status_code in _RETRY_STATUS:
+            if resp.status_code in RETRY_STATUS:
                 raise Transient(f"HTTP {resp.status_code}")
             return resp
 
@@ -395,7 +394,7 @@ class RegistryClient:
             resp = self._send(method, url, _push(repo), headers, data)
         except httpx.TransportError as exc:
             raise Transient(str(exc) or type(exc).__name__) from exc
-        if resp.status_code in _RETRY_STATUS:
+        if resp.status_code in RETRY_STATUS:
             raise Transient(f"HTTP {resp.status_code}")
         if resp.status_code not in ok:
             raise self._http_error(resp, method, url)
@@ -417,7 +416,7 @@ class RegistryClient:
         def attempt() -> None:
             resp, deadline = self._open(f"/v2/{repo}/blobs/{desc.digest}", _pull(repo), desc.size)
             try:
-                if resp.status_code in _RETRY_STATUS:
+                if resp.status_code in RETRY_STATUS:
                     raise Transient(f"HTTP {resp.status_code}")
                 if resp.status_code != 200:
                     raise UserError(f"registry {self.host} has no blob {desc.digest} in {repo} (HTTP {resp.status_code})")
