@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_bytes
+from gl_nvidia.reference import check_digest
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -38,18 +39,11 @@ IMAGE_MANIFESTS = (MANIFEST, DOCKER_MANIFEST)
 IMAGE_INDEXES = (INDEX, DOCKER_LIST)
 
 REF_NAME = "org.opencontainers.image.ref.name"
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ATTACHMENT_TAG = re.compile(r"^sha256-[0-9a-f]{64}\.[a-z]+$")
 
 
 def digest_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def check_digest(digest: str) -> str:
-    if not _DIGEST.match(digest):
-        raise UserError(f"unsupported or malformed digest {digest!r}", "only sha256 digests are supported")
-    return digest
 
 
 def attachment_tag(digest: str, kind: str) -> str:

@@ -18,9 +18,8 @@ _HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?"
 # Repository path components: lower case, separated by one of the spec's separators.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _PATH = rf"{_COMPONENT}(?:/{_COMPONENT})*"
-_REFERENCE = re.compile(
-    rf"(?P<host>{_HOST})/(?P<repo>{_PATH})(?::(?P<tag>[^@/]+))?(?:@(?P<digest>sha256:[0-9a-f]{{64}}))?"
-)
+_DIGEST = r"sha256:[0-9a-f]{64}"  # the only algorithm accepted
+_REFERENCE = re.compile(rf"(?P<host>{_HOST})/(?P<repo>{_PATH})(?::(?P<tag>[^@/]+))?(?:@(?P<digest>{_DIGEST}))?")
 # driver.repository: an optional host, then path components; the operator appends `/<driver.image>:<tag>`.
 _REPOSITORY = re.compile(rf"(?:{_HOST}/)?{_PATH}|{_HOST}")
 # OCI distribution spec: a tag is [A-Za-z0-9_][A-Za-z0-9._-]{0,127}
@@ -41,6 +40,13 @@ def validate_tag(tag: str) -> str:
             "and may not start with '.' or '-'"
         )
     return tag
+
+
+def check_digest(digest: str) -> str:
+    """The digest rule."""
+    if not re.fullmatch(_DIGEST, digest):
+        raise UserError(f"unsupported or malformed digest {digest!r}", "only sha256 digests are supported")
+    return digest
 
 
 def check_repository(repository: str, image: str) -> str:

@@ -23,6 +23,7 @@ from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.image import layers, unpack
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
+from gl_nvidia.reference import check_digest
 
 MEDIA_TYPE = "application/spdx+json"  # cosign's `attach sbom --type spdxjson`, and the referrer's artifactType
 _DEB_FILE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9+.-]*)_(?P<version>[^_]+)_(?P<arch>[a-z0-9-]+)\.deb$")
@@ -171,7 +172,7 @@ def _package(spdx_id: str, name: str, version: str | None, digest: str | None, *
     if supplier:
         pkg["supplier"] = supplier
     if digest:
-        pkg["checksums"] = [{"algorithm": "SHA256", "checksumValue": oci.check_digest(digest).removeprefix("sha256:")}]
+        pkg["checksums"] = [{"algorithm": "SHA256", "checksumValue": check_digest(digest).removeprefix("sha256:")}]
     if purpose:
         pkg["primaryPackagePurpose"] = purpose
     if purl:

@@ -32,7 +32,7 @@ from gl_nvidia import fs, net, oci
 from gl_nvidia.errors import UserError
 from gl_nvidia.net import RETRY_STATUS, Transient, retrying
 from gl_nvidia.oci import Descriptor
-from gl_nvidia.reference import validate_tag
+from gl_nvidia.reference import check_digest, validate_tag
 from gl_nvidia.registry.credentials import (
     Credentials,
     find_credentials,
@@ -553,7 +553,7 @@ def _read(resp: httpx.Response, host: str) -> Answer:
 
 def _is_digest(text: str) -> bool:
     try:
-        oci.check_digest(text)
+        check_digest(text)
     except UserError:
         return False
     return True

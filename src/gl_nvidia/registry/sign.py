@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gl_nvidia import oci
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.oci import Descriptor, Manifest
-from gl_nvidia.reference import Reference
+from gl_nvidia.reference import Reference, check_digest
 from gl_nvidia.registry.client import RegistryClient
 
 PAYLOAD_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
@@ -80,7 +80,7 @@ def _load(path: Path, what: str, *, private: bool) -> object:
 def payload(repository: str, digest: str) -> bytes:
     """cosign's payload, byte for byte as its Go encoder writes it (field order, no spaces)."""
     body = {"critical": {"identity": {"docker-reference": repository},
-                         "image": {"docker-manifest-digest": oci.check_digest(digest)},
+                         "image": {"docker-manifest-digest": check_digest(digest)},
                          "type": SIGNATURE_TYPE},
             "optional": None}
     return json.dumps(body, separators=(",", ":")).encode()
