@@ -14,12 +14,13 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from gl_nvidia import bundle as b
+from gl_nvidia import elf
 from gl_nvidia.build import DebianSource, capabilities
 from gl_nvidia.build.nvidia import NvidiaRunSource
-from gl_nvidia.build.sources import TRIPLETS
 from gl_nvidia.build.unit import _copy_tree
 from gl_nvidia.bundle import BundleManifest
-from gl_nvidia.image import ldcache, unpack
+from gl_nvidia.elf import TRIPLETS
+from gl_nvidia.image import unpack
 from gl_nvidia.image.build import ImageOptions, build_images
 from tests.fixtures import runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER
@@ -87,10 +88,10 @@ def test_every_nvidia_elf_resolves_each_dt_needed_through_the_images_cache(image
     for f in manifest.userspace:
         if f.link is not None:
             continue
-        dyn = ldcache.dynamic(unpack.host_path(rootfs, unpack.resolve_in_root(rootfs, PurePosixPath("/") / f.path)))
+        dyn = elf.dynamic(unpack.host_path(rootfs, unpack.resolve_in_root(rootfs, PurePosixPath("/") / f.path)))
         if dyn is None:
             continue
-        assert dyn.machine == ldcache.ARCHES[arch][0], f.path
+        assert dyn.machine == elf.MACHINES[arch], f.path
         elves += 1
         unresolved = set(dyn.needed) - set(cache) - WORKLOADS_OWN
         assert not unresolved, f"{f.path} needs {sorted(unresolved)}"

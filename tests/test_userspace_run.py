@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from gl_nvidia import elf
 from gl_nvidia.build import DebianSource, DirSource
 from gl_nvidia.build import capabilities as caps
 from gl_nvidia.build.nvidia import NvidiaRunSource
-from gl_nvidia.build.sources import TRIPLETS
+from gl_nvidia.elf import TRIPLETS
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
 from tests.fixtures import runfile
@@ -36,8 +37,8 @@ def _libraries(root: Path, arch: str) -> dict[str, str | None]:
     for d in (lib, lib / "vdpau"):
         for p in d.iterdir():
             if p.name.startswith("lib") and p.resolve().is_file():
-                dyn = ldcache.dynamic(p.resolve())
-                assert dyn is not None and dyn.machine == ldcache.ARCHES[arch][0], p
+                dyn = elf.dynamic(p.resolve())
+                assert dyn is not None and dyn.machine == elf.MACHINES[arch], p
                 found[p.relative_to(lib).as_posix()] = dyn.soname
     return found
 

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gl_nvidia import apt
+from gl_nvidia import apt, elf
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import output
 
 _INCLUDE = re.compile(r"^include\s+(\S+)/Makefile\s*$", re.M)
 # Debian architecture -> the GNU triplet its cross tools are prefixed with, and the ARCH NVIDIA's Makefile takes.
-CROSS_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 NVIDIA_ARCH = {"amd64": "x86_64", "arm64": "arm64"}
 # The .config option only that architecture's kernels set.
 _ARCH_CONFIG = {"CONFIG_X86_64": "amd64", "CONFIG_ARM64": "arm64"}
@@ -40,7 +39,7 @@ def host_arch() -> str:
 
 def cross_prefix(arch: str, host: str) -> str:
     """CROSS_COMPILE for building `arch` code on a `host` machine ("" when they are the same)."""
-    return "" if arch == host else f"{CROSS_TRIPLETS[arch]}-"
+    return "" if arch == host else f"{elf.TRIPLETS[arch]}-"
 
 
 @dataclass(frozen=True)

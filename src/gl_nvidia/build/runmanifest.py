@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from gl_nvidia import elf
 from gl_nvidia.errors import IntegrityError, UserError
-from gl_nvidia.image import ldcache
 
 # Types whose entries carry an architecture, a path, an inherited path, a symlink target (nvidia-installer's
 # file-type table), and which of them are shared libraries.
@@ -153,7 +153,7 @@ def _inside(rel: str) -> bool:
 def plan(manifest: Manifest, tree: Path, arch: str) -> list[Placement]:
     """What to write where, for the image of `arch`: every check done, nothing written."""
     where = f"{tree.name}/.manifest"
-    triplet = ldcache.ARCHES[arch][1]
+    triplet = elf.TRIPLETS[arch]
     placed: list[tuple[Entry, PurePosixPath]] = []
     for e in manifest.entries:
         if e.type not in _INSTALL or e.arch == "COMPAT32":
@@ -194,11 +194,11 @@ def _check_sonames(placed: list[tuple[Entry, PurePosixPath]], tree: Path, arch: 
     up is then what the image has, and nothing is linked by a naming rule."""
     links = {dest: posixpath.normpath(posixpath.join(str(dest.parent), e.target))
              for e, dest in placed if e.target is not None}
-    machine = ldcache.ARCHES[arch][0]
+    machine = elf.MACHINES[arch]
     for e, dest in placed:
         if e.type not in _SHARED_LIB:
             continue
-        dyn = ldcache.dynamic(tree / e.file)
+        dyn = elf.dynamic(tree / e.file)
         if dyn is None or dyn.machine != machine:
             raise IntegrityError(f"{where}: {e.file} is listed as {e.type} but is no {arch} ELF shared library",
                                  "nothing was written")

@@ -12,25 +12,19 @@ import json
 import os
 import shutil
 import stat
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from debian.debian_support import Version
-from elftools.common.exceptions import ELFError
-from elftools.elf.dynamic import DynamicSegment
-from elftools.elf.elffile import ELFFile
 
-from gl_nvidia import apt
+from gl_nvidia import apt, elf
 from gl_nvidia.build import capabilities, runmanifest
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, copy_from_tree
-from gl_nvidia.image import ldcache
 from gl_nvidia.run import run
 
-TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 # What the image carries beside the driver's own files: NVIDIA's redist tree has them (nvidia source).
 EXTRA_COMPONENTS = ("fabricmanager", "imex", "nvlsm", "libnvidia_nscq", "libnvsdm")
 
@@ -181,7 +175,7 @@ class DebianSource:
                                 next(p.sha256 for p in pkgs if p.name == pkg))
             for mtype, pkg in DEBIAN_MODULE_SOURCES.items() if pkg in debs
         }
-        gaps = capabilities.missing(root / "userspace", TRIPLETS[arch],
+        gaps = capabilities.missing(root / "userspace", elf.TRIPLETS[arch],
                                     f"no Debian package of driver {driver_version} carries it")
         return DriverInputs(driver_version, branch_of(driver_version), arch, self.name, digests,
                             root / "userspace", root / "firmware", module_sources,
@@ -203,7 +197,7 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
     raw = dest / "raw"
     for deb in debs.values():
         apt.extract(deb, raw)
-    triplet = TRIPLETS[arch]
+    triplet = elf.TRIPLETS[arch]
     # nvidia-alternative normally links these into place on install; the bundle ships them in place.
     alt_bin = raw / "usr/lib/nvidia/current"
     alt_lib = raw / f"usr/lib/{triplet}/nvidia/current"
@@ -254,9 +248,9 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
 
 def check_sonames(libdir: Path, arch: str, what: str) -> None:
     """Every library in `libdir` is found under its DT_SONAME there: the name the loader and ldconfig look up."""
-    machine = ldcache.ARCHES[arch][0]
+    machine = elf.MACHINES[arch]
     for p in sorted(libdir.iterdir()) if libdir.is_dir() else []:
-        if p.is_symlink() or not p.is_file() or (dyn := ldcache.dynamic(p)) is None or dyn.machine != machine:
+        if p.is_symlink() or not p.is_file() or (dyn := elf.dynamic(p)) is None or dyn.machine != machine:
             continue
         if dyn.soname and (libdir / dyn.soname).resolve() != p.resolve():
             raise IntegrityError(f"{what}: {p.name} has DT_SONAME {dyn.soname}, which does not name it in {libdir.name}",
@@ -288,7 +282,7 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str],
         mtype: ModuleSource(mtype, version, tree / sub, tree_digest)
         for mtype, sub in (("proprietary", "kernel"), ("open", "kernel-open")) if (tree / sub).is_dir()
     }
-    gaps = capabilities.missing(layout / "userspace", TRIPLETS[arch], f"driver {version}'s .manifest lists no such file")
+    gaps = capabilities.missing(layout / "userspace", elf.TRIPLETS[arch], f"driver {version}'s .manifest lists no such file")
     return DriverInputs(version, branch_of(version), arch, source, digests,
                         layout / "userspace", layout / "firmware", module_sources, dict(left_out or {}), gaps)
 
@@ -344,7 +338,7 @@ def _fabricmanager(tree: Path, root: Path, arch: str) -> None:
         if (tree / "bin" / tool).is_file():
             _copy(tree, tree / "bin" / tool, usr / "bin" / tool)
     for lib in (tree / "lib").glob("libnvfm.so*"):
-        _copy(tree, lib, usr / "lib" / TRIPLETS[arch] / lib.name)
+        _copy(tree, lib, usr / "lib" / elf.TRIPLETS[arch] / lib.name)
     nvswitch = usr / "share/nvidia/nvswitch"
     if (tree / "share/nvidia/nvswitch").is_dir():
         _copy(tree, tree / "share/nvidia/nvswitch", nvswitch)
@@ -397,28 +391,20 @@ def _libraries(tree: Path, root: Path, arch: str, package: str) -> None:
     members = sorted((tree / "lib").glob(f"{package}.so*")) if (tree / "lib").is_dir() else []
     if not any(m.is_file() and not m.is_symlink() for m in members):
         raise UserError(f"{tree.name} has no lib/{package}.so*", f"is it NVIDIA's {package} archive?")
-    libdir = root / "usr/lib" / TRIPLETS[arch]
+    libdir = root / "usr/lib" / elf.TRIPLETS[arch]
     for member in members:
         _copy(tree, member, libdir / member.name)
     for member in members:
-        soname = None if member.is_symlink() else _dt_soname(member)
+        dyn = None if member.is_symlink() else elf.dynamic(member)
+        if not member.is_symlink() and dyn is None:
+            raise IntegrityError(f"{tree.name}: {member.name} is not an ELF shared object", "nothing of it was used")
+        soname = dyn.soname if dyn else None
         if soname and soname != member.name and not (libdir / soname).is_symlink():
             if "/" in soname or not soname.startswith(package):
                 raise IntegrityError(f"{tree.name}: {member.name} names itself {soname!r}",
                                      f"NVIDIA's {package} has a SONAME of its own name")
             (libdir / soname).symlink_to(member.name)
     _license(tree, root / "usr", package)
-
-
-def _dt_soname(path: Path) -> str | None:
-    """The DT_SONAME of the ELF shared object at `path`, as the loader reads it (PT_DYNAMIC)."""
-    try:
-        with path.open("rb") as fh:
-            dynamic = next((s for s in ELFFile(fh).iter_segments() if isinstance(s, DynamicSegment)), None)
-            names = [str(t.soname) for t in dynamic.iter_tags("DT_SONAME")] if dynamic else []  # type: ignore[attr-defined]
-    except (ELFError, ValueError, struct.error) as exc:
-        raise IntegrityError(f"{path.name} is not an ELF shared object ({exc})") from exc
-    return names[0] if names else None
 
 
 def _license(tree: Path, usr: Path, package: str) -> None:

@@ -28,10 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.dynamic import DynamicSegment
-from elftools.elf.elffile import ELFFile
-
+from gl_nvidia import elf
 from gl_nvidia.image import unpack
 
 MAGIC = b"glibc-ld.so.cache1.1"
@@ -42,8 +39,8 @@ GENERATOR = b"gl-nvidia"
 FLAG_ELF_LIBC6 = 0x0003
 # arch -> (ELF machine, the loader's multiarch triplet, the cache flags its loader accepts)
 ARCHES = {
-    "amd64": ("EM_X86_64", "x86_64-linux-gnu", 0x0300 | FLAG_ELF_LIBC6),  # FLAG_X8664_LIB64
-    "arm64": ("EM_AARCH64", "aarch64-linux-gnu", 0x0A00 | FLAG_ELF_LIBC6),  # FLAG_AARCH64_LIB64
+    "amd64": (elf.MACHINES["amd64"], elf.TRIPLETS["amd64"], 0x0300 | FLAG_ELF_LIBC6),  # FLAG_X8664_LIB64
+    "arm64": (elf.MACHINES["arm64"], elf.TRIPLETS["arm64"], 0x0A00 | FLAG_ELF_LIBC6),  # FLAG_AARCH64_LIB64
 }
 _HEADER = struct.Struct("<20sIIB3xI12x")
 _ENTRY = struct.Struct("<iIIIQ")
@@ -130,37 +127,9 @@ def _is_dso(name: str) -> bool:
         (name.startswith("ld.so.") and "." not in name[6:]) or (name.startswith("ld64.so.") and "." not in name[8:])
 
 
-@dataclass(frozen=True)
-class Dynamic:
-    """What the loader reads of an ELF64 file's PT_DYNAMIC."""
-
-    machine: str  # e_machine, e.g. "EM_X86_64"
-    soname: str | None
-    needed: tuple[str, ...]
-
-
-def dynamic(path: Path) -> Dynamic | None:
-    """`path`'s dynamic section as the loader sees it (PT_DYNAMIC: section headers may be stripped), or None
-    when it is no ELF64 file with one."""
-    try:
-        with path.open("rb") as fh:
-            elf = ELFFile(fh)
-            if elf.elfclass != 64:
-                return None
-            segment = next((s for s in elf.iter_segments() if isinstance(s, DynamicSegment)), None)
-            if segment is None:
-                return None
-            tags = list(segment.iter_tags())
-            sonames = [str(t.soname) for t in tags if t.entry.d_tag == "DT_SONAME"]  # type: ignore[attr-defined]
-            return Dynamic(str(elf["e_machine"]), sonames[0] if sonames else None,
-                           tuple(str(t.needed) for t in tags if t.entry.d_tag == "DT_NEEDED"))  # type: ignore[attr-defined]
-    except (ELFError, OSError, ValueError, struct.error):
-        return None
-
-
 def _soname(path: Path, machine: str) -> tuple[bool, str | None]:
     """(whether `path` is an ELF shared object of `machine`, its DT_SONAME)."""
-    dyn = dynamic(path)
+    dyn = elf.dynamic(path)
     if dyn is None or dyn.machine != machine:
         return False, None
     return True, dyn.soname
