@@ -36,7 +36,7 @@ from gl_nvidia.build.redist import RedistFile, listed
 from gl_nvidia.cli import main
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
-from gl_nvidia.node import runtime as node_runtime
+from gl_nvidia.node import fabric as node_fabric
 from tests.fixtures import redist, runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
 
@@ -177,7 +177,7 @@ def test_nvidia_source_ships_fabric_manager_imex_and_nvlsm_of_the_release(server
     assert sorted(p.name for p in (usr / "share/doc").iterdir()) == [
         "libnvidia-nscq", "libnvsdm", "nvidia", "nvidia-fabricmanager", "nvidia-imex", "nvlsm"]
     # every file the node runs on an NVSwitch or NVLink5 node is where the build put it
-    for path in (*node_runtime.COMPONENT_OF, "/usr/bin/nvidia-imex"):
+    for path in (*node_fabric.COMPONENT_OF, "/usr/bin/nvidia-imex"):
         assert (root / path.lstrip("/")).is_file(), path
     # What `release` compares to skip a unit: the sha256 NVIDIA's manifest lists for each archive.
     listed = json.loads((server.tree / MANIFEST).read_text())
