@@ -38,15 +38,8 @@ from gl_nvidia.oci import Layout
 
 from .fixtures.arm64 import ARM64_KERNEL
 from .fixtures.bundle import DEBIAN_DRIVER
-from .test_image import sh
-from .test_node_qemu import (
-    GUEST_PRELUDE,
-    Boot,
-    make_initramfs,
-    parse_console,
-    unpacked_image,
-    vmlinuz,
-)
+from .fixtures.images import sh, unpacked_image
+from .fixtures.qemu import GUEST_PRELUDE, Boot, make_initramfs, parse_console, vmlinuz
 
 INIT = GUEST_PRELUDE + """step check-load nvidia-driver check-load
 step ldconfig-own /gl/busybox sh -c 'ldconfig -X -C /tmp/ld.so.cache && ldconfig -p -C /tmp/ld.so.cache'
