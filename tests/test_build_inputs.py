@@ -457,6 +457,7 @@ def test_missing_headers_package(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_no_half_written_bundle(debian_bundle: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -470,6 +471,7 @@ def test_disk_full_leaves_no_half_written_bundle(debian_bundle: Path, tmp_path: 
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+@pytest.mark.slow
 def test_a_bundle_holds_one_driver(debian_bundle: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()

@@ -23,6 +23,8 @@ from gl_nvidia.catalog.resolve import refresh
 from gl_nvidia.cli import main
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT, OPEN_OK_KERNEL, UNIT_47
 
+pytestmark = pytest.mark.slow  # real compiles of the open and proprietary trees
+
 
 @pytest.fixture(scope="session")
 def headers_612() -> KernelHeaders:

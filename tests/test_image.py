@@ -551,6 +551,7 @@ def test_cli_builds_and_pushes(bundle: Path, registry: Registry, tmp_path: Path,
     assert "invalid tag 'bad+tag'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: Registry, tmp_path: Path) -> None:
     """The build stage's real bundle (Debian's 535 driver, proprietary modules for 6.1.0-56) end to end:
     two kernels share every layer but the modules in the registry; the cache lists the real libraries."""

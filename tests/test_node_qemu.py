@@ -33,6 +33,8 @@ from gl_nvidia.oci import Layout
 from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, MODULE_SIGNER, ModuleKey
 from .fixtures.qemu import boot, make_initramfs
 
+pytestmark = pytest.mark.slow  # qemu boots of a real image
+
 OTHER_KERNEL = "6.1.0-47-cloud-amd64"
 
 

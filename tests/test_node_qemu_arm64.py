@@ -41,6 +41,8 @@ from .fixtures.bundle import DEBIAN_DRIVER
 from .fixtures.images import sh, unpacked_image
 from .fixtures.qemu import GUEST_PRELUDE, Boot, make_initramfs, parse_console, vmlinuz
 
+pytestmark = pytest.mark.slow  # a real arm64 compile, image build and qemu boots
+
 INIT = GUEST_PRELUDE + """step check-load nvidia-driver check-load
 step ldconfig-own /gl/busybox sh -c 'ldconfig -X -C /tmp/ld.so.cache && ldconfig -p -C /tmp/ld.so.cache'
 step ldconfig-ours ldconfig -p

@@ -21,6 +21,8 @@ from .fixtures.ibt import ibt_kernels
 from .fixtures.images import unpacked_image
 from .fixtures.qemu import boot, make_initramfs
 
+pytestmark = pytest.mark.slow  # qemu boots of the IBT kernels
+
 
 @pytest.fixture(scope="module")
 def ibt_rootfs(ibt_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
