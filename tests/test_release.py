@@ -251,6 +251,7 @@ def test_release_refuses_a_bad_registry_before_building(bad: str, tmp_path: Path
     assert not out.exists()  # nothing built, nothing half-written
 
 
+@pytest.mark.slow
 def test_release_to_a_registry_with_a_trailing_slash_writes_its_values(registry: Registry, tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
