@@ -40,9 +40,11 @@ from gl_nvidia import bundle as bundle_mod  # noqa: E402
 from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.fs import cache_dir  # noqa: E402
 from gl_nvidia.node import layout  # noqa: E402
+from gl_nvidia.node.driverroot import DRIVER_ROOT  # noqa: E402
 from gl_nvidia.node.host import subprocess_runner  # noqa: E402
 from gl_nvidia.node.image import Image  # noqa: E402
-from gl_nvidia.node.runtime import DRIVER_ROOT, STAGING_DIR, Runtime  # noqa: E402
+from gl_nvidia.node.link import STAGING_DIR  # noqa: E402
+from gl_nvidia.node.runtime import Runtime  # noqa: E402
 
 
 def payload_root(bundle: Path, dest: Path, *, split: bool) -> Path:

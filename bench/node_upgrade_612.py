@@ -45,8 +45,9 @@ from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.bundle import apply_patch  # noqa: E402
 from gl_nvidia.fs import cache_dir  # noqa: E402
 from gl_nvidia.image.build import build_images  # noqa: E402
+from gl_nvidia.node.driverroot import DRIVER_ROOT  # noqa: E402
 from gl_nvidia.node.image import Image  # noqa: E402
-from gl_nvidia.node.runtime import DRIVER_ROOT, STAGING_DIR  # noqa: E402
+from gl_nvidia.node.link import STAGING_DIR  # noqa: E402
 from gl_nvidia.oci import Layout, Manifest  # noqa: E402
 from gl_nvidia.registry.client import RegistryClient  # noqa: E402
 from gl_nvidia.registry.transfer import copy_image, pull  # noqa: E402

@@ -53,6 +53,7 @@ def test_arm64_headers_run_this_machines_kbuild_and_the_cross_compiler(arm64_hea
     assert host_toolchain("gcc-12") != toolchain  # the host compiler would have been the wrong one
 
 
+@pytest.mark.slow
 def test_arm64_bundle_holds_gated_aarch64_modules(arm64_bundle: Path, arm64_headers: KernelHeaders) -> None:
     m = b.BundleManifest.load(arm64_bundle)
     assert (m.driver_version, m.arch, m.source) == (DEBIAN_DRIVER, "arm64", "debian")
@@ -76,6 +77,7 @@ def test_arm64_bundle_holds_gated_aarch64_modules(arm64_bundle: Path, arm64_head
     assert _machine(b.userspace_dir(arm64_bundle) / "usr/bin/nvidia-smi") == "EM_AARCH64"
 
 
+@pytest.mark.slow
 def test_arm64_split_relinks_to_the_gated_module_with_a_cross_ld(arm64_bundle: Path, arm64_headers: KernelHeaders,
                                                                 tmp_path: Path) -> None:
     """6.1 arm64 runs no objtool: nvidia.ko and nvidia-modeset.ko ship as interface + NVIDIA object, and the recipe
@@ -94,6 +96,7 @@ def test_arm64_split_relinks_to_the_gated_module_with_a_cross_ld(arm64_bundle: P
     assert gate_files([tmp_path / m.name for m in split], arm64_headers.sysout).ok
 
 
+@pytest.mark.slow
 def test_the_gate_refuses_modules_of_the_other_architecture_in_one_line(
         arm64_bundle: Path, debian_bundle: Path, arm64_headers: KernelHeaders, debian_headers: KernelHeaders,
         capsys: pytest.CaptureFixture[str]) -> None:

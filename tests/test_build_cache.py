@@ -21,15 +21,9 @@ from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.fs import SEAL, cache_fill, cache_hit, sha256_file
 from tests.fixtures.bundle import DEBIAN_KERNEL, TINY_SOURCES
-from tests.test_build_inputs import (
-    FAKE_VERSION,
-    _Server,
-    _template,
-    own_cache,
-    server,
-)
+from tests.fixtures.nvidia_site import FAKE_VERSION, _Server, _template, own_cache, server
 
-__all__ = ["own_cache", "server"]  # fixtures shared with test_build_inputs
+__all__ = ["own_cache", "server"]  # fixtures, from tests/fixtures/nvidia_site.py
 
 FAKE_UNIT = BuildUnit(kernel=DEBIAN_KERNEL, driver_version=FAKE_VERSION, driver_branch="999", arch="amd64",
                       flavour="cloud", os_id="debian", os_versions=("12",))

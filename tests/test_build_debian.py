@@ -11,6 +11,8 @@ import stat
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from gl_nvidia import bundle as b
 from gl_nvidia.build import AptEnv, DebianSource, build_unit
 from gl_nvidia.build.abi import gate_files, read_module
@@ -18,6 +20,8 @@ from gl_nvidia.build.kenv import KernelHeaders
 from gl_nvidia.build.split import link, linker_version
 from gl_nvidia.fs import sha256_file
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT
+
+pytestmark = pytest.mark.slow  # real compiles of Debian's NVIDIA sources (the build cache makes them warm)
 
 
 def test_debian_bundle_holds_gated_stripped_proprietary_modules(debian_bundle: Path,

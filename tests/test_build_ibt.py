@@ -25,6 +25,8 @@ from gl_nvidia.fs import sha256_file
 from gl_nvidia.run import run
 from tests.fixtures.ibt import ibt_kernels, ibt_unit
 
+pytestmark = pytest.mark.slow  # real compiles for the IBT kernels
+
 
 def _modules(bundle: Path) -> dict[str, b.ModuleFile]:
     ms = b.BundleManifest.load(bundle).kernels[ibt_kernels().built].module_sets["proprietary"]

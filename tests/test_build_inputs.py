@@ -6,15 +6,11 @@ installer (it answers `--extract-only --target DIR` like NVIDIA's makeself archi
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.server
 import json
 import os
 import re
 import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,98 +32,12 @@ from gl_nvidia.build.redist import RedistFile, listed
 from gl_nvidia.cli import main
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
-from gl_nvidia.node import runtime as node_runtime
-from tests.fixtures import redist, runfile
+from gl_nvidia.node import fabric as node_fabric
+from tests.fixtures import redist
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
+from tests.fixtures.nvidia_site import FAKE_RUN, FAKE_VERSION, _Server, _template, own_cache, server
 
-FAKE_VERSION = "999.12.34"
-_LIBS = {f"libcuda.so.{FAKE_VERSION}": "libcuda.so.1", f"libnvidia-ml.so.{FAKE_VERSION}": "libnvidia-ml.so.1"}
-FAKE_MANIFEST = runfile.manifest_text(FAKE_VERSION, "amd64", [
-    "nvidia-smi 0755 UTILITY_BINARY",
-    *(f"{lib} 0755 UTILITY_LIB NATIVE\n{soname} 0777 UTILITY_LIB_SYMLINK NATIVE {lib}" for lib, soname in _LIBS.items()),
-    "firmware/gsp_ga10x.bin 0644 FIRMWARE INHERIT_PATH_DEPTH:1"])
-FAKE_RUN = f"""#!/bin/sh
-# A .run-shaped test installer: only --extract-only --target DIR, like NVIDIA's makeself archives.
-set -e
-[ "$1" = --extract-only ] && [ "$2" = --target ] || {{ echo "usage: $0 --extract-only --target DIR" >&2; exit 2; }}
-d="$3"
-mkdir -p "$d/kernel" "$d/kernel-open" "$d/firmware" "$d/supported-gpus"
-printf '%s' '{FAKE_MANIFEST}' > "$d/.manifest"
-echo 'obj-m += nvidia.o' > "$d/kernel/Kbuild"
-echo 'obj-m += nvidia.o' > "$d/kernel-open/Kbuild"
-printf '#!/bin/sh\\necho smi\\n' > "$d/nvidia-smi"; chmod 755 "$d/nvidia-smi"
-""" + "".join(f"echo {base64.b64encode(runfile.tiny_elf(soname)).decode()} | base64 -d > \"$d/{lib}\"\n"
-              for lib, soname in _LIBS.items()) + """echo fw > "$d/firmware/gsp_ga10x.bin"
-echo license > "$d/LICENSE"
-echo '{"chips": []}' > "$d/supported-gpus/supported-gpus.json"
-"""
-
-
-class _Server:
-    """Serves one installer (the first `fail` requests answer 503, a path with "missing" 404) and the redist
-    tree in `tree` under /redist/ (a file it lacks answers 404), counting the requests of each."""
-
-    def __init__(self, body: bytes, tree: Path) -> None:
-        self.body, self.tree, self.fail, self.requests = body, tree, 0, 0
-        self.redist_requests: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.startswith("/redist/"):
-                    rel = self.path.removeprefix("/redist/")
-                    server.redist_requests.append(rel)
-                    self._answer(server.tree / rel)
-                    return
-                server.requests += 1
-                if "missing" in self.path:
-                    self.send_error(404)
-                elif server.fail > 0:
-                    server.fail -= 1
-                    self.send_error(503)
-                else:
-                    self._send(server.body)
-
-            def _answer(self, path: Path) -> None:
-                if path.is_file():
-                    self._send(path.read_bytes())
-                else:
-                    self.send_error(404)
-
-            def _send(self, body: bytes) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.redist = self.url + "/redist/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
-    tree = tmp_path_factory.mktemp("redist")
-    redist.write_tree(tree, FAKE_VERSION)
-    s = _Server(FAKE_RUN.encode(), tree)
-    yield s
-    s.httpd.shutdown()
-
-
-@pytest.fixture
-def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("GL_NVIDIA_CACHE", str(cache))
-    return cache
-
-
-def _template(server: _Server) -> str:
-    return server.url + "/tesla/{version}/NVIDIA-Linux-{machine}-{version}.run"
-
+__all__ = ["own_cache", "server"]  # fixtures, from tests/fixtures/nvidia_site.py
 
 MANIFEST = f"redistrib_{FAKE_VERSION}.json"
 ARCHIVES = {c: redist.relative_path(c, "linux-x86_64", redist.component_version(c, FAKE_VERSION))
@@ -177,7 +87,7 @@ def test_nvidia_source_ships_fabric_manager_imex_and_nvlsm_of_the_release(server
     assert sorted(p.name for p in (usr / "share/doc").iterdir()) == [
         "libnvidia-nscq", "libnvsdm", "nvidia", "nvidia-fabricmanager", "nvidia-imex", "nvlsm"]
     # every file the node runs on an NVSwitch or NVLink5 node is where the build put it
-    for path in (*node_runtime.COMPONENT_OF, "/usr/bin/nvidia-imex"):
+    for path in (*node_fabric.COMPONENT_OF, "/usr/bin/nvidia-imex"):
         assert (root / path.lstrip("/")).is_file(), path
     # What `release` compares to skip a unit: the sha256 NVIDIA's manifest lists for each archive.
     listed = json.loads((server.tree / MANIFEST).read_text())
@@ -547,6 +457,7 @@ def test_missing_headers_package(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_no_half_written_bundle(debian_bundle: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -560,6 +471,7 @@ def test_disk_full_leaves_no_half_written_bundle(debian_bundle: Path, tmp_path: 
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+@pytest.mark.slow
 def test_a_bundle_holds_one_driver(debian_bundle: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()

@@ -36,10 +36,7 @@ from gl_nvidia.build.nvfs import (
 )
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.fs import sha256_file
-from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT
-from tests.test_build_stage import OPEN_OK_KERNEL, UNIT_47, open_bundle
-
-__all__ = ["open_bundle"]  # the qemu boot takes it from here
+from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT, OPEN_OK_KERNEL, UNIT_47
 
 P2P = ("nvidia_p2p_dma_map_pages", "nvidia_p2p_dma_unmap_pages", "nvidia_p2p_free_dma_mapping",
        "nvidia_p2p_free_page_table", "nvidia_p2p_get_pages", "nvidia_p2p_put_pages")

@@ -19,22 +19,11 @@ from gl_nvidia.build import AptEnv, DebianSource, KernelHeaders, UnitResult, bui
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.catalog.lock import resolved_to_yaml
 from gl_nvidia.catalog.matrix import load_lock, profile_text
-from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.catalog.resolve import refresh
 from gl_nvidia.cli import main
-from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT
+from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT, OPEN_OK_KERNEL, UNIT_47
 
-OPEN_OK_KERNEL = "6.1.0-47-cloud-amd64"  # the open 535.261.03 tree still builds for it
-UNIT_47 = BuildUnit(kernel=OPEN_OK_KERNEL, driver_version=DEBIAN_DRIVER, driver_branch="535", arch="amd64",
-                    flavour="cloud", os_id="debian", os_versions=("12",))
-
-
-@pytest.fixture(scope="session")
-def open_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[UnitResult]]:
-    """Open modules for 6.1.0-47 (builds) and then 6.1.0-56 (fails) into one bundle."""
-    out = tmp_path_factory.mktemp("open") / f"{DEBIAN_DRIVER}-amd64"
-    return out, [build_unit(u, out, source=DebianSource(), env=AptEnv(), module_types=("open",))
-                 for u in (UNIT_47, DEBIAN_UNIT)]
+pytestmark = pytest.mark.slow  # real compiles of the open and proprietary trees
 
 
 @pytest.fixture(scope="session")

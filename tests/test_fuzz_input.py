@@ -32,58 +32,17 @@ from gl_nvidia.errors import UserError
 from gl_nvidia.oci import CONFIG, INDEX, LAYER_GZIP, Layout, Manifest
 from gl_nvidia.registry.transfer import push
 from tests.fixtures.aptrepo import SigningKey, sign_repo, sign_suite
+from tests.fixtures.fuzz import SEED, mutate, samples
 from tests.fixtures.hostile_registry import HostileRegistry, Request, Response
 from tests.fixtures.kube import GOOD_TOKEN, FakeCluster, node_json, write_kubeconfig
+from tests.fixtures.layouts import make_layout
 from tests.fixtures.registry import Registry, free_port
-from tests.test_registry import make_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "tests" / "data" / "catalog"
 OS_RELEASE = ROOT / "tests" / "data" / "deploy" / "os-release-gardenlinux-1877.3"
 KERNEL = "6.12.44-cloud-amd64"
-SEED = 20261130
 DOCUMENTED = {0, 1, 2, 3, 4}
-
-HOSTILE: list[bytes] = [
-    b"../../etc", b"$(id)", b"2026-13-45", b"9" * 5000, b"[" * 200, b"{" * 70, b"]", b"}", b"~", b"null",
-    b"[]", b"{}", b"-1", b"1e999", b".nan", b"'", b'"', b"\xff\xfe", b"\x00", b"&a [*a]", b"*nowhere",
-    b"!!binary zz", b"!!python/object/apply:os.system [id]", b"!!int x", b"!!timestamp 2026-02-30",
-    b"true", b"\t", b"- x", b"? x", b"a: b: c", b"0x", b"\\u12", b"\"\\ud800\"", b"\xe2\x80", b"%TAG ! x",
-    b"---", b"...", b"|", b">-", b"<<: *nowhere", b"[1, 2", b"{\"a\": 1, \"a\": 2}", b"1" * 60,
-    b"5", b"[5]", b"[{}]", b"{\"a\": []}", b"\"\"", b"[null]", b"-0", b"\"\\u0000\"",
-]
-_TOKEN = re.compile(rb'"[^"\n]*"|[A-Za-z0-9_.:/+-]+')  # a quoted string (JSON) or a bare word
-
-
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    """One malformation of `data`; never `data` itself."""
-    lines = data.splitlines(keepends=True) or [b""]
-    kind = rng.randrange(7)
-    if kind == 0:  # flip bytes
-        buf = bytearray(data)
-        for _ in range(rng.randint(1, 4)):
-            if buf:
-                buf[rng.randrange(len(buf))] = rng.randrange(256)
-        out = bytes(buf)
-    elif kind == 1:  # cut short
-        out = data[: rng.randrange(len(data))] if data else b"x"
-    elif kind == 2:  # drop a line
-        del lines[rng.randrange(len(lines))]
-        out = b"".join(lines)
-    elif kind == 3:  # repeat a line
-        i = rng.randrange(len(lines))
-        lines.insert(i, lines[i])
-        out = b"".join(lines)
-    elif kind == 4:  # insert a hostile line
-        lines.insert(rng.randrange(len(lines) + 1), rng.choice(HOSTILE) + b"\n")
-        out = b"".join(lines)
-    else:  # replace a value (a token) with a hostile one
-        tokens = list(_TOKEN.finditer(data))
-        if not tokens:
-            return data + rng.choice(HOSTILE)
-        m = rng.choice(tokens)
-        out = data[: m.start()] + rng.choice(HOSTILE) + data[m.end():]
-    return out if out != data else out + rng.choice(HOSTILE)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -100,11 +59,6 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     errors = [line for line in err.splitlines() if line.startswith(("gl-nvidia: error:", "Error:"))]
     assert len(errors) == (1 if rc else 0), (argv, err)  # one line says what is wrong
     return rc, err
-
-
-def samples(seed_data: bytes, n: int, salt: int) -> list[bytes]:
-    rng = random.Random(SEED + salt)
-    return [mutate(rng, seed_data) for _ in range(n)]
 
 
 def offline_lock() -> bytes:
@@ -543,7 +497,7 @@ def test_fuzzed_redist_manifests(tmp_path: Path, capsys: pytest.CaptureFixture[s
     """NVIDIA's redistrib_<version>.json as a mirror could serve it: bad input (2), or, when it still lists
     the release, the build goes on to the unit (1: this kernel has no headers); never a bug."""
     from tests.fixtures import redist
-    from tests.test_build_inputs import FAKE_RUN, FAKE_VERSION
+    from tests.fixtures.nvidia_site import FAKE_RUN, FAKE_VERSION
 
     work = tmp_path / "work"
     run_file = work / "NVIDIA.run"
@@ -579,7 +533,7 @@ def _tiny_base(root: Path, config: bytes) -> None:
 def test_fuzzed_bundle_manifests_and_base_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A bundle's manifest.json and a --base image's config, malformed: `image` says so in one line (2) and
     leaves no layout behind."""
-    from tests.test_image_support import KERNELS, make_bundle
+    from tests.fixtures.small_bundle import KERNELS, make_bundle
 
     work = tmp_path / "work"
     bundle = make_bundle(work / "bundle", kernels=KERNELS[:1])

@@ -27,8 +27,9 @@ from gl_nvidia.oci import CONFIG, INDEX, Layout, Manifest, canonical_json
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.transfer import pull_base, push
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
+from tests.fixtures.images import sh
 from tests.fixtures.registry import Registry
-from tests.test_image_support import (
+from tests.fixtures.small_bundle import (
     BRANCH,
     KERNELS,
     TRIPLET,
@@ -54,10 +55,6 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def built(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> list[BuiltImage]:
     """Both kernels' images in one layout, on the real mmdebstrap base (cached after the first run)."""
     return build_images(bundle, None, tmp_path_factory.mktemp("out") / "layout", options=GL)
-
-
-def sh(*argv: str | Path) -> str:
-    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
 
 
 def unpack(layout: Path, tag: str, dest: Path) -> Path:
@@ -554,6 +551,7 @@ def test_cli_builds_and_pushes(bundle: Path, registry: Registry, tmp_path: Path,
     assert "invalid tag 'bad+tag'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_debian_bundle_image_in_a_registry(debian_bundle: Path, registry: Registry, tmp_path: Path) -> None:
     """The build stage's real bundle (Debian's 535 driver, proprietary modules for 6.1.0-56) end to end:
     two kernels share every layer but the modules in the registry; the cache lists the real libraries."""

@@ -18,7 +18,7 @@ import pytest
 
 from gl_nvidia.image import ldcache
 
-from .test_image import sh
+from .fixtures.images import sh
 
 HOST_LIBS = Path("/usr/lib/x86_64-linux-gnu")
 ARM64_LIBS = Path("/usr/aarch64-linux-gnu/lib")  # libc6-arm64-cross, with gcc-aarch64-linux-gnu

@@ -26,7 +26,7 @@ from gl_nvidia.errors import UserError
 from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.build import ImageOptions, build_image
 from gl_nvidia.oci import CONFIG, LAYER_GZIP, Layout, Manifest, canonical_json
-from tests.test_image_support import KERNELS, TRIPLET, VERSION, make_bundle
+from tests.fixtures.small_bundle import KERNELS, TRIPLET, VERSION, make_bundle
 
 SENTINEL = b"the build host's own file\n"
 

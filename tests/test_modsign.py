@@ -43,6 +43,7 @@ def test_the_signature_is_byte_for_byte_the_kernels_sign_file(tiny_module: TinyM
     assert read_signature(tiny_module.hello.read_bytes()) is None
 
 
+@pytest.mark.slow
 def test_build_signs_every_module_from_the_cache(debian_bundle: Path, signed_debian_bundle: Path,
                                                  module_key: ModuleKey) -> None:
     plain = b.BundleManifest.load(debian_bundle).kernels[DEBIAN_KERNEL].module_sets["proprietary"]
@@ -69,6 +70,7 @@ def test_build_signs_every_module_from_the_cache(debian_bundle: Path, signed_deb
             assert not [line for line in module_key.body if line.encode() in path.read_bytes()], path
 
 
+@pytest.mark.slow
 def test_check_modules_names_signer_and_hash(debian_bundle: Path, signed_debian_bundle: Path,
                                              debian_headers: KernelHeaders, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-modules", str(signed_debian_bundle), "--kernel-headers", str(debian_headers.sysout)]) == 0

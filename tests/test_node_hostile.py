@@ -15,8 +15,8 @@ from gl_nvidia.node import decide, layout
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.image import Image
 from gl_nvidia.node.runtime import PID_FILE, STATE_FILE
+from tests.fixtures.fuzz import samples
 from tests.fixtures.node import fake_node, make_image
-from tests.test_fuzz_input import samples
 
 PERSISTENCED_PID = "/var/run/nvidia-persistenced/nvidia-persistenced.pid"
 HOST_NS = "mnt:[4026531840]"  # the host's mount namespace, not the runtime's

@@ -10,9 +10,11 @@ import pytest
 
 from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
+from gl_nvidia.node.driverroot import DRIVER_ROOT
 from gl_nvidia.node.host import Result
 from gl_nvidia.node.image import PULL_AGAIN, Image, sha256_file
-from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STAGING_DIR, STATE_FILE, Runtime
+from gl_nvidia.node.link import STAGING_DIR
+from gl_nvidia.node.runtime import READY_FILE, STATE_FILE, Runtime
 from tests.fixtures.node import (
     BUILD_LINKER,
     KERNEL,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.node.decide import NodeError
-from gl_nvidia.node.runtime import STAGING_DIR
+from gl_nvidia.node.link import STAGING_DIR
 from tests.fixtures.node import KERNEL, fake_link, fake_node, fake_signature, make_image, reseal
 
 MODULES = f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary"

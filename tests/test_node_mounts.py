@@ -16,7 +16,9 @@ CHILD = r"""
 import json, os, signal, sys
 from pathlib import Path
 from gl_nvidia.node.host import subprocess_runner
-from gl_nvidia.node.runtime import DRIVER_ROOT, READY_FILE, STATE_FILE, wait_for_signal
+from gl_nvidia.node.context import wait_for_signal
+from gl_nvidia.node.driverroot import DRIVER_ROOT
+from gl_nvidia.node.runtime import READY_FILE, STATE_FILE
 from tests.fixtures.node import fake_node
 
 tmp = Path(sys.argv[1])
@@ -98,7 +100,8 @@ RBIND_CHILD = r"""
 import json, os, signal, subprocess, sys
 from pathlib import Path
 from gl_nvidia.node.host import subprocess_runner
-from gl_nvidia.node.runtime import DRIVER_ROOT, wait_for_signal
+from gl_nvidia.node.context import wait_for_signal
+from gl_nvidia.node.driverroot import DRIVER_ROOT
 from tests.fixtures.node import fake_node, make_image
 
 tmp = Path(sys.argv[1])

@@ -13,74 +13,29 @@ mounting and power-off. Inside, the image's own `nvidia-driver` runs against the
   (`signed_debian_bundle`), which the kernel's keyring lacks: the node-linked nvidia.ko (its signature
   appended by the node, shown by the image's own modinfo) is refused for its unavailable key, the build's
   unsigned nvidia.ko as unsigned. Without enforcement the signed module loads (the kernel only taints).
-qemu runs in software emulation (TCG, about 10 s a boot): on this machine KVM accepts the VM but the
-nested guest hangs before its first console line, so `-accel kvm` is not used.
+qemu runs in software emulation (tests/fixtures/qemu.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from gl_nvidia import apt, fs
 from gl_nvidia import bundle as b
 from gl_nvidia.image.build import BuiltImage
 from gl_nvidia.node.image import Image
 from gl_nvidia.oci import Layout
 
 from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, MODULE_SIGNER, ModuleKey
-from .fixtures.images import unpacked_image
+from .fixtures.qemu import boot, make_initramfs
 
-__all__ = ["unpacked_image"]  # the IBT and arm64 qemu modules take it from here
+pytestmark = pytest.mark.slow  # qemu boots of a real image
 
 OTHER_KERNEL = "6.1.0-47-cloud-amd64"
-BUSYBOX = Path("/bin/busybox")  # busybox-static
-MARK = "@@gl-nvidia@@"
-# Mounts what the node runtime reads, then `step NAME CMD...` frames each step on the console for parse_console.
-GUEST_PRELUDE = f"""#!/gl/busybox sh
-/gl/busybox mount -t proc proc /proc
-/gl/busybox mount -t sysfs sysfs /sys
-/gl/busybox mount -t devtmpfs devtmpfs /dev
-/gl/busybox mkdir -p /run/nvidia/validations /tmp /host-etc
-/gl/busybox cp /etc/os-release /host-etc/os-release
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-step() {{
-  echo "{MARK} begin $1"
-  shift
-  "$@" 2>&1
-  echo "{MARK} end rc=$?"
-}}
-"""
-INIT = GUEST_PRELUDE + """step dry-run nvidia-driver init --dry-run
-step check-load nvidia-driver check-load
-step signature /gl/busybox sh -c 'for f in signer sig_hashalgo sig_key; do /usr/sbin/modinfo -F $f /run/gl-nvidia/modules/*/*/nvidia.ko; done'
-step unsigned /gl/busybox sh -c 'test -f /gl/nvidia-unsigned.ko || exit 0; /usr/sbin/insmod /gl/nvidia-unsigned.ko; rc=$?; /usr/bin/dmesg | /gl/busybox tail -n 3; exit $rc'
-step init nvidia-driver init
-step tampered /gl/busybox sh -c 'echo >> /usr/lib/gl-nvidia/binaries/proprietary/nv-kernel.o; exec nvidia-driver check-load'
-step modules cat /proc/modules
-/gl/busybox poweroff -f
-"""
-
-
-def vmlinuz(kernel: str, arch: str = "amd64") -> Path:
-    """The kernel image from Debian's linux-image package (downloaded and unpacked once, cached)."""
-    cache = fs.cache_dir("node-qemu", "kernels")
-    out = cache / f"vmlinuz-{kernel}"
-    if not out.exists():
-        repo = apt.AptRepo(apt.system_sources(), arch=arch)
-        deb = repo.download(repo.find(f"linux-image-{kernel}"))
-        tmp = cache / f".{kernel}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        apt.extract(deb, tmp)
-        os.replace(tmp / "boot" / f"vmlinuz-{kernel}", out)
-        shutil.rmtree(tmp)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +51,6 @@ def image_rootfs(debian_image: tuple[Path, BuiltImage], debian_bundle: Path) -> 
 @pytest.fixture(scope="module")
 def image_initramfs(image_rootfs: Path) -> Path:
     return make_initramfs(image_rootfs)
-
-
-def make_initramfs(root: Path, busybox: Path = BUSYBOX, init: str = INIT) -> Path:
-    """An image's root filesystem plus busybox-static and an /init script, as an uncompressed cpio."""
-    (root / "gl").mkdir(exist_ok=True)
-    shutil.copy2(busybox, root / "gl" / "busybox")
-    (root / "init").write_text(init)
-    (root / "init").chmod(0o755)
-    cpio = root.parent.parent / "initramfs.cpio"
-    with cpio.open("wb") as out:
-        files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
-        subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], cwd=root, input=files, stdout=out, check=True)
-    return cpio
 
 
 def test_image_root_holds_what_the_node_runtime_uses(image_rootfs: Path) -> None:
@@ -128,35 +70,6 @@ def test_image_root_holds_what_the_node_runtime_uses(image_rootfs: Path) -> None
                  "nvidia-smi", "nvidia-modprobe", "nvidia-driver", "python3", "ld"):
         assert shutil.which(tool, path=":".join(str(image_rootfs / d) for d in
                                                  ("usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"))), tool
-
-
-@dataclass(frozen=True)
-class Boot:
-    console: str
-    steps: dict[str, tuple[int, str]]  # step -> (exit code, output)
-
-
-def boot(kernel: str, initramfs: Path, append: str = "") -> Boot:
-    p = subprocess.run(
-        ["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-nographic",
-         "-no-reboot", "-kernel", str(vmlinuz(kernel)), "-initrd", str(initramfs),
-         "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 {append}".strip()],
-        capture_output=True, text=True, errors="replace", timeout=300, check=False,
-    )
-    return parse_console(p.stdout)
-
-
-def parse_console(stdout: str) -> Boot:
-    """The guest's steps (between MARK lines) from its console; every step must have finished."""
-    console = stdout.replace("\r", "")
-    steps: dict[str, tuple[int, str]] = {}
-    for chunk in console.split(f"{MARK} begin ")[1:]:
-        name, _, rest = chunk.partition("\n")
-        body, sep, tail = rest.partition(f"{MARK} end rc=")
-        assert sep, f"step {name} did not finish:\n{console[-3000:]}"
-        steps[name] = (int(tail.split()[0]), body)
-    assert "modules" in steps, f"the guest did not run to the end:\n{console[-3000:]}"
-    return Boot(console, steps)
 
 
 def test_matching_kernel_accepts_the_modules_and_init_stops_for_want_of_a_gpu(image_initramfs: Path) -> None:

@@ -38,15 +38,10 @@ from gl_nvidia.oci import Layout
 
 from .fixtures.arm64 import ARM64_KERNEL
 from .fixtures.bundle import DEBIAN_DRIVER
-from .test_image import sh
-from .test_node_qemu import (
-    GUEST_PRELUDE,
-    Boot,
-    make_initramfs,
-    parse_console,
-    unpacked_image,
-    vmlinuz,
-)
+from .fixtures.images import sh, unpacked_image
+from .fixtures.qemu import GUEST_MEMORY, GUEST_PRELUDE, Boot, make_initramfs, parse_console, vmlinuz
+
+pytestmark = pytest.mark.slow  # a real arm64 compile, image build and qemu boots
 
 INIT = GUEST_PRELUDE + """step check-load nvidia-driver check-load
 step ldconfig-own /gl/busybox sh -c 'ldconfig -X -C /tmp/ld.so.cache && ldconfig -p -C /tmp/ld.so.cache'
@@ -97,7 +92,7 @@ def arm64_boot(arm64_rootfs: Path, debian_image: tuple[Path, BuiltImage]) -> Boo
         shutil.copytree(amd64 / d, arm64_rootfs / "amd64" / d, symlinks=True)
     initramfs = make_initramfs(arm64_rootfs, arm64_busybox(), INIT)
     p = subprocess.run(
-        ["qemu-system-aarch64", "-M", "virt", "-cpu", "max,pauth-impdef=on", "-m", "2048", "-nographic",
+        ["qemu-system-aarch64", "-M", "virt", "-cpu", "max,pauth-impdef=on", "-m", GUEST_MEMORY, "-nographic",
          "-no-reboot", "-kernel", str(vmlinuz(ARM64_KERNEL, "arm64")), "-initrd", str(initramfs),
          "-append", "console=ttyAMA0 panic=-1 quiet loglevel=4"],
         capture_output=True, text=True, errors="replace", timeout=600, check=False,

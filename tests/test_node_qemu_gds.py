@@ -18,11 +18,8 @@ import pytest
 from gl_nvidia import bundle as b
 from gl_nvidia.build import AptEnv, UnitResult
 from gl_nvidia.run import run
-from tests.test_build_nvfs import open_bundle
-from tests.test_build_stage import OPEN_OK_KERNEL
-from tests.test_node_qemu import GUEST_PRELUDE, boot, make_initramfs
-
-__all__ = ["open_bundle"]
+from tests.fixtures.bundle import OPEN_OK_KERNEL
+from tests.fixtures.qemu import GUEST_PRELUDE, boot, make_initramfs
 
 P2P_SOURCES = Path(__file__).resolve().parent / "data" / "build" / "p2p"
 # open(2) of the device, then the kernel's log lines of that open

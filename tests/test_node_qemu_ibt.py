@@ -18,7 +18,10 @@ from gl_nvidia.node.image import Image
 
 from .fixtures.bundle import DEBIAN_DRIVER
 from .fixtures.ibt import ibt_kernels
-from .test_node_qemu import boot, make_initramfs, unpacked_image
+from .fixtures.images import unpacked_image
+from .fixtures.qemu import boot, make_initramfs
+
+pytestmark = pytest.mark.slow  # qemu boots of the IBT kernels
 
 
 @pytest.fixture(scope="module")

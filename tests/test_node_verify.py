@@ -12,7 +12,8 @@ import pytest
 from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.image import Image
-from gl_nvidia.node.runtime import READY_FILE, STAGING_DIR
+from gl_nvidia.node.link import STAGING_DIR
+from gl_nvidia.node.runtime import READY_FILE
 from tests.fixtures.node import BUILD_LINKER, KERNEL, fake_node, make_image
 
 MODULES = f"/usr/lib/gl-nvidia/modules/{KERNEL}/proprietary"

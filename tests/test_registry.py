@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,29 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
-from gl_nvidia.image import layers, sbom
-from gl_nvidia.oci import CONFIG, Layout, Manifest, canonical_json
+from gl_nvidia.image import sbom
+from gl_nvidia.oci import Layout
 from gl_nvidia.reference import Reference, check_repository
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.sign import sign_digest
 from gl_nvidia.registry.transfer import ClientOptions, branch_tags, mirror, pull, push
+from tests.fixtures.layouts import FAST, make_layout
 from tests.fixtures.registry import PASSWORD, USER, Registry
-
-FAST = ClientOptions(retries=2, backoff_s=0.05)
-
-
-def make_layout(root: Path, images: dict[str, bytes], big: int = 0) -> Layout:
-    """One image per tag: a shared layer (random `big` bytes when asked) plus a layer with the tag's data."""
-    layout = Layout.create(root)
-    shared = layers.write_layer(layout, [layers.Entry(PurePosixPath("/shared.bin"), data=os.urandom(big) if big else b"s")])
-    for tag, data in images.items():
-        own = layers.write_layer(layout, [layers.Entry(PurePosixPath("/own"), data=data)])
-        cfg = layout.write_blob(canonical_json({
-            "architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["nvidia-driver"]},
-            "rootfs": {"type": "layers", "diff_ids": [shared.diff_id, own.diff_id]},
-        }), CONFIG)
-        layout.add_image(Manifest.build(cfg, [shared.descriptor, own.descriptor], {}), [tag])
-    return layout
 
 
 def skopeo_tags(ref: str) -> list[str]:

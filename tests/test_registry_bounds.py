@@ -24,9 +24,14 @@ from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.credentials import same_origin
 from gl_nvidia.registry.transfer import ClientOptions, pull, pull_base, push
 from tests.fixtures.hostile_registry import BASIC, HostileRegistry, Request, Response
+from tests.fixtures.layouts import (
+    FAST,
+    env_credentials,
+    make_layout,
+    no_ambient_credentials,
+    two_images,
+)
 from tests.fixtures.registry import Registry
-from tests.test_registry import FAST, make_layout
-from tests.test_registry_trust import env_credentials, no_ambient_credentials, two_images
 
 __all__ = ["no_ambient_credentials"]  # autouse: no credentials from this machine's docker config
 

@@ -17,31 +17,18 @@ from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.credentials import realm_may_receive_credentials
 from gl_nvidia.registry.transfer import ClientOptions, mirror, pull, push
 from tests.fixtures.hostile_registry import HostileRegistry
+from tests.fixtures.layouts import (
+    FAST,
+    env_credentials,
+    make_layout,
+    no_ambient_credentials,
+    two_images,
+)
 from tests.fixtures.registry import PASSWORD, USER, Registry
-from tests.test_registry import FAST, make_layout
+
+__all__ = ["no_ambient_credentials"]  # autouse: no credentials from this machine's docker config
 
 BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker"))
-    for var in ("GL_NVIDIA_REGISTRY_HOST", "GL_NVIDIA_REGISTRY_USERNAME", "GL_NVIDIA_REGISTRY_PASSWORD"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def env_credentials(monkeypatch: pytest.MonkeyPatch, host: str | None) -> None:
-    if host is not None:
-        monkeypatch.setenv("GL_NVIDIA_REGISTRY_HOST", host)
-    monkeypatch.setenv("GL_NVIDIA_REGISTRY_USERNAME", USER)
-    monkeypatch.setenv("GL_NVIDIA_REGISTRY_PASSWORD", PASSWORD)
-
-
-def two_images(hostile: HostileRegistry, tmp_path: Path, big: int = 0) -> tuple[str, str]:
-    """Two images (tags 535-a, 535-b) stored in the real registry behind the proxy."""
-    layout = make_layout(tmp_path / "src", {"535-a": b"a", "535-b": b"b"}, big=big)
-    push(layout.root, f"{hostile.backend.host}/driver")
-    return layout.tags()["535-a"], layout.tags()["535-b"]
 
 
 def blob_files(layout: Layout) -> list[Path]:

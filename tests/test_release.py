@@ -20,12 +20,10 @@ from gl_nvidia.run import output
 from tests.fixtures.ibt import ibt_kernels
 from tests.fixtures.kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
 from tests.fixtures.registry import Registry
+from tests.fixtures.release import KERNEL, LOCK, TAGS
 
 DATA = Path(__file__).parent / "data" / "deploy"
-LOCK = DATA / "release-debian-lock.yaml"
 TWO_KERNELS = DATA / "release-debian-two-kernels.yaml"
-KERNEL = "6.1.0-56-cloud-amd64"
-TAGS = (f"535-{KERNEL}-debian12", f"535.309.01-{KERNEL}-debian12")
 
 
 def _uploads(reg: Registry) -> list[Path]:
@@ -253,6 +251,7 @@ def test_release_refuses_a_bad_registry_before_building(bad: str, tmp_path: Path
     assert not out.exists()  # nothing built, nothing half-written
 
 
+@pytest.mark.slow
 def test_release_to_a_registry_with_a_trailing_slash_writes_its_values(registry: Registry, tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

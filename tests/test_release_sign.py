@@ -15,7 +15,7 @@ from gl_nvidia.release.inputs import INPUTS
 from gl_nvidia.run import output
 from tests.fixtures.bundle import ModuleKey
 from tests.fixtures.registry import Registry
-from tests.test_release import LOCK, TAGS
+from tests.fixtures.release import LOCK, TAGS
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from gl_nvidia.oci import Descriptor, Manifest, canonical_json, digest_bytes
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.sign import PAYLOAD_TYPE, SIGNATURE_ANNOTATION
 from gl_nvidia.registry.transfer import push
+from tests.fixtures.layouts import make_layout
 from tests.fixtures.registry import Registry
-from tests.test_registry import make_layout
 
 
 def sh(*argv: str | Path) -> str:

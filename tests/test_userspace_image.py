@@ -25,6 +25,8 @@ from gl_nvidia.image.build import ImageOptions, build_images
 from tests.fixtures import runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER
 
+pytestmark = pytest.mark.slow  # real images of the real Debian bundles (amd64, arm64 cross-compiled)
+
 # What the graphics ICDs and libnvidia-fbc link against but the workload brings: the toolkit mounts the
 # driver's files into a container that has its own X11 client libraries and GLVND loaders (libGL, libEGL).
 WORKLOADS_OWN = {"libX11.so.6", "libXext.so.6", "libGL.so.1", "libEGL.so.1"}

@@ -21,7 +21,7 @@ from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
 from tests.fixtures import runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER
-from tests.test_fuzz_input import SEED, mutate
+from tests.fixtures.fuzz import SEED, mutate
 
 LIB = f"usr/lib/{TRIPLETS['amd64']}"
 # NVIDIA's own sonames that are not `.so.1`: a naming rule gets each of them wrong.

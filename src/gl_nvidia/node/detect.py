@@ -10,6 +10,7 @@ from .host import Host
 PCI_DEVICES = "/sys/bus/pci/devices"
 HOST_OS_RELEASE = "/host-etc/os-release"
 INFINIBAND = "/sys/class/infiniband"
+NVSWITCH_PROC = "/proc/driver/nvidia-nvswitch/devices"
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # shorter than the kernel's MODULE_NAME_LEN
 
 
@@ -58,6 +59,11 @@ def parse_os_release(text: str) -> dict[str, str]:
 def nvlink5_switch(host: Host) -> bool:
     """NVIDIA's test: a ConnectX port whose VPD names the switch management function (SW_MNG)."""
     return any("SW_MNG" in (host.read_opt(f"{INFINIBAND}/{dev}/device/vpd") or "") for dev in host.listdir(INFINIBAND))
+
+
+def nvswitch_count(host: Host, node: Node) -> int:
+    """NVSwitches on the PCI bus, or those the loaded driver lists when it sees more."""
+    return max(len(node.nvswitches), len(host.listdir(NVSWITCH_PROC)))
 
 
 def read_node(host: Host) -> Node:
