@@ -7,6 +7,7 @@ can take from another's), each test in a private cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -44,18 +45,17 @@ def next_headers() -> KernelHeaders:
     return AptEnv().headers(next_kernel(), "amd64")
 
 
-def _source(tmp_path: Path, name: str = "hello", c_file: str | None = None, kbuild: str = "") -> ModuleSource:
+def _source(tmp_path: Path, name: str = "hello", extra: dict[str, str] | None = None,
+            kbuild: str = "obj-m := glnv_hello.o\n") -> ModuleSource:
     tree = tmp_path / name
     tree.mkdir()
-    if c_file is None:
-        shutil.copy(TINY_SOURCES / "glnv_hello.c", tree)
-        obj = "glnv_hello"
-    else:
-        (tree / "glnv_salt.c").write_text(c_file)
-        obj = "glnv_salt"
-    (tree / "Kbuild").write_text(f"obj-m := {obj}.o\n{kbuild}")
+    shutil.copy(TINY_SOURCES / "glnv_hello.c", tree)
+    for file, text in (extra or {}).items():
+        (tree / file).write_text(text)
+    (tree / "Kbuild").write_text(kbuild)
     (tree / "Makefile").write_text("modules:\n\t$(MAKE) -C $(SYSOUT) M=$(CURDIR) modules\n")  # NVIDIA's interface
-    return ModuleSource("open", "1.0", tree, f"{name}-" + sha256_file(next(tree.glob("*.c"))))
+    digest = hashlib.sha256("".join(sha256_file(f) for f in sorted(tree.iterdir())).encode()).hexdigest()
+    return ModuleSource("open", "1.0", tree, f"{name}-{digest}")
 
 
 def _build(src: ModuleSource, headers: KernelHeaders) -> tuple[CompiledSet, dict[str, object]]:
@@ -130,23 +130,23 @@ def test_two_kernels_built_at_once_do_not_corrupt_each_other(
     assert not any(View(own_cache / "build" / "view").root.iterdir())  # each build's view was its own
 
 
-SALTED = """// SPDX-License-Identifier: GPL-2.0
-#include <linux/module.h>
-static int __init glnv_salt_init(void)
+SALT = """// SPDX-License-Identifier: GPL-2.0
+#include <linux/stringify.h>
+const char *glnv_salt(void);
+const char *glnv_salt(void)
 {
-	pr_info("glnv_salt: %s\\n", __stringify(GLNV_SALT));
-	return 0;
+	return __stringify(GLNV_SALT);
 }
-module_init(glnv_salt_init);
-MODULE_LICENSE("GPL");
 """
 
 
 def test_a_module_that_differs_warm_and_cold_turns_reuse_off_and_the_log_says_why(
         tmp_path: Path, own_cache: Path, debian_headers: KernelHeaders, next_headers: KernelHeaders,
         caplog: pytest.LogCaptureFixture) -> None:
-    # A build that is not reproducible: each compile bakes in its own random number.
-    src = _source(tmp_path, "salted", SALTED, "ccflags-y := -DGLNV_SALT=$(strip $(shell od -An -N8 -tx8 /dev/urandom))\n")
+    # A build that is not reproducible: one of its objects bakes in a random number each time it is compiled
+    # (the other one is reused, so the gate compares).
+    src = _source(tmp_path, "salted", {"salt.c": SALT}, "obj-m := glnv_salt.o\nglnv_salt-y := glnv_hello.o salt.o\n"
+                  "CFLAGS_salt.o := -DGLNV_SALT=$(strip $(shell od -An -N8 -tx8 /dev/urandom))\n")
     _build(src, debian_headers)
     with caplog.at_level(logging.WARNING):
         second, record = _build(src, next_headers)

@@ -167,7 +167,7 @@ def _reuse_gated(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolcha
         tree = work / name
         argv = reuse.make_argv(view, hdrs, tree, inner)
         b = _make(src, tree, argv, work / f"{name}.log", reuse.ccache_env(stats, cold=cold), view, hdrs)
-        return (b, *reuse.cache_hits(stats))
+        return (b, *reuse.cache_hits(stats, view.tree))
 
     if known is not None and not known.ok:
         log.warning("%s %s modules: reuse of other kernels' compiles is off for this driver source and kernel "

@@ -9,9 +9,11 @@ cache, only the few files whose headers changed, modpost's `.mod.c` and the link
 The nvidia and nvidia-modeset cores (`nv-kernel.o_binary`, `nv-modeset-kernel.o_binary`) need no compile
 here at all: both Debian's and NVIDIA's module trees (open and proprietary) ship them prebuilt.
 
-The gate: the first build of a case (driver source, module type, compiler, kernel series) that took
-anything from the compiler cache is repeated without it, and every module's sha256 compared; the verdict
-is kept in the sealed cache. A mismatch turns reuse off for that case, with the reason in the log.
+The gate: the first build of a case (driver source, module type, compiler, kernel series) that took any
+of the module's objects from the compiler cache is repeated without it, and every module's sha256 (kbuild's,
+debug info included) compared; the verdict is kept in the sealed cache. A mismatch turns reuse off for that
+case, with the reason in the log. The view's path is constant for one cache (it lies under it): modules
+built in caches at other paths differ in the strings that name it.
 """
 
 from __future__ import annotations
@@ -121,11 +123,14 @@ def ccache_env(stats_log: Path, *, cold: bool) -> dict[str, str]:
     return {**env, "CCACHE_DISABLE": "1"} if cold else env
 
 
-def cache_hits(stats_log: Path) -> tuple[int, int]:
-    """(objects taken from the compiler cache, compiler calls) of one build."""
+def cache_hits(stats_log: Path, tree: Path) -> tuple[int, int]:
+    """(objects of the module tree `tree` taken from the compiler cache, objects of it compiled) in one build.
+
+    kbuild's compiler probes and NVIDIA's conftest programs are left out: they hit within one build too."""
     text = stats_log.read_text(errors="replace") if stats_log.is_file() else ""
-    calls = [set(block.splitlines()[1:]) for block in re.split(r"^#", text, flags=re.M)[1:]]
-    return sum(bool(c & _HITS) for c in calls), len(calls)
+    calls = [block.splitlines() for block in re.split(r"^# ", text, flags=re.M)[1:]]
+    own = [set(c[1:]) for c in calls if c and c[0].startswith(f"{tree}/") and not Path(c[0]).name.startswith("conftest")]
+    return sum(bool(c & _HITS) for c in own), len(own)
 
 
 def series(kernel: str) -> str:
