@@ -3,6 +3,7 @@
 The cache key is everything the result depends on: the module tree's digest, the module type, the
 kernel headers' digest, the compiler and the recipe. A hit costs no compiling, a miss compiles once.
 Failed compiles are cached too, so an unchanged matrix with a known-bad cell does not retry it.
+Where it can, the compile reuses other kernels' objects (build.reuse), behind a byte-identity gate.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from gl_nvidia.build import reuse
 from gl_nvidia.build.abi import OBJTOOL_SECTIONS, ModuleElf, gate, kernel_abi, read_module
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
 from gl_nvidia.build.sources import ModuleSource
@@ -29,6 +32,7 @@ from gl_nvidia.run import run
 log = logging.getLogger(__name__)
 
 # Bump when the way modules are built or stripped changes: old cache entries then stop matching.
+# (Building at build.reuse's constant paths changed the bytes, not what the modules are: not bumped.)
 RECIPE = 2  # 2: split modules (interface + kernel-independent binary, linked from parts)
 _ERROR = re.compile(r"(\berror\b|\*\*\*)", re.I)
 
@@ -95,30 +99,101 @@ def compile_set(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchai
     entry = cache_dir("build", "modules") / key
     with (cache_dir("build", "locks") / key).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _compile_locked(entry, src, hdrs, env, jobs, keep_debug)
+        return _compile_locked(entry, src, hdrs, env, toolchain, jobs, keep_debug)
 
 
-def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, jobs: int,
-                    keep_debug: bool) -> CompiledSet:
+def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchain: str,
+                    jobs: int, keep_debug: bool) -> CompiledSet:
     hit = _load(entry, src.module_type) if cache_hit(entry) else None
     # Entries from before debug copies were cached have none: only --keep-debug needs them rebuilt.
     if hit is not None and (not keep_debug or hit.status != "ok" or (entry / "debug").is_dir()):
         return hit
+    why_not = reuse.unavailable(hdrs, env.name)
+    if why_not:
+        log.info("%s %s modules: no reuse of other kernels' compiles: %s", hdrs.kernel, src.module_type, why_not)
     work = Path(tempfile.mkdtemp(prefix=f"{hdrs.kernel}-{src.module_type}-", dir=cache_dir("build", "work")))
     try:
         tree = work / "tree"
-        shutil.copytree(src.tree, tree, symlinks=True)
-        build_log = work / "build.log"
-        proc = run(env.make_argv(hdrs, tree, jobs), log_file=build_log, check=False)
+        if why_not:
+            build = _make(src, tree, env.make_argv(hdrs, tree, jobs), work / "build.log")
+            record: dict[str, object] = {"mode": "off", "why": why_not, "seconds": build.seconds}
+        else:
+            build, record = _reuse_gated(src, hdrs, env, toolchain, jobs, work)
         with cache_fill(entry) as tmp:
-            shutil.copyfile(build_log, tmp / "build.log")
-            result = _collect(tree, tmp, src, hdrs, proc.returncode, build_log)
+            shutil.copyfile(build.log, tmp / "build.log")
+            result = _collect(build.tree, tmp, src, hdrs, build.returncode, build.log)
             (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+            (tmp / "reuse.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     done = _load(entry, src.module_type)
     assert done is not None
     return replace(done, cached=False)
+
+
+@dataclass(frozen=True)
+class _Build:
+    tree: Path
+    log: Path
+    returncode: int
+    seconds: float
+
+
+def _make(src: ModuleSource, tree: Path, argv: list[str], build_log: Path, env: dict[str, str] | None = None,
+          view: reuse.View | None = None, hdrs: KernelHeaders | None = None) -> _Build:
+    """Copy the module tree to `tree` and run make there; `view`: in build.reuse's view, whose paths the
+    log and kbuild's saved commands then name as they are outside it."""
+    shutil.copytree(src.tree, tree, symlinks=True)
+    start = time.monotonic()
+    proc = run(argv, log_file=build_log, check=False, env=env)
+    seconds = round(time.monotonic() - start, 1)
+    if view is not None and hdrs is not None:
+        for f in [build_log, *tree.glob(".*.cmd"), *tree.glob("*.mod")]:
+            f.write_text(view.back(f.read_text(errors="replace"), hdrs, tree))
+    return _Build(tree, build_log, proc.returncode, seconds)
+
+
+def _reuse_gated(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchain: str, jobs: int,
+                 work: Path) -> tuple[_Build, dict[str, object]]:
+    """Build in the view through the compiler cache; the first build of a case that took anything from it
+    is built again without it and compared (reuse.compare), and the cold one kept when they differ."""
+    view = reuse.view()
+    case = reuse.case_key(RECIPE, src.digest, src.module_type, toolchain, hdrs)
+    known = reuse.verdict(case)
+    inner = env.make_argv(view.headers(hdrs), view.tree, jobs)
+
+    def make(name: str, cold: bool) -> tuple[_Build, int, int]:
+        stats = work / f"{name}.ccache"
+        tree = work / name
+        argv = reuse.make_argv(view, hdrs, tree, inner)
+        b = _make(src, tree, argv, work / f"{name}.log", reuse.ccache_env(stats, cold=cold), view, hdrs)
+        return (b, *reuse.cache_hits(stats, view.tree))
+
+    if known is not None and not known.ok:
+        log.warning("%s %s modules: reuse of other kernels' compiles is off for this driver source and kernel "
+                    "series: %s", hdrs.kernel, src.module_type, known.why)
+        cold, _, calls = make("tree", cold=True)
+        return cold, {"mode": "off", "why": known.why, "seconds": cold.seconds, "compiles": calls}
+    warm, hits, calls = make("tree", cold=False)
+    record: dict[str, object] = {"mode": "warm", "seconds": warm.seconds, "reused": hits, "compiles": calls}
+    if known is not None or hits == 0 or warm.returncode != 0:
+        return warm, {**record, "verdict": known.why if known else None}
+    cold, _, _ = make("cold", cold=True)
+    warm_kos, cold_kos = _kos(warm.tree), _kos(cold.tree)
+    verdict = reuse.compare(warm_kos, cold_kos)
+    checked = {"cold_seconds": cold.seconds, "kernel": hdrs.kernel, "identical": verdict.ok,
+               "modules": {n: [warm_kos.get(n), cold_kos.get(n)] for n in sorted(warm_kos.keys() | cold_kos.keys())}}
+    reuse.keep_verdict(case, verdict, checked)
+    if not verdict.ok:
+        log.warning("%s %s modules: reuse of other kernels' compiles turned off for this driver source and kernel "
+                    "series, the cold build kept: %s", hdrs.kernel, src.module_type, verdict.why)
+        return cold, {**record, **checked, "mode": "off", "why": verdict.why}
+    return warm, {**record, **checked, "verdict": verdict.why}
+
+
+def _kos(tree: Path) -> dict[str, str]:
+    """kbuild's modules in `tree` (unstripped: debug info compared too), by name."""
+    return {ko.name: sha256_file(ko) for ko in sorted(tree.glob("*.ko"))}
 
 
 def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, returncode: int,
