@@ -1,8 +1,8 @@
 """The build stage end to end on the debian profile: open modules, a real failing cell, the cache, the
 CLI table, --exclude-failed, and the gate against another kernel series.
 
-Cold this compiles the open tree for 6.1.0-47 (about 2.5 min) and 6.1.0-56 (fails after about 1 min)
-and the proprietary set for 6.1.0-47 (about 2.5 min); warm, nothing compiles.
+Cold this compiles the open tree for the oldest 6.1 ABI (about 2.5 min) and DEBIAN_KERNEL (fails after about 1 min)
+and the proprietary set for the oldest (about 2.5 min); warm, nothing compiles.
 """
 
 from __future__ import annotations
@@ -23,15 +23,18 @@ from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.catalog.resolve import refresh
 from gl_nvidia.cli import main
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT
+from tests.fixtures.kernels import debian_abis
 
-OPEN_OK_KERNEL = "6.1.0-47-cloud-amd64"  # the open 535.261.03 tree still builds for it
+# The open 535.261.03 tree builds for the oldest 6.1 ABI the archive lists (6.1.0-47, Linux 6.1.158, when
+# this was written) and fails for newer ones: found at run time, as the archive's oldest.
+OPEN_OK_KERNEL = debian_abis("6.1")[0]
 UNIT_47 = BuildUnit(kernel=OPEN_OK_KERNEL, driver_version=DEBIAN_DRIVER, driver_branch="535", arch="amd64",
                     flavour="cloud", os_id="debian", os_versions=("12",))
 
 
 @pytest.fixture(scope="session")
 def open_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[UnitResult]]:
-    """Open modules for 6.1.0-47 (builds) and then 6.1.0-56 (fails) into one bundle."""
+    """Open modules for OPEN_OK_KERNEL (builds) and then DEBIAN_KERNEL (fails) into one bundle."""
     out = tmp_path_factory.mktemp("open") / f"{DEBIAN_DRIVER}-amd64"
     return out, [build_unit(u, out, source=DebianSource(), env=AptEnv(), module_types=("open",))
                  for u in (UNIT_47, DEBIAN_UNIT)]
@@ -109,7 +112,7 @@ def test_second_build_of_an_unchanged_unit_compiles_nothing(debian_bundle: Path,
 
 def _profile_building_open(path: Path) -> Path:
     """The debian profile resolved now, with the open source's version treated as the driver's, so the
-    matrix asks for the open modules (which fail on 6.1.0-56) instead of excluding them."""
+    matrix asks for the open modules (which fail on DEBIAN_KERNEL) instead of excluding them."""
     yaml = YAML()
     doc = yaml.load(profile_text("debian"))
     resolved = refresh(load_lock("debian"), date.today())
@@ -117,8 +120,8 @@ def _profile_building_open(path: Path) -> Path:
     # The fixtures' two kernels, whichever is the archive's current one today.
     kernels = [resolved.kernels[0].model_copy(update={"kernel": k}) for k in (OPEN_OK_KERNEL, DEBIAN_KERNEL)]
     doc["resolved"] = resolved_to_yaml(resolved.model_copy(update={"drivers": drivers, "kernels": kernels}))
-    # Only cells the other fixtures compile: a proprietary build for 6.1.0-47 would cost minutes and
-    # prove nothing the 6.1.0-56 one does not.
+    # Only cells the other fixtures compile: a proprietary build for OPEN_OK_KERNEL would cost minutes and
+    # prove nothing the DEBIAN_KERNEL one does not.
     doc["policy"]["exclusions"] = [{"module_type": "proprietary", "kernel": f"=={OPEN_OK_KERNEL}",
                                     "reason": "the tests' compile budget"}]
     with path.open("w") as fh:
@@ -136,7 +139,7 @@ def test_build_all_reports_failed_cells_and_excludes_them(
     captured = capsys.readouterr()
     assert rc == 1 and "1 of 2 build unit(s) failed" in captured.err
     table = captured.out
-    assert "6.1.0-56-cloud-amd64" in table and "6.1.0-47-cloud-amd64" in table
+    assert DEBIAN_KERNEL in table and OPEN_OK_KERNEL in table
     assert "failed" in table and "pci_resize_resource" in table
     # Debian packages no fabric manager, IMEX or nvlsm: lines under the table, not silent gaps in the image
     assert (f"{DEBIAN_DRIVER}-amd64: left out fabricmanager: no fabric manager for {DEBIAN_DRIVER} in Debian"
