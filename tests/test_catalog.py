@@ -13,12 +13,25 @@ from typing import Any
 
 import pytest
 
+from gl_nvidia.apt import DEBIAN_KEYRING, AptRepo
 from gl_nvidia.catalog.history import history_path, read_history
-from gl_nvidia.catalog.kernels import apt_sources, compare_kernels, kernel_sort_key, resolve_kernel
+from gl_nvidia.catalog.kernels import (
+    apt_sources,
+    compare_kernels,
+    kernel_sort_key,
+    resolve_kernel,
+    resolve_kernels,
+)
 from gl_nvidia.catalog.lock import ExclusionRule, Policy, add_exclusion, parse_lock_text, read_lock
 from gl_nvidia.catalog.matrix import build_matrix, in_range, load_matrix, profile_text, rule_matches
 from gl_nvidia.catalog.model import Cell
-from gl_nvidia.catalog.resolve import policy_leaves_out, refresh, select_drivers, select_os_versions
+from gl_nvidia.catalog.resolve import (
+    drivers_from_package,
+    policy_leaves_out,
+    refresh,
+    select_drivers,
+    select_os_versions,
+)
 from gl_nvidia.catalog.sources import parse_glrd, parse_nvidia
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
@@ -261,6 +274,50 @@ def test_the_debian_profiles_upgrade_pair_is_the_archives_newest_cloud_abi_and_t
     abis = sorted({n.removeprefix("linux-headers-").removesuffix("-cloud-amd64") for n in listed
                    if re.fullmatch(r"linux-headers-6\.1\.0-\d+-cloud-amd64", n)}, key=lambda v: int(v.rsplit("-", 1)[1]))
     assert [f"{a}-cloud-amd64" for a in abis[-2:]] == pair
+
+
+def test_another_debian_release_is_read_from_the_archive_this_machine_trusts(tmp_path: Path) -> None:
+    """`system:trixie` on a bookworm machine: the same entries (URI, components, Signed-By) with trixie in
+    place of bookworm; the machine's other vendors' entries are not Debian's and stay out."""
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://archive.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main contrib non-free non-free-firmware\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb\nURIs: http://archive.example/debian-security\nSuites: bookworm-security\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb\nURIs: http://vendor.example/apt\nSuites: nodistro\nComponents: main\nSigned-By: /usr/share/keyrings/vendor.gpg\n")
+    chosen = apt_sources("system:trixie", "13", DEBIAN, etc_apt=tmp_path)
+    assert [(s.uri, s.suite, s.components[-1], s.keyring) for s in chosen] == [
+        ("http://archive.example/debian", "trixie", "non-free-firmware", DEBIAN_KEYRING),
+        ("http://archive.example/debian", "trixie-updates", "non-free-firmware", DEBIAN_KEYRING),
+        ("http://archive.example/debian-security", "trixie-security", "main", DEBIAN_KEYRING)]
+    assert [s.suite for s in apt_sources("system:bookworm", "12", DEBIAN, etc_apt=tmp_path)] == [
+        "bookworm", "bookworm-updates", "bookworm-security"]
+    with pytest.raises(UserError, match=r"'system:\.\./x' does not name a Debian release"):
+        apt_sources("system:../x", "13", DEBIAN, etc_apt=tmp_path)
+
+
+def test_debian_13_kernels_and_driver_branches_from_trixies_signed_index() -> None:
+    """Integration: trixie's InRelease verified with this bookworm machine's archive keyring, nothing of
+    trixie installed. Its 6.12 cloud kernel and the ABI before it; its two driver branches: 550 with open
+    modules of the driver's own version (both types can ship) and the Tesla 535 branch."""
+    kernels = resolve_kernels("system:trixie", "13", "cloud", "amd64", DEBIAN, "trixie", previous=True)
+    assert len(kernels) == 2 and all(re.fullmatch(r"6\.12\.\d+\+deb13(\.\d+)?-cloud-amd64", k) for k in kernels)
+    assert compare_kernels(kernels[0], kernels[1]) > 0
+    repo = AptRepo(apt_sources("system:trixie", "13", DEBIAN), arch="arm64")
+    (newest,) = drivers_from_package(repo, "nvidia-kernel-source")
+    assert newest.branch == "550" and newest.open_version is None  # the open source is the driver's version
+    (tesla,) = drivers_from_package(repo, "nvidia-tesla-535-kernel-source")
+    assert tesla.branch == "535" and tesla.version.startswith("535.")
+    assert "trixie" not in output(["dpkg-query", "-W", "-f", "${Version}\n"])
+
+
+def test_an_unreachable_debian_release_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("matrix", "--apt-repository", "system:nosuch") == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("gl-nvidia: error:")] == [
+        line for line in err.splitlines() if "error" in line]
+    assert "/dists/nosuch/" in err and "Traceback" not in err
 
 
 def test_kernel_order_is_debian_version_order() -> None:

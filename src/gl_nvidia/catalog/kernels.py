@@ -15,7 +15,7 @@ from pathlib import Path
 
 from debian.debian_support import Version, version_compare
 
-from gl_nvidia.apt import AptRepo, AptSource, system_sources
+from gl_nvidia.apt import AptRepo, AptSource, release_suites, system_sources
 from gl_nvidia.errors import UserError
 from gl_nvidia.osprofile import DEBIAN, OSProfile
 
@@ -44,16 +44,20 @@ def apt_sources(spec: str, os_version: str, distro: OSProfile, codename: str | N
     """The apt sources of one OS version.
 
     `system:<codename>`: this machine's configured archive, only the suites `<codename>` and
-    `<codename>-*` (other vendors' entries are not the OS's kernels), verified with their Signed-By keyring.
+    `<codename>-*` (other vendors' entries are not the OS's kernels), verified with their Signed-By keyring;
+    for a release this machine does not list (trixie on a bookworm machine), the same archive's suites of
+    that release (`apt.release_suites`).
     Anything else is the base URL (or directory) of a repository laid out as the OS record says (Garden
     Linux: one suite per OS version), verified with the keyring file GL_APT_KEYRING names.
     """
     if spec.startswith("system:"):
         codename = spec.removeprefix("system:")
-        chosen = [s for s in system_sources(etc_apt) if s.suite == codename or s.suite.startswith(f"{codename}-")]
-        if not chosen:
-            raise UserError(f"this machine's apt sources have no {codename} suites", "configure Debian's archive in /etc/apt")
-        return chosen
+        if not re.fullmatch(r"[a-z]+", codename):
+            raise UserError(f"{spec!r} does not name a Debian release (system:<codename>, e.g. system:trixie)",
+                            "fix sources.apt or --apt-repository")
+        configured = system_sources(etc_apt)
+        chosen = [s for s in configured if s.suite == codename or s.suite.startswith(f"{codename}-")]
+        return chosen or release_suites(configured, codename)
     uri = expand_env(spec)
     keyring = os.environ.get("GL_APT_KEYRING")
     if not keyring:
