@@ -264,6 +264,16 @@ def test_the_previous_kernel_is_read_from_the_index_so_a_rotated_out_abi_never_b
     assert pair() == ["6.1.0-57-cloud-amd64"]
 
 
+def test_the_embedded_profile_names_no_kernel_abi() -> None:
+    """A named ABI breaks the main job the day Debian's index drops it: the profile widens a flavour
+    to the ABI before the current one instead."""
+    text = profile_text("debian")
+    assert not re.search(r"\d+\.\d+\.\d+(-\d+|\+deb)", text)
+    policy = parse_lock_text(text, "profile")[0].policy
+    assert policy.kernel_pins == [] and policy.kernel_overrides == []
+    assert [(k.os_version, k.flavour, k.arch) for k in policy.previous_kernels] == [("12", "cloud", "amd64")]
+
+
 def test_the_debian_profiles_upgrade_pair_is_the_archives_newest_cloud_abi_and_the_one_before() -> None:
     """Integration: the real archive, checked against apt itself (no ABI named here either)."""
     m = load_matrix("debian")
