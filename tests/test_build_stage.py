@@ -28,7 +28,7 @@ from tests.fixtures.kernels import debian_abis
 # The open 535.261.03 tree builds for the oldest 6.1 ABI the archive lists (6.1.0-47, Linux 6.1.158, when
 # this was written) and fails for newer ones: found at run time, as the archive's oldest.
 OPEN_OK_KERNEL = debian_abis("6.1")[0]
-UNIT_47 = BuildUnit(kernel=OPEN_OK_KERNEL, driver_version=DEBIAN_DRIVER, driver_branch="535", arch="amd64",
+OPEN_OK_UNIT = BuildUnit(kernel=OPEN_OK_KERNEL, driver_version=DEBIAN_DRIVER, driver_branch="535", arch="amd64",
                     flavour="cloud", os_id="debian", os_versions=("12",))
 
 
@@ -37,7 +37,7 @@ def open_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Un
     """Open modules for OPEN_OK_KERNEL (builds) and then DEBIAN_KERNEL (fails) into one bundle."""
     out = tmp_path_factory.mktemp("open") / f"{DEBIAN_DRIVER}-amd64"
     return out, [build_unit(u, out, source=DebianSource(), env=AptEnv(), module_types=("open",))
-                 for u in (UNIT_47, DEBIAN_UNIT)]
+                 for u in (OPEN_OK_UNIT, DEBIAN_UNIT)]
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +164,7 @@ def test_build_all_reports_failed_cells_and_excludes_them(
 def test_keep_debug_ships_unstripped_copies_beside_the_bundle(
         open_bundle: tuple[Path, list[UnitResult]], tmp_path: Path) -> None:
     out = tmp_path / "bundle"
-    r = build_unit(UNIT_47, out, source=DebianSource(), env=AptEnv(), module_types=("open",), keep_debug=True)
+    r = build_unit(OPEN_OK_UNIT, out, source=DebianSource(), env=AptEnv(), module_types=("open",), keep_debug=True)
     assert r.ok and r.outcomes["open"].cached  # debug copies are cached with the build: no recompile
     ms = b.BundleManifest.load(out).kernels[OPEN_OK_KERNEL].module_sets["open"]
     debug = b.debug_dir(out, OPEN_OK_KERNEL, "open")
@@ -177,7 +177,7 @@ def test_keep_debug_ships_unstripped_copies_beside_the_bundle(
 def test_parallel_units_share_one_bundle(open_bundle: tuple[Path, list[UnitResult]], tmp_path: Path) -> None:
     # Two units at once write two kernels into the same bundle; the bundle lock keeps both, the failed
     # cell's record too (the open modules the fixture compiled: -47 builds, -56 fails).
-    results = build_all([DEBIAN_UNIT, UNIT_47], tmp_path, source=DebianSource(), env_for=lambda u: AptEnv(),
+    results = build_all([DEBIAN_UNIT, OPEN_OK_UNIT], tmp_path, source=DebianSource(), env_for=lambda u: AptEnv(),
                         jobs=2, module_types=("open",))
     assert [r.ok for r in results] == [False, True]
     assert {r.bundle for r in results} == {tmp_path / f"{DEBIAN_DRIVER}-amd64"}
