@@ -138,8 +138,10 @@ class Boot:
 
 
 def boot(kernel: str, initramfs: Path, append: str = "") -> Boot:
+    # The whole image as an uncompressed cpio (about 960 MB with the full userspace) is unpacked into RAM
+    # beside itself: in 2 GB the kernel's initramfs unpacking fails with "write error".
     p = subprocess.run(
-        ["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-nographic",
+        ["qemu-system-x86_64", "-accel", "tcg", "-m", "4096", "-nographic",
          "-no-reboot", "-kernel", str(vmlinuz(kernel)), "-initrd", str(initramfs),
          "-append", f"console=ttyS0 panic=-1 quiet loglevel=4 {append}".strip()],
         capture_output=True, text=True, errors="replace", timeout=300, check=False,
