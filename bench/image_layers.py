@@ -1,7 +1,7 @@
 """Registry storage and kernel-upgrade pull bytes: our layered images vs one image per kernel (today's).
 
 Real: `gl-nvidia release --profile debian` output, as a user gets it: Debian's driver 535.309.01 for the
-profile's two real kernels (6.1.0-47 and the archive's current cloud kernel), images in the release's
+profile's two real cloud kernels (the archive's current one and the ABI before it), images in the release's
 OCI layout. For every ordered pair of kernels it prints the bytes a node holding the first image pulls
 to run the second (blobs it lacks: layers and config), ours and monolithic. The Debian profile ships
 only the proprietary modules (Debian's open source is 535.261.03, which the node would refuse beside

@@ -1,4 +1,4 @@
-"""The ABI gate on small real modules built against Debian's real 6.1.0-56 headers (seconds)."""
+"""The ABI gate on small real modules built against Debian's real DEBIAN_KERNEL headers (seconds)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 from gl_nvidia.build.abi import expected_vermagic, gate, gate_files, kernel_abi, read_module
 from gl_nvidia.build.kenv import read_config
 from gl_nvidia.errors import UserError
-from tests.fixtures.bundle import TinyModules
+from tests.fixtures.bundle import DEBIAN_KERNEL, TinyModules
 
 
 def test_kernel_vermagic_from_config_equals_what_kbuild_stamps(tiny_module: TinyModules) -> None:
     abi = kernel_abi(tiny_module.headers.sysout)
-    assert abi.release == "6.1.0-56-cloud-amd64"
+    assert abi.release == DEBIAN_KERNEL
     assert read_module(tiny_module.hello).vermagic == abi.vermagic
-    assert abi.vermagic == "6.1.0-56-cloud-amd64 SMP preempt mod_unload modversions "
+    assert abi.vermagic == f"{DEBIAN_KERNEL} SMP preempt mod_unload modversions "
 
 
 def test_modules_built_for_the_kernel_pass(tiny_module: TinyModules) -> None:
@@ -31,13 +31,13 @@ def test_symbol_no_kernel_exports_is_named(tiny_module: TinyModules) -> None:
     verdict = gate_files([tiny_module.hello, tiny_module.bad], tiny_module.headers.sysout)
     assert not verdict.ok
     assert verdict.problems == (
-        "glnv_bad.ko: symbol glnv_no_such_kernel_symbol is not exported by 6.1.0-56-cloud-amd64",
+        f"glnv_bad.ko: symbol glnv_no_such_kernel_symbol is not exported by {DEBIAN_KERNEL}",
     )
 
 
 def test_sibling_export_counts_only_when_the_sibling_ships(tiny_module: TinyModules) -> None:
     alone = gate_files([tiny_module.user], tiny_module.headers.sysout)
-    assert alone.problems == ("glnv_user.ko: symbol glnv_hello_value is not exported by 6.1.0-56-cloud-amd64",)
+    assert alone.problems == (f"glnv_user.ko: symbol glnv_hello_value is not exported by {DEBIAN_KERNEL}",)
 
 
 def test_crc_mismatch_is_reported_with_both_values(tiny_module: TinyModules) -> None:
@@ -55,7 +55,7 @@ def test_vermagic_mismatch_is_reported(tiny_module: TinyModules) -> None:
     other = dataclasses.replace(abi, release="6.1.0-99-cloud-amd64",
                                 vermagic="6.1.0-99-cloud-amd64 SMP preempt mod_unload modversions ")
     problems = gate([read_module(tiny_module.hello)], other).problems
-    assert problems == ("glnv_hello.ko: vermagic '6.1.0-56-cloud-amd64 SMP preempt mod_unload modversions' "
+    assert problems == (f"glnv_hello.ko: vermagic '{DEBIAN_KERNEL} SMP preempt mod_unload modversions' "
                         "!= kernel's '6.1.0-99-cloud-amd64 SMP preempt mod_unload modversions'",)
 
 

@@ -1,7 +1,7 @@
 """The debian profile for real: Debian's NVIDIA packages and kernel headers, real compiles, real gate.
 
-Cold (empty cache) this compiles proprietary for 6.1.0-56 (about 2.5 min on 2 idle cores) and open for
-6.1.0-47 and 6.1.0-56 (about 2.5 min and 1 min); warm, everything comes from the build cache.
+Cold (empty cache) this compiles proprietary for DEBIAN_KERNEL (about 2.5 min on 2 idle cores) and open for
+OPEN_OK_KERNEL and DEBIAN_KERNEL (about 2.5 min and 1 min); warm, everything comes from the build cache.
 """
 
 from __future__ import annotations

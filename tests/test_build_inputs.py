@@ -34,7 +34,7 @@ from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
 from gl_nvidia.node import fabric as node_fabric
 from tests.fixtures import redist
-from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_UNIT
+from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT
 from tests.fixtures.nvidia_site import FAKE_RUN, FAKE_VERSION, _Server, _template, own_cache, server
 
 __all__ = ["own_cache", "server"]  # fixtures, from tests/fixtures/nvidia_site.py
@@ -499,9 +499,9 @@ def test_compiler_check_names_both_compilers(debian_headers: KernelHeaders) -> N
 
 def test_dir_env_reads_headers_on_disk(debian_headers: KernelHeaders) -> None:
     env = DirEnv(debian_headers.sysout)
-    hdrs = env.headers("6.1.0-56-cloud-amd64", "amd64")
+    hdrs = env.headers(DEBIAN_KERNEL, "amd64")
     # The arch dir's Makefile names the common dir: SYSSRC is found from it.
     assert (hdrs.sysout, hdrs.syssrc) == (debian_headers.sysout, debian_headers.syssrc)
     assert hdrs.kernel_compiler == debian_headers.kernel_compiler
-    with pytest.raises(UserError, match=r"are for 6\.1\.0-56-cloud-amd64, not 6\.1\.0-47-cloud-amd64"):
+    with pytest.raises(UserError, match=rf"are for {re.escape(DEBIAN_KERNEL)}, not 6\.1\.0-47-cloud-amd64"):
         env.headers("6.1.0-47-cloud-amd64", "amd64")

@@ -2,8 +2,8 @@
 and the nvidia.ko built beside it.
 
 The slow tests reuse the other fixtures' module sets (nothing more of NVIDIA's is compiled): the open
-535.261.03 modules for 6.1.0-47 (test_build_stage's `open_bundle`) and the proprietary 535.309.01 ones for
-6.1.0-56 (`debian_bundle`). Cold, nvidia-fs 2.13.5 compiles once per kernel in about 35-50 s on 2 cores
+535.261.03 modules for OPEN_OK_KERNEL (test_build_stage's `open_bundle`) and the proprietary 535.309.01 ones for
+DEBIAN_KERNEL (`debian_bundle`). Cold, nvidia-fs 2.13.5 compiles once per kernel in about 35-50 s on 2 cores
 (its configure probes the kernel with some twenty test builds); warm it comes from the build cache.
 The fast tests give the gate the shapes of the other cases: linked nvidia_p2p_* (nvidia-fs >= 2.17.1), older
 kernels, a CRC of another nvidia.ko.
@@ -36,7 +36,7 @@ from gl_nvidia.build.nvfs import (
 )
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.fs import sha256_file
-from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT, OPEN_OK_KERNEL, UNIT_47
+from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT, OPEN_OK_KERNEL, OPEN_OK_UNIT
 
 P2P = ("nvidia_p2p_dma_map_pages", "nvidia_p2p_dma_unmap_pages", "nvidia_p2p_free_dma_mapping",
        "nvidia_p2p_free_page_table", "nvidia_p2p_get_pages", "nvidia_p2p_put_pages")
@@ -81,9 +81,9 @@ def test_nvidia_fs_is_left_out_beside_proprietary_modules_with_the_kernels_reaso
 
 @pytest.mark.slow
 def test_a_bundle_keeps_each_kernels_reason_when_another_kernel_is_added(tmp_path: Path) -> None:
-    """One bundle, two units: 6.1.0-56's reason stays when 6.1.0-47 (which ships nvidia-fs) is built after it."""
+    """One bundle, two units: DEBIAN_KERNEL's reason stays when OPEN_OK_KERNEL (which ships nvidia-fs) is built after it."""
     out = tmp_path / "bundle"
-    for unit, types in ((DEBIAN_UNIT, ("proprietary",)), (UNIT_47, ("open",))):
+    for unit, types in ((DEBIAN_UNIT, ("proprietary",)), (OPEN_OK_UNIT, ("open",))):
         assert build_unit(unit, out, source=DebianSource(), env=AptEnv(), module_types=types).ok
     left = b.BundleManifest.load(out).left_out
     assert left[f"nvidia-fs {DEBIAN_KERNEL}"].startswith("nvidia-fs 2.13.5: proprietary: ABI gate: ")

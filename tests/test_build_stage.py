@@ -1,8 +1,8 @@
 """The build stage end to end on the debian profile: open modules, a real failing cell, the cache, the
 CLI table, --exclude-failed, and the gate against another kernel series.
 
-Cold this compiles the open tree for 6.1.0-47 (about 2.5 min) and 6.1.0-56 (fails after about 1 min)
-and the proprietary set for 6.1.0-47 (about 2.5 min); warm, nothing compiles.
+Cold this compiles the open tree for the oldest 6.1 ABI (about 2.5 min) and DEBIAN_KERNEL (fails after about 1 min)
+and the proprietary set for the oldest (about 2.5 min); warm, nothing compiles.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from gl_nvidia.catalog.lock import resolved_to_yaml
 from gl_nvidia.catalog.matrix import load_lock, profile_text
 from gl_nvidia.catalog.resolve import refresh
 from gl_nvidia.cli import main
-from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT, OPEN_OK_KERNEL, UNIT_47
+from tests.fixtures.bundle import (
+    DEBIAN_DRIVER,
+    DEBIAN_KERNEL,
+    DEBIAN_UNIT,
+    OPEN_OK_KERNEL,
+    OPEN_OK_UNIT,
+)
 
 pytestmark = pytest.mark.slow  # real compiles of the open and proprietary trees
 
@@ -98,7 +104,7 @@ def test_second_build_of_an_unchanged_unit_compiles_nothing(debian_bundle: Path,
 
 def _profile_building_open(path: Path) -> Path:
     """The debian profile resolved now, with the open source's version treated as the driver's, so the
-    matrix asks for the open modules (which fail on 6.1.0-56) instead of excluding them."""
+    matrix asks for the open modules (which fail on DEBIAN_KERNEL) instead of excluding them."""
     yaml = YAML()
     doc = yaml.load(profile_text("debian"))
     resolved = refresh(load_lock("debian"), date.today())
@@ -106,8 +112,8 @@ def _profile_building_open(path: Path) -> Path:
     # The fixtures' two kernels, whichever is the archive's current one today.
     kernels = [resolved.kernels[0].model_copy(update={"kernel": k}) for k in (OPEN_OK_KERNEL, DEBIAN_KERNEL)]
     doc["resolved"] = resolved_to_yaml(resolved.model_copy(update={"drivers": drivers, "kernels": kernels}))
-    # Only cells the other fixtures compile: a proprietary build for 6.1.0-47 would cost minutes and
-    # prove nothing the 6.1.0-56 one does not.
+    # Only cells the other fixtures compile: a proprietary build for OPEN_OK_KERNEL would cost minutes and
+    # prove nothing the DEBIAN_KERNEL one does not.
     doc["policy"]["exclusions"] = [{"module_type": "proprietary", "kernel": f"=={OPEN_OK_KERNEL}",
                                     "reason": "the tests' compile budget"}]
     with path.open("w") as fh:
@@ -125,7 +131,7 @@ def test_build_all_reports_failed_cells_and_excludes_them(
     captured = capsys.readouterr()
     assert rc == 1 and "1 of 2 build unit(s) failed" in captured.err
     table = captured.out
-    assert "6.1.0-56-cloud-amd64" in table and "6.1.0-47-cloud-amd64" in table
+    assert DEBIAN_KERNEL in table and OPEN_OK_KERNEL in table
     assert "failed" in table and "pci_resize_resource" in table
     # Debian packages no fabric manager, IMEX or nvlsm: lines under the table, not silent gaps in the image
     assert (f"{DEBIAN_DRIVER}-amd64: left out fabricmanager: no fabric manager for {DEBIAN_DRIVER} in Debian"
@@ -150,7 +156,7 @@ def test_build_all_reports_failed_cells_and_excludes_them(
 def test_keep_debug_ships_unstripped_copies_beside_the_bundle(
         open_bundle: tuple[Path, list[UnitResult]], tmp_path: Path) -> None:
     out = tmp_path / "bundle"
-    r = build_unit(UNIT_47, out, source=DebianSource(), env=AptEnv(), module_types=("open",), keep_debug=True)
+    r = build_unit(OPEN_OK_UNIT, out, source=DebianSource(), env=AptEnv(), module_types=("open",), keep_debug=True)
     assert r.ok and r.outcomes["open"].cached  # debug copies are cached with the build: no recompile
     ms = b.BundleManifest.load(out).kernels[OPEN_OK_KERNEL].module_sets["open"]
     debug = b.debug_dir(out, OPEN_OK_KERNEL, "open")
@@ -163,7 +169,7 @@ def test_keep_debug_ships_unstripped_copies_beside_the_bundle(
 def test_parallel_units_share_one_bundle(open_bundle: tuple[Path, list[UnitResult]], tmp_path: Path) -> None:
     # Two units at once write two kernels into the same bundle; the bundle lock keeps both, the failed
     # cell's record too (the open modules the fixture compiled: -47 builds, -56 fails).
-    results = build_all([DEBIAN_UNIT, UNIT_47], tmp_path, source=DebianSource(), env_for=lambda u: AptEnv(),
+    results = build_all([DEBIAN_UNIT, OPEN_OK_UNIT], tmp_path, source=DebianSource(), env_for=lambda u: AptEnv(),
                         jobs=2, module_types=("open",))
     assert [r.ok for r in results] == [False, True]
     assert {r.bundle for r in results} == {tmp_path / f"{DEBIAN_DRIVER}-amd64"}

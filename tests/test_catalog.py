@@ -13,12 +13,25 @@ from typing import Any
 
 import pytest
 
+from gl_nvidia.apt import DEBIAN_KEYRING, AptRepo
 from gl_nvidia.catalog.history import history_path, read_history
-from gl_nvidia.catalog.kernels import apt_sources, compare_kernels, resolve_kernel
-from gl_nvidia.catalog.lock import ExclusionRule, Policy, add_exclusion, read_lock
-from gl_nvidia.catalog.matrix import build_matrix, in_range, load_matrix, rule_matches
+from gl_nvidia.catalog.kernels import (
+    apt_sources,
+    compare_kernels,
+    kernel_sort_key,
+    resolve_kernel,
+    resolve_kernels,
+)
+from gl_nvidia.catalog.lock import ExclusionRule, Policy, add_exclusion, parse_lock_text, read_lock
+from gl_nvidia.catalog.matrix import build_matrix, in_range, load_matrix, profile_text, rule_matches
 from gl_nvidia.catalog.model import Cell
-from gl_nvidia.catalog.resolve import policy_leaves_out, select_drivers, select_os_versions
+from gl_nvidia.catalog.resolve import (
+    drivers_from_package,
+    policy_leaves_out,
+    refresh,
+    select_drivers,
+    select_os_versions,
+)
 from gl_nvidia.catalog.sources import parse_glrd, parse_nvidia
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
@@ -199,6 +212,124 @@ def test_debian_bookworm_cloud_kernel_from_this_machines_archive() -> None:
     assert f"linux-headers-{kernel} " in depends
 
 
+def _headers(name: str, version: str, depends: str) -> str:
+    """One paragraph as Debian's binary-amd64 index writes it for a linux-headers package."""
+    return (f"Package: {name}\nSource: linux (6.1.0)\nVersion: {version}\nArchitecture: amd64\n"
+            f"Maintainer: Debian Kernel Team <debian-kernel@lists.debian.org>\nInstalled-Size: 1\n"
+            f"Depends: {depends}\nSection: kernel\nPriority: optional\n"
+            f"Filename: pool/main/l/linux/{name}_{version}_amd64.deb\nSize: 1024\nSHA256: {'0' * 64}\n"
+            f"Description: Header files for Linux\n")
+
+
+# Debian's bookworm shape: 6.1 ABIs, the current one behind the flavour's meta-package, 6.12 backports
+# beside them (another series) and the rt flavour (another suffix).
+BOOKWORM_ABIS = {"6.1.0-47": "6.1.158-1", "6.1.0-53": "6.1.174-1", "6.1.0-56": "6.1.189-1", "6.1.0-57": "6.1.192-3"}
+
+
+def _bookworm_index(root: Path, abis: dict[str, str]) -> None:
+    paragraphs = [_headers(f"linux-headers-{abi}-{flavour}amd64", version, f"linux-kbuild-6.1 (>= {version})")
+                  for abi, version in abis.items() for flavour in ("cloud-", "rt-")]
+    paragraphs += [_headers("linux-headers-cloud-amd64", "6.1.192-3", "linux-headers-6.1.0-57-cloud-amd64 (= 6.1.192-3)"),
+                   _headers("linux-headers-6.12.118+deb12-cloud-amd64", "6.12.118-1~bpo12+1", "linux-kbuild-6.12"),
+                   _headers("linux-headers-6.12-cloud-amd64", "6.12.118-1~bpo12+1", "linux-headers-6.12.118+deb12-cloud-amd64"),
+                   _headers("nvidia-kernel-source", "535.309.01-1~deb12u1", "make")]
+    index = root / "dists/bookworm/main/binary-amd64/Packages"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text("\n".join(paragraphs))
+
+
+def test_the_previous_kernel_is_read_from_the_index_so_a_rotated_out_abi_never_breaks_the_pair(
+    apt_key: SigningKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The profile names no ABI: 'the current one and the one before' resolves from whatever the index
+    lists today. When Debian drops the formerly pinned 6.1.0-47 and the then-previous 6.1.0-56 from its
+    index, the release still gets a real upgrade pair instead of failing on a missing package."""
+    monkeypatch.setenv("GL_NVIDIA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GL_APT_KEYRING", str(apt_key.keyring))
+    repo = tmp_path / "archive"
+    lock = parse_lock_text(profile_text("debian"), "profile")[0]
+    lock = lock.model_copy(update={
+        "policy": lock.policy.model_copy(update={"arches": ["amd64"], "flavours": ["cloud"]}),
+        "sources": lock.sources.model_copy(update={"apt": str(repo)})})
+
+    def pair() -> list[str]:
+        sign_repo(repo, apt_key)
+        return sorted(k.kernel for k in refresh(lock, date(2026, 12, 5)).kernels)
+
+    _bookworm_index(repo, BOOKWORM_ABIS)
+    assert pair() == ["6.1.0-56-cloud-amd64", "6.1.0-57-cloud-amd64"]
+    _bookworm_index(repo, {k: v for k, v in BOOKWORM_ABIS.items() if k not in ("6.1.0-47", "6.1.0-56")})
+    assert pair() == ["6.1.0-53-cloud-amd64", "6.1.0-57-cloud-amd64"]
+    _bookworm_index(repo, {"6.1.0-57": BOOKWORM_ABIS["6.1.0-57"]})  # a suite with one ABI: no pair to make
+    assert pair() == ["6.1.0-57-cloud-amd64"]
+
+
+def test_the_embedded_profile_names_no_kernel_abi() -> None:
+    """A named ABI breaks the main job the day Debian's index drops it: the profile widens a flavour
+    to the ABI before the current one instead."""
+    text = profile_text("debian")
+    assert not re.search(r"\d+\.\d+\.\d+(-\d+|\+deb)", text)
+    policy = parse_lock_text(text, "profile")[0].policy
+    assert policy.kernel_pins == [] and policy.kernel_overrides == []
+    assert [(k.os_version, k.flavour, k.arch) for k in policy.previous_kernels] == [("12", "cloud", "amd64")]
+
+
+def test_the_debian_profiles_upgrade_pair_is_the_archives_newest_cloud_abi_and_the_one_before() -> None:
+    """Integration: the real archive, checked against apt itself (no ABI named here either)."""
+    m = load_matrix("debian")
+    pair = sorted((u.kernel for u in m.units if u.kernel.endswith("-cloud-amd64")), key=kernel_sort_key)
+    depends = output(["apt-cache", "show", "--no-all-versions", "linux-headers-cloud-amd64"])
+    assert len(pair) == 2 and f"linux-headers-{pair[1]} " in depends
+    listed = output(["apt-cache", "pkgnames", "linux-headers-6.1.0-"]).split()
+    abis = sorted({n.removeprefix("linux-headers-").removesuffix("-cloud-amd64") for n in listed
+                   if re.fullmatch(r"linux-headers-6\.1\.0-\d+-cloud-amd64", n)}, key=lambda v: int(v.rsplit("-", 1)[1]))
+    assert [f"{a}-cloud-amd64" for a in abis[-2:]] == pair
+
+
+def test_another_debian_release_is_read_from_the_archive_this_machine_trusts(tmp_path: Path) -> None:
+    """`system:trixie` on a bookworm machine: the same entries (URI, components, Signed-By) with trixie in
+    place of bookworm; the machine's other vendors' entries are not Debian's and stay out."""
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://archive.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main contrib non-free non-free-firmware\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb\nURIs: http://archive.example/debian-security\nSuites: bookworm-security\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb\nURIs: http://vendor.example/apt\nSuites: nodistro\nComponents: main\nSigned-By: /usr/share/keyrings/vendor.gpg\n")
+    chosen = apt_sources("system:trixie", "13", DEBIAN, etc_apt=tmp_path)
+    assert [(s.uri, s.suite, s.components[-1], s.keyring) for s in chosen] == [
+        ("http://archive.example/debian", "trixie", "non-free-firmware", DEBIAN_KEYRING),
+        ("http://archive.example/debian", "trixie-updates", "non-free-firmware", DEBIAN_KEYRING),
+        ("http://archive.example/debian-security", "trixie-security", "main", DEBIAN_KEYRING)]
+    assert [s.suite for s in apt_sources("system:bookworm", "12", DEBIAN, etc_apt=tmp_path)] == [
+        "bookworm", "bookworm-updates", "bookworm-security"]
+    with pytest.raises(UserError, match=r"'system:\.\./x' does not name a Debian release"):
+        apt_sources("system:../x", "13", DEBIAN, etc_apt=tmp_path)
+
+
+def test_debian_13_kernels_and_driver_branches_from_trixies_signed_index() -> None:
+    """Integration: trixie's InRelease verified with this bookworm machine's archive keyring, nothing of
+    trixie installed. Its 6.12 cloud kernel and the ABI before it; its two driver branches: 550 with open
+    modules of the driver's own version (both types can ship) and the Tesla 535 branch."""
+    kernels = resolve_kernels("system:trixie", "13", "cloud", "amd64", DEBIAN, "trixie", previous=True)
+    assert len(kernels) == 2 and all(re.fullmatch(r"6\.12\.\d+\+deb13(\.\d+)?-cloud-amd64", k) for k in kernels)
+    assert compare_kernels(kernels[0], kernels[1]) > 0
+    repo = AptRepo(apt_sources("system:trixie", "13", DEBIAN), arch="arm64")
+    (newest,) = drivers_from_package(repo, "nvidia-kernel-source")
+    assert newest.branch == "550" and newest.open_version is None  # the open source is the driver's version
+    (tesla,) = drivers_from_package(repo, "nvidia-tesla-535-kernel-source")
+    assert tesla.branch == "535" and tesla.version.startswith("535.")
+    assert "trixie" not in output(["dpkg-query", "-W", "-f", "${Version}\n"])
+
+
+def test_an_unreachable_debian_release_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("matrix", "--apt-repository", "system:nosuch") == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("gl-nvidia: error:")] == [
+        line for line in err.splitlines() if "error" in line]
+    assert "/dists/nosuch/" in err and "Traceback" not in err
+
+
 def test_kernel_order_is_debian_version_order() -> None:
     assert compare_kernels("6.1.0-56-cloud-amd64", "6.1.0-47-cloud-amd64") > 0
     assert compare_kernels("6.1.0-9-cloud-amd64", "6.1.0-10-cloud-amd64") < 0
@@ -273,9 +404,7 @@ def test_open_modules_of_another_version_than_the_driver_are_excluded_on_every_k
     assert {c.driver_version for c in m.cells} == {driver}
     assert {c.driver_branch for c in m.cells} == {"535"}
     by_kernel = {u.kernel: u for u in m.units}
-    assert "6.1.0-47-cloud-amd64" in by_kernel
-    current = [k for k in by_kernel if k != "6.1.0-47-cloud-amd64" and k.endswith("-cloud-amd64")]
-    assert len(current) == 1 and compare_kernels(current[0], "6.1.0-56-cloud-amd64") >= 0
+    assert len([k for k in by_kernel if k.endswith("-cloud-amd64")]) == 2  # the upgrade pair
     if open_version == driver:  # the day Debian's open package catches up, both types build
         assert not m.excluded and all(u.module_types == ("open", "proprietary") for u in m.units)
         return
@@ -289,7 +418,7 @@ def test_debian_profile_resolves_cloud_and_metal_on_both_arches_from_the_archive
     """Debian's generic kernel stands in for Garden Linux metal: the real archive's binary-amd64 and
     binary-arm64 indexes give one current kernel per flavour and arch, named as the OS record says."""
     m = load_matrix("debian")
-    current = {(c.flavour, c.arch): c.kernel for c in m.cells if c.kernel != "6.1.0-47-cloud-amd64"}
+    current = {(c.flavour, c.arch): c.kernel for c in sorted(m.cells, key=lambda c: kernel_sort_key(c.kernel))}
     assert set(current) == {("cloud", "amd64"), ("cloud", "arm64"), ("metal", "amd64"), ("metal", "arm64")}
     for (flavour, arch), kernel in current.items():
         infix = "cloud-" if flavour == "cloud" else ""

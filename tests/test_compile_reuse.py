@@ -1,6 +1,6 @@
 """Compiles are reused across kernels, and what is reused is byte-identical to a cold compile.
 
-Real headers of two real 6.1 kernels (Debian's 6.1.0-56 and the ABI next to it in the archive), a small
+Real headers of two real 6.1 kernels (Debian's DEBIAN_KERNEL and the ABI next to it in the archive), a small
 out-of-tree module compiled in seconds (kbuild's own compiler probes are most of what one kernel's build
 can take from another's), each test in a private cache.
 """
@@ -25,9 +25,9 @@ from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.fs import sha256_file
 from tests.fixtures.bundle import DEBIAN_KERNEL, TINY_SOURCES
-from tests.test_build_inputs import own_cache
+from tests.fixtures.nvidia_site import own_cache
 
-__all__ = ["own_cache"]
+__all__ = ["own_cache"]  # a fixture, from tests/fixtures/nvidia_site.py
 
 
 @cache

@@ -1,14 +1,14 @@
 """A real kernel: boot Debian's cloud kernel in qemu with an initramfs made from the real driver image.
 
 The image is built by the image stage from the build stage's real bundle (proprietary 535.309.01 for
-6.1.0-56-cloud-amd64), unpacked with umoci, and booted as the initramfs root with busybox-static for
+DEBIAN_KERNEL: the ABI before the archive's newest 6.1 cloud amd64), unpacked with umoci, and booted as the initramfs root with busybox-static for
 mounting and power-off. Inside, the image's own `nvidia-driver` runs against the running kernel:
 - the matching kernel: `check-load` links nvidia.ko from the image's interface object and NVIDIA's binary
   object with the image's own `ld`, then inserts it (ABI accepted, init fails with ENODEV,
   "NVRM: No NVIDIA GPU found"), `init` stops with the no-GPU error;
 - the same image with one byte appended to NVIDIA's binary object: `check-load` refuses it against the
   image's manifest before linking;
-- another kernel (6.1.0-47): `init` refuses before inserting any module (/proc/modules stays empty);
+- another kernel (the archive's newest 6.1 ABI): `init` refuses before inserting any module (/proc/modules stays empty);
 - the matching kernel booted with `module.sig_enforce=1`: the image's modules are signed with a test key
   (`signed_debian_bundle`), which the kernel's keyring lacks: the node-linked nvidia.ko (its signature
   appended by the node, shown by the image's own modinfo) is refused for its unavailable key, the build's
@@ -31,11 +31,12 @@ from gl_nvidia.node.image import Image
 from gl_nvidia.oci import Layout
 
 from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, MODULE_SIGNER, ModuleKey
+from .fixtures.kernels import debian_abis
 from .fixtures.qemu import boot, make_initramfs
 
 pytestmark = pytest.mark.slow  # qemu boots of a real image
 
-OTHER_KERNEL = "6.1.0-47-cloud-amd64"
+OTHER_KERNEL = debian_abis("6.1")[-1]  # the archive's newest: not the image's DEBIAN_KERNEL
 
 
 @pytest.fixture(scope="module")

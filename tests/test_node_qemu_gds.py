@@ -1,4 +1,4 @@
-"""The kernel's own verdict on the nvidia-fs.ko the build ships (open set, 6.1.0-47): one qemu boot.
+"""The kernel's own verdict on the nvidia-fs.ko the build ships (open set, OPEN_OK_KERNEL): one qemu boot.
 
 Without a GPU nvidia.ko cannot stay loaded, so nvidia-fs meets the kernel without it. 2.13.5 links nothing of
 NVIDIA's: insmod succeeds, and the first open of /dev/nvidia-fs0 is where it asks for nvidia_p2p_* (symbol_get),

@@ -1,7 +1,7 @@
 """`release` end to end on the debian profile into a real local registry, then resume, resolve and preflight.
 
 The lock is the debian profile narrowed to the unit the debian_bundle fixture builds (proprietary
-535.309.01 for 6.1.0-56-cloud-amd64), so the modules come from the build cache that fixture fills:
+535.309.01 for DEBIAN_KERNEL, found in the archive at run time), so the modules come from the build cache that fixture fills:
 one compile per CI run, whichever test runs first. Cold cache: about 3 minutes (the compile);
 warm: about 1 minute (base root filesystem, layers, push).
 """
@@ -20,10 +20,11 @@ from gl_nvidia.run import output
 from tests.fixtures.ibt import ibt_kernels
 from tests.fixtures.kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
 from tests.fixtures.registry import Registry
-from tests.fixtures.release import KERNEL, LOCK, TAGS
+from tests.fixtures.release import KERNEL, TAGS, debian_lock
 
 DATA = Path(__file__).parent / "data" / "deploy"
 TWO_KERNELS = DATA / "release-debian-two-kernels.yaml"
+
 
 
 def _uploads(reg: Registry) -> list[Path]:
@@ -32,12 +33,12 @@ def _uploads(reg: Registry) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
+def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path, lock: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     repo = f"{registry.host}/gl-nvidia"
     out = tmp_path / "out"
 
-    first = release(LOCK, out, repo)
+    first = release(lock, out, repo)
     assert first.ok, [u.status for u in first.units]
     (unit,) = first.units
     assert unit.tags == TAGS
@@ -50,7 +51,7 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
     stored = _uploads(registry)
 
     # The rerun, through the CLI as a user runs it: nothing compiled, nothing uploaded.
-    assert main(["release", "--profile", str(LOCK), "--out", str(out), "--registry", repo, "--json"]) == 0
+    assert main(["release", "--profile", str(lock), "--out", str(out), "--registry", repo, "--json"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert (report["compiled"], report["blobs_uploaded"], report["manifests_pushed"]) == (0, 0, 0)
@@ -73,11 +74,11 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
     assert f"{repo}/driver:535-6.1.0-99-cloud-amd64-debian12 does not exist" in capsys.readouterr().err
 
     # preflight for the profile's OS version: every branch form, flavour and arch is there.
-    assert main(["preflight", "--lock", str(LOCK), "--gl-version", "12", "--registry", repo, "--json"]) == 0
+    assert main(["preflight", "--lock", str(lock), "--gl-version", "12", "--registry", repo, "--json"]) == 0
     checks = json.loads(capsys.readouterr().out)
     assert sorted(c["reference"] for c in checks) == sorted(f"{repo}/driver:{t}" for t in TAGS)
     assert all(c["ok"] and c["digest"] == unit.digest for c in checks)
-    assert main(["preflight", "--lock", str(LOCK), "--gl-version", "13", "--registry", repo]) == 2
+    assert main(["preflight", "--lock", str(lock), "--gl-version", "13", "--registry", repo]) == 2
     assert "unknown debian version '13'" in capsys.readouterr().err
 
     # preflight against a live cluster: one node is fine, one runs a kernel without an image.
@@ -92,10 +93,10 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
     fake.nodes[2]["metadata"]["labels"]["nvidia.com/gpu.present"] = "true"
     with serve(fake) as url:
         kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", url))
-        assert main(["preflight", "--kubeconfig", kubeconfig, "--lock", str(LOCK), "--json"]) == 1
+        assert main(["preflight", "--kubeconfig", kubeconfig, "--lock", str(lock), "--json"]) == 1
         live = {c["subject"]: c for c in json.loads(capsys.readouterr().out)}
         # Planning the upgrade to 12 (its kernel: 6.1.0-56): the node on the unbuilt kernel gets an image.
-        assert main(["preflight", "--kubeconfig", kubeconfig, "--lock", str(LOCK), "--gl-version", "12",
+        assert main(["preflight", "--kubeconfig", kubeconfig, "--lock", str(lock), "--gl-version", "12",
                      "--json"]) == 1
         upgrade = {c["subject"]: c for c in json.loads(capsys.readouterr().out)}
     assert upgrade["gpu-new after upgrade to 12"]["ok"]
@@ -108,7 +109,7 @@ def test_release_resume_resolve_preflight(registry: Registry, tmp_path: Path,
 
     # An unreachable registry is one clear line, not a traceback.
     registry.kill()
-    assert main(["preflight", "--lock", str(LOCK), "--gl-version", "12", "--registry", repo]) == 2
+    assert main(["preflight", "--lock", str(lock), "--gl-version", "12", "--registry", repo]) == 2
     err = capsys.readouterr().err
     assert f"registry {registry.host} is unreachable" in err
     assert "Traceback" not in err
@@ -128,7 +129,8 @@ def test_a_kernel_only_upgrade_pulls_only_the_new_kernels_layer(debian_bundle: P
     layer and config, whatever module types the release left out."""
     repo = f"{registry.host}/gl-nvidia"
     lock = tmp_path / "versions.yaml"
-    lock.write_text(TWO_KERNELS.read_text().replace("IBT_KERNEL", ibt_kernels().built))
+    lock.write_text(TWO_KERNELS.read_text().replace("IBT_KERNEL", ibt_kernels().built)
+                            .replace("DEBIAN_KERNEL", KERNEL))
     argv = ["release", "--profile", str(lock), "--out", str(tmp_path / "out"), "--registry", repo]
     assert main([*argv, "--json"]) == 0
     units = json.loads(capsys.readouterr().out)["units"]
@@ -152,9 +154,10 @@ def test_a_kernel_only_upgrade_pulls_only_the_new_kernels_layer(debian_bundle: P
 
 @pytest.mark.slow
 def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_changed(
-        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        registry: Registry, tmp_path: Path, lock: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     repo = f"{registry.host}/gl-nvidia"
-    first = release(LOCK, tmp_path / "first", repo)
+    first = release(lock, tmp_path / "first", repo)
     (unit,) = first.units
     assert (unit.image, unit.push, unit.reason) == ("built", "pushed", f"not published: {TAGS[0]} and 1 more tag(s)")
     raw = json.loads(output(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{repo}/driver:{TAGS[1]}"]))
@@ -167,9 +170,9 @@ def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_c
     # since the previous release's lock (another driver patch and kernel then).
     stored = _uploads(registry)
     previous = tmp_path / "previous-versions.yaml"
-    previous.write_text(LOCK.read_text().replace("version: 535.309.01}", "version: 535.288.01}")
-                        .replace("kernel: 6.1.0-56-cloud-amd64}", "kernel: 6.1.0-47-cloud-amd64}"))
-    argv = ["release", "--profile", str(LOCK), "--out", str(tmp_path / "second"), "--registry", repo]
+    previous.write_text(lock.read_text().replace("version: 535.309.01}", "version: 535.288.01}")
+                        .replace(f"kernel: {KERNEL}}}", "kernel: 6.1.0-47-cloud-amd64}"))
+    argv = ["release", "--profile", str(lock), "--out", str(tmp_path / "second"), "--registry", repo]
     assert main([*argv, "--version", "1.2.0", "--since", str(previous), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     (skipped,) = report["units"]
@@ -203,16 +206,16 @@ def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_c
     assert main(argv) == 0
     assert "skipped:" in capsys.readouterr().out  # the table says so, and why
     # The publish workflow's fan-out: nothing to build; forced, the unit with the inputs its image records.
-    assert main(["release", "--profile", str(LOCK), "--registry", repo, "--plan"]) == 0
+    assert main(["release", "--profile", str(lock), "--registry", repo, "--plan"]) == 0
     assert capsys.readouterr().out == '{"include":[]}\n'
-    assert main(["release", "--profile", str(LOCK), "--registry", repo, "--plan", "--force"]) == 0
+    assert main(["release", "--profile", str(lock), "--registry", repo, "--plan", "--force"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["include"]
     assert row["key"] == f"535.309.01-{KERNEL}-amd64" and json.loads(row["inputs"]) == recorded
     assert _uploads(registry) == stored
 
     # A changed input (another gl-nvidia): built again from the build cache, and the tags move to it.
     monkeypatch.setattr("gl_nvidia.__version__", "0.1.0+changed")
-    changed = release(LOCK, tmp_path / "third", repo)
+    changed = release(lock, tmp_path / "third", repo)
     (rebuilt,) = changed.units
     assert (rebuilt.build, rebuilt.image, rebuilt.push) == ("cached", "built", "pushed")
     assert rebuilt.reason == f"{TAGS[0]}: gl-nvidia changed" and changed.compiled == 0
@@ -222,7 +225,7 @@ def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_c
         assert inspected["Digest"] == rebuilt.digest
 
     # --force builds what is published with the same inputs.
-    assert main(["release", "--profile", str(LOCK), "--out", str(tmp_path / "fourth"), "--registry", repo,
+    assert main(["release", "--profile", str(lock), "--out", str(tmp_path / "fourth"), "--registry", repo,
                  "--force", "--json"]) == 0
     (forced,) = json.loads(capsys.readouterr().out)["units"]
     assert (forced["build"], forced["image"], forced["reason"]) == ("cached", "built", "forced (--force)")
@@ -231,7 +234,7 @@ def test_release_skips_a_unit_published_from_the_same_inputs_and_rebuilds_what_c
 
 def test_release_of_an_unbuildable_unit_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lock = tmp_path / "lock.yaml"
-    lock.write_text(LOCK.read_text().replace("535.309.01", "535.999.01"))
+    lock.write_text(debian_lock(tmp_path).read_text().replace("535.309.01", "535.999.01"))
     out = tmp_path / "out"
     assert main(["release", "--profile", str(lock), "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -243,18 +246,18 @@ def test_release_of_an_unbuildable_unit_fails_cleanly(tmp_path: Path, capsys: py
 
 
 @pytest.mark.parametrize("bad", ["Bad Repo", "registry.example:5000/gpu:latest"])
-def test_release_refuses_a_bad_registry_before_building(bad: str, tmp_path: Path,
+def test_release_refuses_a_bad_registry_before_building(bad: str, tmp_path: Path, lock: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["release", "--profile", str(LOCK), "--registry", bad, "--out", str(out)]) == 2
+    assert main(["release", "--profile", str(lock), "--registry", bad, "--out", str(out)]) == 2
     assert "Traceback" not in capsys.readouterr().err
     assert not out.exists()  # nothing built, nothing half-written
 
 
 @pytest.mark.slow
-def test_release_to_a_registry_with_a_trailing_slash_writes_its_values(registry: Registry, tmp_path: Path,
+def test_release_to_a_registry_with_a_trailing_slash_writes_its_values(registry: Registry, tmp_path: Path, lock: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["release", "--profile", str(LOCK), "--registry", f"{registry.host}/gl/", "--out", str(out)]) == 0
+    assert main(["release", "--profile", str(lock), "--registry", f"{registry.host}/gl/", "--out", str(out)]) == 0
     assert "Traceback" not in capsys.readouterr().err
     assert f"repository: {registry.host}/gl\n" in (out / "gpu-operator-values.yaml").read_text()

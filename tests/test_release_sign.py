@@ -15,7 +15,7 @@ from gl_nvidia.release.inputs import INPUTS
 from gl_nvidia.run import output
 from tests.fixtures.bundle import ModuleKey
 from tests.fixtures.registry import Registry
-from tests.fixtures.release import LOCK, TAGS
+from tests.fixtures.release import TAGS
 
 
 @pytest.fixture
@@ -30,12 +30,12 @@ def key(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_release_signs_every_pushed_image_and_attaches_its_sbom(registry: Registry, tmp_path: Path,
+def test_release_signs_every_pushed_image_and_attaches_its_sbom(registry: Registry, tmp_path: Path, lock: Path,
                                                                 key: tuple[Path, Path], module_key: ModuleKey,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     private, public = key
     repo, out = f"{registry.host}/gl-nvidia", tmp_path / "out"
-    argv = ["-v", "release", "--profile", str(LOCK), "--out", str(out), "--registry", repo,
+    argv = ["-v", "release", "--profile", str(lock), "--out", str(out), "--registry", repo,
             "--sign-key", str(private), "--module-sign-key", str(module_key.key),
             "--module-sign-cert", str(module_key.cert), "--json"]
     assert main(argv) == 0
@@ -74,18 +74,18 @@ def test_release_signs_every_pushed_image_and_attaches_its_sbom(registry: Regist
         assert not [line for line in module_key.body if line in text]
 
 
-def test_release_with_an_unusable_key_fails_before_building(registry: Registry, tmp_path: Path,
+def test_release_with_an_unusable_key_fails_before_building(registry: Registry, tmp_path: Path, lock: Path,
                                                             key: tuple[Path, Path],
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     repo = f"{registry.host}/gl-nvidia"
     for path in (tmp_path / "missing.key", key[1]):
-        assert main(["release", "--profile", str(LOCK), "--out", str(out), "--registry", repo,
+        assert main(["release", "--profile", str(lock), "--out", str(out), "--registry", repo,
                      "--sign-key", str(path)]) == 2
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 2 and str(path) in err[0]
-    assert main(["release", "--profile", str(LOCK), "--out", str(out), "--sign-key", str(key[0])]) == 2
+    assert main(["release", "--profile", str(lock), "--out", str(out), "--sign-key", str(key[0])]) == 2
     assert "--sign-key signs pushed images" in capsys.readouterr().err
-    assert main(["release", "--profile", str(LOCK), "--out", str(out), "--module-sign-key", str(key[0])]) == 2
+    assert main(["release", "--profile", str(lock), "--out", str(out), "--module-sign-key", str(key[0])]) == 2
     assert "gl-nvidia: error: --module-sign-key and --module-sign-cert go together" in capsys.readouterr().err
     assert not out.exists()  # nothing built, nothing half-written

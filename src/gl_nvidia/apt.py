@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import gzip
 import hashlib
 import logging
@@ -110,6 +111,21 @@ def system_sources(etc_apt: Path = Path("/etc/apt")) -> list[AptSource]:
     if not sources:
         raise UserError(f"no apt sources configured in {etc_apt}", "configure Debian's archive in apt first")
     return sources
+
+
+def release_suites(sources: Iterable[AptSource], codename: str) -> list[AptSource]:
+    """Another Debian release's suites in the archive this machine trusts: each entry signed by Debian's
+    archive keyring (`bookworm`, `bookworm-updates`, `bookworm-security`) with `codename` in place of its
+    release, the same URI, components and keyring (bookworm's keyring verifies trixie's InRelease). Only
+    its signed indexes are read; nothing of that release is installed here."""
+    debian = [s for s in sources if s.keyring == DEBIAN_KEYRING]
+    releases = {s.suite.split("-", 1)[0] for s in debian}
+    if len(releases) != 1:
+        raise UserError(f"cannot tell which Debian release this machine's apt sources are for (found: "
+                        f"{', '.join(sorted(releases)) or 'no entry signed by ' + str(DEBIAN_KEYRING)})",
+                        "configure the archive's entries for the suites wanted in /etc/apt")
+    (own,) = releases
+    return [dataclasses.replace(s, suite=codename + s.suite.removeprefix(own)) for s in debian]
 
 
 def _parse_one_line(text: str) -> list[AptSource]:

@@ -8,15 +8,22 @@ against any Debian-style repository through `gl_nvidia.apt`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 from debian.debian_support import Version, version_compare
 
-from gl_nvidia.apt import AptRepo, AptSource, system_sources
+from gl_nvidia.apt import AptRepo, AptSource, release_suites, system_sources
 from gl_nvidia.errors import UserError
 from gl_nvidia.osprofile import DEBIAN, OSProfile
+
+log = logging.getLogger(__name__)
+
+# A kernel release's version part with its ABI ("6.1.0-57", "6.12.117+deb13", "6.12.44"): not a
+# series meta-package ("6.12") nor another flavour's ("6.12.117+deb13-rt" before "-amd64").
+_ABI_VERSION = re.compile(r"\d+\.\d+\.\d+(-\d+)?(\+[a-z0-9.]+)?")
 
 
 def expand_env(value: str) -> str:
@@ -37,16 +44,20 @@ def apt_sources(spec: str, os_version: str, distro: OSProfile, codename: str | N
     """The apt sources of one OS version.
 
     `system:<codename>`: this machine's configured archive, only the suites `<codename>` and
-    `<codename>-*` (other vendors' entries are not the OS's kernels), verified with their Signed-By keyring.
+    `<codename>-*` (other vendors' entries are not the OS's kernels), verified with their Signed-By keyring;
+    for a release this machine does not list (trixie on a bookworm machine), the same archive's suites of
+    that release (`apt.release_suites`).
     Anything else is the base URL (or directory) of a repository laid out as the OS record says (Garden
     Linux: one suite per OS version), verified with the keyring file GL_APT_KEYRING names.
     """
     if spec.startswith("system:"):
         codename = spec.removeprefix("system:")
-        chosen = [s for s in system_sources(etc_apt) if s.suite == codename or s.suite.startswith(f"{codename}-")]
-        if not chosen:
-            raise UserError(f"this machine's apt sources have no {codename} suites", "configure Debian's archive in /etc/apt")
-        return chosen
+        if not re.fullmatch(r"[a-z]+", codename):
+            raise UserError(f"{spec!r} does not name a Debian release (system:<codename>, e.g. system:trixie)",
+                            "fix sources.apt or --apt-repository")
+        configured = system_sources(etc_apt)
+        chosen = [s for s in configured if s.suite == codename or s.suite.startswith(f"{codename}-")]
+        return chosen or release_suites(configured, codename)
     uri = expand_env(spec)
     keyring = os.environ.get("GL_APT_KEYRING")
     if not keyring:
@@ -75,11 +86,42 @@ def kernel_from_index(repo: AptRepo, flavour: str, arch: str, distro: OSProfile)
     return newest.name.removeprefix("linux-headers-")
 
 
+def series(kernel: str, distro: OSProfile = DEBIAN) -> str:
+    """The upstream series a kernel release belongs to ("6.1" for 6.1.0-57, "6.12" for 6.12.117+deb13)."""
+    return ".".join(distro.kernel_version(kernel).split(".", 2)[:2])
+
+
+def kernel_before(repo: AptRepo, kernel: str, flavour: str, arch: str, distro: OSProfile) -> str | None:
+    """The newest ABI of `kernel`'s flavour, arch and series older than it, as the index lists it now
+    (None: the index holds no older one). Nothing is pinned: when the archive rotates an ABI out, the
+    next older one takes its place."""
+    suffix = distro.kernel_suffix(flavour, arch)
+    older = [name for p in repo.search(rf"linux-headers-\d\S*{re.escape(suffix)}")
+             if _ABI_VERSION.fullmatch((name := p.name.removeprefix("linux-headers-")).removesuffix(suffix))
+             and series(name, distro) == series(kernel, distro) and compare_kernels(name, kernel, distro) < 0]
+    return max(older, key=lambda k: kernel_sort_key(k, distro)) if older else None
+
+
 def resolve_kernel(spec: str, os_version: str, flavour: str, arch: str, distro: OSProfile,
                    codename: str | None = None) -> str:
     """The kernel release (`uname -r`) of one OS version, flavour and arch."""
+    return resolve_kernels(spec, os_version, flavour, arch, distro, codename)[0]
+
+
+def resolve_kernels(spec: str, os_version: str, flavour: str, arch: str, distro: OSProfile,
+                    codename: str | None = None, previous: bool = False) -> list[str]:
+    """The current kernel release of one OS version, flavour and arch, and with `previous` the ABI
+    before it (when the index still lists one: a warning otherwise)."""
     repo = AptRepo(apt_sources(spec, os_version, distro, codename), arch=arch)
-    return kernel_from_index(repo, flavour, arch, distro)
+    current = kernel_from_index(repo, flavour, arch, distro)
+    if not previous:
+        return [current]
+    before = kernel_before(repo, current, flavour, arch, distro)
+    if before is None:
+        log.warning("%s lists no %s kernel older than %s: its previous ABI is left out", repo.describe(),
+                    distro.kernel_suffix(flavour, arch).lstrip("-"), current)
+        return [current]
+    return [current, before]
 
 
 def kernel_sort_key(kernel: str, distro: OSProfile = DEBIAN) -> Version:

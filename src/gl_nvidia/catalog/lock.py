@@ -73,6 +73,14 @@ class KernelEntry(_Strict):
     kernel: KernelName
 
 
+class KernelSlot(_Strict):
+    """One (OS version, flavour, arch) whose kernel series the policy widens."""
+
+    os_version: str
+    flavour: Flavour
+    arch: Arch
+
+
 class Policy(_Strict):
     branches: int = Field(default=3, ge=1)
     branch_types: list[str] = Field(default_factory=lambda: list(DEFAULT_BRANCH_TYPES))
@@ -81,6 +89,9 @@ class Policy(_Strict):
     # Full driver versions held instead of their branch's newest; a pinned branch stays in the matrix.
     pins: list[DriverVersion] = Field(default_factory=list)
     kernel_pins: list[KernelEntry] = Field(default_factory=list)  # kernels built besides the resolved ones
+    # Also build the ABI before the current one of the same series (6.1.0-56 beside 6.1.0-57), read from
+    # the index at run time: a real kernel-only upgrade that no archive rotation can make disappear.
+    previous_kernels: list[KernelSlot] = Field(default_factory=list)
     kernel_overrides: list[KernelEntry] = Field(default_factory=list)  # replace what the repository says
     exclusions: list[ExclusionRule] = Field(default_factory=list)
     # Which GL minors get images: every released minor of every major in maintenance (nodes are upgraded

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from gl_nvidia import ui
 from gl_nvidia.apt import AptRepo
-from gl_nvidia.catalog.kernels import apt_sources, resolve_kernel
+from gl_nvidia.catalog.kernels import apt_sources, resolve_kernels
 from gl_nvidia.catalog.lock import (
     KernelEntry,
     Lock,
@@ -171,10 +171,12 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
                 majors = parse_glrd([(loc, fetch(loc, "GLRD data")) for loc in glrd])
             os_versions = select_os_versions(majors, today, policy)
             known = {r.version for m in majors for r in m.releases}
-        for entry in (*policy.kernel_overrides, *policy.kernel_pins):
-            if entry.os_version not in known:
-                raise UserError(f"policy names OS version {entry.os_version} (kernel {entry.kernel}), which the sources do not know",
-                                "fix the version in policy.kernel_overrides / kernel_pins")
+        named: list[tuple[str, str]] = [(k.os_version, f" (kernel {k.kernel})")
+                                        for k in (*policy.kernel_overrides, *policy.kernel_pins)]
+        for os_version, what in [*named, *((k.os_version, "") for k in policy.previous_kernels)]:
+            if os_version not in known:
+                raise UserError(f"policy names OS version {os_version}{what}, which the sources do not know",
+                                "fix the version in policy.kernel_overrides / kernel_pins / previous_kernels")
 
         with ui.task(prog, "read NVIDIA driver releases"):
             if nvidia.startswith("apt:"):
@@ -185,12 +187,14 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
 
         combos = [(v.version, f, a) for v in os_versions for f in policy.flavours for a in policy.arches]
         overridden = {(k.os_version, k.flavour, k.arch) for k in policy.kernel_overrides}
+        widened = {(k.os_version, k.flavour, k.arch) for k in policy.previous_kernels}
         kernels = []
         with ui.task(prog, "resolve kernels from apt repositories", total=len(combos)) as t:
             for os_version, flavour, arch in combos:
                 if (os_version, flavour, arch) not in overridden:
-                    kernel = resolve_kernel(apt, os_version, flavour, arch, distro, lock.os.codename)
-                    kernels.append(KernelEntry(os_version=os_version, flavour=flavour, arch=arch, kernel=kernel))
+                    kernels += [KernelEntry(os_version=os_version, flavour=flavour, arch=arch, kernel=kernel)
+                                for kernel in resolve_kernels(apt, os_version, flavour, arch, distro, lock.os.codename,
+                                                              previous=(os_version, flavour, arch) in widened)]
                 t.advance(1)
     kernels = apply_kernel_policy(kernels, policy, [v.version for v in os_versions])
     return Resolved(today=today, os_versions=os_versions, drivers=drivers, kernels=kernels,
