@@ -174,6 +174,17 @@ def test_umoci_unpacks_a_root_filesystem_with_driver_and_runtime(rootfs_k1: Path
     assert list(manifest["kernels"]) == [K1] and manifest["driver_version"] == VERSION
 
 
+def test_the_node_runtime_as_shipped_imports_with_the_standard_library_alone(rootfs_k1: Path) -> None:
+    """Every gl_nvidia module the node imports is in the image (bundle.py, arches.py beside its package):
+    the image's python3 finds nothing else, so imported here with no site-packages, only the image's copy."""
+    site = rootfs_k1 / str(node_layout.PYTHON_SITE).lstrip("/")
+    assert (site / "gl_nvidia/arches.py").is_file()
+    modules = sorted(f"gl_nvidia.node.{p.stem}" for p in (site / "gl_nvidia/node").glob("*.py") if p.stem != "__main__")
+    code = f"import sys; sys.path.insert(0, {str(site)!r}); import {', '.join(modules)}; import gl_nvidia; print(gl_nvidia.__file__)"
+    out = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == str(site / "gl_nvidia/__init__.py")
+
+
 def test_base_carries_no_locales_manuals_or_perl_but_keeps_licenses(rootfs_k1: Path) -> None:
     """Every node pulls the base: nothing a driver container never reads, but copyright files stay."""
     share = rootfs_k1 / "usr/share"

@@ -6,6 +6,8 @@ import ast
 import sys
 from pathlib import Path
 
+from gl_nvidia.image.build import NODE_SHARED
+
 SRC = Path(__file__).resolve().parent.parent / "src" / "gl_nvidia"
 
 
@@ -31,8 +33,10 @@ def _package_imports(package: str) -> dict[Path, set[str]]:
 
 
 def test_the_node_runtime_imports_only_the_standard_library_and_the_bundle() -> None:
-    """It runs inside the driver image, which carries python3 and nothing from PyPI."""
-    allowed = {"gl_nvidia", "gl_nvidia.bundle"}
+    """It runs inside the driver image, which carries python3 and nothing from PyPI: of gl_nvidia, only
+    its own package and what the image ships beside it (bundle.py, arches.py)."""
+    assert {"bundle.py", "arches.py"} <= set(NODE_SHARED)
+    allowed = {"gl_nvidia", *(f"gl_nvidia.{Path(n).stem}" for n in NODE_SHARED if n != "__init__.py")}
     for path, modules in _package_imports("node").items():
         for m in modules:
             top = m.split(".")[0]
@@ -40,8 +44,9 @@ def test_the_node_runtime_imports_only_the_standard_library_and_the_bundle() -> 
                 assert m in allowed or m.startswith("gl_nvidia.node"), f"{path.name} imports {m}"
             else:
                 assert top in sys.stdlib_module_names or top == "__future__", f"{path.name} imports {m}"
-    bundle = _imports(SRC / "bundle.py")
-    assert all(m.split(".")[0] in sys.stdlib_module_names or m == "__future__" for m in bundle)
+    for name in NODE_SHARED:  # what they import in turn: each other and the standard library
+        for m in _imports(SRC / name):
+            assert m in allowed or m.split(".")[0] in sys.stdlib_module_names or m == "__future__", f"{name} imports {m}"
 
 
 def test_stages_import_only_the_stages_before_them() -> None:

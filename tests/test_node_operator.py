@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.node import decide, layout
+from gl_nvidia.arches import ARCHES
+from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.host import Result
 from gl_nvidia.node.image import Image
@@ -162,7 +163,7 @@ def _grace_node(tmp_path: Path, device: int, machine: str = "aarch64", version: 
                 conf: str | None = None) -> tuple[Runtime, FakeKernel]:
     image = make_image(tmp_path / "img", version=version)
     manifest = image.at(layout.MANIFEST)
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "arch": decide.MACHINE_ARCH[machine]}))
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "arch": {a.machine: a.debian for a in ARCHES.values()}[machine]}))
     rt, k = fake_node(tmp_path, "h100", image=Image.load(image.root))
     rt.host.write("/proc/sys/kernel/arch", machine + "\n")
     for gpu in ("0000:1b:00.0", "0000:43:00.0"):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gl_nvidia.errors import UserError
 from gl_nvidia.image.tags import image_tags
 from gl_nvidia.node import decide
 from gl_nvidia.osprofile import DEBIAN, GARDENLINUX, PROFILES, os_profile
@@ -41,11 +42,13 @@ def test_kernel_names_per_flavour_and_arch() -> None:
         assert p.kernel_version("6.1.0-56-arm64") == "6.1.0-56"
 
 
-def test_an_os_without_a_record_is_treated_like_debian_under_its_own_id() -> None:
-    other = os_profile("ubuntu")
-    assert (other.id, other.name, other.version_id) == ("ubuntu", "Ubuntu", None)
-    assert image_tags("535.309.01", "535", "6.8.0-1-generic", "ubuntu", ("24.04",)) == [
-        "535-6.8.0-1-generic-ubuntu24.04", "535.309.01-6.8.0-1-generic-ubuntu24.04"]
+def test_an_os_without_a_record_is_refused_not_guessed_to_be_debian() -> None:
+    """Issue 20: an unknown id was a Debian clone under its own name, so a typo built and tagged images."""
+    for ask in (lambda: os_profile("ubuntu"),
+                lambda: image_tags("535.309.01", "535", "6.8.0-1-generic", "ubuntu", ("24.04",))):
+        with pytest.raises(UserError, match="no OS profile for 'ubuntu'") as exc:
+            ask()
+        assert exc.value.hint == "use debian or gardenlinux"
 
 
 def _os_id_comparisons(path: Path) -> list[str]:

@@ -15,11 +15,11 @@ import pytest
 
 from gl_nvidia import bundle as b
 from gl_nvidia import elf
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.build import DebianSource, capabilities
 from gl_nvidia.build.nvidia import NvidiaRunSource
 from gl_nvidia.build.unit import _copy_tree
 from gl_nvidia.bundle import BundleManifest
-from gl_nvidia.elf import TRIPLETS
 from gl_nvidia.image import unpack
 from gl_nvidia.image.build import ImageOptions, build_images
 from tests.fixtures import runfile
@@ -93,7 +93,7 @@ def test_every_nvidia_elf_resolves_each_dt_needed_through_the_images_cache(image
         dyn = elf.dynamic(unpack.host_path(rootfs, unpack.resolve_in_root(rootfs, PurePosixPath("/") / f.path)))
         if dyn is None:
             continue
-        assert dyn.machine == elf.MACHINES[arch], f.path
+        assert dyn.machine == ARCHES[arch].elf_machine, f.path
         elves += 1
         unresolved = set(dyn.needed) - set(cache) - WORKLOADS_OWN
         assert not unresolved, f"{f.path} needs {sorted(unresolved)}"
@@ -104,5 +104,5 @@ def test_every_toolkit_name_is_in_the_image_or_reported_with_why(image: tuple[st
     """What the build reported missing (DriverInputs.lacks, one warning each) is exactly what the image lacks."""
     arch, _, rootfs = image
     lacks = DebianSource().prepare(DEBIAN_DRIVER, arch).lacks
-    assert set(capabilities.missing(rootfs, TRIPLETS[arch], "")) == set(lacks)
+    assert set(capabilities.missing(rootfs, ARCHES[arch].triplet, "")) == set(lacks)
     assert all(why for why in lacks.values())

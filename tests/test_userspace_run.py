@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import elf
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.build import DebianSource, DirSource
 from gl_nvidia.build import capabilities as caps
 from gl_nvidia.build.nvidia import NvidiaRunSource
-from gl_nvidia.elf import TRIPLETS
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
 from tests.fixtures import runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER
 from tests.fixtures.fuzz import SEED, mutate
 
-LIB = f"usr/lib/{TRIPLETS['amd64']}"
+LIB = f"usr/lib/{ARCHES['amd64'].triplet}"
 # NVIDIA's own sonames that are not `.so.1`: a naming rule gets each of them wrong.
 NOT_SO1 = {"libnvidia-nvvm.so.4", "libEGL_nvidia.so.0", "libGLX_nvidia.so.0", "libGLESv2_nvidia.so.2"}
 ICD_FILES = ("etc/OpenCL/vendors/nvidia.icd", "etc/vulkan/icd.d/nvidia_icd.json",
@@ -32,13 +32,13 @@ ICD_FILES = ("etc/OpenCL/vendors/nvidia.icd", "etc/vulkan/icd.d/nvidia_icd.json"
 
 def _libraries(root: Path, arch: str) -> dict[str, str | None]:
     """Every name in the library directories -> the DT_SONAME of the file it is (or names)."""
-    lib = root / "usr/lib" / TRIPLETS[arch]
+    lib = root / "usr/lib" / ARCHES[arch].triplet
     found: dict[str, str | None] = {}
     for d in (lib, lib / "vdpau"):
         for p in d.iterdir():
             if p.name.startswith("lib") and p.resolve().is_file():
                 dyn = elf.dynamic(p.resolve())
-                assert dyn is not None and dyn.machine == elf.MACHINES[arch], p
+                assert dyn is not None and dyn.machine == ARCHES[arch].elf_machine, p
                 found[p.relative_to(lib).as_posix()] = dyn.soname
     return found
 
@@ -64,7 +64,7 @@ def test_run_and_debian_lay_out_the_same_libraries_under_the_same_sonames(debian
     assert from_run.lacks == {k: v.replace(f"no Debian package of driver {DEBIAN_DRIVER} carries it",
                                            f"driver {DEBIAN_DRIVER}'s .manifest lists no such file")
                               for k, v in from_deb.lacks.items()}
-    lib = f"usr/lib/{TRIPLETS[arch]}"
+    lib = f"usr/lib/{ARCHES[arch].triplet}"
     for root in (from_run.userspace, from_deb.userspace):
         # the loader finds every library under its soname (one without: its own name) in its own directory
         for name, soname in _libraries(root, arch).items():

@@ -16,6 +16,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from gl_nvidia.arches import check_arch
+
 SCHEMA = 1
 MANIFEST = "manifest.json"
 MODULE_TYPES = ("open", "proprietary")
@@ -240,7 +242,7 @@ class BundleManifest:
         manifest = cls(
             driver_version=d["driver_version"],
             driver_branch=d["driver_branch"],
-            arch=d["arch"],
+            arch=check_arch(d["arch"]),  # refused here, where a bundle enters, not as a KeyError in a stage
             source=d["source"],
             source_digests=dict(d["source_digests"]),
             userspace=tuple(UserspaceFile(**f) for f in d["userspace"]),

@@ -1,5 +1,5 @@
 """What the dynamic loader reads of an ELF file, shared by the stages that lay out libraries (build) and
-index them (image): an arch's names for its code, and a file's machine, DT_SONAME and DT_NEEDED."""
+index them (image): a file's machine, DT_SONAME and DT_NEEDED (an arch's names for its code: arches.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSegment
 from elftools.elf.elffile import ELFFile
-
-MACHINES = {"amd64": "EM_X86_64", "arm64": "EM_AARCH64"}  # e_machine of the arch's code
-TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}  # multiarch: library dirs, cross compilers
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ runtime (standard library only) keeps its own copy of the one rule it needs, the
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from gl_nvidia.arches import ARCHES
+from gl_nvidia.errors import UserError
+
 # One shape for both OSes: `<version>-cloud-<arch>` (cloud) and `<version>-<arch>` (metal: no infix).
 _KERNEL_SUFFIXES = (("cloud", "-cloud-{arch}"), ("metal", "-{arch}"))
-ARCHES = ("amd64", "arm64")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class OSProfile:
         return tuple(sorted(set(os_versions)))
 
     def kernel_suffix(self, flavour: str, arch: str) -> str:
-        return dict(self.kernel_suffixes)[flavour].format(arch=arch)
+        return dict(self.kernel_suffixes)[flavour].format(arch=ARCHES[arch].kernel_suffix)
 
     def headers_meta_package(self, flavour: str, arch: str) -> str:
         """The meta-package that depends on the current headers (`linux-headers-cloud-amd64`)."""
@@ -98,8 +99,8 @@ PROFILES = {p.id: p for p in (DEBIAN, GARDENLINUX)}
 
 
 def os_profile(os_id: str) -> OSProfile:
-    """The record of `os_id`; an OS without one is treated like Debian under its own id and name."""
+    """The record of `os_id`; an OS without one is refused (UserError), not guessed to be like Debian."""
     known = PROFILES.get(os_id)
-    if known is not None:
-        return known
-    return dataclasses.replace(DEBIAN, id=os_id, name=os_id.capitalize())
+    if known is None:
+        raise UserError(f"gl-nvidia has no OS profile for {str(os_id)[:80]!r}", f"use {' or '.join(PROFILES)}")
+    return known

@@ -20,16 +20,12 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
+from gl_nvidia.arches import ARCHES, by_elf_machine
 from gl_nvidia.build.kenv import config_arch, kernel_release, read_config
 from gl_nvidia.bundle import AbiGate, BundleManifest, modules_dir
 from gl_nvidia.errors import UserError
 
 _KSYMTAB = "__ksymtab_"
-# Debian architecture -> the ELF e_machine of its kernel modules (pyelftools' names) and how people call it.
-ELF_MACHINES = {"amd64": "EM_X86_64", "arm64": "EM_AARCH64"}
-_MACHINE_NAMES = {"EM_X86_64": "x86_64", "EM_AARCH64": "aarch64"}
-# The kernel appends these per arch after the generic flags (arch/*/include/asm/vermagic.h).
-_ARCH_VERMAGIC = {"CONFIG_ARM64": "aarch64 "}
 # The section the kernel's objtool writes into every module with code, by the option that makes it write
 # it: a module without it was never processed by objtool. (Others, like .return_sites, depend on the code:
 # a module whose only function ends in a tail call has none.)
@@ -80,7 +76,7 @@ def expected_vermagic(release: str, config: dict[str, str]) -> str:
         parts.append("preempt ")
     parts.append("mod_unload " if "CONFIG_MODULE_UNLOAD" in on else "")
     parts.append("modversions " if "CONFIG_MODVERSIONS" in on else "")
-    parts += [flag for key, flag in _ARCH_VERMAGIC.items() if key in on]
+    parts += [a.vermagic for a in ARCHES.values() if a.kconfig in on]  # the arch's, after the generic flags
     return "".join(parts)
 
 
@@ -156,12 +152,12 @@ def _ibt_note(elf: ELFFile) -> bool:
 
 def machine_problem(modules: Sequence[ModuleElf], arch: str, whose: str) -> str | None:
     """One line naming the modules that are not ELF of `arch` (`whose`: what is of that arch, for the line)."""
-    wrong = [m for m in modules if m.machine != ELF_MACHINES[arch]]
+    wrong = [m for m in modules if m.machine != ARCHES[arch].elf_machine]
     if not wrong:
         return None
-    found = ", ".join(sorted({_MACHINE_NAMES.get(m.machine, m.machine) for m in wrong}))
+    found = ", ".join(sorted({a.machine if (a := by_elf_machine(m.machine)) else m.machine for m in wrong}))
     return (f"{', '.join(m.name for m in wrong)}: {found} ELF, but {whose} is {arch} "
-            f"({_MACHINE_NAMES[ELF_MACHINES[arch]]}): modules of another architecture never load")
+            f"({ARCHES[arch].machine}): modules of another architecture never load")
 
 
 def gate(modules: Sequence[ModuleElf], abi: KernelAbi) -> AbiGate:

@@ -18,28 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gl_nvidia import apt, elf
+from gl_nvidia import apt
+from gl_nvidia.arches import ARCHES, BUILD, by_machine, of_kernel
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import output
 
 _INCLUDE = re.compile(r"^include\s+(\S+)/Makefile\s*$", re.M)
-# Debian architecture -> the GNU triplet its cross tools are prefixed with, and the ARCH NVIDIA's Makefile takes.
-NVIDIA_ARCH = {"amd64": "x86_64", "arm64": "arm64"}
-# The .config option only that architecture's kernels set.
-_ARCH_CONFIG = {"CONFIG_X86_64": "amd64", "CONFIG_ARM64": "arm64"}
-_MACHINES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
 def host_arch() -> str:
     """This machine's Debian architecture."""
     machine = platform.machine()
-    return _MACHINES.get(machine, machine)
+    known = by_machine(machine)
+    return known.debian if known else machine
 
 
 def cross_prefix(arch: str, host: str) -> str:
     """CROSS_COMPILE for building `arch` code on a `host` machine ("" when they are the same)."""
-    return "" if arch == host else f"{elf.TRIPLETS[arch]}-"
+    return "" if arch == host else f"{ARCHES[arch].triplet}-"
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,7 @@ def make_argv(hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
     """The recipe DESIGN.md records as working: SYSSRC = the common dir, SYSOUT = the arch dir; for another
     architecture's kernel also ARCH and CROSS_COMPILE (NVIDIA's Makefile would take `uname -m` and the
     host's gcc-12 otherwise)."""
-    cross = [f"ARCH={NVIDIA_ARCH[hdrs.arch]}", f"CROSS_COMPILE={hdrs.cross_compile}", f"CC={hdrs.cc}"] \
+    cross = [f"ARCH={ARCHES[hdrs.arch].kbuild}", f"CROSS_COMPILE={hdrs.cross_compile}", f"CC={hdrs.cc}"] \
         if hdrs.cross_compile else []
     return ["make", f"-j{jobs}", "-C", str(tree), f"SYSSRC={hdrs.syssrc}", f"SYSOUT={hdrs.sysout}", *cross, "modules"]
 
@@ -118,10 +115,11 @@ def kernel_release(sysout: Path) -> str:
 
 def config_arch(config: dict[str, str], where: Path) -> str:
     """The Debian architecture of the kernel a .config belongs to."""
-    found = [arch for key, arch in _ARCH_CONFIG.items() if config.get(key) == "y"]
+    found = [a.debian for a in ARCHES.values() if config.get(a.kconfig) == "y"]
     if len(found) != 1:
-        raise UserError(f"the kernel .config in {where} is for neither amd64 nor arm64",
-                        "gl-nvidia builds for x86_64 (amd64) and aarch64 (arm64) kernels")
+        known = [f"{a.machine} ({a.debian})" for a in ARCHES.values()]
+        raise UserError(f"the kernel .config in {where} is for neither {' nor '.join(ARCHES)}",
+                        f"gl-nvidia builds for {' and '.join(known)} kernels")
     return found[0]
 
 
@@ -306,4 +304,4 @@ class KmodbuildEnv:
 
 
 def _arch_of(kernel: str) -> str:
-    return "arm64" if kernel.endswith("arm64") else "amd64"
+    return (of_kernel(kernel) or BUILD).debian

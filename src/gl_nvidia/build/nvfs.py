@@ -36,9 +36,10 @@ from elftools.elf.sections import SymbolTableSection
 
 from gl_nvidia import apt, ui
 from gl_nvidia import bundle as b
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.build.abi import KernelAbi, ModuleElf, gate, kernel_abi, read_module
 from gl_nvidia.build.compile import CompiledSet, first_error
-from gl_nvidia.build.kenv import NVIDIA_ARCH, KernelEnv, KernelHeaders
+from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
 from gl_nvidia.build.sources import DEBIAN_NVIDIA_FS, DebianSource, DriverSource, ModuleSource
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
@@ -267,7 +268,7 @@ def _compile(entry: Path, src: NvfsSource, hdrs: KernelHeaders, nvidia_ko: Path,
         (tree / "nv.symvers").write_text("".join(
             f"0x{e.crc:08x}\t{s}\tnvidia\t{'EXPORT_SYMBOL_GPL' if e.gpl else 'EXPORT_SYMBOL'}\t\n"
             for s, e in sorted(nvidia.exports.items()) if s.startswith("nvidia_p2p_") and e.crc is not None))
-        cross = ([f"ARCH={NVIDIA_ARCH[hdrs.arch]}", f"CROSS_COMPILE={hdrs.cross_compile}", f"CC={hdrs.cc}"]
+        cross = ([f"ARCH={ARCHES[hdrs.arch].kbuild}", f"CROSS_COMPILE={hdrs.cross_compile}", f"CC={hdrs.cc}"]
                  + (["CONFIG_AARCH64=1"] if hdrs.arch == "arm64" else [])) if hdrs.cross_compile else []
         build_log = work / "build.log"
         # -o nv_symbols: the module target's symvers step reads the running host's nvidia.ko; nv.symvers is above

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import httpx
 
 from gl_nvidia import net, ui
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.build.redist import REDIST_URL, NotPublished, RedistFile, RedistTree
 from gl_nvidia.build.sources import EXTRA_COMPONENTS, DriverInputs, run_tree_inputs
 from gl_nvidia.download import download
@@ -27,11 +28,10 @@ from gl_nvidia.run import run
 log = logging.getLogger(__name__)
 
 NVIDIA_URL = "https://us.download.nvidia.com/tesla/{version}/NVIDIA-Linux-{machine}-{version}.run"
-MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
 
 
 def run_file_name(version: str, arch: str) -> str:
-    return f"NVIDIA-Linux-{MACHINES[arch]}-{version}.run"
+    return f"NVIDIA-Linux-{ARCHES[arch].nvidia}-{version}.run"
 
 
 def _is_url(location: str) -> bool:
@@ -61,7 +61,7 @@ class NvidiaRunSource:
         """A local installer's sha256; a downloaded one's expected sha256, else its URL (NVIDIA never
         replaces a released installer under the same name). Each component archive's sha256 as the redist
         manifest lists it, or why there is none."""
-        url = self.location.format(version=driver_version, machine=MACHINES[arch])
+        url = self.location.format(version=driver_version, machine=ARCHES[arch].nvidia)
         files, missing = self.components(driver_version, arch)
         sums = {**{f.name: f.sha256 for f in files.values()}, **{c: f"none: {why}" for c, why in missing.items()}}
         if not _is_url(url):
@@ -71,7 +71,7 @@ class NvidiaRunSource:
     def tree(self, driver_version: str, arch: str) -> RedistTree:
         location = self.redist
         if location is None:
-            run_file = self.location.format(version=driver_version, machine=MACHINES[arch])
+            run_file = self.location.format(version=driver_version, machine=ARCHES[arch].nvidia)
             location = REDIST_URL if _is_url(run_file) else str(Path(run_file).parent)
         return RedistTree(location, self.client, self.retry_delay)
 
@@ -118,7 +118,7 @@ class NvidiaRunSource:
 
     def fetch(self, driver_version: str, arch: str) -> Path:
         """The .run file for this version: the local path, or a cached (else downloaded) copy."""
-        url = self.location.format(version=driver_version, machine=MACHINES[arch])
+        url = self.location.format(version=driver_version, machine=ARCHES[arch].nvidia)
         if not _is_url(url):
             path = Path(url)
             if not path.is_file():

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.build.sources import EXTRA_COMPONENTS
 from gl_nvidia.bundle import read_json
 from gl_nvidia.download import download
@@ -28,7 +29,6 @@ from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import run
 
 REDIST_URL = "https://developer.download.nvidia.com/compute/nvidia-driver/redist/"
-PLATFORMS = {"amd64": "linux-x86_64", "arm64": "linux-sbsa"}  # the tree's names; sbsa: arm64 servers
 OWN_VERSION = {"nvlsm"}  # versioned on its own; every other component is of exactly the driver's version
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -65,7 +65,7 @@ def listed(manifest: Any, driver_version: str, arch: str, where: str) -> tuple[d
         raise IntegrityError(f"{where} is not NVIDIA's redistrib manifest (not a JSON object)")
     if manifest.get("release_label", driver_version) != driver_version:
         raise IntegrityError(f"{where} is the manifest of {manifest['release_label']}, not of {driver_version}")
-    platform = PLATFORMS[arch]
+    platform = ARCHES[arch].redist
     files: dict[str, RedistFile] = {}
     missing: dict[str, str] = {}
     for component in EXTRA_COMPONENTS:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from gl_nvidia import elf
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.errors import IntegrityError, UserError
 
 # Types whose entries carry an architecture, a path, an inherited path, a symlink target (nvidia-installer's
@@ -153,7 +154,7 @@ def _inside(rel: str) -> bool:
 def plan(manifest: Manifest, tree: Path, arch: str) -> list[Placement]:
     """What to write where, for the image of `arch`: every check done, nothing written."""
     where = f"{tree.name}/.manifest"
-    triplet = elf.TRIPLETS[arch]
+    triplet = ARCHES[arch].triplet
     placed: list[tuple[Entry, PurePosixPath]] = []
     for e in manifest.entries:
         if e.type not in _INSTALL or e.arch == "COMPAT32":
@@ -194,7 +195,7 @@ def _check_sonames(placed: list[tuple[Entry, PurePosixPath]], tree: Path, arch: 
     up is then what the image has, and nothing is linked by a naming rule."""
     links = {dest: posixpath.normpath(posixpath.join(str(dest.parent), e.target))
              for e, dest in placed if e.target is not None}
-    machine = elf.MACHINES[arch]
+    machine = ARCHES[arch].elf_machine
     for e, dest in placed:
         if e.type not in _SHARED_LIB:
             continue

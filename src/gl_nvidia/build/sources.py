@@ -20,6 +20,7 @@ from typing import Protocol
 from debian.debian_support import Version
 
 from gl_nvidia import apt, elf
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.build import capabilities, runmanifest
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, copy_from_tree
@@ -175,7 +176,7 @@ class DebianSource:
                                 next(p.sha256 for p in pkgs if p.name == pkg))
             for mtype, pkg in DEBIAN_MODULE_SOURCES.items() if pkg in debs
         }
-        gaps = capabilities.missing(root / "userspace", elf.TRIPLETS[arch],
+        gaps = capabilities.missing(root / "userspace", ARCHES[arch].triplet,
                                     f"no Debian package of driver {driver_version} carries it")
         return DriverInputs(driver_version, branch_of(driver_version), arch, self.name, digests,
                             root / "userspace", root / "firmware", module_sources,
@@ -197,7 +198,7 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
     raw = dest / "raw"
     for deb in debs.values():
         apt.extract(deb, raw)
-    triplet = elf.TRIPLETS[arch]
+    triplet = ARCHES[arch].triplet
     # nvidia-alternative normally links these into place on install; the bundle ships them in place.
     alt_bin = raw / "usr/lib/nvidia/current"
     alt_lib = raw / f"usr/lib/{triplet}/nvidia/current"
@@ -248,7 +249,7 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
 
 def check_sonames(libdir: Path, arch: str, what: str) -> None:
     """Every library in `libdir` is found under its DT_SONAME there: the name the loader and ldconfig look up."""
-    machine = elf.MACHINES[arch]
+    machine = ARCHES[arch].elf_machine
     for p in sorted(libdir.iterdir()) if libdir.is_dir() else []:
         if p.is_symlink() or not p.is_file() or (dyn := elf.dynamic(p)) is None or dyn.machine != machine:
             continue
@@ -282,7 +283,7 @@ def run_tree_inputs(tree: Path, arch: str, source: str, digests: dict[str, str],
         mtype: ModuleSource(mtype, version, tree / sub, tree_digest)
         for mtype, sub in (("proprietary", "kernel"), ("open", "kernel-open")) if (tree / sub).is_dir()
     }
-    gaps = capabilities.missing(layout / "userspace", elf.TRIPLETS[arch], f"driver {version}'s .manifest lists no such file")
+    gaps = capabilities.missing(layout / "userspace", ARCHES[arch].triplet, f"driver {version}'s .manifest lists no such file")
     return DriverInputs(version, branch_of(version), arch, source, digests,
                         layout / "userspace", layout / "firmware", module_sources, dict(left_out or {}), gaps)
 
@@ -338,7 +339,7 @@ def _fabricmanager(tree: Path, root: Path, arch: str) -> None:
         if (tree / "bin" / tool).is_file():
             _copy(tree, tree / "bin" / tool, usr / "bin" / tool)
     for lib in (tree / "lib").glob("libnvfm.so*"):
-        _copy(tree, lib, usr / "lib" / elf.TRIPLETS[arch] / lib.name)
+        _copy(tree, lib, usr / "lib" / ARCHES[arch].triplet / lib.name)
     nvswitch = usr / "share/nvidia/nvswitch"
     if (tree / "share/nvidia/nvswitch").is_dir():
         _copy(tree, tree / "share/nvidia/nvswitch", nvswitch)
@@ -391,7 +392,7 @@ def _libraries(tree: Path, root: Path, arch: str, package: str) -> None:
     members = sorted((tree / "lib").glob(f"{package}.so*")) if (tree / "lib").is_dir() else []
     if not any(m.is_file() and not m.is_symlink() for m in members):
         raise UserError(f"{tree.name} has no lib/{package}.so*", f"is it NVIDIA's {package} archive?")
-    libdir = root / "usr/lib" / elf.TRIPLETS[arch]
+    libdir = root / "usr/lib" / ARCHES[arch].triplet
     for member in members:
         _copy(tree, member, libdir / member.name)
     for member in members:

@@ -19,13 +19,15 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from gl_nvidia import yamldoc
+from gl_nvidia.arches import check_arch
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Cell
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_text
 from gl_nvidia.names import check_driver_version, check_kernel
+from gl_nvidia.osprofile import PROFILES
 
 DEFAULT_BRANCH_TYPES = ["production branch", "lts branch", "new feature branch"]
-Arch = Literal["amd64", "arm64"]
+Arch = Annotated[str, AfterValidator(check_arch)]
 Flavour = Literal["cloud", "metal"]
 _GL_VERSION = re.compile(r"\d+\.\d+(\.\d+)?")
 _RANGE_CLAUSE = re.compile(r"^\s*(>=|<=|==|!=|>|<)?\s*([^\s<>=!,]+)\s*$")
@@ -48,7 +50,7 @@ class ExclusionRule(_Strict):
     driver_branch: str | None = None  # range over branch numbers
     driver_version: str | None = None  # range over full driver versions
     flavour: str | None = None
-    arch: str | None = None
+    arch: Arch | None = None
 
     @field_validator("os_version", "kernel", "driver_branch", "driver_version")
     @classmethod
@@ -136,6 +138,13 @@ class OSInfo(_Strict):
     id: str = Field(pattern=r"^[a-z0-9]+$")
     version: str | None = None  # fixed version (Debian "12"); None: resolved from GLRD
     codename: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _profiled(cls, value: str) -> str:
+        if value not in PROFILES:
+            raise ValueError(f"gl-nvidia has no OS profile for {value!r} (use {' or '.join(PROFILES)})")
+        return value
 
 
 class ResolvedOSVersion(_Strict):

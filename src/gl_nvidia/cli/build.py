@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from gl_nvidia import ui
+from gl_nvidia.arches import ARCHES, BUILD
 from gl_nvidia.build import build_all, bundle_name
 from gl_nvidia.build.abi import check_bundle
 from gl_nvidia.build.kenv import kernel_release
@@ -38,7 +39,7 @@ def module_signer(key: Path | None, cert: Path | None, option: str = "--sign") -
 @click.option("--kernel", type=KERNEL, help="Kernel release (uname -r) of one build unit.")
 @click.option("--driver", "driver_version", type=DRIVER_VERSION,
               help="Driver version of one build unit (e.g. 535.309.01).")
-@click.option("--arch", default="amd64", show_default=True, type=click.Choice(["amd64", "arm64"]))
+@click.option("--arch", default=BUILD.debian, show_default=True, type=click.Choice(list(ARCHES)))
 @click.option("--os-version", default="12", show_default=True, help="OS version of the one unit (GL version for kmodbuild).")
 @click.option("--os-id", default="debian", show_default=True, type=click.Choice(sorted(PROFILES)))
 @click.option("--all", "all_units", is_flag=True, help="Build every unit of the matrix (--profile).")

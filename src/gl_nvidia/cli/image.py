@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from gl_nvidia import ui
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.catalog.sources import version_key
 from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.errors import UserError
@@ -75,7 +76,7 @@ def image_cmd(
                 pull_base,  # only a registry base needs the client
             )
 
-            chosen = pull_base(base, Path(tmp), read_bundle_manifest(bundle).arch)
+            chosen = pull_base(base, Path(tmp), ARCHES[read_bundle_manifest(bundle).arch].oci)
         images = build_images(
             bundle, None if all_kernels else list(kernels), out, base=chosen,
             options=ImageOptions(module_types, os_id, os_versions, source_url, revision), annotations=annotations,

@@ -8,7 +8,7 @@ from typing import Any
 from gl_nvidia.deploy.resolve import NodeOS
 from gl_nvidia.deploy.values import KERNEL_LABEL, OS_ID_LABEL, OS_VERSION_LABEL
 from gl_nvidia.errors import UserError
-from gl_nvidia.osprofile import os_profile
+from gl_nvidia.osprofile import DEBIAN, PROFILES
 
 # The operator labels GPU nodes `nvidia.com/gpu.present=true`; before it has, NFD's PCI label
 # for NVIDIA's vendor id (10de) says the same.
@@ -35,7 +35,8 @@ class NodeFacts:
 
     @property
     def flavour(self) -> str:
-        return os_profile(self.os_id or "").kernel_flavour(self.kernel or self.kubelet_kernel)
+        # Any node's, whatever OS it runs (a cluster is not ours to refuse): every profile names flavours alike.
+        return PROFILES.get(self.os_id or "", DEBIAN).kernel_flavour(self.kernel or self.kubelet_kernel)
 
 
 def _object(value: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gl_nvidia import apt, fs, oci
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.bundle import read_json
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers, unpack
@@ -75,7 +76,6 @@ REQUIRED_TOOLS = {
     "ldconfig": ("usr/sbin/ldconfig", "sbin/ldconfig"),
     "binutils (ld)": ("usr/bin/ld", "bin/ld"),
 }
-_DEB_ARCH = {"amd64": "amd64", "arm64": "arm64"}
 _DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
 _MALFORMED = "the base image is malformed; use another --base"
 
@@ -124,16 +124,16 @@ def gardenlinux_spec(repo_url: str, gl_version: str, arch: str) -> BaseSpec:
 def _spec(suite: str, mirrors: tuple[str, ...], arch: str) -> BaseSpec:
     """amd64: the essential variant; arm64: the extract variant (see the module docstring)."""
     deb_arch = _arch(arch)
-    if deb_arch == "amd64":
+    if ARCHES[deb_arch].build_machine:
         return BaseSpec(suite=suite, mirrors=mirrors, arch=deb_arch)
     return BaseSpec(suite=suite, mirrors=mirrors, arch=deb_arch, packages=EXTRACT_PACKAGES,
                     options=(*SLIM_OPTIONS, STATUS_HOOK, IBSTAT_HOOK), variant="extract")
 
 
 def _arch(arch: str) -> str:
-    if arch not in _DEB_ARCH:
-        raise UserError(f"unsupported architecture {arch!r}", "use amd64 or arm64")
-    return _DEB_ARCH[arch]
+    if arch not in ARCHES:
+        raise UserError(f"unsupported architecture {arch!r}", f"use {' or '.join(ARCHES)}")
+    return ARCHES[arch].debian
 
 
 def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
@@ -166,7 +166,7 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
     layout.import_blob(cache / "layer.tar.gz", desc)
     # The base as an image of its own, so the driver image can name it by digest like any other base.
     config = layout.write_blob(oci.canonical_json({
-        "architecture": spec.arch, "os": "linux", "created": layers.created(),
+        "architecture": ARCHES[spec.arch].oci, "os": "linux", "created": layers.created(),
         "rootfs": {"type": "layers", "diff_ids": [m["diff_id"]]},
     }), oci.CONFIG)
     manifest = oci.Manifest.build(config, [desc], {})
@@ -175,7 +175,7 @@ def build_base(spec: BaseSpec, layout: Layout) -> BaseImage:
         (layers.LayerBlob(desc, m["diff_id"], m["uncompressed_size"]),),
         f"{spec.suite} {spec.arch} (mmdebstrap {spec.variant} {' '.join(spec.packages)})",
         manifest.digest,
-        spec.arch,
+        ARCHES[spec.arch].oci,
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import gl_nvidia
 from gl_nvidia import bundle as bundle_mod
 from gl_nvidia import oci, ui
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_bytes, sha256_file
@@ -44,7 +45,8 @@ MODULE_TYPE_CHOICES = {"open": ("open",), "proprietary": ("proprietary",), "both
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL_PREFIX = "io.gardenlinux.nvidia"
 ENTRYPOINT_SCRIPT = b'#!/bin/sh\nexec python3 -m gl_nvidia.node "$@"\n'
-_ARCH = {"amd64": "amd64", "arm64": "arm64"}
+# The modules of gl_nvidia the node runtime may import besides its own package (standard library only).
+NODE_SHARED = ("__init__.py", "bundle.py", "arches.py")
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def build_images(
           tempfile.TemporaryDirectory(prefix="gl-nvidia-image-") as tmp):
         with ui.task(prog, "base root filesystem"):
             base_image = _resolve_base(base, layout, manifest.arch)
-            if base_image.arch != _ARCH[manifest.arch]:
+            if base_image.arch != ARCHES[manifest.arch].oci:
                 raise UserError(f"base image {base_image.description} is for {base_image.arch or 'no architecture'}, "
                                 f"but bundle {bundle_dir} is {manifest.arch}: its tools could not run the node runtime",
                                 f"use a {manifest.arch} base, or leave out --base to build one")
@@ -177,8 +179,6 @@ def read_bundle_manifest(bundle_dir: Path) -> BundleManifest:
 
 def _load_bundle(bundle_dir: Path) -> BundleManifest:
     manifest = read_bundle_manifest(bundle_dir)
-    if manifest.arch not in _ARCH:
-        raise UserError(f"bundle {bundle_dir} has unsupported arch {manifest.arch!r}")
     for tree, files in ((bundle_mod.userspace_dir(bundle_dir), manifest.userspace),
                         (bundle_mod.firmware_dir(bundle_dir), manifest.firmware)):
         for f in files:
@@ -399,8 +399,7 @@ def _shared_layers(layout: Layout, bundle_dir: Path, manifest: BundleManifest, r
     pkg = Path(gl_nvidia.__file__).parent
     site = node_layout.PYTHON_SITE / "gl_nvidia"
     runtime = [
-        Entry(_place(root, site / "__init__.py"), source=pkg / "__init__.py"),
-        Entry(_place(root, site / "bundle.py"), source=pkg / "bundle.py"),
+        *[Entry(_place(root, site / name), source=pkg / name) for name in NODE_SHARED],
         *[
             Entry(_place(root, site / "node" / p.relative_to(pkg / "node").as_posix()), source=p)
             for p in sorted((pkg / "node").rglob("*.py"))
@@ -491,7 +490,7 @@ def _kernel_image(
     labels = _labels(manifest, plan, base_image, opts)
     created = layers.created()
     config = {
-        "architecture": _ARCH[manifest.arch],
+        "architecture": ARCHES[manifest.arch].oci,
         "os": "linux",
         "created": created,
         "config": {

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from gl_nvidia import elf
+from gl_nvidia.arches import ARCHES
 from gl_nvidia.image import unpack
 
 MAGIC = b"glibc-ld.so.cache1.1"
@@ -36,12 +37,6 @@ _ENDIAN_LITTLE = 2  # cache_file_new_flags_endian_little
 _EXTENSION_MAGIC = 0xEAA42174
 _TAG_GENERATOR = 0
 GENERATOR = b"gl-nvidia"
-FLAG_ELF_LIBC6 = 0x0003
-# arch -> (ELF machine, the loader's multiarch triplet, the cache flags its loader accepts)
-ARCHES = {
-    "amd64": (elf.MACHINES["amd64"], elf.TRIPLETS["amd64"], 0x0300 | FLAG_ELF_LIBC6),  # FLAG_X8664_LIB64
-    "arm64": (elf.MACHINES["arm64"], elf.TRIPLETS["arm64"], 0x0A00 | FLAG_ELF_LIBC6),  # FLAG_AARCH64_LIB64
-}
 _HEADER = struct.Struct("<20sIIB3xI12x")
 _ENTRY = struct.Struct("<iIIIQ")
 _CONF = PurePosixPath("/etc/ld.so.conf")
@@ -83,7 +78,7 @@ def libcmp(a: str, b: str) -> int:
 
 def search_dirs(root: Path, arch: str) -> list[PurePosixPath]:
     """The directories ldconfig searches in the image at `root`, in its order, each directory once."""
-    triplet = ARCHES[arch][1]
+    triplet = ARCHES[arch].triplet
     builtin = (f"/lib/{triplet}", f"/usr/lib/{triplet}", "/lib", "/usr/lib")  # Debian's glibc, after the conf
     named = [*_conf_dirs(root, _CONF, 0), *map(PurePosixPath, builtin)]
     seen: set[PurePosixPath] = set()
@@ -171,7 +166,7 @@ def _scan_dir(root: Path, d: PurePosixPath, machine: str) -> list[_Lib]:
 
 def entries(root: Path, arch: str) -> list[CacheEntry]:
     """What ldconfig would list for the image at `root`, in the cache's order."""
-    machine, _, flags = ARCHES[arch]
+    machine, flags = ARCHES[arch].elf_machine, ARCHES[arch].ldconfig_flags
     found = [CacheEntry(lib.soname, f"{str(d).rstrip('/')}/{lib.soname}", flags)
              for d in search_dirs(root, arch) for lib in _scan_dir(root, d, machine)]
     # Stable: of equal keys (one SONAME in two directories) the first directory's comes first, as in ldconfig.

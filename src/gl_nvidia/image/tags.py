@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
+from gl_nvidia.arches import of_kernel
 from gl_nvidia.osprofile import os_profile
-
-# Debian's and Garden Linux's kernel releases end in their arch: 6.12.72-cloud-arm64, 6.1.0-56-amd64.
-_KERNEL_ARCH = re.compile(r"-(amd64|arm64)$")
 
 
 def kernel_arch(kernel: str) -> str | None:
     """The arch a kernel release names (None: a name without one). The operator's tag carries only the
     kernel, so this suffix is what keeps the amd64 and arm64 images of one version apart."""
-    m = _KERNEL_ARCH.search(kernel)
-    return m.group(1) if m else None
+    named = of_kernel(kernel)  # Debian's and Garden Linux's end in their arch: 6.12.72-cloud-arm64
+    return named.debian if named else None
 
 
 def os_tag(os_id: str, version_id: str) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..arches import ARM64, by_machine
+
 NVIDIA = 0x10DE
 MELLANOX = 0x15B3
 TURING_FIRST_DEVICE = 0x1E00  # open kernel modules need Turing or newer
 OPEN_DEFAULT_BRANCH = 560  # from this branch on, NVIDIA defaults to the open modules
 MODULE_TYPES = ("open", "proprietary")
-# The kernel's machine (uname -m) -> the Debian arch name images and manifests use.
-MACHINE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # Load order: each module depends on the ones before it.
 MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
 PEERMEM = "nvidia-peermem"
@@ -75,7 +75,7 @@ class Node:
     def coherent_gpus(self) -> tuple[PciDevice, ...]:
         """GPUs coupled to a Grace CPU over NVLink-C2C (GH200, GB200, GB300): their memory is coherent
         with the CPU's. Only arm64 nodes have them."""
-        if MACHINE_ARCH.get(self.machine) != "arm64":
+        if by_machine(self.machine) != ARM64:
             return ()
         return tuple(g for g in self.gpus if g.device in COHERENT_DEVICE_IDS)
 
@@ -139,7 +139,8 @@ def select_kernel(node: Node, image_kernels: list[str], driver_branch: str, imag
     tools cannot run here (an amd64 image reaches an arm64 node through a wrong tag or a mirror that
     dropped the arch, and runs at all only under binfmt emulation)."""
     needed = f"driver:{driver_branch}-{tag_kernel(node.kernel)}-{os_tag(node.os_release)}"
-    node_arch = MACHINE_ARCH.get(node.machine, node.machine)
+    known = by_machine(node.machine)
+    node_arch = known.debian if known else node.machine  # the Debian name images and manifests use
     if node_arch and image_arch and node_arch != image_arch:
         raise NodeError(
             f"this image is for {image_arch}, but this node's kernel {node.kernel} is {node_arch} ({node.machine}); "

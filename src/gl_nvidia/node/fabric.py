@@ -3,6 +3,7 @@ subnet manager over ib_umad, both from the image's own files; the NVSwitch monit
 
 from __future__ import annotations
 
+from ..arches import ARCHES
 from . import decide
 from .context import HOST_NS, Context
 from .daemons import DAEMON_BINARY, DAEMONS, MONITOR_PERIOD, Daemons
@@ -66,7 +67,7 @@ class Fabric:
 
     def _has_library(self, stem: str) -> bool:
         return any(d.is_dir() and any(p.name.startswith(stem) for p in d.iterdir())
-                   for d in (self.ctx.image.at(f"/usr/lib/{t}") for t in ("x86_64-linux-gnu", "aarch64-linux-gnu")))
+                   for d in (self.ctx.image.at(f"/usr/lib/{a.triplet}") for a in ARCHES.values()))
 
     def _require(self, *paths: str, why: str) -> None:
         """Fabric manager's (and nvlsm's) files in the image, or the one line naming what is missing and why
