@@ -24,7 +24,7 @@ from gl_nvidia.catalog.kernels import (
 )
 from gl_nvidia.catalog.lock import ExclusionRule, Policy, add_exclusion, parse_lock_text, read_lock
 from gl_nvidia.catalog.matrix import build_matrix, in_range, load_matrix, profile_text, rule_matches
-from gl_nvidia.catalog.model import Cell
+from gl_nvidia.catalog.model import Cell, Exclusion, Matrix
 from gl_nvidia.catalog.resolve import (
     drivers_from_package,
     policy_leaves_out,
@@ -248,8 +248,10 @@ def test_the_previous_kernel_is_read_from_the_index_so_a_rotated_out_abi_never_b
     monkeypatch.setenv("GL_APT_KEYRING", str(apt_key.keyring))
     repo = tmp_path / "archive"
     lock = parse_lock_text(profile_text("debian"), "profile")[0]
-    lock = lock.model_copy(update={
-        "policy": lock.policy.model_copy(update={"arches": ["amd64"], "flavours": ["cloud"]}),
+    lock = lock.model_copy(update={  # its Debian 12 alone: the fixture archive is bookworm's
+        "os": lock.os.model_copy(update={"versions": lock.os.versions[:1]}),
+        "policy": lock.policy.model_copy(update={"arches": ["amd64"], "flavours": ["cloud"],
+                                                 "previous_kernels": lock.policy.previous_kernels[:1]}),
         "sources": lock.sources.model_copy(update={"apt": str(repo)})})
 
     def pair() -> list[str]:
@@ -271,13 +273,15 @@ def test_the_embedded_profile_names_no_kernel_abi() -> None:
     assert not re.search(r"\d+\.\d+\.\d+(-\d+|\+deb)", text)
     policy = parse_lock_text(text, "profile")[0].policy
     assert policy.kernel_pins == [] and policy.kernel_overrides == []
-    assert [(k.os_version, k.flavour, k.arch) for k in policy.previous_kernels] == [("12", "cloud", "amd64")]
+    assert [(k.os_version, k.flavour, k.arch) for k in policy.previous_kernels] == [
+        ("12", "cloud", "amd64"), ("13", "cloud", "amd64")]
 
 
 def test_the_debian_profiles_upgrade_pair_is_the_archives_newest_cloud_abi_and_the_one_before() -> None:
     """Integration: the real archive, checked against apt itself (no ABI named here either)."""
     m = load_matrix("debian")
-    pair = sorted((u.kernel for u in m.units if u.kernel.endswith("-cloud-amd64")), key=kernel_sort_key)
+    pair = sorted((u.kernel for u in m.units if u.kernel.endswith("-cloud-amd64") and u.os_versions == ("12",)),
+                  key=kernel_sort_key)
     depends = output(["apt-cache", "show", "--no-all-versions", "linux-headers-cloud-amd64"])
     assert len(pair) == 2 and f"linux-headers-{pair[1]} " in depends
     listed = output(["apt-cache", "pkgnames", "linux-headers-6.1.0-"]).split()
@@ -399,7 +403,10 @@ def _candidate(package: str) -> str:
 def test_open_modules_of_another_version_than_the_driver_are_excluded_on_every_kernel() -> None:
     """Debian's open module source lags its driver (535.261.03 beside 535.309.01): the node would refuse
     those modules next to the userspace, so the catalog drops the open type, with the reason, everywhere."""
-    m = load_matrix("debian")  # real: resolved from this machine's Debian archive
+    whole = load_matrix("debian")  # real: resolved from this machine's Debian archive; its release is 12
+    m = Matrix(*(tuple(x for x in xs if (x.cell if isinstance(x, Exclusion) else x).os_version == "12")
+                 for xs in (whole.cells, whole.excluded)),
+               tuple(u for u in whole.units if u.os_versions == ("12",)))
     driver, open_version = _candidate("nvidia-kernel-source"), _candidate("nvidia-open-kernel-source")
     assert {c.driver_version for c in m.cells} == {driver}
     assert {c.driver_branch for c in m.cells} == {"535"}
@@ -418,7 +425,8 @@ def test_debian_profile_resolves_cloud_and_metal_on_both_arches_from_the_archive
     """Debian's generic kernel stands in for Garden Linux metal: the real archive's binary-amd64 and
     binary-arm64 indexes give one current kernel per flavour and arch, named as the OS record says."""
     m = load_matrix("debian")
-    current = {(c.flavour, c.arch): c.kernel for c in sorted(m.cells, key=lambda c: kernel_sort_key(c.kernel))}
+    current = {(c.flavour, c.arch): c.kernel for c in sorted(m.cells, key=lambda c: kernel_sort_key(c.kernel))
+               if c.os_version == "12"}
     assert set(current) == {("cloud", "amd64"), ("cloud", "arm64"), ("metal", "amd64"), ("metal", "arm64")}
     for (flavour, arch), kernel in current.items():
         infix = "cloud-" if flavour == "cloud" else ""

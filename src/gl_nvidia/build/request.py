@@ -14,7 +14,7 @@ from gl_nvidia.build.kenv import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, contai
 from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branch_of
 from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.kernels import apt_sources
-from gl_nvidia.catalog.lock import exclude_failures
+from gl_nvidia.catalog.lock import Lock, exclude_failures
 from gl_nvidia.catalog.matrix import load_lock, lock_matrix, lock_path
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
@@ -51,14 +51,15 @@ def kernel_envs(
     kind: str | None = None,
     *,
     apt: str | None = None,
-    codename: str | None = None,
+    codenames: Mapping[str, str | None] | None = None,
     headers: Path | None = None,
 ) -> Callable[[BuildUnit], KernelEnv]:
     """The environment of each unit, one per OS version, so each apt index is read once.
 
     `kind`: "apt", "dir" (`headers`) or "kmodbuild"; None: the OS's own (Garden Linux's production
     path is its kmodbuild container of the newest GL version using the kernel; Debian's headers come
-    from apt). `apt`: the lock's `sources.apt` for the apt environment (None: this machine's archive).
+    from apt). `apt`: the lock's `sources.apt` for the apt environment (None: this machine's archive),
+    `codenames` its fixed OS versions' release codenames (12: bookworm, 13: trixie).
     """
     kind = kind or distro.build_env
     if headers is not None and kind != "dir":
@@ -81,24 +82,56 @@ def kernel_envs(
             if engine is not None:
                 envs[version] = KmodbuildEnv(version, engine)
             else:
-                envs[version] = AptEnv(None if apt is None else apt_sources(apt, version, distro, codename))
+                envs[version] = AptEnv(None if apt is None else
+                                       apt_sources(apt, version, distro, (codenames or {}).get(version)))
         return envs[version]
 
     return env_for
+
+
+def os_version_of(unit: BuildUnit) -> str:
+    """The OS version a unit is built for: its newest (a Garden Linux unit serves several alike)."""
+    return unit.os_versions[-1] if unit.os_versions else ""
+
+
+def debian_sources(lock: Lock) -> Callable[[BuildUnit], DriverSource]:
+    """Each unit's Debian packages from its own OS version's suites (12: bookworm's, 13: trixie's)."""
+    sources: dict[str, DriverSource] = {}
+
+    def of(unit: BuildUnit) -> DriverSource:
+        version = os_version_of(unit)
+        if version not in sources:
+            suites = apt_sources(lock.sources.apt, version, os_profile(lock.os.id), lock.os.codename_of(version)) \
+                if lock.os.fixed else None
+            sources[version] = DebianSource(sources=suites)
+        return sources[version]
+
+    return of
 
 
 @dataclass(frozen=True)
 class BuildRequest:
     units: tuple[BuildUnit, ...]
     env_for: Callable[[BuildUnit], KernelEnv]
+    source_for: Callable[[BuildUnit], DriverSource]
+
+    def by_source(self) -> list[tuple[DriverSource, list[BuildUnit]]]:
+        """The units grouped by driver source (one per OS version), in order."""
+        groups: dict[int, tuple[DriverSource, list[BuildUnit]]] = {}
+        for unit in self.units:
+            source = self.source_for(unit)
+            groups.setdefault(id(source), (source, []))[1].append(unit)
+        return list(groups.values())
 
 
-def matrix_request(profile: str, env: str | None, headers: Path | None) -> BuildRequest:
-    """Every unit of a profile's matrix, each in its OS's environment unless `env` names another."""
+def matrix_request(profile: str, source: DriverSource, env: str | None, headers: Path | None) -> BuildRequest:
+    """Every unit of a profile's matrix, each in its OS's environment unless `env` names another; Debian's
+    packages of each unit's own OS version."""
     lock = load_lock(profile)
     return BuildRequest(lock_matrix(lock).units,
-                        kernel_envs(os_profile(lock.os.id), env, apt=lock.sources.apt, codename=lock.os.codename,
-                                    headers=headers))
+                        kernel_envs(os_profile(lock.os.id), env, apt=lock.sources.apt,
+                                    codenames={v.version: v.codename for v in lock.os.fixed}, headers=headers),
+                        debian_sources(lock) if isinstance(source, DebianSource) else lambda unit: source)
 
 
 def kernel_request(kernel: str, driver_version: str | None, arch: str, os_id: str, os_version: str,
@@ -112,7 +145,7 @@ def kernel_request(kernel: str, driver_version: str | None, arch: str, os_id: st
     distro = os_profile(os_id)
     unit = BuildUnit(kernel, driver_version, branch_of(driver_version), arch, distro.kernel_flavour(kernel), os_id,
                      (os_version,))
-    return BuildRequest((unit,), kernel_envs(distro, env or "apt", headers=headers))
+    return BuildRequest((unit,), kernel_envs(distro, env or "apt", headers=headers), lambda u: source)
 
 
 def failures_lock(profile: str) -> Path:

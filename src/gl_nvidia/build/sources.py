@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Mapping
@@ -89,9 +90,9 @@ def _digest_key(digests: dict[str, str]) -> str:
 
 # --- debian -------------------------------------------------------------------------------------
 
-# Debian's packages for a headless GPU node; all must carry exactly the requested driver version.
-DEBIAN_USERSPACE = ("nvidia-smi", "libcuda1", "libnvidia-ml1", "nvidia-modprobe",
-                    "libnvidia-ptxjitcompiler1", "firmware-nvidia-gsp")
+# Debian's packages for a headless GPU node; all must carry exactly the requested driver version. Names
+# are those of the main driver; a Tesla branch's packages carry its variant (`variant_name`).
+DEBIAN_USERSPACE = ("nvidia-smi", "libcuda1", "libnvidia-ml1", "libnvidia-ptxjitcompiler1", "firmware-nvidia-gsp")
 # What NVIDIA's driver container has for the toolkit's capabilities beyond those: each taken when the
 # archive has it in exactly the driver's version (a package the version lacks is a name the capability
 # report lists as missing).
@@ -105,12 +106,27 @@ DEBIAN_CAPABILITIES = {
                  "libnvidia-rtcore", "libnvoptix1", "libnvidia-fbc1", "libnvidia-api1"),
     "ngx": ("libnvidia-ngx1",),
 }
-# Shipped when the archive has them, in whatever version it has (Debian versions them separately).
-DEBIAN_OPTIONAL = ("nvidia-persistenced", "libnvidia-cfg1")
+# Shipped when the archive has them, in whatever version it has (Debian versions them separately; trixie
+# packages nvidia-modprobe and nvidia-persistenced from their own sources, one for every driver).
+DEBIAN_OPTIONAL = ("nvidia-persistenced", "libnvidia-cfg1", "nvidia-modprobe")
+DEBIAN_TOOLS = ("nvidia-persistenced", "nvidia-modprobe")  # never of a variant
 DEBIAN_MODULE_SOURCES = {"proprietary": "nvidia-kernel-source", "open": "nvidia-open-kernel-source"}
+# The proprietary module source of the main driver and of each Tesla branch (`nvidia-tesla-535-kernel-source`).
+_DEBIAN_KERNEL_SOURCE = re.compile(r"nvidia(?:-(tesla-\d+))?-kernel-source")
 # Fabric manager must be of exactly the driver's version (it refuses to run against another).
 DEBIAN_FABRICMANAGER = "nvidia-fabricmanager"
 DEBIAN_NVIDIA_FS = "nvidia-fs-dkms"  # GPUDirect Storage's module source, of its own version
+
+
+def variant_name(name: str, variant: str) -> str:
+    """Debian's name of a driver package in a variant's packaging: `nvidia-smi` -> `nvidia-tesla-535-smi`,
+    `libglx-nvidia0` -> `libglx-nvidia-tesla-535-0`, `libcuda1` -> `libnvidia-tesla-535-cuda1`."""
+    if not variant:
+        return name
+    m = re.match(r"(.*?nvidia)(?:-|(?=\d))(.*)", name)
+    if m:
+        return f"{m.group(1)}-{variant}-{m.group(2)}"
+    return f"libnvidia-{variant}-{name.removeprefix('lib')}"
 
 
 class DebianSource:
@@ -118,14 +134,24 @@ class DebianSource:
 
     name = "debian"
 
-    def __init__(self, repo: apt.AptRepo | None = None) -> None:
+    def __init__(self, repo: apt.AptRepo | None = None, sources: list[apt.AptSource] | None = None) -> None:
+        """`sources`: the OS version's suites (default: this machine's archive)."""
         # One repository view per architecture: a release builds amd64 and arm64 units side by side.
         self._repos = {repo.arch: repo} if repo else {}
+        self._sources = sources
 
     def repo(self, arch: str) -> apt.AptRepo:
         if arch not in self._repos:
-            self._repos[arch] = apt.AptRepo(apt.system_sources(), arch=arch)
+            self._repos[arch] = apt.AptRepo(self._sources or apt.system_sources(), arch=arch)
         return self._repos[arch]
+
+    def variant(self, driver_version: str, arch: str) -> str:
+        """Which packaging carries the driver: "" the main one (`nvidia-kernel-source`), or a Tesla
+        branch's ("tesla-535": trixie packages 535 beside its main 550)."""
+        repo = self.repo(arch)
+        found = [m.group(1) or "" for n in repo.names() if (m := _DEBIAN_KERNEL_SOURCE.fullmatch(n))
+                 and any(_upstream(p.version) == driver_version for p in repo.versions(n))]
+        return min(found, key=bool) if found else ""  # the main packaging where both have it
 
     def available_versions(self, arch: str) -> list[str]:
         return [_upstream(p.version) for p in self.repo(arch).versions("nvidia-smi")]
@@ -137,8 +163,9 @@ class DebianSource:
 
     def _packages(self, driver_version: str, arch: str) -> list[apt.AptPackage]:
         repo = self.repo(arch)
+        variant = self.variant(driver_version, arch)
         pkgs: list[apt.AptPackage] = []
-        for name in (*DEBIAN_USERSPACE, DEBIAN_MODULE_SOURCES["proprietary"]):
+        for name in (variant_name(n, variant) for n in (*DEBIAN_USERSPACE, DEBIAN_MODULE_SOURCES["proprietary"])):
             match = [p for p in repo.versions(name) if _upstream(p.version) == driver_version]
             if not match:
                 have = ", ".join(sorted({_upstream(p.version) for p in repo.versions(name)})) or "none"
@@ -149,13 +176,13 @@ class DebianSource:
             pkgs.append(match[0])
         for names in DEBIAN_CAPABILITIES.values():
             for name in names:
-                pkgs += [p for p in repo.versions(name) if _upstream(p.version) == driver_version][:1]
-        for name in DEBIAN_OPTIONAL:
+                pkgs += [p for p in repo.versions(variant_name(name, variant)) if _upstream(p.version) == driver_version][:1]
+        for name in (n if n in DEBIAN_TOOLS else variant_name(n, variant) for n in DEBIAN_OPTIONAL):
             if repo.versions(name):
                 pkgs.append(repo.find(name))
         pkgs += [p for p in repo.versions(DEBIAN_FABRICMANAGER) if _upstream(p.version) == driver_version][:1]
         # Debian ships the open tree on its own schedule: take the newest of the same branch.
-        open_pkgs = [p for p in repo.versions(DEBIAN_MODULE_SOURCES["open"])
+        open_pkgs = [p for p in repo.versions(variant_name(DEBIAN_MODULE_SOURCES["open"], variant))
                      if branch_of(_upstream(p.version)) == branch_of(driver_version)]
         if open_pkgs:
             pkgs.append(open_pkgs[0])
@@ -164,17 +191,18 @@ class DebianSource:
     def prepare(self, driver_version: str, arch: str) -> DriverInputs:
         repo = self.repo(arch)
         pkgs = self._packages(driver_version, arch)
+        variant = self.variant(driver_version, arch)
         debs = {p.name: repo.download(p) for p in pkgs}
         digests = {p.deb_name: p.sha256 for p in pkgs}
         versions = {p.name: _upstream(p.version) for p in pkgs}
         root = cache_dir("build", "driver") / f"debian-{driver_version}-{arch}-{_digest_key({**digests, **_LAYOUT})[:16]}"
         if not cache_hit(root):
             with cache_fill(root) as tmp:
-                _unpack_debian(debs, tmp, arch)
+                _unpack_debian(debs, tmp, arch, variant)
         module_sources = {
             mtype: ModuleSource(mtype, versions[pkg], root / f"kernel-{mtype}",
                                 next(p.sha256 for p in pkgs if p.name == pkg))
-            for mtype, pkg in DEBIAN_MODULE_SOURCES.items() if pkg in debs
+            for mtype, pkg in ((t, variant_name(n, variant)) for t, n in DEBIAN_MODULE_SOURCES.items()) if pkg in debs
         }
         gaps = capabilities.missing(root / "userspace", ARCHES[arch].triplet,
                                     f"no Debian package of driver {driver_version} carries it")
@@ -194,14 +222,14 @@ class DebianSource:
         return why
 
 
-def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
+def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str, variant: str = "") -> None:
     raw = dest / "raw"
     for deb in debs.values():
         apt.extract(deb, raw)
     triplet = ARCHES[arch].triplet
     # nvidia-alternative normally links these into place on install; the bundle ships them in place.
-    alt_bin = raw / "usr/lib/nvidia/current"
-    alt_lib = raw / f"usr/lib/{triplet}/nvidia/current"
+    alt_bin = raw / "usr/lib/nvidia" / (variant or "current")
+    alt_lib = raw / f"usr/lib/{triplet}/nvidia" / (variant or "current")
     userspace, firmware = dest / "userspace", dest / "firmware"
     lib = userspace / f"usr/lib/{triplet}"
     moves: list[tuple[Path, Path]] = []
@@ -226,13 +254,15 @@ def _unpack_debian(debs: dict[str, Path], dest: Path, arch: str) -> None:
     moves += [(p, userspace / "etc/vulkan" / p.relative_to(raw / "usr/share/vulkan")) for p in raw.glob("usr/share/vulkan/*/*")]
     moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/glvnd/egl_vendor.d/*")]
     moves += [(p, userspace / p.relative_to(raw)) for p in raw.glob("usr/share/egl/egl_external_platform.d/*")]
-    moves += [(p, firmware / p.relative_to(raw / "lib/firmware")) for p in raw.glob("lib/firmware/nvidia/*/*")]
+    # bookworm's packages put firmware in /lib, trixie's (merged /usr) in /usr/lib
+    moves += [(p, firmware / p.relative_to(raw / lib_dir / "firmware"))
+              for lib_dir in ("lib", "usr/lib") for p in raw.glob(f"{lib_dir}/firmware/nvidia/*/*")]
     what = f"the unpacked .debs ({', '.join(sorted(debs))})"
     for src, dst in moves:
         copy_from_tree(raw, src, dst, what)
     for d in (lib, lib / "vdpau"):
         check_sonames(d, arch, what)
-    for mtype, pkg in DEBIAN_MODULE_SOURCES.items():
+    for mtype, pkg in ((t, variant_name(n, variant)) for t, n in DEBIAN_MODULE_SOURCES.items()):
         tar = next((raw / "usr/src").glob(f"{pkg.removesuffix('-source')}.tar.*"), None)
         if pkg not in debs or tar is None:
             continue

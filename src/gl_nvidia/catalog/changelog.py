@@ -64,15 +64,17 @@ def diff(old: Resolved | None, new: Resolved, branches: int, os_name: str = "GL"
             out.append(Change("gl-eol", f"{os_name} {major} reached end of maintenance{eol}: "
                                         f"{_names(versions)} {_gets(versions)} no new images"))
 
-    old_drv = {d.branch: d for d in (old.drivers if old else [])}
-    new_drv = {d.branch: d for d in new.drivers}
-    for branch, d in new_drv.items():
-        if branch not in old_drv:
+    # a branch per OS version where each reads its own suites (Debian 12 and 13 both package 535)
+    old_drv = {(d.os_version, d.branch): d for d in (old.drivers if old else [])}
+    new_drv = {(d.os_version, d.branch): d for d in new.drivers}
+    for (_, branch), d in new_drv.items():
+        if (d.os_version, branch) not in old_drv:
             out.append(Change("branch-added", f"driver branch {branch} ({d.type}) enters the top {branches}: {d.version}"))
-        elif old_drv[branch].version != d.version:
-            out.append(Change("driver-patch", f"new driver patch release {d.version} (was {old_drv[branch].version})"))
-    for branch, d in old_drv.items():
-        if branch not in new_drv:
+        elif old_drv[d.os_version, branch].version != d.version:
+            out.append(Change("driver-patch",
+                              f"new driver patch release {d.version} (was {old_drv[d.os_version, branch].version})"))
+    for (_, branch), d in old_drv.items():
+        if (d.os_version, branch) not in new_drv:
             out.append(Change("branch-dropped", f"driver branch {branch} drops out (last {d.version})"))
 
     old_k = {(k.os_version, k.flavour, k.arch): k.kernel for k in (old.kernels if old else [])}

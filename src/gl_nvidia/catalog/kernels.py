@@ -43,13 +43,18 @@ def apt_sources(spec: str, os_version: str, distro: OSProfile, codename: str | N
                 etc_apt: Path = Path("/etc/apt")) -> list[AptSource]:
     """The apt sources of one OS version.
 
-    `system:<codename>`: this machine's configured archive, only the suites `<codename>` and
+    `system:<codename>` (`system`: `codename`'s): this machine's configured archive, only the suites `<codename>` and
     `<codename>-*` (other vendors' entries are not the OS's kernels), verified with their Signed-By keyring;
     for a release this machine does not list (trixie on a bookworm machine), the same archive's suites of
     that release (`apt.release_suites`).
     Anything else is the base URL (or directory) of a repository laid out as the OS record says (Garden
     Linux: one suite per OS version), verified with the keyring file GL_APT_KEYRING names.
     """
+    if spec == "system":  # several OS versions: each its own release's suites
+        if not codename:
+            raise UserError(f"sources.apt `system` needs the codename of OS version {os_version}",
+                            "give it in os.versions (e.g. {version: '13', codename: trixie})")
+        spec = f"system:{codename}"
     if spec.startswith("system:"):
         codename = spec.removeprefix("system:")
         if not re.fullmatch(r"[a-z]+", codename):

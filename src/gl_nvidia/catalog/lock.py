@@ -14,7 +14,15 @@ from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
@@ -130,14 +138,43 @@ class Sources(_Strict):
     # NVIDIA's releases.json (URL or file), or "apt:<package>" for a distribution's driver source package.
     nvidia: str
     # apt repository base URL (per-OS-version suites); "${VAR}" is read from the environment;
-    # "system:<codename>" is this machine's configured archive, suites <codename> and <codename>-*.
+    # "system:<codename>" is this machine's configured archive, suites <codename> and <codename>-*;
+    # "system": the same for each of os.versions, with its own codename.
     apt: str
+
+
+class OSVersionInfo(_Strict):
+    """One fixed OS version in maintenance and its release's codename (its suites: `system`)."""
+
+    version: str = Field(min_length=1)
+    codename: str | None = None
 
 
 class OSInfo(_Strict):
     id: str = Field(pattern=r"^[a-z0-9]+$")
-    version: str | None = None  # fixed version (Debian "12"); None: resolved from GLRD
+    version: str | None = None  # one fixed version (Debian "12"); None: os.versions, or resolved from GLRD
     codename: str | None = None
+    # Several fixed versions in maintenance at once (Debian 12 and 13), each resolved from its own suites.
+    versions: list[OSVersionInfo] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_way_to_fix_versions(self) -> OSInfo:
+        if self.versions and (self.version is not None or self.codename is not None):
+            raise ValueError("give os.version (and codename) or os.versions, not both")
+        names = [v.version for v in self.versions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"os.versions lists a version twice ({', '.join(names)})")
+        return self
+
+    @property
+    def fixed(self) -> list[OSVersionInfo]:
+        """The fixed OS versions, oldest first as listed; empty: Garden Linux's, resolved from GLRD."""
+        if self.version is not None:
+            return [OSVersionInfo(version=self.version, codename=self.codename)]
+        return list(self.versions)
+
+    def codename_of(self, version: str) -> str | None:
+        return next((v.codename for v in self.fixed if v.version == version), None)
 
     @field_validator("id")
     @classmethod
@@ -162,6 +199,13 @@ class ResolvedDriver(_Strict):
     # The open kernel-module source's version where a distribution packages it apart from the driver
     # (Debian); None: the same version (NVIDIA's .run carries both trees).
     open_version: DriverVersion | None = None
+    # False: the distribution packages no open module source of its branch beside it (Debian's Tesla 535).
+    open_modules: Literal[False] | None = None
+    # The OS version whose suites it was read from: it is built only for that version's kernels (None:
+    # every OS version's, as NVIDIA's releases serve all).
+    os_version: str | None = None
+    # The arches its suites carry its module source for (None: every arch of the policy).
+    arches: list[Arch] | None = None
 
 
 class ResolvedFrom(_Strict):
@@ -186,6 +230,13 @@ class Lock(_Strict):
     policy: Policy
     sources: Sources
     resolved: Resolved | None = None
+
+    @model_validator(mode="after")
+    def _one_suite_per_version(self) -> Lock:
+        if len(self.os.fixed) > 1 and self.sources.apt.startswith("system:"):
+            raise ValueError(f"sources.apt {self.sources.apt!r} names one release for {len(self.os.fixed)} OS "
+                             "versions: write `system` (each version's suites by its os.versions codename)")
+        return self
 
 
 def _yaml() -> YAML:

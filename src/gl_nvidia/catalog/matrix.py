@@ -66,6 +66,8 @@ def version_mismatch(driver: ResolvedDriver) -> str | None:
     The node refuses a module set whose version differs from the image's userspace (NVML: "Driver/library
     version mismatch"), so compiling it would only make a layer nobody can load.
     """
+    if driver.open_modules is False:
+        return f"no open module source of driver {driver.version} is packaged beside its {driver.type}"
     if driver.open_version is None or driver.open_version == driver.version:
         return None
     return (f"open module source {driver.open_version} differs from driver {driver.version}: "
@@ -79,9 +81,14 @@ def build_matrix(os_id: str, resolved: Resolved, exclusions: list[ExclusionRule]
     excluded: list[Exclusion] = []
     allowed: dict[Cell, tuple[str, ...]] = {}
     for k in resolved.kernels:
-        for d in resolved.drivers:
+        # A driver read from one OS version's suites serves only that version's kernels.
+        for d in (d for d in resolved.drivers if d.os_version in (None, k.os_version)):
             cell = Cell(os_id=os_id, os_version=k.os_version, flavour=k.flavour, arch=k.arch,
                         kernel=k.kernel, driver_version=d.version, driver_branch=d.branch)
+            if d.arches is not None and k.arch not in d.arches:
+                excluded.append(Exclusion(cell, f"driver {d.version} ({d.type}) has no module source for "
+                                                f"{k.arch} in the suites of {os_id} {k.os_version}"))
+                continue
             types = list(MODULE_TYPES)
             mismatch = version_mismatch(d)
             if mismatch is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -119,7 +120,32 @@ def drivers_from_package(repo: AptRepo, package: str) -> list[ResolvedDriver]:
     open_versions = [v for v in (_upstream(p.version) for p in repo.versions(open_package)) if v.split(".", 1)[0] == branch]
     open_version = open_versions[0] if open_versions else None
     return [ResolvedDriver(branch=branch, type=f"package {package}", version=upstream,
-                           open_version=open_version if open_version != upstream else None)]
+                           open_version=open_version if open_version != upstream else None,
+                           open_modules=None if open_versions else False)]
+
+
+def suite_drivers(repos: Mapping[str, AptRepo], packages: Sequence[str], branches: int,
+                  os_version: str) -> list[ResolvedDriver]:
+    """One OS version's drivers, read from its suites per arch: of every kernel-module source package
+    named (`nvidia-kernel-source`, `nvidia-tesla-535-kernel-source`) the newest version of each branch,
+    the `branches` newest branches, each with the arches whose index carries exactly that version."""
+    found: dict[str, tuple[ResolvedDriver, list[str]]] = {}
+    for arch, repo in repos.items():
+        for package in packages:
+            if repo.versions(package):
+                (driver,) = drivers_from_package(repo, package)
+                found.setdefault(driver.version, (driver, []))[1].append(arch)
+    if not found:
+        where = "; ".join(repo.describe() for repo in repos.values())
+        raise UserError(f"OS version {os_version}: no driver package ({', '.join(packages)}) in {where}",
+                        "check sources.nvidia and the OS version's suites (contrib, non-free)")
+    newest: dict[str, tuple[ResolvedDriver, list[str]]] = {}
+    for version in sorted(found, key=version_key, reverse=True):
+        newest.setdefault(found[version][0].branch, found[version])
+    chosen = sorted(newest.values(), key=lambda da: int(da[0].branch), reverse=True)[:branches]
+    return [d.model_copy(update={"os_version": os_version,
+                                 "arches": None if set(arches) == set(repos) else sorted(arches)})
+            for d, arches in chosen]
 
 
 def apply_kernel_policy(resolved: list[KernelEntry], policy: Policy, os_versions: list[str]) -> list[KernelEntry]:
@@ -161,9 +187,9 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
     distro = os_profile(lock.os.id)
 
     with ui.progress() as prog:
-        if lock.os.version is not None:
-            os_versions = [ResolvedOSVersion(version=lock.os.version)]
-            known = {lock.os.version}
+        if lock.os.fixed:
+            os_versions = [ResolvedOSVersion(version=v.version) for v in lock.os.fixed]
+            known = {v.version for v in lock.os.fixed}
         else:
             if not glrd:
                 raise UserError("the lock names no GLRD source and no fixed distro.version", "set sources.glrd")
@@ -179,9 +205,13 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
                                 "fix the version in policy.kernel_overrides / kernel_pins / previous_kernels")
 
         with ui.task(prog, "read NVIDIA driver releases"):
-            if nvidia.startswith("apt:"):
-                repo = AptRepo(apt_sources(apt, os_versions[0].version, distro, lock.os.codename), arch=policy.arches[0])
-                drivers = drivers_from_package(repo, nvidia.removeprefix("apt:"))
+            if nvidia.startswith("apt:"):  # each OS version's own suites
+                packages = nvidia.removeprefix("apt:").split(",")
+                drivers = []
+                for v in os_versions:
+                    suites = apt_sources(apt, v.version, distro, lock.os.codename_of(v.version))
+                    repos: dict[str, AptRepo] = {arch: AptRepo(suites, arch=arch) for arch in policy.arches}
+                    drivers += suite_drivers(repos, packages, policy.branches, v.version)
             else:
                 drivers = select_drivers(parse_nvidia(fetch(nvidia, "NVIDIA releases.json"), nvidia), policy)
 
@@ -193,7 +223,8 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
             for os_version, flavour, arch in combos:
                 if (os_version, flavour, arch) not in overridden:
                     kernels += [KernelEntry(os_version=os_version, flavour=flavour, arch=arch, kernel=kernel)
-                                for kernel in resolve_kernels(apt, os_version, flavour, arch, distro, lock.os.codename,
+                                for kernel in resolve_kernels(apt, os_version, flavour, arch, distro,
+                                                              lock.os.codename_of(os_version),
                                                               previous=(os_version, flavour, arch) in widened)]
                 t.advance(1)
     kernels = apply_kernel_policy(kernels, policy, [v.version for v in os_versions])

@@ -83,16 +83,16 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
     if all_units:
         if kernel or driver_version:
             raise UserError("--all builds the matrix; leave out --kernel and --driver")
-        request = matrix_request(profile, env_kind, kernel_headers)
+        request = matrix_request(profile, source, env_kind, kernel_headers)
     else:
         if not kernel:
             raise UserError("say what to build: --kernel K [--driver V], or --all")
         request = kernel_request(kernel, driver_version, arch, os_id, os_version, source, env_kind, kernel_headers)
     lock_file = failures_lock(profile) if exclude_failed else None
     check_writable_dir(out)  # before any compile, not after
-    results = build_all(list(request.units), out, source=source, env_for=request.env_for,
-                        jobs=jobs, make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug,
-                        signer=signer)
+    results = [r for unit_source, units in request.by_source()
+               for r in build_all(units, out, source=unit_source, env_for=request.env_for, jobs=jobs,
+                                  make_jobs=make_jobs, module_types=types or None, keep_debug=keep_debug, signer=signer)]
     if as_json:
         ui.print_json([{"unit": r.unit.as_dict(), "bundle": str(r.bundle),
                         "modules": {t: {"status": o.status, "cached": o.cached, "error": o.error,

@@ -76,14 +76,15 @@ def kernels_for(
     distro = os_profile(lock.os.id)
 
     def from_repository(spec: str, version: str, flavour: str, arch: str) -> str:
-        return resolve_kernel(spec, version, flavour, arch, distro, lock.os.codename)
+        return resolve_kernel(spec, version, flavour, arch, distro, lock.os.codename_of(version))
     known: dict[tuple[str, str], str] = {(k.flavour, k.arch): k.kernel for k in resolved.kernels if k.os_version == os_version}
     if known:
         return known
-    if lock.os.version is not None:
+    if lock.os.fixed:
+        tracked = ", ".join(v.version for v in lock.os.fixed)
         raise UserError(
-            f"unknown {lock.os.id} version {os_version!r}: this lock tracks only {lock.os.version}",
-            f"pass --gl-version {lock.os.version}",
+            f"unknown {lock.os.id} version {os_version!r}: this lock tracks only {tracked}",
+            f"pass --gl-version {lock.os.fixed[-1].version}",
         )
     if not _GL_VERSION.match(os_version):
         raise UserError(f"invalid Garden Linux version {os_version!r}", "write MAJOR.MINOR (1877.3) or MAJOR.MINOR.PATCH")
@@ -103,9 +104,10 @@ def kernels_for(
 def plan_targets(lock: Lock, resolved: Resolved, os_version: str, kernels: dict[tuple[str, str], str]) -> list[Target]:
     """Every (driver.version form, flavour, arch) the tracked branches need on this OS version."""
     version_id = node_version_id(lock.os.id, os_version)
-    left_out = policy_leaves_out(lock.policy, os_version) if lock.os.version is None else None
+    left_out = policy_leaves_out(lock.policy, os_version) if not lock.os.fixed else None
     targets = []
-    for driver in sorted(resolved.drivers, key=lambda d: int(d.branch), reverse=True):
+    drivers = [d for d in resolved.drivers if d.os_version in (None, os_version)]  # its own suites' drivers
+    for driver in sorted(drivers, key=lambda d: int(d.branch), reverse=True):
         for (flavour, arch), kernel in sorted(kernels.items()):
             cell = Cell(lock.os.id, os_version, flavour, arch, kernel, driver.version, driver.branch)
             reasons = [left_out] if left_out else []

@@ -106,11 +106,14 @@ class BaseImage:
     name: str | None = None  # the registry reference it came from (org.opencontainers.image.base.name)
 
 
-def debian_spec(arch: str) -> BaseSpec:
-    """The debian profile: this machine's configured Debian archive (never a hard-coded URL)."""
+def debian_spec(arch: str, codename: str | None = None) -> BaseSpec:
+    """The debian profile: this machine's configured Debian archive (never a hard-coded URL); `codename`
+    another release's suites of the same archive (trixie on a bookworm machine), as the catalog reads them."""
     sources = [s for s in apt.system_sources() if "main" in s.components]
     if not sources:
         raise UserError("no apt source with the `main` component configured", "configure Debian's archive in apt")
+    if codename is not None and sources[0].suite.split("-", 1)[0] != codename:
+        sources = [s for s in apt.release_suites(apt.system_sources(), codename) if "main" in s.components]
     suite = sources[0].suite
     mirrors = tuple(f"deb {s.uri} {s.suite} {' '.join(s.components)}" for s in sources)
     return _spec(suite, mirrors, arch)

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import gl_nvidia
 from gl_nvidia import ui
-from gl_nvidia.build import DebianSource, KernelEnv, build_all
+from gl_nvidia.build import KernelEnv, build_all
 from gl_nvidia.build.modsign import ModuleSigner
-from gl_nvidia.build.request import kernel_envs
+from gl_nvidia.build.request import debian_sources, kernel_envs, os_version_of
 from gl_nvidia.build.sources import DriverSource
 from gl_nvidia.build.unit import UnitResult
+from gl_nvidia.catalog.kernels import expand_env
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.matrix import build_matrix, load_lock, lock_matrix, lock_resolved
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion, Matrix
@@ -102,27 +103,33 @@ class ReleaseResult:
         return max(branches, key=int) if branches else None
 
 
-def source_for(lock: Lock) -> DriverSource:
-    """Debian's packages when the lock reads drivers from apt; NVIDIA's .run installers otherwise."""
+def sources_for(lock: Lock) -> Callable[[BuildUnit], DriverSource]:
+    """Each unit's driver source: Debian's packages of its OS version's own suites (bookworm's for 12,
+    trixie's for 13) when the lock reads drivers from apt; NVIDIA's .run installers otherwise."""
     if lock.sources.nvidia.startswith("apt:"):
-        return DebianSource()
+        return debian_sources(lock)
     from gl_nvidia.build.nvidia import NvidiaRunSource
 
-    return NvidiaRunSource()
+    nvidia = NvidiaRunSource()
+    return lambda unit: nvidia
 
 
 def env_for(lock: Lock) -> Callable[[BuildUnit], KernelEnv]:
+    """The OS's build environment; fixed OS versions (Debian's) read headers from their own suites."""
+    if lock.os.fixed:
+        return kernel_envs(os_profile(lock.os.id), apt=lock.sources.apt,
+                           codenames={v.version: v.codename for v in lock.os.fixed})
     return kernel_envs(os_profile(lock.os.id))
 
 
 def base_for(lock: Lock, arch: str, os_version: str) -> base_mod.BaseSpec:
-    """The base the OS record names: its apt repository's suite of `os_version`, or this machine's archive."""
+    """The base the OS record names: its apt repository's suite of `os_version`, or this machine's archive
+    (another Debian release's suites of it where the OS version is one: trixie for 13)."""
     distro = os_profile(lock.os.id)
     if distro.base == "apt":
-        from gl_nvidia.catalog.kernels import expand_env
-
-        return base_mod.gardenlinux_spec(expand_env(lock.sources.apt), distro.apt.suite_of(os_version, lock.os.codename), arch)
-    return base_mod.debian_spec(arch)
+        return base_mod.gardenlinux_spec(expand_env(lock.sources.apt),
+                                         distro.apt.suite_of(os_version, lock.os.codename_of(os_version)), arch)
+    return base_mod.debian_spec(arch, lock.os.codename_of(os_version))
 
 
 def _left_out(unit: BuildUnit, excluded: Sequence[Exclusion]) -> tuple[tuple[str, str], ...]:
@@ -153,13 +160,13 @@ def _build_state(result: UnitResult) -> tuple[str, str | None]:
     return ("cached" if all(o.cached for o in built) else "compiled"), None
 
 
-def unit_inputs(lock: Lock, unit: BuildUnit, source: DriverSource, module_cert: str = "") -> UnitInputs:
+def unit_inputs(lock: Lock, unit: BuildUnit, source: Callable[[BuildUnit], DriverSource],
+                module_cert: str = "") -> UnitInputs:
     """A unit's inputs, from the lock, the source's index and the base spec: nothing is downloaded but the
     source's index (Debian's signed apt index; NVIDIA's redistrib_<version>.json, a few KB).
     `module_cert`: the module signing certificate's sha256 ("": modules unsigned)."""
-    os_version = unit.os_versions[-1] if unit.os_versions else ""
-    return UnitInputs(unit.as_dict(), source.checksums(unit.driver_version, unit.arch),
-                      base_for(lock, unit.arch, os_version).key(), gl_nvidia.__version__, module_cert)
+    return UnitInputs(unit.as_dict(), source(unit).checksums(unit.driver_version, unit.arch),
+                      base_for(lock, unit.arch, os_version_of(unit)).key(), gl_nvidia.__version__, module_cert)
 
 
 def plan(profile: str | Path, registry: str, *, force: bool = False, module_cert: str = ""
@@ -168,13 +175,13 @@ def plan(profile: str | Path, registry: str, *, force: bool = False, module_cert
     _target(registry)
     lock = load_lock(profile)
     units = lock_matrix(lock).units
-    inputs = _all_inputs(lock, units, source_for(lock), module_cert)
+    inputs = _all_inputs(lock, units, sources_for(lock), module_cert)
     with ui.progress() as prog:
         decisions = _decide(units, inputs, registry, force, {}, prog)
     return [(u, inputs[u], decisions[u]) for u in units]
 
 
-def _all_inputs(lock: Lock, units: Sequence[BuildUnit], source: DriverSource,
+def _all_inputs(lock: Lock, units: Sequence[BuildUnit], source: Callable[[BuildUnit], DriverSource],
                 module_cert: str = "") -> dict[BuildUnit, UnitInputs | None]:
     inputs: dict[BuildUnit, UnitInputs | None] = {}
     for u in units:
@@ -220,7 +227,7 @@ def release(
     if not matrix.units:
         raise UserError(f"the matrix of {profile} has no build units", "check the lock's policy and exclusions")
     bundles, layout_dir = out / "bundles", out / "oci"
-    source = source_for(lock)
+    source = sources_for(lock)
     inputs = _all_inputs(lock, matrix.units, source, module_signer.cert_sha256 if module_signer else "")
     reports: dict[BuildUnit, UnitReport] = {}
     decisions: dict[BuildUnit, Decision] = {}
@@ -231,8 +238,11 @@ def release(
         results: list[UnitResult] = []
         if todo:
             with ui.task(prog, f"build {len(todo)} unit(s)"):
-                results = build_all(todo, bundles, source=source, env_for=env_for(lock), jobs=jobs,
-                                    signer=module_signer)
+                envs = env_for(lock)
+                for version in dict.fromkeys(os_version_of(u) for u in todo):  # one driver source per OS version
+                    group = [u for u in todo if os_version_of(u) == version]
+                    results += build_all(group, bundles, source=source(group[0]), env_for=envs, jobs=jobs,
+                                         signer=module_signer)
         compiled = sum(1 for r in results for o in r.outcomes.values() if o.status == "ok" and not o.cached)
         images = _images(lock, results, layout_dir, reports, inputs, prog)
         pushed = (0, 0, 0)
@@ -306,7 +316,7 @@ def _images(lock: Lock, results: list[UnitResult], layout_dir: Path, reports: di
                 continue
         built_types = tuple(t for t, o in r.outcomes.items() if o.status == "ok")
         opts = ImageOptions(module_types=_module_choice(built_types), os_id=unit.os_id, os_versions=unit.os_versions)
-        todo.setdefault((r.bundle, opts, unit.os_versions[-1] if unit.os_versions else ""), []).append(unit)
+        todo.setdefault((r.bundle, opts, os_version_of(unit)), []).append(unit)
     with ui.task(prog, f"images for {sum(len(u) for u in todo.values())} unit(s)"):
         for (bundle, opts, os_version), units in todo.items():
             arch = units[0].arch
