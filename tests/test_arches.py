@@ -15,6 +15,7 @@ from gl_nvidia import bundle as b
 from gl_nvidia import elf
 from gl_nvidia.arches import ARCHES, ARM64, BUILD, by_elf_machine, by_machine, check_arch, of_kernel
 from gl_nvidia.cli import main
+from tests.fixtures.cli import one_error, tree
 from tests.fixtures.redist import PLATFORMS
 from tests.fixtures.small_bundle import KERNELS, make_bundle, with_os
 
@@ -61,21 +62,11 @@ def test_names_each_stage_reads() -> None:
         check_arch("riscv64")
 
 
-def _one_error(err: str, words: str) -> None:
-    assert "Traceback" not in err
-    assert words in err, err
-    assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1, err
-
-
-def _tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
 def test_build_refuses_an_unknown_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert main(["build", "--kernel", "6.1.0-56-riscv64", "--driver", "535.309.01", "--arch", "riscv64",
                  "--out", str(out)]) == 2
-    _one_error(capsys.readouterr().err, "'riscv64' is not one of 'amd64', 'arm64'")
+    one_error(capsys.readouterr().err, "'riscv64' is not one of 'amd64', 'arm64'")
     assert not out.exists()
 
 
@@ -93,10 +84,10 @@ def test_a_lock_naming_an_unknown_arch_or_os_is_one_error_line(old: str, new: st
     text = DEBIAN_LOCK.read_text()
     assert old in text
     lock.write_text(text.replace(old, new, 1))
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     assert main([*command, str(lock)]) == 2
-    _one_error(capsys.readouterr().err, words)
-    assert _tree(tmp_path) == before and lock.read_text() == text.replace(old, new, 1)
+    one_error(capsys.readouterr().err, words)
+    assert tree(tmp_path) == before and lock.read_text() == text.replace(old, new, 1)
 
 
 @pytest.fixture(scope="module")
@@ -118,22 +109,22 @@ def riscv_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ], ids=["image", "image --base", "image --gardenlinux-repo", "check-modules"])
 def test_a_bundle_of_an_unknown_arch_is_one_error_line(args: list[str], riscv_bundle: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    before = _tree(riscv_bundle)
+    before = tree(riscv_bundle)
     assert main([a.format(bundle=riscv_bundle, tmp=tmp_path) for a in args]) == 2
-    _one_error(capsys.readouterr().err, "'riscv64' is not an architecture gl-nvidia builds for (amd64, arm64)")
-    assert _tree(tmp_path) == [] and _tree(riscv_bundle) == before
+    one_error(capsys.readouterr().err, "'riscv64' is not an architecture gl-nvidia builds for (amd64, arm64)")
+    assert tree(tmp_path) == [] and tree(riscv_bundle) == before
 
 
 def test_an_unknown_os_id_is_one_error_line_where_it_enters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`image --os-id` of a bundle that records no OS, and a node's os-release for `resolve`."""
     old = with_os(make_bundle(tmp_path / "old"), None)
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     assert main(["image", str(old), "--kernel", KERNELS[0], "--os-id", "ubuntu", "--gl-version", "24.04",
                  "--out", str(tmp_path / "out")]) == 2
-    _one_error(capsys.readouterr().err, "gl-nvidia has no OS profile for 'ubuntu'")
-    assert _tree(tmp_path) == before
+    one_error(capsys.readouterr().err, "gl-nvidia has no OS profile for 'ubuntu'")
+    assert tree(tmp_path) == before
     os_release = tmp_path / "os-release"
     os_release.write_text('ID=ubuntu\nVERSION_ID="24.04"\n')
     assert main(["resolve", "--os-release", str(os_release), "--kernel", "6.8.0-1-generic",
                  "--lock", str(DEBIAN_LOCK)]) == 2
-    _one_error(capsys.readouterr().err, "gl-nvidia has no OS profile for 'ubuntu'")
+    one_error(capsys.readouterr().err, "gl-nvidia has no OS profile for 'ubuntu'")

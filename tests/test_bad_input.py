@@ -14,21 +14,12 @@ from gl_nvidia.cli import main
 from gl_nvidia.deploy import values as values_mod
 from gl_nvidia.names import check_driver_version, check_kernel
 from gl_nvidia.reference import check_repository
+from tests.fixtures.cli import one_error, tree
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "versions.yaml"
 DEBIAN_LOCK = ROOT / "tests" / "data" / "deploy" / "release-debian-lock.yaml"
 KERNEL = "6.1.0-56-cloud-amd64"
-
-
-def _one_error(err: str, words: str) -> None:
-    assert "Traceback" not in err
-    assert words in err, err
-    assert len([line for line in err.splitlines() if "error" in line.lower()]) == 1, err
-
-
-def _tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 @pytest.mark.parametrize(("name", "mutate", "words"), [
@@ -56,10 +47,10 @@ def test_a_bad_lock_file_is_one_error_line(name: str, mutate: object, words: str
     data = mutate(LOCK.read_bytes())
     assert data != LOCK.read_bytes()
     lock.write_bytes(data)
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     assert main([*command, str(lock)]) == 2
-    _one_error(capsys.readouterr().err, words)
-    assert _tree(tmp_path) == before and lock.read_bytes() == data
+    one_error(capsys.readouterr().err, words)
+    assert tree(tmp_path) == before and lock.read_bytes() == data
 
 
 def test_a_bad_history_file_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,7 +62,7 @@ def test_a_bad_history_file_is_one_error_line(tmp_path: Path, capsys: pytest.Cap
                          "day is out of range")]:
         history.write_bytes(data)
         assert main(["versions", "--lock", str(lock)]) == 2
-        _one_error(capsys.readouterr().err, words)
+        one_error(capsys.readouterr().err, words)
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -120,12 +111,12 @@ def test_release_refuses_an_unwritable_out_before_building(tmp_path: Path,
     lock = tmp_path / "lock.yaml"
     lock.write_text(DEBIAN_LOCK.read_text().replace("535.309.01", "535.999.01"))
     (tmp_path / "file").write_text("x")
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     assert main(["release", "--profile", str(lock), "--out", str(tmp_path / "file" / "out")]) == 2
     err = capsys.readouterr().err
-    _one_error(err, f"cannot write {tmp_path / 'file' / 'out'}: Not a directory")
+    one_error(err, f"cannot write {tmp_path / 'file' / 'out'}: Not a directory")
     assert "build unit" not in err  # nothing was built
-    assert _tree(tmp_path) == before
+    assert tree(tmp_path) == before
 
 
 def test_build_refuses_an_unwritable_out_before_building(tmp_path: Path,
@@ -133,8 +124,8 @@ def test_build_refuses_an_unwritable_out_before_building(tmp_path: Path,
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "out"
     assert main(["build", "--kernel", KERNEL, "--driver", "535.999.01", "--out", str(out)]) == 2
-    _one_error(capsys.readouterr().err, f"cannot write {out}: Not a directory")
-    assert _tree(tmp_path) == ["file"]
+    one_error(capsys.readouterr().err, f"cannot write {out}: Not a directory")
+    assert tree(tmp_path) == ["file"]
 
 
 @pytest.mark.parametrize("repository", ["foo", "gpu/drivers", "Registry/gpu"])
@@ -143,12 +134,12 @@ def test_a_repository_without_a_registry_host_is_refused(repository: str, tmp_pa
     """The operator would pull docker.io/<repository>/driver: not what anyone publishing there meant."""
     out = tmp_path / "values.yaml"
     assert main(["values", "--repository", repository, "--lock", str(LOCK), "--out", str(out)]) == 2
-    _one_error(capsys.readouterr().err, "names no registry host")
+    one_error(capsys.readouterr().err, "names no registry host")
     assert not out.exists()
     assert main(["release", "--profile", str(DEBIAN_LOCK), "--registry", repository,
                  "--out", str(tmp_path / "out")]) == 2
-    _one_error(capsys.readouterr().err, "names no registry host")
-    assert _tree(tmp_path) == []
+    one_error(capsys.readouterr().err, "names no registry host")
+    assert tree(tmp_path) == []
     for good in ("localhost/gpu", "localhost:5000/gpu", "registry.example/gpu", "[::1]:5000/gpu"):
         assert check_repository(good, "driver") == good
 

@@ -23,7 +23,7 @@ from gl_nvidia.oci import Layout
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.credentials import same_origin
 from gl_nvidia.registry.transfer import ClientOptions, pull, pull_base, push
-from tests.fixtures.hostile_registry import BASIC, HostileRegistry, Request, Response
+from tests.fixtures.hostile_registry import HostileRegistry, Request, Response
 from tests.fixtures.layouts import (
     FAST,
     env_credentials,
@@ -31,7 +31,7 @@ from tests.fixtures.layouts import (
     no_ambient_credentials,
     two_images,
 )
-from tests.fixtures.registry import Registry
+from tests.fixtures.registry import BASIC, Registry
 
 __all__ = ["no_ambient_credentials"]  # autouse: no credentials from this machine's docker config
 

@@ -24,11 +24,9 @@ from tests.fixtures.layouts import (
     no_ambient_credentials,
     two_images,
 )
-from tests.fixtures.registry import PASSWORD, USER, Registry
+from tests.fixtures.registry import BASIC, PASSWORD, USER, Registry
 
 __all__ = ["no_ambient_credentials"]  # autouse: no credentials from this machine's docker config
-
-BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 
 def blob_files(layout: Layout) -> list[Path]:
