@@ -40,12 +40,12 @@ from gl_nvidia import oci
 from gl_nvidia.build import AptEnv, DebianSource, build_unit
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.image import layers
-from gl_nvidia.image.build import ImageOptions, build_images
+from gl_nvidia.image.assemble import ImageOptions, build_images
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.transfer import copy_image
-from gl_nvidia.release import release
+from gl_nvidia.release.conductor import release
 
 COUNTS = (1, 5, 10)
 OPTIONS = ImageOptions(os_id="debian", os_versions=("12",))

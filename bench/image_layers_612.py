@@ -30,7 +30,7 @@ from tests.fixtures.ibt import ibt_kernels, ibt_unit
 
 from gl_nvidia import bundle as b
 from gl_nvidia.build import AptEnv, DebianSource, build_unit
-from gl_nvidia.image.build import build_images
+from gl_nvidia.image.assemble import build_images
 from gl_nvidia.oci import Layout
 
 

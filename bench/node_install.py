@@ -42,7 +42,7 @@ from gl_nvidia.fs import cache_dir  # noqa: E402
 from gl_nvidia.node import layout  # noqa: E402
 from gl_nvidia.node.driverroot import DRIVER_ROOT  # noqa: E402
 from gl_nvidia.node.host import subprocess_runner  # noqa: E402
-from gl_nvidia.node.image import Image  # noqa: E402
+from gl_nvidia.node.imagefiles import Image  # noqa: E402
 from gl_nvidia.node.link import STAGING_DIR  # noqa: E402
 from gl_nvidia.node.runtime import Runtime  # noqa: E402
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))  # the registry fixture lives with the tests
 
 from tests.fixtures.registry import running_registry  # noqa: E402
 
-from gl_nvidia.release import release  # noqa: E402
+from gl_nvidia.release.conductor import release  # noqa: E402
 
 LOCK = REPO / "tests" / "data" / "deploy" / "release-debian-lock.yaml"
 

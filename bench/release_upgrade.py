@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gl_nvidia.catalog.kernels import kernel_sort_key, series
-from gl_nvidia.image.build import LABEL_PREFIX
+from gl_nvidia.image.assemble import LABEL_PREFIX
 from gl_nvidia.oci import Layout, Manifest
 from gl_nvidia.osprofile import os_profile
 

@@ -19,7 +19,7 @@ from gl_nvidia.build import AptEnv, DebianSource, KernelHeaders, UnitResult, bui
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.catalog.lock import resolved_to_yaml
 from gl_nvidia.catalog.matrix import load_lock, profile_text
-from gl_nvidia.catalog.resolve import refresh
+from gl_nvidia.catalog.refresh import refresh
 from gl_nvidia.cli import main
 from tests.fixtures.bundle import (
     DEBIAN_DRIVER,

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from gl_nvidia.apt import DEBIAN_KEYRING, AptRepo
+from gl_nvidia.catalog.feeds import parse_glrd, parse_nvidia
 from gl_nvidia.catalog.history import history_path, read_history
 from gl_nvidia.catalog.kernels import (
     apt_sources,
@@ -25,14 +26,13 @@ from gl_nvidia.catalog.kernels import (
 from gl_nvidia.catalog.lock import ExclusionRule, Policy, add_exclusion, parse_lock_text, read_lock
 from gl_nvidia.catalog.matrix import build_matrix, in_range, load_matrix, profile_text, rule_matches
 from gl_nvidia.catalog.model import Cell, Exclusion, Matrix
-from gl_nvidia.catalog.resolve import (
+from gl_nvidia.catalog.refresh import (
     drivers_from_package,
     policy_leaves_out,
     refresh,
     select_drivers,
     select_os_versions,
 )
-from gl_nvidia.catalog.sources import parse_glrd, parse_nvidia
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from gl_nvidia.osprofile import DEBIAN, GARDENLINUX

@@ -32,8 +32,8 @@ from gl_nvidia.reference import Reference
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.sign import load_public_key, sign_digest, verify_image
 from gl_nvidia.registry.transfer import ClientOptions, push
-from gl_nvidia.release import ReleaseResult, UnitReport
 from gl_nvidia.release.assets import release_assets
+from gl_nvidia.release.conductor import ReleaseResult, UnitReport
 from gl_nvidia.release.inputs import UnitInputs
 from gl_nvidia.release.ocm import (
     COMPONENT,

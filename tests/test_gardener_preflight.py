@@ -209,8 +209,8 @@ def test_gardener_checks_do_not_mix_with_the_others(tmp_path: Path, registry: Re
     assert "the lock is of debian" in capsys.readouterr().err
     with pytest.raises(UserError, match="uses CloudProfile aws, not gcp"):
         from gl_nvidia.catalog.lock import parse_lock_text
+        from gl_nvidia.deploy.imagecheck import ImageChecker
         from gl_nvidia.deploy.preflight import Wanted, shoot_results
-        from gl_nvidia.deploy.registry import ImageChecker
 
         lock = parse_lock_text(LOCK, "lock")[0]
         assert lock.resolved is not None

@@ -19,10 +19,10 @@ from gl_nvidia.cli import main
 from gl_nvidia.cli.image import image_cmd
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers
-from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
+from gl_nvidia.image.assemble import BuiltImage, ImageOptions, build_image, build_images
 from gl_nvidia.image.tags import image_tags, kernel_arch
 from gl_nvidia.node import layout as node_layout
-from gl_nvidia.node.image import Image as NodeImage
+from gl_nvidia.node.imagefiles import Image as NodeImage
 from gl_nvidia.oci import CONFIG, INDEX, Layout, Manifest, canonical_json
 from gl_nvidia.registry.client import RegistryClient
 from gl_nvidia.registry.transfer import pull_base, push

@@ -24,7 +24,7 @@ import pytest
 
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image.build import ImageOptions, build_image
+from gl_nvidia.image.assemble import ImageOptions, build_image
 from gl_nvidia.oci import CONFIG, LAYER_GZIP, Layout, Manifest, canonical_json
 from tests.fixtures.small_bundle import KERNELS, TRIPLET, VERSION, make_bundle
 

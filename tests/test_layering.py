@@ -6,7 +6,7 @@ import ast
 import sys
 from pathlib import Path
 
-from gl_nvidia.image.build import NODE_SHARED
+from gl_nvidia.image.assemble import NODE_SHARED
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "gl_nvidia"
 

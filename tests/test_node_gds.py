@@ -11,7 +11,7 @@ import pytest
 
 from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
-from gl_nvidia.node.image import Image
+from gl_nvidia.node.imagefiles import Image
 from tests.fixtures.node import KERNEL, fake_node, make_image, make_ko
 
 WHY = ("nvidia-fs 2.13.5: proprietary: ABI gate: nvidia-fs.ko: binds nvidia_p2p_get_pages with symbol_get, which "

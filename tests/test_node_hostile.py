@@ -13,7 +13,7 @@ import pytest
 
 from gl_nvidia.node import decide, layout
 from gl_nvidia.node.decide import NodeError
-from gl_nvidia.node.image import Image
+from gl_nvidia.node.imagefiles import Image
 from gl_nvidia.node.runtime import PID_FILE, STATE_FILE
 from tests.fixtures.fuzz import samples
 from tests.fixtures.node import fake_node, make_image

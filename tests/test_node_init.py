@@ -12,7 +12,7 @@ from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.driverroot import DRIVER_ROOT
 from gl_nvidia.node.host import Result
-from gl_nvidia.node.image import PULL_AGAIN, Image, sha256_file
+from gl_nvidia.node.imagefiles import PULL_AGAIN, Image, sha256_file
 from gl_nvidia.node.link import STAGING_DIR
 from gl_nvidia.node.runtime import READY_FILE, STATE_FILE, Runtime
 from tests.fixtures.node import (
@@ -122,7 +122,7 @@ def test_kernel_without_modules_is_refused_naming_the_tag(tmp_path: Path) -> Non
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
-    from gl_nvidia.node.image import Image
+    from gl_nvidia.node.imagefiles import Image
 
     with pytest.raises(NodeError, match=r"this image has no readable driver manifest at /usr/share/gl-nvidia/manifest.json"):
         Image.load(tmp_path)

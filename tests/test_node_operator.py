@@ -17,7 +17,7 @@ from gl_nvidia.arches import ARCHES
 from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
 from gl_nvidia.node.host import Result
-from gl_nvidia.node.image import Image
+from gl_nvidia.node.imagefiles import Image
 from gl_nvidia.node.runtime import DAEMONS_STATUS, READY_FILE, Runtime
 from tests.fixtures.node import KERNEL, FakeKernel, fake_node, make_image, make_ko, reseal
 

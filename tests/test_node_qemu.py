@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.image.build import BuiltImage
-from gl_nvidia.node.image import Image
+from gl_nvidia.image.assemble import BuiltImage
+from gl_nvidia.node.imagefiles import Image
 from gl_nvidia.oci import Layout
 
 from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, MODULE_SIGNER, ModuleKey

@@ -32,8 +32,8 @@ from elftools.elf.elffile import ELFFile
 
 from gl_nvidia import apt, fs
 from gl_nvidia.image import unpack
-from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image
-from gl_nvidia.node.image import Image
+from gl_nvidia.image.assemble import BuiltImage, ImageOptions, build_image
+from gl_nvidia.node.imagefiles import Image
 from gl_nvidia.oci import Layout
 
 from .fixtures.arm64 import ARM64_KERNEL

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.node.image import Image
+from gl_nvidia.node.imagefiles import Image
 
 from .fixtures.bundle import DEBIAN_DRIVER
 from .fixtures.ibt import ibt_kernels

@@ -11,7 +11,7 @@ import pytest
 
 from gl_nvidia.node import layout
 from gl_nvidia.node.decide import NodeError
-from gl_nvidia.node.image import Image
+from gl_nvidia.node.imagefiles import Image
 from gl_nvidia.node.link import STAGING_DIR
 from gl_nvidia.node.runtime import READY_FILE
 from tests.fixtures.node import BUILD_LINKER, KERNEL, fake_node, make_image

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
-from gl_nvidia.deploy.registry import ImageChecker
+from gl_nvidia.deploy.imagecheck import ImageChecker
 from gl_nvidia.errors import UserError
 from gl_nvidia.oci import Layout
 from gl_nvidia.registry.client import RegistryClient

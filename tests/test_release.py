@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.cli import main
-from gl_nvidia.release import release
+from gl_nvidia.release.conductor import release
 from gl_nvidia.release.ocm import COMPONENT
 from gl_nvidia.run import output
 from tests.fixtures.ibt import ibt_kernels

@@ -21,7 +21,7 @@ from gl_nvidia.build.nvidia import NvidiaRunSource
 from gl_nvidia.build.unit import _copy_tree
 from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.image import unpack
-from gl_nvidia.image.build import ImageOptions, build_images
+from gl_nvidia.image.assemble import ImageOptions, build_images
 from tests.fixtures import runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER
 

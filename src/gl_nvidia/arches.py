@@ -2,7 +2,7 @@
 
 Locks, bundles, CLI options and apt indexes name an arch by its Debian name; each stage asks the record
 for the name its own world uses (the kernel's machine, ELF's, GNU's, NVIDIA's, OCI's, kbuild's). Standard
-library only: the node runtime ships it beside `bundle.py` (image/build.py `NODE_SHARED`).
+library only: the node runtime ships it beside `bundle.py` (image/assemble.py `NODE_SHARED`).
 """
 
 from __future__ import annotations

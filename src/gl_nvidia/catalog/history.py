@@ -13,9 +13,9 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from gl_nvidia import yamldoc
+from gl_nvidia.catalog.feeds import version_key
 from gl_nvidia.catalog.lock import describe_validation_error, dump
 from gl_nvidia.catalog.model import Matrix
-from gl_nvidia.catalog.sources import version_key
 from gl_nvidia.errors import UserError
 
 HEADER = "# Every (OS version, driver version) ever in the matrix, appended by `gl-nvidia update`.\n"

@@ -11,6 +11,7 @@ from datetime import date
 from importlib import resources
 from pathlib import Path
 
+from gl_nvidia.catalog.feeds import version_key
 from gl_nvidia.catalog.kernels import compare_kernels
 from gl_nvidia.catalog.lock import (
     ExclusionRule,
@@ -21,8 +22,7 @@ from gl_nvidia.catalog.lock import (
     read_lock,
 )
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Cell, Exclusion, Matrix
-from gl_nvidia.catalog.resolve import SourceOverrides, refresh
-from gl_nvidia.catalog.sources import version_key
+from gl_nvidia.catalog.refresh import SourceOverrides, refresh
 
 PROFILES = ("debian", "gardenlinux")
 _OPS: dict[str, Callable[[int, int], bool]] = {

@@ -11,7 +11,7 @@ from gl_nvidia.catalog.history import history_path, history_text, read_history, 
 from gl_nvidia.catalog.lock import lock_text, read_lock, resolved_to_yaml
 from gl_nvidia.catalog.matrix import build_matrix
 from gl_nvidia.catalog.model import Matrix
-from gl_nvidia.catalog.resolve import SourceOverrides, refresh
+from gl_nvidia.catalog.refresh import SourceOverrides, refresh
 from gl_nvidia.fs import atomic_write_text
 from gl_nvidia.osprofile import os_profile
 

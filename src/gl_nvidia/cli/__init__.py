@@ -1,6 +1,7 @@
 """The `gl-nvidia` command line: a thin layer that parses options and calls one stage per command.
 
-Each stage's commands live in a module of this package named after the stage.
+Each stage's commands live in a module of this package named after the stage; `release`, the conductor's,
+in its own.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from gl_nvidia.cli import build, catalog, deploy, image
+    from gl_nvidia.cli import build, catalog, deploy, image, release
 
-    for module in (catalog, build, image, deploy):
+    for module in (catalog, build, image, deploy, release):
         for command in module.COMMANDS:
             cli.add_command(command)
 

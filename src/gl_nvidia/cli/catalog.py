@@ -15,7 +15,7 @@ from gl_nvidia.catalog.history import history_path, read_history, support_table
 from gl_nvidia.catalog.lock import read_lock
 from gl_nvidia.catalog.matrix import PROFILES, load_matrix
 from gl_nvidia.catalog.model import BuildUnit, Matrix
-from gl_nvidia.catalog.resolve import SourceOverrides
+from gl_nvidia.catalog.refresh import SourceOverrides
 from gl_nvidia.catalog.update import update
 from gl_nvidia.errors import UserError
 

@@ -10,11 +10,11 @@ import click
 
 from gl_nvidia import ui
 from gl_nvidia.arches import ARCHES
-from gl_nvidia.catalog.sources import version_key
+from gl_nvidia.catalog.feeds import version_key
 from gl_nvidia.cli.params import KERNEL
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import base as base_mod
-from gl_nvidia.image.build import (
+from gl_nvidia.image.assemble import (
     MODULE_TYPE_CHOICES,
     ImageOptions,
     build_images,

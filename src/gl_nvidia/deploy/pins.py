@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
+from gl_nvidia.catalog.feeds import version_key
 from gl_nvidia.catalog.lock import Lock, Resolved
-from gl_nvidia.catalog.resolve import refresh
-from gl_nvidia.catalog.sources import version_key
+from gl_nvidia.catalog.refresh import refresh
 from gl_nvidia.deploy.values import ValuesSettings, helm_values
 from gl_nvidia.errors import UserError
 

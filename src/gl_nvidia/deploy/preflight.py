@@ -18,11 +18,11 @@ from gl_nvidia.catalog.kernels import resolve_kernel
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.matrix import rule_matches
 from gl_nvidia.catalog.model import MODULE_TYPES, Cell
-from gl_nvidia.catalog.resolve import policy_leaves_out
+from gl_nvidia.catalog.refresh import policy_leaves_out
 from gl_nvidia.deploy.gardener import IMAGE_NAME, CloudProfile, Shoot, flavour_of
+from gl_nvidia.deploy.imagecheck import ImageChecker
 from gl_nvidia.deploy.nodes import NodeFacts
 from gl_nvidia.deploy.pins import generated_values
-from gl_nvidia.deploy.registry import ImageChecker
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
 from gl_nvidia.deploy.values import DEFAULT_IMAGE
 from gl_nvidia.errors import CheckFailed, UserError

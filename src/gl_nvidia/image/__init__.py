@@ -5,6 +5,6 @@ digest, tags, layers), `ImageOptions`. It reads layouts only (a registry base is
 caller); the OCI model it shares with the registry stage is `gl_nvidia.oci`.
 """
 
-from gl_nvidia.image.build import BuiltImage, ImageOptions, build_image, build_images
+from gl_nvidia.image.assemble import BuiltImage, ImageOptions, build_image, build_images
 
 __all__ = ["BuiltImage", "ImageOptions", "build_image", "build_images"]

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from .decide import NodeError
 from .host import Host
-from .image import Image
+from .imagefiles import Image
 from .log import Log
 from .runtime import Runtime
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .decide import NodeError
 from .host import Host
-from .image import Image
+from .imagefiles import Image
 from .log import Log
 
 HOST_NS = ("nsenter", "-t", "1", "-m", "--")  # hostPID: PID 1 is the host's init, its mount ns the host's

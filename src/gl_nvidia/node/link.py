@@ -12,7 +12,7 @@ from ..bundle import apply_patch
 from . import decide
 from .context import Context, reason
 from .decide import NodeError
-from .image import PULL_AGAIN, PatchedModule, SplitModule, sha256_file
+from .imagefiles import PULL_AGAIN, PatchedModule, SplitModule, sha256_file
 from .modinfo import modinfo
 
 # Modules linked from their parts (interface + NVIDIA's binary object) before insmod: inside the

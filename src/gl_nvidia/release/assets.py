@@ -30,7 +30,7 @@ _SEMVER = re.compile(
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?")
 if TYPE_CHECKING:
     from gl_nvidia.catalog.lock import Lock
-    from gl_nvidia.release import ReleaseResult
+    from gl_nvidia.release.conductor import ReleaseResult
 
 CHANGELOG = "CHANGELOG.md"
 

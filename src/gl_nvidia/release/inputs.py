@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gl_nvidia.image.build import LABEL_PREFIX
+from gl_nvidia.image.assemble import LABEL_PREFIX
 
 INPUTS = f"{LABEL_PREFIX}.inputs"  # the inputs as canonical JSON
 INPUTS_DIGEST = f"{LABEL_PREFIX}.inputs.digest"

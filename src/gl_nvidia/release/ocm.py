@@ -37,7 +37,7 @@ from ruamel.yaml import YAML
 from gl_nvidia import oci, yamldoc
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
-from gl_nvidia.image.build import LABEL_PREFIX
+from gl_nvidia.image.assemble import LABEL_PREFIX
 from gl_nvidia.osprofile import os_profile
 from gl_nvidia.reference import Reference, validate_tag
 from gl_nvidia.registry.client import RegistryClient
@@ -47,7 +47,7 @@ from gl_nvidia.release.inputs import INPUTS, INPUTS_DIGEST
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
-    from gl_nvidia.release import ReleaseResult
+    from gl_nvidia.release.conductor import ReleaseResult
 
 COMPONENT = "github.com/gardenlinux/gardenlinux-nvidia-installer"
 PROVIDER = "gardenlinux"
@@ -290,7 +290,7 @@ def published_images(client: RegistryClient, repo: str, units: Sequence[tuple[Bu
 
 def describe_release(client: RegistryClient, result: ReleaseResult, version: str) -> ocm.ComponentDescriptor:
     """The component version of a release that published every unit (`result.repository` is its OCM repository)."""
-    from gl_nvidia.release import IMAGE
+    from gl_nvidia.release.conductor import IMAGE
 
     assert result.repository is not None
     repository = f"{result.repository}/{IMAGE}"

@@ -15,6 +15,16 @@ from pydantic import ValidationError
 
 from gl_nvidia import ui
 from gl_nvidia.apt import AptRepo
+from gl_nvidia.catalog.feeds import (
+    DriverBranch,
+    DriverRelease,
+    GLMajor,
+    GLRelease,
+    fetch,
+    parse_glrd,
+    parse_nvidia,
+    version_key,
+)
 from gl_nvidia.catalog.kernels import apt_sources, resolve_kernels
 from gl_nvidia.catalog.lock import (
     KernelEntry,
@@ -25,16 +35,6 @@ from gl_nvidia.catalog.lock import (
     ResolvedFrom,
     ResolvedOSVersion,
     describe_validation_error,
-)
-from gl_nvidia.catalog.sources import (
-    DriverBranch,
-    DriverRelease,
-    GLMajor,
-    GLRelease,
-    fetch,
-    parse_glrd,
-    parse_nvidia,
-    version_key,
 )
 from gl_nvidia.errors import UserError
 from gl_nvidia.osprofile import os_profile
