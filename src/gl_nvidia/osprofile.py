@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gl_nvidia.arches import ARCHES
-from gl_nvidia.errors import UserError
+from gl_nvidia.table import Table
 
 # One shape for both OSes: `<version>-cloud-<arch>` (cloud) and `<version>-<arch>` (metal: no infix).
 _KERNEL_SUFFIXES = (("cloud", "-cloud-{arch}"), ("metal", "-{arch}"))
@@ -41,11 +41,11 @@ class OSProfile:
     versions_label: str  # the image label (under io.gardenlinux.nvidia.) listing the OS versions served
     apt: AptLayout
     kernel_suffixes: tuple[tuple[str, str], ...]  # (flavour, suffix with {arch}); most specific first
-    # Where the image's base root filesystem comes from: "system" this machine's configured archive
-    # (Debian's), "apt" the OS version's suite of the lock's `sources.apt` repository.
+    # Where the image's base root filesystem comes from, a row of image/base.py `BASE_SOURCES`: "system"
+    # this machine's configured archive (Debian's), "apt" the OS version's suite of the lock's `sources.apt`.
     base: Literal["system", "apt"]
-    # Where kernel headers and compiler come from unless the caller says: "apt" the headers packages
-    # unpacked on this machine, "kmodbuild" the OS's developer container.
+    # Where kernel headers and compiler come from unless the caller says, a row of build/strategy.py
+    # `KERNEL_ENVS`: "apt" the headers packages unpacked on this machine, "kmodbuild" the OS's container.
     build_env: Literal["apt", "kmodbuild"]
 
     def node_version_id(self, os_version: str) -> str:
@@ -95,12 +95,9 @@ GARDENLINUX = OSProfile(
     id="gardenlinux", name="GL", version_id="0", version_id_key="GARDENLINUX_VERSION", release_tags=True, versions_label="gardenlinux.versions",
     apt=AptLayout("{version}", ("main",)), kernel_suffixes=_KERNEL_SUFFIXES, base="apt", build_env="kmodbuild",
 )
-PROFILES = {p.id: p for p in (DEBIAN, GARDENLINUX)}
+PROFILES = Table("OS profile for", {p.id: p for p in (DEBIAN, GARDENLINUX)})
 
 
 def os_profile(os_id: str) -> OSProfile:
     """The record of `os_id`; an OS without one is refused (UserError), not guessed to be like Debian."""
-    known = PROFILES.get(os_id)
-    if known is None:
-        raise UserError(f"gl-nvidia has no OS profile for {str(os_id)[:80]!r}", f"use {' or '.join(PROFILES)}")
-    return known
+    return PROFILES.lookup(os_id)

@@ -1,5 +1,6 @@
-"""What a build is asked for, made concrete: the units, the driver source and each unit's kernel
-environment, from a profile's matrix or one kernel; and the failures recorded as the lock's exclusions.
+"""What a build is asked for, made concrete: the units, each unit's driver source and kernel environment
+(chosen from build/strategy.py's tables), from a profile's matrix or one kernel; and the failures recorded
+as the lock's exclusions.
 
 The rules live here, in the build stage; `gl-nvidia build` only parses options, calls these and prints.
 """
@@ -10,103 +11,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gl_nvidia.build.kenv import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, container_engine
-from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource, branch_of
+from gl_nvidia.build.kenv import KernelEnv
+from gl_nvidia.build.sources import DriverSource, branch_of
+from gl_nvidia.build.strategy import DRIVER_SOURCES, ChosenSource, EnvOptions, kernel_envs
 from gl_nvidia.build.unit import UnitResult
-from gl_nvidia.catalog.kernels import apt_sources
-from gl_nvidia.catalog.lock import Lock, exclude_failures
+from gl_nvidia.catalog.lock import exclude_failures
 from gl_nvidia.catalog.matrix import load_lock, lock_matrix, lock_path
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
-from gl_nvidia.osprofile import OSProfile, os_profile
-
-
-def driver_source(kind: str, path: str | None, sha256: str | None, redist: str | None = None) -> DriverSource:
-    """`debian` (the archive's packages), `nvidia` (a .run: `path` a file or URL template, NVIDIA's
-    site by default, `sha256` its checksum, `redist` the redist tree of its fabric manager, IMEX and
-    nvlsm) or `dir` (an unpacked tree at `path`)."""
-    # An option the chosen source would not read is a mistake, not something to drop silently.
-    if kind == "debian" and (path or sha256):
-        raise UserError("--source-path and --sha256 are read only with --source nvidia or dir",
-                        "pass --source nvidia (a .run) or --source dir (an unpacked tree)")
-    if kind != "nvidia" and (sha256 or redist):
-        raise UserError("--sha256 and --redist are read only with --source nvidia",
-                        f"leave them out for --source {kind}")
-    if kind == "debian":
-        return DebianSource()
-    if kind == "dir":
-        if not path:
-            raise UserError("--source dir needs --source-path DIR", "an unpacked driver (sh NVIDIA-*.run --extract-only)")
-        return DirSource(Path(path))
-    from gl_nvidia.build.nvidia import (  # only this source needs its downloader
-        NVIDIA_URL,
-        NvidiaRunSource,
-    )
-
-    return NvidiaRunSource(path or NVIDIA_URL, sha256=sha256, redist=redist)
-
-
-def kernel_envs(
-    distro: OSProfile,
-    kind: str | None = None,
-    *,
-    apt: str | None = None,
-    codenames: Mapping[str, str | None] | None = None,
-    headers: Path | None = None,
-) -> Callable[[BuildUnit], KernelEnv]:
-    """The environment of each unit, one per OS version, so each apt index is read once.
-
-    `kind`: "apt", "dir" (`headers`) or "kmodbuild"; None: the OS's own (Garden Linux's production
-    path is its kmodbuild container of the newest GL version using the kernel; Debian's headers come
-    from apt). `apt`: the lock's `sources.apt` for the apt environment (None: this machine's archive),
-    `codenames` its fixed OS versions' release codenames (12: bookworm, 13: trixie).
-    """
-    kind = kind or distro.build_env
-    if headers is not None and kind != "dir":
-        raise UserError("--kernel-headers is read only with --env dir", "pass --env dir --kernel-headers DIR")
-    if kind == "dir":
-        if headers is None:
-            raise UserError("--env dir needs --kernel-headers DIR", "the kernel's build headers directory")
-        dir_env = DirEnv(headers)
-        return lambda unit: dir_env
-    engine: str | None = None
-    if kind == "kmodbuild":
-        if distro.build_env != "kmodbuild":
-            raise UserError(f"--env kmodbuild builds Garden Linux kernels only, not {distro.id}", "use --env apt")
-        engine = container_engine()  # no engine: one clear error now, not one per unit later
-    envs: dict[str, KernelEnv] = {}
-
-    def env_for(unit: BuildUnit) -> KernelEnv:
-        version = unit.os_versions[-1] if unit.os_versions else ""
-        if version not in envs:
-            if engine is not None:
-                envs[version] = KmodbuildEnv(version, engine)
-            else:
-                envs[version] = AptEnv(None if apt is None else
-                                       apt_sources(apt, version, distro, (codenames or {}).get(version)))
-        return envs[version]
-
-    return env_for
-
-
-def os_version_of(unit: BuildUnit) -> str:
-    """The OS version a unit is built for: its newest (a Garden Linux unit serves several alike)."""
-    return unit.os_versions[-1] if unit.os_versions else ""
-
-
-def debian_sources(lock: Lock) -> Callable[[BuildUnit], DriverSource]:
-    """Each unit's Debian packages from its own OS version's suites (12: bookworm's, 13: trixie's)."""
-    sources: dict[str, DriverSource] = {}
-
-    def of(unit: BuildUnit) -> DriverSource:
-        version = os_version_of(unit)
-        if version not in sources:
-            suites = apt_sources(lock.sources.apt, version, os_profile(lock.os.id), lock.os.codename_of(version)) \
-                if lock.os.fixed else None
-            sources[version] = DebianSource(sources=suites)
-        return sources[version]
-
-    return of
+from gl_nvidia.osprofile import os_profile
 
 
 @dataclass(frozen=True)
@@ -124,28 +37,29 @@ class BuildRequest:
         return list(groups.values())
 
 
-def matrix_request(profile: str, source: DriverSource, env: str | None, headers: Path | None) -> BuildRequest:
-    """Every unit of a profile's matrix, each in its OS's environment unless `env` names another; Debian's
-    packages of each unit's own OS version."""
+def matrix_request(profile: str, source: ChosenSource, env: str | None, headers: Path | None) -> BuildRequest:
+    """Every unit of a profile's matrix, each in its OS's environment unless `env` names another; a source
+    that reads the lock's OS versions (Debian's packages) each unit's own OS version's."""
     lock = load_lock(profile)
-    return BuildRequest(lock_matrix(lock).units,
-                        kernel_envs(os_profile(lock.os.id), env, apt=lock.sources.apt,
-                                    codenames={v.version: v.codename for v in lock.os.fixed}, headers=headers),
-                        debian_sources(lock) if isinstance(source, DebianSource) else lambda unit: source)
+    envs = EnvOptions(headers, lock.sources.apt, {v.version: v.codename for v in lock.os.fixed})
+    return BuildRequest(lock_matrix(lock).units, kernel_envs(os_profile(lock.os.id), env, envs),
+                        source.for_lock(lock))
 
 
 def kernel_request(kernel: str, driver_version: str | None, arch: str, os_id: str, os_version: str,
-                   source: DriverSource, env: str | None, headers: Path | None) -> BuildRequest:
-    """One unit: the flavour is the one the kernel's name says; the driver, unless given, the Debian
-    archive's newest. One kernel builds with this machine's apt archive unless `env` names another."""
+                   source: ChosenSource, env: str | None, headers: Path | None) -> BuildRequest:
+    """One unit: the flavour is the one the kernel's name says; the driver, unless given, the source's
+    newest where it lists them (Debian's archive). One kernel builds with this machine's apt archive unless
+    `env` names another."""
     if not driver_version:
-        if not isinstance(source, DebianSource):
-            raise UserError("--driver is required with --source nvidia or dir")
-        driver_version = source.available_versions(arch)[0]
+        driver_version = source.newest(arch)
+        if driver_version is None:
+            unlisted = [name for name, kind in DRIVER_SOURCES.items() if kind.newest is None]
+            raise UserError(f"--driver is required with --source {' or '.join(unlisted)}")
     distro = os_profile(os_id)
     unit = BuildUnit(kernel, driver_version, branch_of(driver_version), arch, distro.kernel_flavour(kernel), os_id,
                      (os_version,))
-    return BuildRequest((unit,), kernel_envs(distro, env or "apt", headers=headers), lambda u: source)
+    return BuildRequest((unit,), kernel_envs(distro, env or "apt", EnvOptions(headers)), lambda u: source.source)
 
 
 def failures_lock(profile: str) -> Path:

@@ -136,6 +136,7 @@ class Sources(_Strict):
     # GLRD JSON documents (URL or file), merged; empty for an OS that is not Garden Linux.
     glrd: list[str] = Field(default_factory=list)
     # NVIDIA's releases.json (URL or file), or "apt:<package>" for a distribution's driver source package.
+    # Each spelling is a driver source of catalog/refresh.py `DRIVER_FEEDS`; another `<name>:` is refused.
     nvidia: str
     # apt repository base URL (per-OS-version suites); "${VAR}" is read from the environment;
     # "system:<codename>" is this machine's configured archive, suites <codename> and <codename>-*;
@@ -180,7 +181,7 @@ class OSInfo(_Strict):
     @classmethod
     def _profiled(cls, value: str) -> str:
         if value not in PROFILES:
-            raise ValueError(f"gl-nvidia has no OS profile for {value!r} (use {' or '.join(PROFILES)})")
+            raise ValueError(f"{PROFILES.refusal(value)} (use {PROFILES.choices()})")
         return value
 
 

@@ -22,7 +22,7 @@ from gl_nvidia.catalog.lock import (
     read_lock,
 )
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Cell, Exclusion, Matrix
-from gl_nvidia.catalog.refresh import SourceOverrides, refresh
+from gl_nvidia.catalog.refresh import SourceOverrides, driver_feed, refresh
 
 PROFILES = ("debian", "gardenlinux")
 _OPS: dict[str, Callable[[int, int], bool]] = {
@@ -131,9 +131,9 @@ def lock_path(profile_or_lock_path: str | Path) -> Path | None:
 def load_lock(profile_or_lock_path: str | Path) -> Lock:
     """An embedded profile by name ("debian"), "gardenlinux" (./versions.yaml), or a lock file path."""
     path = lock_path(profile_or_lock_path)
-    if path is None:
-        return parse_lock_text(profile_text("debian"), "embedded profile debian")[0]
-    return read_lock(path)[0]
+    lock = parse_lock_text(profile_text("debian"), "embedded profile debian")[0] if path is None else read_lock(path)[0]
+    driver_feed(lock.sources.nvidia)  # a driver source gl-nvidia has no row for is refused where it enters
+    return lock
 
 
 def load_matrix(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -38,6 +38,7 @@ from gl_nvidia.catalog.lock import (
 )
 from gl_nvidia.errors import UserError
 from gl_nvidia.osprofile import os_profile
+from gl_nvidia.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,55 @@ def apply_kernel_policy(resolved: list[KernelEntry], policy: Policy, os_versions
     return sorted(out, key=lambda k: (k.os_version, k.flavour, k.arch, k.kernel))
 
 
+def _suite_releases(packages: str, lock: Lock, apt: str, os_versions: Sequence[ResolvedOSVersion]
+                    ) -> list[ResolvedDriver]:
+    """`apt:<package>[,<package>]`: the packages of each OS version's own suites."""
+    distro = os_profile(lock.os.id)
+    drivers = []
+    for v in os_versions:
+        suites = apt_sources(apt, v.version, distro, lock.os.codename_of(v.version))
+        repos: dict[str, AptRepo] = {arch: AptRepo(suites, arch=arch) for arch in lock.policy.arches}
+        drivers += suite_drivers(repos, packages.split(","), lock.policy.branches, v.version)
+    return drivers
+
+
+def _nvidia_releases(location: str, lock: Lock, apt: str, os_versions: Sequence[ResolvedOSVersion]
+                     ) -> list[ResolvedDriver]:
+    """NVIDIA's releases.json (a URL or file): the same drivers for every OS version."""
+    return select_drivers(parse_nvidia(fetch(location, "NVIDIA releases.json"), location), lock.policy)
+
+
+@dataclass(frozen=True)
+class DriverFeed:
+    """How a lock's `sources.nvidia` names a driver source, and where the catalog lists its releases."""
+
+    prefix: str  # "apt:"; "" for the one named by a location (a URL or file)
+    form: str  # how to write it, for the hint
+    releases: Callable[[str, Lock, str, Sequence[ResolvedOSVersion]], list[ResolvedDriver]]
+
+
+# Keyed by the driver source's name, as build/strategy.py `DRIVER_SOURCES` builds it.
+DRIVER_FEEDS = Table("driver source", {
+    "debian": DriverFeed("apt:", "apt:<package>[,<package>]", _suite_releases),
+    "nvidia": DriverFeed("", "NVIDIA's releases.json (a URL or file)", _nvidia_releases),
+})
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_LOCATIONS = ("http:", "https:", "file:")
+
+
+def driver_feed(spec: str) -> tuple[str, str]:
+    """The driver source a lock's `sources.nvidia` names and what it says of it (the packages, the
+    location). Another `<name>:` than the table's is refused, not read as a file of that name."""
+    for name, feed in DRIVER_FEEDS.items():
+        if feed.prefix and spec.startswith(feed.prefix):
+            return name, spec.removeprefix(feed.prefix)
+    scheme = _SCHEME.match(spec)
+    if scheme is not None and scheme[0].lower() not in _LOCATIONS:
+        raise UserError(f"sources.nvidia {spec[:80]!r} names no driver source gl-nvidia has ({scheme[0]!r})",
+                        f"use {' or '.join(f.form for f in DRIVER_FEEDS.values())}")
+    return next(name for name, feed in DRIVER_FEEDS.items() if not feed.prefix), spec
+
+
 @dataclass(frozen=True)
 class SourceOverrides:
     """Command-line replacements for the lock's sources (offline snapshots, tests)."""
@@ -185,6 +235,7 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
     apt = overrides.apt or sources.apt
     policy = lock.policy
     distro = os_profile(lock.os.id)
+    source, feed = driver_feed(nvidia)  # a source gl-nvidia has no row for is refused before any read
 
     with ui.progress() as prog:
         if lock.os.fixed:
@@ -205,15 +256,7 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
                                 "fix the version in policy.kernel_overrides / kernel_pins / previous_kernels")
 
         with ui.task(prog, "read NVIDIA driver releases"):
-            if nvidia.startswith("apt:"):  # each OS version's own suites
-                packages = nvidia.removeprefix("apt:").split(",")
-                drivers = []
-                for v in os_versions:
-                    suites = apt_sources(apt, v.version, distro, lock.os.codename_of(v.version))
-                    repos: dict[str, AptRepo] = {arch: AptRepo(suites, arch=arch) for arch in policy.arches}
-                    drivers += suite_drivers(repos, packages, policy.branches, v.version)
-            else:
-                drivers = select_drivers(parse_nvidia(fetch(nvidia, "NVIDIA releases.json"), nvidia), policy)
+            drivers = DRIVER_FEEDS.lookup(source).releases(feed, lock, apt, os_versions)
 
         combos = [(v.version, f, a) for v in os_versions for f in policy.flavours for a in policy.arches]
         overridden = {(k.os_version, k.flavour, k.arch) for k in policy.kernel_overrides}

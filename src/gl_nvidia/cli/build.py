@@ -12,8 +12,9 @@ from gl_nvidia.build import build_all, bundle_name
 from gl_nvidia.build.abi import check_bundle
 from gl_nvidia.build.kenv import kernel_release
 from gl_nvidia.build.modsign import ModuleSigner, bundle_signatures, load_signer
-from gl_nvidia.build.request import driver_source, failures_lock, kernel_request, matrix_request
 from gl_nvidia.build.request import exclude_failed as exclude_failed_units
+from gl_nvidia.build.request import failures_lock, kernel_request, matrix_request
+from gl_nvidia.build.strategy import DRIVER_SOURCES, KERNEL_ENVS, SourceOptions, driver_source
 from gl_nvidia.bundle import MODULE_TYPES
 from gl_nvidia.cli.params import DRIVER_VERSION, KERNEL, SHA256
 from gl_nvidia.errors import CheckFailed, UserError
@@ -48,14 +49,14 @@ def module_signer(key: Path | None, cert: Path | None, option: str = "--sign") -
 @click.option("--type", "types", multiple=True, type=click.Choice(MODULE_TYPES),
               help="Module type(s) to build (default: both, less what the matrix excludes).")
 @click.option("--source", "source_kind", default="debian", show_default=True,
-              type=click.Choice(["debian", "nvidia", "dir"]), help="Where the driver comes from.")
+              type=click.Choice(list(DRIVER_SOURCES)), help="Where the driver comes from.")
 @click.option("--source-path", help="nvidia: a .run file or URL template ({version}, {machine}; default: NVIDIA's "
               "download site); dir: an unpacked driver tree.")
 @click.option("--sha256", type=SHA256, help="nvidia: the .run's expected sha256.")
 @click.option("--redist", help="nvidia: the redist tree (URL or directory: NVIDIA's, a mirror) whose "
               "redistrib_<version>.json lists the release's fabric manager, IMEX and nvlsm; each is used only with "
               "the sha256 it lists (default: NVIDIA's tree, or the directory of a local .run).")
-@click.option("--env", "env_kind", type=click.Choice(["apt", "dir", "kmodbuild"]),
+@click.option("--env", "env_kind", type=click.Choice(list(KERNEL_ENVS)),
               help="Where kernel headers and compiler come from (default: kmodbuild for Garden Linux locks, else apt).")
 @click.option("--kernel-headers", type=click.Path(path_type=Path, file_okay=False),
               help="--env dir: the kernel's build headers directory.")
@@ -79,7 +80,7 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
               exclude_failed: bool, as_json: bool) -> None:
     """Compile NVIDIA kernel modules for one build unit or the whole matrix into driver bundles."""
     signer = module_signer(sign_key, sign_cert)  # a bad key is an error now, not after every compile
-    source = driver_source(source_kind, source_path, sha256, redist)
+    source = driver_source(source_kind, SourceOptions(source_path, sha256, redist))
     if all_units:
         if kernel or driver_version:
             raise UserError("--all builds the matrix; leave out --kernel and --driver")

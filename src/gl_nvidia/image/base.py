@@ -22,16 +22,24 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gl_nvidia import apt, fs, oci
 from gl_nvidia.arches import ARCHES
 from gl_nvidia.bundle import read_json
+from gl_nvidia.catalog.kernels import expand_env
 from gl_nvidia.errors import UserError
 from gl_nvidia.image import layers, unpack
 from gl_nvidia.oci import Descriptor, Layout
+from gl_nvidia.osprofile import os_profile
 from gl_nvidia.run import run
+from gl_nvidia.table import Table
+
+if TYPE_CHECKING:
+    from gl_nvidia.catalog.lock import Lock
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +130,30 @@ def debian_spec(arch: str, codename: str | None = None) -> BaseSpec:
 def gardenlinux_spec(repo_url: str, gl_version: str, arch: str) -> BaseSpec:
     """The production profile: the Garden Linux apt repository of that GL version."""
     return _spec(gl_version, (f"deb {repo_url} {gl_version} main",), arch)
+
+
+def _system_base(lock: Lock, arch: str, os_version: str) -> BaseSpec:
+    """This machine's archive (another Debian release's suites of it where the OS version is one: trixie
+    for 13)."""
+    return debian_spec(arch, lock.os.codename_of(os_version))
+
+
+def _apt_base(lock: Lock, arch: str, os_version: str) -> BaseSpec:
+    """The OS version's suite of the lock's `sources.apt` repository."""
+    suite = os_profile(lock.os.id).apt.suite_of(os_version, lock.os.codename_of(os_version))
+    return gardenlinux_spec(expand_env(lock.sources.apt), suite, arch)
+
+
+# Where a lock's images get their base, by the OS profile's `base`.
+BASE_SOURCES: Table[Callable[[Lock, str, str], BaseSpec]] = Table("base source", {
+    "system": _system_base,
+    "apt": _apt_base,
+})
+
+
+def base_for(lock: Lock, arch: str, os_version: str) -> BaseSpec:
+    """The base of a lock's images of `os_version`: the one its OS record names."""
+    return BASE_SOURCES.lookup(os_profile(lock.os.id).base)(lock, arch, os_version)
 
 
 def _spec(suite: str, mirrors: tuple[str, ...], arch: str) -> BaseSpec:

@@ -17,22 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 import gl_nvidia
 from gl_nvidia import ui
-from gl_nvidia.build import KernelEnv, build_all
+from gl_nvidia.build import build_all
 from gl_nvidia.build.modsign import ModuleSigner
-from gl_nvidia.build.request import debian_sources, kernel_envs, os_version_of
 from gl_nvidia.build.sources import DriverSource
+from gl_nvidia.build.strategy import env_for, os_version_of, sources_for
 from gl_nvidia.build.unit import UnitResult
-from gl_nvidia.catalog.kernels import expand_env
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.matrix import build_matrix, load_lock, lock_matrix, lock_resolved
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion, Matrix
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import check_writable_dir
-from gl_nvidia.image import base as base_mod
 from gl_nvidia.image.assemble import BuiltImage, ImageOptions, build_images
+from gl_nvidia.image.base import base_for
 from gl_nvidia.image.tags import image_tags
 from gl_nvidia.oci import Layout, attachment_tag
-from gl_nvidia.osprofile import os_profile
 from gl_nvidia.reference import check_repository
 from gl_nvidia.release.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide
 
@@ -101,35 +99,6 @@ class ReleaseResult:
         """driver.version for the values written after the release: the newest branch that has images."""
         branches = [u.unit.driver_branch for u in self.units if u.ok]
         return max(branches, key=int) if branches else None
-
-
-def sources_for(lock: Lock) -> Callable[[BuildUnit], DriverSource]:
-    """Each unit's driver source: Debian's packages of its OS version's own suites (bookworm's for 12,
-    trixie's for 13) when the lock reads drivers from apt; NVIDIA's .run installers otherwise."""
-    if lock.sources.nvidia.startswith("apt:"):
-        return debian_sources(lock)
-    from gl_nvidia.build.nvidia import NvidiaRunSource
-
-    nvidia = NvidiaRunSource()
-    return lambda unit: nvidia
-
-
-def env_for(lock: Lock) -> Callable[[BuildUnit], KernelEnv]:
-    """The OS's build environment; fixed OS versions (Debian's) read headers from their own suites."""
-    if lock.os.fixed:
-        return kernel_envs(os_profile(lock.os.id), apt=lock.sources.apt,
-                           codenames={v.version: v.codename for v in lock.os.fixed})
-    return kernel_envs(os_profile(lock.os.id))
-
-
-def base_for(lock: Lock, arch: str, os_version: str) -> base_mod.BaseSpec:
-    """The base the OS record names: its apt repository's suite of `os_version`, or this machine's archive
-    (another Debian release's suites of it where the OS version is one: trixie for 13)."""
-    distro = os_profile(lock.os.id)
-    if distro.base == "apt":
-        return base_mod.gardenlinux_spec(expand_env(lock.sources.apt),
-                                         distro.apt.suite_of(os_version, lock.os.codename_of(os_version)), arch)
-    return base_mod.debian_spec(arch, lock.os.codename_of(os_version))
 
 
 def _left_out(unit: BuildUnit, excluded: Sequence[Exclusion]) -> tuple[tuple[str, str], ...]:
