@@ -9,7 +9,6 @@ runtime (standard library only) keeps its own copy of the one rule it needs, the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from gl_nvidia.arches import ARCHES
 from gl_nvidia.table import Table
@@ -43,10 +42,10 @@ class OSProfile:
     kernel_suffixes: tuple[tuple[str, str], ...]  # (flavour, suffix with {arch}); most specific first
     # Where the image's base root filesystem comes from, a row of image/base.py `BASE_SOURCES`: "system"
     # this machine's configured archive (Debian's), "apt" the OS version's suite of the lock's `sources.apt`.
-    base: Literal["system", "apt"]
+    base: str
     # Where kernel headers and compiler come from unless the caller says, a row of build/strategy.py
     # `KERNEL_ENVS`: "apt" the headers packages unpacked on this machine, "kmodbuild" the OS's container.
-    build_env: Literal["apt", "kmodbuild"]
+    build_env: str
 
     def node_version_id(self, os_version: str) -> str:
         """The VERSION_ID the operator sees on a node of `os_version`."""
