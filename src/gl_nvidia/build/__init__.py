@@ -2,7 +2,7 @@
 
 Public API (the release stage calls these): `build_unit`, `build_all`, the driver sources
 (`DebianSource`, `NvidiaRunSource`, `DirSource`) and kernel environments (`AptEnv`, `DirEnv`,
-`KmodbuildEnv`), and `check_bundle` for the ABI gate against another kernel.
+`KmodbuildEnv`), chosen by name from `build.strategy`'s tables, and `check_bundle` for the ABI gate against another kernel.
 """
 
 from gl_nvidia.build.kenv import AptEnv, DirEnv, KernelEnv, KernelHeaders, KmodbuildEnv
