@@ -235,7 +235,7 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
     apt = overrides.apt or sources.apt
     policy = lock.policy
     distro = os_profile(lock.os.id)
-    source, feed = driver_feed(nvidia)  # a source gl-nvidia has no row for is refused before any read
+    source, spec = driver_feed(nvidia)  # a source gl-nvidia has no row for is refused before any read
 
     with ui.progress() as prog:
         if lock.os.fixed:
@@ -256,7 +256,7 @@ def _refresh(lock: Lock, today: date, overrides: SourceOverrides) -> Resolved:
                                 "fix the version in policy.kernel_overrides / kernel_pins / previous_kernels")
 
         with ui.task(prog, "read NVIDIA driver releases"):
-            drivers = DRIVER_FEEDS.lookup(source).releases(feed, lock, apt, os_versions)
+            drivers = DRIVER_FEEDS.lookup(source).releases(spec, lock, apt, os_versions)
 
         combos = [(v.version, f, a) for v in os_versions for f in policy.flavours for a in policy.arches]
         overridden = {(k.os_version, k.flavour, k.arch) for k in policy.kernel_overrides}
