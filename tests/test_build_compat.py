@@ -10,6 +10,7 @@ the fix's compile test, against the real headers of trixie's newest 6.12 kernel.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -17,19 +18,19 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DirEnv, KernelHeaders, build_unit
+from gl_nvidia.build import AptEnv, DirEnv, KernelHeaders
 from gl_nvidia.build.compat import FIXES, apply, load
 from gl_nvidia.build.compile import cache_key, compile_set
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.catalog.kernels import kernel_sort_key
-from gl_nvidia.catalog.model import BuildUnit
+from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from tests.fixtures.bundle import DEBIAN_KERNEL
 from tests.fixtures.compat import (
     PCI_FIX,
-    TreeSource,
     debian_open_source,
     declares_exclude_bars,
+    fixable_driver,
     fixable_tree,
     trixie,
 )
@@ -129,30 +130,32 @@ def test_malformed_fix_data_is_refused(doc: str) -> None:
 
 
 def test_the_build_compiles_the_fixed_tree_and_records_the_fix(tmp_path: Path, own_cache: Path,
-                                                                debian_headers: KernelHeaders) -> None:
+                                                                debian_headers: KernelHeaders,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """Integration with real headers: the small tree's module fails as shipped where the kernel's
-    pci_resize_resource() takes four arguments; through the build it compiles, and the fix is in the build
-    log's first line, the unit's outcome and the bundle."""
-    src = _source(tmp_path)
+    pci_resize_resource() takes four arguments; `gl-nvidia build` compiles it with the fix and says so
+    under its table, in its JSON, in the build log's first line and in the bundle."""
     env = DirEnv(debian_headers.sysout)
     hdrs = env.headers(DEBIAN_KERNEL, "amd64")
-    shipped = compile_set(src, hdrs, env, env.toolchain(hdrs), jobs=2)
+    shipped = compile_set(_source(tmp_path), hdrs, env, env.toolchain(hdrs), jobs=2)
     assert (shipped.status == "failed") == declares_exclude_bars(hdrs)
     if shipped.status == "failed":
         assert shipped.error is not None and "pci_resize_resource" in shipped.error
-    unit = BuildUnit(kernel=DEBIAN_KERNEL, driver_version=VERSION, driver_branch="550", arch="amd64",
-                     flavour="cloud", os_id="debian", os_versions=("12",))
-    out = tmp_path / "bundle"
-    result = build_unit(unit, out, source=TreeSource(src, tmp_path / "driver"), env=env, jobs=2)
-    outcome = result.outcomes["open"]
-    assert outcome.status == "ok", outcome.error
-    assert [f.id for f in outcome.fixes] == [PCI_FIX.id]
-    ms = b.BundleManifest.load(out).kernels[DEBIAN_KERNEL].module_sets["open"]
-    assert ms.fixes == outcome.fixes and [m.name for m in ms.modules] == ["glnv_pci.ko"]
-    first_line = (out / str(ms.log)).read_text().splitlines()[0]
+    driver, out = fixable_driver(tmp_path / "driver", VERSION), tmp_path / "bundles"
+    argv = ["build", "--kernel", DEBIAN_KERNEL, "--driver", VERSION, "--type", "open", "--source", "dir",
+            "--source-path", str(driver), "--env", "dir", "--kernel-headers", str(debian_headers.sysout),
+            "--out", str(out), "--make-jobs", "2"]
+    assert main(argv) == 0
+    assert f"{VERSION} open: compatibility fix {PCI_FIX.id}: {PCI_FIX.why}" in " ".join(capsys.readouterr().out.split())
+    assert main([*argv, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["modules"]["open"]["fixes"] == [{"id": PCI_FIX.id, "why": PCI_FIX.why}]
+    assert row["modules"]["open"]["status"] == "ok" and row["modules"]["open"]["cached"]
+    ms = b.BundleManifest.load(out / f"{VERSION}-amd64").kernels[DEBIAN_KERNEL].module_sets["open"]
+    assert ms.fixes == (PCI_FIX.record,) and [m.name for m in ms.modules] == ["glnv_pci.ko"]
+    first_line = (out / f"{VERSION}-amd64" / str(ms.log)).read_text().splitlines()[0]
     assert first_line == (f"gl-nvidia: compatibility fix {PCI_FIX.id} applied (conftest.sh, nvidia/nvidia.Kbuild, "
                           f"nvidia/nv-pci.c): {PCI_FIX.why}")
-    assert b.BundleManifest.load(out).kernels[DEBIAN_KERNEL].module_sets["open"] == ms  # read back as written
 
 
 @pytest.mark.slow  # two kernels' headers and a small compile each

@@ -10,6 +10,7 @@ exactly once in a source of its range fails that build, naming the fix: never a 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -109,17 +110,24 @@ def apply(src: ModuleSource, fixes: Sequence[Fix] = FIXES) -> ModuleSource:
     digest = hashlib.sha256(json.dumps({"source": src.digest, "fixes": [asdict(f) for f in wanted]},
                                        sort_keys=True).encode()).hexdigest()
     entry = cache_dir("build", "patched") / f"{src.module_type}-{src.version}-{digest[:16]}"
-    if not cache_hit(entry):
-        files = patched_files(src.tree, src.version, src.module_type, wanted)  # refused before anything is copied
-        with cache_fill(entry) as tmp:
-            shutil.copytree(src.tree, tmp / "tree", symlinks=True)
-            for rel, data in files.items():
-                at = tmp / "tree" / rel
-                mode = at.stat().st_mode
-                at.unlink()  # a read-only file is replaced all the same
-                at.write_bytes(data)
-                at.chmod(mode)
+    # one maker per entry: parallel units of one driver wait for it instead of replacing it under a compile
+    with (cache_dir("build", "locks") / f"patched-{digest}").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache_hit(entry):
+            _make(entry, src, patched_files(src.tree, src.version, src.module_type, wanted))
     return replace(src, tree=entry / "tree", digest=digest, fixes=tuple(f.record for f in wanted))
+
+
+def _make(entry: Path, src: ModuleSource, files: dict[str, bytes]) -> None:
+    """The cache entry of `src`'s tree with `files` in place of its own."""
+    with cache_fill(entry) as tmp:
+        shutil.copytree(src.tree, tmp / "tree", symlinks=True)
+        for rel, data in files.items():
+            at = tmp / "tree" / rel
+            mode = at.stat().st_mode
+            at.unlink()  # a read-only file is replaced all the same
+            at.write_bytes(data)
+            at.chmod(mode)
 
 
 def log_lines(fixes: Sequence[SourceFix]) -> str:
