@@ -166,6 +166,15 @@ class AbiGate:
 
 
 @dataclass(frozen=True)
+class SourceFix:
+    """A compatibility fix gl-nvidia applied to the module source before compiling it (build/compat.py)."""
+
+    id: str  # "pci-resize-resource-exclude-bars"
+    why: str  # one line for the user
+    files: tuple[str, ...]  # the files it changed, relative to the module tree
+
+
+@dataclass(frozen=True)
 class ModuleSet:
     module_type: str  # "open" | "proprietary"
     source_version: str  # version of the kernel-module source tree it was built from
@@ -174,6 +183,7 @@ class ModuleSet:
     abi_gate: AbiGate | None = None
     error: str | None = None  # first compiler error or gate summary when status == "failed"
     log: str | None = None  # bundle-relative path of the build log
+    fixes: tuple[SourceFix, ...] = ()  # what was changed in the source it was built from: NVIDIA's as shipped when empty
 
 
 @dataclass(frozen=True)
@@ -326,7 +336,12 @@ def _module_set(d: dict[str, Any]) -> ModuleSet:
         if gate else None,
         error=d.get("error"),
         log=d.get("log"),
+        fixes=tuple(source_fix(f) for f in d.get("fixes", ())),
     )
+
+
+def source_fix(d: dict[str, Any]) -> SourceFix:
+    return SourceFix(**{**d, "files": tuple(d["files"])})
 
 
 def module_file(d: dict[str, Any]) -> ModuleFile:

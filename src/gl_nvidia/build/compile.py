@@ -20,12 +20,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from gl_nvidia.build import reuse
+from gl_nvidia.build import compat, reuse
 from gl_nvidia.build.abi import OBJTOOL_SECTIONS, ModuleElf, gate, kernel_abi, read_module
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.build.split import link, linker_version, split_module
-from gl_nvidia.bundle import AbiGate, ModuleFile, module_file
+from gl_nvidia.bundle import AbiGate, ModuleFile, SourceFix, module_file, source_fix
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import run
 
@@ -53,6 +53,7 @@ class CompiledSet:
     cached: bool  # True when nothing was compiled for it in this run
     # modules kept in another cache entry of the same layout (ko/, debug/): nvidia-fs.ko
     files: dict[str, Path] = field(default_factory=dict)
+    fixes: tuple[SourceFix, ...] = ()  # the compatibility fixes of the source it was compiled from
 
     @property
     def log_file(self) -> Path:
@@ -120,7 +121,8 @@ def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: Ke
         else:
             build, record = _reuse_gated(src, hdrs, env, toolchain, jobs, work)
         with cache_fill(entry) as tmp:
-            shutil.copyfile(build.log, tmp / "build.log")
+            # the log says first what of the source is not NVIDIA's
+            (tmp / "build.log").write_bytes(compat.log_lines(src.fixes).encode() + build.log.read_bytes())
             result = _collect(build.tree, tmp, src, hdrs, build.returncode, build.log)
             (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
             (tmp / "reuse.json").write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -198,7 +200,8 @@ def _kos(tree: Path) -> dict[str, str]:
 
 def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, returncode: int,
              build_log: Path) -> dict[str, object]:
-    result: dict[str, object] = {"module_type": src.module_type, "source_version": src.version}
+    result: dict[str, object] = {"module_type": src.module_type, "source_version": src.version,
+                                 "fixes": [asdict(f) for f in src.fixes]}
     kos = sorted(tree.glob("*.ko"))
     if returncode != 0 or not kos:
         err = first_error(build_log.read_text(errors="replace")) if returncode else "make built no .ko files"
@@ -258,5 +261,5 @@ def _load(entry: Path, module_type: str) -> CompiledSet | None:
         entry=entry, module_type=module_type, source_version=d["source_version"], status=d["status"],
         modules=tuple(module_file(m) for m in d["modules"]),
         abi_gate=AbiGate(g["ok"], tuple(g["problems"]), tuple(g.get("evidence", ()))) if g else None,
-        error=d.get("error"), cached=True,
+        error=d.get("error"), cached=True, fixes=tuple(source_fix(f) for f in d.get("fixes", ())),
     )

@@ -23,6 +23,7 @@ from debian.debian_support import Version
 from gl_nvidia import apt, elf
 from gl_nvidia.arches import ARCHES
 from gl_nvidia.build import capabilities, runmanifest
+from gl_nvidia.bundle import SourceFix
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, copy_from_tree
 from gl_nvidia.run import run
@@ -38,7 +39,8 @@ class ModuleSource:
     module_type: str  # "open" | "proprietary"
     version: str  # version of this tree, which may differ from the userspace version
     tree: Path
-    digest: str  # sha256 of what the tree was unpacked from
+    digest: str  # sha256 of what the tree was unpacked from (and of the fixes applied to it)
+    fixes: tuple[SourceFix, ...] = ()  # gl-nvidia's compatibility fixes in `tree` (build/compat.py)
 
 
 @dataclass(frozen=True)

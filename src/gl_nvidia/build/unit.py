@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gl_nvidia import bundle as b
 from gl_nvidia import ui
-from gl_nvidia.build import nvfs
+from gl_nvidia.build import compat, nvfs
 from gl_nvidia.build.compile import CompiledSet, compile_set
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders, compiler_mismatch
 from gl_nvidia.build.modsign import ModuleSigner
@@ -51,6 +51,7 @@ class Outcome:
     cached: bool  # nothing was compiled for it in this run
     error: str | None = None
     log: Path | None = None  # the full build log
+    fixes: tuple[b.SourceFix, ...] = ()  # gl-nvidia's compatibility fixes in the source it was compiled from
 
     @property
     def cell(self) -> str:
@@ -106,20 +107,29 @@ def build_unit(
         log.warning("%s: %s", unit.kernel, mismatch)
     sets: dict[str, CompiledSet] = {}
     outcomes: dict[str, Outcome] = {}
+    module_sources = dict(inputs.module_sources)  # each as compiled: with its compatibility fixes
     for mtype in module_types:
-        src = inputs.module_sources.get(mtype)
+        src = module_sources.get(mtype)
         if src is None:
             outcomes[mtype] = Outcome(mtype, "failed", True, f"the {source.name} source has no {mtype} module tree")
             continue
+        try:
+            src = compat.apply(src)
+        except UserError as exc:  # a fix that does not fit this source fails its type, not the other
+            outcomes[mtype] = Outcome(mtype, "failed", False, str(exc))
+            continue
+        module_sources[mtype] = src
+        for fix in src.fixes:
+            log.info("%s %s modules (%s): compatibility fix %s: %s", unit.key, mtype, src.version, fix.id, fix.why)
         with ui.progress() as prog, ui.task(prog, f"{mtype} modules for {unit.kernel} ({src.version})"):
             cs = compile_set(src, hdrs, env, toolchain, jobs=jobs or os.cpu_count() or 1, keep_debug=keep_debug)
         sets[mtype] = cs
         # The bundle's copy of the log: the cache's is an implementation detail.
-        outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, out / log_path(unit.kernel, mtype))
+        outcomes[mtype] = Outcome(mtype, cs.status, cs.cached, cs.error, out / log_path(unit.kernel, mtype), cs.fixes)
     # GPUDirect Storage's nvidia-fs joins each built set whose nvidia.ko it passes the gate against.
-    sets, left_out = nvfs.add_to_sets(sets, inputs.module_sources, hdrs, env, toolchain,
+    sets, left_out = nvfs.add_to_sets(sets, module_sources, hdrs, env, toolchain,
                                       nvfs.repo_for(source, unit.arch), jobs=jobs or os.cpu_count() or 1)
-    inputs = dataclasses.replace(inputs, left_out={**inputs.left_out, **left_out})
+    inputs = dataclasses.replace(inputs, module_sources=module_sources, left_out={**inputs.left_out, **left_out})
     manifest = write_bundle(out, inputs, hdrs, toolchain, sets, keep_debug=keep_debug, signer=signer,
                             os_record=b.OSRecord(unit.os_id, unit.os_versions))
     for component, why in inputs.left_out.items():
@@ -254,7 +264,8 @@ def _write_parts(root: Path, old: b.BundleManifest | None, inputs: DriverInputs,
             with atomic_dir(b.debug_dir(root, hdrs.kernel, mtype)) as tmp:
                 for ko in (*(cs.entry / "debug").iterdir(), *cs.debug_files()):
                     shutil.copyfile(ko, tmp / ko.name)
-        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, modules, cs.abi_gate, cs.error, log_rel)
+        module_sets[mtype] = b.ModuleSet(mtype, cs.source_version, cs.status, modules, cs.abi_gate, cs.error, log_rel,
+                                         cs.fixes)
     kernels = dict(old.kernels) if old else {}
     kernels[hdrs.kernel] = b.KernelBuild(hdrs.kernel, toolchain, hdrs.kernel_compiler, hdrs.digest, module_sets,
                                          os_record)

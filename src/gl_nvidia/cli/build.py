@@ -97,7 +97,9 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
     if as_json:
         ui.print_json([{"unit": r.unit.as_dict(), "bundle": str(r.bundle),
                         "modules": {t: {"status": o.status, "cached": o.cached, "error": o.error,
-                                        "log": str(o.log) if o.log else None} for t, o in r.outcomes.items()},
+                                        "log": str(o.log) if o.log else None,
+                                        "fixes": [{"id": f.id, "why": f.why} for f in o.fixes]}
+                                    for t, o in r.outcomes.items()},
                          "left_out": dict(r.manifest.left_out) if r.manifest else {}}
                        for r in results])
     else:
@@ -108,6 +110,10 @@ def build_cmd(kernel: str | None, driver_version: str | None, arch: str, os_vers
             for o in r.outcomes.values():
                 if o.status != "ok":
                     _line(f"{r.unit.key} {o.module_type}: {o.error}" + (f" (log: {o.log})" if o.log else ""))
+        # what of a source was not NVIDIA's as shipped: once per driver, module type and fix
+        fixed = {(r.unit.driver_version, t, f.id): f.why for r in results for t, o in r.outcomes.items() for f in o.fixes}
+        for (driver, mtype, fix_id), why in sorted(fixed.items()):
+            _line(f"{driver} {mtype}: compatibility fix {fix_id}: {why}")
         # what the image will not carry, once per bundle: an NVSwitch node would miss it
         for bundle_dir, left in sorted({str(r.bundle): r.manifest.left_out for r in results if r.manifest}.items()):
             for component, why in sorted(left.items()):
