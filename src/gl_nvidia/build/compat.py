@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.bundle import MODULE_TYPES, SourceFix
-from gl_nvidia.catalog.sources import version_key
+from gl_nvidia.catalog.feeds import version_key
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit
 
