@@ -121,7 +121,7 @@ def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: Ke
             build, record = _reuse_gated(src, hdrs, env, toolchain, jobs, work)
         with cache_fill(entry) as tmp:
             shutil.copyfile(build.log, tmp / "build.log")
-            result = _collect(build.tree, tmp, src, hdrs, build.returncode, build.log)
+            result = _collect(build.tree, tmp, src, hdrs, build.returncode, build.log, env.runner(hdrs))
             (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
             (tmp / "reuse.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     finally:
@@ -197,7 +197,7 @@ def _kos(tree: Path) -> dict[str, str]:
 
 
 def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, returncode: int,
-             build_log: Path) -> dict[str, object]:
+             build_log: Path, runner: list[str]) -> dict[str, object]:
     result: dict[str, object] = {"module_type": src.module_type, "source_version": src.version}
     kos = sorted(tree.glob("*.ko"))
     if returncode != 0 or not kos:
@@ -208,22 +208,23 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
     # Unstripped copies stay in the cache, so --keep-debug never means compiling again.
     (dest / "debug").mkdir()
     (dest / "parts").mkdir()
-    # The kernel's architecture's binutils: aarch64-linux-gnu-ld and -strip for an arm64 kernel on amd64.
+    # The kernel's architecture's binutils: aarch64-linux-gnu-ld and -strip for an arm64 kernel on amd64;
+    # those of the kernel's toolchain root when make ran there (`runner`).
     ld, strip = hdrs.tool("ld"), hdrs.tool("strip")
-    linker = linker_version(ld)
+    linker = linker_version(ld, runner)
     modules = []
     for ko in kos:
         shipped = dest / "ko" / ko.name
-        split = split_module(tree, ko.name.removesuffix(".ko"), hdrs.sysout, dest / "parts", linker, strip)
+        split = split_module(tree, ko.name.removesuffix(".ko"), hdrs.sysout, dest / "parts", linker, strip, runner)
         if split is not None:
             # What ships is the module linked from its parts, the way the node will link it.
-            link(split.parts, split.paths(), shipped, ld)
+            link(split.parts, split.paths(), shipped, ld, runner)
             problem = _differs(read_module(ko), read_module(shipped))
             if problem:
                 log.warning("%s: linked from parts, %s; shipping it whole", ko.name, problem)
                 split = None
         if split is None:
-            run([strip, "--strip-debug", "-o", shipped, ko])
+            run([*runner, strip, "--strip-debug", "-o", shipped, ko])
         info = read_module(shipped)
         modules.append(ModuleFile(ko.name, sha256_file(shipped), shipped.stat().st_size, ko.stat().st_size,
                                   info.vermagic, info.srcversion, split.parts if split else None))
