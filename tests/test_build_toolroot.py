@@ -22,7 +22,7 @@ from gl_nvidia.build.toolroot import (
     RootSpec,
     compiler_packages,
     enter_argv,
-    kbuild_libraries,
+    kbuild_depends,
     major,
     make_root,
     mmdebstrap_argv,
@@ -47,9 +47,13 @@ def test_a_kernel_of_a_compiler_this_machine_lacks_or_has_in_another_version_nee
     cross = host_compiler("aarch64-linux-gnu-gcc-12")
     assert cross is not None and not needs_root(debian_headers.kernel_compiler, cross)
     assert not needs_root("", None)  # a kernel naming no compiler builds here, as it always did
+    # trixie's arm64 kernel (built natively there) on this amd64 machine: a root with the cross gcc-14
+    arm64 = trixie_env().headers(newest_trixie_kernel("arm64"), "arm64")
+    assert arm64.cc == "aarch64-linux-gnu-gcc-14" and needs_root(arm64.kernel_compiler, host_compiler(arm64.cc))
+    assert compiler_packages(arm64.cc) == ("gcc-14-aarch64-linux-gnu", "binutils-aarch64-linux-gnu")
 
 
-def test_the_root_holds_the_kernels_compiler_make_libc_ccache_and_what_its_kbuild_programs_link() -> None:
+def test_the_root_holds_the_kernels_compiler_make_libc_ccache_and_what_its_kbuild_depends_on() -> None:
     assert compiler_packages("gcc-14") == ("gcc-14",)
     assert compiler_packages("aarch64-linux-gnu-gcc-14") == ("gcc-14-aarch64-linux-gnu", "binutils-aarch64-linux-gnu")
     assert compiler_packages("gcc") == ("gcc",)
@@ -59,10 +63,10 @@ def test_the_root_holds_the_kernels_compiler_make_libc_ccache_and_what_its_kbuil
     repo = trixie_env().repo("amd64")
     kbuild = next(d.strip().split()[0] for d in repo.find(f"linux-headers-{newest_trixie_kernel()}").depends.split(",")
                   if d.strip().startswith("linux-kbuild-"))
-    libs = kbuild_libraries(repo.find(kbuild).depends)
-    assert "libelf1t64" in libs and "libc6" not in libs and all(n.startswith("lib") for n in libs)
+    deps = kbuild_depends(repo.find(kbuild).depends)
+    assert {"libelf1t64", "pahole"} <= set(deps) and "libc6" not in deps
     # every package a trixie root asks for exists in trixie's verified index, amd64 and cross
-    for name in (*compiler_packages("gcc-14"), *compiler_packages("aarch64-linux-gnu-gcc-14"), *BASE_PACKAGES, *libs):
+    for name in (*compiler_packages("gcc-14"), *compiler_packages("aarch64-linux-gnu-gcc-14"), *BASE_PACKAGES, *deps):
         assert repo.find(name).version
 
 

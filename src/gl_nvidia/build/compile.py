@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -70,9 +71,12 @@ class CompiledSet:
         return self.entry / "parts"
 
 
-def cache_key(src: ModuleSource, hdrs: KernelHeaders, toolchain: str, env_name: str) -> str:
-    inputs = {"recipe": RECIPE, "source": src.digest, "type": src.module_type, "headers": hdrs.digest,
-              "toolchain": toolchain, "env": env_name}
+def cache_key(src: ModuleSource, hdrs: KernelHeaders, toolchain: str, env_name: str,
+              runner: Sequence[str] = ()) -> str:
+    inputs: dict[str, object] = {"recipe": RECIPE, "source": src.digest, "type": src.module_type,
+                                 "headers": hdrs.digest, "toolchain": toolchain, "env": env_name}
+    if runner:  # the kernel's toolchain root the build ran in (build.toolroot): its path names its packages' digests
+        inputs["runner"] = list(runner)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -95,7 +99,7 @@ def compile_set(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchai
     Concurrent builds of the same inputs (parallel units, or CI jobs sharing one machine's cache)
     wait for the one compile instead of repeating it.
     """
-    key = cache_key(src, hdrs, toolchain, env.name)
+    key = cache_key(src, hdrs, toolchain, env.name, env.runner(hdrs))
     entry = cache_dir("build", "modules") / key
     with (cache_dir("build", "locks") / key).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -263,7 +263,7 @@ class AptEnv:
                 if hdrs.kernel not in self._kbuild:
                     self.headers(hdrs.kernel, hdrs.arch)
                 packages = (*toolroot.compiler_packages(hdrs.cc), *toolroot.BASE_PACKAGES,
-                            *toolroot.kbuild_libraries(self._kbuild[hdrs.kernel]))
+                            *toolroot.kbuild_depends(self._kbuild[hdrs.kernel]))
                 spec = toolroot.root_spec(self.repo(host_arch()), packages)
                 # one root per spec, made once while concurrent builds wait (build_all's units, CI jobs)
                 with (cache_dir("build", "locks") / f"toolroot-{spec.key()}").open("w") as lock:

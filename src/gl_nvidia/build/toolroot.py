@@ -4,8 +4,9 @@ Trixie's kernels are built with gcc-14 and pass it flags bookworm's gcc-12 refus
 (`-fmin-function-alignment`), and trixie's kbuild programs (fixdep, modpost, objtool) need trixie's glibc.
 When the kernel's compiler (CONFIG_CC_VERSION_TEXT) is missing here or of another major version, the apt
 environment makes, once, an mmdebstrap root of the kernel's own suites (the verified sources its headers
-come from; nothing is installed on this machine) holding that compiler, make, libc6-dev, ccache and the
-libraries the kernel's kbuild programs link, cached by the digests of those packages. `make`, the
+come from; nothing is installed on this machine) holding that compiler, make, binutils, libc6-dev, ccache and
+what the kernel's linux-kbuild depends on (its programs' libraries, pahole for the modules' BTF), cached by
+the digests of those packages. `make`, the
 compiler's `--version` and the tools that take the modules apart (ld, strip, the kernel's objtool) then
 run in it: unprivileged (`unshare` of user, mount and network namespaces, `chroot`), with this machine's
 /dev and /proc, a private /tmp, and the cache at its own path inside, where the headers, the module trees,
@@ -74,11 +75,12 @@ def compiler_packages(cc: str) -> tuple[str, ...]:
     return (f"{gcc}-{triplet}", f"binutils-{triplet}")
 
 
-def kbuild_libraries(depends: str) -> tuple[str, ...]:
-    """The shared libraries the kernel's linux-kbuild programs link (libelf1t64 for objtool, ...), from the
-    package's Depends; libc6 comes with libc6-dev."""
+def kbuild_depends(depends: str) -> tuple[str, ...]:
+    """What the kernel's linux-kbuild package depends on (from its Depends): its programs' libraries
+    (libelf1t64 for objtool, ...) and pahole, which kbuild runs for each module's BTF (NVIDIA's Makefile
+    runs it through awk, which ignores a missing one: the modules would lack BTF). libc6 comes with libc6-dev."""
     names = [alt.strip().split()[0] for alt in depends.split(",") if alt.strip()]
-    return tuple(n for n in names if n.startswith("lib") and n != "libc6")
+    return tuple(n for n in names if n != "libc6")
 
 
 @dataclass(frozen=True)
