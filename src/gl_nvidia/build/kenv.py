@@ -88,7 +88,8 @@ class KernelEnv(Protocol):
         ...
 
     def runner(self, hdrs: KernelHeaders) -> list[str]:
-        """What runs the kernel's binutils and objtool on the built modules as make ran them (empty: here)."""
+        """The argv prefix that runs the kernel's build tools (make, binutils, its objtool) where `make_argv`
+        runs make: the kernel's toolchain root (build.toolroot); empty: this machine."""
         ...
 
 

@@ -4,13 +4,13 @@ Trixie's kernels are built with gcc-14 and pass it flags bookworm's gcc-12 refus
 (`-fmin-function-alignment`), and trixie's kbuild programs (fixdep, modpost, objtool) need trixie's glibc.
 When the kernel's compiler (CONFIG_CC_VERSION_TEXT) is missing here or of another major version, the apt
 environment makes, once, an mmdebstrap root of the kernel's own suites (the verified sources its headers
-come from; nothing is installed on this machine) holding that compiler, make, binutils, libc6-dev, ccache and
-what the kernel's linux-kbuild depends on (its programs' libraries, pahole for the modules' BTF), cached by
-the digests of those packages. `make`, the
-compiler's `--version` and the tools that take the modules apart (ld, strip, the kernel's objtool) then
-run in it: unprivileged (`unshare` of user, mount and network namespaces, `chroot`), with this machine's
-/dev and /proc, a private /tmp, and the cache at its own path inside, where the headers, the module trees,
-ccache and build.reuse's view all live.
+come from; nothing is installed on this machine) holding that compiler, make, binutils, libc6-dev, ccache
+and what the kernel's linux-kbuild depends on (its programs' libraries, pahole for the modules' BTF),
+cached by the digests of those packages. `make`, the compiler's `--version` and the tools that take the
+modules apart (ld, strip, the kernel's objtool) then run in it: unprivileged (`unshare` of user, mount and
+network namespaces, `chroot`), with this machine's /dev and /proc, a private /tmp, and the cache at its own
+path inside, where the headers, the module trees, ccache and build.reuse's view all live (reuse's
+namespace runs this one nested: its view is part of the cache it binds).
 """
 
 from __future__ import annotations
