@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -71,9 +72,12 @@ class CompiledSet:
         return self.entry / "parts"
 
 
-def cache_key(src: ModuleSource, hdrs: KernelHeaders, toolchain: str, env_name: str) -> str:
-    inputs = {"recipe": RECIPE, "source": src.digest, "type": src.module_type, "headers": hdrs.digest,
-              "toolchain": toolchain, "env": env_name}
+def cache_key(src: ModuleSource, hdrs: KernelHeaders, toolchain: str, env_name: str,
+              runner: Sequence[str] = ()) -> str:
+    inputs: dict[str, object] = {"recipe": RECIPE, "source": src.digest, "type": src.module_type,
+                                 "headers": hdrs.digest, "toolchain": toolchain, "env": env_name}
+    if runner:  # the kernel's toolchain root the build ran in (build.toolroot): its path names its packages' digests
+        inputs["runner"] = list(runner)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -96,7 +100,7 @@ def compile_set(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchai
     Concurrent builds of the same inputs (parallel units, or CI jobs sharing one machine's cache)
     wait for the one compile instead of repeating it.
     """
-    key = cache_key(src, hdrs, toolchain, env.name)
+    key = cache_key(src, hdrs, toolchain, env.name, env.runner(hdrs))
     entry = cache_dir("build", "modules") / key
     with (cache_dir("build", "locks") / key).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -123,7 +127,7 @@ def _compile_locked(entry: Path, src: ModuleSource, hdrs: KernelHeaders, env: Ke
         with cache_fill(entry) as tmp:
             # the log says first what of the source is not NVIDIA's
             (tmp / "build.log").write_bytes(compat.log_lines(src.fixes).encode() + build.log.read_bytes())
-            result = _collect(build.tree, tmp, src, hdrs, build.returncode, build.log)
+            result = _collect(build.tree, tmp, src, hdrs, build.returncode, build.log, env.runner(hdrs))
             (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
             (tmp / "reuse.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     finally:
@@ -199,7 +203,7 @@ def _kos(tree: Path) -> dict[str, str]:
 
 
 def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, returncode: int,
-             build_log: Path) -> dict[str, object]:
+             build_log: Path, runner: list[str]) -> dict[str, object]:
     result: dict[str, object] = {"module_type": src.module_type, "source_version": src.version,
                                  "fixes": [asdict(f) for f in src.fixes]}
     kos = sorted(tree.glob("*.ko"))
@@ -211,22 +215,23 @@ def _collect(tree: Path, dest: Path, src: ModuleSource, hdrs: KernelHeaders, ret
     # Unstripped copies stay in the cache, so --keep-debug never means compiling again.
     (dest / "debug").mkdir()
     (dest / "parts").mkdir()
-    # The kernel's architecture's binutils: aarch64-linux-gnu-ld and -strip for an arm64 kernel on amd64.
+    # The kernel's architecture's binutils: aarch64-linux-gnu-ld and -strip for an arm64 kernel on amd64;
+    # those of the kernel's toolchain root when make ran there (`runner`).
     ld, strip = hdrs.tool("ld"), hdrs.tool("strip")
-    linker = linker_version(ld)
+    linker = linker_version(ld, runner)
     modules = []
     for ko in kos:
         shipped = dest / "ko" / ko.name
-        split = split_module(tree, ko.name.removesuffix(".ko"), hdrs.sysout, dest / "parts", linker, strip)
+        split = split_module(tree, ko.name.removesuffix(".ko"), hdrs.sysout, dest / "parts", linker, strip, runner)
         if split is not None:
             # What ships is the module linked from its parts, the way the node will link it.
-            link(split.parts, split.paths(), shipped, ld)
+            link(split.parts, split.paths(), shipped, ld, runner)
             problem = _differs(read_module(ko), read_module(shipped))
             if problem:
                 log.warning("%s: linked from parts, %s; shipping it whole", ko.name, problem)
                 split = None
         if split is None:
-            run([strip, "--strip-debug", "-o", shipped, ko])
+            run([*runner, strip, "--strip-debug", "-o", shipped, ko])
         info = read_module(shipped)
         modules.append(ModuleFile(ko.name, sha256_file(shipped), shipped.stat().st_size, ko.stat().st_size,
                                   info.vermagic, info.srcversion, split.parts if split else None))

@@ -10,7 +10,9 @@ A kernel of another architecture than this machine's is cross-compiled, never em
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
 import platform
 import re
 import shutil
@@ -20,9 +22,12 @@ from typing import Protocol
 
 from gl_nvidia import apt
 from gl_nvidia.arches import ARCHES, BUILD, by_machine, of_kernel
+from gl_nvidia.build import toolroot
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit, sha256_file
 from gl_nvidia.run import output
+
+log = logging.getLogger(__name__)
 
 _INCLUDE = re.compile(r"^include\s+(\S+)/Makefile\s*$", re.M)
 
@@ -82,6 +87,11 @@ class KernelEnv(Protocol):
         """First line of the compiler's --version, as this environment runs it."""
         ...
 
+    def runner(self, hdrs: KernelHeaders) -> list[str]:
+        """The argv prefix that runs the kernel's build tools (make, binutils, its objtool) where `make_argv`
+        runs make: the kernel's toolchain root (build.toolroot); empty: this machine."""
+        ...
+
 
 def make_argv(hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
     """The recipe DESIGN.md records as working: SYSSRC = the common dir, SYSOUT = the arch dir; for another
@@ -137,11 +147,17 @@ def compiler_mismatch(toolchain: str, kernel_compiler: str, cross_compile: str =
             "modules may differ in ABI-relevant code generation (retpolines, structure layout plugins)")
 
 
+def host_compiler(cc: str) -> str | None:
+    """First line of `cc --version` on this machine (None: not installed)."""
+    return output([cc, "--version"]).splitlines()[0].strip() if shutil.which(cc) else None
+
+
 def host_toolchain(cc: str) -> str:
-    if shutil.which(cc) is None:
+    line = host_compiler(cc)
+    if line is None:
         raise UserError(f"the kernel was built with {cc}, which is not installed",
                         f"install {cc} (scripts/bootstrap) so modules match the kernel's compiler")
-    return output([cc, "--version"]).splitlines()[0].strip()
+    return line
 
 
 def dir_headers(sysout: Path, syssrc: Path | None = None) -> KernelHeaders:
@@ -179,9 +195,14 @@ class DirEnv:
     def toolchain(self, hdrs: KernelHeaders) -> str:
         return host_toolchain(hdrs.cc)
 
+    def runner(self, hdrs: KernelHeaders) -> list[str]:
+        return []
+
 
 class AptEnv:
-    """linux-headers-<kernel>, its -common and linux-kbuild packages, unpacked into a private tree."""
+    """linux-headers-<kernel>, its -common and linux-kbuild packages, unpacked into a private tree; compiled
+    with this machine's compiler, or in the kernel's own toolchain root where this machine has none of the
+    kernel's compiler version (build.toolroot)."""
 
     name = "apt"
 
@@ -189,6 +210,8 @@ class AptEnv:
         """`sources`: the OS version's apt repository (default: this machine's, i.e. Debian's archive)."""
         self._sources = sources
         self._repos: dict[str, apt.AptRepo] = {}
+        self._kbuild: dict[str, str] = {}  # kernel -> its linux-kbuild package's Depends
+        self._roots: dict[str, toolroot.ToolRoot | None] = {}  # kernel -> its toolchain root (None: this machine)
 
     def repo(self, arch: str) -> apt.AptRepo:
         if arch not in self._repos:
@@ -206,6 +229,7 @@ class AptEnv:
         kbuild = self.repo(host_arch())
         pkgs = [pkg, *((kbuild if dep.startswith("linux-kbuild-") else repo).find(dep)
                        for dep in _header_deps(pkg.depends))]
+        self._kbuild[kernel] = ", ".join(p.depends for p in pkgs if p.name.startswith("linux-kbuild-"))
         digest = hashlib.sha256("".join(sorted(p.sha256 for p in pkgs)).encode()).hexdigest()
         tree = cache_dir("build", "headers") / f"{kernel}-{digest[:16]}"
         if not cache_hit(tree):
@@ -219,10 +243,38 @@ class AptEnv:
         return KernelHeaders(kernel, hdrs.syssrc, sysout, digest, hdrs.kernel_compiler, hdrs.arch)
 
     def make_argv(self, hdrs: KernelHeaders, tree: Path, jobs: int) -> list[str]:
-        return make_argv(hdrs, tree, jobs)
+        return [*self.runner(hdrs), *make_argv(hdrs, tree, jobs)]
 
     def toolchain(self, hdrs: KernelHeaders) -> str:
-        return host_toolchain(hdrs.cc)
+        root = self.toolroot(hdrs)
+        if root is None:
+            return host_toolchain(hdrs.cc)
+        return output(root.argv([hdrs.cc, "--version"])).splitlines()[0].strip()
+
+    def runner(self, hdrs: KernelHeaders) -> list[str]:
+        root = self.toolroot(hdrs)
+        return [] if root is None else root.argv([])
+
+    def toolroot(self, hdrs: KernelHeaders) -> toolroot.ToolRoot | None:
+        """The kernel's own toolchain root (made once, cached), when this machine has no compiler of the
+        kernel's version; None: it builds with this machine's."""
+        if hdrs.kernel not in self._roots:
+            self._roots[hdrs.kernel] = None
+            if toolroot.needs_root(hdrs.kernel_compiler, host_compiler(hdrs.cc)):
+                if hdrs.kernel not in self._kbuild:
+                    self.headers(hdrs.kernel, hdrs.arch)
+                packages = (*toolroot.compiler_packages(hdrs.cc), *toolroot.BASE_PACKAGES,
+                            *toolroot.kbuild_depends(self._kbuild[hdrs.kernel]))
+                spec = toolroot.root_spec(self.repo(host_arch()), packages)
+                # one root per spec, made once while concurrent builds wait (build_all's units, CI jobs)
+                with (cache_dir("build", "locks") / f"toolroot-{spec.key()}").open("w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    root = toolroot.make_root(spec)
+                if root.seconds:
+                    log.info("%s: made its toolchain root (%s, %s) in %.0f s: %s", hdrs.kernel, spec.suite,
+                             " ".join(packages), root.seconds, root.root)
+                self._roots[hdrs.kernel] = root
+        return self._roots[hdrs.kernel]
 
 
 def _header_deps(depends: str) -> list[str]:
@@ -301,6 +353,9 @@ class KmodbuildEnv:
         # The container is of the kernel's architecture: its compiler has no cross prefix.
         argv = kmodbuild_argv(self.engine, self.image(_arch_of(hdrs.kernel)), Path("/tmp"), [hdrs.kernel_cc, "--version"])
         return output(argv).splitlines()[0].strip()
+
+    def runner(self, hdrs: KernelHeaders) -> list[str]:
+        return []  # the modules' tools run here, as they always have for this environment
 
 
 def _arch_of(kernel: str) -> str:

@@ -239,20 +239,21 @@ def cache_key(src: NvfsSource, hdrs: KernelHeaders, toolchain: str, nvidia: b.Mo
 
 
 def build(src: NvfsSource, hdrs: KernelHeaders, toolchain: str, nvidia: CompiledSet, nv_source: ModuleSource,
-          *, jobs: int) -> NvfsBuild:
-    """nvidia-fs for one kernel and one nvidia.ko (a built module set), from the cache or compiled now."""
+          *, jobs: int, runner: list[str]) -> NvfsBuild:
+    """nvidia-fs for one kernel and one nvidia.ko (a built module set), from the cache or compiled now;
+    `runner`: what runs make and strip (the kernel environment's: its toolchain root, or nothing)."""
     nv = next(m for m in nvidia.modules if m.name == "nvidia.ko")
     key = cache_key(src, hdrs, toolchain, nv, nv_source)
     entry = cache_dir("build", "nvidia-fs") / key
     with (cache_dir("build", "locks") / key).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not cache_hit(entry):
-            _compile(entry, src, hdrs, nvidia.entry / "ko" / "nvidia.ko", nv_source, jobs)
+            _compile(entry, src, hdrs, nvidia.entry / "ko" / "nvidia.ko", nv_source, jobs, runner)
         return _load(entry)
 
 
 def _compile(entry: Path, src: NvfsSource, hdrs: KernelHeaders, nvidia_ko: Path, nv_source: ModuleSource,
-             jobs: int) -> None:
+             jobs: int, runner: list[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"{hdrs.kernel}-nvidia-fs-", dir=cache_dir("build", "work")))
     try:
         tree = work / "tree"
@@ -272,20 +273,20 @@ def _compile(entry: Path, src: NvfsSource, hdrs: KernelHeaders, nvidia_ko: Path,
                  + (["CONFIG_AARCH64=1"] if hdrs.arch == "arm64" else [])) if hdrs.cross_compile else []
         build_log = work / "build.log"
         # -o nv_symbols: the module target's symvers step reads the running host's nvidia.ko; nv.symvers is above
-        proc = run(["make", f"-j{jobs}", "-C", tree, "-o", "nv_symbols", "module", f"KVER={hdrs.kernel}",
+        proc = run([*runner, "make", f"-j{jobs}", "-C", tree, "-o", "nv_symbols", "module", f"KVER={hdrs.kernel}",
                     f"KDIR={hdrs.sysout}", f"NVIDIA_SRC_DIR={nv_source.tree / 'nvidia'}",
                     f"KBUILD_EXTRA_SYMBOLS={tree / 'nv.symvers'}", *cross],
                    env={"KDIR": str(hdrs.sysout)}, log_file=build_log, check=False)
         with cache_fill(entry) as tmp:
             shutil.copyfile(build_log, tmp / "build.log")
-            result = _collect(tree, tmp, src, hdrs, nvidia, proc.returncode, build_log)
+            result = _collect(tree, tmp, src, hdrs, nvidia, proc.returncode, build_log, runner)
             (tmp / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _collect(tree: Path, dest: Path, src: NvfsSource, hdrs: KernelHeaders, nvidia: NvidiaExports, returncode: int,
-             build_log: Path) -> dict[str, object]:
+             build_log: Path, runner: list[str]) -> dict[str, object]:
     ko = tree / MODULE
     result: dict[str, object] = {"version": src.version, "module": None, "abi_gate": None}
     if returncode != 0 or not ko.is_file():
@@ -294,7 +295,7 @@ def _collect(tree: Path, dest: Path, src: NvfsSource, hdrs: KernelHeaders, nvidi
     (dest / "ko").mkdir()
     (dest / "debug").mkdir()
     shipped = dest / "ko" / MODULE
-    run([hdrs.tool("strip"), "--strip-debug", "-o", shipped, ko])
+    run([*runner, hdrs.tool("strip"), "--strip-debug", "-o", shipped, ko])
     shutil.copyfile(ko, dest / "debug" / MODULE)
     info = read_module(shipped)
     module = b.ModuleFile(MODULE, sha256_file(shipped), shipped.stat().st_size, ko.stat().st_size,
@@ -339,7 +340,7 @@ def add_to_sets(sets: Mapping[str, CompiledSet], module_sources: Mapping[str, Mo
     for mtype, cs in sorted(built.items()):
         try:
             with ui.progress() as prog, ui.task(prog, f"nvidia-fs {src.version} for {hdrs.kernel} ({mtype})"):
-                nvfs = build(src, hdrs, toolchain, cs, module_sources[mtype], jobs=jobs)
+                nvfs = build(src, hdrs, toolchain, cs, module_sources[mtype], jobs=jobs, runner=env.runner(hdrs))
         except UserError as exc:  # a package this code does not know how to build: the driver still ships
             why.append(f"{mtype}: {exc}")
             continue

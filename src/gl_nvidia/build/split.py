@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import shlex
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,13 +117,13 @@ def binary_object(objects: list[Path]) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def linker_version(ld: str = "ld") -> str:
-    return output([ld, "--version"]).splitlines()[0].strip()
+def linker_version(ld: str = "ld", runner: Sequence[str] = ()) -> str:
+    return output([*runner, ld, "--version"]).splitlines()[0].strip()
 
 
-def libelf_of(tool: Path) -> str:
+def libelf_of(tool: Path, runner: Sequence[str] = ()) -> str:
     """The file name of the libelf `tool` loads ("libelf-0.188.so"); "" when it loads none."""
-    for line in output(["ldd", tool]).splitlines():
+    for line in output([*runner, "ldd", tool]).splitlines():
         name, _, rest = line.strip().partition(" => ")
         if name.startswith("libelf.so") and rest.startswith("/"):
             return Path(rest.split()[0]).resolve().name
@@ -141,10 +142,12 @@ class Split:
         return self.parts.paths(str(self.dir), str(self.dir))
 
 
-def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str, strip: str = "strip") -> Split | None:
+def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str, strip: str = "strip",
+                 runner: Sequence[str] = ()) -> Split | None:
     """Write the parts of `<module>.ko` into `dest` (None: not split, the module ships whole).
 
-    `strip`: the binutils `strip` of the kernel's architecture (`aarch64-linux-gnu-strip` when cross-compiling).
+    `strip`: the binutils `strip` of the kernel's architecture (`aarch64-linux-gnu-strip` when cross-compiling);
+    `runner`: what runs the tools as make ran them (the kernel's toolchain root, build.toolroot).
 
     A module is left whole when it has no binary object or the kernel's modfinal has no linker script.
     When kbuild ran objtool over the linked `<module>.o`, modpost's objects stay out of the interface
@@ -165,12 +168,12 @@ def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str, s
     rest = [o for o in objects if o != binary]
     interface = dest / f"{module}.o"
     if objtool is None:
-        _ld_r(multi, interface, [*rest, mod_o, *extra], strip)
+        _ld_r(multi, interface, [*rest, mod_o, *extra], strip, runner)
     else:
-        _ld_r(multi, interface, rest, strip)
-        _ld_r(multi, dest / f"{module}.final.o", [mod_o, *extra], strip)
+        _ld_r(multi, interface, rest, strip, runner)
+        _ld_r(multi, dest / f"{module}.final.o", [mod_o, *extra], strip, runner)
     bin_out = dest / binary.name
-    run([strip, "--strip-debug", "-o", bin_out, binary.with_name(binary.name + "_binary")])
+    run([*runner, strip, "--strip-debug", "-o", bin_out, binary.with_name(binary.name + "_binary")])
     lds = dest / LDS
     lds.write_bytes(final.lds.read_bytes())
     step = None
@@ -181,7 +184,7 @@ def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str, s
         final_o = dest / f"{module}.final.o"
         step = ObjtoolStep(tool=tool.name, tool_sha256=sha256_file(tool), args=objtool.args,
                            ld_flags=multi.flags, final=final_o.name, final_sha256=sha256_file(final_o),
-                           final_size=final_o.stat().st_size, libelf=libelf_of(tool))
+                           final_size=final_o.stat().st_size, libelf=libelf_of(tool, runner))
     flags = tuple(f for f in final.flags if f != "-r")
     parts = ModuleParts(
         interface=interface.name, interface_sha256=sha256_file(interface), interface_size=interface.stat().st_size,
@@ -191,16 +194,16 @@ def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str, s
     return Split(parts, dest)
 
 
-def _ld_r(recipe: KbuildLink, out: Path, objects: list[Path], strip: str) -> None:
+def _ld_r(recipe: KbuildLink, out: Path, objects: list[Path], strip: str, runner: Sequence[str]) -> None:
     """`ld -r` with the flags of kbuild's `<module>.o` link, then without debug info (it is not shipped)."""
-    run([recipe.ld, *recipe.flags, "-o", out, *objects])
-    run([strip, "--strip-debug", out])
+    run([*runner, recipe.ld, *recipe.flags, "-o", out, *objects])
+    run([*runner, strip, "--strip-debug", out])
 
 
-def link(parts: ModuleParts, at: PartPaths, out: Path, ld: str = "ld") -> Path:
+def link(parts: ModuleParts, at: PartPaths, out: Path, ld: str = "ld", runner: Sequence[str] = ()) -> Path:
     """Link a module from its parts with the recorded recipe (what the node does before insmod)."""
     for argv in parts.link_steps(ld, at, str(out)):
-        run(argv)
+        run([*runner, *argv])
     Path(f"{out}.o").unlink(missing_ok=True)
     return out
 
