@@ -27,6 +27,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gl_nvidia.build import treereuse
 from gl_nvidia.build.kenv import KernelHeaders
 from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit
 from gl_nvidia.run import run
@@ -79,12 +80,24 @@ class View:
         return text
 
 
+    def outside(self, recorded: str, hdrs: KernelHeaders, tree: Path) -> Path:
+        """A path kbuild recorded in the view (absolute, or relative to the build headers it ran in) as it
+        is outside it."""
+        inside = recorded if recorded.startswith("/") else f"{self.root / _OUT}/{recorded}"
+        return Path(self.back(inside, hdrs, tree))
+
+
 def view() -> View:
     return View(cache_dir("build", "view"))
 
 
 def _lib(hdrs: KernelHeaders) -> Path:
     return hdrs.sysout.resolve().parent.parent / "lib"
+
+
+def identity(hdrs: KernelHeaders) -> treereuse.Identity:
+    """treereuse's identity of what the view presents of `hdrs` (the arch dir's Makefile is the view's own)."""
+    return treereuse.identity({_SRC: hdrs.syssrc, _OUT: hdrs.sysout, _LIB: _lib(hdrs)}, skip=[f"{_OUT}/Makefile"])
 
 
 def unavailable(hdrs: KernelHeaders, env_name: str) -> str | None:
@@ -138,10 +151,12 @@ def series(kernel: str) -> str:
     return m.group(0) if m else kernel
 
 
-def case_key(recipe: int, source_digest: str, module_type: str, toolchain: str, hdrs: KernelHeaders) -> str:
-    """What one gate verdict covers: one driver source and module type, one compiler, one kernel series."""
+def case_key(recipe: int, source_digest: str, module_type: str, toolchain: str, hdrs: KernelHeaders,
+             mode: str) -> str:
+    """What one gate verdict covers: one driver source and module type, one compiler, one kernel series, one
+    way of reusing ("objects": other kernels' compiles, "tree": another kernel's built tree)."""
     inputs = {"recipe": recipe, "source": source_digest, "type": module_type, "toolchain": toolchain,
-              "arch": hdrs.arch, "series": series(hdrs.kernel)}
+              "arch": hdrs.arch, "series": series(hdrs.kernel), "mode": mode}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
