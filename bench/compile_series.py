@@ -3,8 +3,10 @@
 For two consecutive ABIs of each kernel series Debian's archive serves here (picked at run time: the newest
 and the one before; 6.1 from bookworm, 6.12 from bookworm-backports, IBT) and each module type of Debian's
 535.309.01 sources, in a fresh private cache (headers and driver sources shared with ~/.cache/gl-nvidia):
-the first kernel cold, the second kernel warm (build.reuse), and the second kernel cold for reference (the
-gate's own cold build, build.reuse); the ratio, and whether every module's sha256 is the same warm and cold.
+the first kernel cold, the second kernel warm (from the first one's built tree when their headers differ only
+where they name the release, build.treereuse; else through the compiler cache, build.reuse), and the second
+kernel cold for reference (the gate's own cold build); the ratio, and whether every module's sha256 is the same
+warm and cold.
 Prints one line per case to stderr as it goes and one JSON line last.
 
     .venv/bin/python bench/compile_series.py [--series 6.1 --series 6.12] [--type proprietary --type open]
@@ -68,6 +70,10 @@ def case(series: str, mtype: str, kernels: tuple[str, str]) -> dict[str, object]
     row["second_warm_s"] = second["seconds"]
     row["second_cold_s"] = second.get("cold_seconds")
     row["status"] = [first["status"], second["status"]]
+    row["reuse"] = second.get("reuse")  # "tree": the first kernel's built tree; "objects": its compiles
+    tree = second.get("tree")
+    if isinstance(tree, dict):
+        row["rebuilt"] = tree["rebuilt"]
     row["reused"] = f"{second.get('reused')}/{second.get('compiles')}"
     if second.get("cold_seconds"):
         row["ratio"] = round(float(str(second["cold_seconds"])) / float(str(second["seconds"])), 1)
