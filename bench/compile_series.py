@@ -57,17 +57,19 @@ def case(series: str, mtype: str, kernels: tuple[str, str]) -> dict[str, object]
     runs = []
     for k in kernels:
         hdrs = env.headers(k, "amd64")
-        start = time.monotonic()
+        start, load = time.monotonic(), os.getloadavg()[0]
         cs = compile_set(src, hdrs, env, env.toolchain(hdrs), jobs=2)
         wall = round(time.monotonic() - start, 1)
+        # the machine's load average (1 min) before and after: timings on shared cores compare only side by side
         runs.append({"kernel": k, "status": cs.status, "error": cs.error, "wall_s": wall,
+                     "load": [round(load, 1), round(os.getloadavg()[0], 1)],
                      **json.loads((cs.entry / "reuse.json").read_text())})
         # The gate compares once per case: forget a verdict the first kernel made (from objects it compiled
         # twice itself), so the second kernel's build is compared with its cold build.
         shutil.rmtree(cache_dir("build", "reuse"))
     first, second = runs
     row["first_cold_s"] = first["seconds"]
-    row["second_warm_s"] = second["seconds"]
+    row["second_warm_s"] = round(float(str(second["seconds"])) + float(str(second.get("prepare_seconds", 0))), 1)
     row["second_cold_s"] = second.get("cold_seconds")
     row["status"] = [first["status"], second["status"]]
     row["reuse"] = second.get("reuse")  # "tree": the first kernel's built tree; "objects": its compiles
@@ -76,7 +78,7 @@ def case(series: str, mtype: str, kernels: tuple[str, str]) -> dict[str, object]
         row["rebuilt"] = tree["rebuilt"]
     row["reused"] = f"{second.get('reused')}/{second.get('compiles')}"
     if second.get("cold_seconds"):
-        row["ratio"] = round(float(str(second["cold_seconds"])) / float(str(second["seconds"])), 1)
+        row["ratio"] = round(float(str(second["cold_seconds"])) / float(str(row["second_warm_s"])), 1)
     row["identical"] = second.get("identical")
     row["runs"] = runs
     return row

@@ -160,6 +160,7 @@ def _reuse_gated(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolcha
     """Build in the view, from the tree kept for a kernel whose headers differ only where they name the release
     (build.treereuse) or else through the compiler cache. The first build of a case that reused anything is
     built again without either and compared (reuse.compare), and the cold one kept when they differ."""
+    start = time.monotonic()
     view = reuse.view()
     cases = {m: reuse.case_key(RECIPE, src.digest, src.module_type, toolchain, hdrs, m) for m in ("tree", "objects")}
     ident = reuse.identity(hdrs)
@@ -182,9 +183,10 @@ def _reuse_gated(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolcha
     restored = treereuse.restore(kept, work / "tree", ident, lambda dep: view.outside(dep, hdrs, work / "tree"))
     mode = "tree" if restored is not None else "objects"
     known = verdicts[mode]
+    prepare = round(time.monotonic() - start, 1)  # the headers' identity, the tree restored
     warm, hits, calls = make("tree", cold=False)
-    record: dict[str, object] = {"mode": "warm", "reuse": mode, "seconds": warm.seconds, "reused": hits,
-                                 "compiles": calls, **({"tree": restored} if restored else {})}
+    record: dict[str, object] = {"mode": "warm", "reuse": mode, "seconds": warm.seconds, "prepare_seconds": prepare,
+                                 "reused": hits, "compiles": calls, **({"tree": restored} if restored else {})}
     # A tree that fails to build is compared with a cold build (which may fail the same way) even when known.
     if (mode == "objects" and (known is not None or hits == 0 or warm.returncode != 0)) or \
             (mode == "tree" and known is not None and warm.returncode == 0):

@@ -92,10 +92,14 @@ def changed_names(old: Mapping[str, str], new: Mapping[str, str]) -> set[str]:
 
 
 def deps(cmd_text: str) -> list[str]:
-    """The inputs kbuild recorded in a `.cmd` file (`deps_<target> := ...`), as written there."""
+    """The inputs kbuild recorded in a `.cmd` file (`source_<target> := ...`, `deps_<target> := ...`), as written
+    there."""
     out: list[str] = []
     inside = False
     for line in cmd_text.splitlines():
+        if line.startswith("source_"):
+            out.append(line.partition(":=")[2].strip())
+            continue
         if line.startswith("deps_"):
             inside = True
             line = line.partition(":=")[2]
@@ -112,6 +116,8 @@ def deps(cmd_text: str) -> list[str]:
 
 def uses(text: str, names: set[str]) -> bool:
     """Whether `text` uses one of `names` anywhere but in the lines that define them."""
+    if not any(n in text for n in names):  # most headers: read once, no line looked at
+        return False
     return any(m.group(1) in names for line in text.splitlines() if not _DEFINITION.match(line)
                for m in _USE.finditer(line))
 
@@ -121,18 +127,17 @@ def stale(tree: Path, names: set[str], outside: Callable[[str], Path]) -> list[P
     or kbuild's `include/config/<SYMBOL>` stand-in for a CONFIG_ name. `outside`: a recorded input's path
     (absolute in the build's view, or relative to the kernel's build headers) as this process reads it."""
     config = {n.removeprefix("CONFIG_") for n in names if n.startswith("CONFIG_")}
-    memo: dict[Path, bool] = {}
+    memo: dict[str, bool] = {}
 
     def used(dep: str) -> bool:
         if dep.startswith("include/config/"):
             return dep.removeprefix("include/config/") in config
-        path = outside(dep)
-        if path not in memo:
+        if dep not in memo:
             try:
-                memo[path] = uses(path.read_text(errors="replace"), names)
+                memo[dep] = uses(outside(dep).read_text(errors="replace"), names)
             except OSError:
-                memo[path] = True  # an input that is gone: rebuild
-        return memo[path]
+                memo[dep] = True  # an input that is gone: rebuild
+        return memo[dep]
 
     found = []
     for cmd in sorted(tree.rglob(".*.cmd")):
@@ -151,7 +156,8 @@ def keep(at: Path, tree: Path, ident: Identity, kernel: str) -> None:
     if cache_hit(at):
         return
     with cache_fill(at) as tmp:
-        shutil.copytree(tree, tmp / "tree", symlinks=True)
+        # Without the modules: kbuild links them again from what is kept (a third of the tree's size).
+        shutil.copytree(tree, tmp / "tree", symlinks=True, ignore=shutil.ignore_patterns("*.ko"))
         atomic_write_text(tmp / "built.json", json.dumps({"kernel": kernel, "release": ident.release}, indent=2,
                                                          sort_keys=True))
 
