@@ -6,14 +6,18 @@ per-kernel headers directory or the temp work tree; the compiler runs through De
 content. Consecutive ABIs of one series mostly preprocess to the same text: their objects come from the
 cache, only the few files whose headers changed, modpost's `.mod.c` and the links run again.
 
+A kernel whose headers differ from an earlier one's only where they name the release goes further: it
+starts from that kernel's whole built tree (build.treereuse), and only what uses the release is built again.
+
 The nvidia and nvidia-modeset cores (`nv-kernel.o_binary`, `nv-modeset-kernel.o_binary`) need no compile
 here at all: both Debian's and NVIDIA's module trees (open and proprietary) ship them prebuilt.
 
 The gate: the first build of a case (driver source, module type, compiler, kernel series) that took any
-of the module's objects from the compiler cache is repeated without it, and every module's sha256 (kbuild's,
-debug info included) compared; the verdict is kept in the sealed cache. A mismatch turns reuse off for that
-case, with the reason in the log. The view's path is constant for one cache (it lies under it): modules
-built in caches at other paths differ in the strings that name it.
+of the module's objects from the compiler cache, and the first that started from another kernel's tree, is
+repeated without either, and every module's sha256 (kbuild's, debug info included) compared; each verdict
+is kept in the sealed cache. A mismatch of either turns all reuse off for that case, with the reason in the
+log. The view's path is constant for one cache (it lies under it): modules built in caches at other paths
+differ in the strings that name it.
 """
 
 from __future__ import annotations
@@ -78,7 +82,6 @@ class View:
         for inside, outside in ((_TREE, tree), (_SRC, hdrs.syssrc), (_OUT, hdrs.sysout), (_LIB, _lib(hdrs))):
             text = text.replace(f"{self.root / inside}", str(outside))
         return text
-
 
     def outside(self, recorded: str, hdrs: KernelHeaders, tree: Path) -> Path:
         """A path kbuild recorded in the view (absolute, or relative to the build headers it ran in) as it
