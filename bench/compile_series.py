@@ -3,8 +3,10 @@
 For two consecutive ABIs of each kernel series Debian's archive serves here (picked at run time: the newest
 and the one before; 6.1 from bookworm, 6.12 from bookworm-backports, IBT) and each module type of Debian's
 535.309.01 sources, in a fresh private cache (headers and driver sources shared with ~/.cache/gl-nvidia):
-the first kernel cold, the second kernel warm (build.reuse), and the second kernel cold for reference (the
-gate's own cold build, build.reuse); the ratio, and whether every module's sha256 is the same warm and cold.
+the first kernel cold, the second kernel warm (from the first one's built tree when their headers differ only
+where they name the release, build.treereuse; else through the compiler cache, build.reuse), and the second
+kernel cold for reference (the gate's own cold build); the ratio, and whether every module's sha256 is the same
+warm and cold.
 Prints one line per case to stderr as it goes and one JSON line last.
 
     .venv/bin/python bench/compile_series.py [--series 6.1 --series 6.12] [--type proprietary --type open]
@@ -55,22 +57,28 @@ def case(series: str, mtype: str, kernels: tuple[str, str]) -> dict[str, object]
     runs = []
     for k in kernels:
         hdrs = env.headers(k, "amd64")
-        start = time.monotonic()
+        start, load = time.monotonic(), os.getloadavg()[0]
         cs = compile_set(src, hdrs, env, env.toolchain(hdrs), jobs=2)
         wall = round(time.monotonic() - start, 1)
+        # the machine's load average (1 min) before and after: timings on shared cores compare only side by side
         runs.append({"kernel": k, "status": cs.status, "error": cs.error, "wall_s": wall,
+                     "load": [round(load, 1), round(os.getloadavg()[0], 1)],
                      **json.loads((cs.entry / "reuse.json").read_text())})
         # The gate compares once per case: forget a verdict the first kernel made (from objects it compiled
         # twice itself), so the second kernel's build is compared with its cold build.
         shutil.rmtree(cache_dir("build", "reuse"))
     first, second = runs
     row["first_cold_s"] = first["seconds"]
-    row["second_warm_s"] = second["seconds"]
+    row["second_warm_s"] = round(float(str(second["seconds"])) + float(str(second.get("prepare_seconds", 0))), 1)
     row["second_cold_s"] = second.get("cold_seconds")
     row["status"] = [first["status"], second["status"]]
+    row["reuse"] = second.get("reuse")  # "tree": the first kernel's built tree; "objects": its compiles
+    tree = second.get("tree")
+    if isinstance(tree, dict):
+        row["rebuilt"] = tree["rebuilt"]
     row["reused"] = f"{second.get('reused')}/{second.get('compiles')}"
     if second.get("cold_seconds"):
-        row["ratio"] = round(float(str(second["cold_seconds"])) / float(str(second["seconds"])), 1)
+        row["ratio"] = round(float(str(second["cold_seconds"])) / float(str(row["second_warm_s"])), 1)
     row["identical"] = second.get("identical")
     row["runs"] = runs
     return row

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.build import AptEnv, DirEnv, KernelHeaders
+from gl_nvidia.build import AptEnv, DebianSource, DirEnv, KernelHeaders
 from gl_nvidia.build.abi import read_module
 from gl_nvidia.build.compile import CompiledSet, compile_set
-from gl_nvidia.build.reuse import View, unavailable
+from gl_nvidia.build.reuse import View, identity, unavailable
 from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.fs import sha256_file
-from tests.fixtures.bundle import DEBIAN_KERNEL, TINY_SOURCES
+from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, TINY_SOURCES, compile_cache
 from tests.fixtures.nvidia_site import own_cache
 
-__all__ = ["own_cache"]  # a fixture, from tests/fixtures/nvidia_site.py
+__all__ = ["compile_cache", "own_cache"]  # fixtures, from tests/fixtures/
 
 
 @cache
@@ -77,7 +77,15 @@ def test_the_second_kernel_reuses_the_first_ones_compiles_and_its_modules_are_by
     first, first_record = _build(src, debian_headers)
     assert first_record["mode"] == "warm" and first_record["reused"] == 0  # an empty compiler cache
     second, record = _build(src, next_headers)
-    assert int(str(record["reused"])) > 0 and record["identical"] is True
+    assert record["identical"] is True
+    if identity(debian_headers).digest == identity(next_headers).digest:
+        # The same kernel rebuilt under another release (6.1.0-56 and -57): the first one's tree, with what
+        # uses the release rebuilt (modpost's object: vermagic, build salt), the object compiled once.
+        tree = record["tree"]
+        assert record["reuse"] == "tree" and isinstance(tree, dict) and tree["from"] == DEBIAN_KERNEL
+        assert tree["rebuilt"] == ["glnv_hello.mod.o"] and "UTS_RELEASE" in tree["changed"]
+    else:
+        assert record["reuse"] == "objects" and int(str(record["reused"])) > 0
     modules = record["modules"]
     assert isinstance(modules, dict) and set(modules) == {"glnv_hello.ko"}
     assert all(warm == cold for warm, cold in modules.values())  # the gate compared kbuild's modules, unstripped
@@ -85,12 +93,12 @@ def test_the_second_kernel_reuses_the_first_ones_compiles_and_its_modules_are_by
     # (the headers' directories, the build's temp work tree), debug info included.
     assert read_module(second.entry / "ko" / "glnv_hello.ko").vermagic.startswith(next_kernel() + " ")
     data = (second.entry / "debug" / "glnv_hello.ko").read_bytes()
-    for path in (next_headers.sysout.name, next_headers.syssrc.name, "/build/work/"):
+    for path in (next_headers.sysout.name, next_headers.syssrc.name, "/build/work/", DEBIAN_KERNEL):
         assert path.encode() not in data
     assert _shas(first) != _shas(second)
 
 
-@pytest.mark.parametrize("damage", ["compiler cache", "verdict"])
+@pytest.mark.parametrize("damage", ["compiler cache", "verdict", "built tree"])
 def test_a_damaged_reuse_cache_entry_is_detected_and_rebuilt(
         tmp_path: Path, own_cache: Path, debian_headers: KernelHeaders, next_headers: KernelHeaders,
         damage: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -99,10 +107,17 @@ def test_a_damaged_reuse_cache_entry_is_detected_and_rebuilt(
     good, _ = _build(src, next_headers)
     shutil.rmtree(good.entry)
     if damage == "compiler cache":
+        shutil.rmtree(own_cache / "build" / "trees")  # the kernels' compiles alone
         results = [f for f in (own_cache / "build" / "ccache").rglob("*") if f.is_file() and f.name.endswith("R")]
         assert results
         for f in results:
             f.write_bytes(f.read_bytes()[:40] + b"\0" * 64)
+    elif damage == "built tree":
+        # The tree kept for the second kernel's identity (its own build's, if the first one's is another)
+        kept = list((own_cache / "build" / "trees").glob("*/tree/glnv_hello.o"))
+        assert kept
+        for obj in kept:
+            obj.write_bytes(obj.read_bytes().replace(b"glnv", b"GLNV"))
     else:
         (verdict,) = (own_cache / "build" / "reuse").glob("*/verdict.json")
         verdict.write_text(json.dumps({"ok": True, "why": "edited"}))
@@ -111,6 +126,11 @@ def test_a_damaged_reuse_cache_entry_is_detected_and_rebuilt(
     assert _shas(again) == _shas(good)
     if damage == "compiler cache":
         assert record["reused"] == 0  # every damaged object compiled again, none taken
+    elif damage == "built tree":
+        assert any("fails verification" in r.getMessage() and "glnv_hello.o" in r.getMessage() for r in caplog.records)
+        assert record["reuse"] == "objects"  # built without it, and kept again in its place
+        damaged = [b"GLNV" in t.read_bytes() for t in (own_cache / "build" / "trees").glob("*/tree/glnv_hello.o")]
+        assert sum(damaged) == len(kept) - 1  # the tree the build would have used, replaced
     else:
         assert any("fails verification" in r.getMessage() and "verdict.json" in r.getMessage() for r in caplog.records)
         assert record["identical"] is True  # compared with a cold build again
@@ -120,7 +140,7 @@ def test_two_kernels_built_at_once_do_not_corrupt_each_other(
         tmp_path: Path, own_cache: Path, debian_headers: KernelHeaders, next_headers: KernelHeaders) -> None:
     src = _source(tmp_path)
     alone = [_shas(_build(src, h)[0]) for h in (debian_headers, next_headers)]
-    for made in ("modules", "ccache", "reuse"):  # the same cache, empty again: both fill it at once
+    for made in ("modules", "ccache", "reuse", "trees"):  # the same cache, empty again: both fill it at once
         shutil.rmtree(own_cache / "build" / made)
     with ThreadPoolExecutor(2) as pool:
         together = list(pool.map(lambda h: _build(src, h)[0], (debian_headers, next_headers)))
@@ -163,3 +183,25 @@ def test_a_module_that_differs_warm_and_cold_turns_reuse_off_and_the_log_says_wh
         _, again = _build(src, next_headers)
     assert again["mode"] == "off" and "compiles" in again and "reused" not in again
     assert any("is off for this driver source" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_nvidia_modules_built_from_the_first_kernels_tree_are_byte_identical_to_cold(
+        compile_cache: Path, debian_headers: KernelHeaders, next_headers: KernelHeaders) -> None:
+    """The proprietary modules of the real pair: NVIDIA's conftest kept, what prints the release rebuilt, and the
+    gate's cold build of the second kernel the same bytes (two full compiles: the first kernel, the gate's)."""
+    src = DebianSource().prepare(DEBIAN_DRIVER, "amd64").module_sources["proprietary"]
+    env = AptEnv()
+    for hdrs in (debian_headers, next_headers):
+        cs = compile_set(src, hdrs, env, env.toolchain(hdrs), jobs=2)
+        assert cs.status == "ok", cs.error
+    record = json.loads((cs.entry / "reuse.json").read_text())
+    if identity(debian_headers).digest != identity(next_headers).digest:
+        assert record["reuse"] == "objects" and record["identical"] is True
+        return
+    tree = record["tree"]
+    assert record["reuse"] == "tree" and isinstance(tree, dict) and tree["from"] == DEBIAN_KERNEL
+    assert {"nvidia.mod.o", "nvidia/os-interface.o"} <= set(tree["rebuilt"]) and len(tree["rebuilt"]) < 10
+    assert record["identical"] is True and len(record["modules"]) == 5
+    data = (cs.entry / "debug" / "nvidia.ko").read_bytes()
+    assert f"vermagic={next_kernel()} ".encode() in data and DEBIAN_KERNEL.encode() not in data

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from gl_nvidia.build import compat, reuse
+from gl_nvidia.build import compat, reuse, treereuse
 from gl_nvidia.build.abi import OBJTOOL_SECTIONS, ModuleElf, gate, kernel_abi, read_module
 from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
 from gl_nvidia.build.sources import ModuleSource
@@ -145,56 +145,83 @@ class _Build:
     seconds: float
 
 
-def _make(src: ModuleSource, tree: Path, argv: list[str], build_log: Path, env: dict[str, str] | None = None,
-          view: reuse.View | None = None, hdrs: KernelHeaders | None = None) -> _Build:
-    """Copy the module tree to `tree` and run make there; `view`: in build.reuse's view, whose paths the
-    log and kbuild's saved commands then name as they are outside it."""
-    shutil.copytree(src.tree, tree, symlinks=True)
+def _make(src: ModuleSource, tree: Path, argv: list[str], build_log: Path, env: dict[str, str] | None = None) -> _Build:
+    """Run make in `tree`, a copy of the module tree made first unless a kept tree was restored there."""
+    if not tree.exists():
+        shutil.copytree(src.tree, tree, symlinks=True)
     start = time.monotonic()
     proc = run(argv, log_file=build_log, check=False, env=env)
-    seconds = round(time.monotonic() - start, 1)
-    if view is not None and hdrs is not None:
-        for f in [build_log, *tree.glob(".*.cmd"), *tree.glob("*.mod")]:
-            f.write_text(view.back(f.read_text(errors="replace"), hdrs, tree))
-    return _Build(tree, build_log, proc.returncode, seconds)
+    return _Build(tree, build_log, proc.returncode, round(time.monotonic() - start, 1))
+
+
+def _outside(b: _Build, view: reuse.View, hdrs: KernelHeaders) -> _Build:
+    """A build made in build.reuse's view, its log and kbuild's saved commands naming paths as they are outside."""
+    for f in [b.log, *b.tree.glob(".*.cmd"), *b.tree.glob("*.mod")]:
+        f.write_text(view.back(f.read_text(errors="replace"), hdrs, b.tree))
+    return b
 
 
 def _reuse_gated(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchain: str, jobs: int,
                  work: Path) -> tuple[_Build, dict[str, object]]:
-    """Build in the view through the compiler cache; the first build of a case that took anything from it
-    is built again without it and compared (reuse.compare), and the cold one kept when they differ."""
+    """Build in the view, from the tree kept for a kernel whose headers differ only where they name the release
+    (build.treereuse) or else through the compiler cache. The first build of a case that reused anything is
+    built again without either and compared (reuse.compare), and the cold one kept when they differ."""
+    start = time.monotonic()
     view = reuse.view()
-    case = reuse.case_key(RECIPE, src.digest, src.module_type, toolchain, hdrs)
-    known = reuse.verdict(case)
+    cases = {m: reuse.case_key(RECIPE, src.digest, src.module_type, toolchain, hdrs, m) for m in ("tree", "objects")}
+    ident = reuse.identity(hdrs)
+    kept = treereuse.entry(cases["tree"], ident)
     inner = env.make_argv(view.headers(hdrs), view.tree, jobs)
 
     def make(name: str, cold: bool) -> tuple[_Build, int, int]:
         stats = work / f"{name}.ccache"
-        tree = work / name
-        argv = reuse.make_argv(view, hdrs, tree, inner)
-        b = _make(src, tree, argv, work / f"{name}.log", reuse.ccache_env(stats, cold=cold), view, hdrs)
+        b = _make(src, work / name, reuse.make_argv(view, hdrs, work / name, inner), work / f"{name}.log",
+                  reuse.ccache_env(stats, cold=cold))
         return (b, *reuse.cache_hits(stats, view.tree))
 
-    if known is not None and not known.ok:
-        log.warning("%s %s modules: reuse of other kernels' compiles is off for this driver source and kernel "
-                    "series: %s", hdrs.kernel, src.module_type, known.why)
+    verdicts = {m: reuse.verdict(c) for m, c in cases.items()}
+    off = next((v for v in verdicts.values() if v is not None and not v.ok), None)
+    if off is not None:
+        log.warning("%s %s modules: reuse of other kernels' builds is off for this driver source and kernel "
+                    "series: %s", hdrs.kernel, src.module_type, off.why)
         cold, _, calls = make("tree", cold=True)
-        return cold, {"mode": "off", "why": known.why, "seconds": cold.seconds, "compiles": calls}
+        return _outside(cold, view, hdrs), {"mode": "off", "why": off.why, "seconds": cold.seconds, "compiles": calls}
+    restored = treereuse.restore(kept, work / "tree", ident, lambda dep: view.outside(dep, hdrs, work / "tree"))
+    mode = "tree" if restored is not None else "objects"
+    known = verdicts[mode]
+    prepare = round(time.monotonic() - start, 1)  # the headers' identity, the tree restored
     warm, hits, calls = make("tree", cold=False)
-    record: dict[str, object] = {"mode": "warm", "seconds": warm.seconds, "reused": hits, "compiles": calls}
-    if known is not None or hits == 0 or warm.returncode != 0:
-        return warm, {**record, "verdict": known.why if known else None}
+    record: dict[str, object] = {"mode": "warm", "reuse": mode, "seconds": warm.seconds, "prepare_seconds": prepare,
+                                 "reused": hits, "compiles": calls, **({"tree": restored} if restored else {})}
+    # A tree that fails to build is compared with a cold build (which may fail the same way) even when known.
+    if (mode == "objects" and (known is not None or hits == 0 or warm.returncode != 0)) or \
+            (mode == "tree" and known is not None and warm.returncode == 0):
+        if mode == "objects":
+            _keep_tree(kept, warm, ident, hdrs)
+        return _outside(warm, view, hdrs), {**record, "verdict": known.why if known else None}
     cold, _, _ = make("cold", cold=True)
     warm_kos, cold_kos = _kos(warm.tree), _kos(cold.tree)
     verdict = reuse.compare(warm_kos, cold_kos)
     checked = {"cold_seconds": cold.seconds, "kernel": hdrs.kernel, "identical": verdict.ok,
                "modules": {n: [warm_kos.get(n), cold_kos.get(n)] for n in sorted(warm_kos.keys() | cold_kos.keys())}}
-    reuse.keep_verdict(case, verdict, checked)
+    reuse.keep_verdict(cases[mode], verdict, checked)
     if not verdict.ok:
-        log.warning("%s %s modules: reuse of other kernels' compiles turned off for this driver source and kernel "
-                    "series, the cold build kept: %s", hdrs.kernel, src.module_type, verdict.why)
-        return cold, {**record, **checked, "mode": "off", "why": verdict.why}
-    return warm, {**record, **checked, "verdict": verdict.why}
+        log.warning("%s %s modules: reuse of other kernels' builds turned off for this driver source and kernel "
+                    "series (built from %s), the cold build kept: %s", hdrs.kernel, src.module_type, _REUSED[mode],
+                    verdict.why)
+        return _outside(cold, view, hdrs), {**record, **checked, "mode": "off", "why": verdict.why}
+    if mode == "objects":
+        _keep_tree(kept, warm, ident, hdrs)
+    return _outside(warm, view, hdrs), {**record, **checked, "verdict": verdict.why}
+
+
+_REUSED = {"tree": "another kernel's built tree", "objects": "other kernels' compiles"}
+
+
+def _keep_tree(at: Path, b: _Build, ident: treereuse.Identity, hdrs: KernelHeaders) -> None:
+    """Keep a successful build's tree, as it is in the view, for the next kernels of its identity."""
+    if b.returncode == 0:
+        treereuse.keep(at, b.tree, ident, hdrs.kernel)
 
 
 def _kos(tree: Path) -> dict[str, str]:

@@ -6,14 +6,18 @@ per-kernel headers directory or the temp work tree; the compiler runs through De
 content. Consecutive ABIs of one series mostly preprocess to the same text: their objects come from the
 cache, only the few files whose headers changed, modpost's `.mod.c` and the links run again.
 
+A kernel whose headers differ from an earlier one's only where they name the release goes further: it
+starts from that kernel's whole built tree (build.treereuse), and only what uses the release is built again.
+
 The nvidia and nvidia-modeset cores (`nv-kernel.o_binary`, `nv-modeset-kernel.o_binary`) need no compile
 here at all: both Debian's and NVIDIA's module trees (open and proprietary) ship them prebuilt.
 
 The gate: the first build of a case (driver source, module type, compiler, kernel series) that took any
-of the module's objects from the compiler cache is repeated without it, and every module's sha256 (kbuild's,
-debug info included) compared; the verdict is kept in the sealed cache. A mismatch turns reuse off for that
-case, with the reason in the log. The view's path is constant for one cache (it lies under it): modules
-built in caches at other paths differ in the strings that name it.
+of the module's objects from the compiler cache, and the first that started from another kernel's tree, is
+repeated without either, and every module's sha256 (kbuild's, debug info included) compared; each verdict
+is kept in the sealed cache. A mismatch of either turns all reuse off for that case, with the reason in the
+log. The view's path is constant for one cache (it lies under it): modules built in caches at other paths
+differ in the strings that name it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gl_nvidia.build import treereuse
 from gl_nvidia.build.kenv import KernelHeaders
 from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit
 from gl_nvidia.run import run
@@ -78,6 +83,12 @@ class View:
             text = text.replace(f"{self.root / inside}", str(outside))
         return text
 
+    def outside(self, recorded: str, hdrs: KernelHeaders, tree: Path) -> Path:
+        """A path kbuild recorded in the view (absolute, or relative to the build headers it ran in) as it
+        is outside it."""
+        inside = recorded if recorded.startswith("/") else f"{self.root / _OUT}/{recorded}"
+        return Path(self.back(inside, hdrs, tree))
+
 
 def view() -> View:
     return View(cache_dir("build", "view"))
@@ -85,6 +96,11 @@ def view() -> View:
 
 def _lib(hdrs: KernelHeaders) -> Path:
     return hdrs.sysout.resolve().parent.parent / "lib"
+
+
+def identity(hdrs: KernelHeaders) -> treereuse.Identity:
+    """treereuse's identity of what the view presents of `hdrs` (the arch dir's Makefile is the view's own)."""
+    return treereuse.identity({_SRC: hdrs.syssrc, _OUT: hdrs.sysout, _LIB: _lib(hdrs)}, skip=[f"{_OUT}/Makefile"])
 
 
 def unavailable(hdrs: KernelHeaders, env_name: str) -> str | None:
@@ -138,10 +154,12 @@ def series(kernel: str) -> str:
     return m.group(0) if m else kernel
 
 
-def case_key(recipe: int, source_digest: str, module_type: str, toolchain: str, hdrs: KernelHeaders) -> str:
-    """What one gate verdict covers: one driver source and module type, one compiler, one kernel series."""
+def case_key(recipe: int, source_digest: str, module_type: str, toolchain: str, hdrs: KernelHeaders,
+             mode: str) -> str:
+    """What one gate verdict covers: one driver source and module type, one compiler, one kernel series, one
+    way of reusing ("objects": other kernels' compiles, "tree": another kernel's built tree)."""
     inputs = {"recipe": recipe, "source": source_digest, "type": module_type, "toolchain": toolchain,
-              "arch": hdrs.arch, "series": series(hdrs.kernel)}
+              "arch": hdrs.arch, "series": series(hdrs.kernel), "mode": mode}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
