@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.fs import cache_dir
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit
 
 DRIVER = "535.309.01"
 KERNEL = "6.1.0-56-cloud-{arch}"

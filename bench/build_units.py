@@ -31,12 +31,12 @@ sys.path.insert(0, str(REPO))  # the signing key fixture lives with the tests
 
 from tests.fixtures.aptrepo import GL_APT, sign_repo, signing_key  # noqa: E402
 
-from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.catalog.lock import read_lock  # noqa: E402
 from gl_nvidia.catalog.matrix import build_matrix, load_matrix  # noqa: E402
 from gl_nvidia.catalog.model import BuildUnit, Matrix  # noqa: E402
 from gl_nvidia.catalog.refresh import SourceOverrides, refresh  # noqa: E402
 from gl_nvidia.fs import cache_dir  # noqa: E402
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit  # noqa: E402
 
 DRIVER = "535.309.01"
 SNAPSHOT = REPO / "tests" / "data" / "catalog"

@@ -4,7 +4,7 @@ For two consecutive ABIs of each kernel series Debian's archive serves here (pic
 and the one before; 6.1 from bookworm, 6.12 from bookworm-backports, IBT) and each module type of Debian's
 535.309.01 sources, in a fresh private cache (headers and driver sources shared with ~/.cache/gl-nvidia):
 the first kernel cold, the second kernel warm (from the first one's built tree when their headers differ only
-where they name the release, build.treereuse; else through the compiler cache, build.reuse), and the second
+where they name the release, modbuild.treereuse; else through the compiler cache, modbuild.reuse), and the second
 kernel cold for reference (the gate's own cold build); the ratio, and whether every module's sha256 is the same
 warm and cold.
 Prints one line per case to stderr as it goes and one JSON line last.
@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gl_nvidia.build import AptEnv, DebianSource
-from gl_nvidia.build.compile import compile_set
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.fs import cache_dir
+from gl_nvidia.modbuild import AptEnv, DebianSource
+from gl_nvidia.modbuild.compile import compile_set
 
 DRIVER = "535.309.01"
 SERIES = {"6.1": r"linux-headers-6\.1\.0-\d+-cloud-amd64", "6.12": r"linux-headers-6\.12\.\d+\+deb12-cloud-amd64"}

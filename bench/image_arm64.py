@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fixtures.arm64 import ARM64_UNIT
 from tests.fixtures.bundle import DEBIAN_UNIT
 
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.image.assemble import BuiltImage, ImageOptions, build_image
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit
 from gl_nvidia.oci import Layout
 
 OPTIONS = ImageOptions(os_id="debian", os_versions=("12",))

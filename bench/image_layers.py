@@ -37,10 +37,10 @@ from tests.fixtures.registry import running_registry
 
 from gl_nvidia import bundle as b
 from gl_nvidia import oci
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.image import layers
 from gl_nvidia.image.assemble import ImageOptions, build_images
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit
 from gl_nvidia.node import layout as node_layout
 from gl_nvidia.oci import Layout, Manifest
 from gl_nvidia.registry.client import RegistryClient

@@ -29,8 +29,8 @@ from bench.image_layers import COUNTS, OPTIONS, monolithic, pull_bytes, stored
 from tests.fixtures.ibt import ibt_kernels, ibt_unit
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
 from gl_nvidia.image.assemble import build_images
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit
 from gl_nvidia.oci import Layout
 
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fixtures.bundle import DEBIAN_UNIT
 
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
 from gl_nvidia.image.assemble import ImageOptions, build_image
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit
 from gl_nvidia.oci import Layout
 
 

@@ -37,8 +37,8 @@ from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT  # noqa: E402
 from tests.fixtures.node import FAKE_DAEMON, FakeKernel, fake_node  # noqa: E402
 
 from gl_nvidia import bundle as bundle_mod  # noqa: E402
-from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.fs import cache_dir  # noqa: E402
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.node import layout  # noqa: E402
 from gl_nvidia.node.driverroot import DRIVER_ROOT  # noqa: E402
 from gl_nvidia.node.host import subprocess_runner  # noqa: E402

@@ -41,10 +41,10 @@ from tests.fixtures.ibt import ibt_kernels, ibt_unit  # noqa: E402
 from tests.fixtures.node import fake_node  # noqa: E402
 from tests.fixtures.registry import running_registry  # noqa: E402
 
-from gl_nvidia.build import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.bundle import apply_patch  # noqa: E402
 from gl_nvidia.fs import cache_dir  # noqa: E402
 from gl_nvidia.image.assemble import build_images  # noqa: E402
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit  # noqa: E402
 from gl_nvidia.node.driverroot import DRIVER_ROOT  # noqa: E402
 from gl_nvidia.node.imagefiles import Image  # noqa: E402
 from gl_nvidia.node.link import STAGING_DIR  # noqa: E402

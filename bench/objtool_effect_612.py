@@ -28,7 +28,7 @@ from elftools.elf.elffile import ELFFile
 from tests.fixtures.ibt import ibt_kernels, ibt_unit
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit
 
 
 def sections(data: bytes) -> dict[str, bytes]:

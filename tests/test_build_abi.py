@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.build.abi import expected_vermagic, gate, gate_files, kernel_abi, read_module
-from gl_nvidia.build.kenv import read_config
 from gl_nvidia.errors import UserError
+from gl_nvidia.modbuild.abi import expected_vermagic, gate, gate_files, kernel_abi, read_module
+from gl_nvidia.modbuild.kenv import read_config
 from tests.fixtures.bundle import DEBIAN_KERNEL, TinyModules
 
 

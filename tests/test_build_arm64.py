@@ -14,13 +14,13 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DebianSource, DirEnv, build_unit
-from gl_nvidia.build.abi import gate_files, read_module
-from gl_nvidia.build.kenv import KernelHeaders, compiler_mismatch, host_toolchain, make_argv
-from gl_nvidia.build.split import link, linker_version
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import sha256_file
+from gl_nvidia.modbuild import AptEnv, DebianSource, DirEnv, build_unit
+from gl_nvidia.modbuild.abi import gate_files, read_module
+from gl_nvidia.modbuild.kenv import KernelHeaders, compiler_mismatch, host_toolchain, make_argv
+from gl_nvidia.modbuild.split import link, linker_version
 from tests.fixtures.arm64 import ARM64_KERNEL, ARM64_UNIT
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
 

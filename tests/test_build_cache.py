@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import DirEnv, KernelHeaders, build_unit
-from gl_nvidia.build.compile import compile_set
-from gl_nvidia.build.nvidia import NvidiaRunSource, run_file_name
-from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.fs import SEAL, cache_fill, cache_hit, sha256_file
+from gl_nvidia.modbuild import DirEnv, KernelHeaders, build_unit
+from gl_nvidia.modbuild.compile import compile_set
+from gl_nvidia.modbuild.nvidia import NvidiaRunSource, run_file_name
+from gl_nvidia.modbuild.sources import ModuleSource
 from tests.fixtures.bundle import DEBIAN_KERNEL, TINY_SOURCES
 from tests.fixtures.nvidia_site import FAKE_VERSION, _Server, _template, own_cache, server
 

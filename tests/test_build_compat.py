@@ -1,4 +1,4 @@
-"""Compatibility fixes to NVIDIA's module sources (build/compat.py): applied to a copy before compiling,
+"""Compatibility fixes to NVIDIA's module sources (modbuild/compat.py): applied to a copy before compiling,
 with a digest of their own, recorded in the build log and the bundle, refused by name when their text
 does not fit a source of their range.
 
@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DirEnv, KernelHeaders
-from gl_nvidia.build.compat import FIXES, apply, load
-from gl_nvidia.build.compile import cache_key, compile_set
-from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
+from gl_nvidia.modbuild import AptEnv, DirEnv, KernelHeaders
+from gl_nvidia.modbuild.compat import FIXES, apply, load
+from gl_nvidia.modbuild.compile import cache_key, compile_set
+from gl_nvidia.modbuild.sources import ModuleSource
 from tests.fixtures.bundle import DEBIAN_KERNEL
 from tests.fixtures.compat import (
     PCI_FIX,
@@ -73,7 +73,7 @@ def test_a_fix_is_applied_to_a_copy_whose_digest_is_its_own(tmp_path: Path, own_
 
 
 def test_a_changed_fix_gives_another_digest(tmp_path: Path, own_cache: Path) -> None:
-    text = (Path(__file__).parent.parent / "src/gl_nvidia/build/compat.toml").read_text()
+    text = (Path(__file__).parent.parent / "src/gl_nvidia/modbuild/compat.toml").read_text()
     changed = load(text.replace("requested_size, 0);", "requested_size, 0 /* none kept */);"), "changed")
     src = _source(tmp_path)
     assert apply(src, changed).digest != apply(src, FIXES).digest

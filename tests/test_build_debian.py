@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
-from gl_nvidia.build.abi import gate_files, read_module
-from gl_nvidia.build.kenv import KernelHeaders
-from gl_nvidia.build.split import link, linker_version
 from gl_nvidia.fs import sha256_file
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit
+from gl_nvidia.modbuild.abi import gate_files, read_module
+from gl_nvidia.modbuild.kenv import KernelHeaders
+from gl_nvidia.modbuild.split import link, linker_version
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT
 
 pytestmark = pytest.mark.slow  # real compiles of Debian's NVIDIA sources (the build cache makes them warm)

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DebianSource, build_unit
-from gl_nvidia.build.abi import OBJTOOL_SECTIONS, gate_files, read_module
-from gl_nvidia.build.kenv import KernelHeaders
-from gl_nvidia.build.split import libelf_of, link, linker_version
 from gl_nvidia.cli import main
 from gl_nvidia.fs import sha256_file
+from gl_nvidia.modbuild import AptEnv, DebianSource, build_unit
+from gl_nvidia.modbuild.abi import OBJTOOL_SECTIONS, gate_files, read_module
+from gl_nvidia.modbuild.kenv import KernelHeaders
+from gl_nvidia.modbuild.split import libelf_of, link, linker_version
 from gl_nvidia.run import run
 from tests.fixtures.ibt import ibt_kernels, ibt_unit
 

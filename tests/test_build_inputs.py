@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.build import AptEnv, DebianSource, DirEnv, DirSource, KernelHeaders, build_unit
-from gl_nvidia.build.compile import first_error
-from gl_nvidia.build.kenv import (
+from gl_nvidia.cli import main
+from gl_nvidia.errors import IntegrityError, UserError
+from gl_nvidia.image import ldcache
+from gl_nvidia.modbuild import AptEnv, DebianSource, DirEnv, DirSource, KernelHeaders, build_unit
+from gl_nvidia.modbuild.compile import first_error
+from gl_nvidia.modbuild.kenv import (
     KmodbuildEnv,
     compiler_mismatch,
     config_arch,
@@ -27,11 +30,8 @@ from gl_nvidia.build.kenv import (
     kmodbuild_image,
     make_argv,
 )
-from gl_nvidia.build.nvidia import NvidiaRunSource
-from gl_nvidia.build.redist import RedistFile, listed
-from gl_nvidia.cli import main
-from gl_nvidia.errors import IntegrityError, UserError
-from gl_nvidia.image import ldcache
+from gl_nvidia.modbuild.nvidia import NvidiaRunSource
+from gl_nvidia.modbuild.redist import RedistFile, listed
 from gl_nvidia.node import fabric as node_fabric
 from tests.fixtures import redist
 from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, DEBIAN_UNIT

@@ -17,11 +17,12 @@ import pytest
 
 from gl_nvidia import apt
 from gl_nvidia import bundle as b
-from gl_nvidia.build import DebianSource, UnitResult, build_unit
-from gl_nvidia.build.abi import KernelAbi, ModuleElf, check_bundle, read_module
-from gl_nvidia.build.compile import CompiledSet
-from gl_nvidia.build.kenv import AptEnv, DirEnv, KernelHeaders, KmodbuildEnv
-from gl_nvidia.build.nvfs import (
+from gl_nvidia.fs import sha256_file
+from gl_nvidia.modbuild import DebianSource, UnitResult, build_unit
+from gl_nvidia.modbuild.abi import KernelAbi, ModuleElf, check_bundle, read_module
+from gl_nvidia.modbuild.compile import CompiledSet
+from gl_nvidia.modbuild.kenv import AptEnv, DirEnv, KernelHeaders, KmodbuildEnv
+from gl_nvidia.modbuild.nvfs import (
     GDRCOPY_LEFT_OUT,
     Export,
     NvidiaExports,
@@ -34,8 +35,7 @@ from gl_nvidia.build.nvfs import (
     symbol_get_names,
     upstream_version,
 )
-from gl_nvidia.build.sources import ModuleSource
-from gl_nvidia.fs import sha256_file
+from gl_nvidia.modbuild.sources import ModuleSource
 from tests.fixtures.bundle import DEBIAN_KERNEL, DEBIAN_UNIT, OPEN_OK_KERNEL, OPEN_OK_UNIT
 
 P2P = ("nvidia_p2p_dma_map_pages", "nvidia_p2p_dma_unmap_pages", "nvidia_p2p_free_dma_mapping",

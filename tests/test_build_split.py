@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build.split import KbuildObjtool, binary_object, read_cmd, read_objtool
+from gl_nvidia.modbuild.split import KbuildObjtool, binary_object, read_cmd, read_objtool
 
 # The shapes kbuild writes: 6.1 (cmd_<abs path>) and 6.12 (savedcmd_<name>, with .module-common.o).
 KO_CMD_61 = ("cmd_/t/nvidia.ko := ld -r -m elf_x86_64 -z noexecstack --no-warn-rwx-segments --build-id=sha1  "

@@ -15,12 +15,19 @@ import pytest
 from ruamel.yaml import YAML
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, DebianSource, KernelHeaders, UnitResult, build_all, build_unit
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.catalog.lock import resolved_to_yaml
 from gl_nvidia.catalog.matrix import load_lock, profile_text
 from gl_nvidia.catalog.refresh import refresh
 from gl_nvidia.cli import main
+from gl_nvidia.modbuild import (
+    AptEnv,
+    DebianSource,
+    KernelHeaders,
+    UnitResult,
+    build_all,
+    build_unit,
+)
 from tests.fixtures.bundle import (
     DEBIAN_DRIVER,
     DEBIAN_KERNEL,

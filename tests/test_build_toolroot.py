@@ -1,4 +1,4 @@
-"""A kernel's own toolchain root (build.toolroot): which kernels need one, what it holds, how make enters it.
+"""A kernel's own toolchain root (modbuild.toolroot): which kernels need one, what it holds, how make enters it.
 
 Fast: the decision against this machine's real compilers and Debian's real indexes, the argv built, a
 failing mmdebstrap as one line. Slow: trixie's Tesla 535 modules compiled for real for the newest 6.12 cloud
@@ -16,9 +16,12 @@ from elftools.elf.elffile import ELFFile
 
 from gl_nvidia import bundle as b
 from gl_nvidia.apt import DEBIAN_KEYRING
-from gl_nvidia.build import AptEnv
-from gl_nvidia.build.kenv import KernelHeaders, host_compiler
-from gl_nvidia.build.toolroot import (
+from gl_nvidia.cli import main
+from gl_nvidia.errors import UserError
+from gl_nvidia.fs import cache_dir
+from gl_nvidia.modbuild import AptEnv
+from gl_nvidia.modbuild.kenv import KernelHeaders, host_compiler
+from gl_nvidia.modbuild.toolroot import (
     BASE_PACKAGES,
     RootSpec,
     compiler_packages,
@@ -30,9 +33,6 @@ from gl_nvidia.build.toolroot import (
     needs_root,
     root_spec,
 )
-from gl_nvidia.cli import main
-from gl_nvidia.errors import UserError
-from gl_nvidia.fs import cache_dir
 from tests.fixtures.trixie import newest_trixie_kernel, trixie_env, trixie_lock
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia.apt import DEBIAN_KEYRING
-from gl_nvidia.build.sources import DEBIAN_TOOLS, DebianSource, variant_name
-from gl_nvidia.build.strategy import env_for, sources_for
 from gl_nvidia.catalog.kernels import apt_sources
 from gl_nvidia.catalog.lock import parse_lock_text, read_lock
 from gl_nvidia.catalog.matrix import load_lock, load_matrix, lock_matrix, profile_text
@@ -20,6 +18,8 @@ from gl_nvidia.catalog.refresh import refresh
 from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from gl_nvidia.image.base import base_for, debian_spec
+from gl_nvidia.modbuild.sources import DEBIAN_TOOLS, DebianSource, variant_name
+from gl_nvidia.modbuild.strategy import env_for, sources_for
 from gl_nvidia.osprofile import DEBIAN
 from tests.fixtures.aptrepo import SigningKey, sign_repo
 from tests.fixtures.debian_suites import debian_lock, write_suites

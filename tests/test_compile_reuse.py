@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.build import AptEnv, DebianSource, DirEnv, KernelHeaders
-from gl_nvidia.build.abi import read_module
-from gl_nvidia.build.compile import CompiledSet, compile_set
-from gl_nvidia.build.reuse import View, identity, unavailable
-from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.catalog.kernels import kernel_sort_key
 from gl_nvidia.fs import sha256_file
-from tests.fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL, TINY_SOURCES, compile_cache
+from gl_nvidia.modbuild import AptEnv, DirEnv, KernelHeaders
+from gl_nvidia.modbuild.abi import read_module
+from gl_nvidia.modbuild.compile import CompiledSet, compile_set
+from gl_nvidia.modbuild.reuse import View, identity, unavailable
+from gl_nvidia.modbuild.sources import ModuleSource
+from tests.fixtures.bundle import DEBIAN_KERNEL, TINY_SOURCES
 from tests.fixtures.nvidia_site import own_cache
 
-__all__ = ["compile_cache", "own_cache"]  # fixtures, from tests/fixtures/
+__all__ = ["own_cache"]  # a fixture, from tests/fixtures/nvidia_site.py
 
 
 @cache
@@ -183,25 +183,3 @@ def test_a_module_that_differs_warm_and_cold_turns_reuse_off_and_the_log_says_wh
         _, again = _build(src, next_headers)
     assert again["mode"] == "off" and "compiles" in again and "reused" not in again
     assert any("is off for this driver source" in r.getMessage() for r in caplog.records)
-
-
-@pytest.mark.slow
-def test_nvidia_modules_built_from_the_first_kernels_tree_are_byte_identical_to_cold(
-        compile_cache: Path, debian_headers: KernelHeaders, next_headers: KernelHeaders) -> None:
-    """The proprietary modules of the real pair: NVIDIA's conftest kept, what prints the release rebuilt, and the
-    gate's cold build of the second kernel the same bytes (two full compiles: the first kernel, the gate's)."""
-    src = DebianSource().prepare(DEBIAN_DRIVER, "amd64").module_sources["proprietary"]
-    env = AptEnv()
-    for hdrs in (debian_headers, next_headers):
-        cs = compile_set(src, hdrs, env, env.toolchain(hdrs), jobs=2)
-        assert cs.status == "ok", cs.error
-    record = json.loads((cs.entry / "reuse.json").read_text())
-    if identity(debian_headers).digest != identity(next_headers).digest:
-        assert record["reuse"] == "objects" and record["identical"] is True
-        return
-    tree = record["tree"]
-    assert record["reuse"] == "tree" and isinstance(tree, dict) and tree["from"] == DEBIAN_KERNEL
-    assert {"nvidia.mod.o", "nvidia/os-interface.o"} <= set(tree["rebuilt"]) and len(tree["rebuilt"]) < 10
-    assert record["identical"] is True and len(record["modules"]) == 5
-    data = (cs.entry / "debug" / "nvidia.ko").read_bytes()
-    assert f"vermagic={next_kernel()} ".encode() in data and DEBIAN_KERNEL.encode() not in data

@@ -50,8 +50,8 @@ def test_the_node_runtime_imports_only_the_standard_library_and_the_bundle() -> 
 
 
 def test_stages_import_only_the_stages_before_them() -> None:
-    """catalog -> build -> image -> registry -> deploy, with release above them: no stage reaches back."""
-    order = ["catalog", "build", "image", "registry", "deploy"]
+    """catalog -> modbuild -> image -> registry -> deploy, with release above them: no stage reaches back."""
+    order = ["catalog", "modbuild", "image", "registry", "deploy"]
     for i, stage in enumerate(order):
         later = {f"gl_nvidia.{s}" for s in [*order[i + 1:], "release", "cli"]}
         for path, modules in _package_imports(stage).items():

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import KernelHeaders
-from gl_nvidia.build.modsign import bundle_signatures, load_signer, read_signature
 from gl_nvidia.cli import main
+from gl_nvidia.modbuild import KernelHeaders
+from gl_nvidia.modbuild.modsign import bundle_signatures, load_signer, read_signature
 
 from .fixtures.bundle import DEBIAN_KERNEL, MODULE_SIGNER, ModuleKey, TinyModules
 

@@ -18,11 +18,11 @@ import pytest
 import gl_nvidia
 from gl_nvidia import net
 from gl_nvidia.apt import AptRepo, AptSource
-from gl_nvidia.build.nvidia import NvidiaRunSource
 from gl_nvidia.catalog.feeds import fetch
 from gl_nvidia.catalog.github import GitHub
 from gl_nvidia.deploy.kube import Kube
 from gl_nvidia.errors import UserError
+from gl_nvidia.modbuild.nvidia import NvidiaRunSource
 from gl_nvidia.registry.client import RegistryClient
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gl_nvidia import bundle as b
-from gl_nvidia.build import AptEnv, UnitResult
+from gl_nvidia.modbuild import AptEnv, UnitResult
 from gl_nvidia.run import run
 from tests.fixtures.bundle import OPEN_OK_KERNEL
 from tests.fixtures.qemu import GUEST_PRELUDE, boot, make_initramfs

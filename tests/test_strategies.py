@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from gl_nvidia.build.strategy import (
+from gl_nvidia.catalog.lock import parse_lock_text
+from gl_nvidia.catalog.model import BuildUnit
+from gl_nvidia.catalog.refresh import DRIVER_FEEDS, driver_feed
+from gl_nvidia.cli import main
+from gl_nvidia.errors import UserError
+from gl_nvidia.image.base import BASE_SOURCES, base_for, debian_spec
+from gl_nvidia.modbuild.strategy import (
     DRIVER_SOURCES,
     KERNEL_ENVS,
     EnvOptions,
@@ -19,12 +25,6 @@ from gl_nvidia.build.strategy import (
     kernel_envs,
     sources_for,
 )
-from gl_nvidia.catalog.lock import parse_lock_text
-from gl_nvidia.catalog.model import BuildUnit
-from gl_nvidia.catalog.refresh import DRIVER_FEEDS, driver_feed
-from gl_nvidia.cli import main
-from gl_nvidia.errors import UserError
-from gl_nvidia.image.base import BASE_SOURCES, base_for, debian_spec
 from gl_nvidia.osprofile import GARDENLINUX, PROFILES, os_profile
 from tests.fixtures.cli import one_error, tree
 

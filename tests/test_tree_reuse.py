@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gl_nvidia.build.treereuse import Identity, changed_names, deps, identity, stale, uses
+from gl_nvidia.modbuild.treereuse import Identity, changed_names, deps, identity, stale, uses
 
 OUT = {
     ".config": 'CONFIG_64BIT=y\nCONFIG_BUILD_SALT="{r}"\nCONFIG_MODVERSIONS=y\n',

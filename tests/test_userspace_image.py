@@ -16,12 +16,12 @@ import pytest
 from gl_nvidia import bundle as b
 from gl_nvidia import elf
 from gl_nvidia.arches import ARCHES
-from gl_nvidia.build import DebianSource, capabilities
-from gl_nvidia.build.nvidia import NvidiaRunSource
-from gl_nvidia.build.unit import _copy_tree
 from gl_nvidia.bundle import BundleManifest
 from gl_nvidia.image import unpack
 from gl_nvidia.image.assemble import ImageOptions, build_images
+from gl_nvidia.modbuild import DebianSource, capabilities
+from gl_nvidia.modbuild.nvidia import NvidiaRunSource
+from gl_nvidia.modbuild.unit import _copy_tree
 from tests.fixtures import runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER
 

@@ -14,11 +14,11 @@ import pytest
 
 from gl_nvidia import elf
 from gl_nvidia.arches import ARCHES
-from gl_nvidia.build import DebianSource, DirSource
-from gl_nvidia.build import capabilities as caps
-from gl_nvidia.build.nvidia import NvidiaRunSource
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.image import ldcache
+from gl_nvidia.modbuild import DebianSource, DirSource
+from gl_nvidia.modbuild import capabilities as caps
+from gl_nvidia.modbuild.nvidia import NvidiaRunSource
 from tests.fixtures import runfile
 from tests.fixtures.bundle import DEBIAN_DRIVER
 from tests.fixtures.fuzz import SEED, mutate

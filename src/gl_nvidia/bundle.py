@@ -167,7 +167,7 @@ class AbiGate:
 
 @dataclass(frozen=True)
 class SourceFix:
-    """A compatibility fix gl-nvidia applied to the module source before compiling it (build/compat.py)."""
+    """A compatibility fix gl-nvidia applied to the module source before compiling it (modbuild/compat.py)."""
 
     id: str  # "pci-resize-resource-exclude-bars"
     why: str  # one line for the user

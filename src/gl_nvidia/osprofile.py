@@ -43,7 +43,7 @@ class OSProfile:
     # Where the image's base root filesystem comes from, a row of image/base.py `BASE_SOURCES`: "system"
     # this machine's configured archive (Debian's), "apt" the OS version's suite of the lock's `sources.apt`.
     base: str
-    # Where kernel headers and compiler come from unless the caller says, a row of build/strategy.py
+    # Where kernel headers and compiler come from unless the caller says, a row of modbuild/strategy.py
     # `KERNEL_ENVS`: "apt" the headers packages unpacked on this machine, "kmodbuild" the OS's container.
     build_env: str
 

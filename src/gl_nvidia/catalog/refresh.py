@@ -188,7 +188,7 @@ class DriverFeed:
     releases: Callable[[str, Lock, str, Sequence[ResolvedOSVersion]], list[ResolvedDriver]]
 
 
-# Keyed by the driver source's name, as build/strategy.py `DRIVER_SOURCES` builds it.
+# Keyed by the driver source's name, as modbuild/strategy.py `DRIVER_SOURCES` builds it.
 DRIVER_FEEDS = Table("driver source", {
     "debian": DriverFeed("apt:", "apt:<package>[,<package>]", _suite_releases),
     "nvidia": DriverFeed("", "NVIDIA's releases.json (a URL or file)", _nvidia_releases),

@@ -8,17 +8,17 @@ import click
 
 from gl_nvidia import ui
 from gl_nvidia.arches import ARCHES, BUILD
-from gl_nvidia.build import build_all, bundle_name
-from gl_nvidia.build.abi import check_bundle
-from gl_nvidia.build.kenv import kernel_release
-from gl_nvidia.build.modsign import ModuleSigner, bundle_signatures, load_signer
-from gl_nvidia.build.request import exclude_failed as exclude_failed_units
-from gl_nvidia.build.request import failures_lock, kernel_request, matrix_request
-from gl_nvidia.build.strategy import DRIVER_SOURCES, KERNEL_ENVS, SourceOptions, driver_source
 from gl_nvidia.bundle import MODULE_TYPES
 from gl_nvidia.cli.params import DRIVER_VERSION, KERNEL, SHA256
 from gl_nvidia.errors import CheckFailed, UserError
 from gl_nvidia.fs import check_writable_dir
+from gl_nvidia.modbuild import build_all, bundle_name
+from gl_nvidia.modbuild.abi import check_bundle
+from gl_nvidia.modbuild.kenv import kernel_release
+from gl_nvidia.modbuild.modsign import ModuleSigner, bundle_signatures, load_signer
+from gl_nvidia.modbuild.request import exclude_failed as exclude_failed_units
+from gl_nvidia.modbuild.request import failures_lock, kernel_request, matrix_request
+from gl_nvidia.modbuild.strategy import DRIVER_SOURCES, KERNEL_ENVS, SourceOptions, driver_source
 from gl_nvidia.osprofile import PROFILES
 
 

@@ -57,8 +57,8 @@ def release_cmd(profile: str, registry: str | None, out: Path, jobs: int, sign_k
     """catalog -> build -> ABI gate -> image -> push for every build unit. A unit the registry already
     holds, built from the same inputs, is skipped before it is compiled; the table says why each was built
     or skipped."""
-    from gl_nvidia.build.modsign import cert_fingerprint
     from gl_nvidia.cli.build import module_signer
+    from gl_nvidia.modbuild.modsign import cert_fingerprint
     from gl_nvidia.release.assets import release_assets
     from gl_nvidia.release.conductor import plan, release
 

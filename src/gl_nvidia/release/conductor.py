@@ -17,11 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import gl_nvidia
 from gl_nvidia import ui
-from gl_nvidia.build import build_all
-from gl_nvidia.build.modsign import ModuleSigner
-from gl_nvidia.build.sources import DriverSource
-from gl_nvidia.build.strategy import env_for, os_version_of, sources_for
-from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.lock import Lock, Resolved
 from gl_nvidia.catalog.matrix import build_matrix, load_lock, lock_matrix, lock_resolved
 from gl_nvidia.catalog.model import MODULE_TYPES, BuildUnit, Exclusion, Matrix
@@ -30,6 +25,11 @@ from gl_nvidia.fs import check_writable_dir
 from gl_nvidia.image.assemble import BuiltImage, ImageOptions, build_images
 from gl_nvidia.image.base import base_for
 from gl_nvidia.image.tags import image_tags
+from gl_nvidia.modbuild import build_all
+from gl_nvidia.modbuild.modsign import ModuleSigner
+from gl_nvidia.modbuild.sources import DriverSource
+from gl_nvidia.modbuild.strategy import env_for, os_version_of, sources_for
+from gl_nvidia.modbuild.unit import UnitResult
 from gl_nvidia.oci import Layout, attachment_tag
 from gl_nvidia.reference import check_repository
 from gl_nvidia.release.inputs import INPUTS_DIGEST, Decision, UnitInputs, decide

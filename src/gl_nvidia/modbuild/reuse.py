@@ -7,7 +7,7 @@ content. Consecutive ABIs of one series mostly preprocess to the same text: thei
 cache, only the few files whose headers changed, modpost's `.mod.c` and the links run again.
 
 A kernel whose headers differ from an earlier one's only where they name the release goes further: it
-starts from that kernel's whole built tree (build.treereuse), and only what uses the release is built again.
+starts from that kernel's whole built tree (modbuild.treereuse), and only what uses the release is built again.
 
 The nvidia and nvidia-modeset cores (`nv-kernel.o_binary`, `nv-modeset-kernel.o_binary`) need no compile
 here at all: both Debian's and NVIDIA's module trees (open and proprietary) ship them prebuilt.
@@ -31,9 +31,9 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gl_nvidia.build import treereuse
-from gl_nvidia.build.kenv import KernelHeaders
 from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit
+from gl_nvidia.modbuild import treereuse
+from gl_nvidia.modbuild.kenv import KernelHeaders
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)

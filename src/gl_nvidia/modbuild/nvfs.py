@@ -37,12 +37,12 @@ from elftools.elf.sections import SymbolTableSection
 from gl_nvidia import apt, ui
 from gl_nvidia import bundle as b
 from gl_nvidia.arches import ARCHES
-from gl_nvidia.build.abi import KernelAbi, ModuleElf, gate, kernel_abi, read_module
-from gl_nvidia.build.compile import CompiledSet, first_error
-from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
-from gl_nvidia.build.sources import DEBIAN_NVIDIA_FS, DebianSource, DriverSource, ModuleSource
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
+from gl_nvidia.modbuild.abi import KernelAbi, ModuleElf, gate, kernel_abi, read_module
+from gl_nvidia.modbuild.compile import CompiledSet, first_error
+from gl_nvidia.modbuild.kenv import KernelEnv, KernelHeaders
+from gl_nvidia.modbuild.sources import DEBIAN_NVIDIA_FS, DebianSource, DriverSource, ModuleSource
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def _compile(entry: Path, src: NvfsSource, hdrs: KernelHeaders, nvidia_ko: Path,
         text = configure.read_text()
         if _CONFIGURE_KDIR not in text:
             raise UserError(f"{PACKAGE} {src.version}: its configure no longer sets KDIR as expected",
-                            "update gl_nvidia/build/nvfs.py for this version")
+                            "update gl_nvidia/modbuild/nvfs.py for this version")
         configure.write_text(text.replace(_CONFIGURE_KDIR, "export KDIR=${KDIR:-$MODULES_DIR/build}\n"))
         nvidia = nvidia_exports(nvidia_ko)
         # what NVIDIA's create_nv.symvers.sh makes from an installed nvidia.ko: its nvidia_p2p_* exports

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from gl_nvidia.build.sources import ModuleSource
 from gl_nvidia.bundle import MODULE_TYPES, SourceFix
 from gl_nvidia.catalog.feeds import version_key
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit
+from gl_nvidia.modbuild.sources import ModuleSource
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """What a build is asked for, made concrete: the units, each unit's driver source and kernel environment
-(chosen from build/strategy.py's tables), from a profile's matrix or one kernel; and the failures recorded
+(chosen from modbuild/strategy.py's tables), from a profile's matrix or one kernel; and the failures recorded
 as the lock's exclusions.
 
 The rules live here, in the build stage; `gl-nvidia build` only parses options, calls these and prints.
@@ -11,14 +11,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gl_nvidia.build.kenv import KernelEnv
-from gl_nvidia.build.sources import DriverSource, branch_of
-from gl_nvidia.build.strategy import DRIVER_SOURCES, ChosenSource, EnvOptions, kernel_envs
-from gl_nvidia.build.unit import UnitResult
 from gl_nvidia.catalog.lock import exclude_failures
 from gl_nvidia.catalog.matrix import load_lock, lock_matrix, lock_path
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import UserError
+from gl_nvidia.modbuild.kenv import KernelEnv
+from gl_nvidia.modbuild.sources import DriverSource, branch_of
+from gl_nvidia.modbuild.strategy import DRIVER_SOURCES, ChosenSource, EnvOptions, kernel_envs
+from gl_nvidia.modbuild.unit import UnitResult
 from gl_nvidia.osprofile import os_profile
 
 

@@ -9,7 +9,7 @@ and what the kernel's linux-kbuild depends on (its programs' libraries, pahole f
 cached by the digests of those packages. `make`, the compiler's `--version` and the tools that take the
 modules apart (ld, strip, the kernel's objtool) then run in it: unprivileged (`unshare` of user, mount and
 network namespaces, `chroot`), with this machine's /dev and /proc, a private /tmp, and the cache at its own
-path inside, where the headers, the module trees, ccache and build.reuse's view all live (reuse's
+path inside, where the headers, the module trees, ccache and modbuild.reuse's view all live (reuse's
 namespace runs this one nested: its view is part of the cache it binds).
 """
 
@@ -30,7 +30,7 @@ from gl_nvidia.run import run
 
 # Every root has these besides the compiler: kbuild's make, binutils by their plain names (kbuild runs `as`,
 # `ld`, `nm` unprefixed for a kernel of this machine's architecture), the C library's headers (NVIDIA's
-# conftest compiles against them), ccache (build.reuse runs the compiler through the root's own).
+# conftest compiles against them), ccache (modbuild.reuse runs the compiler through the root's own).
 BASE_PACKAGES = ("make", "binutils", "libc6-dev", "ccache")
 # In the namespace: this machine's devices and processes, a private /tmp, the cache at its own path
 # (mount points made in the root when it was made), then the command in the root.

@@ -147,7 +147,7 @@ def split_module(tree: Path, module: str, base: Path, dest: Path, linker: str, s
     """Write the parts of `<module>.ko` into `dest` (None: not split, the module ships whole).
 
     `strip`: the binutils `strip` of the kernel's architecture (`aarch64-linux-gnu-strip` when cross-compiling);
-    `runner`: what runs the tools as make ran them (the kernel's toolchain root, build.toolroot).
+    `runner`: what runs the tools as make ran them (the kernel's toolchain root, modbuild.toolroot).
 
     A module is left whole when it has no binary object or the kernel's modfinal has no linker script.
     When kbuild ran objtool over the linked `<module>.o`, modpost's objects stay out of the interface

@@ -4,7 +4,7 @@ Consecutive ABIs of one series are often the same kernel rebuilt (a security or 
 headers differ only in the lines that name the release (`UTS_RELEASE`, `CONFIG_BUILD_SALT`, Debian's
 package id; `RELEASE_NAMES`). Their `identity` (a digest over every file the build's view presents, with
 those lines' values blanked) is then the same, and the module tree built for the first one (kept in the
-cache as it was in the view, build.reuse) is the starting point for the second: kbuild rebuilds only the
+cache as it was in the view, modbuild.reuse) is the starting point for the second: kbuild rebuilds only the
 targets whose recorded inputs (the `deps_` of their `.cmd` files) use a name whose value changed, which are
 modpost's `.mod.o` (vermagic, build salt), the objects that print the release, and the links above them.
 
@@ -12,7 +12,7 @@ NVIDIA's conftest results are kept as they are: no conftest test can tell two ke
 only in these strings (the preprocessor cannot compare strings). Its `conftest/uts_release`, which names
 the release and makes every conftest header regenerate when it changes, is rewritten for the new kernel.
 kbuild decides by file times, so the restored tree is moved forward in time as a whole (newer than any
-header), and what must be rebuilt is deleted rather than left to times. Behind build.reuse's gate.
+header), and what must be rebuilt is deleted rather than left to times. Behind modbuild.reuse's gate.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The cache key is everything the result depends on: the module tree's digest, the module type, the
 kernel headers' digest, the compiler and the recipe. A hit costs no compiling, a miss compiles once.
 Failed compiles are cached too, so an unchanged matrix with a known-bad cell does not retry it.
-Where it can, the compile reuses other kernels' objects (build.reuse), behind a byte-identity gate.
+Where it can, the compile reuses other kernels' objects (modbuild.reuse), behind a byte-identity gate.
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from gl_nvidia.build import compat, reuse, treereuse
-from gl_nvidia.build.abi import OBJTOOL_SECTIONS, ModuleElf, gate, kernel_abi, read_module
-from gl_nvidia.build.kenv import KernelEnv, KernelHeaders
-from gl_nvidia.build.sources import ModuleSource
-from gl_nvidia.build.split import link, linker_version, split_module
 from gl_nvidia.bundle import AbiGate, ModuleFile, SourceFix, module_file, source_fix
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
+from gl_nvidia.modbuild import compat, reuse, treereuse
+from gl_nvidia.modbuild.abi import OBJTOOL_SECTIONS, ModuleElf, gate, kernel_abi, read_module
+from gl_nvidia.modbuild.kenv import KernelEnv, KernelHeaders
+from gl_nvidia.modbuild.sources import ModuleSource
+from gl_nvidia.modbuild.split import link, linker_version, split_module
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)
 
 # Bump when the way modules are built or stripped changes: old cache entries then stop matching.
-# (Building at build.reuse's constant paths changed the bytes, not what the modules are: not bumped.)
+# (Building at modbuild.reuse's constant paths changed the bytes, not what the modules are: not bumped.)
 RECIPE = 2  # 2: split modules (interface + kernel-independent binary, linked from parts)
 _ERROR = re.compile(r"(\berror\b|\*\*\*)", re.I)
 
@@ -76,7 +76,7 @@ def cache_key(src: ModuleSource, hdrs: KernelHeaders, toolchain: str, env_name: 
               runner: Sequence[str] = ()) -> str:
     inputs: dict[str, object] = {"recipe": RECIPE, "source": src.digest, "type": src.module_type,
                                  "headers": hdrs.digest, "toolchain": toolchain, "env": env_name}
-    if runner:  # the kernel's toolchain root the build ran in (build.toolroot): its path names its packages' digests
+    if runner:  # the kernel's toolchain root the build ran in (modbuild.toolroot): its path names its packages' digests
         inputs["runner"] = list(runner)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -155,7 +155,7 @@ def _make(src: ModuleSource, tree: Path, argv: list[str], build_log: Path, env: 
 
 
 def _outside(b: _Build, view: reuse.View, hdrs: KernelHeaders) -> _Build:
-    """A build made in build.reuse's view, its log and kbuild's saved commands naming paths as they are outside."""
+    """A build made in modbuild.reuse's view, its log and kbuild's saved commands naming paths as they are outside."""
     for f in [b.log, *b.tree.glob(".*.cmd"), *b.tree.glob("*.mod")]:
         f.write_text(view.back(f.read_text(errors="replace"), hdrs, b.tree))
     return b
@@ -164,7 +164,7 @@ def _outside(b: _Build, view: reuse.View, hdrs: KernelHeaders) -> _Build:
 def _reuse_gated(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolchain: str, jobs: int,
                  work: Path) -> tuple[_Build, dict[str, object]]:
     """Build in the view, from the tree kept for a kernel whose headers differ only where they name the release
-    (build.treereuse) or else through the compiler cache. The first build of a case that reused anything is
+    (modbuild.treereuse) or else through the compiler cache. The first build of a case that reused anything is
     built again without either and compared (reuse.compare), and the cold one kept when they differ."""
     start = time.monotonic()
     view = reuse.view()

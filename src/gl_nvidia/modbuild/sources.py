@@ -22,10 +22,10 @@ from debian.debian_support import Version
 
 from gl_nvidia import apt, elf
 from gl_nvidia.arches import ARCHES
-from gl_nvidia.build import capabilities, runmanifest
 from gl_nvidia.bundle import SourceFix
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, copy_from_tree
+from gl_nvidia.modbuild import capabilities, runmanifest
 from gl_nvidia.run import run
 
 # What the image carries beside the driver's own files: NVIDIA's redist tree has them (nvidia source).
@@ -40,7 +40,7 @@ class ModuleSource:
     version: str  # version of this tree, which may differ from the userspace version
     tree: Path
     digest: str  # sha256 of what the tree was unpacked from (and of the fixes applied to it)
-    fixes: tuple[SourceFix, ...] = ()  # gl-nvidia's compatibility fixes in `tree` (build/compat.py)
+    fixes: tuple[SourceFix, ...] = ()  # gl-nvidia's compatibility fixes in `tree` (modbuild/compat.py)
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class DebianSource:
         return [_upstream(p.version) for p in self.repo(arch).versions("nvidia-smi")]
 
     def checksums(self, driver_version: str, arch: str) -> dict[str, str]:
-        # nvidia-fs-dkms too (build/nvfs.py builds GDS's module from it): a new upload rebuilds the unit
+        # nvidia-fs-dkms too (modbuild/nvfs.py builds GDS's module from it): a new upload rebuilds the unit
         nvfs = self.repo(arch).versions(DEBIAN_NVIDIA_FS)[:1]
         return {p.deb_name: p.sha256 for p in (*self._packages(driver_version, arch), *nvfs)}
 

@@ -22,12 +22,6 @@ from pathlib import Path
 
 from gl_nvidia import bundle as b
 from gl_nvidia import ui
-from gl_nvidia.build import compat, nvfs
-from gl_nvidia.build.compile import CompiledSet, compile_set
-from gl_nvidia.build.kenv import KernelEnv, KernelHeaders, compiler_mismatch
-from gl_nvidia.build.modsign import ModuleSigner
-from gl_nvidia.build.sources import DriverInputs, DriverSource
-from gl_nvidia.build.split import module_patch
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.errors import IntegrityError, UserError
 from gl_nvidia.fs import (
@@ -38,6 +32,12 @@ from gl_nvidia.fs import (
     cache_hit,
     sha256_file,
 )
+from gl_nvidia.modbuild import compat, nvfs
+from gl_nvidia.modbuild.compile import CompiledSet, compile_set
+from gl_nvidia.modbuild.kenv import KernelEnv, KernelHeaders, compiler_mismatch
+from gl_nvidia.modbuild.modsign import ModuleSigner
+from gl_nvidia.modbuild.sources import DriverInputs, DriverSource
+from gl_nvidia.modbuild.split import module_patch
 
 log = logging.getLogger(__name__)
 

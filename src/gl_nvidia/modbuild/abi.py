@@ -21,9 +21,9 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from gl_nvidia.arches import ARCHES, by_elf_machine
-from gl_nvidia.build.kenv import config_arch, kernel_release, read_config
 from gl_nvidia.bundle import AbiGate, BundleManifest, modules_dir
 from gl_nvidia.errors import UserError
+from gl_nvidia.modbuild.kenv import config_arch, kernel_release, read_config
 
 _KSYMTAB = "__ksymtab_"
 # The section the kernel's objtool writes into every module with code, by the option that makes it write

@@ -22,9 +22,9 @@ from typing import Protocol
 
 from gl_nvidia import apt
 from gl_nvidia.arches import ARCHES, BUILD, by_machine, of_kernel
-from gl_nvidia.build import toolroot
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import atomic_write_text, cache_dir, cache_fill, cache_hit, sha256_file
+from gl_nvidia.modbuild import toolroot
 from gl_nvidia.run import output
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class KernelEnv(Protocol):
 
     def runner(self, hdrs: KernelHeaders) -> list[str]:
         """The argv prefix that runs the kernel's build tools (make, binutils, its objtool) where `make_argv`
-        runs make: the kernel's toolchain root (build.toolroot); empty: this machine."""
+        runs make: the kernel's toolchain root (modbuild.toolroot); empty: this machine."""
         ...
 
 
@@ -202,7 +202,7 @@ class DirEnv:
 class AptEnv:
     """linux-headers-<kernel>, its -common and linux-kbuild packages, unpacked into a private tree; compiled
     with this machine's compiler, or in the kernel's own toolchain root where this machine has none of the
-    kernel's compiler version (build.toolroot)."""
+    kernel's compiler version (modbuild.toolroot)."""
 
     name = "apt"
 

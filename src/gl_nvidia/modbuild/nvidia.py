@@ -18,11 +18,11 @@ import httpx
 
 from gl_nvidia import net, ui
 from gl_nvidia.arches import ARCHES
-from gl_nvidia.build.redist import REDIST_URL, NotPublished, RedistFile, RedistTree
-from gl_nvidia.build.sources import EXTRA_COMPONENTS, DriverInputs, run_tree_inputs
 from gl_nvidia.download import download
 from gl_nvidia.errors import CommandError, UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
+from gl_nvidia.modbuild.redist import REDIST_URL, NotPublished, RedistFile, RedistTree
+from gl_nvidia.modbuild.sources import EXTRA_COMPONENTS, DriverInputs, run_tree_inputs
 from gl_nvidia.run import run
 
 log = logging.getLogger(__name__)

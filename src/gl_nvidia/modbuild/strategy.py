@@ -12,13 +12,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gl_nvidia.build.kenv import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, container_engine
-from gl_nvidia.build.sources import DebianSource, DirSource, DriverSource
 from gl_nvidia.catalog.kernels import apt_sources
 from gl_nvidia.catalog.lock import Lock
 from gl_nvidia.catalog.model import BuildUnit
 from gl_nvidia.catalog.refresh import driver_feed
 from gl_nvidia.errors import UserError
+from gl_nvidia.modbuild.kenv import AptEnv, DirEnv, KernelEnv, KmodbuildEnv, container_engine
+from gl_nvidia.modbuild.sources import DebianSource, DirSource, DriverSource
 from gl_nvidia.osprofile import OSProfile, os_profile
 from gl_nvidia.table import Table
 
@@ -71,7 +71,7 @@ def debian_sources(lock: Lock) -> SourceFor:
 
 
 def _nvidia(options: SourceOptions) -> DriverSource:
-    from gl_nvidia.build.nvidia import (  # only this source needs its downloader
+    from gl_nvidia.modbuild.nvidia import (  # only this source needs its downloader
         NVIDIA_URL,
         NvidiaRunSource,
     )

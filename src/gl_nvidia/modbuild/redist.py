@@ -21,11 +21,11 @@ from typing import Any
 import httpx
 
 from gl_nvidia.arches import ARCHES
-from gl_nvidia.build.sources import EXTRA_COMPONENTS
 from gl_nvidia.bundle import read_json
 from gl_nvidia.download import download
 from gl_nvidia.errors import CommandError, IntegrityError, UserError
 from gl_nvidia.fs import cache_dir, cache_fill, cache_hit, sha256_file
+from gl_nvidia.modbuild.sources import EXTRA_COMPONENTS
 from gl_nvidia.run import run
 
 REDIST_URL = "https://developer.download.nvidia.com/compute/nvidia-driver/redist/"
