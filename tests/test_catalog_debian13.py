@@ -23,6 +23,7 @@ from gl_nvidia.modbuild.strategy import env_for, sources_for
 from gl_nvidia.osprofile import DEBIAN
 from tests.fixtures.aptrepo import SigningKey, sign_repo
 from tests.fixtures.debian_suites import debian_lock, write_suites
+from tests.fixtures.trixie import newest_trixie_kernel
 
 TODAY = date(2026, 12, 5)
 
@@ -162,14 +163,14 @@ def test_tesla_packages_carry_their_variant_in_every_name() -> None:
 # --- the real archive: trixie's signed index read with this bookworm machine's keyring -----------------
 
 def test_the_debian_profile_resolves_13_from_trixie_beside_12_from_bookworm() -> None:
-    """Integration: no ABI or version named; 13's kernels are 6.12 +deb13 (the cloud amd64 pair included),
-    its drivers the two branches trixie packages, 550 with open modules of its own version."""
+    """Integration: no ABI or version named; 13's kernels are 6.12 +deb13 (the newest of each flavour and arch:
+    the default leaves 13's upgrade pair out for time), its drivers the two branches trixie packages, 550 with
+    open modules of its own version."""
     resolved = refresh(load_lock("debian"), date.today())
     by_version = {v: [k for k in resolved.kernels if k.os_version == v] for v in ("12", "13")}
     assert all(re.fullmatch(r"6\.1\.0-\d+-(cloud-)?(amd64|arm64)", k.kernel) for k in by_version["12"])
     assert all(re.fullmatch(r"6\.12\.\d+\+deb13(\.\d+)?-(cloud-)?(amd64|arm64)", k.kernel) for k in by_version["13"])
-    assert len([k for k in by_version["13"] if (k.flavour, k.arch) == ("cloud", "amd64")]) == 2
-    assert {(k.flavour, k.arch) for k in by_version["13"]} == {
+    assert len(by_version["13"]) == 4 and {(k.flavour, k.arch) for k in by_version["13"]} == {
         (f, a) for f in ("cloud", "metal") for a in ("amd64", "arm64")}
     trixie = {d.branch: d for d in resolved.drivers if d.os_version == "13"}
     assert set(trixie) == {"550", "535"}
@@ -200,11 +201,16 @@ def test_a_trixie_unit_reads_trixies_packages_headers_and_base() -> None:
     assert all(s.keyring == DEBIAN_KEYRING for s in env.repo("amd64").sources)  # type: ignore[attr-defined]
 
 
-def test_the_default_profile_builds_todays_12_units_and_lists_13_with_its_reason() -> None:
-    """The main job's budget: 13 is resolved and shown, its cells excluded with the reason; 12's units
-    are today's (the cloud amd64 upgrade pair and one current kernel of every other flavour and arch)."""
+def test_the_default_profile_builds_todays_12_units_and_13s_newest_cloud_kernel_with_both_module_types() -> None:
+    """The main job's budget: 12's units are today's (the cloud amd64 upgrade pair and one current kernel of
+    every other flavour and arch); 13 builds Garden Linux's shape on one kernel (550, open and proprietary,
+    the newest 6.12 cloud amd64 trixie serves now) and lists its other cells with the reason."""
     m = load_matrix("debian")
-    assert {u.os_versions for u in m.units} == {("12",)} and len(m.units) == 5
-    thirteen = [e for e in m.excluded if e.cell.os_version == "13"]
-    assert {e.cell.driver_branch for e in thirteen} == {"550", "535"}
-    assert all("gcc-14" in e.reason or "no open module source" in e.reason for e in thirteen)
+    twelve = [u for u in m.units if u.os_versions == ("12",)]
+    (thirteen,) = [u for u in m.units if u.os_versions == ("13",)]
+    assert len(twelve) == 5 and len(m.units) == 6
+    assert thirteen.kernel == newest_trixie_kernel() and thirteen.driver_version.startswith("550.")
+    assert set(thirteen.module_types) == {"open", "proprietary"}
+    left = [e for e in m.excluded if e.cell.os_version == "13"]
+    assert {e.cell.driver_branch for e in left} == {"550", "535"} and {e.cell.arch for e in left} == {"amd64", "arm64"}
+    assert all("main job's time" in e.reason or "no open module source" in e.reason for e in left)
