@@ -166,6 +166,11 @@ def _broken(what: str) -> UserError:
     return UserError(what, "the repository publishes a broken index: tell its maintainers, or use another mirror")
 
 
+def depends_names(depends: str) -> list[str]:
+    """The package names a Depends field lists, each clause's first (version constraints dropped)."""
+    return [alt.strip().split()[0] for alt in depends.split(",") if alt.strip()]
+
+
 def parse_packages(data: bytes, base_uri: str) -> dict[str, list[AptPackage]]:
     """Parse a `Packages` index into name -> versions (newest first)."""
     index: dict[str, list[AptPackage]] = {}

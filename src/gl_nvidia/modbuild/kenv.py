@@ -279,8 +279,7 @@ class AptEnv:
 
 def _header_deps(depends: str) -> list[str]:
     """The -common headers and linux-kbuild packages a linux-headers package depends on."""
-    names = [alt.strip().split()[0] for alt in depends.split(",") if alt.strip()]
-    return [n for n in names if n.startswith(("linux-headers-", "linux-kbuild-"))]
+    return [n for n in apt.depends_names(depends) if n.startswith(("linux-headers-", "linux-kbuild-"))]
 
 
 def _relocate(tmp: Path, final: Path, kernel: str) -> None:

@@ -98,6 +98,7 @@ def _lib(hdrs: KernelHeaders) -> Path:
     return hdrs.sysout.resolve().parent.parent / "lib"
 
 
+@functools.cache  # headers are sealed cache entries: one walk per process serves every module type
 def identity(hdrs: KernelHeaders) -> treereuse.Identity:
     """treereuse's identity of what the view presents of `hdrs` (the arch dir's Makefile is the view's own)."""
     return treereuse.identity({_SRC: hdrs.syssrc, _OUT: hdrs.sysout, _LIB: _lib(hdrs)}, skip=[f"{_OUT}/Makefile"])

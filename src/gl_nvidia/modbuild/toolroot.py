@@ -79,8 +79,7 @@ def kbuild_depends(depends: str) -> tuple[str, ...]:
     """What the kernel's linux-kbuild package depends on (from its Depends): its programs' libraries
     (libelf1t64 for objtool, ...) and pahole, which kbuild runs for each module's BTF (NVIDIA's Makefile
     runs it through awk, which ignores a missing one: the modules would lack BTF). libc6 comes with libc6-dev."""
-    names = [alt.strip().split()[0] for alt in depends.split(",") if alt.strip()]
-    return tuple(n for n in names if n != "libc6")
+    return tuple(n for n in apt.depends_names(depends) if n != "libc6")
 
 
 @dataclass(frozen=True)
@@ -128,11 +127,7 @@ class ToolRoot:
     seconds: float  # how long making it took (0.0: it was cached)
 
     def argv(self, argv: list[str]) -> list[str]:
-        return enter_argv(self.root, cache_root(), argv)
-
-
-def cache_root() -> Path:
-    return cache_dir()
+        return enter_argv(self.root, cache_dir(), argv)
 
 
 def make_root(spec: RootSpec) -> ToolRoot:
@@ -151,6 +146,6 @@ def make_root(spec: RootSpec) -> ToolRoot:
         with cache_fill(entry) as fill:
             run(["tar", "-x", "-f", tarball, "-C", fill])
             # mount points for what the build binds in
-            for d in ("dev", "proc", "tmp", str(cache_root()).lstrip("/")):
+            for d in ("dev", "proc", "tmp", str(cache_dir()).lstrip("/")):
                 Path(fill, d).mkdir(parents=True, exist_ok=True)
     return ToolRoot(entry, spec, round(time.monotonic() - start, 1))
