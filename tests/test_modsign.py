@@ -16,7 +16,14 @@ from gl_nvidia.cli import main
 from gl_nvidia.modbuild import KernelHeaders
 from gl_nvidia.modbuild.modsign import bundle_signatures, load_signer, read_signature
 
-from .fixtures.bundle import DEBIAN_KERNEL, MODULE_SIGNER, ModuleKey, TinyModules
+from .fixtures.bundle import (
+    DEBIAN_KERNEL,
+    HIGH_BIT_SERIAL,
+    MODULE_SIGNER,
+    ModuleKey,
+    TinyModules,
+    make_module_key,
+)
 
 PROPRIETARY = ("proprietary",)
 
@@ -26,8 +33,10 @@ def modinfo(ko: Path, field: str) -> str:
     return subprocess.run(["modinfo", "-F", field, str(ko)], check=True, capture_output=True, text=True).stdout.strip()
 
 
+@pytest.mark.parametrize("serial", [HIGH_BIT_SERIAL, 0x1B7F972E84E8AB5E50995BB29F61ADAE9BDD00])
 def test_the_signature_is_byte_for_byte_the_kernels_sign_file(tiny_module: TinyModules, debian_headers: KernelHeaders,
-                                                              module_key: ModuleKey, tmp_path: Path) -> None:
+                                                              serial: int, tmp_path: Path) -> None:
+    module_key = make_module_key(tmp_path, serial)
     signer = load_signer(module_key.key, module_key.cert)
     theirs = tmp_path / "theirs.ko"
     shutil.copyfile(tiny_module.hello, theirs)

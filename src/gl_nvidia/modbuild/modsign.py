@@ -113,10 +113,9 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _colon_hex(serial: int) -> str:
-    """A serial number as kmod's modinfo prints `sig_key`: its DER content bytes, upper-case hex, colons."""
-    raw = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # DER's leading zero when the top bit is set
-    raw = raw[1:] if len(raw) > 1 and raw[0] == 0 and raw[1] < 0x80 else raw
-    return ":".join(f"{b:02X}" for b in raw)
+    """A serial number as kmod's modinfo prints `sig_key`: the number's own bytes (OpenSSL's BN_bn2bin, so
+    without DER's leading zero when the top bit is set), upper-case hex, colons."""
+    return ":".join(f"{b:02X}" for b in serial.to_bytes(max(1, (serial.bit_length() + 7) // 8), "big"))
 
 
 # --- reading a signature back (check-modules) ---------------------------------------------------
@@ -184,7 +183,8 @@ def _pkcs7_signer(der: bytes) -> SignatureInfo:
                 cn = der[value[1]:value[2]].decode(errors="replace")
     alg = _children(der, digest_alg[1], digest_alg[2])[0]
     hash_oid = _oid(der[alg[1]:alg[2]])
-    return SignatureInfo(cn, ":".join(f"{b:02X}" for b in der[serial[1]:serial[2]]), _HASHES.get(hash_oid, hash_oid))
+    key_id = _colon_hex(int.from_bytes(der[serial[1]:serial[2]], "big"))
+    return SignatureInfo(cn, key_id, _HASHES.get(hash_oid, hash_oid))
 
 
 def _tlv(der: bytes, off: int) -> tuple[int, int, int]:
