@@ -1,10 +1,13 @@
-"""Kernel-only upgrades as a node sees them, read from the OCI layout the main job wrote.
+"""Kernel-only and OS upgrades as a node sees them, read from the OCI layout the main job wrote.
 
 `scripts/release-debian` leaves its images in `out/oci`. For every two images of one OS version, arch,
 driver and kernel flavour and series (the profile's upgrade pair: the archive's newest cloud ABI and the
 one before it), this prints what a node holding the older image pulls to run the newer one: the blobs it
 lacks (layers and config), per driver and module type, against the newer image's whole size (what one
-image per kernel would pull). Nothing is built or pulled: the layout is read as the release wrote it.
+image per kernel would pull). And for an OS upgrade (Debian 12 -> 13: a new userland, a new kernel series and
+other driver branches), what a node on the older OS version's newest image pulls for the newer one's newest
+image of the same arch and flavour, per driver of the newer one. Nothing is built or pulled: the layout is
+read as the release wrote it.
 Usage: bench/release_upgrade.py [OUT] (default: out). Prints one JSON line last.
 """
 
@@ -15,6 +18,8 @@ import sys
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
+
+from debian.debian_support import Version
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -71,15 +76,48 @@ def upgrades(layout: Layout) -> list[Upgrade]:
     return rows
 
 
+def os_upgrades(layout: Layout) -> list[Upgrade]:
+    """Per (arch, flavour): each OS version's newest image of each driver, against the image a node of the
+    OS version before it runs (that version's newest kernel, newest driver)."""
+    newest: dict[tuple[str, str, str, str], tuple[Version, str, Manifest, str]] = {}  # (os, arch, flavour, driver)
+    for labels, arch, manifest in images(layout):
+        os_id, kernel = labels[f"{LABEL_PREFIX}.os"], labels[f"{LABEL_PREFIX}.kernel"]
+        distro = os_profile(os_id)
+        key = (f"{os_id} {labels.get(f'{LABEL_PREFIX}.{distro.versions_label}', '')}", arch,
+               distro.kernel_flavour(kernel), labels[f"{LABEL_PREFIX}.driver.version"])
+        entry = (kernel_sort_key(kernel, distro), kernel, manifest, labels[f"{LABEL_PREFIX}.module-types"])
+        if key not in newest or entry[0] > newest[key][0]:
+            newest[key] = entry
+    rows = []
+    for old_os, new_os in pairwise(sorted({k[0] for k in newest}, key=lambda v: Version(v.split()[-1] or "0"))):
+        for (os_name, arch, flavour, driver), (_, new, new_manifest, types) in sorted(newest.items()):
+            olds = [(Version(k[3]), v) for k, v in newest.items() if k[:3] == (old_os, arch, flavour)]
+            if os_name != new_os or not olds:
+                continue
+            _, (_, old, old_manifest, _) = max(olds, key=lambda o: (o[0], o[1][0]))
+            held = {d.digest for d in old_manifest.blobs}
+            lacking = [d for d in new_manifest.blobs if d.digest not in held]
+            for module_type in types.split(","):
+                rows.append(Upgrade(f"{old_os} -> {new_os}", arch, flavour, driver, module_type, old, new,
+                                    sum(d.size for d in lacking), len(lacking),
+                                    sum(d.size for d in new_manifest.blobs)))
+    return rows
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "out")
     rows = upgrades(Layout.open(out / "oci"))
     for r in rows:
         print(f"{r.os} {r.arch} {r.flavour} {r.driver} {r.module_type}: {r.old} -> {r.new}: pulls "
               f"{r.pull_bytes / 1e6:.2f} MB in {r.blobs} blobs (the image: {r.image_bytes / 1e6:.1f} MB)")
+    moves = os_upgrades(Layout.open(out / "oci"))
+    for r in moves:
+        print(f"{r.os} {r.arch} {r.flavour} -> {r.driver} {r.module_type}: {r.old} -> {r.new}: pulls "
+              f"{r.pull_bytes / 1e6:.2f} MB in {r.blobs} blobs (the image: {r.image_bytes / 1e6:.1f} MB)")
     print(json.dumps({"bench": "release_upgrade", "layout": str(out / "oci"),
                       "kernel_only_upgrades": [asdict(r) for r in rows],
-                      "max_pull_bytes": max((r.pull_bytes for r in rows), default=None)}))
+                      "max_pull_bytes": max((r.pull_bytes for r in rows), default=None),
+                      "os_upgrades": [asdict(r) for r in moves]}))
 
 
 if __name__ == "__main__":

@@ -3,4 +3,4 @@ registries and a hostile one (registry stage), a local Kubernetes API (deploy st
 
 pytest_plugins = ["tests.fixtures.aptrepo", "tests.fixtures.bundle", "tests.fixtures.ibt", "tests.fixtures.arm64",
                   "tests.fixtures.images", "tests.fixtures.registry", "tests.fixtures.hostile_registry",
-                  "tests.fixtures.kube", "tests.fixtures.release"]
+                  "tests.fixtures.kube", "tests.fixtures.release", "tests.fixtures.trixie"]

@@ -1,13 +1,12 @@
 """A kernel's own toolchain root (modbuild.toolroot): which kernels need one, what it holds, how make enters it.
 
 Fast: the decision against this machine's real compilers and Debian's real indexes, the argv built, a
-failing mmdebstrap as one line. Slow: trixie's Tesla 535 modules compiled for real for the newest 6.12 cloud
-kernel trixie's index serves, through `gl-nvidia build` with a Debian 13 lock (tests/fixtures/trixie.py).
+failing mmdebstrap as one line. Slow: the default profile's Debian 13 unit (550, open and proprietary) compiled
+for real for the newest 6.12 cloud kernel trixie's index serves (tests/fixtures/trixie.py).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from elftools.elf.elffile import ELFFile
 
 from gl_nvidia import bundle as b
 from gl_nvidia.apt import DEBIAN_KEYRING
-from gl_nvidia.cli import main
 from gl_nvidia.errors import UserError
 from gl_nvidia.fs import cache_dir
 from gl_nvidia.modbuild import AptEnv
@@ -33,7 +31,7 @@ from gl_nvidia.modbuild.toolroot import (
     needs_root,
     root_spec,
 )
-from tests.fixtures.trixie import newest_trixie_kernel, trixie_env, trixie_lock
+from tests.fixtures.trixie import TrixieUnit, newest_trixie_kernel, trixie_env
 
 
 def test_a_kernel_of_a_compiler_this_machine_lacks_or_has_in_another_version_needs_its_root(
@@ -116,26 +114,26 @@ def test_a_root_mmdebstrap_cannot_make_is_one_line_and_leaves_no_entry(tmp_path:
 
 
 @pytest.mark.slow
-def test_trixies_tesla_535_modules_compile_in_the_kernels_gcc_14_root_and_pass_the_gate(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`gl-nvidia build --all` with a Debian 13 lock: the unit compiles in trixie's root, gcc-14 recorded."""
-    out = tmp_path / "out"
-    assert main(["build", "--all", "--profile", str(trixie_lock(tmp_path / "lock.yaml")), "--type", "proprietary",
-                 "--out", str(out), "--json"]) == 0
-    (result,) = json.loads(capsys.readouterr().out)
-    kernel = result["unit"]["kernel"]
-    assert re.fullmatch(r"6\.12\.\d+\+deb13-cloud-amd64", kernel) and result["unit"]["driver_version"].startswith("535.")
-    manifest = b.BundleManifest.load(Path(result["bundle"]))
-    kb = manifest.kernels[kernel]
+def test_trixies_550_modules_compile_in_the_kernels_gcc_14_root_and_pass_the_gate(trixie_unit: TrixieUnit) -> None:
+    """The profile's Debian 13 unit, as `gl-nvidia build --all` builds it: both module types compile in
+    trixie's root, gcc-14 recorded; the open source with its compatibility fix."""
+    kernel, result = trixie_unit.kernel, trixie_unit.result
+    assert re.fullmatch(r"6\.12\.\d+\+deb13-cloud-amd64", kernel) and kernel == newest_trixie_kernel()
+    assert result.unit.driver_version.startswith("550."), result.unit
+    assert result.ok and {t: o.status for t, o in result.outcomes.items()} == {"open": "ok", "proprietary": "ok"}
+    assert [f.id for f in result.outcomes["open"].fixes] == ["pci-resize-resource-exclude-bars"]
+    assert result.outcomes["proprietary"].fixes == ()
+    kb = b.BundleManifest.load(trixie_unit.bundle).kernels[kernel]
     # the compiler that ran is the kernel's own, gcc-14, which this machine has no package of
     assert kb.toolchain == kb.kernel_compiler and major(kb.toolchain) == "14", kb
-    ms = kb.module_sets["proprietary"]
-    assert ms.status == "ok" and ms.abi_gate is not None and ms.abi_gate.ok, ms
-    assert {m.name for m in ms.modules} >= {"nvidia.ko", "nvidia-modeset.ko", "nvidia-uvm.ko"}
-    assert {m.vermagic.split()[0] for m in ms.modules} == {kernel}
-    # the root's pahole wrote the BTF of each module shipped whole, as trixie's own dkms build would
-    whole = [m.name for m in ms.modules if m.parts is None]
-    assert whole
-    for name in whole:
-        with (Path(result["bundle"]) / "kernels" / kernel / "proprietary" / name).open("rb") as fh:
-            assert ".BTF" in {s.name for s in ELFFile(fh).iter_sections()}, name
+    for mtype in ("open", "proprietary"):
+        ms = kb.module_sets[mtype]
+        assert ms.status == "ok" and ms.abi_gate is not None and ms.abi_gate.ok, ms
+        assert {m.name for m in ms.modules} >= {"nvidia.ko", "nvidia-modeset.ko", "nvidia-uvm.ko"}
+        assert {m.vermagic.split()[0] for m in ms.modules} == {kernel}
+        # the root's pahole wrote the BTF of each module shipped whole, as trixie's own dkms build would
+        whole = [m.name for m in ms.modules if m.parts is None]
+        assert whole, mtype
+        for name in whole:
+            with (b.modules_dir(trixie_unit.bundle, kernel, mtype) / name).open("rb") as fh:
+                assert ".BTF" in {s.name for s in ELFFile(fh).iter_sections()}, (mtype, name)

@@ -26,7 +26,7 @@ from gl_nvidia.deploy.pins import generated_values
 from gl_nvidia.deploy.resolve import DriverSpec, NodeOS, resolve
 from gl_nvidia.deploy.values import DEFAULT_IMAGE
 from gl_nvidia.errors import CheckFailed, UserError
-from gl_nvidia.image.tags import node_version_id
+from gl_nvidia.image.tags import node_version_id, tag_kernel
 from gl_nvidia.osprofile import os_profile
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,15 @@ def plan_targets(lock: Lock, resolved: Resolved, os_version: str, kernels: dict[
 def check_targets(targets: list[Target], repository: str, image: str, checker: ImageChecker) -> list[CheckResult]:
     results = []
     for t in targets:
-        ref = resolve(DriverSpec(repository, image, t.driver_version, True), t.node).reference
+        asked = resolve(DriverSpec(repository, image, t.driver_version, True), t.node).reference
+        # Debian's `+` kernels: the operator asks for a tag no registry can hold; ours carry `_` instead.
+        node = replace(t.node, kernel=tag_kernel(t.node.kernel))
+        ref = resolve(DriverSpec(repository, image, t.driver_version, True), node).reference
         digest = checker.digest(ref)
         problem = None if digest else (f"MISSING (excluded: {t.excluded})" if t.excluded else "MISSING")
+        if digest and ref != asked:
+            problem = (f"the GPU Operator asks for {asked.rpartition(':')[2]!r}, which is no valid tag: "
+                       "its precompiled path cannot pull this image")
         results.append(CheckResult(f"{t.driver_version} {t.flavour}/{t.arch}", ref, digest, problem))
     return results
 
