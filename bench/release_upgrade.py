@@ -67,13 +67,17 @@ def upgrades(layout: Layout) -> list[Upgrade]:
     for (os_id, versions, arch, driver, flavour, _), members in sorted(groups.items()):
         members.sort(key=lambda m: kernel_sort_key(m[0], os_profile(os_id)))
         for (old, old_manifest, _), (new, new_manifest, types) in pairwise(members):
-            held = {d.digest for d in old_manifest.blobs}
-            lacking = [d for d in new_manifest.blobs if d.digest not in held]
-            for module_type in types.split(","):
-                rows.append(Upgrade(f"{os_id} {versions}", arch, flavour, driver, module_type, old, new,
-                                    sum(d.size for d in lacking), len(lacking),
-                                    sum(d.size for d in new_manifest.blobs)))
+            rows += pulls(f"{os_id} {versions}", arch, flavour, driver, types, (old, old_manifest), (new, new_manifest))
     return rows
+
+
+def pulls(what: str, arch: str, flavour: str, driver: str, types: str, old: tuple[str, Manifest],
+          new: tuple[str, Manifest]) -> list[Upgrade]:
+    """What a node holding `old` (kernel, image) lacks of `new`, once per module type of `new`."""
+    held = {d.digest for d in old[1].blobs}
+    lacking = [d for d in new[1].blobs if d.digest not in held]
+    return [Upgrade(what, arch, flavour, driver, module_type, old[0], new[0], sum(d.size for d in lacking),
+                    len(lacking), sum(d.size for d in new[1].blobs)) for module_type in types.split(",")]
 
 
 def os_upgrades(layout: Layout) -> list[Upgrade]:
@@ -95,12 +99,8 @@ def os_upgrades(layout: Layout) -> list[Upgrade]:
             if os_name != new_os or not olds:
                 continue
             _, (_, old, old_manifest, _) = max(olds, key=lambda o: (o[0], o[1][0]))
-            held = {d.digest for d in old_manifest.blobs}
-            lacking = [d for d in new_manifest.blobs if d.digest not in held]
-            for module_type in types.split(","):
-                rows.append(Upgrade(f"{old_os} -> {new_os}", arch, flavour, driver, module_type, old, new,
-                                    sum(d.size for d in lacking), len(lacking),
-                                    sum(d.size for d in new_manifest.blobs)))
+            rows += pulls(f"{old_os} -> {new_os}", arch, flavour, driver, types, (old, old_manifest),
+                          (new, new_manifest))
     return rows
 
 
