@@ -19,6 +19,7 @@ from gl_nvidia.cli import main
 from gl_nvidia.run import output
 
 from .fixtures.bundle import DEBIAN_DRIVER, DEBIAN_KERNEL
+from .fixtures.kube import CLUSTER_POLICY, FakeCluster, node_json, serve, write_kubeconfig
 from .fixtures.registry import Registry
 from .fixtures.trixie import TrixieUnit, narrowed_profile
 
@@ -76,3 +77,18 @@ def test_the_release_holds_each_os_versions_branches_and_module_types_and_prefli
             assert checks[f"{form} {cell}"]["status"] == f"MISSING (excluded: {LEFT_OUT})", checks
     tesla = [c for s, c in checks.items() if s.startswith("535")]
     assert tesla and all(c["status"] == f"MISSING (excluded: {LEFT_OUT})" for c in tesla), tesla
+
+    # The same move seen on a live cluster: a node on 12 today, planned onto 13.
+    fake = FakeCluster(nodes=[node_json("gpu-12", gpu=True, kernel=DEBIAN_KERNEL, os_id="debian", version_id="12")])
+    policy = json.loads(json.dumps(CLUSTER_POLICY))
+    policy["spec"]["driver"] |= {"repository": repo, "version": "550"}
+    fake.policies = [policy]
+    with serve(fake) as url:
+        kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", url))
+        assert main(["preflight", "--kubeconfig", kubeconfig, "--lock", "debian", "--gl-version", "13",
+                     "--json"]) == 1
+    live = {c["subject"]: c for c in json.loads(capsys.readouterr().out)}
+    assert live["gpu-12"]["status"] == "MISSING"  # no 550 image for a 12 kernel
+    after = live["gpu-12 after upgrade to 13"]
+    assert (after["reference"], after["digest"]) == (f"{repo}/driver:550-{tag13}-debian13", digest13)
+    assert after["status"].startswith(f"the GPU Operator asks for '550-{thirteen}-debian13', which is no valid tag")

@@ -120,19 +120,22 @@ def plan_targets(lock: Lock, resolved: Resolved, os_version: str, kernels: dict[
 
 
 def check_targets(targets: list[Target], repository: str, image: str, checker: ImageChecker) -> list[CheckResult]:
-    results = []
-    for t in targets:
-        asked = resolve(DriverSpec(repository, image, t.driver_version, True), t.node).reference
-        # Debian's `+` kernels: the operator asks for a tag no registry can hold; ours carry `_` instead.
-        node = replace(t.node, kernel=tag_kernel(t.node.kernel))
-        ref = resolve(DriverSpec(repository, image, t.driver_version, True), node).reference
-        digest = checker.digest(ref)
-        problem = None if digest else (f"MISSING (excluded: {t.excluded})" if t.excluded else "MISSING")
-        if digest and ref != asked:
-            problem = (f"the GPU Operator asks for {asked.rpartition(':')[2]!r}, which is no valid tag: "
-                       "its precompiled path cannot pull this image")
-        results.append(CheckResult(f"{t.driver_version} {t.flavour}/{t.arch}", ref, digest, problem))
-    return results
+    return [check_image(f"{t.driver_version} {t.flavour}/{t.arch}", DriverSpec(repository, image, t.driver_version, True),
+                        t.node, checker, t.excluded) for t in targets]
+
+
+def check_image(subject: str, spec: DriverSpec, node: NodeOS, checker: ImageChecker,
+                excluded: str | None = None) -> CheckResult:
+    """The image the operator asks for on `node`, looked up under the tag gl-nvidia publishes for it."""
+    asked = resolve(spec, node).reference
+    # Debian's `+` kernels: the operator asks for a tag no registry can hold; ours carry `_` instead.
+    ref = resolve(spec, replace(node, kernel=tag_kernel(node.kernel))).reference
+    digest = checker.digest(ref)
+    problem = None if digest else (f"MISSING (excluded: {excluded})" if excluded else "MISSING")
+    if digest and ref != asked:
+        problem = (f"the GPU Operator asks for {asked.rpartition(':')[2]!r}, which is no valid tag: "
+                   "its precompiled path cannot pull this image")
+    return CheckResult(subject, ref, digest, problem)
 
 
 def cluster_spec(policies: list[dict[str, Any]], lock: Lock, registry: str | None) -> DriverSpec:
@@ -176,12 +179,11 @@ def check_nodes(
                 subjects.append((f"{node.name} after upgrade to {os_version}", NodeOS(now.os_id, version_id, kernel)))
         for subject, node_os in subjects:
             try:
-                ref = resolve(spec, node_os).reference
+                resolve(spec, node_os)
             except UserError as exc:
                 results.append(CheckResult(subject, None, None, exc.message))
                 continue
-            digest = checker.digest(ref)
-            results.append(CheckResult(subject, ref, digest, None if digest else "MISSING"))
+            results.append(check_image(subject, spec, node_os, checker))
     return results
 
 
