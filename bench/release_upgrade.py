@@ -107,12 +107,9 @@ def os_upgrades(layout: Layout) -> list[Upgrade]:
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "out")
     rows = upgrades(Layout.open(out / "oci"))
-    for r in rows:
-        print(f"{r.os} {r.arch} {r.flavour} {r.driver} {r.module_type}: {r.old} -> {r.new}: pulls "
-              f"{r.pull_bytes / 1e6:.2f} MB in {r.blobs} blobs (the image: {r.image_bytes / 1e6:.1f} MB)")
     moves = os_upgrades(Layout.open(out / "oci"))
-    for r in moves:
-        print(f"{r.os} {r.arch} {r.flavour} -> {r.driver} {r.module_type}: {r.old} -> {r.new}: pulls "
+    for r in (*rows, *moves):
+        print(f"{r.os} {r.arch} {r.flavour} {r.driver} {r.module_type}: {r.old} -> {r.new}: pulls "
               f"{r.pull_bytes / 1e6:.2f} MB in {r.blobs} blobs (the image: {r.image_bytes / 1e6:.1f} MB)")
     print(json.dumps({"bench": "release_upgrade", "layout": str(out / "oci"),
                       "kernel_only_upgrades": [asdict(r) for r in rows],

@@ -54,14 +54,14 @@ def test_the_release_holds_each_os_versions_branches_and_module_types_and_prefli
     tags = {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]}
     assert set(want) <= tags, tags
     label = "io.gardenlinux.nvidia"
+    labels = {tag: json.loads(output(["skopeo", "inspect", f"oci:{out / 'oci'}:{tag}"]))["Labels"] for tag in want}
     for tag, (os_version, driver, types) in want.items():
-        labels = json.loads(output(["skopeo", "inspect", f"oci:{out / 'oci'}:{tag}"]))["Labels"]
-        assert (labels[f"{label}.os"], labels[f"{label}.os.versions"], labels[f"{label}.driver.version"],
-                labels[f"{label}.module-types"]) == ("debian", os_version, driver, types), (tag, labels)
+        seen = labels[tag]
+        assert (seen[f"{label}.os"], seen[f"{label}.os.versions"], seen[f"{label}.driver.version"],
+                seen[f"{label}.module-types"]) == ("debian", os_version, driver, types), (tag, seen)
     # 13's image is made on 13's own base, 12's on 12's
-    bases = {tag: json.loads(output(["skopeo", "inspect", f"oci:{out / 'oci'}:{tag}"]))["Labels"][f"{label}.base"]
-             for tag in (f"535-{DEBIAN_KERNEL}-debian12", f"550-{tag13}-debian13")}
-    assert "bookworm" in bases[f"535-{DEBIAN_KERNEL}-debian12"] and "trixie" in bases[f"550-{tag13}-debian13"], bases
+    assert "bookworm" in labels[f"535-{DEBIAN_KERNEL}-debian12"][f"{label}.base"]
+    assert "trixie" in labels[f"550-{tag13}-debian13"][f"{label}.base"]
 
     # A cluster moving from 12 to 13 on the default profile: which images its nodes will find, and why not.
     assert main(["preflight", "--lock", "debian", "--gl-version", "13", "--registry", repo, "--json"]) == 1
