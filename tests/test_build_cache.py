@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +132,43 @@ def test_any_change_to_an_entry_discards_it(tmp_path: Path, damage: str, caplog:
     with cache_fill(entry) as tmp:
         (tmp / "rebuilt").write_bytes(b"r")
     assert cache_hit(entry) and sorted(p.name for p in entry.iterdir()) == [SEAL, "rebuilt"]
+
+
+def _fill_at_the_same_moment(entry: str, content: str, barrier: Any) -> None:
+    with cache_fill(Path(entry)) as tmp:
+        (tmp / "content").write_text(content)
+        barrier.wait()  # every process renames its entry in at once
+
+
+def test_processes_filling_one_entry_at_once_all_succeed_and_leave_one_sealed_entry(tmp_path: Path) -> None:
+    # CI jobs, test workers and parallel units share one machine's cache: the same download or headers
+    # entry is often made by two of them at once.
+    ctx = multiprocessing.get_context("fork")
+    for round in range(10):
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_fill_at_the_same_moment, args=(str(tmp_path / f"entry{round}"), f"run {i}",
+                                                                       barrier))
+                 for i in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 6
+        assert cache_hit(tmp_path / f"entry{round}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"entry{r}" for r in range(10)]  # no temp or old copy
+
+
+def test_an_entry_another_process_filled_meanwhile_is_kept_and_one_there_before_is_replaced(tmp_path: Path) -> None:
+    entry = tmp_path / "entry"
+    with cache_fill(entry) as tmp:
+        (tmp / "ours").write_text("late")
+        with cache_fill(entry) as other:  # another run finishes first
+            (other / "theirs").write_text("first")
+        reading = (entry / "theirs").stat().st_ino
+    assert (entry / "theirs").stat().st_ino == reading and not (entry / "ours").exists()  # its readers go on
+    # A rebuild of an entry its caller found wanting (e.g. one without the debug copies --keep-debug needs)
+    # replaces it.
+    with cache_fill(entry) as tmp:
+        (tmp / "with-debug").write_text("new")
+    assert cache_hit(entry) and sorted(p.name for p in entry.iterdir()) == [SEAL, "with-debug"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]

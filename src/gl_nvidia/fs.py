@@ -15,7 +15,7 @@ import posixpath
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gl_nvidia.errors import IntegrityError, UserError
@@ -52,8 +52,9 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp directory beside `path`; on success it replaces `path`, on any error it is removed."""
+def atomic_dir(path: Path, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temp directory beside `path`; on success it replaces `path` (or, where `keep` accepts the `path`
+    found there then, is dropped for it), on any error it is removed."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -61,20 +62,37 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise _as_user_error(exc, path) from exc
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _rename_in(tmp, path, keep)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _as_user_error(exc, path) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_in(tmp: Path, path: Path, keep: Callable[[Path], bool] | None) -> None:
+    """Rename `tmp` to `path`. Another process may rename its own in first at any moment (runs share the
+    cache), so what is at `path` is looked at only when the rename finds something there: kept if `keep`
+    accepts it, else moved aside under this process's own name and removed."""
+    while True:
+        try:
+            os.rename(tmp, path)  # onto nothing (or an empty directory) only
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise
+        if keep is not None and keep(path):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        with contextlib.suppress(FileNotFoundError):  # gone already: another process moved it aside
+            os.rename(path, old)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
 
 
 class StagedFile:
@@ -216,18 +234,29 @@ _verified: dict[Path, tuple[tuple[object, ...], ...]] = {}  # entry -> the stat 
 @contextlib.contextmanager
 def cache_fill(entry: Path) -> Iterator[Path]:
     """`atomic_dir` for a cache entry: what the block leaves in the temp directory is sealed (every
-    file's sha256 recorded) before it appears under `entry`."""
-    with atomic_dir(entry) as tmp:
+    file's sha256 recorded) before it appears under `entry`. An entry another process put there while this
+    one was being made is kept (its readers are not disturbed; an entry's key names its content) and this
+    one dropped; the entry that was there when the fill began is replaced: its caller chose to rebuild it."""
+    before = _seal_id(entry)
+    with atomic_dir(entry, keep=lambda found: _seal_id(found) != before and cache_hit(found)) as tmp:
         yield tmp
         atomic_write_text(tmp / SEAL, json.dumps(_record(tmp, _files(tmp)), indent=0, sort_keys=True))
+
+
+def _seal_id(entry: Path) -> tuple[int, int] | None:
+    try:
+        st = (entry / SEAL).lstat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def cache_hit(entry: Path) -> bool:
     """Whether the cache entry `entry` exists and every file in it is exactly what was sealed.
 
     A damaged entry (a file changed, missing or added, or no seal: made before entries were sealed) is a
-    miss, with a warning: the caller builds it again and `cache_fill` swaps the new one in, so a process
-    still reading the old one (e.g. an older gl-nvidia sharing the cache) never finds it half-deleted.
+    miss, with a warning: the caller builds it again and `cache_fill` renames the new one in, so a reader never
+    finds an entry half-written.
     Each entry is hashed once per process; later calls re-hash it only when a file's stat changed.
     """
     if not entry.is_dir():
