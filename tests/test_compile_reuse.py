@@ -98,6 +98,17 @@ def test_the_second_kernel_reuses_the_first_ones_compiles_and_its_modules_are_by
     assert _shas(first) != _shas(second)
 
 
+def test_another_source_sharing_a_file_compiles_it_itself_and_pays_no_gate(
+        tmp_path: Path, own_cache: Path, debian_headers: KernelHeaders) -> None:
+    # Open and proprietary trees of one driver (and two versions of a driver) share some files: a hit from
+    # the other source would make the first build of this one repeat itself cold for the gate.
+    _build(_source(tmp_path, "first"), debian_headers)
+    other, record = _build(_source(tmp_path, "other", {"other.c": "/* another driver source */\n"}), debian_headers)
+    assert record["reuse"] == "objects" and record["reused"] == 0 and int(str(record["compiles"])) > 0
+    assert "cold_seconds" not in record and record["verdict"] is None  # no cold build, no verdict to keep
+    assert other.status == "ok"
+
+
 @pytest.mark.parametrize("damage", ["compiler cache", "verdict", "built tree"])
 def test_a_damaged_reuse_cache_entry_is_detected_and_rebuilt(
         tmp_path: Path, own_cache: Path, debian_headers: KernelHeaders, next_headers: KernelHeaders,

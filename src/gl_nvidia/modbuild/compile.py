@@ -176,7 +176,7 @@ def _reuse_gated(src: ModuleSource, hdrs: KernelHeaders, env: KernelEnv, toolcha
     def make(name: str, cold: bool) -> tuple[_Build, int, int]:
         stats = work / f"{name}.ccache"
         b = _make(src, work / name, reuse.make_argv(view, hdrs, work / name, inner), work / f"{name}.log",
-                  reuse.ccache_env(stats, cold=cold))
+                  reuse.ccache_env(stats, src.digest, cold=cold))
         return (b, *reuse.cache_hits(stats, view.tree))
 
     verdicts = {m: reuse.verdict(c) for m, c in cases.items()}

@@ -132,11 +132,16 @@ def make_argv(v: View, hdrs: KernelHeaders, tree: Path, inner: list[str]) -> lis
             str(_lib(hdrs)), str(tree), ccache, hdrs.cc, *inner]
 
 
-def ccache_env(stats_log: Path, *, cold: bool) -> dict[str, str]:
+def ccache_env(stats_log: Path, source_digest: str, *, cold: bool) -> dict[str, str]:
     """ccache's settings for one build: the cache in ours, compilers told apart by content, counters of
-    this build alone in `stats_log`; `cold`: compile everything (the gate's reference build)."""
+    this build alone in `stats_log`; `cold`: compile everything (the gate's reference build).
+
+    Each driver source reuses only its own compiles (a namespace per source digest): another source (the
+    other module type, another driver version) shares a tenth of its objects at most, and any hit makes the
+    first build of a case pay the gate's cold build (more than it saved); the next kernels of the source
+    are what reuse is for."""
     env = {"CCACHE_DIR": str(cache_dir("build", "ccache")), "CCACHE_COMPILERCHECK": "content",
-           "CCACHE_STATSLOG": str(stats_log), "CCACHE_NOHARDLINK": "1"}
+           "CCACHE_STATSLOG": str(stats_log), "CCACHE_NOHARDLINK": "1", "CCACHE_NAMESPACE": source_digest}
     return {**env, "CCACHE_DISABLE": "1"} if cold else env
 
 
